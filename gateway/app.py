@@ -1,0 +1,261 @@
+"""The ``Gateway``: the long-lived things (client session, metrics, health, the current
+snapshot) and their lifecycle, the server that feeds requests to ``pipeline.handle``, and the
+gateway's own endpoints (``/health``, ``/metrics``).
+
+Why aiohttp's low-level ``web.Server`` and not ``web.Application``: the gateway has exactly one
+catch-all route, so the router and middleware chain would only add work on the hot path; and
+owning the protocol class lets requests that the HTTP parser itself rejects get the same JSON
+error body, request id and single log line as every other error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from . import __version__, pipeline
+from .config import Config, ConfigError, load_config
+from .errors import GatewayError, error_response
+from .health import HealthBook
+from .logs import REQUEST_ID, new_request_id
+from .metrics import UNMATCHED, Metrics
+from .slots import Slots
+from .snapshot import Route, Snapshot, compile_snapshot
+
+log = logging.getLogger("gateway")
+
+Endpoint = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
+
+# Client-side limits, in the spirit of nginx's defaults.
+SERVER_LIMITS: Final[dict[str, Any]] = {
+    "keepalive_timeout": 75.0,  # idle keep-alive connections are closed after this
+    "max_line_size": 8190,  # request line (431/414 beyond, see _Protocol.handle_error)
+    "max_field_size": 8190,  # one header line
+    "max_headers": 100,
+    "lingering_time": 2.0,  # how long an unread request body is drained after an early answer
+}
+
+
+class Gateway:
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+        self.snapshot: Snapshot = compile_snapshot(config)
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.health = HealthBook(self.metrics)
+        self.clock = time.monotonic
+        self.started = self.clock()
+        self.draining = False
+        self.endpoints: dict[str, Endpoint] = {"/health": self._health, "/metrics": self._metrics}
+        self._slots: dict[str, Slots] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.ServerRunner | None = None
+        self.health.export(self.snapshot.routes.values())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the gateway is not started")
+        return self._session
+
+    async def start(self, host: str | None = None, port: int | None = None) -> list[Any]:
+        """Open the upstream session and listen; return the bound addresses."""
+        listen = self.snapshot.config.listen
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=0,  # bounded per service by Slots instead
+                limit_per_host=0,
+                ttl_dns_cache=10,
+                keepalive_timeout=15.0,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,  # bodies pass through byte for byte
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+            raise_for_status=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        server = _Server(self, handler_cancellation=True, access_log=None, **SERVER_LIMITS)
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10.0)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            host if host is not None else listen.host,
+            port if port is not None else listen.port,
+            backlog=1024,
+        )
+        await site.start()
+        return list(self._runner.addresses)
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to 10 s), then close."""
+        self.draining = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await pipeline.handle(self, request)
+
+    def slots_for(self, route: Route) -> Slots:
+        slots = self._slots.get(route.service)
+        if slots is None:
+            slots = self._slots[route.service] = Slots(route.max_connections)
+        return slots
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load the config file again; swap it in only if it is valid. Returns success."""
+        if self.config_path is None:
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("failure").inc()
+            self.metrics.config_ok.set(0)
+            log.error(  # noqa: TRY400 - a bad file is not a bug: no traceback
+                "config reload rejected; still serving the previous config",
+                extra={
+                    "fields": {"config": exc.source, "problems": [str(p) for p in exc.problems]}
+                },
+            )
+            return False
+        self.apply(config)
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_ok.set(1)
+        log.info("config reloaded", extra={"fields": {"config": self.config_path}})
+        return True
+
+    def apply(self, config: Config) -> None:
+        """Swap in a new config. Requests already running keep the snapshot they started with."""
+        old = self.snapshot
+        new = compile_snapshot(config)
+        if config.listen != old.config.listen:
+            log.warning("listen address changes take effect only after a restart")
+        self.snapshot = new
+        for name, route in new.routes.items():
+            if name in self._slots:
+                self._slots[name].resize(route.max_connections)
+        for name in old.routes.keys() - new.routes.keys():
+            self._slots.pop(name, None)
+            self.metrics.forget_service(name)
+        self.health.retain(new.routes.values())
+        self.health.export(new.routes.values())
+
+    # -- the gateway's own endpoints ---------------------------------------------------------
+
+    async def _health(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        _only_get(request)
+        dependencies = self.health.export(self.snapshot.routes.values())
+        if self.draining:
+            status = "unhealthy"
+        elif "disconnected" in dependencies.values():
+            status = "degraded"
+        else:
+            status = "healthy"
+        body = {
+            "status": status,
+            "service": "gateway",
+            "version": __version__,
+            "uptime": int(self.clock() - self.started),
+            "dependencies": dependencies,
+        }
+        return web.Response(
+            status=503 if status == "unhealthy" else 200,
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store", "X-Request-ID": request_id},
+        )
+
+    async def _metrics(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        _only_get(request)
+        self.health.export(self.snapshot.routes.values())
+        body, content_type = self.metrics.render(request.headers.get("Accept"))
+        return web.Response(
+            body=body,
+            headers={
+                "Content-Type": content_type,
+                "Cache-Control": "no-store",
+                "X-Request-ID": request_id,
+            },
+        )
+
+
+def _only_get(request: web.BaseRequest) -> None:
+    if request.method not in ("GET", "HEAD"):
+        raise GatewayError(405, "method_not_allowed", "use GET", headers={"Allow": "GET, HEAD"})
+
+
+class _Server(web.Server):
+    """Makes ``_Protocol`` connections that call the gateway."""
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(gateway.handle, **kwargs)
+        self.gateway = gateway
+
+    def __call__(self) -> web.RequestHandler:
+        return _Protocol(self, loop=self._loop, **self._kwargs)
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's HTTP protocol, with the gateway's JSON answer for unparsable requests."""
+
+    def __init__(self, manager: _Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._gateway = manager.gateway
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._gateway.metrics.client_connections.inc()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._gateway.metrics.client_connections.dec()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; the connection is dropped")
+        request_id = new_request_id()
+        REQUEST_ID.set(request_id)
+        err = _parse_error(status, exc)
+        fields = {"status": err.status, "error": err.code, "client": request.remote}
+        if err.status >= 500:
+            log.error("unhandled error", exc_info=exc, extra={"fields": fields})
+        else:
+            # A client that cannot speak HTTP (or TLS sent to a plain port): one line, no
+            # traceback, only the first line of aiohttp's description.
+            fields["detail"] = (message or str(exc or "")).strip().partition("\n")[0][:200]
+            logging.getLogger("gateway.access").info("bad request", extra={"fields": fields})
+        self._gateway.metrics.observe_request(UNMATCHED, "OTHER", err.status, 0.0)
+        response = error_response(err, request_id)
+        response.force_close()
+        return response
+
+
+def _parse_error(status: int, exc: BaseException | None) -> GatewayError:
+    if isinstance(exc, LineTooLong):
+        if "status line" in str(exc) or "request line" in str(exc).lower():
+            return GatewayError(414, "uri_too_long", "the request line is too long")
+        return GatewayError(431, "headers_too_large", "a request header is too long")
+    if isinstance(exc, BadHttpMessage) or status == 400:
+        return GatewayError(400, "bad_request", "the request is not valid HTTP/1.1")
+    if status == 504:
+        return GatewayError(504, "timeout", "the request took too long")
+    return GatewayError(500, "internal_error", "the gateway failed to handle the request")

@@ -1,0 +1,127 @@
+"""The command line: ``daarion-gateway [serve|check|schema]``. Parse, set up logging, run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import orjson
+
+from .app import Gateway
+from .config import Config, ConfigError, config_json_schema, load_config
+from .logs import setup_logging
+from .snapshot import compile_snapshot
+
+log = logging.getLogger("gateway")
+
+COMMANDS = ("serve", "check", "schema")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daarion-gateway", description="The public entry of a DAARION node."
+    )
+    sub = parser.add_subparsers(dest="command")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config",
+        help="routes.yaml to use (default: $GATEWAY_CONFIG, else ./routes.yaml)",
+    )
+    serve = sub.add_parser("serve", parents=[config], help="run the gateway (the default)")
+    serve.add_argument("--host", help="listen address (overrides listen.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
+    sub.add_parser("check", parents=[config], help="validate the config and summarise it")
+    sub.add_parser("schema", help="print the JSON Schema of routes.yaml")
+    return parser
+
+
+def config_path(given: str | None) -> str:
+    return given or os.environ.get("GATEWAY_CONFIG") or "routes.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
+        args_list.insert(0, "serve")
+    args = _parser().parse_args(args_list)
+    if args.command == "schema":
+        sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+        return 0
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    if args.command == "check":
+        sys.stdout.write(summary(path, config))
+        return 0
+    setup_logging(args.log_level)
+    return _serve(config, path, args.host, args.port)
+
+
+def summary(path: str, config: Config) -> str:
+    routes = compile_snapshot(config).routes
+    width = max((len(name) for name in routes), default=0)
+    lines = [
+        f"{path}: OK, {len(routes)} services on {len(config.nodes)} nodes, "
+        f"listening on {config.listen.host}:{config.listen.port}",
+    ]
+    for name, route in sorted(routes.items()):
+        urls = ", ".join(f"{t.origin}{route.http_prefix}/ ({t.node})" for t in route.targets)
+        lines.append(f"  /api/{name + '/':<{width + 1}} -> {urls}")
+    return "\n".join(lines) + "\n"
+
+
+def _serve(config: Config, path: str, host: str | None, port: int | None) -> int:
+    try:
+        import uvloop  # noqa: PLC0415 - optional: absent on platforms without it
+    except ImportError:  # pragma: no cover - uvloop is installed wherever it builds
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(_run(Gateway(config, config_path=path), host, port))
+    except OSError as exc:
+        log.critical("cannot listen", extra={"fields": {"error": str(exc)}})
+        return 1
+    return 0
+
+
+async def _run(gateway: Gateway, host: str | None, port: int | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+    addresses = await gateway.start(host, port)
+    log.info(
+        "gateway started",
+        extra={
+            "fields": {
+                "listen": [f"{a[0]}:{a[1]}" for a in addresses],
+                "config": gateway.config_path,
+                "services": len(gateway.snapshot.routes),
+            }
+        },
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway stopping: draining requests in flight")
+        with contextlib.suppress(asyncio.CancelledError):
+            await gateway.stop()
+        log.info("gateway stopped")

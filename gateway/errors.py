@@ -1,0 +1,86 @@
+"""The one error type the gateway answers with, and the one mapping from client exceptions.
+
+Every answer the gateway produces itself is JSON ``{"error", "message", "request_id"}``.
+``kind`` is a fixed, small vocabulary used as a metric label (``gateway_upstream_errors_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    """An answer the gateway gives instead of an upstream's.
+
+    ``kind`` is set for upstream failures only (connect, timeout, ...), for metrics.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        kind: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.kind = kind
+        self.headers = headers
+
+
+def upstream_error(exc: BaseException) -> GatewayError:
+    """Translate an exception raised before the upstream's response headers arrived."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return GatewayError(
+            502,
+            "upstream_connect_timeout",
+            "the upstream did not accept a connection in time",
+            kind="connect_timeout",
+        )
+    if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
+        return GatewayError(
+            504, "upstream_timeout", "the upstream did not answer in time", kind="timeout"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return GatewayError(
+            502, "upstream_unavailable", "the upstream refused or is unreachable", kind="connect"
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # aiohttp reports an unparsable upstream response as a ClientResponseError carrying
+        # status 400: that is the upstream's fault, never the client's.
+        return GatewayError(
+            502, "upstream_bad_response", "the upstream sent an invalid response", kind="protocol"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return GatewayError(
+            502,
+            "upstream_disconnected",
+            "the upstream closed the connection without answering",
+            kind="disconnect",
+        )
+    return GatewayError(502, "upstream_error", "the upstream connection failed", kind="io")
+
+
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    return orjson.dumps({"error": code, "message": message, "request_id": request_id})
+
+
+def error_response(err: GatewayError, request_id: str) -> web.Response:
+    response = web.Response(
+        status=err.status,
+        body=error_body(err.code, err.message, request_id),
+        content_type="application/json",
+        headers=err.headers,
+    )
+    response.headers["X-Request-ID"] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,188 @@
+"""HTTP forwarding: the one seam between a routed request and an upstream.
+
+``forward()`` sends the client's request to one target over the shared ``ClientSession`` and
+streams the answer back. Bodies are streamed both ways with backpressure (nothing is read
+whole); hop-by-hop headers are dropped both ways; forwarding headers are set. Failures
+before the upstream's headers arrive become a ``GatewayError``; a failure after the response
+has started aborts the client connection, so a truncated body never looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .errors import upstream_error
+from .snapshot import Target
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers the gateway writes itself; a client's values are replaced (or, for
+# X-Forwarded-For, extended). "forwarded" from a client is dropped: only what the gateway
+# itself states about the connection reaches upstreams. "expect" is answered by the gateway.
+_REPLACED: Final = frozenset(
+    {
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-request-id",
+        "forwarded",
+        "expect",
+    }
+)
+_REQUEST_DROP: Final = HOP_BY_HOP | _REPLACED
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+class ClientGone(Exception):
+    """The client went away while its request was being forwarded."""
+
+
+class UpstreamAborted(Exception):
+    """The upstream failed after the response had started; the client connection was aborted.
+
+    ``response`` is the response already under way (its status line went to the client).
+    """
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("upstream failed mid-response")
+        self.response = response
+
+
+def end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """The headers not in ``drop`` (lower-case names) nor named by a Connection header."""
+    connection = incoming.getall("Connection", ())
+    if connection:
+        drop = drop | {t.strip().lower() for v in connection for t in v.split(",")}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            headers.add(name, value)
+    return headers
+
+
+def request_headers(request: web.BaseRequest, target: Target, request_id: str) -> CIMultiDict[str]:
+    incoming = request.headers
+    headers = end_to_end(incoming, _REQUEST_DROP)
+    peer = request.remote or ""
+    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    headers["Host"] = f"{target.host}:{target.port}"
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    if "Host" in incoming:
+        headers["X-Forwarded-Host"] = incoming["Host"]
+    headers["X-Real-IP"] = peer
+    headers["X-Request-ID"] = request_id
+    return headers
+
+
+def response_headers(upstream: aiohttp.ClientResponse, request_id: str) -> CIMultiDict[str]:
+    headers = end_to_end(upstream.headers, HOP_BY_HOP)
+    headers["X-Request-ID"] = request_id
+    return headers
+
+
+async def forward(
+    session: aiohttp.ClientSession,
+    request: web.BaseRequest,
+    *,
+    target: Target,
+    path_qs: str,
+    timeout: aiohttp.ClientTimeout,
+    request_id: str,
+) -> web.StreamResponse:
+    """Send ``request`` to ``target`` at ``path_qs`` and stream the answer back."""
+    has_body = request.body_exists
+    if (
+        has_body
+        and request.version == aiohttp.HttpVersion11
+        and (request.headers.get("Expect", "").lower() == "100-continue")
+    ):
+        # The client waits for this before sending its body; the gateway answers it itself
+        # (and drops Expect upstream) once it has decided to forward the request.
+        await request.writer.write(_CONTINUE)
+        request.writer.output_size = 0
+    try:
+        upstream = await session.request(
+            request.method,
+            URL(target.origin + path_qs, encoded=True),
+            headers=request_headers(request, target, request_id),
+            data=request.content if has_body else None,
+            allow_redirects=False,
+            timeout=timeout,
+        )
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        if _client_gone(request):
+            raise ClientGone from exc
+        raise upstream_error(exc) from exc
+    try:
+        return await _relay(request, upstream, request_id)
+    finally:
+        upstream.release()
+
+
+async def _relay(
+    request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=response_headers(upstream, request_id),
+    )
+    try:
+        await response.prepare(request)
+        if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUS:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+        if _client_gone(request):
+            upstream.close()
+            raise ClientGone from exc
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        # The upstream failed mid-body. Reset the client connection: closing it cleanly
+        # would make a truncated body look complete to a client reading until EOF.
+        upstream.close()
+        reset(request)
+        raise UpstreamAborted(response) from exc
+    return response
+
+
+def reset(request: web.BaseRequest) -> None:
+    """Close the client connection with a TCP reset (SO_LINGER 0), not a FIN."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()

@@ -1,0 +1,90 @@
+"""JSON log lines in the node standards' format, and the request id.
+
+Every line is one JSON object: ``timestamp`` (UTC), ``level``, ``service`` ("gateway"),
+``message``, ``request_id`` (when a request is being handled), plus the fields the caller
+passes as ``extra={"fields": {...}}``. Tracebacks appear only for the gateway's own bugs
+(``logger.exception``), folded into the same line; client-caused errors never log one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+from contextvars import ContextVar
+from typing import Any, Final, TextIO
+
+import orjson
+
+SERVICE: Final = "gateway"
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+# An incoming X-Request-ID is kept when it is this short and this plain, so that it cannot
+# inject anything into logs or headers downstream.
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:@+/=-]{1,128}")
+
+
+def request_id_from(header: str | None) -> str:
+    if header is not None and _SAFE_ID.fullmatch(header):
+        return header
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+class _Clock:
+    """Formats UTC timestamps, reusing the seconds part within the same second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def format(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "timestamp": self._clock.format(record.created),
+            "level": record.levelname,
+            "service": SERVICE,
+            "message": record.getMessage(),
+        }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            line["request_id"] = request_id
+        if record.name != "gateway" and not record.name.startswith("gateway."):
+            line["logger"] = record.name
+        fields = getattr(record, "fields", None)
+        if fields:
+            line.update(fields)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            line["error"] = f"{type(exc).__name__}: {exc}"
+            line["traceback"] = "".join(traceback.format_exception(exc))
+        return orjson.dumps(line, default=str).decode()
+
+
+def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route every logger (ours, aiohttp's, asyncio's) to JSON lines on ``stream``."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log is replaced by the gateway's own request line.
+    logging.getLogger("aiohttp.access").disabled = True

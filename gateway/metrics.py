@@ -1,0 +1,125 @@
+"""Every metric the gateway exports, defined once.
+
+Label values come only from config names (service, node) and fixed sets (methods, status
+codes, error kinds), so the scrape cannot grow with what clients send: a request for an
+unknown service counts as ``unmatched``, an unusual method as ``OTHER``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
+
+from . import __version__
+
+UNMATCHED: Final = "unmatched"
+GATEWAY: Final = "gateway"
+METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "OTHER"
+
+
+class Metrics:
+    """One registry per gateway instance (so tests can run several side by side)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "http_requests",
+            "Requests answered, by service, method and status.",
+            ["service", "method", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from request start to the end of the response, by service.",
+            ["service"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge(
+            "active_connections",
+            "Requests in flight (and, for WebSockets, open sessions), by service.",
+            ["service"],
+            registry=r,
+        )
+        self.health = Gauge(
+            "service_health",
+            "1 when a dependency is usable, 0 when it is not. service=gateway lists the "
+            "gateway's own dependencies; service=<name>,dependency=<node> each upstream target.",
+            ["service", "dependency"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures by service and kind (connect, connect_timeout, timeout, "
+            "disconnect, protocol, io, busy, aborted).",
+            ["service", "kind"],
+            registry=r,
+        )
+        self.client_connections = Gauge(
+            "gateway_client_connections", "Open client TCP connections.", registry=r
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Config reload attempts by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        self.config_ok = Gauge(
+            "gateway_config_last_reload_successful",
+            "1 when the last config reload succeeded, 0 when the last one was rejected.",
+            registry=r,
+        )
+        self.config_ok.set(1)
+        build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
+        build.labels(__version__).set(1)
+        # Cached label children: labels() costs a lock and a dict lookup we can skip.
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+
+    def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:
+        key = (service, method_label(method), status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key[:2], str(status))
+        counter.inc()
+        histogram = self._duration_children.get(service)
+        if histogram is None:
+            histogram = self._duration_children[service] = self.duration.labels(service)
+        histogram.observe(seconds)
+
+    def forget_service(self, service: str) -> None:
+        """Drop the series of a service that a config reload removed."""
+        for metric in (
+            self.requests,
+            self.duration,
+            self.active,
+            self.upstream_errors,
+            self.health,
+        ):
+            _remove_matching(metric, service)
+        self._request_children = {
+            k: v for k, v in self._request_children.items() if k[0] != service
+        }
+        self._duration_children.pop(service, None)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape in the format the scraper asks for (Prometheus text 0.0.4 by default)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+def _remove_matching(metric: MetricWrapperBase, service: str) -> None:
+    for labels in list(metric._metrics):
+        if labels and (labels[0] == service or labels[:2] == (GATEWAY, service)):
+            metric.remove(*labels)

@@ -1,0 +1,113 @@
+"""Request target → (service, upstream path). Pure functions, no I/O.
+
+The raw request target is checked once and the *same* raw string is used both to pick the
+service and to build the upstream path, so that nothing the check saw can differ from what the
+upstream receives. The path is never percent-decoded and re-encoded: bytes pass unchanged.
+
+Refused with 400 (nothing is forwarded):
+- a target that is not origin-form (absolute-form ``http://...``, ``*``, or starting ``//``);
+- raw control bytes, spaces, backslashes or non-ASCII in the path;
+- a malformed percent escape;
+- a ``.`` or ``..`` segment in any encoding (``%2e``, ``%2E``, mixed; also ``..;x``, which
+  some servers read as ``..``);
+- an encoded slash, backslash or control byte (``%2f``, ``%5c``, ``%00``...), and those
+  escapes encoded twice (``%252e``), which a second decoder would turn back into them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+from urllib.parse import unquote_to_bytes
+
+from .errors import GatewayError
+
+# Characters of a path that need no further look: RFC 3986 pchar minus "%", plus "/".
+_PLAIN_PATH: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
+# Characters never allowed raw in a path (controls, space, backslash, DEL, non-ASCII).
+_FORBIDDEN_RAW: Final = re.compile(r"[\x00-\x20\\\x7f-\U0010ffff]")
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_FORBIDDEN_DECODED: Final = re.compile(rb"[\x00-\x1f\x7f/\\]")
+_DOUBLE_ENCODED: Final = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
+
+API: Final = "/api/"
+WS: Final = "/ws/"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A checked request target: the path and the query (``""`` or ``"?..."``), both raw."""
+
+    path: str
+    query: str
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    kind: Literal["api", "ws"]
+    service: str
+    rest: str  # the raw path after /api/<service>: "" or "/..."
+
+
+def bad_path(message: str) -> GatewayError:
+    return GatewayError(400, "bad_path", message)
+
+
+def check_target(raw: str) -> Target:
+    """Split and check a raw request target; raise ``GatewayError`` (400) if unsafe."""
+    if not raw.startswith("/") or raw.startswith("//"):
+        raise GatewayError(400, "bad_request_target", "the request target must be a path")
+    end = raw.find("#")
+    if end >= 0:
+        raw = raw[:end]  # a fragment is never forwarded
+    path, sep, query = raw.partition("?")
+    if not (_PLAIN_PATH.fullmatch(path) and "/." not in path):
+        _check_segments(path)
+    return Target(path, sep + query)
+
+
+def _check_segments(path: str) -> None:
+    if _FORBIDDEN_RAW.search(path):
+        raise bad_path("the path holds control characters, spaces, backslashes or non-ASCII")
+    for segment in path.split("/"):
+        if "%" in segment:
+            if _BAD_ESCAPE.search(segment):
+                raise bad_path("the path holds a malformed percent escape")
+            decoded = unquote_to_bytes(segment)
+            if _FORBIDDEN_DECODED.search(decoded):
+                raise bad_path("the path holds an encoded slash, backslash or control byte")
+            if _DOUBLE_ENCODED.search(decoded.decode("latin-1")):
+                raise bad_path("the path holds a doubly encoded dot, slash or backslash")
+        else:
+            decoded = segment.encode()
+        if decoded.partition(b";")[0] in (b".", b".."):
+            raise bad_path("the path holds a dot segment")
+
+
+def match(path: str) -> Match | None:
+    """Pick the route family and service name from a checked path."""
+    if path.startswith(API):
+        kind: Literal["api", "ws"] = "api"
+        start = len(API)
+    elif path.startswith(WS):
+        kind = "ws"
+        start = len(WS)
+    else:
+        return None
+    slash = path.find("/", start)
+    if slash < 0:
+        return Match(kind, path[start:], "")
+    return Match(kind, path[start:slash], path[slash:])
+
+
+def upstream_path(prefix: str, rest: str) -> str:
+    """``<prefix><rest>``; ``rest`` is "" or starts with "/", so the result stays under prefix.
+
+    With an empty prefix, ``/api/svc//host/x`` would map to ``//host/x``, which URL parsers
+    (and redirects built from it) read as another host: refused.
+    """
+    path = prefix + rest
+    if path.startswith("//"):
+        raise bad_path("the path would start with // upstream")
+    return path or "/"

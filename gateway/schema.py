@@ -1,0 +1,494 @@
+"""Frozen dataclasses as the one schema of ``routes.yaml``.
+
+The config types in ``config.py`` are plain frozen dataclasses. Their type hints, defaults,
+``Annotated`` constraints and ``doc`` metadata drive both the validation here (which collects
+*every* problem with its YAML path, never stopping at the first) and the JSON Schema export
+(``daarion-gateway schema``). There is no second description of the format to drift apart.
+
+Supported hints: ``str``, ``int``, ``float``, ``bool``, ``Literal[...]``, ``X | None``,
+``tuple[X, ...]``, ``Mapping[str, X]``, nested dataclasses, and ``Annotated[X, Range | Pattern |
+MinItems]``. A dataclass with a ``__shorthand__`` class attribute also accepts a bare string,
+meaning ``{<shorthand>: <string>}`` (``nodes: [noda1]`` for ``nodes: [{node: noda1}]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+Path = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Inclusive bounds for a number (``gt`` for an exclusive lower bound)."""
+
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A regular expression a string must match in full; ``hint`` says it in words."""
+
+    regex: str
+    hint: str
+
+
+@dataclass(frozen=True, slots=True)
+class MinItems:
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path or '(top level)'}"
+        if self.line is not None:
+            where += f" (line {self.line})"
+        return f"{where}: {self.message}"
+
+
+def doc(text: str, default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a description for the JSON Schema."""
+    if isinstance(default, (dict, list)):
+        raise TypeError("mutable default")  # pragma: no cover - programming error
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+def format_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+class _Invalid:
+    """Marks a value that failed validation (its problem is already recorded)."""
+
+
+INVALID: Final = _Invalid()
+
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_LIKE = re.compile(r"\$\{")
+
+
+def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``.
+
+    Returns the new text and the names of unset variables that had no default.
+    """
+    missing: list[str] = []
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                missing.append(name)
+                return ""
+            return default
+        return value
+
+    return _ENV.sub(repl, text), missing
+
+
+class LineLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects duplicate keys and remembers line numbers.
+
+    ``lines[id(container)]`` maps each key or index of a loaded dict or list to the
+    1-based line where it appears, so that problems can name their line.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.lines: dict[int, dict[Any, int]] = {}
+        self.keep: list[Any] = []  # keeps containers alive so that their ids stay unique
+        self.duplicates: list[tuple[int, Any, int]] = []  # (container id, key, line)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        where: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "unhashable key", key_node.start_mark
+                )
+            line = key_node.start_mark.line + 1
+            if key in where:
+                self.duplicates.append((id(result), key, line))
+            result[key] = self.construct_object(value_node, deep=True)
+            where[key] = line
+        self.lines[id(result)] = where
+        self.keep.append(result)
+        return result
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
+        result = [self.construct_object(child, deep=True) for child in node.value]
+        self.lines[id(result)] = {
+            i: child.start_mark.line + 1 for i, child in enumerate(node.value)
+        }
+        self.keep.append(result)
+        return result
+
+
+LineLoader.add_constructor("tag:yaml.org,2002:map", LineLoader.construct_mapping)
+LineLoader.add_constructor("tag:yaml.org,2002:seq", LineLoader.construct_sequence)
+
+
+class Converter:
+    """Validates plain data against a type hint, recording problems instead of raising."""
+
+    def __init__(self, env: Mapping[str, str], lines: Mapping[int, Mapping[Any, int]]) -> None:
+        self.env = env
+        self.lines = lines
+        self.problems: list[Problem] = []
+        self.path_lines: dict[str, int] = {}
+
+    def problem(self, path: Path, message: str, line: int | None) -> _Invalid:
+        self.problems.append(Problem(format_path(path), message, line))
+        return INVALID
+
+    def line_of(self, path: Path) -> int | None:
+        return self.path_lines.get(format_path(path))
+
+    def convert(self, hint: Any, value: Any, path: Path = (), line: int | None = None) -> Any:
+        if line is not None:
+            self.path_lines.setdefault(format_path(path), line)
+        origin = get_origin(hint)
+        if origin is typing.Annotated:
+            base, *constraints = get_args(hint)
+            result = self.convert(base, value, path, line)
+            if result is not INVALID:
+                for constraint in constraints:
+                    message = _check(constraint, result)
+                    if message:
+                        return self.problem(path, message, line)
+            return result
+        if origin in (typing.Union, types.UnionType):
+            return self._union(hint, value, path, line)
+        scalar = origin is Literal or hint in (int, float, bool)
+        if scalar and isinstance(value, str) and _ENV_LIKE.search(value):
+            value = self._env_scalar(value, path, line)
+            if value is INVALID:
+                return INVALID
+        if origin is Literal:
+            choices = get_args(hint)
+            if value in choices and type(value) is type(choices[0]):
+                return value
+            return self.problem(path, f"must be one of {', '.join(map(str, choices))}", line)
+        if origin is tuple:
+            return self._sequence(get_args(hint)[0], value, path, line)
+        if origin in (Mapping, dict, typing.Mapping):
+            key_hint, item_hint = get_args(hint)
+            return self._mapping(key_hint, item_hint, value, path, line)
+        if dataclasses.is_dataclass(hint):
+            return self._dataclass(typing.cast("type[Any]", hint), value, path, line)
+        return self._scalar(hint, value, path, line)
+
+    def _env_scalar(self, value: str, path: Path, line: int | None) -> Any:
+        text, missing = substitute_env(value, self.env)
+        if missing:
+            return self.problem(path, _missing_env(missing), line)
+        try:
+            return yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            return text
+
+    def _scalar(self, hint: Any, value: Any, path: Path, line: int | None) -> Any:
+        if hint is str:
+            if not isinstance(value, str):
+                return self.problem(path, f"must be a string, not {_kind(value)}", line)
+            text, missing = substitute_env(value, self.env)
+            if missing:
+                return self.problem(path, _missing_env(missing), line)
+            return text
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            return self.problem(path, f"must be true or false, not {_kind(value)}", line)
+        if hint is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            return self.problem(path, f"must be an integer, not {_kind(value)}", line)
+        if hint is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            return self.problem(path, f"must be a number, not {_kind(value)}", line)
+        raise TypeError(f"unsupported type hint {hint!r}")  # pragma: no cover
+
+    def _union(self, hint: Any, value: Any, path: Path, line: int | None) -> Any:
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
+            return None
+        for option in options:
+            trial = Converter(self.env, self.lines)
+            result = trial.convert(option, value, path, line)
+            if result is not INVALID:
+                self.path_lines.update(trial.path_lines)
+                return result
+        if len(options) == 1:
+            return self.convert(options[0], value, path, line)
+        names = " or ".join(_name(o) for o in options)
+        return self.problem(path, f"must be {names}, not {_kind(value)}", line)
+
+    def _sequence(self, item: Any, value: Any, path: Path, line: int | None) -> Any:
+        if not isinstance(value, list):
+            return self.problem(path, f"must be a list, not {_kind(value)}", line)
+        where = self.lines.get(id(value), {})
+        items = [self.convert(item, v, (*path, i), where.get(i, line)) for i, v in enumerate(value)]
+        if any(v is INVALID for v in items):
+            return INVALID
+        return tuple(items)
+
+    def _mapping(self, key_hint: Any, item: Any, value: Any, path: Path, line: int | None) -> Any:
+        if not isinstance(value, dict):
+            return self.problem(path, f"must be a mapping, not {_kind(value)}", line)
+        where = self.lines.get(id(value), {})
+        out: dict[str, Any] = {}
+        ok = True
+        for key, v in value.items():
+            key_line = where.get(key, line)
+            if not isinstance(key, str):
+                self.problem((*path, str(key)), "keys must be strings", key_line)
+                ok = False
+                continue
+            if self.convert(key_hint, key, (*path, key), key_line) is INVALID:
+                ok = False
+                continue
+            out[key] = self.convert(item, v, (*path, key), key_line)
+            ok = ok and out[key] is not INVALID
+        return types.MappingProxyType(out) if ok else INVALID
+
+    def _dataclass(self, cls: type[Any], value: Any, path: Path, line: int | None) -> Any:
+        shorthand = getattr(cls, "__shorthand__", None)
+        if shorthand and isinstance(value, str):
+            value = {shorthand: value}
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            return self.problem(path, f"must be a mapping, not {_kind(value)}", line)
+        where = self.lines.get(id(value), {})
+        hints = get_type_hints(cls, include_extras=True)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        ok = True
+        for key in value:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self.problem((*path, str(key)), f"unknown key{hint}", where.get(key, line))
+                ok = False
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = self.convert(
+                    hints[name], value[name], (*path, name), where.get(name, line)
+                )
+                ok = ok and kwargs[name] is not INVALID
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.problem(path, f"missing required key '{name}'", line)
+                ok = False
+        return cls(**kwargs) if ok else INVALID
+
+
+def _check(constraint: Any, value: Any) -> str | None:
+    if isinstance(constraint, Range):
+        if constraint.min is not None and value < constraint.min:
+            return f"must be at least {constraint.min:g}, not {value}"
+        if constraint.max is not None and value > constraint.max:
+            return f"must be at most {constraint.max:g}, not {value}"
+        if constraint.gt is not None and value <= constraint.gt:
+            return f"must be greater than {constraint.gt:g}, not {value}"
+    elif isinstance(constraint, Pattern):
+        if not re.fullmatch(constraint.regex, value):
+            return f"{value!r} is not {constraint.hint}"
+    elif isinstance(constraint, MinItems) and len(value) < constraint.n:
+        return f"must have at least {constraint.n} item{'s' if constraint.n > 1 else ''}"
+    return None
+
+
+def _missing_env(names: list[str]) -> str:
+    listed = ", ".join(names)
+    return (
+        f"environment variable {listed} is not set (write ${{{names[0]}:-default}} to default it)"
+    )
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: f"the string {value!r}" if isinstance(value, str) and len(value) < 40 else "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is typing.Annotated:
+        return _name(get_args(hint)[0])
+    if origin is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(
+        hint, str(hint)
+    )
+
+
+def json_schema(hint: Any, description: str | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a type hint built from the kinds above."""
+    schema = _schema(hint)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+_ENV_STRING: Final[dict[str, Any]] = {"type": "string", "pattern": r"\$\{"}
+
+
+def _schema(hint: Any) -> dict[str, Any]:
+    origin = get_origin(hint)
+    if origin is typing.Annotated:
+        base, *constraints = get_args(hint)
+        schema = _schema(base)
+        if base is str and any(isinstance(c, Pattern) for c in constraints):
+            schema = {"anyOf": [schema, _ENV_STRING]}  # "${VAR}" is checked once substituted
+        target = schema["anyOf"][0] if "anyOf" in schema else schema
+        for c in constraints:
+            if isinstance(c, Range):
+                target.update(
+                    {
+                        k: v
+                        for k, v in (
+                            ("minimum", c.min),
+                            ("maximum", c.max),
+                            ("exclusiveMinimum", c.gt),
+                        )
+                        if v is not None
+                    }
+                )
+            elif isinstance(c, Pattern):
+                target["pattern"] = f"^(?:{c.regex})$"
+            elif isinstance(c, MinItems):
+                target["minItems"] = c.n
+        return schema
+    if origin in (typing.Union, types.UnionType):
+        options = [_schema(a) for a in get_args(hint) if a is not type(None)]
+        if type(None) in get_args(hint):
+            options.append({"type": "null"})
+        return {"anyOf": options}
+    if origin is Literal:
+        return {"enum": list(get_args(hint))}
+    if origin is tuple:
+        return {"type": "array", "items": _schema(get_args(hint)[0])}
+    if origin in (Mapping, dict, typing.Mapping):
+        key, item = get_args(hint)
+        schema = {"type": "object", "additionalProperties": _schema(item)}
+        key_schema = _schema(key)
+        if "pattern" in key_schema:
+            schema["propertyNames"] = {"pattern": key_schema["pattern"]}
+        return schema
+    if dataclasses.is_dataclass(hint):
+        return _dataclass_schema(typing.cast("type[Any]", hint))
+    simple = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if hint is str:
+        return {"type": "string"}
+    if hint in simple:
+        return {"anyOf": [{"type": simple[hint]}, _ENV_STRING]}
+    raise TypeError(f"unsupported type hint {hint!r}")  # pragma: no cover
+
+
+def _dataclass_schema(cls: type[Any]) -> dict[str, Any]:
+    hints = get_type_hints(cls, include_extras=True)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for f in dataclasses.fields(cls):
+        prop = _schema(hints[f.name])
+        if "doc" in f.metadata:
+            prop["description"] = f.metadata["doc"]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+        elif isinstance(f.default, (str, int, float, bool)):
+            prop["default"] = f.default
+        properties[f.name] = prop
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+        schema["description"] = " ".join(cls.__doc__.split())
+    if required:
+        schema["required"] = required
+    shorthand = getattr(cls, "__shorthand__", None)
+    if shorthand:
+        return {
+            "anyOf": [{"type": "string", "description": f"short for {{{shorthand}: ...}}"}, schema]
+        }
+    return schema
+
+
+def load_yaml(text: str) -> tuple[Any, LineLoader]:
+    """Parse YAML safely; raises ``yaml.YAMLError`` for syntax errors."""
+    loader = LineLoader(text)
+    try:
+        return loader.get_single_data(), loader
+    finally:
+        loader.dispose()
+
+
+def validate(
+    hint: type[T], data: Any, env: Mapping[str, str], loader: LineLoader
+) -> tuple[T | None, Converter]:
+    """Convert ``data`` to ``hint``; on failure return ``None`` (the problems are in the
+    returned converter)."""
+    conv = Converter(env, loader.lines)
+    for container, key, line in loader.duplicates:
+        path = _path_of(container, data) or ()
+        conv.problem((*path, str(key)), "duplicate key", line)
+    result = conv.convert(hint, data, (), 1)
+    if result is INVALID or conv.problems:
+        return None, conv
+    return typing.cast("T", result), conv
+
+
+def _path_of(target: int, data: Any, path: Path = ()) -> Path | None:
+    """The path of the container whose id is ``target`` (for duplicate-key reports)."""
+    if id(data) == target:
+        return path
+    items: Any = ()
+    if isinstance(data, dict):
+        items = ((str(k), v) for k, v in data.items())
+    elif isinstance(data, list):
+        items = enumerate(data)
+    for key, value in items:
+        found = _path_of(target, value, (*path, key))
+        if found is not None:
+            return found
+    return None

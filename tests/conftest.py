@@ -1,0 +1,221 @@
+"""Real parts for the tests: aiohttp upstreams on port 0 (on 127.0.0.2 for "NODA2" and
+127.0.0.3 for "NODA1"), the gateway listening on 127.0.0.1:0, and raw sockets for what HTTP
+client libraries would normalise away."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.app import Gateway
+from gateway.config import parse_config
+from gateway.logs import setup_logging
+
+NODA1 = "127.0.0.3"
+NODA2 = "127.0.0.2"
+
+
+@dataclass
+class Seen:
+    """One request as an upstream received it."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+
+@dataclass
+class Upstream:
+    host: str
+    port: int
+    runner: web.AppRunner
+    seen: list[Seen] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"path": request.raw_path, "method": request.method})
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    """Start a real aiohttp upstream: ``await upstream(host, handler=None, port=0)``.
+
+    Every request it receives is recorded in ``.seen`` (body read whole, unless the handler
+    is given ``record_body=False`` and streams it itself).
+    """
+    started: list[Upstream] = []
+
+    async def start(
+        host: str = NODA1, handler: Handler | None = None, port: int = 0, record_body: bool = True
+    ) -> Upstream:
+        holder: list[Upstream] = []
+
+        async def entry(request: web.Request) -> web.StreamResponse:
+            body = await request.read() if record_body else b""
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+            holder[0].seen.append(Seen(request.method, request.raw_path, headers, body))
+            return await (handler or _echo)(request)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", entry)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        up = Upstream(host, runner.addresses[0][1], runner)
+        holder.append(up)
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        await up.stop()
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    port: int
+    logs: io.StringIO
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.logs.getvalue().splitlines() if line]
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    """Start the gateway on 127.0.0.1:0 from a routes.yaml text: ``await gateway(yaml)``."""
+    started: list[RunningGateway] = []
+
+    async def start(config_text: str, config_path: str | None = None) -> RunningGateway:
+        logs = io.StringIO()
+        setup_logging("INFO", logs)
+        gw = Gateway(parse_config(config_text), config_path=config_path)
+        addresses = await gw.start("127.0.0.1", 0)
+        running = RunningGateway(gw, addresses[0][1], logs)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.gateway.stop()
+    logging.getLogger().handlers.clear()
+
+
+def routes(services: dict[str, str], **nodes: str) -> str:
+    """A routes.yaml text: ``routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1)``."""
+    node_lines = "\n".join(f"  {name}: {{host: {host}}}" for name, host in nodes.items())
+    service_lines = "\n".join(f"  {name}: {body}" for name, body in services.items())
+    return f"nodes:\n{node_lines}\nservices:\n{service_lines}\n"
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw: bytes
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def parse_response(raw: bytes) -> RawResponse:
+    """Parse one HTTP/1.x response with a Content-Length (or read-to-close) body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    _, status, *reason = lines[0].split(" ", 2)
+    headers = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:]]
+    return RawResponse(int(status), " ".join(reason), headers, body, raw)  # type: ignore[arg-type]
+
+
+async def raw_exchange(
+    port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 5.0
+) -> RawResponse:
+    """Send raw bytes, read until the server closes (send ``Connection: close``), parse."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    return parse_response(raw)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[int]]]:
+    """A TCP server that answers with whatever bytes the test writes: ``await raw_upstream(fn)``.
+
+    ``fn(reader, writer)`` is called per connection after the request head has been read.
+    """
+    servers: list[asyncio.Server] = []
+
+    async def start(respond: RawHandler, host: str = NODA1) -> int:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await respond(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(on_connect, host, 0)
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def canned(data: bytes) -> RawHandler:
+    """A raw upstream answer: write ``data`` and close."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return respond

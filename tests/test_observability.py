@@ -1,0 +1,196 @@
+"""/health, /metrics and the JSON log lines, as the node standards ask."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import string
+
+from .conftest import NODA1, NODA2, raw_exchange, routes
+
+
+def _samples(text: str) -> dict[str, float]:
+    """Prometheus text → {"name{labels}": value} for every sample line."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+async def _free_port(host: str) -> int:
+    server = await asyncio.start_server(lambda r, w: None, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return int(port)
+
+
+async def test_health_follows_the_standards_format_and_rule(upstream, gateway, client):
+    up = await upstream(NODA1)
+    dead = await _free_port(NODA2)
+    gw = await gateway(
+        routes(
+            {
+                "city": f"{{port: {up.port}, nodes: [noda1]}}",
+                "search": f"{{port: {dead}, nodes: [noda2]}}",
+            },
+            noda1=NODA1,
+            noda2=NODA2,
+        )
+    )
+    async with client.get(gw.url + "/health") as response:
+        body = await response.json()
+    assert response.status == 200
+    assert body == {
+        "status": "healthy",
+        "service": "gateway",
+        "version": body["version"],
+        "uptime": body["uptime"],
+        "dependencies": {"city": "unknown", "search": "unknown"},
+    }
+    assert isinstance(body["uptime"], int)
+
+    async with client.get(gw.url + "/api/city/x") as r:
+        assert r.status == 200
+    async with client.get(gw.url + "/api/search/x") as r:
+        assert r.status == 502
+    async with client.get(gw.url + "/health") as response:
+        body = await response.json()
+    assert response.status == 200  # degraded still serves
+    assert body["status"] == "degraded"
+    assert body["dependencies"] == {"city": "connected", "search": "disconnected"}
+
+    gw.gateway.draining = True  # what SIGTERM sets while requests in flight finish
+    async with client.get(gw.url + "/health") as response:
+        assert response.status == 503
+        assert (await response.json())["status"] == "unhealthy"
+
+
+async def test_metrics_have_the_standard_names_and_counts(upstream, gateway, client):
+    up = await upstream(NODA1)
+    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    for _ in range(3):
+        async with client.get(gw.url + "/api/city/rooms") as r:
+            await r.read()
+    async with client.post(gw.url + "/api/city/rooms", data=b"x") as r:
+        await r.read()
+    async with client.get(gw.url + "/api/nothing/here") as r:
+        assert r.status == 404
+    async with client.request("PROPFIND", gw.url + "/api/city/pot") as r:
+        await r.read()
+    bogus = await raw_exchange(gw.port, b"FROBNICATE /api/city/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert bogus.status == 400
+    async with client.get(gw.url + "/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await response.text()
+    samples = _samples(text)
+    assert samples['http_requests_total{method="GET",service="city",status="200"}'] == 3
+    assert samples['http_requests_total{method="POST",service="city",status="200"}'] == 1
+    assert samples['http_requests_total{method="GET",service="unmatched",status="404"}'] == 1
+    assert samples['http_requests_total{method="OTHER",service="city",status="200"}'] == 1
+    assert samples['http_requests_total{method="OTHER",service="unmatched",status="400"}'] == 1
+    assert samples['http_request_duration_seconds_count{service="city"}'] == 5
+    assert samples['http_request_duration_seconds_bucket{le="+Inf",service="city"}'] == 5
+    assert samples['active_connections{service="city"}'] == 0
+    assert samples['service_health{dependency="noda1",service="city"}'] == 1
+    assert samples['service_health{dependency="city",service="gateway"}'] == 1
+    assert samples["gateway_client_connections"] >= 1
+    assert "# TYPE gateway_upstream_errors_total counter" in text
+
+
+async def test_upstream_errors_are_counted_by_kind(gateway, client):
+    dead = await _free_port(NODA1)
+    gw = await gateway(routes({"city": f"{{port: {dead}, nodes: [noda1]}}"}, noda1=NODA1))
+    for _ in range(2):
+        async with client.get(gw.url + "/api/city/x") as r:
+            assert r.status == 502
+    async with client.get(gw.url + "/metrics") as response:
+        samples = _samples(await response.text())
+    assert samples['gateway_upstream_errors_total{kind="connect",service="city"}'] == 2
+    assert samples['service_health{dependency="noda1",service="city"}'] == 0
+    assert samples['service_health{dependency="city",service="gateway"}'] == 0
+
+
+async def test_fifty_thousand_random_requests_do_not_grow_the_scrape(upstream, gateway, client):
+    up = await upstream(NODA1)
+    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    # Every label combination the blast below can reach, once: methods and statuses are
+    # fixed sets; what must not add series is the endless variety of paths.
+    for method in ("GET", "PUT", "PURGE"):
+        for path in ("/api/nope/x", "/nope", "/api/city/%2e%2e"):
+            async with client.request(method, gw.url + path) as r:
+                await r.read()
+    for _ in range(2):  # the first scrape is itself counted under service="gateway"
+        async with client.get(gw.url + "/metrics") as response:
+            before = set(_samples(await response.text()))
+
+    rng = random.Random(7)
+    letters = string.ascii_letters + string.digits
+
+    def word() -> str:
+        return "".join(rng.choices(letters, k=rng.randint(1, 12)))
+
+    async def blast(count: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        batch = [
+            # Methods the HTTP parser knows but the metrics do not; unknown ones are refused by
+            # the parser (and close the connection), see the test above.
+            f"{rng.choice(['GET', 'PUT', 'PROPFIND', 'MKCOL', 'PURGE', 'REPORT', 'SEARCH'])} "
+            f"{rng.choice(['/api/', '/', '/ws/', '/api/x'])}{word()}/{word()}?{word()}={word()} "
+            f"HTTP/1.1\r\nHost: a\r\n\r\n"
+            for _ in range(count)
+        ]
+        writer.write("".join(batch).encode())
+        await writer.drain()
+        for _ in range(count):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))
+            await reader.readexactly(length)
+        writer.close()
+
+    for _ in range(25):
+        await asyncio.gather(*(blast(500) for _ in range(4)))
+    async with client.get(gw.url + "/metrics") as response:
+        after = _samples(await response.text())
+    assert set(after) == before
+    unmatched = sum(
+        v for k, v in after.items() if k.startswith("http_requests_total{") and "unmatched" in k
+    )
+    assert unmatched >= 50_000
+
+
+async def test_one_json_log_line_per_request(upstream, gateway, client):
+    up = await upstream(NODA1)
+    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    async with client.get(
+        gw.url + "/api/city/rooms?token=secret", headers={"X-Request-ID": "r-1"}
+    ) as r:
+        await r.read()
+    await raw_exchange(
+        gw.port, b"GET /api/city/%2e%2e HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    await raw_exchange(gw.port, b"GET /x\x00 HTTP/1.1\r\nHost: a\r\n\r\n")
+    lines = gw.log_lines()
+    requests = [line for line in lines if line["message"] in ("request", "bad request")]
+    assert len(requests) == 3
+    ok, bad_path, bad_http = requests
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ok["timestamp"])
+    assert ok["level"] == "INFO"
+    assert ok["service"] == "gateway"
+    assert ok["request_id"] == "r-1"
+    assert ok["method"] == "GET"
+    assert ok["path"] == "/api/city/rooms"  # the query (tokens!) is not logged
+    assert ok["status"] == 200
+    assert ok["route"] == "city"
+    assert ok["upstream"] == f"noda1 {NODA1}:{up.port}"
+    assert ok["client"] == "127.0.0.1"
+    assert ok["duration_ms"] >= 0
+    assert bad_path["status"] == 400
+    assert bad_path["error"] == "bad_path"
+    assert bad_http["status"] == 400
+    assert "request_id" in bad_http
+    assert not any("traceback" in line for line in lines)

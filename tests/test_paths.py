@@ -1,0 +1,212 @@
+"""Path attacks, sent as raw bytes (client libraries would normalise them away), and
+property-based checks of the path mapping."""
+
+from __future__ import annotations
+
+import posixpath
+import random
+import re
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from gateway import routing
+from gateway.errors import GatewayError
+
+from .conftest import NODA1, raw_exchange, routes
+
+ATTACKS = [
+    b"/api/city/../etc/passwd",
+    b"/api/city/%2e%2e/etc/passwd",
+    b"/api/city/%2E%2E/x",
+    b"/api/city/.%2e/x",
+    b"/api/city/%2e./x",
+    b"/api/city/%2E%2e/x",
+    b"/api/city/./x",
+    b"/api/city/%2e/x",
+    b"/api/city/x/..",
+    b"/api/city/x/%2e%2e",
+    b"/api/city/..;/x",
+    b"/api/city/%2e%2e;jsessionid=1/x",
+    b"/api/city/a%2fb",
+    b"/api/city/a%2Fb",
+    b"/api/city/..%2f..%2fetc",
+    b"/api/city/a%5cb",
+    b"/api/city/a%5Cb",
+    b"/api/city/..%5c..%5cwindows",
+    b"/api/city/a\\b",
+    b"/api/city/..\\x",
+    b"/api/city/a%00b",
+    b"/api/city/a%0d%0aX-Injected:%201",
+    b"/api/city/a%7fb",
+    b"/api/city/%252e%252e/x",
+    b"/api/city/%252f",
+    b"/api/city/%255c",
+    b"/api/city/a%zz",
+    b"/api/city/a%2",
+    b"/api/city/a%",
+    b"/api/city/a\x00b",
+    b"/api/city/a\x01b",
+    b"/api/city/a\x7fb",
+    b"/api/city/a\tb",
+    b"/api/city/caf\xc3\xa9",
+    b"http://evil.example/api/city/x",
+    b"https://127.0.0.3/api/city/x",
+    b"//evil.example/api/city/x",
+    b"*",
+    b"/api/../api/city/x",
+    b"/api/city/x/../../../etc",
+    b"/api/%2e%2e/city",
+    b"/..%2fapi/city/x",
+    b"/api/./city/x",
+]
+
+
+@pytest.mark.parametrize("target", ATTACKS, ids=lambda t: t.decode("latin-1"))
+async def test_path_attacks_get_400_and_reach_no_upstream(upstream, gateway, target):
+    up = await upstream(NODA1)
+    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    response = await raw_exchange(gw.port, request)
+    assert response.status == 400, response.raw[:200]
+    body = response.json()
+    assert body["error"] in ("bad_path", "bad_request_target", "bad_request")
+    assert body["request_id"] == response.header("X-Request-ID")
+    assert up.seen == []
+    lines = [line for line in gw.log_lines() if line.get("status") == 400]
+    assert len(lines) == 1
+    assert "traceback" not in lines[0]
+
+
+async def test_random_paths_never_leave_the_prefix(upstream, gateway):
+    """A seeded fuzz through the real gateway: what arrives always stays under /city/."""
+    up = await upstream(NODA1)
+    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    rng = random.Random(20261127)
+    pieces = [
+        ".",
+        "..",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%5c",
+        "%25",
+        "a",
+        "b",
+        "/",
+        "//",
+        ";",
+        "%41",
+        "~",
+        "%",
+    ]
+    sent = []
+    for _ in range(300):
+        tail = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        target = f"/api/city/{tail}"
+        response = await raw_exchange(
+            gw.port, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert response.status in (200, 400), target
+        if response.status == 200:
+            sent.append(target)
+    assert [s.raw_path for s in up.seen] == [t.replace("/api/city", "/city", 1) for t in sent]
+    for seen in up.seen:
+        assert _stays_under(seen.raw_path, "/city")
+    assert len(sent) > 30  # the fuzz is not all rejected
+
+
+def _resolve(path: str) -> str:
+    """How a lenient server might read a path: decode twice, backslash as slash, resolve dots."""
+    decoded = unquote(unquote(path)).replace("\\", "/")
+    decoded = re.sub(r"/\.\.;[^/]*", "/..", decoded)
+    return posixpath.normpath(decoded if decoded.startswith("/") else "/" + decoded)
+
+
+def _stays_under(path: str, prefix: str) -> bool:
+    resolved = _resolve(path.partition("?")[0])
+    return resolved == prefix or resolved.startswith(prefix + "/")
+
+
+SEGMENT_ALPHABET = st.sampled_from(
+    [
+        ".",
+        "..",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%2F",
+        "%5c",
+        "%5C",
+        "%00",
+        "%25",
+        "%252e",
+        "\\",
+        ";",
+        "a",
+        "b",
+        "Z",
+        "0",
+        "-",
+        "_",
+        "~",
+        "%41",
+        "%",
+        "%g",
+        "é",
+        " ",
+        "\t",
+        "?",
+        "#",
+        ":",
+        "@",
+    ]
+)
+TARGETS = st.lists(st.lists(SEGMENT_ALPHABET, max_size=4).map("".join), max_size=6).map(
+    lambda segments: "/api/svc/" + "/".join(segments)
+)
+
+
+def _map(target: str, prefix: str) -> tuple[routing.Target, str] | int:
+    """(checked target, upstream path), or the error status."""
+    try:
+        checked = routing.check_target(target)
+        found = routing.match(checked.path)
+        assert found is not None
+        assert found.service == "svc"
+        return checked, routing.upstream_path(prefix, found.rest)
+    except GatewayError as err:
+        return err.status
+
+
+@settings(max_examples=3000, deadline=None)
+@given(target=TARGETS, prefix=st.sampled_from(["/svc", "", "/deep/prefix"]))
+@example(target="/api/svc/%2e%2e/x", prefix="/svc")
+@example(target="/api/svc/..;/x", prefix="")
+def test_mapping_is_safe_and_byte_exact(target: str, prefix: str) -> None:
+    outcome = _map(target, prefix)
+    if isinstance(outcome, int):
+        assert outcome == 400
+        return
+    checked, mapped = outcome
+    without_fragment = target.partition("#")[0]
+    path, question, query = without_fragment.partition("?")
+    # Byte exact: the upstream path is the prefix plus the client's bytes after /api/svc.
+    assert mapped == (prefix + path[len("/api/svc") :] or "/")
+    assert checked.query == question + query
+    # Safe: however leniently the upstream decodes it, it stays under the prefix.
+    assert not mapped.startswith("//")  # would read as //host to a URL parser
+    assert _stays_under(mapped, prefix) if prefix else _resolve(mapped).startswith("/")
+
+
+@given(st.text(max_size=40))
+def test_check_target_never_fails_other_than_with_a_400(text: str) -> None:
+    try:
+        routing.check_target("/" + text)
+    except GatewayError as err:
+        status = err.status
+    else:
+        status = 200
+    assert status in (200, 400)
