@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from . import __version__, pipeline
 from .config import Config, ConfigError, load_config
-from .errors import GatewayError, error_response
+from .errors import GatewayError, error_response, own_headers
 from .health import HealthBook
 from .logs import REQUEST_ID, new_request_id
 from .metrics import UNMATCHED, Metrics
@@ -175,7 +175,7 @@ class Gateway:
             status=503 if status == "unhealthy" else 200,
             body=orjson.dumps(body),
             content_type="application/json",
-            headers={"Cache-Control": "no-store", "X-Request-ID": request_id},
+            headers=own_headers(request_id),
         )
 
     async def _metrics(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
@@ -184,11 +184,7 @@ class Gateway:
         body, content_type = self.metrics.render(request.headers.get("Accept"))
         return web.Response(
             body=body,
-            headers={
-                "Content-Type": content_type,
-                "Cache-Control": "no-store",
-                "X-Request-ID": request_id,
-            },
+            headers={**own_headers(request_id), "Content-Type": content_type},
         )
 
 

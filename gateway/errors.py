@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Final
 
 import aiohttp
 import orjson
@@ -70,17 +71,19 @@ def upstream_error(exc: BaseException) -> GatewayError:
     return GatewayError(502, "upstream_error", "the upstream connection failed", kind="io")
 
 
-def error_body(code: str, message: str, request_id: str) -> bytes:
-    return orjson.dumps({"error": code, "message": message, "request_id": request_id})
+SERVER: Final = "daarion-gateway"  # instead of aiohttp's, which names its version
+
+
+def own_headers(request_id: str) -> dict[str, str]:
+    """Headers of every answer the gateway makes itself."""
+    return {"X-Request-ID": request_id, "Cache-Control": "no-store", "Server": SERVER}
 
 
 def error_response(err: GatewayError, request_id: str) -> web.Response:
-    response = web.Response(
+    body = {"error": err.code, "message": err.message, "request_id": request_id}
+    return web.Response(
         status=err.status,
-        body=error_body(err.code, err.message, request_id),
+        body=orjson.dumps(body),
         content_type="application/json",
-        headers=err.headers,
+        headers={**own_headers(request_id), **(err.headers or {})},
     )
-    response.headers["X-Request-ID"] = request_id
-    response.headers["Cache-Control"] = "no-store"
-    return response

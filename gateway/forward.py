@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import upstream_error
+from .errors import SERVER, upstream_error
 from .snapshot import Target
 
 HOP_BY_HOP: Final = frozenset(
@@ -101,6 +101,8 @@ def request_headers(request: web.BaseRequest, target: Target, request_id: str) -
 def response_headers(upstream: aiohttp.ClientResponse, request_id: str) -> CIMultiDict[str]:
     headers = end_to_end(upstream.headers, HOP_BY_HOP)
     headers["X-Request-ID"] = request_id
+    if "Server" not in headers:
+        headers["Server"] = SERVER
     return headers
 
 

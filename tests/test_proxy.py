@@ -58,6 +58,7 @@ async def test_unknown_service_or_path_is_404_and_reaches_nobody(upstream, gatew
     async with client.get(gw.url + path) as response:
         body = await response.json()
         assert response.status == 404
+        assert response.headers["Server"] == "daarion-gateway"
         assert body["error"] == "not_found"
         assert body["request_id"] == response.headers["X-Request-ID"]
     assert up.seen == []
@@ -143,6 +144,7 @@ async def test_response_hop_by_hop_headers_are_dropped(raw_upstream, gateway):
         assert hop not in names, hop
     assert response.header("Connection") == "close"  # the gateway's own, for this client
     assert response.header("X-Kept") == "yes"
+    assert response.header("Server") == "daarion-gateway"  # not aiohttp's, with its version
     assert [v for k, v in response.headers if k.lower() == "set-cookie"] == ["a=1", "b=2"]
 
 

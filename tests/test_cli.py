@@ -1,0 +1,203 @@
+"""The command line as users run it: check, schema, and serve as a real process (reload on
+SIGHUP, graceful stop on SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from .conftest import NODA1, NODA2, routes
+from .test_config import BROKEN, SHIPPED
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [*GATEWAY, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=30,
+        check=False,
+    )
+
+
+def test_check_summarises_the_shipped_table():
+    result = run("check", "--config", str(SHIPPED), env={"NODA2_HOST": "10.0.0.2"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{SHIPPED}: OK, 13 services on 2 nodes")
+    search = next(line for line in lines if "/api/search/" in line)
+    assert search.split("->")[1].strip() == (
+        "http://10.0.0.2:8897/search/ (noda2), http://127.0.0.1:8897/search/ (noda1)"
+    )
+    assert len(lines) == 14
+
+
+def test_check_lists_every_problem_and_exits_2(tmp_path):
+    broken = tmp_path / "routes.yaml"
+    broken.write_text(BROKEN)
+    result = run("check", "--config", str(broken))
+    assert result.returncode == 2
+    assert "13 problem(s)" in result.stderr
+    assert "services.search.nodes[1] (line 12): unknown node 'noda9'" in result.stderr
+    assert result.stdout == ""
+
+
+def test_config_path_comes_from_flag_then_env_then_cwd(tmp_path):
+    (tmp_path / "routes.yaml").write_text(SHIPPED.read_text())
+    other = tmp_path / "other.yaml"
+    other.write_text("nodes: {a: {host: x}}\nservices: {only: {port: 1, nodes: [a]}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+    plain = subprocess.run(
+        [*GATEWAY, "check"], capture_output=True, text=True, cwd=tmp_path, env=env, check=False
+    )
+    assert "13 services" in plain.stdout
+    assert "1 services" in run("check", cwd=tmp_path, env={"GATEWAY_CONFIG": str(other)}).stdout
+    flagged = run("check", "--config", str(other), cwd=tmp_path, env={"GATEWAY_CONFIG": "nope"})
+    assert "1 services" in flagged.stdout
+    missing = run("check", "--config", str(tmp_path / "absent.yaml"))
+    assert missing.returncode == 2
+    assert "cannot read the file" in missing.stderr
+
+
+def test_schema_prints_json_schema():
+    result = run("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert set(schema["required"]) == {"nodes", "services"}
+
+
+def test_console_script_is_the_same_program():
+    script = Path(sys.executable).parent / "daarion-gateway"
+    result = subprocess.run(
+        [str(script), "check", "--config", str(SHIPPED)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert result.stdout == run("check", "--config", str(SHIPPED)).stdout
+
+
+class Process:
+    """A ``daarion-gateway serve`` child whose JSON log lines are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[dict] = []
+        self._new = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            async with self._new:
+                self.lines.append(orjson.loads(raw))
+                self._new.notify_all()
+
+    async def wait_for(self, message: str, timeout: float = 10) -> dict:
+        async def find() -> dict:
+            async with self._new:
+                while True:
+                    for line in self.lines:
+                        if line["message"] == message:
+                            return line
+                    await self._new.wait()
+
+        return await asyncio.wait_for(find(), timeout)
+
+    async def port(self) -> int:
+        started = await self.wait_for("gateway started")
+        return int(started["listen"][0].rsplit(":", 1)[1])
+
+
+@pytest.fixture
+async def serve(tmp_path) -> AsyncIterator:
+    procs: list[Process] = []
+
+    async def start(config_text: str) -> tuple[Process, Path]:
+        config = tmp_path / "routes.yaml"
+        config.write_text(config_text)
+        proc = await asyncio.create_subprocess_exec(
+            *GATEWAY, "--config", str(config), "--host", "127.0.0.1", "--port", "0",
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        procs.append(Process(proc))
+        return procs[-1], config
+
+    yield start
+    for p in procs:
+        if p.proc.returncode is None:
+            p.proc.kill()
+        await p.proc.wait()
+
+
+async def test_serve_reloads_on_sighup_and_keeps_the_last_good_config(serve, upstream, client):
+    city = await upstream(NODA1)
+    search = await upstream(NODA2)
+    first = routes({"city": f"{{port: {city.port}, nodes: [noda1]}}"}, noda1=NODA1, noda2=NODA2)
+    proc, config = await serve(first)
+    url = f"http://127.0.0.1:{await proc.port()}"
+    async with client.get(url + "/api/city/a") as r:
+        assert r.status == 200
+
+    config.write_text(first + "  search: {port: 1, nodes: [noda9]}\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    rejected = await proc.wait_for("config reload rejected; still serving the previous config")
+    assert rejected["level"] == "ERROR"
+    assert any("unknown node 'noda9'" in p for p in rejected["problems"])
+    async with client.get(url + "/api/city/b") as r:
+        assert r.status == 200
+    async with client.get(url + "/metrics") as r:
+        assert "gateway_config_last_reload_successful 0.0" in await r.text()
+
+    config.write_text(first + f"  search: {{port: {search.port}, nodes: [noda2]}}\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    await proc.wait_for("config reloaded")
+    async with client.get(url + "/api/search/q") as r:
+        assert r.status == 200
+    assert [s.raw_path for s in search.seen] == ["/search/q"]
+
+
+async def test_sigterm_lets_requests_in_flight_finish(serve, upstream, client):
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.wait_for(release.wait(), 10)
+        return web.Response(text="finished")
+
+    up = await upstream(NODA1, slow)
+    proc, _ = await serve(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    url = f"http://127.0.0.1:{await proc.port()}"
+    in_flight = asyncio.create_task(client.get(url + "/api/city/slow"))
+    await asyncio.wait_for(arrived.wait(), 10)
+    proc.proc.send_signal(signal.SIGTERM)
+    await proc.wait_for("gateway stopping: draining requests in flight")
+    with pytest.raises(aiohttp.ClientConnectionError):  # no new connections while draining
+        async with aiohttp.ClientSession() as fresh, fresh.get(url + "/health"):
+            pass
+    release.set()
+    response = await in_flight
+    assert response.status == 200
+    assert await response.text() == "finished"
+    response.release()
+    assert await asyncio.wait_for(proc.proc.wait(), 15) == 0
+    await proc.wait_for("gateway stopped")
