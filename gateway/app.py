@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 import aiohttp
@@ -26,7 +26,9 @@ from .config import Config, ConfigError, load_config
 from .errors import GatewayError, error_response, own_headers
 from .health import HealthBook
 from .logs import REQUEST_ID, new_request_id
-from .metrics import UNMATCHED, Metrics
+from .metrics import GATEWAY, UNMATCHED, Metrics
+from .ratelimit import Limiter, LocalLimiter
+from .redislimit import RedisLimiter
 from .slots import Slots
 from .snapshot import Route, Snapshot, compile_snapshot
 
@@ -57,6 +59,8 @@ class Gateway:
         self._slots: dict[str, Slots] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.limiter: Limiter = self._make_limiter(config)
         self.health.export(self.snapshot.routes.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -84,6 +88,7 @@ class Gateway:
             raise_for_status=False,
             timeout=aiohttp.ClientTimeout(total=None),
         )
+        await self.limiter.start()
         server = _Server(self, handler_cancellation=True, access_log=None, **SERVER_LIMITS)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10.0)
         await self._runner.setup()
@@ -103,9 +108,23 @@ class Gateway:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        await self.limiter.close()
+        for task in list(self._background):
+            await task
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         return await pipeline.handle(self, request)
+
+    def _make_limiter(self, config: Config) -> Limiter:
+        settings = config.redis
+        if settings is None or settings.url.startswith("memory://"):
+            return LocalLimiter()
+        self.metrics.health.labels(GATEWAY, "redis").set(1)
+        return RedisLimiter(settings, on_transition=self._redis_changed)
+
+    def _redis_changed(self, connected: bool) -> None:
+        self.metrics.rate_limit_degraded.set(0 if connected else 1)
+        self.metrics.health.labels(GATEWAY, "redis").set(1 if connected else 0)
 
     def slots_for(self, route: Route) -> Slots:
         slots = self._slots.get(route.service)
@@ -144,6 +163,9 @@ class Gateway:
         if config.listen != old.config.listen:
             log.warning("listen address changes take effect only after a restart")
         self.snapshot = new
+        if config.redis != old.config.redis:
+            previous, self.limiter = self.limiter, self._make_limiter(config)
+            self._in_background(self._swap_limiter(previous))
         for name, route in new.routes.items():
             if name in self._slots:
                 self._slots[name].resize(route.max_connections)
@@ -153,11 +175,22 @@ class Gateway:
         self.health.retain(new.routes.values())
         self.health.export(new.routes.values())
 
+    async def _swap_limiter(self, previous: Limiter) -> None:
+        await previous.close()
+        await self.limiter.start()
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # -- the gateway's own endpoints ---------------------------------------------------------
 
     async def _health(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         _only_get(request)
         dependencies = self.health.export(self.snapshot.routes.values())
+        if self.limiter.state is not None:
+            dependencies["redis"] = self.limiter.state
         if self.draining:
             status = "unhealthy"
         elif "disconnected" in dependencies.values():

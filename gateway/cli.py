@@ -82,8 +82,21 @@ def summary(path: str, config: Config) -> str:
     ]
     for name, route in sorted(routes.items()):
         urls = ", ".join(f"{t.origin}{route.http_prefix}/ ({t.node})" for t in route.targets)
-        lines.append(f"  /api/{name + '/':<{width + 1}} -> {urls}")
+        limit = f"  [limit: {route.zone.name}]" if route.zone else ""
+        lines.append(f"  /api/{name + '/':<{width + 1}} -> {urls}{limit}")
+    if config.rate_limits:
+        where = "in each process's memory"
+        if config.redis is not None and not config.redis.url.startswith("memory://"):
+            where = f"through {_redact(config.redis.url)} (on_error: {config.redis.on_error})"
+        lines.append(f"rate limits {', '.join(config.rate_limits)} are kept {where}")
     return "\n".join(lines) + "\n"
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}"
 
 
 def _serve(config: Config, path: str, host: str | None, port: int | None) -> int:

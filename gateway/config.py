@@ -7,11 +7,13 @@ listing every problem with its YAML path; it never returns a half-valid config.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
@@ -34,6 +36,19 @@ Prefix = Annotated[str, Pattern(PREFIX_RE, "a path prefix like /search, or empty
 
 # Names the gateway uses for itself in metric labels and logs.
 RESERVED_SERVICE_NAMES = frozenset({"gateway", "unmatched"})
+NONE = "none"  # rate_limit: none / default_rate_limit: none
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "memory")
+Rate = Annotated[str, Pattern(r"[1-9][0-9]{0,8}r/[sm]", "a rate like 10r/s or 30r/m")]
+KeyPart = Annotated[
+    str,
+    Pattern(
+        r"client_ip|service|user|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+",
+        "client_ip, service, user or header:<Name>",
+    ),
+]
+Cidr = Annotated[
+    str, Pattern(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", "an address or CIDR like 10.0.0.0/8")
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,49 @@ DEFAULT_TIMEOUTS = Timeouts(connect=1.0, response=30.0)
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A limit_req zone: nginx's leaky bucket, shared by every gateway through Redis."""
+
+    rate: Rate = doc("Sustained rate: Nr/s or Nr/m.")
+    burst: Annotated[int, Range(min=0, max=1_000_000)] = doc(
+        "Requests allowed above the rate at once (nginx burst=).", 0
+    )
+    key: Annotated[tuple[KeyPart, ...], MinItems(1)] = doc(
+        "What identifies a bucket: client_ip, service, user, header:<Name>. A zone without "
+        "'service' is one bucket across every service that uses it.",
+        ("client_ip",),
+    )
+    delay: Annotated[int, Range(min=0, max=1_000_000)] | None = doc(
+        "Requests of the burst served at once; later ones are delayed to the rate, not "
+        "refused (nginx delay=). Default: the whole burst (nodelay).",
+        None,
+    )
+    dry_run: bool = doc("Count and log what would be refused, refuse nothing.", False)
+    status: Annotated[int, Range(min=400, max=599)] = doc(
+        "Status of a refusal (429; nginx answers 503).", 429
+    )
+    headers: bool = doc("Send RateLimit headers on allowed responses too.", True)
+
+
+@dataclass(frozen=True)
+class Redis:
+    """Where rate-limit state is shared. Without this section limits are per process."""
+
+    url: str = doc(
+        "redis://, rediss://, unix://, redis+sentinel://host:port[,host:port]/<master>[/db], "
+        "redis+cluster://host:port[,host:port], or memory:// for per-process limits.",
+        "redis://127.0.0.1:6379/0",
+    )
+    timeout: Seconds = doc("Longest wait for any Redis call.", 0.05)
+    on_error: Literal["local", "allow", "deny"] = doc(
+        "While Redis fails: enforce the same limits per process (local), let everything "
+        "through (allow) or refuse everything limited (deny).",
+        "local",
+    )
+    prefix: str = doc("Prefix of the gateway's keys in Redis.", "daarion:rl:")
+
+
+@dataclass(frozen=True)
 class Service:
     """A service reachable as /api/<name>/... (and /ws/<name>/...)."""
 
@@ -99,6 +157,9 @@ class Service:
         "others wait up to the connect timeout, then get 503.",
         256,
     )
+    rate_limit: Name | None = doc(
+        "A zone under rate_limits, or none; default: default_rate_limit.", None
+    )
 
 
 @dataclass(frozen=True)
@@ -109,6 +170,16 @@ class Config:
     services: Mapping[Name, Service] = doc("Services by name: /api/<name>/... routes to them.")
     listen: Listen = doc("Where the gateway listens.", Listen())
     timeouts: Timeouts = doc("Default upstream timeouts for every service.", Timeouts())
+    redis: Redis | None = doc("Shared rate-limit state; absent: limits are per process.", None)
+    rate_limits: Mapping[Name, RateLimit] = doc(
+        "Rate-limit zones by name.", factory=lambda: MappingProxyType({})
+    )
+    default_rate_limit: Name | None = doc(
+        "The zone for services that name none (none: no limit).", None
+    )
+    trusted_proxies: tuple[Cidr, ...] = doc(
+        "Peers whose X-Forwarded-For is believed (CIDRs); empty: the peer is the client.", ()
+    )
 
 
 class ConfigError(Exception):
@@ -171,34 +242,86 @@ def _semantic(data: Any) -> list[tuple[str, str]]:
     Works on the raw data, defensively, so that these problems are reported together with
     the type errors instead of only after those are fixed.
     """
+    if not isinstance(data, dict):
+        return []
+    return [
+        *_service_refs(data),
+        *_zone_problems(data.get("rate_limits")),
+        *_cidr_problems(data.get("trusted_proxies")),
+        *_redis_problems(data.get("redis")),
+    ]
+
+
+def _service_refs(data: dict[str, Any]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    nodes = data.get("nodes") if isinstance(data, dict) else None
-    services = data.get("services") if isinstance(data, dict) else None
-    if not isinstance(services, dict):
-        return problems
+    services = data.get("services")
+    nodes = data.get("nodes")
+    zones = data.get("rate_limits")
     known = sorted(nodes) if isinstance(nodes, dict) else []
-    for name, service in services.items():
+    zone_names = sorted(zones) if isinstance(zones, dict) else []
+    default = data.get("default_rate_limit")
+    if isinstance(default, str) and default != NONE and default not in zone_names:
+        problems.append(("default_rate_limit", _unknown("rate limit", default, zone_names)))
+    for name, service in services.items() if isinstance(services, dict) else ():
         base = f"services.{name}"
         if name in RESERVED_SERVICE_NAMES:
             problems.append((base, f"'{name}' is reserved for the gateway itself"))
-        refs = service.get("nodes") if isinstance(service, dict) else None
-        if not isinstance(refs, list):
+        if not isinstance(service, dict):
             continue
+        zone = service.get("rate_limit")
+        if isinstance(zone, str) and zone != NONE and zone not in zone_names:
+            problems.append((f"{base}.rate_limit", _unknown("rate limit", zone, zone_names)))
+        refs = service.get("nodes")
         seen: set[tuple[str, Any]] = set()
-        for i, ref in enumerate(refs):
+        for i, ref in enumerate(refs if isinstance(refs, list) else ()):
             node = ref.get("node") if isinstance(ref, dict) else ref
             if not isinstance(node, str):
                 continue
             if known and node not in known:
-                problems.append(
-                    (f"{base}.nodes[{i}]", f"unknown node '{node}' (known: {', '.join(known)})")
-                )
+                problems.append((f"{base}.nodes[{i}]", _unknown("node", node, known)))
             port = ref.get("port") if isinstance(ref, dict) else None
             target = (node, port or service.get("port"))
             if target in seen:
                 problems.append((f"{base}.nodes[{i}]", f"{node}:{target[1]} is listed twice"))
             seen.add(target)
     return problems
+
+
+def _unknown(what: str, name: str, known: list[str]) -> str:
+    return f"unknown {what} '{name}' (known: {', '.join(known) or 'none'})"
+
+
+def _zone_problems(zones: Any) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name, zone in zones.items() if isinstance(zones, dict) else ():
+        if name == NONE:
+            problems.append((f"rate_limits.{name}", "'none' means no limit; pick another name"))
+        if not isinstance(zone, dict):
+            continue
+        delay, burst = zone.get("delay"), zone.get("burst", 0)
+        if isinstance(delay, int) and isinstance(burst, int) and delay > burst:
+            problems.append((f"rate_limits.{name}.delay", f"must not exceed burst ({burst})"))
+    return problems
+
+
+def _cidr_problems(cidrs: Any) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for i, cidr in enumerate(cidrs if isinstance(cidrs, list) else ()):
+        if isinstance(cidr, str):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                problems.append((f"trusted_proxies[{i}]", str(exc)))
+    return problems
+
+
+def _redis_problems(redis: Any) -> list[tuple[str, str]]:
+    url = redis.get("url") if isinstance(redis, dict) else None
+    if isinstance(url, str) and "${" not in url:
+        scheme = url.partition("://")[0]
+        if scheme not in REDIS_SCHEMES:
+            return [("redis.url", f"unknown scheme '{scheme}' (use {', '.join(REDIS_SCHEMES)})")]
+    return []
 
 
 def config_json_schema() -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -56,6 +58,15 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """What the gateway tells the upstream about the request's origin."""
+
+    client: str  # the client address (the peer, or what trusted proxies report)
+    proto: str  # http or https, as the client used it
+    request_id: str
+
+
 class ClientGone(Exception):
     """The client went away while its request was being forwarded."""
 
@@ -83,23 +94,27 @@ def end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMulti
     return headers
 
 
-def request_headers(request: web.BaseRequest, target: Target, request_id: str) -> CIMultiDict[str]:
+def request_headers(request: web.BaseRequest, target: Target, origin: Origin) -> CIMultiDict[str]:
     incoming = request.headers
     headers = end_to_end(incoming, _REQUEST_DROP)
     peer = request.remote or ""
     prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
     headers["Host"] = f"{target.host}:{target.port}"
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Proto"] = origin.proto
     if "Host" in incoming:
         headers["X-Forwarded-Host"] = incoming["Host"]
-    headers["X-Real-IP"] = peer
-    headers["X-Request-ID"] = request_id
+    headers["X-Real-IP"] = origin.client
+    headers["X-Request-ID"] = origin.request_id
     return headers
 
 
-def response_headers(upstream: aiohttp.ClientResponse, request_id: str) -> CIMultiDict[str]:
+def response_headers(
+    upstream: aiohttp.ClientResponse, request_id: str, extra: Mapping[str, str] | None
+) -> CIMultiDict[str]:
     headers = end_to_end(upstream.headers, HOP_BY_HOP)
+    if extra:
+        headers.update(extra)
     headers["X-Request-ID"] = request_id
     if "Server" not in headers:
         headers["Server"] = SERVER
@@ -113,7 +128,8 @@ async def forward(
     target: Target,
     path_qs: str,
     timeout: aiohttp.ClientTimeout,
-    request_id: str,
+    origin: Origin,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Send ``request`` to ``target`` at ``path_qs`` and stream the answer back."""
     has_body = request.body_exists
@@ -130,7 +146,7 @@ async def forward(
         upstream = await session.request(
             request.method,
             URL(target.origin + path_qs, encoded=True),
-            headers=request_headers(request, target, request_id),
+            headers=request_headers(request, target, origin),
             data=request.content if has_body else None,
             allow_redirects=False,
             timeout=timeout,
@@ -140,19 +156,16 @@ async def forward(
             raise ClientGone from exc
         raise upstream_error(exc) from exc
     try:
-        return await _relay(request, upstream, request_id)
+        headers = response_headers(upstream, origin.request_id, extra_headers)
+        return await _relay(request, upstream, headers)
     finally:
         upstream.release()
 
 
 async def _relay(
-    request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str
+    request: web.BaseRequest, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=response_headers(upstream, request_id),
-    )
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUS:

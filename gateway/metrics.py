@@ -81,11 +81,24 @@ class Metrics:
             registry=r,
         )
         self.config_ok.set(1)
+        self.rate_limit_decisions = Counter(
+            "gateway_rate_limit_decisions",
+            "Rate-limit decisions by zone and result (allowed, delayed, rejected, "
+            "dry_run_rejected).",
+            ["zone", "result"],
+            registry=r,
+        )
+        self.rate_limit_degraded = Gauge(
+            "gateway_rate_limit_degraded",
+            "1 while Redis fails and rate limits use the on_error fallback.",
+            registry=r,
+        )
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         # Cached label children: labels() costs a lock and a dict lookup we can skip.
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
+        self._limit_children: dict[tuple[str, str], Counter] = {}
 
     def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:
         key = (service, method_label(method), status)
@@ -97,6 +110,14 @@ class Metrics:
         if histogram is None:
             histogram = self._duration_children[service] = self.duration.labels(service)
         histogram.observe(seconds)
+
+    def count_limit(self, zone: str, result: str) -> None:
+        counter = self._limit_children.get((zone, result))
+        if counter is None:
+            counter = self._limit_children[zone, result] = self.rate_limit_decisions.labels(
+                zone, result
+            )
+        counter.inc()
 
     def forget_service(self, service: str) -> None:
         """Drop the series of a service that a config reload removed."""

@@ -1,6 +1,7 @@
 """``handle(request)``: the one place where a request's phases are put in order.
 
-check target → own endpoint? → route → choose upstream → forward → (always) metrics + log.
+check target → own endpoint? → route → rate limit → choose upstream → forward, and always
+metrics + the log line at the end.
 Each phase either returns, or raises ``GatewayError`` which becomes the JSON answer here.
 """
 
@@ -15,13 +16,14 @@ from aiohttp import web
 
 from . import routing
 from .errors import GatewayError, error_response
-from .forward import ClientGone, UpstreamAborted, forward
+from .forward import ClientGone, Origin, UpstreamAborted, forward
 from .logs import REQUEST_ID, request_id_from
 from .metrics import GATEWAY, UNMATCHED
+from .ratelimit import bucket_key
 
 if TYPE_CHECKING:
     from .app import Gateway
-    from .snapshot import Route, Target
+    from .snapshot import Route, Snapshot, Target
 
 access_log = logging.getLogger("gateway.access")
 
@@ -34,17 +36,24 @@ class Exchange:
     """What is known about one request so far; read by the final log line and metrics."""
 
     request: web.BaseRequest
+    snapshot: Snapshot  # read once: a reload never changes a request half way through
     request_id: str
     started: float
+    client: str
     service: str = UNMATCHED
+    user: str | None = None  # the authenticated subject, once auth exists
     target: Target | None = None
     status: int = 0
     error: str | None = None
+    rate_limit: str | None = None  # "delayed" or "dry_run" when the limiter had a say
 
 
 async def handle(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
-    ex = Exchange(request, request_id_from(request.headers.get("X-Request-ID")), gw.clock())
-    REQUEST_ID.set(ex.request_id)  # each request runs in its own task: this stays per request
+    snapshot = gw.snapshot
+    client = snapshot.trusted.client(request.remote, request.headers.getall("X-Forwarded-For", []))
+    request_id = request_id_from(request.headers.get("X-Request-ID"))
+    ex = Exchange(request, snapshot, request_id, gw.clock(), client)
+    REQUEST_ID.set(request_id)  # each request runs in its own task: this stays per request
     try:
         response = await _phases(gw, ex)
     except GatewayError as err:
@@ -78,20 +87,59 @@ async def _phases(gw: Gateway, ex: Exchange) -> web.StreamResponse:
     if own is not None:
         ex.service = GATEWAY
         return await own(request, ex.request_id)
-    snapshot = gw.snapshot
     found = routing.match(target.path)
-    route = snapshot.routes.get(found.service) if found is not None else None
+    route = ex.snapshot.routes.get(found.service) if found is not None else None
     if found is None or route is None:
         raise GatewayError(404, "not_found", "no such service or endpoint")
     ex.service = route.service
     if found.kind == "ws":
         raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
-    return await _forward(
-        gw, ex, route, routing.upstream_path(route.http_prefix, found.rest) + target.query
-    )
+    path_qs = routing.upstream_path(route.http_prefix, found.rest) + target.query
+    limit_headers = await _limit(gw, ex, route)
+    return await _forward(gw, ex, route, path_qs, limit_headers)
 
 
-async def _forward(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.StreamResponse:
+async def _limit(gw: Gateway, ex: Exchange, route: Route) -> dict[str, str] | None:
+    """The rate-limit phase: refuse (raise), delay, or let through; returns headers to add."""
+    zone = route.zone
+    if zone is None:
+        return None
+    parts = tuple(_key_part(part, ex, route) for part in zone.key)
+    if not any(parts):
+        return None  # as in nginx: a request whose key is empty is not limited
+    decision = await gw.limiter.decide(zone, bucket_key(zone, parts))
+    headers = {"RateLimit-Policy": zone.policy, "RateLimit": decision.header(zone)}
+    if not decision.allowed:
+        if not zone.dry_run:
+            gw.metrics.count_limit(zone.name, "rejected")
+            headers["Retry-After"] = str(decision.retry_after(zone))
+            raise GatewayError(
+                zone.status, "rate_limited", "too many requests; retry later", headers=headers
+            )
+        gw.metrics.count_limit(zone.name, "dry_run_rejected")
+        ex.rate_limit = "dry_run"
+    elif delay := decision.delay_seconds(zone):
+        gw.metrics.count_limit(zone.name, "delayed")
+        ex.rate_limit = "delayed"
+        await asyncio.sleep(delay)
+    else:
+        gw.metrics.count_limit(zone.name, "allowed")
+    return headers if zone.headers else None
+
+
+def _key_part(part: str, ex: Exchange, route: Route) -> str:
+    if part == "client_ip":
+        return ex.client
+    if part == "service":
+        return route.service
+    if part == "user":
+        return ex.user or f"ip:{ex.client}"  # anonymous requests: limited per address
+    return ex.request.headers.get(part.removeprefix("header:"), "")
+
+
+async def _forward(
+    gw: Gateway, ex: Exchange, route: Route, path_qs: str, extra: dict[str, str] | None
+) -> web.StreamResponse:
     ex.target = upstream = route.targets[0]
     slots = gw.slots_for(route)
     gauge = gw.metrics.active.labels(route.service)
@@ -104,7 +152,16 @@ async def _forward(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web
             target=upstream,
             path_qs=path_qs,
             timeout=route.client_timeout,
-            request_id=ex.request_id,
+            origin=Origin(
+                ex.client,
+                ex.snapshot.trusted.proto(
+                    ex.request.remote,
+                    ex.request.headers.get("X-Forwarded-Proto"),
+                    ex.request.scheme,
+                ),
+                ex.request_id,
+            ),
+            extra_headers=extra,
         )
     except GatewayError as err:
         if err.kind in ("connect", "connect_timeout"):
@@ -127,11 +184,13 @@ def _finish(gw: Gateway, ex: Exchange) -> None:
         "path": request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH],
         "status": status,
         "duration_ms": round(seconds * 1000, 2),
-        "client": request.remote,
+        "client": ex.client,
         "route": ex.service,
     }
     if ex.target is not None:
         fields["upstream"] = f"{ex.target.node} {ex.target.host}:{ex.target.port}"
     if ex.error is not None:
         fields["error"] = ex.error
+    if ex.rate_limit is not None:
+        fields["rate_limit"] = ex.rate_limit
     access_log.info("request", extra={"fields": fields})

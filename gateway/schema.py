@@ -63,10 +63,14 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-def doc(text: str, default: Any = dataclasses.MISSING) -> Any:
+def doc(
+    text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING
+) -> Any:
     """A dataclass field with a description for the JSON Schema."""
     if isinstance(default, (dict, list)):
         raise TypeError("mutable default")  # pragma: no cover - programming error
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"doc": text})
     return dataclasses.field(default=default, metadata={"doc": text})
 
 

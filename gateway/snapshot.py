@@ -13,7 +13,9 @@ from types import MappingProxyType
 
 import aiohttp
 
-from .config import Config, effective_timeouts
+from .clients import TrustedProxies
+from .config import NONE, Config, effective_timeouts
+from .ratelimit import Zone, compile_zone
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +45,21 @@ class Route:
     connect_timeout: float
     client_timeout: aiohttp.ClientTimeout
     max_connections: int
+    zone: Zone | None
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     config: Config
     routes: Mapping[str, Route]
+    trusted: TrustedProxies
 
 
 def compile_snapshot(config: Config) -> Snapshot:
+    zones = {name: compile_zone(name, spec) for name, spec in config.rate_limits.items()}
     routes: dict[str, Route] = {}
     for name, service in config.services.items():
+        zone_name = service.rate_limit or config.default_rate_limit or NONE
         connect, response = effective_timeouts(config, service)
         targets = tuple(
             Target(name, ref.node, config.nodes[ref.node].host, ref.port or service.port)
@@ -73,5 +79,10 @@ def compile_snapshot(config: Config) -> Snapshot:
                 sock_read=response,
             ),
             max_connections=service.max_connections,
+            zone=zones.get(zone_name),
         )
-    return Snapshot(config=config, routes=MappingProxyType(routes))
+    return Snapshot(
+        config=config,
+        routes=MappingProxyType(routes),
+        trusted=TrustedProxies(config.trusted_proxies),
+    )

@@ -7,8 +7,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -99,6 +108,7 @@ class RunningGateway:
     gateway: Gateway
     port: int
     logs: io.StringIO
+    config_text: str
 
     @property
     def url(self) -> str:
@@ -115,10 +125,10 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
 
     async def start(config_text: str, config_path: str | None = None) -> RunningGateway:
         logs = io.StringIO()
-        setup_logging("INFO", logs)
+        setup_logging(os.environ.get("TEST_LOG_LEVEL", "INFO"), logs)
         gw = Gateway(parse_config(config_text), config_path=config_path)
         addresses = await gw.start("127.0.0.1", 0)
-        running = RunningGateway(gw, addresses[0][1], logs)
+        running = RunningGateway(gw, addresses[0][1], logs, config_text)
         started.append(running)
         return running
 
@@ -219,3 +229,129 @@ def canned(data: bytes) -> RawHandler:
         await writer.drain()
 
     return respond
+
+
+# -- Redis -------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real ``redis-server`` this test run started on a free port (and may kill, pause,
+    restart), never the machine's shared one."""
+
+    def __init__(
+        self, workdir: Path, *extra: str, config: str | None = None, port: int | None = None
+    ) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not installed: install it (apt-get install redis-server) "
+                "or set REDIS_URL to a Redis the tests may use"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.extra = extra
+        self.config = workdir / "redis.conf"
+        # A file, not flags: sentinel mode needs a config file it may rewrite.
+        self.config.write_text('save ""\nappendonly no\n' if config is None else config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, str(self.config), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.workdir), *self.extra],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not self.answers():
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall((" ".join(args) + "\r\n").encode())
+            return s.recv(65536)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``$REDIS_URL`` if it answers, else a redis-server started for the test session."""
+    url = os.environ.get("REDIS_URL")
+    if url and _redis_answers(url):
+        yield url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+def _redis_answers(url: str) -> bool:
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or 6379), 0.5
+        ) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start redis-servers this test may kill, pause or restart: ``own_redis(*args)``."""
+    servers: list[RedisServer] = []
+
+    def start(*extra: str, config: str | None = None, port: int | None = None) -> RedisServer:
+        workdir = tmp_path / f"redis{len(servers)}"
+        workdir.mkdir()
+        servers.append(RedisServer(workdir, *extra, config=config, port=port))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of this test's own, so that tests never see each other's buckets."""
+    return f"test:{uuid.uuid4().hex[:12]}:"

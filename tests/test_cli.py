@@ -36,15 +36,19 @@ def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
 
 
 def test_check_summarises_the_shipped_table():
-    result = run("check", "--config", str(SHIPPED), env={"NODA2_HOST": "10.0.0.2"})
+    result = run("check", "--config", str(SHIPPED), env={"NODA2_HOST": "10.0.0.2", "REDIS_URL": ""})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{SHIPPED}: OK, 13 services on 2 nodes")
     search = next(line for line in lines if "/api/search/" in line)
     assert search.split("->")[1].strip() == (
         "http://10.0.0.2:8897/search/ (noda2), http://127.0.0.1:8897/search/ (noda1)"
+        "  [limit: api_limit]"
     )
-    assert len(lines) == 14
+    assert lines[-1] == (
+        "rate limits api_limit are kept through redis://127.0.0.1:6379/0 (on_error: local)"
+    )
+    assert len(lines) == 15
 
 
 def test_check_lists_every_problem_and_exits_2(tmp_path):

@@ -1,0 +1,69 @@
+"""Who the client is: the socket peer, or, behind trusted proxies, the address they report.
+
+``X-Forwarded-For`` is believed only when the peer is in ``trusted_proxies``; it is then read
+right to left past trusted hops, and the first untrusted address is the client. ``X-Real-IP``,
+``Forwarded``, ``True-Client-IP`` and the like are never believed. IPv4-mapped IPv6
+(``::ffff:1.2.3.4``) is the same client as ``1.2.3.4``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from functools import lru_cache
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class TrustedProxies:
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self._networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(c, strict=False) for c in cidrs
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def trusts(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._networks)
+
+    def proto(self, peer: str | None, forwarded_proto: str | None, scheme: str) -> str:
+        """``X-Forwarded-Proto`` from a trusted proxy (TLS ended there), else our own scheme."""
+        if forwarded_proto in ("http", "https") and self._networks:
+            peer_ip = parse(peer)
+            if peer_ip is not None and self.trusts(peer_ip):
+                return forwarded_proto
+        return scheme
+
+    def client(self, peer: str | None, forwarded_for: list[str]) -> str:
+        """The client address for a request from ``peer`` with these X-Forwarded-For values."""
+        peer_ip = parse(peer)
+        if peer_ip is None:
+            return peer or ""
+        if not self._networks or not self.trusts(peer_ip) or not forwarded_for:
+            return str(peer_ip)
+        hops = [h.strip() for value in forwarded_for for h in value.split(",")]
+        client = peer_ip
+        for hop in reversed(hops):
+            hop_ip = parse(hop)
+            if hop_ip is None:
+                break  # garbage: nothing left of it can be trusted
+            client = hop_ip
+            if not self.trusts(hop_ip):
+                break
+        return str(client)
+
+
+@lru_cache(maxsize=4096)
+def parse(text: str | None) -> IPAddress | None:
+    """An address, with IPv4-mapped IPv6 unwrapped; None for anything else."""
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

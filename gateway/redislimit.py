@@ -1,0 +1,269 @@
+"""The shared limiter: nginx's limit_req arithmetic as one atomic Redis step.
+
+Decisions that arrive in the same event-loop tick are sent together as one EVALSHA of ``LUA``
+that decides every key in turn (atomic per key, and the script as a whole), reading the clock
+with Redis ``TIME`` so that gateways on machines with skewed clocks share one clock. At most
+``MAX_IN_FLIGHT`` calls run at once; decisions arriving meanwhile wait for the next call, so
+batches grow with load instead of connections.
+
+Every call is bounded by ``redis.timeout``. The first failure switches to the fallback
+(``on_error``: the same zones per process, allow, or deny) without waiting on Redis again;
+a probe pings every ``PROBE_INTERVAL`` and switches back when Redis answers. One log line per
+transition. A flushed script or a restarted Redis is reloaded transparently (NOSCRIPT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
+
+from .config import Redis
+from .ratelimit import Decision, LocalLimiter, Zone
+
+log = logging.getLogger("gateway.ratelimit")
+
+MAX_IN_FLIGHT: Final = 4
+MAX_BATCH: Final = 512
+PROBE_INTERVAL: Final = 0.25
+PROBE_TIMEOUT: Final = 0.5
+CONNECT_TIMEOUT: Final = 1.0
+
+# KEYS: bucket keys. ARGV: (rate, burst, ttl) per key, in milli-requests/s, milli-requests, ms.
+# Returns, per key: 1/0 (allowed) and the excess with that request counted.
+LUA: Final = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[i * 3 - 2])
+  local burst = tonumber(ARGV[i * 3 - 1])
+  local ttl = tonumber(ARGV[i * 3])
+  local state = redis.call('HMGET', key, 'e', 'l')
+  local allowed, excess = 1, 0
+  if state[1] then
+    local last = tonumber(state[2])
+    local ms = now - last
+    if ms < -60000 then ms = 1 elseif ms < 0 then ms = 0 end
+    excess = tonumber(state[1]) - math.floor(rate * ms / 1000) + 1000
+    if excess < 0 then excess = 0 end
+    if excess > burst then
+      allowed = 0
+    else
+      if ms ~= 0 then last = now end
+      redis.call('HSET', key, 'e', excess, 'l', last)
+      redis.call('PEXPIRE', key, ttl)
+    end
+  else
+    redis.call('HSET', key, 'e', 0, 'l', now)
+    redis.call('PEXPIRE', key, ttl)
+  end
+  out[i * 2 - 1] = allowed
+  out[i * 2] = excess
+end
+return out
+"""
+
+Pending = tuple[Zone, str, "asyncio.Future[Decision]"]
+
+
+def connect(url: str, timeout: float) -> tuple[Any, list[Any]]:
+    """A redis-py asyncio client for any of the supported URL forms, and the other clients
+    it needs (the sentinels) that must be closed with it.
+
+    Calls get no socket timeout and no retries of their own: every call on a request's path
+    is bounded by ``asyncio.timeout(redis.timeout)`` in the limiter, and a failure switches to
+    the fallback at once. The connect timeout is generous because only the background probe
+    can wait that long (a busy machine may take more than 50 ms to set up a connection).
+    """
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "redis+cluster":
+        nodes = [ClusterNode(host, port) for host, port in _hosts(parsed.netloc)]
+        cluster = RedisCluster(
+            startup_nodes=nodes,
+            username=parsed.username,
+            password=parsed.password,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            retry=None,
+        )
+        return cluster, []
+    if parsed.scheme == "redis+sentinel":
+        master, _, db = parsed.path.strip("/").partition("/")
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            _hosts(parsed.netloc),
+            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": CONNECT_TIMEOUT},
+            username=parsed.username,
+            password=parsed.password,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+        )
+        return sentinel.master_for(master, db=int(db or 0)), list(sentinel.sentinels)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_IN_FLIGHT + 1,  # the batches plus the recovery probe
+        timeout=timeout,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        retry=None,
+    )
+    return aioredis.Redis.from_pool(pool), []  # the client owns (and closes) its pool
+
+
+def _hosts(netloc: str) -> list[tuple[str, int]]:
+    """``[user:pass@]host:port,host:port`` → [(host, port), ...] (sentinel's port by default)."""
+    hosts = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, sep, port = item.rpartition(":")
+        hosts.append((host.strip("[]"), int(port)) if sep else (item, 26379))
+    return hosts
+
+
+class RedisLimiter:
+    """The shared limiter with its fallback; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Redis,
+        on_transition: Callable[[bool], None] = lambda connected: None,
+    ) -> None:
+        self.settings = settings
+        self.local = LocalLimiter()
+        self._client, self._helpers = connect(settings.url, settings.timeout)
+        self._cluster = isinstance(self._client, RedisCluster)
+        self._script = self._client.register_script(LUA)
+        self._on_transition = on_transition
+        self._connected = True
+        self._pending: list[Pending] = []
+        self._scheduled = False
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> str:
+        return "connected" if self._connected else "disconnected"
+
+    async def decide(self, zone: Zone, key: str) -> Decision:
+        if not self._connected:
+            return self._fallback(zone, key)
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._pending.append((zone, key, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _fallback(self, zone: Zone, key: str) -> Decision:
+        policy = self.settings.on_error
+        if policy == "local":
+            return self.local.decide_now(zone, key)
+        return Decision(policy == "allow", 0 if policy == "allow" else zone.burst + 1000)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._pending and self._in_flight < MAX_IN_FLIGHT:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[Pending]) -> None:
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                results = await self._call(batch)
+        except Exception as exc:  # noqa: BLE001 - any failure of Redis means: fall back
+            self._disconnected(exc)
+            for zone, key, future in batch:
+                if not future.done():
+                    future.set_result(self._fallback(zone, key))
+        else:
+            for (_, _, future), (allowed, excess) in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(Decision(bool(allowed), int(excess)))
+        finally:
+            self._in_flight -= 1
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _call(self, batch: list[Pending]) -> list[tuple[int, int]]:
+        if not self._cluster:
+            return await self._eval(batch)
+        # A cluster runs a script only on keys of one slot: one call per slot, concurrently.
+        groups: dict[int, list[Pending]] = {}
+        for item in batch:
+            groups.setdefault(key_slot(self._redis_key(item[1]).encode()), []).append(item)
+        parts = await asyncio.gather(*(self._eval(group) for group in groups.values()))
+        by_key = {id(item): result for group, part in zip(groups.values(), parts, strict=True)
+                  for item, result in zip(group, part, strict=True)}  # fmt: skip
+        return [by_key[id(item)] for item in batch]
+
+    def _redis_key(self, key: str) -> str:
+        # Hash-tagged: the whole bucket name picks the cluster slot.
+        return f"{self.settings.prefix}{{{key}}}"
+
+    async def _eval(self, batch: list[Pending]) -> list[tuple[int, int]]:
+        keys = [self._redis_key(key) for _, key, _ in batch]
+        args: list[int] = []
+        for zone, _, _ in batch:
+            args += (zone.rate, zone.burst, zone.ttl_ms)
+        flat = await self._script(keys=keys, args=args)
+        return list(zip(flat[::2], flat[1::2], strict=True))
+
+    def _disconnected(self, exc: BaseException) -> None:
+        if not self._connected:
+            return
+        self._connected = False
+        log.warning(
+            "redis unavailable: rate limits fall back",
+            extra={"fields": {"on_error": self.settings.on_error, "reason": _reason(exc)}},
+        )
+        self._on_transition(False)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        while not self._connected:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                async with asyncio.timeout(max(self.settings.timeout * 4, PROBE_TIMEOUT)):
+                    await self._client.ping()
+            except Exception as exc:  # noqa: BLE001 - still down: try again next interval
+                log.debug("redis probe failed", extra={"fields": {"reason": _reason(exc)}})
+                continue
+            self._connected = True
+            self.local.clear()
+            log.info("redis is back: shared rate limits again")
+            self._on_transition(True)
+
+    async def start(self) -> None:
+        """Check Redis once; if it does not answer, start in the fallback and probe."""
+        try:
+            async with asyncio.timeout(max(self.settings.timeout, 1.0)):
+                await self._client.ping()
+        except Exception as exc:  # noqa: BLE001 - unreachable at start: fall back and probe
+            self._disconnected(exc)
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *([self._probe] if self._probe else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for client in (self._client, *self._helpers):
+            await client.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return f"{type(exc).__name__}: {exc}"[:200]

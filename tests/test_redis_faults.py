@@ -1,0 +1,220 @@
+"""Redis failing under the gateway: killed, paused (SIGSTOP), scripts flushed, absent at
+start; and Sentinel and Cluster URLs. Every test here runs its own redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from gateway.config import RateLimit, Redis
+from gateway.ratelimit import compile_zone
+from gateway.redislimit import MAX_IN_FLIGHT, RedisLimiter
+
+from .conftest import NODA1, RedisServer, RunningGateway, free_port
+from .test_ratelimit import burst, limited, statuses
+
+ZONE = compile_zone("z", RateLimit(rate="10r/s", burst=20))
+
+
+async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> float:
+    """Poll ``predicate`` (sync or async) until true; return how long it took."""
+    started = time.monotonic()
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def health(client, gw) -> dict:
+    async with client.get(gw.url + "/health") as response:
+        return await response.json()
+
+
+def established_to(port: int) -> int:
+    """Open TCP connections towards ``port`` on this machine (from /proc/net/tcp)."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def messages(gw, text: str) -> list[dict]:
+    return [line for line in gw.log_lines() if line["message"] == text]
+
+
+DOWN = "redis unavailable: rate limits fall back"
+BACK = "redis is back: shared rate limits again"
+
+
+@pytest.fixture
+async def behind_redis(own_redis, upstream, gateway):
+    """A gateway limiting ``city`` through a redis-server of this test's own:
+    ``server, gw, url = await behind_redis()``."""
+
+    async def start(on_error: str = "local") -> tuple[RedisServer, RunningGateway, str]:
+        server = own_redis()
+        up = await upstream(NODA1)
+        text = limited(up.port, server.url, "t:").replace(
+            "prefix: 't:'}", f"prefix: 't:', on_error: {on_error}}}"
+        )
+        gw = await gateway(text)
+        return server, gw, gw.url + "/api/city/x"
+
+    return start
+
+
+async def recovered(gw: RunningGateway) -> float:
+    return await wait_until(lambda: gw.gateway.limiter.state == "connected", what="recovery")
+
+
+async def test_killed_redis_falls_back_to_local_limits_then_recovers(behind_redis, gateway, client):
+    server, gw, url = await behind_redis()
+    assert statuses(await burst(url, 5)) == {200: 5}
+
+    server.kill()
+    assert statuses(await burst(url, 30)) == {200: 21, 429: 9}  # same zone, per process
+    assert statuses(await burst(url, 10)) == {429: 10}
+    body = await health(client, gw)
+    assert (body["status"], body["dependencies"]["redis"]) == ("degraded", "disconnected")
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    assert "gateway_rate_limit_degraded 1.0" in text
+    assert 'service_health{dependency="redis",service="gateway"} 0.0' in text
+    assert len(messages(gw, DOWN)) == 1  # one line per transition, not per request
+
+    server.start()  # same port
+    assert await recovered(gw) < 1.0
+    assert (await health(client, gw))["status"] == "healthy"
+    assert len(messages(gw, BACK)) == 1
+    other = await gateway(gw.config_text)
+    a, b = await asyncio.gather(burst(url, 15), burst(other.url + "/api/city/x", 15))
+    assert sum(r.status == 200 for r in a + b) == 21  # shared again, in the restarted Redis
+
+
+async def test_paused_redis_adds_at_most_its_timeout_and_keeps_the_pool_small(behind_redis, client):
+    server, gw, url = await behind_redis()
+    assert statuses(await burst(url, 3)) == {200: 3}
+    server.pause()
+    try:
+        started = time.monotonic()
+        responses = await burst(url, 30)
+        elapsed = time.monotonic() - started
+        assert statuses(responses) == {200: 21, 429: 9}
+        assert elapsed < 1.0  # bounded by the 50 ms timeout, not by Redis coming back
+        for _ in range(5):  # more requests while stalled: the fallback answers at once
+            await burst(url, 10)
+        assert established_to(server.port) <= MAX_IN_FLIGHT + 1
+        assert gw.gateway.limiter.state == "disconnected"
+        assert len(messages(gw, DOWN)) == 1
+        assert messages(gw, DOWN)[0]["reason"] == "timeout"
+    finally:
+        server.resume()
+    await recovered(gw)
+    assert (await health(client, gw))["dependencies"]["redis"] == "connected"
+
+
+async def test_flushed_scripts_are_reloaded_without_falling_back(behind_redis):
+    server, gw, url = await behind_redis()
+    assert statuses(await burst(url, 10)) == {200: 10}
+    assert server.command("SCRIPT", "FLUSH").startswith(b"+OK")
+    # Still the same shared bucket: 11 more fit, not a fresh local 21.
+    assert statuses(await burst(url, 20)) == {200: 11, 429: 9}
+    assert gw.gateway.limiter.state == "connected"
+    assert messages(gw, DOWN) == []
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("allow", {200: 30}), ("deny", {429: 30})])
+async def test_on_error_allow_and_deny(behind_redis, policy, expected):
+    server, _, url = await behind_redis(on_error=policy)
+    server.kill()
+    assert statuses(await burst(url, 30)) == expected
+
+
+async def test_redis_absent_at_start_then_arriving(own_redis, upstream, gateway, client):
+    server = own_redis()
+    server.kill()
+    up = await upstream(NODA1)
+    gw = await gateway(limited(up.port, server.url, "t:"))
+    assert (await health(client, gw))["dependencies"]["redis"] == "disconnected"
+    assert statuses(await burst(gw.url + "/api/city/x", 25)) == {200: 21, 429: 4}
+    server.start()
+    await recovered(gw)
+    assert (await health(client, gw))["status"] == "healthy"
+
+
+async def test_sentinel_url(own_redis, tmp_path):
+    master = own_redis()
+    sentinel_port = free_port()
+    sentinel = own_redis(
+        "--sentinel",
+        config=(
+            f"port {sentinel_port}\n"
+            f"sentinel monitor primary 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds primary 1000\n"
+        ),
+    )
+    limiter = RedisLimiter(Redis(url=f"redis+sentinel://127.0.0.1:{sentinel.port}/primary"))
+    try:
+        await limiter.start()
+        decisions = await asyncio.gather(*(limiter.decide(ZONE, "k") for _ in range(25)))
+        assert sum(d.allowed for d in decisions) == 21
+        assert limiter.state == "connected"
+        assert b"primary" in master.command("KEYS", "*") or master.command("DBSIZE") != b":0\r\n"
+    finally:
+        await limiter.close()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+
+
+async def test_cluster_url_spreads_keys_over_slots(own_redis):
+    nodes = [
+        own_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                  port=cluster_port())
+        for _ in range(3)
+    ]  # fmt: skip
+    create = await asyncio.create_subprocess_exec(
+        "redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+        "--cluster-replicas", "0", "--cluster-yes", stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await asyncio.wait_for(create.wait(), 30) == 0
+    await wait_until(
+        lambda: all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes),
+        timeout=10,
+        what="cluster ok",
+    )
+    limiter = RedisLimiter(Redis(url=f"redis+cluster://127.0.0.1:{nodes[0].port}"))
+    try:
+        await limiter.start()
+        keys = [f"client-{i}" for i in range(8)]
+        decisions = await asyncio.gather(
+            *(limiter.decide(ZONE, k) for k in keys for _ in range(25))
+        )
+        assert sum(d.allowed for d in decisions) == 21 * len(keys)
+        assert limiter.state == "connected"
+        used = [int(n.command("DBSIZE").strip()[1:]) for n in nodes]
+        assert sum(used) == len(keys)
+        assert sum(1 for u in used if u) >= 2  # the buckets live on several nodes
+    finally:
+        await limiter.close()
