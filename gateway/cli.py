@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
 import orjson
@@ -20,7 +22,7 @@ from .snapshot import compile_snapshot
 
 log = logging.getLogger("gateway")
 
-COMMANDS = ("serve", "check", "schema")
+COMMANDS = ("serve", "check", "schema", "healthcheck")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("check", parents=[config], help="validate the config and summarise it")
     sub.add_parser("schema", help="print the JSON Schema of routes.yaml")
+    probe = sub.add_parser(
+        "healthcheck",
+        parents=[config],
+        help="exit 0 if the local gateway's /health answers 200 (for Docker's HEALTHCHECK)",
+    )
+    probe.add_argument("--port", type=int, help="port to probe (default: listen.port)")
+    probe.add_argument("--timeout", type=float, default=5.0)
     return parser
 
 
@@ -69,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         sys.stdout.write(summary(path, config))
         return 0
+    if args.command == "healthcheck":
+        return healthcheck(config, args.port, args.timeout)
     setup_logging(args.log_level)
     return _serve(config, path, args.host, args.port)
 
@@ -95,8 +106,26 @@ def summary(path: str, config: Config) -> str:
 def _redact(url: str) -> str:
     """The URL without its password."""
     scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
+    _, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{'***@' if at else ''}{host}"
+
+
+def healthcheck(config: Config, port: int | None, timeout: float) -> int:
+    """GET /health on this machine: 0 when it answers 200 (healthy or degraded), else 1."""
+    host = config.listen.host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard listen is probed on loopback
+        host = "127.0.0.1"
+    url = f"http://{host}:{port or config.listen.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except OSError as exc:
+        sys.stderr.write(f"{url}: {exc}\n")
+        return 1
+    sys.stdout.write(f"{url}: {status}\n")
+    return 0 if status == 200 else 1
 
 
 def _serve(config: Config, path: str, host: str | None, port: int | None) -> int:

@@ -205,3 +205,15 @@ async def test_sigterm_lets_requests_in_flight_finish(serve, upstream, client):
     response.release()
     assert await asyncio.wait_for(proc.proc.wait(), 15) == 0
     await proc.wait_for("gateway stopped")
+
+
+async def test_healthcheck_command_follows_the_health_status(gateway, tmp_path):
+    gw = await gateway(routes({"city": "{port: 9, nodes: [noda1]}"}, noda1=NODA1))
+    config = tmp_path / "routes.yaml"
+    config.write_text(gw.config_text)
+    args = ("healthcheck", "--config", str(config), "--port", str(gw.port))
+    healthy = await asyncio.to_thread(run, *args)
+    assert (healthy.returncode, healthy.stdout.split()[-1]) == (0, "200")
+    gw.gateway.draining = True  # /health answers 503
+    draining = await asyncio.to_thread(run, *args)
+    assert (draining.returncode, draining.stdout.split()[-1]) == (1, "503")

