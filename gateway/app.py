@@ -1,6 +1,6 @@
-"""The ``Gateway``: the long-lived things (client session, metrics, health, the current
-snapshot) and their lifecycle, the server that feeds requests to ``pipeline.handle``, and the
-gateway's own endpoints (``/health``, ``/metrics``).
+"""The ``Gateway``: the long-lived things (client session, metrics, health, limiter, prober,
+the current snapshot) and their lifecycle, reloads, and the server that feeds requests to
+``pipeline.handle``.
 
 Why aiohttp's low-level ``web.Server`` and not ``web.Application``: the gateway has exactly one
 catch-all route, so the router and middleware chain would only add work on the hot path; and
@@ -11,30 +11,30 @@ error body, request id and single log line as every other error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, Final
 
 import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from . import __version__, pipeline
+from . import endpoints, pipeline
+from .balancer import Balancer
 from .config import Config, ConfigError, load_config
-from .errors import GatewayError, error_response, own_headers
+from .errors import GatewayError, error_response
 from .health import HealthBook
 from .logs import REQUEST_ID, new_request_id
 from .metrics import GATEWAY, UNMATCHED, Metrics
+from .probe import Prober
 from .ratelimit import Limiter, LocalLimiter
 from .redislimit import RedisLimiter
 from .slots import Slots
 from .snapshot import Route, Snapshot, compile_snapshot
 
 log = logging.getLogger("gateway")
-
-Endpoint = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
 
 # Client-side limits, in the spirit of nginx's defaults.
 SERVER_LIMITS: Final[dict[str, Any]] = {
@@ -55,13 +55,14 @@ class Gateway:
         self.clock = time.monotonic
         self.started = self.clock()
         self.draining = False
-        self.endpoints: dict[str, Endpoint] = {"/health": self._health, "/metrics": self._metrics}
+        self.endpoints: dict[str, endpoints.Endpoint] = endpoints.table(self)
+        self.balancer = Balancer()
         self._slots: dict[str, Slots] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.limiter: Limiter = self._make_limiter(config)
-        self.health.export(self.snapshot.routes.values())
+        self.health.sync(self.snapshot.routes.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -88,7 +89,13 @@ class Gateway:
             raise_for_status=False,
             timeout=aiohttp.ClientTimeout(total=None),
         )
+        # aiohttp resends an idempotent request once on its own when a connection drops,
+        # to the same upstream; failover.py decides retries (how many, and where) instead.
+        # This private switch is the one aiohttp's own test client uses.
+        self._session._retry_connection = False
         await self.limiter.start()
+        prober = Prober(lambda: self.snapshot, self._session, self.health, self.metrics)
+        self._in_background(prober.run())
         server = _Server(self, handler_cancellation=True, access_log=None, **SERVER_LIMITS)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10.0)
         await self._runner.setup()
@@ -106,11 +113,14 @@ class Gateway:
         self.draining = True
         if self._runner is not None:
             await self._runner.cleanup()
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._session is not None:
             await self._session.close()
         await self.limiter.close()
-        for task in list(self._background):
-            await task
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         return await pipeline.handle(self, request)
@@ -172,8 +182,7 @@ class Gateway:
         for name in old.routes.keys() - new.routes.keys():
             self._slots.pop(name, None)
             self.metrics.forget_service(name)
-        self.health.retain(new.routes.values())
-        self.health.export(new.routes.values())
+        self.health.sync(new.routes.values())
 
     async def _swap_limiter(self, previous: Limiter) -> None:
         await previous.close()
@@ -183,47 +192,6 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    # -- the gateway's own endpoints ---------------------------------------------------------
-
-    async def _health(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-        _only_get(request)
-        dependencies = self.health.export(self.snapshot.routes.values())
-        if self.limiter.state is not None:
-            dependencies["redis"] = self.limiter.state
-        if self.draining:
-            status = "unhealthy"
-        elif "disconnected" in dependencies.values():
-            status = "degraded"
-        else:
-            status = "healthy"
-        body = {
-            "status": status,
-            "service": "gateway",
-            "version": __version__,
-            "uptime": int(self.clock() - self.started),
-            "dependencies": dependencies,
-        }
-        return web.Response(
-            status=503 if status == "unhealthy" else 200,
-            body=orjson.dumps(body),
-            content_type="application/json",
-            headers=own_headers(request_id),
-        )
-
-    async def _metrics(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-        _only_get(request)
-        self.health.export(self.snapshot.routes.values())
-        body, content_type = self.metrics.render(request.headers.get("Accept"))
-        return web.Response(
-            body=body,
-            headers={**own_headers(request_id), "Content-Type": content_type},
-        )
-
-
-def _only_get(request: web.BaseRequest) -> None:
-    if request.method not in ("GET", "HEAD"):
-        raise GatewayError(405, "method_not_allowed", "use GET", headers={"Allow": "GET, HEAD"})
 
 
 class _Server(web.Server):

@@ -7,13 +7,14 @@ listing every problem with its YAML path; it never returns a half-valid config.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -92,7 +93,46 @@ class Timeouts:
     )
 
 
-DEFAULT_TIMEOUTS = Timeouts(connect=1.0, response=30.0)
+DEFAULT_TIMEOUTS = Timeouts(connect=0.5, response=30.0)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Active health checks of each target. Unset keys fall back to the top-level `health`,
+    then to the defaults (path /health, interval 5, timeout 1, rise 2, fall 3)."""
+
+    path: (
+        Annotated[str, Pattern(r"/[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*", "a path like /health")] | None
+    ) = doc("Path probed on each target (default /health; some services use /healthz).", None)
+    interval: Seconds | None = doc("Seconds between probes of a target (default 5).", None)
+    timeout: Seconds | None = doc("Seconds a probe may take (default 1).", None)
+    rise: Annotated[int, Range(min=1, max=100)] | None = doc(
+        "Consecutive passes that bring a target back (default 2).", None
+    )
+    fall: Annotated[int, Range(min=1, max=100)] | None = doc(
+        "Consecutive failures, of probes or of real traffic, that take a target out (default 3).",
+        None,
+    )
+    enabled: bool | None = doc("Probe at all (default true).", None)
+
+
+DEFAULT_HEALTH = HealthCheck(
+    path="/health", interval=5.0, timeout=1.0, rise=2, fall=3, enabled=True
+)
+
+
+@dataclass(frozen=True)
+class Ejection:
+    """How long real-traffic failures take a target out: ``base`` seconds the first time, a
+    ``base`` more each time it repeats, at most ``max`` (defaults 5 and 60)."""
+
+    base: Seconds | None = doc("Seconds out after the first ejection (default 5).", None)
+    max: Seconds | None = doc("Longest ejection in seconds (default 60).", None)
+
+
+DEFAULT_EJECTION = Ejection(base=5.0, max=60.0)
+DEFAULT_RETRIES = 1
+Retries = Annotated[int, Range(min=0, max=5)]
 
 
 @dataclass(frozen=True)
@@ -143,8 +183,11 @@ class Service:
     """A service reachable as /api/<name>/... (and /ws/<name>/...)."""
 
     port: Port = doc("The service's port on its nodes.")
-    nodes: Annotated[tuple[NodeRef, ...], MinItems(1)] = doc(
-        "Nodes the service runs on, in order of preference."
+    nodes: Annotated[
+        tuple[NodeRef | Annotated[tuple[NodeRef, ...], MinItems(1)], ...], MinItems(1)
+    ] = doc(
+        "Nodes the service runs on, in order of preference; a list inside the list is a "
+        "tier of nodes that share the load round-robin."
     )
     http_prefix: Prefix | None = doc(
         "Path prefix on the upstream that replaces /api/<name>; default /<name>; "
@@ -160,6 +203,11 @@ class Service:
     rate_limit: Name | None = doc(
         "A zone under rate_limits, or none; default: default_rate_limit.", None
     )
+    health: HealthCheck = doc("Active health checks for this service.", HealthCheck())
+    retries: Retries | None = doc(
+        "Extra attempts on another target when that is safe (default 1).", None
+    )
+    ejection: Ejection = doc("Passive ejection of failing targets.", Ejection())
 
 
 @dataclass(frozen=True)
@@ -180,6 +228,9 @@ class Config:
     trusted_proxies: tuple[Cidr, ...] = doc(
         "Peers whose X-Forwarded-For is believed (CIDRs); empty: the peer is the client.", ()
     )
+    health: HealthCheck = doc("Default health checks for every service.", HealthCheck())
+    retries: Retries | None = doc("Default retries for every service.", None)
+    ejection: Ejection = doc("Default passive ejection for every service.", Ejection())
 
 
 class ConfigError(Exception):
@@ -192,14 +243,30 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
-def _first(*values: float | None) -> float:
-    return next(v for v in values if v is not None)
+L = TypeVar("L", Timeouts, HealthCheck, Ejection)
 
 
-def effective_timeouts(config: Config, service: Service) -> tuple[float, float]:
-    """(connect, response) for a service: its own, else the top-level ones, else the defaults."""
-    layers = (service.timeouts, config.timeouts, DEFAULT_TIMEOUTS)
-    return _first(*(t.connect for t in layers)), _first(*(t.response for t in layers))
+def layered(*layers: L) -> L:
+    """Field by field, the first value that is set: a service's own, then the top level's,
+    then the defaults (which set every field)."""
+    values = {
+        f.name: next((v for layer in layers if (v := getattr(layer, f.name)) is not None), None)
+        for f in dataclasses.fields(layers[0])
+    }
+    return dataclasses.replace(layers[0], **values)
+
+
+def service_settings(
+    config: Config, service: Service
+) -> tuple[Timeouts, HealthCheck, Ejection, int]:
+    """A service's timeouts, health checks, ejection and retries, every field set."""
+    retries = service.retries if service.retries is not None else config.retries
+    return (
+        layered(service.timeouts, config.timeouts, DEFAULT_TIMEOUTS),
+        layered(service.health, config.health, DEFAULT_HEALTH),
+        layered(service.ejection, config.ejection, DEFAULT_EJECTION),
+        DEFAULT_RETRIES if retries is None else retries,
+    )
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -271,20 +338,30 @@ def _service_refs(data: dict[str, Any]) -> list[tuple[str, str]]:
         zone = service.get("rate_limit")
         if isinstance(zone, str) and zone != NONE and zone not in zone_names:
             problems.append((f"{base}.rate_limit", _unknown("rate limit", zone, zone_names)))
-        refs = service.get("nodes")
         seen: set[tuple[str, Any]] = set()
-        for i, ref in enumerate(refs if isinstance(refs, list) else ()):
+        for path, ref in _node_refs(f"{base}.nodes", service.get("nodes")):
             node = ref.get("node") if isinstance(ref, dict) else ref
             if not isinstance(node, str):
                 continue
             if known and node not in known:
-                problems.append((f"{base}.nodes[{i}]", _unknown("node", node, known)))
+                problems.append((path, _unknown("node", node, known)))
             port = ref.get("port") if isinstance(ref, dict) else None
             target = (node, port or service.get("port"))
             if target in seen:
-                problems.append((f"{base}.nodes[{i}]", f"{node}:{target[1]} is listed twice"))
+                problems.append((path, f"{node}:{target[1]} is listed twice"))
             seen.add(target)
     return problems
+
+
+def _node_refs(base: str, refs: Any) -> list[tuple[str, Any]]:
+    """(path, entry) of every node entry, tiers (lists inside the list) flattened."""
+    out: list[tuple[str, Any]] = []
+    for i, ref in enumerate(refs if isinstance(refs, list) else ()):
+        if isinstance(ref, list):
+            out += [(f"{base}[{i}][{j}]", inner) for j, inner in enumerate(ref)]
+        else:
+            out.append((f"{base}[{i}]", ref))
+    return out
 
 
 def _unknown(what: str, name: str, known: list[str]) -> str:

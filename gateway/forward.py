@@ -1,10 +1,11 @@
 """HTTP forwarding: the one seam between a routed request and an upstream.
 
-``forward()`` sends the client's request to one target over the shared ``ClientSession`` and
-streams the answer back. Bodies are streamed both ways with backpressure (nothing is read
-whole); hop-by-hop headers are dropped both ways; forwarding headers are set. Failures
-before the upstream's headers arrive become a ``GatewayError``; a failure after the response
-has started aborts the client connection, so a truncated body never looks complete.
+``send()`` sends the client's request to one target over the shared ``ClientSession`` and
+returns once the response headers are in; ``relay()`` streams that response back. Bodies are
+streamed both ways with backpressure (only bodies small enough to replay on a retry are read
+whole); hop-by-hop headers are dropped both ways; forwarding headers are set. Failures before
+the upstream's headers arrive become a ``GatewayError``; a failure after the response has
+started aborts the client connection, so a truncated body never looks complete.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -121,33 +122,45 @@ def response_headers(
     return headers
 
 
-async def forward(
-    session: aiohttp.ClientSession,
-    request: web.BaseRequest,
-    *,
-    target: Target,
-    path_qs: str,
-    timeout: aiohttp.ClientTimeout,
-    origin: Origin,
-    extra_headers: Mapping[str, str] | None = None,
-) -> web.StreamResponse:
-    """Send ``request`` to ``target`` at ``path_qs`` and stream the answer back."""
-    has_body = request.body_exists
-    if (
-        has_body
-        and request.version == aiohttp.HttpVersion11
-        and (request.headers.get("Expect", "").lower() == "100-continue")
+Body = bytes | StreamReader | None
+
+
+async def read_body(request: web.BaseRequest, buffer_up_to: int) -> Body:
+    """The request body as the upstream call takes it: ``None`` without one; ``bytes`` when
+    it is at most ``buffer_up_to`` bytes long (so it can be sent again on a retry); else the
+    stream itself, passed through as it arrives."""
+    if not request.body_exists:
+        return None
+    if request.version == aiohttp.HttpVersion11 and (
+        request.headers.get("Expect", "").lower() == "100-continue"
     ):
         # The client waits for this before sending its body; the gateway answers it itself
         # (and drops Expect upstream) once it has decided to forward the request.
         await request.writer.write(_CONTINUE)
         request.writer.output_size = 0
+    length = request.content_length
+    if length is not None and length <= buffer_up_to:
+        return await request.read()
+    return request.content
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    request: web.BaseRequest,
+    *,
+    target: Target,
+    path_qs: str,
+    body: Body,
+    timeout: aiohttp.ClientTimeout,
+    origin: Origin,
+) -> aiohttp.ClientResponse:
+    """Send the request to ``target``; return once the upstream's response headers are in."""
     try:
-        upstream = await session.request(
+        return await session.request(
             request.method,
             URL(target.origin + path_qs, encoded=True),
             headers=request_headers(request, target, origin),
-            data=request.content if has_body else None,
+            data=body,
             allow_redirects=False,
             timeout=timeout,
         )
@@ -155,16 +168,16 @@ async def forward(
         if _client_gone(request):
             raise ClientGone from exc
         raise upstream_error(exc) from exc
-    try:
-        headers = response_headers(upstream, origin.request_id, extra_headers)
-        return await _relay(request, upstream, headers)
-    finally:
-        upstream.release()
 
 
-async def _relay(
-    request: web.BaseRequest, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+async def relay(
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    request_id: str,
+    extra_headers: Mapping[str, str] | None,
 ) -> web.StreamResponse:
+    """Stream the upstream's response to the client (and release the upstream connection)."""
+    headers = response_headers(upstream, request_id, extra_headers)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
@@ -183,6 +196,8 @@ async def _relay(
         upstream.close()
         reset(request)
         raise UpstreamAborted(response) from exc
+    finally:
+        upstream.release()
     return response
 
 

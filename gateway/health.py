@@ -1,8 +1,16 @@
-"""What the gateway knows about each upstream target, kept across config reloads.
+"""What the gateway knows about each upstream target and node, kept across config reloads.
 
-State is keyed by ``Target.key`` (service, node, host, port), outside the snapshot, so that
-a reload that keeps a target keeps what is known about it. Only transitions are logged and
-exported. This module makes decisions only; it does no I/O.
+Two sources, one record per target (``TargetHealth``):
+- **active** checks (``probe.py`` calls ``probed``): a target goes *down* after ``fall``
+  consecutive failed probes and comes back *up* after ``rise`` consecutive passes;
+- **passive** checks (the forwarding path calls ``exchanged``): after ``fall`` consecutive
+  failures of real traffic (connect failures, timeouts, 5xx) a target is *ejected* for
+  ``base`` seconds, ``base`` more each time that repeats (at most ``max``). ``rise``
+  consecutive passing probes end an ejection early, so a returning node is back in use
+  within ``interval * rise``.
+
+A target is usable when it is up and not ejected. A node is offline when none of its targets
+is usable. Only transitions are logged and exported. No I/O here: time comes in as ``now``.
 """
 
 from __future__ import annotations
@@ -10,87 +18,212 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from contextlib import suppress
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final
+
+from prometheus_client.metrics import MetricWrapperBase
 
 from .metrics import GATEWAY, Metrics
-from .snapshot import Route, Target
+from .snapshot import EjectionPolicy, ProbePolicy, Route, Target
 
 log = logging.getLogger("gateway.health")
 
-State = Literal["unknown", "up", "down"]
+# How long without an ejection before the next one starts again from ``base``.
+EJECTION_MEMORY_FACTOR: Final = 2
 
 
 @dataclass(slots=True)
 class TargetHealth:
-    state: State = "unknown"
-    reason: str = "no traffic yet"
-    since: float = 0.0  # wall clock, for /health and logs
+    up: bool = True  # optimistic until probes say otherwise: startup never black-holes traffic
+    reason: str = "not checked yet"
+    since: float = 0.0  # wall clock of the last change of usability
+    probe_passes: int = 0  # consecutive
+    probe_failures: int = 0  # consecutive
+    traffic_failures: int = 0  # consecutive
+    ejected_until: float = 0.0  # monotonic
+    ejections: int = 0  # in a row, for the growing ejection time
+    last_ejection: float = float("-inf")  # monotonic
+    checked: bool = False  # any probe or exchange seen yet
+
+    def usable(self, now: float) -> bool:
+        return self.up and now >= self.ejected_until
+
+    def state(self, now: float) -> str:
+        if not self.up:
+            return "down"
+        if now < self.ejected_until:
+            return "ejected"
+        return "up" if self.checked else "unknown"
 
 
 class HealthBook:
+    """Every target's ``TargetHealth``, keyed by ``Target.key`` so reloads keep it."""
+
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._targets: dict[tuple[str, str, str, int], TargetHealth] = {}
+        self._offline: set[str] = set()  # nodes last seen with no usable target
+        self.monotonic = time.monotonic
+        self.wall = time.time
 
     def get(self, target: Target) -> TargetHealth:
         health = self._targets.get(target.key)
         if health is None:
-            health = self._targets[target.key] = TargetHealth(since=time.time())
+            health = self._targets[target.key] = TargetHealth(since=self.wall())
         return health
 
-    def record(self, target: Target, ok: bool, reason: str) -> None:
-        """Note the outcome of one exchange with ``target`` (passive check)."""
+    def usable(self, target: Target, now: float) -> bool:
+        health = self._targets.get(target.key)
+        return health is None or health.usable(now)
+
+    def sync(self, routes: Iterable[Route]) -> None:
+        """Know exactly the configured targets: new ones start optimistic, removed ones are
+        forgotten (with their series). Called at start and after each reload."""
+        routes = list(routes)
+        keep = {t.key for r in routes for t in r.targets}
+        for route in routes:
+            for target in route.targets:
+                self.get(target)
+        for key in [k for k in self._targets if k not in keep]:
+            del self._targets[key]
+        _drop_series(self._metrics.health, {k[:2] for k in keep}, keep_gateway=True)
+        _drop_series(self._metrics.node_up, {(k[1],) for k in keep})
+        self._offline &= {k[1] for k in keep}
+
+    # -- passive: real traffic ----------------------------------------------------------------
+
+    def exchanged(self, target: Target, ok: bool, reason: str, policy: ProbePolicy,
+                  ejection: EjectionPolicy) -> None:  # fmt: skip
+        """Record one exchange of real traffic with ``target``."""
         health = self.get(target)
-        state: State = "up" if ok else "down"
-        if health.state == state:
+        health.checked = True
+        if ok:
+            health.traffic_failures = 0
             return
-        previous = health.state
-        health.state, health.reason, health.since = state, reason, time.time()
-        self._metrics.health.labels(target.service, target.node).set(1 if ok else 0)
-        level = logging.INFO if ok or previous == "unknown" else logging.WARNING
+        now = self.monotonic()
+        health.traffic_failures += 1
+        if health.traffic_failures < policy.fall or now < health.ejected_until:
+            return
+        if now - health.last_ejection > ejection.max * EJECTION_MEMORY_FACTOR:
+            health.ejections = 0
+        health.ejections += 1
+        seconds = min(ejection.base * health.ejections, ejection.max)
+        was_usable = health.usable(now)
+        health.ejected_until = now + seconds
+        health.last_ejection = now
+        health.traffic_failures = 0
+        health.probe_passes = 0
+        self._metrics.ejections.labels(target.service, target.node).inc()
+        reason = f"ejected for {seconds:g} s after {policy.fall} failures ({reason})"
+        self._changed(target, health, was_usable, reason)
+
+    # -- active: probes -----------------------------------------------------------------------
+
+    def probed(self, target: Target, ok: bool, reason: str, policy: ProbePolicy) -> None:
+        """Record one active probe of ``target``."""
+        health = self.get(target)
+        now = self.monotonic()
+        was_usable = health.usable(now)
+        health.checked = True
+        if ok:
+            health.probe_failures = 0
+            health.probe_passes += 1
+            if health.probe_passes >= policy.rise and (not health.up or now < health.ejected_until):
+                health.up, health.ejected_until = True, 0.0
+                self._changed(target, health, was_usable, f"{policy.rise} probes passed")
+        else:
+            health.probe_passes = 0
+            health.probe_failures += 1
+            if health.up and health.probe_failures >= policy.fall:
+                health.up = False
+                reason = f"{policy.fall} probes failed: {reason}"
+                self._changed(target, health, was_usable, reason)
+        self._check_nodes(now)
+
+    def _changed(self, target: Target, health: TargetHealth, was_usable: bool, reason: str) -> None:
+        now = self.monotonic()
+        health.reason = reason
+        if health.usable(now) == was_usable:
+            return
+        health.since = self.wall()
         log.log(
-            level,
+            logging.WARNING if was_usable else logging.INFO,
             "upstream target is %s",
-            state,
+            health.state(now),
             extra={
                 "fields": {
                     "upstream_service": target.service,
                     "node": target.node,
                     "target": f"{target.host}:{target.port}",
                     "reason": reason,
-                    "previous": previous,
                 }
             },
         )
+        self._check_nodes(now)
 
-    def service_state(self, route: Route) -> str:
-        """``connected`` if a target is up, ``disconnected`` if all are down, else ``unknown``."""
-        states = {self.get(t).state for t in route.targets}
-        if "up" in states:
-            return "connected"
-        if states == {"down"}:
-            return "disconnected"
-        return "unknown"
+    def _check_nodes(self, now: float) -> dict[str, bool]:
+        """Which nodes have a usable target; logs nodes going offline or coming back."""
+        online: dict[str, bool] = {}
+        for key, health in self._targets.items():
+            online[key[1]] = online.get(key[1], False) or health.usable(now)
+        for node, ok in online.items():
+            if ok and node in self._offline:
+                self._offline.discard(node)
+                log.info("node is online", extra={"fields": {"node": node}})
+            elif not ok and node not in self._offline:
+                self._offline.add(node)
+                log.warning("node is offline", extra={"fields": {"node": node}})
+        return online
 
-    def retain(self, routes: Iterable[Route]) -> None:
-        """Forget targets that are no longer configured (after a reload)."""
-        keep = {t.key for r in routes for t in r.targets}
-        pairs = {key[:2] for key in keep}
-        for key in [k for k in self._targets if k not in keep]:
-            del self._targets[key]
-            if key[:2] not in pairs:
-                with suppress(KeyError):
-                    self._metrics.health.remove(*key[:2])
+    # -- views --------------------------------------------------------------------------------
 
-    def export(self, routes: Iterable[Route]) -> dict[str, str]:
-        """Update ``service_health{service="gateway",dependency=<service>}``; return the states."""
-        states = {}
+    def service_state(self, route: Route, now: float) -> str:
+        """``connected`` if a target is usable, else ``disconnected``; ``unknown`` untested."""
+        records = [self.get(t) for t in route.targets]
+        if any(r.usable(now) for r in records):
+            return "connected" if any(r.checked for r in records) else "unknown"
+        return "disconnected"
+
+    def export(self, routes: Iterable[Route]) -> tuple[dict[str, str], dict[str, str]]:
+        """Set every health gauge from the current state; return the service and node states
+        (for /health). States depend on time (ejections end), so this runs per scrape."""
+        now = self.monotonic()
+        services = {}
         for route in routes:
-            state = self.service_state(route)
-            states[route.service] = state
+            services[route.service] = state = self.service_state(route, now)
             self._metrics.health.labels(GATEWAY, route.service).set(
                 0 if state == "disconnected" else 1
             )
-        return states
+            for target in route.targets:
+                usable = self.get(target).usable(now)
+                self._metrics.health.labels(target.service, target.node).set(1 if usable else 0)
+        nodes = {}
+        for node, ok in sorted(self._check_nodes(now).items()):
+            nodes[node] = "online" if ok else "offline"
+            self._metrics.node_up.labels(node).set(1 if ok else 0)
+        return services, nodes
+
+    def describe(self, target: Target) -> dict[str, object]:
+        """One target for ``/gateway/upstreams``."""
+        health = self.get(target)
+        now = self.monotonic()
+        out: dict[str, object] = {
+            "state": health.state(now),
+            "reason": health.reason,
+            "since": _iso(health.since),
+        }
+        if now < health.ejected_until:
+            out["ejected_for_s"] = round(health.ejected_until - now, 3)
+        return out
+
+
+def _drop_series(
+    metric: MetricWrapperBase, keep: set[tuple[str, ...]], keep_gateway: bool = False
+) -> None:
+    for labels in list(metric._metrics):
+        if labels not in keep and not (keep_gateway and labels[0] == GATEWAY):
+            metric.remove(*labels)
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

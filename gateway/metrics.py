@@ -81,6 +81,36 @@ class Metrics:
             registry=r,
         )
         self.config_ok.set(1)
+        self.node_up = Gauge(
+            "gateway_node_up",
+            "1 while some target on the node is usable, 0 when the node is offline.",
+            ["node"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "gateway_failovers",
+            "Requests answered by a node other than the service's preferred ones.",
+            ["service", "node"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "gateway_retries",
+            "Extra attempts on another target, by service and the failure that caused it.",
+            ["service", "kind"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "gateway_ejections",
+            "Targets taken out after consecutive failures of real traffic.",
+            ["service", "node"],
+            registry=r,
+        )
+        self.probes = Counter(
+            "gateway_health_checks",
+            "Active health probes by service, node and result (pass, fail).",
+            ["service", "node", "result"],
+            registry=r,
+        )
         self.rate_limit_decisions = Counter(
             "gateway_rate_limit_decisions",
             "Rate-limit decisions by zone and result (allowed, delayed, rejected, "
@@ -127,6 +157,10 @@ class Metrics:
             self.active,
             self.upstream_errors,
             self.health,
+            self.failovers,
+            self.retries,
+            self.ejections,
+            self.probes,
         ):
             _remove_matching(metric, service)
         self._request_children = {

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from . import routing
+from . import failover, routing
 from .errors import GatewayError, error_response
-from .forward import ClientGone, Origin, UpstreamAborted, forward
+from .forward import ClientGone, UpstreamAborted
 from .logs import REQUEST_ID, request_id_from
 from .metrics import GATEWAY, UNMATCHED
 from .ratelimit import bucket_key
@@ -39,7 +39,8 @@ class Exchange:
     snapshot: Snapshot  # read once: a reload never changes a request half way through
     request_id: str
     started: float
-    client: str
+    client: str  # the client address (the peer, or what trusted proxies report)
+    proto: str  # http or https, as the client used it
     service: str = UNMATCHED
     user: str | None = None  # the authenticated subject, once auth exists
     target: Target | None = None
@@ -50,9 +51,11 @@ class Exchange:
 
 async def handle(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
     snapshot = gw.snapshot
-    client = snapshot.trusted.client(request.remote, request.headers.getall("X-Forwarded-For", []))
-    request_id = request_id_from(request.headers.get("X-Request-ID"))
-    ex = Exchange(request, snapshot, request_id, gw.clock(), client)
+    headers = request.headers
+    client = snapshot.trusted.client(request.remote, headers.getall("X-Forwarded-For", []))
+    proto = snapshot.trusted.proto(request.remote, headers.get("X-Forwarded-Proto"), request.scheme)
+    request_id = request_id_from(headers.get("X-Request-ID"))
+    ex = Exchange(request, snapshot, request_id, gw.clock(), client, proto)
     REQUEST_ID.set(request_id)  # each request runs in its own task: this stays per request
     try:
         response = await _phases(gw, ex)
@@ -96,7 +99,7 @@ async def _phases(gw: Gateway, ex: Exchange) -> web.StreamResponse:
         raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
     path_qs = routing.upstream_path(route.http_prefix, found.rest) + target.query
     limit_headers = await _limit(gw, ex, route)
-    return await _forward(gw, ex, route, path_qs, limit_headers)
+    return await failover.exchange(gw, ex, route, path_qs, limit_headers)
 
 
 async def _limit(gw: Gateway, ex: Exchange, route: Route) -> dict[str, str] | None:
@@ -135,43 +138,6 @@ def _key_part(part: str, ex: Exchange, route: Route) -> str:
     if part == "user":
         return ex.user or f"ip:{ex.client}"  # anonymous requests: limited per address
     return ex.request.headers.get(part.removeprefix("header:"), "")
-
-
-async def _forward(
-    gw: Gateway, ex: Exchange, route: Route, path_qs: str, extra: dict[str, str] | None
-) -> web.StreamResponse:
-    ex.target = upstream = route.targets[0]
-    slots = gw.slots_for(route)
-    gauge = gw.metrics.active.labels(route.service)
-    await slots.acquire(route.connect_timeout)
-    gauge.inc()
-    try:
-        response = await forward(
-            gw.session,
-            ex.request,
-            target=upstream,
-            path_qs=path_qs,
-            timeout=route.client_timeout,
-            origin=Origin(
-                ex.client,
-                ex.snapshot.trusted.proto(
-                    ex.request.remote,
-                    ex.request.headers.get("X-Forwarded-Proto"),
-                    ex.request.scheme,
-                ),
-                ex.request_id,
-            ),
-            extra_headers=extra,
-        )
-    except GatewayError as err:
-        if err.kind in ("connect", "connect_timeout"):
-            gw.health.record(upstream, ok=False, reason=err.code)
-        raise
-    finally:
-        gauge.dec()
-        slots.release()
-    gw.health.record(upstream, ok=True, reason="answered")
-    return response
 
 
 def _finish(gw: Gateway, ex: Exchange) -> None:

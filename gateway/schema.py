@@ -252,8 +252,10 @@ class Converter:
             if result is not INVALID:
                 self.path_lines.update(trial.path_lines)
                 return result
-        if len(options) == 1:
-            return self.convert(options[0], value, path, line)
+        matching = [o for o in options if _kind_fits(o, value)]
+        if len(options) == 1 or len(matching) == 1:
+            # Report the problems of the one form this value was evidently meant as.
+            return self.convert((matching or options)[0], value, path, line)
         names = " or ".join(_name(o) for o in options)
         return self.problem(path, f"must be {names}, not {_kind(value)}", line)
 
@@ -350,6 +352,19 @@ def _kind(value: Any) -> str:
         list: "a list",
         dict: "a mapping",
     }.get(type(value), type(value).__name__)
+
+
+def _kind_fits(hint: Any, value: Any) -> bool:
+    """Whether ``value`` has the YAML kind (mapping, list, scalar) that ``hint`` reads."""
+    if get_origin(hint) is typing.Annotated:
+        hint = get_args(hint)[0]
+    if get_origin(hint) is tuple:
+        return isinstance(value, list)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict) or (
+            isinstance(value, str) and getattr(hint, "__shorthand__", None) is not None
+        )
+    return not isinstance(value, (list, dict))
 
 
 def _name(hint: Any) -> str:

@@ -2,7 +2,8 @@
 
 A request reads ``gateway.snapshot`` once and uses only that object, so a reload (one
 assignment of a new snapshot) never changes a request half way through. Everything that is
-the same for every request of a service (URLs, timeouts, prefixes) is computed here once.
+the same for every request of a service (URLs, timeouts, prefixes, policies) is computed here
+once, with every default resolved.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypeVar
 
 import aiohttp
 
 from .clients import TrustedProxies
-from .config import NONE, Config, effective_timeouts
+from .config import NONE, Config, Service, service_settings
 from .ratelimit import Zone, compile_zone
 
 
@@ -26,6 +28,7 @@ class Target:
     node: str
     host: str
     port: int
+    tier: int  # 0: the preferred nodes; 1, 2...: fallbacks in order
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -38,14 +41,37 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbePolicy:
+    path: str
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EjectionPolicy:
+    base: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     service: str
     http_prefix: str
-    targets: tuple[Target, ...]
+    tiers: tuple[tuple[Target, ...], ...]  # in order of preference
     connect_timeout: float
     client_timeout: aiohttp.ClientTimeout
     max_connections: int
     zone: Zone | None
+    probe: ProbePolicy
+    ejection: EjectionPolicy
+    retries: int
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return tuple(t for tier in self.tiers for t in tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,32 +83,57 @@ class Snapshot:
 
 def compile_snapshot(config: Config) -> Snapshot:
     zones = {name: compile_zone(name, spec) for name, spec in config.rate_limits.items()}
-    routes: dict[str, Route] = {}
-    for name, service in config.services.items():
-        zone_name = service.rate_limit or config.default_rate_limit or NONE
-        connect, response = effective_timeouts(config, service)
-        targets = tuple(
-            Target(name, ref.node, config.nodes[ref.node].host, ref.port or service.port)
-            for ref in service.nodes
-        )
-        routes[name] = Route(
-            service=name,
-            http_prefix=f"/{name}" if service.http_prefix is None else service.http_prefix,
-            targets=targets,
-            connect_timeout=connect,
-            # sock_read starts once the request is sent and restarts with each read: it bounds
-            # the wait for the response headers and every pause inside the response body.
-            client_timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=None,
-                sock_connect=connect,
-                sock_read=response,
-            ),
-            max_connections=service.max_connections,
-            zone=zones.get(zone_name),
-        )
+    routes = {
+        name: _route(config, name, service, zones) for name, service in config.services.items()
+    }
     return Snapshot(
         config=config,
         routes=MappingProxyType(routes),
         trusted=TrustedProxies(config.trusted_proxies),
     )
+
+
+def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) -> Route:
+    timeouts, health, ejection, retries = service_settings(config, service)
+    connect, response = _set(timeouts.connect), _set(timeouts.response)
+    tiers = tuple(
+        tuple(
+            Target(name, ref.node, config.nodes[ref.node].host, ref.port or service.port, tier)
+            for ref in (entry if isinstance(entry, tuple) else (entry,))
+        )
+        for tier, entry in enumerate(service.nodes)
+    )
+    zone_name = service.rate_limit or config.default_rate_limit or NONE
+    return Route(
+        service=name,
+        http_prefix=f"/{name}" if service.http_prefix is None else service.http_prefix,
+        tiers=tiers,
+        connect_timeout=connect,
+        # sock_read starts once the request is sent and restarts with each read: it bounds
+        # the wait for the response headers and every pause inside the response body.
+        client_timeout=aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect, sock_read=response
+        ),
+        max_connections=service.max_connections,
+        zone=zones.get(zone_name),
+        probe=ProbePolicy(
+            path=_set(health.path),
+            interval=_set(health.interval),
+            timeout=_set(health.timeout),
+            rise=_set(health.rise),
+            fall=_set(health.fall),
+            enabled=_set(health.enabled),
+        ),
+        ejection=EjectionPolicy(base=_set(ejection.base), max=_set(ejection.max)),
+        retries=retries,
+    )
+
+
+T = TypeVar("T")
+
+
+def _set(value: T | None) -> T:
+    """A field of a layered config object: ``service_settings`` leaves none unset."""
+    if value is None:
+        raise ValueError("a layered setting is unset")  # pragma: no cover - defaults set all
+    return value

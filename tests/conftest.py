@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import uuid
@@ -138,11 +139,16 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     logging.getLogger().handlers.clear()
 
 
-def routes(services: dict[str, str], **nodes: str) -> str:
-    """A routes.yaml text: ``routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1)``."""
+def routes(services: dict[str, str], probes: bool = False, **nodes: str) -> str:
+    """A routes.yaml text: ``routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1)``.
+
+    Active health checks are off unless ``probes``: their requests would otherwise show up
+    in what the upstreams of tests about other things receive.
+    """
     node_lines = "\n".join(f"  {name}: {{host: {host}}}" for name, host in nodes.items())
     service_lines = "\n".join(f"  {name}: {body}" for name, body in services.items())
-    return f"nodes:\n{node_lines}\nservices:\n{service_lines}\n"
+    health = "" if probes else "health: {enabled: false}\n"
+    return f"{health}nodes:\n{node_lines}\nservices:\n{service_lines}\n"
 
 
 @dataclass
@@ -355,3 +361,51 @@ def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 def redis_prefix() -> str:
     """A key prefix of this test's own, so that tests never see each other's buckets."""
     return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+class NodeProcess:
+    """``tests/nodeserver.py`` as a real process: a node that can be killed and restarted."""
+
+    def __init__(self, host: str, name: str) -> None:
+        self.host = host
+        self.name = name
+        self.port = free_port(host)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.nodeserver", "--host", self.host,
+             "--port", str(self.port), "--name", self.name],
+            cwd=Path(__file__).resolve().parent.parent,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not start") from None
+                time.sleep(0.02)
+            else:
+                return
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def node_process() -> Iterator[Callable[[str, str], NodeProcess]]:
+    """Start ``tests/nodeserver.py`` processes: ``node_process(NODA2, "noda2")``."""
+    started: list[NodeProcess] = []
+
+    def start(host: str, name: str) -> NodeProcess:
+        node = NodeProcess(host, name)
+        node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kill()

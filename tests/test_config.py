@@ -150,7 +150,7 @@ services:
         env={},
     )
     routes = compile_snapshot(config).routes
-    assert (routes["one"].connect_timeout, routes["one"].client_timeout.sock_read) == (1.0, 60.0)
+    assert (routes["one"].connect_timeout, routes["one"].client_timeout.sock_read) == (0.5, 60.0)
     assert (routes["two"].connect_timeout, routes["two"].client_timeout.sock_read) == (0.25, 60.0)
 
 

@@ -50,18 +50,21 @@ async def test_health_follows_the_standards_format_and_rule(upstream, gateway, c
         "version": body["version"],
         "uptime": body["uptime"],
         "dependencies": {"city": "unknown", "search": "unknown"},
+        "nodes": {"noda1": "online", "noda2": "online"},
     }
     assert isinstance(body["uptime"], int)
 
     async with client.get(gw.url + "/api/city/x") as r:
         assert r.status == 200
-    async with client.get(gw.url + "/api/search/x") as r:
-        assert r.status == 502
+    for _ in range(3):  # health.fall failures take the only target of search out
+        async with client.get(gw.url + "/api/search/x") as r:
+            assert r.status == 502
     async with client.get(gw.url + "/health") as response:
         body = await response.json()
     assert response.status == 200  # degraded still serves
     assert body["status"] == "degraded"
     assert body["dependencies"] == {"city": "connected", "search": "disconnected"}
+    assert body["nodes"] == {"noda1": "online", "noda2": "offline"}
 
     gw.gateway.draining = True  # what SIGTERM sets while requests in flight finish
     async with client.get(gw.url + "/health") as response:
@@ -105,14 +108,21 @@ async def test_metrics_have_the_standard_names_and_counts(upstream, gateway, cli
 async def test_upstream_errors_are_counted_by_kind(gateway, client):
     dead = await _free_port(NODA1)
     gw = await gateway(routes({"city": f"{{port: {dead}, nodes: [noda1]}}"}, noda1=NODA1))
-    for _ in range(2):
+    for _ in range(3):  # health.fall refused connections eject the only target
         async with client.get(gw.url + "/api/city/x") as r:
             assert r.status == 502
+    async with client.get(gw.url + "/api/city/x") as r:
+        assert r.status == 503  # known to be down: no attempt, Retry-After
+        assert (await r.json())["error"] == "no_healthy_upstream"
+        assert int(r.headers["Retry-After"]) >= 1
     async with client.get(gw.url + "/metrics") as response:
         samples = _samples(await response.text())
-    assert samples['gateway_upstream_errors_total{kind="connect",service="city"}'] == 2
+    assert samples['gateway_upstream_errors_total{kind="connect",service="city"}'] == 3
+    assert samples['gateway_upstream_errors_total{kind="unavailable",service="city"}'] == 1
+    assert samples['gateway_ejections_total{node="noda1",service="city"}'] == 1
     assert samples['service_health{dependency="noda1",service="city"}'] == 0
     assert samples['service_health{dependency="city",service="gateway"}'] == 0
+    assert samples['gateway_node_up{node="noda1"}'] == 0
 
 
 async def test_fifty_thousand_random_requests_do_not_grow_the_scrape(upstream, gateway, client):

@@ -1,0 +1,110 @@
+"""Active health checks: every ``health.interval`` each target's ``health.path`` is fetched
+with a short timeout; a 2xx whose JSON ``status`` is not ``unhealthy`` passes (the DAARION
+services answer static JSON; a 2xx without such a field passes too). Results go to the
+``HealthBook``, which applies rise/fall. One task for the whole gateway; it reads the current
+snapshot each round, so reloads change what it probes without restarting it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Final
+
+import aiohttp
+import orjson
+
+from .health import HealthBook
+from .metrics import Metrics
+from .snapshot import Route, Snapshot, Target
+
+log = logging.getLogger("gateway.health")
+
+MAX_BODY: Final = 65536
+MAX_CONCURRENT: Final = 64
+PROBE_HEADERS: Final = {"User-Agent": "daarion-gateway-health", "Accept": "application/json"}
+
+
+def judge(status: int, body: bytes) -> tuple[bool, str]:
+    """Pass or fail, and why, for one probe answer."""
+    if not 200 <= status < 300:
+        return False, f"status {status}"
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return True, f"status {status}"
+    if isinstance(document, dict) and document.get("status") == "unhealthy":
+        return False, "reports unhealthy"
+    return True, f"status {status}"
+
+
+class Prober:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        session: aiohttp.ClientSession,
+        health: HealthBook,
+        metrics: Metrics,
+    ) -> None:
+        self._snapshot = snapshot
+        self._session = session
+        self._health = health
+        self._metrics = metrics
+        self._due: dict[tuple[str, str, str, int], float] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._limit = asyncio.Semaphore(MAX_CONCURRENT)
+
+    async def run(self) -> None:
+        try:
+            while True:  # noqa: ASYNC110 - a scheduler: it sleeps until the next probe is due
+                await asyncio.sleep(self._round())
+        finally:
+            for task in self._running:
+                task.cancel()
+
+    def _round(self) -> float:
+        """Start the probes that are due; return the seconds until the next one is."""
+        now = time.monotonic()
+        soonest = now + 1.0
+        configured = set()
+        for route in self._snapshot().routes.values():
+            if not route.probe.enabled:
+                continue
+            for target in route.targets:
+                configured.add(target.key)
+                due = self._due.setdefault(target.key, now)  # first probe at once
+                if due <= now:
+                    # A little jitter keeps probes of many targets from marching in step.
+                    jitter = random.uniform(0.95, 1.05)  # noqa: S311 - scheduling, not secrets
+                    self._due[target.key] = due = now + route.probe.interval * jitter
+                    self._start(route, target)
+                soonest = min(soonest, due)
+        for key in self._due.keys() - configured:
+            del self._due[key]
+        return max(0.01, soonest - time.monotonic())
+
+    def _start(self, route: Route, target: Target) -> None:
+        task = asyncio.get_running_loop().create_task(self._probe(route, target))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _probe(self, route: Route, target: Target) -> None:
+        async with self._limit:
+            ok, reason = await self._fetch(target.origin + route.probe.path, route.probe.timeout)
+        self._metrics.probes.labels(target.service, target.node, "pass" if ok else "fail").inc()
+        self._health.probed(target, ok, reason, route.probe)
+
+    async def _fetch(self, url: str, timeout: float) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._session.get(
+                    url, headers=PROBE_HEADERS, allow_redirects=False
+                ) as response:
+                    body = await response.content.read(MAX_BODY)
+                    return judge(response.status, body)
+        except TimeoutError:
+            return False, "timeout"
+        except (aiohttp.ClientError, OSError) as exc:
+            return False, type(exc).__name__

@@ -1,0 +1,358 @@
+"""Cross-node failover with real processes on two loopback "nodes": NODA2 (127.0.0.2, the
+preferred node of the multimodal services) and NODA1 (127.0.0.3, the fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.config import parse_config
+from gateway.probe import judge
+
+from .conftest import NODA1, NODA2, routes
+
+FAST = "health: {interval: 0.2, timeout: 0.5, rise: 2, fall: 3}"
+
+
+def named(node: str):
+    """An upstream handler that says which node answered."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"node": node, "path": request.path})
+
+    return handler
+
+
+def search(noda2_port: int, noda1_port: int, extra: str = FAST) -> str:
+    """``search`` on noda2, falling back to noda1 (each on its own test port)."""
+    body = f"{{port: {noda2_port}, nodes: [noda2, {{node: noda1, port: {noda1_port}}}], {extra}}}"
+    return routes({"search": body}, probes=True, noda1=NODA1, noda2=NODA2)
+
+
+async def served_by(session: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
+    async with session.get(url) as response:
+        if response.status != 200:
+            return response.status, None
+        return 200, (await response.json())["node"]
+
+
+async def upstreams(session: aiohttp.ClientSession, gw) -> dict:
+    async with session.get(gw.url + "/gateway/upstreams") as response:
+        return await response.json()
+
+
+def target_state(report: dict, service: str, node: str) -> str:
+    return next(t for t in report["services"][service]["targets"] if t["node"] == node)["state"]
+
+
+def api_seen(up) -> list:
+    return [s for s in up.seen if s.raw_path != "/health"]
+
+
+async def test_killing_the_preferred_node_loses_no_request_and_traffic_returns(
+    node_process, gateway, client
+):
+    noda2 = node_process(NODA2, "noda2")
+    noda1 = node_process(NODA1, "noda1")
+    gw = await gateway(search(noda2.port, noda1.port))
+    url = gw.url + "/api/search/q"
+    results: list[tuple[float, int, str | None]] = []
+    stop = asyncio.Event()
+
+    async def steady() -> None:
+        while not stop.is_set():
+            status, node = await served_by(client, url)
+            results.append((time.monotonic(), status, node))
+
+    loops = [asyncio.create_task(steady()) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    assert {node for _, _, node in results} == {"noda2"}  # the preferred node serves
+
+    killed = time.monotonic()
+    noda2.kill()  # SIGKILL: the process and its connections are gone at once
+    await asyncio.sleep(0.8)
+    report = await upstreams(client, gw)
+    assert target_state(report, "search", "noda2") in ("down", "ejected")
+    assert report["nodes"] == {"noda1": "online", "noda2": "offline"}
+    after_kill = [node for t, _, node in results if t > killed + 0.3]
+    assert after_kill
+    assert set(after_kill) == {"noda1"}
+
+    await asyncio.to_thread(noda2.start)  # same address and port; returns once it listens
+    restarted = time.monotonic()
+    await asyncio.sleep(1.6)
+    stop.set()
+    await asyncio.gather(*loops)
+
+    assert {status for _, status, _ in results} == {200}, "a request was lost"
+    back = min(t for t, _, node in results if t > restarted and node == "noda2")
+    assert back - restarted <= 0.2 * 2 + 1.0  # interval x rise + 1 s
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    assert 'gateway_failovers_total{node="noda1",service="search"}' in text
+    assert 'gateway_node_up{node="noda2"} 1.0' in text
+    lines = [line for line in gw.log_lines() if line["message"] == "node is offline"]
+    assert [line["node"] for line in lines] == ["noda2"]
+
+
+async def test_a_post_is_never_sent_to_a_second_node_but_a_get_is_retried(
+    upstream, gateway, client
+):
+    async def dies_after_reading(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        request.transport.abort()  # the node dies with the request in hand
+        return web.Response()
+
+    noda2 = await upstream(NODA2, dies_after_reading)
+    noda1 = await upstream(NODA1, named("noda1"))
+    # fall: 10 keeps noda2 from being ejected by these failures: each request meets it.
+    gw = await gateway(search(noda2.port, noda1.port, "health: {enabled: false, fall: 10}"))
+    async with client.post(gw.url + "/api/search/index", data=b"doc") as response:
+        assert response.status == 502
+        assert (await response.json())["error"] == "upstream_disconnected"
+    assert noda1.seen == []  # no copy of the POST
+    async with client.get(gw.url + "/api/search/q") as response:
+        assert response.status == 200
+        assert (await response.json())["node"] == "noda1"
+    async with client.put(gw.url + "/api/search/doc/1", data=b"small body") as response:
+        assert response.status == 200  # idempotent, buffered: sent again
+    big = b"x" * (65 * 1024)
+    async with client.put(gw.url + "/api/search/doc/2", data=big) as response:
+        assert response.status == 502  # too big to have been kept: not replayable
+    assert [(s.method, s.body) for s in noda1.seen] == [("GET", b""), ("PUT", b"small body")]
+    assert [s.method for s in noda2.seen] == ["POST", "GET", "PUT", "PUT"]
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    assert 'gateway_retries_total{kind="disconnect",service="search"} 2.0' in text
+
+
+async def test_connect_failures_are_retried_for_any_method(upstream, gateway, client):
+    dead = socket.socket()
+    dead.bind((NODA2, 0))  # bound, never listening: connections are refused
+    noda1 = await upstream(NODA1, named("noda1"))
+    gw = await gateway(search(dead.getsockname()[1], noda1.port, "health: {enabled: false}"))
+    async with client.post(gw.url + "/api/search/index", data=b"doc") as response:
+        assert response.status == 200  # never sent to noda2, so safe to send to noda1
+    assert [(s.method, s.body) for s in noda1.seen] == [("POST", b"doc")]
+    dead.close()
+
+
+async def test_a_reset_mid_response_is_passed_on_and_not_retried(upstream, gateway, client):
+    async def breaks(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    noda2 = await upstream(NODA2, breaks)
+    noda1 = await upstream(NODA1, named("noda1"))
+    gw = await gateway(search(noda2.port, noda1.port, "health: {enabled: false}"))
+    async with client.get(gw.url + "/api/search/q") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert noda1.seen == []
+
+
+async def test_a_slow_upstream_is_504_at_its_timeout_without_retry(upstream, gateway, client):
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    noda2 = await upstream(NODA2, slow)
+    noda1 = await upstream(NODA1, named("noda1"))
+    extra = "health: {enabled: false}, timeouts: {response: 0.3}"
+    gw = await gateway(search(noda2.port, noda1.port, extra))
+    started = time.monotonic()
+    async with client.get(gw.url + "/api/search/q") as response:
+        assert response.status == 504
+    assert time.monotonic() - started < 2
+    assert noda1.seen == []
+
+
+async def test_all_nodes_down_is_a_quick_503_never_a_hang(node_process, gateway, client):
+    noda2 = node_process(NODA2, "noda2")
+    noda1 = node_process(NODA1, "noda1")
+    gw = await gateway(search(noda2.port, noda1.port))
+    noda2.kill()
+    noda1.kill()
+    statuses = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        async with client.get(gw.url + "/api/search/q") as response:
+            statuses.append(response.status)
+            assert time.monotonic() - started <= 1.5
+            if response.status == 503:
+                assert int(response.headers["Retry-After"]) >= 1
+                assert (await response.json())["error"] == "no_healthy_upstream"
+                break
+        await asyncio.sleep(0.05)
+    assert statuses[-1] == 503
+    assert set(statuses) <= {502, 503}
+
+
+async def test_unanswered_connects_to_both_nodes_stay_within_the_bound(gateway, client):
+    # A listening socket that never accepts, with its tiny backlog full, drops new SYNs:
+    # on loopback that is what a powered-off node looks like (connect timeouts).
+    holes = []
+    for host in (NODA2, NODA1):
+        hole = socket.socket()
+        hole.bind((host, 0))
+        hole.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(hole.getsockname())
+        holes.append((hole, fillers))
+    ports = [hole.getsockname()[1] for hole, _ in holes]
+    gw = await gateway(search(ports[0], ports[1], "health: {enabled: false}"))
+    started = time.monotonic()
+    async with client.get(gw.url + "/api/search/q") as response:
+        assert response.status == 502
+        assert (await response.json())["error"] == "upstream_connect_timeout"
+    assert time.monotonic() - started <= 1.5  # 2 attempts x 0.5 s connect + back-off
+    for hole, fillers in holes:
+        for filler in fillers:
+            filler.close()
+        hole.close()
+
+
+async def test_targets_of_one_tier_share_the_load(upstream, gateway, client):
+    a = await upstream(NODA2, named("a"))
+    b = await upstream(NODA1, named("b"))
+    text = routes(
+        {"vector": f"{{port: {a.port}, nodes: [[noda2, {{node: noda1, port: {b.port}}}]]}}"},
+        noda1=NODA1,
+        noda2=NODA2,
+    )
+    gw = await gateway(text)
+    nodes = [(await served_by(client, gw.url + "/api/vector/x"))[1] for _ in range(10)]
+    assert sorted(nodes) == ["a"] * 5 + ["b"] * 5
+    assert nodes[:2] in (["a", "b"], ["b", "a"])
+
+
+def test_health_check_contract():
+    assert judge(200, b'{"status": "healthy"}') == (True, "status 200")
+    assert judge(200, b'{"status": "degraded"}')[0]
+    assert judge(204, b"")[0]
+    assert judge(200, b"OK")[0]  # not JSON: any 2xx passes
+    assert judge(200, b'{"status": "unhealthy"}') == (False, "reports unhealthy")
+    assert judge(503, b'{"status": "healthy"}') == (False, "status 503")
+    assert judge(301, b"") == (False, "status 301")
+
+
+async def test_probes_take_a_target_out_and_bring_it_back(upstream, gateway, client):
+    state = {"status": "healthy"}
+
+    async def service(request: web.Request) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return web.json_response({"status": state["status"]})
+        return web.json_response({"node": "noda2"})
+
+    noda2 = await upstream(NODA2, service)
+    noda1 = await upstream(NODA1, named("noda1"))
+    extra = "health: {path: /healthz, interval: 0.1, timeout: 0.5, rise: 2, fall: 2}"
+    gw = await gateway(search(noda2.port, noda1.port, extra))
+    assert (await served_by(client, gw.url + "/api/search/q"))[1] == "noda2"
+    state["status"] = "unhealthy"
+    await asyncio.sleep(0.5)
+    report = await upstreams(client, gw)
+    assert target_state(report, "search", "noda2") == "down"
+    target = report["services"]["search"]["targets"][0]
+    assert target["reason"] == "2 probes failed: reports unhealthy"
+    assert report["services"]["search"]["health_check"] == "/healthz"
+    assert (await served_by(client, gw.url + "/api/search/q"))[1] == "noda1"
+    state["status"] = "healthy"
+    await asyncio.sleep(0.5)
+    assert (await served_by(client, gw.url + "/api/search/q"))[1] == "noda2"
+    changes = [line for line in gw.log_lines() if line["message"].startswith("upstream target is")]
+    assert [(c["node"], c["message"]) for c in changes] == [
+        ("noda2", "upstream target is down"),
+        ("noda2", "upstream target is up"),
+    ]  # transitions only, not one line per probe
+    assert {s.raw_path for s in noda2.seen} >= {"/healthz", "/search/q"}
+
+
+async def test_real_traffic_5xx_ejects_but_4xx_and_limits_do_not(upstream, gateway, client):
+    async def picky(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return web.json_response({"error": "boom"}, status=500)
+        return web.json_response({"error": "no such thing"}, status=404)
+
+    noda2 = await upstream(NODA2, picky)
+    noda1 = await upstream(NODA1, named("noda1"))
+    gw = await gateway(search(noda2.port, noda1.port, "health: {enabled: false}"))
+    for _ in range(10):
+        async with client.get(gw.url + "/api/search/missing") as response:
+            assert response.status == 404  # the upstream's answer, passed on
+    assert target_state(await upstreams(client, gw), "search", "noda2") == "up"
+    for _ in range(3):
+        async with client.post(gw.url + "/api/search/index", data=b"d") as response:
+            assert response.status == 500  # a POST's 5xx is passed on, never retried
+    report = await upstreams(client, gw)
+    assert target_state(report, "search", "noda2") == "ejected"
+    assert report["services"]["search"]["targets"][0]["ejected_for_s"] > 0
+    async with client.post(gw.url + "/api/search/index", data=b"d") as response:
+        assert (await response.json())["node"] == "noda1"  # while ejected
+
+
+async def test_a_503_from_the_preferred_node_is_retried_for_a_get(upstream, gateway, client):
+    async def starting(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "starting"}, status=503)
+
+    noda2 = await upstream(NODA2, starting)
+    noda1 = await upstream(NODA1, named("noda1"))
+    gw = await gateway(search(noda2.port, noda1.port, "health: {enabled: false}"))
+    assert await served_by(client, gw.url + "/api/search/q") == (200, "noda1")
+    async with client.post(gw.url + "/api/search/index", data=b"d") as response:
+        assert response.status == 503  # not idempotent: the upstream's answer stands
+    assert [s.method for s in noda1.seen] == ["GET"]
+
+
+async def test_reloads_keep_what_is_known_about_targets(node_process, gateway, client):
+    noda2 = node_process(NODA2, "noda2")
+    noda1 = node_process(NODA1, "noda1")
+    text = search(noda2.port, noda1.port)
+    gw = await gateway(text)
+    noda2.kill()
+    await asyncio.sleep(0.8)
+    before = await upstreams(client, gw)
+    assert target_state(before, "search", "noda2") in ("down", "ejected")
+    gw.gateway.apply(parse_config(text + "timeouts: {response: 10}\n"))
+    after = await upstreams(client, gw)
+    assert (
+        after["services"]["search"]["targets"][0]["since"]
+        == (before["services"]["search"]["targets"][0]["since"])
+    )
+    assert target_state(after, "search", "noda2") in ("down", "ejected")
+
+
+async def test_upstreams_endpoint_lists_every_target(upstream, gateway, client):
+    noda2 = await upstream(NODA2, named("noda2"))
+    noda1 = await upstream(NODA1, named("noda1"))
+    gw = await gateway(search(noda2.port, noda1.port, "health: {enabled: false}"))
+    async with client.get(gw.url + "/gateway/upstreams") as response:
+        assert response.status == 200
+        report = orjson.loads(await response.read())
+    targets = report["services"]["search"]["targets"]
+    assert [(t["node"], t["url"], t["tier"], t["state"]) for t in targets] == [
+        ("noda2", f"http://{NODA2}:{noda2.port}", 0, "unknown"),
+        ("noda1", f"http://{NODA1}:{noda1.port}", 1, "unknown"),
+    ]
+    assert report["services"]["search"]["health_check"] is None
+    async with client.post(gw.url + "/gateway/upstreams") as response:
+        assert response.status == 405
+    async with client.get(gw.url + "/gateway/unknown") as response:
+        assert response.status == 404
