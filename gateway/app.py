@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from . import endpoints, pipeline
+from . import endpoints, logs, pipeline
 from .balancer import Balancer
 from .config import Config, ConfigError, load_config
 from .errors import GatewayError, error_response
@@ -121,6 +121,7 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
         await self.limiter.close()
+        logs.flush()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         return await pipeline.handle(self, request)
@@ -239,7 +240,7 @@ class _Protocol(web.RequestHandler):
             # A client that cannot speak HTTP (or TLS sent to a plain port): one line, no
             # traceback, only the first line of aiohttp's description.
             fields["detail"] = (message or str(exc or "")).strip().partition("\n")[0][:200]
-            logging.getLogger("gateway.access").info("bad request", extra={"fields": fields})
+            logs.access("bad request", fields)
         self._gateway.metrics.observe_request(UNMATCHED, "OTHER", err.status, 0.0)
         response = error_response(err, request_id)
         response.force_close()

@@ -8,10 +8,12 @@ passes as ``extra={"fields": {...}}``. Tracebacks appear only for the gateway's 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 from contextvars import ContextVar
@@ -79,12 +81,103 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class LineWriter:
+    """Writes lines to a text stream once per event-loop iteration: one ``write`` for all the
+    lines of an iteration instead of a system call per line. Outside a running loop (or from
+    another thread with no flush pending) lines are written at once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+            if self._scheduled:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            self._scheduled = loop is not None
+        if loop is None:
+            self.flush()
+        else:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            self._scheduled = False
+        if lines:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+
+
+class JsonHandler(logging.Handler):
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never break the caller
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+class _Access:
+    """The request line's fast path: no LogRecord, straight to the shared writer."""
+
+    writer: LineWriter | None = None
+    enabled = True
+    clock = _Clock()
+
+
+def access_enabled() -> bool:
+    return _Access.enabled
+
+
+def access(message: str, fields: dict[str, object]) -> None:
+    """One INFO line from ``gateway.access`` with ``fields`` (and the request id)."""
+    writer = _Access.writer
+    if writer is None:  # logging not set up by setup_logging: the ordinary way
+        logging.getLogger("gateway.access").info(message, extra={"fields": fields})
+        return
+    line: dict[str, object] = {
+        "timestamp": _Access.clock.format(time.time()),
+        "level": "INFO",
+        "service": SERVICE,
+        "message": message,
+    }
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        line["request_id"] = request_id
+    line.update(fields)
+    writer.write(orjson.dumps(line, default=str).decode())
+
+
+def flush() -> None:
+    if _Access.writer is not None:
+        _Access.writer.flush()
+
+
 def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route every logger (ours, aiohttp's, asyncio's) to JSON lines on ``stream``."""
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    writer = LineWriter(stream or sys.stdout)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [JsonHandler(writer)]
     root.setLevel(level.upper())
     # aiohttp's access log is replaced by the gateway's own request line.
     logging.getLogger("aiohttp.access").disabled = True
+    # Nothing in our line format uses these, and looking them up costs on every record.
+    logging._srcfile = None  # the documented way to skip findCaller
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    _Access.writer = writer
+    _Access.enabled = logging.getLogger("gateway.access").isEnabledFor(logging.INFO)

@@ -8,13 +8,12 @@ Each phase either returns, or raises ``GatewayError`` which becomes the JSON ans
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from . import failover, routing
+from . import failover, logs, routing
 from .errors import GatewayError, error_response
 from .forward import ClientGone, UpstreamAborted
 from .logs import REQUEST_ID, request_id_from
@@ -24,8 +23,6 @@ from .ratelimit import bucket_key
 if TYPE_CHECKING:
     from .app import Gateway
     from .snapshot import Route, Snapshot, Target
-
-access_log = logging.getLogger("gateway.access")
 
 CLIENT_CLOSED: Final = 499  # nginx's code for "client closed the request"
 _MAX_LOGGED_PATH: Final = 512
@@ -145,6 +142,8 @@ def _finish(gw: Gateway, ex: Exchange) -> None:
     seconds = gw.clock() - ex.started
     status = ex.status or 500
     gw.metrics.observe_request(ex.service, request.method, status, seconds)
+    if not logs.access_enabled():
+        return
     fields: dict[str, object] = {
         "method": request.method,
         "path": request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH],
@@ -159,4 +158,4 @@ def _finish(gw: Gateway, ex: Exchange) -> None:
         fields["error"] = ex.error
     if ex.rate_limit is not None:
         fields["rate_limit"] = ex.rate_limit
-    access_log.info("request", extra={"fields": fields})
+    logs.access("request", fields)

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.logs import setup_logging
+from gateway.logs import flush, setup_logging
 
 NODA1 = "127.0.0.3"
 NODA2 = "127.0.0.2"
@@ -116,6 +116,7 @@ class RunningGateway:
         return f"http://127.0.0.1:{self.port}"
 
     def log_lines(self) -> list[dict[str, Any]]:
+        flush()  # lines are written once per event-loop iteration
         return [orjson.loads(line) for line in self.logs.getvalue().splitlines() if line]
 
 

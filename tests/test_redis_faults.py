@@ -207,6 +207,8 @@ async def test_cluster_url_spreads_keys_over_slots(own_redis):
     limiter = RedisLimiter(Redis(url=f"redis+cluster://127.0.0.1:{nodes[0].port}"))
     try:
         await limiter.start()
+        # A cluster that has just formed may still refuse the first call; the probe retries.
+        await wait_until(lambda: limiter.state == "connected", what="cluster reachable")
         keys = [f"client-{i}" for i in range(8)]
         decisions = await asyncio.gather(
             *(limiter.decide(ZONE, k) for k in keys for _ in range(25))
