@@ -38,11 +38,11 @@ class TrustedProxies:
 
     def client(self, peer: str | None, forwarded_for: list[str]) -> str:
         """The client address for a request from ``peer`` with these X-Forwarded-For values."""
+        if not self._networks or not forwarded_for:
+            return canonical(peer)
         peer_ip = parse(peer)
-        if peer_ip is None:
-            return peer or ""
-        if not self._networks or not self.trusts(peer_ip) or not forwarded_for:
-            return str(peer_ip)
+        if peer_ip is None or not self.trusts(peer_ip):
+            return canonical(peer)
         hops = [h.strip() for value in forwarded_for for h in value.split(",")]
         client = peer_ip
         for hop in reversed(hops):
@@ -53,6 +53,13 @@ class TrustedProxies:
             if not self.trusts(hop_ip):
                 break
         return str(client)
+
+
+@lru_cache(maxsize=4096)
+def canonical(peer: str | None) -> str:
+    """The peer address as text, IPv4-mapped IPv6 unwrapped (cached: peers repeat)."""
+    address = parse(peer)
+    return str(address) if address is not None else peer or ""
 
 
 @lru_cache(maxsize=4096)

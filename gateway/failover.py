@@ -67,7 +67,7 @@ async def exchange(
         raise _all_down(gw, route)
     slots = gw.slots_for(route)
     await slots.acquire(route.connect_timeout)
-    gauge = gw.metrics.active.labels(route.service)
+    gauge = gw.metrics.active_for(route.service)
     gauge.inc()
     try:
         replay = REPLAY_LIMIT if route.retries and request.method in IDEMPOTENT else 0

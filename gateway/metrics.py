@@ -129,6 +129,7 @@ class Metrics:
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._limit_children: dict[tuple[str, str], Counter] = {}
+        self._active_children: dict[str, Gauge] = {}
 
     def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:
         key = (service, method_label(method), status)
@@ -140,6 +141,12 @@ class Metrics:
         if histogram is None:
             histogram = self._duration_children[service] = self.duration.labels(service)
         histogram.observe(seconds)
+
+    def active_for(self, service: str) -> Gauge:
+        gauge = self._active_children.get(service)
+        if gauge is None:
+            gauge = self._active_children[service] = self.active.labels(service)
+        return gauge
 
     def count_limit(self, zone: str, result: str) -> None:
         counter = self._limit_children.get((zone, result))
@@ -167,6 +174,7 @@ class Metrics:
             k: v for k, v in self._request_children.items() if k[0] != service
         }
         self._duration_children.pop(service, None)
+        self._active_children.pop(service, None)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape in the format the scraper asks for (Prometheus text 0.0.4 by default)."""
