@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from . import endpoints, logs, pipeline
+from . import endpoints, logs, pipeline, websocket
 from .balancer import Balancer
 from .config import Config, ConfigError, load_config
 from .errors import GatewayError, error_response
@@ -57,6 +57,7 @@ class Gateway:
         self.draining = False
         self.endpoints: dict[str, endpoints.Endpoint] = endpoints.table(self)
         self.balancer = Balancer()
+        self.websockets: set[websocket.Session] = set()
         self._slots: dict[str, Slots] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
@@ -96,6 +97,7 @@ class Gateway:
         await self.limiter.start()
         prober = Prober(lambda: self.snapshot, self._session, self.health, self.metrics)
         self._in_background(prober.run())
+        self._in_background(websocket.sweep_idle(self))
         server = _Server(self, handler_cancellation=True, access_log=None, **SERVER_LIMITS)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10.0)
         await self._runner.setup()
@@ -111,6 +113,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to 10 s), then close."""
         self.draining = True
+        await websocket.close_all(self.websockets)  # 1001 to both legs of every session
         if self._runner is not None:
             await self._runner.cleanup()
         for task in list(self._background):

@@ -47,6 +47,12 @@ KeyPart = Annotated[
         "client_ip, service, user or header:<Name>",
     ),
 ]
+Origin = Annotated[
+    str,
+    Pattern(
+        r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|null", "an origin like https://app.daarion.city"
+    ),
+]
 Cidr = Annotated[
     str, Pattern(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", "an address or CIDR like 10.0.0.0/8")
 ]
@@ -202,6 +208,28 @@ class Service:
     )
     rate_limit: Name | None = doc(
         "A zone under rate_limits, or none; default: default_rate_limit.", None
+    )
+    websocket: bool = doc(
+        "Accept WebSocket sessions on /ws/<name>/... (a ws_prefix implies it).", False
+    )
+    ws_prefix: Prefix | None = doc(
+        "Path prefix on the upstream that replaces /ws/<name>; default /ws/<name>.", None
+    )
+    ws_origins: tuple[Origin, ...] | None = doc(
+        "Origins allowed to open WebSocket sessions (e.g. https://app.daarion.city); default: any.",
+        None,
+    )
+    ws_max_message: Annotated[int, Range(min=1, max=64 * 1024 * 1024)] = doc(
+        "Largest WebSocket message in bytes; a bigger one closes the session with 1009.",
+        1024 * 1024,
+    )
+    ws_ping_interval: Seconds = doc(
+        "Seconds of silence after which the gateway pings each leg of a session; a peer that "
+        "does not answer within half of it is taken as dead.",
+        20.0,
+    )
+    ws_idle_timeout: Seconds | None = doc(
+        "Close sessions without any message for this many seconds (default: never).", None
     )
     health: HealthCheck = doc("Active health checks for this service.", HealthCheck())
     retries: Retries | None = doc(

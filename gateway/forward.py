@@ -95,9 +95,14 @@ def end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMulti
     return headers
 
 
-def request_headers(request: web.BaseRequest, target: Target, origin: Origin) -> CIMultiDict[str]:
+def request_headers(
+    request: web.BaseRequest,
+    target: Target,
+    origin: Origin,
+    also_drop: frozenset[str] = frozenset(),
+) -> CIMultiDict[str]:
     incoming = request.headers
-    headers = end_to_end(incoming, _REQUEST_DROP)
+    headers = end_to_end(incoming, _REQUEST_DROP | also_drop if also_drop else _REQUEST_DROP)
     peer = request.remote or ""
     prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
     headers["Host"] = f"{target.host}:{target.port}"

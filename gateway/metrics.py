@@ -111,6 +111,37 @@ class Metrics:
             ["service", "node", "result"],
             registry=r,
         )
+        self.ws_sessions = Gauge(
+            "gateway_websocket_sessions",
+            "Open WebSocket sessions (also counted in active_connections).",
+            ["service"],
+            registry=r,
+        )
+        self.ws_opened = Counter(
+            "gateway_websocket_sessions_opened",
+            "WebSocket sessions relayed, by service.",
+            ["service"],
+            registry=r,
+        )
+        self.ws_closed = Counter(
+            "gateway_websocket_sessions_closed",
+            "WebSocket sessions ended, by service and the client leg's close code "
+            "(1000-1015 as such, 3xxx, 4xxx, other, none).",
+            ["service", "code"],
+            registry=r,
+        )
+        self.ws_messages = Counter(
+            "gateway_websocket_messages",
+            "WebSocket data messages relayed, by direction (up: to the service).",
+            ["service", "direction"],
+            registry=r,
+        )
+        self.ws_bytes = Counter(
+            "gateway_websocket_bytes",
+            "WebSocket payload bytes relayed, by direction (up: to the service).",
+            ["service", "direction"],
+            registry=r,
+        )
         self.rate_limit_decisions = Counter(
             "gateway_rate_limit_decisions",
             "Rate-limit decisions by zone and result (allowed, delayed, rejected, "
@@ -130,6 +161,7 @@ class Metrics:
         self._duration_children: dict[str, Histogram] = {}
         self._limit_children: dict[tuple[str, str], Counter] = {}
         self._active_children: dict[str, Gauge] = {}
+        self._ws_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
 
     def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:
         key = (service, method_label(method), status)
@@ -147,6 +179,17 @@ class Metrics:
         if gauge is None:
             gauge = self._active_children[service] = self.active.labels(service)
         return gauge
+
+    def ws_counters(self, service: str, direction: str) -> tuple[Counter, Counter]:
+        """(messages, bytes) children for one direction of a service's sessions."""
+        key = (service, direction)
+        pair = self._ws_children.get(key)
+        if pair is None:
+            pair = self._ws_children[key] = (
+                self.ws_messages.labels(service, direction),
+                self.ws_bytes.labels(service, direction),
+            )
+        return pair
 
     def count_limit(self, zone: str, result: str) -> None:
         counter = self._limit_children.get((zone, result))
@@ -168,8 +211,14 @@ class Metrics:
             self.retries,
             self.ejections,
             self.probes,
+            self.ws_sessions,
+            self.ws_opened,
+            self.ws_closed,
+            self.ws_messages,
+            self.ws_bytes,
         ):
             _remove_matching(metric, service)
+        self._ws_children = {k: v for k, v in self._ws_children.items() if k[0] != service}
         self._request_children = {
             k: v for k, v in self._request_children.items() if k[0] != service
         }

@@ -8,12 +8,12 @@ Each phase either returns, or raises ``GatewayError`` which becomes the JSON ans
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from . import failover, logs, routing
+from . import failover, logs, routing, websocket
 from .errors import GatewayError, error_response
 from .forward import ClientGone, UpstreamAborted
 from .logs import REQUEST_ID, request_id_from
@@ -44,6 +44,7 @@ class Exchange:
     status: int = 0
     error: str | None = None
     rate_limit: str | None = None  # "delayed" or "dry_run" when the limiter had a say
+    log_fields: dict[str, object] = field(default_factory=dict)  # more for the log line
 
 
 async def handle(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
@@ -65,7 +66,8 @@ async def handle(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
         ex.status, ex.error = CLIENT_CLOSED, "client_closed"
         return web.Response(status=CLIENT_CLOSED)  # nobody will read it; aiohttp expects one
     except asyncio.CancelledError:
-        ex.status, ex.error = CLIENT_CLOSED, "client_closed"
+        if not ex.status:  # a WebSocket session that ran to its end keeps its 101
+            ex.status, ex.error = CLIENT_CLOSED, "client_closed"
         raise
     except UpstreamAborted as aborted:
         # The status line went out; the connection is already reset. Returning the response
@@ -93,7 +95,11 @@ async def _phases(gw: Gateway, ex: Exchange) -> web.StreamResponse:
         raise GatewayError(404, "not_found", "no such service or endpoint")
     ex.service = route.service
     if found.kind == "ws":
-        raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
+        if route.ws is None:
+            raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
+        path_qs = routing.upstream_path(route.ws.prefix, found.rest) + target.query
+        await _limit(gw, ex, route)  # a handshake counts toward the rate limit
+        return await websocket.relay(gw, ex, route, path_qs)
     path_qs = routing.upstream_path(route.http_prefix, found.rest) + target.query
     limit_headers = await _limit(gw, ex, route)
     return await failover.exchange(gw, ex, route, path_qs, limit_headers)
@@ -158,4 +164,6 @@ def _finish(gw: Gateway, ex: Exchange) -> None:
         fields["error"] = ex.error
     if ex.rate_limit is not None:
         fields["rate_limit"] = ex.rate_limit
+    if ex.log_fields:
+        fields.update(ex.log_fields)
     logs.access("request", fields)

@@ -57,6 +57,15 @@ class EjectionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class WsPolicy:
+    prefix: str
+    origins: frozenset[str] | None  # None: any origin
+    max_message: int
+    ping_interval: float
+    idle_timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     service: str
     http_prefix: str
@@ -68,6 +77,7 @@ class Route:
     probe: ProbePolicy
     ejection: EjectionPolicy
     retries: int
+    ws: WsPolicy | None  # None: no WebSocket sessions
 
     @property
     def targets(self) -> tuple[Target, ...]:
@@ -126,6 +136,20 @@ def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) 
         ),
         ejection=EjectionPolicy(base=_set(ejection.base), max=_set(ejection.max)),
         retries=retries,
+        ws=_ws(name, service),
+    )
+
+
+def _ws(name: str, service: Service) -> WsPolicy | None:
+    if not service.websocket and service.ws_prefix is None:
+        return None
+    origins = service.ws_origins
+    return WsPolicy(
+        prefix=f"/ws/{name}" if service.ws_prefix is None else service.ws_prefix,
+        origins=None if origins is None else frozenset(o.lower() for o in origins),
+        max_message=service.ws_max_message,
+        ping_interval=service.ws_ping_interval,
+        idle_timeout=service.ws_idle_timeout,
     )
 
 

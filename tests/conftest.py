@@ -410,3 +410,22 @@ def node_process() -> Iterator[Callable[[str, str], NodeProcess]]:
     yield start
     for node in started:
         node.kill()
+
+
+ESTABLISHED = "01"
+CLOSE_WAIT = "08"
+
+
+def tcp_sockets(
+    *, state: str, local_port: int | None = None, remote_port: int | None = None
+) -> int:
+    """IPv4 TCP sockets on this machine in ``state`` (from /proc/net/tcp), by port."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local = int(fields[1].split(":")[1], 16)
+            remote = int(fields[2].split(":")[1], 16)
+            if fields[3] == state and local_port in (None, local) and remote_port in (None, remote):
+                count += 1
+    return count

@@ -13,7 +13,7 @@ from gateway.config import RateLimit, Redis
 from gateway.ratelimit import compile_zone
 from gateway.redislimit import MAX_IN_FLIGHT, RedisLimiter
 
-from .conftest import NODA1, RedisServer, RunningGateway, free_port
+from .conftest import ESTABLISHED, NODA1, RedisServer, RunningGateway, free_port, tcp_sockets
 from .test_ratelimit import burst, limited, statuses
 
 ZONE = compile_zone("z", RateLimit(rate="10r/s", burst=20))
@@ -36,17 +36,6 @@ async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -
 async def health(client, gw) -> dict:
     async with client.get(gw.url + "/health") as response:
         return await response.json()
-
-
-def established_to(port: int) -> int:
-    """Open TCP connections towards ``port`` on this machine (from /proc/net/tcp)."""
-    count = 0
-    with open("/proc/net/tcp") as table:
-        for line in list(table)[1:]:
-            fields = line.split()
-            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
-                count += 1
-    return count
 
 
 def messages(gw, text: str) -> list[dict]:
@@ -114,7 +103,7 @@ async def test_paused_redis_adds_at_most_its_timeout_and_keeps_the_pool_small(be
         assert elapsed < 1.0  # bounded by the 50 ms timeout, not by Redis coming back
         for _ in range(5):  # more requests while stalled: the fallback answers at once
             await burst(url, 10)
-        assert established_to(server.port) <= MAX_IN_FLIGHT + 1
+        assert tcp_sockets(remote_port=server.port, state=ESTABLISHED) <= MAX_IN_FLIGHT + 1
         assert gw.gateway.limiter.state == "disconnected"
         assert len(messages(gw, DOWN)) == 1
         assert messages(gw, DOWN)[0]["reason"] == "timeout"

@@ -1,0 +1,341 @@
+"""WebSocket sessions: ``/ws/<service>/<channel>`` relayed to the service, frame by frame.
+
+The upstream leg is opened *first*: only when the upstream has answered 101 does the client
+get its 101 (with the subprotocol the upstream chose), so a refusal reaches the client as
+that plain HTTP status and nothing the client sent after its handshake reaches any upstream.
+An upstream that cannot be reached at handshake time is skipped for the next target.
+
+Then two pumps relay frames in order, byte for byte (text stays undecoded), pings and pongs
+with their payloads. Each pump awaits the other leg's send before it reads again, so a slow
+reader slows the writer: a session buffers at most a message plus the socket buffers.
+Close frames are relayed with their codes and reasons; 1005/1006/1015 never go on the wire.
+When the upstream dies the client gets 1014 at once; when the client vanishes the upstream
+gets 1001. Both legs are pinged after ``ws_ping_interval`` of silence, and a leg that does not
+answer within half of it is dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import GatewayError, upstream_error
+from .forward import HOP_BY_HOP, Origin, end_to_end, request_headers
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .pipeline import Exchange
+    from .snapshot import Route, Target, WsPolicy
+
+log = logging.getLogger("gateway.websocket")
+
+HANDSHAKE_TIMEOUT: Final = 5.0  # for the upstream's 101, after the connection is made
+CLOSE_TIMEOUT: Final = 5.0  # for the peer's answer to a close frame
+GOING_AWAY: Final = 1001
+MESSAGE_TOO_BIG: Final = 1009
+BAD_GATEWAY: Final = 1014
+NOT_ON_THE_WIRE: Final = frozenset({1005, 1006, 1015})
+_HANDSHAKE: Final = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+_DATA: Final = (WSMsgType.TEXT, WSMsgType.BINARY)
+
+
+def is_upgrade(request: web.BaseRequest) -> bool:
+    return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+def wire_code(code: int | None, fallback: int) -> int:
+    """A close code that may be sent: 1005/1006/1015 (and nonsense) become ``fallback``."""
+    if code is None or code in NOT_ON_THE_WIRE or not 1000 <= code <= 4999:
+        return fallback
+    return code
+
+
+def code_label(code: int | None) -> str:
+    """A bounded metric label for a close code."""
+    if code is None:
+        return "none"
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
+
+
+@dataclass(slots=True, eq=False)  # identity: sessions live in a set
+class Session:
+    """One relayed session, for counting and for closing at shutdown."""
+
+    service: str
+    client: web.WebSocketResponse[Literal[False]]
+    upstream: aiohttp.ClientWebSocketResponse[Literal[False]]
+    last_activity: float = field(default_factory=time.monotonic)
+    messages: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    sizes: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    close_code: int | None = None  # the code that ended the session (first close frame)
+    ended_by: str = ""  # client, upstream, idle, shutdown
+
+    def ending(self, by: str, code: int | None) -> None:
+        """Note who ended the session and how, unless that is already known."""
+        if not self.ended_by:
+            self.ended_by, self.close_code = by, code
+
+
+async def relay(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.StreamResponse:
+    """Handle one WebSocket handshake for ``route`` and relay the session until it ends."""
+    request = ex.request
+    policy = route.ws
+    if policy is None:
+        raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
+    if not is_upgrade(request):
+        raise GatewayError(
+            426, "upgrade_required", "use a WebSocket handshake here",
+            headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+        )  # fmt: skip
+    origin = request.headers.get("Origin", "").lower()
+    if policy.origins is not None and origin not in policy.origins:
+        raise GatewayError(403, "origin_not_allowed", "this origin may not open sessions here")
+    upstream = await _connect(gw, ex, route, policy, path_qs)
+    client: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (),
+        autoclose=False,
+        autoping=False,
+        heartbeat=policy.ping_interval,
+        max_msg_size=policy.max_message,
+        compress=False,  # frames pass through as they are: no inflating and deflating again
+        timeout=CLOSE_TIMEOUT,
+        decode_text=False,
+    )
+    _pass_headers(upstream, client, ex.request_id)
+    try:
+        await client.prepare(request)
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        await upstream.close(code=GOING_AWAY)
+        raise
+    ex.status = 101
+    session = Session(route.service, client, upstream)
+    # The session runs in its own task: when the client's connection closes, aiohttp cancels
+    # this handler, and the session must still finish closing the upstream leg properly.
+    task = asyncio.get_running_loop().create_task(_run(gw, session))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait_for(task, CLOSE_TIMEOUT * 2)
+        raise
+    finally:
+        ex.log_fields.update(_summary(session))
+    return client
+
+
+async def _connect(
+    gw: Gateway, ex: Exchange, route: Route, policy: WsPolicy, path_qs: str
+) -> aiohttp.ClientWebSocketResponse[Literal[False]]:
+    """Open the upstream leg, trying the next target when one cannot be reached."""
+    request = ex.request
+    health = gw.health
+    now = health.monotonic()
+    tried: list[Target] = []
+    failure: GatewayError | None = None
+    origin = Origin(ex.client, ex.proto, ex.request_id)
+    protocols = [
+        p.strip()
+        for value in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for p in value.split(",")
+        if p.strip()
+    ]
+    for _ in range(route.retries + 1):
+        target = gw.balancer.choose(route, lambda t: health.usable(t, now), tried)
+        if target is None:
+            break
+        tried.append(target)
+        ex.target = target
+        headers = request_headers(request, target, origin, also_drop=_HANDSHAKE)
+        try:
+            async with asyncio.timeout(route.connect_timeout + HANDSHAKE_TIMEOUT):
+                upstream = await gw.session.ws_connect(
+                    URL(target.origin.replace("http", "ws", 1) + path_qs, encoded=True),
+                    protocols=protocols,
+                    headers=headers,
+                    autoclose=False,
+                    autoping=False,
+                    heartbeat=policy.ping_interval,
+                    max_msg_size=policy.max_message,
+                    compress=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
+                    decode_text=False,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            health.exchanged(target, exc.status < 500, f"status {exc.status}", route.probe,
+                             route.ejection)  # fmt: skip
+            raise GatewayError(
+                exc.status if 400 <= exc.status <= 599 else 502,
+                "upgrade_refused",
+                f"the upstream answered {exc.status} instead of switching protocols",
+            ) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            failure = upstream_error(exc)
+            health.exchanged(target, False, failure.code, route.probe, route.ejection)
+            continue
+        health.exchanged(target, True, "101", route.probe, route.ejection)
+        if target.tier > 0:
+            gw.metrics.failovers.labels(route.service, target.node).inc()
+        return upstream
+    if failure is None:
+        raise GatewayError(503, "no_healthy_upstream", "no target of this service is up",
+                           kind="unavailable", headers={"Retry-After": "1"})  # fmt: skip
+    raise failure
+
+
+def _pass_headers(
+    upstream: aiohttp.ClientWebSocketResponse[Literal[False]],
+    client: web.WebSocketResponse[Literal[False]],
+    request_id: str,
+) -> None:
+    """The upstream handshake's end-to-end headers (cookies, say) go to the client."""
+    response = upstream._response
+    headers: CIMultiDict[str] = end_to_end(response.headers, HOP_BY_HOP | _HANDSHAKE)
+    for name in ("Date", "Server", "Content-Length", "Content-Type"):
+        headers.popall(name, None)
+    client.headers.extend(headers)
+    client.headers["X-Request-ID"] = request_id
+
+
+async def _run(gw: Gateway, session: Session) -> None:
+    """Relay both ways until either side ends the session; then count and log it."""
+    metrics = gw.metrics
+    metrics.active_for(session.service).inc()
+    metrics.ws_sessions.labels(session.service).inc()
+    metrics.ws_opened.labels(session.service).inc()
+    gw.websockets.add(session)
+    up = asyncio.get_running_loop().create_task(_pump(gw, session, "up"))
+    try:
+        await _pump(gw, session, "down")
+        await up
+    finally:
+        up.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await up
+        gw.websockets.discard(session)
+        await _close_both(session, GOING_AWAY)
+        metrics.active_for(session.service).dec()
+        metrics.ws_sessions.labels(session.service).dec()
+        metrics.ws_closed.labels(session.service, code_label(session.close_code)).inc()
+
+
+async def _pump(gw: Gateway, session: Session, direction: str) -> None:
+    """Frames from one leg to the other, in order, until that leg closes or fails."""
+    source: Any = session.client if direction == "up" else session.upstream
+    sink: Any = session.upstream if direction == "up" else session.client
+    messages = gw.metrics.ws_counters(session.service, direction)
+    while True:
+        msg = await source.receive()
+        kind = msg.type
+        if kind in _DATA:
+            data = msg.data
+            session.last_activity = time.monotonic()
+            session.messages[direction] += 1
+            session.sizes[direction] += len(data)
+            messages[0].inc()
+            messages[1].inc(len(data))
+            await sink.send_frame(data, kind)
+        elif kind is WSMsgType.PING:
+            await sink.ping(msg.data)
+        elif kind is WSMsgType.PONG:
+            await sink.pong(msg.data)
+        elif kind is WSMsgType.CLOSE:
+            await _relay_close(session, direction, msg.data, msg.extra)
+            return
+        elif kind is WSMsgType.CLOSING:
+            return  # the other pump is closing this leg: it finishes the session
+        else:  # CLOSED or ERROR: this leg is gone
+            await _leg_failed(session, direction, msg.data)
+            return
+
+
+async def _relay_close(session: Session, direction: str, code: int, reason: str | None) -> None:
+    """One side sent a close frame: pass it on, then answer it with the other side's reply."""
+    sender: Any = session.client if direction == "up" else session.upstream
+    receiver: Any = session.upstream if direction == "up" else session.client
+    session.ending("client" if direction == "up" else "upstream", code)
+    message = (reason or "").encode()[:123]
+    if isinstance(reason, bytes):
+        message = reason[:123]
+    await receiver.close(code=wire_code(code, 1000), message=message)
+    reply = receiver.close_code
+    await sender.close(code=wire_code(reply, wire_code(code, 1000)))
+
+
+async def _leg_failed(session: Session, direction: str, error: object) -> None:
+    """A leg ended without a close frame, or with a protocol error (such as 1009, a message
+    over the size limit, which aiohttp has already answered on that leg)."""
+    by = "client" if direction == "up" else "upstream"
+    if getattr(error, "code", None) == MESSAGE_TOO_BIG:
+        session.ending(by, MESSAGE_TOO_BIG)
+        await _close_both(session, MESSAGE_TOO_BIG)
+    elif direction == "down":
+        session.ending(by, BAD_GATEWAY)
+        await _close_both(session, BAD_GATEWAY)  # the upstream died: tell the client at once
+    else:
+        session.ending(by, GOING_AWAY)
+        await _close_both(session, GOING_AWAY)  # the client went away
+
+
+async def _close_both(session: Session, code: int) -> None:
+    for leg in (session.client, session.upstream):
+        if not leg.closed:
+            with contextlib.suppress(Exception):
+                await leg.close(code=code)
+
+
+def _summary(session: Session) -> dict[str, object]:
+    """What the session's log line says about it (its request line, written at its end)."""
+    return {
+        "websocket": {
+            "messages_up": session.messages["up"],
+            "messages_down": session.messages["down"],
+            "bytes_up": session.sizes["up"],
+            "bytes_down": session.sizes["down"],
+            "close_code": session.close_code,
+            "ended_by": session.ended_by or "gateway",
+            "client_close_code": session.client.close_code,
+            "upstream_close_code": session.upstream.close_code,
+        }
+    }
+
+
+async def close_all(sessions: set[Session]) -> None:
+    """Close every open session with 1001 on both legs (at shutdown)."""
+    for session in sessions:
+        session.ending("shutdown", GOING_AWAY)
+    closing = (_close_both(s, GOING_AWAY) for s in list(sessions))
+    await asyncio.gather(*closing, return_exceptions=True)
+
+
+async def sweep_idle(gw: Gateway) -> None:
+    """Close sessions that exchanged no message for their service's ``ws_idle_timeout``."""
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        routes = gw.snapshot.routes
+        for session in list(gw.websockets):
+            route = routes.get(session.service)
+            idle = route.ws.idle_timeout if route is not None and route.ws is not None else None
+            if idle is not None and now - session.last_activity > idle:
+                session.ending("idle", GOING_AWAY)
+                await _close_both(session, GOING_AWAY)
