@@ -61,8 +61,10 @@ STOP_TIMEOUT: Final = 5.0
 ANCHOR_RATIO: Final = 0.15  # anchors.md: aiohttp 1 proc / nginx 1 worker, pin, c50 and c200
 P99_TARGET_MS: Final = 1000.0
 BUSY_CORES: Final = 0.1  # other work on the machine above this disturbs a run
+IDLE_WAIT: Final = 120.0  # --rerun-disturbed: longest wait for the machine to be idle again
 DIRECT: Final = "direct"
 NGINX: Final = "nginx-proxy"
+REDIS_HELPER: Final = 'redis-server --port {port} --bind 127.0.0.1 --save "" --appendonly no'
 
 
 # -- options -------------------------------------------------------------------------------
@@ -82,6 +84,37 @@ class Helper:
 
 
 @dataclass(frozen=True)
+class Criteria:
+    """What a suite's second variant may cost against its first (an issue's acceptance bar)."""
+
+    min_ratio: float  # req/s of the variant / req/s of the base, paired
+    max_added_p99_ms: float  # p99 of the variant - p99 of the base, paired
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named comparison: ``--suite NAME`` instead of ``--variant``/``--helper`` options."""
+
+    about: str
+    variants: tuple[tuple[str, str], ...]  # (name, file under bench/); the first is the base
+    helpers: tuple[tuple[str, str], ...]
+    log_levels: str  # unless --log-levels is given
+    criteria: Criteria | None = None
+
+
+SUITES: Final = {
+    "limiter": Suite(
+        about="the shared rate limiter's cost: a zone that never refuses, kept in a Redis "
+        "the harness starts pinned with the proxy, against the same gateway without it",
+        variants=(("plain", "variants/plain.yaml"), ("limiter", "variants/limiter.yaml")),
+        helpers=(("redis", REDIS_HELPER),),
+        log_levels="INFO",
+        criteria=Criteria(min_ratio=0.85, max_added_p99_ms=2.0),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Options:
     duration: int
     conns: tuple[int, ...]
@@ -91,6 +124,8 @@ class Options:
     helpers: tuple[Helper, ...]
     python_tools: bool
     install: bool
+    suite: str | None = None
+    rerun_disturbed: int = 0
 
 
 def _name_value(text: str, what: str) -> tuple[str, str]:
@@ -128,6 +163,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
     parser.add_argument("--quick", action="store_true", help="2 s runs: a smoke test")
     parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        help="a named comparison with its variants and helpers: "
+        + "; ".join(f"{name}: {suite.about}" for name, suite in SUITES.items()),
+    )
+    parser.add_argument(
         "--variant",
         type=_variant_arg,
         action="append",
@@ -138,9 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-levels",
-        default="INFO,WARNING",
         help="gateway --log-level for each variant; the first one is the headline "
-        "(default INFO,WARNING: INFO logs every request, as in production)",
+        "(default INFO,WARNING: INFO logs every request, as in production; a --suite "
+        "runs INFO only)",
     )
     parser.add_argument(
         "--helper",
@@ -160,6 +201,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-install", action="store_true", help="do not apt-get install nginx and wrk"
     )
+    parser.add_argument(
+        "--rerun-disturbed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure a (rep, conns) group of targets again, up to N times, when other work "
+        f"on the machine used more than {BUSY_CORES} cores during one of its runs; waits up "
+        f"to {IDLE_WAIT:.0f} s for the machine to be idle first, keeps the least disturbed "
+        "attempt (default 0)",
+    )
     return parser
 
 
@@ -168,11 +219,19 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     args = parser.parse_args(argv)
     if args.reps < 1 or args.duration < 1:
         parser.error("--reps and --duration must be at least 1")
-    levels = [level.strip().upper() for level in args.log_levels.split(",") if level.strip()]
+    if args.rerun_disturbed < 0:
+        parser.error("--rerun-disturbed must be 0 or more")
+    suite = SUITES[args.suite] if args.suite else None
+    if suite is not None and (args.variant or args.helper):
+        parser.error("--suite brings its own variants and helpers: no --variant or --helper")
+    log_levels = args.log_levels or (suite.log_levels if suite else "INFO,WARNING")
+    levels = [level.strip().upper() for level in log_levels.split(",") if level.strip()]
     if not levels:
         parser.error("--log-levels needs at least one level")
+    pairs = suite.variants if suite else args.variant
+    helpers = suite.helpers if suite else args.helper
     configs: list[tuple[str, Path | None]] = [
-        (name, Path(path).resolve()) for name, path in args.variant
+        (name, (BENCH_DIR / path if suite else Path(path)).resolve()) for name, path in pairs
     ] or [("gateway", None)]
     variants = tuple(
         Variant(name if i == 0 else f"{name}@{level}", config, level)
@@ -191,9 +250,11 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         reps=args.reps,
         json_path=args.json,
         variants=variants,
-        helpers=tuple(Helper(name, command) for name, command in args.helper),
+        helpers=tuple(Helper(name, command) for name, command in helpers),
         python_tools=args.python_tools,
         install=not args.no_install,
+        suite=args.suite,
+        rerun_disturbed=args.rerun_disturbed,
     )
 
 
@@ -397,6 +458,24 @@ def http_status(port: int, path: str) -> int | None:
         return None
     match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
     return int(match.group(1)) if match else None
+
+
+def http_json(port: int, path: str) -> Any:
+    """The JSON body of ``GET path`` (None if there is no answer or it is not JSON)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nConnection: close\r\n\r\n"
+    chunks = []
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=2) as sock:
+            sock.sendall(request.encode())
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    _, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 def port_open(port: int) -> bool:
@@ -608,6 +687,34 @@ class Stack:
                 with target.proxy.log.open("rb") as log:
                     counts[target.name] = sum(1 for _ in log)
         return counts
+
+    def gateway_warnings(self) -> dict[str, dict[str, int]]:
+        """Per gateway, its WARNING and worse log messages and how often each came: e.g.
+        ``redis unavailable: rate limits fall back`` means a variant measured its fallback."""
+        found: dict[str, dict[str, int]] = {}
+        for target in self.targets:
+            if target.kind != "gateway" or target.proxy is None:
+                continue
+            counts: dict[str, int] = {}
+            with target.proxy.log.open("rb") as log:
+                for line in log:
+                    if b'"level":"INFO"' in line or b'"level":"DEBUG"' in line:
+                        continue  # the request lines: skip them without parsing
+                    with contextlib.suppress(ValueError, AttributeError):
+                        record = json.loads(line)
+                        message = f"{record['level']}: {record['message']}"
+                        counts[message] = counts.get(message, 0) + 1
+            found[target.name] = counts
+        return found
+
+    def gateway_dependencies(self) -> dict[str, Any]:
+        """Each gateway's /health ``dependencies`` now (e.g. whether Redis is connected)."""
+        answers = {}
+        for target in self.targets:
+            if target.kind == "gateway":
+                body = http_json(target.port, "/health")
+                answers[target.name] = body.get("dependencies") if isinstance(body, dict) else None
+        return answers
 
     def close(self) -> None:
         for server in reversed(self.servers):
@@ -829,6 +936,8 @@ class Row:
     x_nginx: float | None
     x_direct: float | None
     x_first: float | None  # vs the first gateway variant
+    p99_vs_first_ms: float | None  # p99 minus the first gateway's, paired
+    proxy_us_vs_first: float | None  # proxy CPU per request minus the first gateway's, paired
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -836,15 +945,34 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def _paired(runs: list[Run], mine: list[Run], other: str) -> float | None:
-    ratios = []
+def _paired(
+    runs: list[Run],
+    mine: list[Run],
+    other: str | None,
+    compare: Callable[[Run, Run], float | None] = lambda run, base: (
+        run.rps / base.rps if base.rps > 0 else None
+    ),
+) -> float | None:
+    """Median over reps of ``compare(run, base)``, base being ``other``'s run at the same
+    connection count and rep (by default the req/s ratio)."""
+    values = []
     for run in mine:
         base = next(
             (r for r in runs if (r.target, r.conns, r.rep) == (other, run.conns, run.rep)), None
         )
-        if base is not None and base.rps > 0:
-            ratios.append(run.rps / base.rps)
-    return _median(ratios)
+        if base is not None:
+            values.append(compare(run, base))
+    return _median(values)
+
+
+def _p99_difference(run: Run, base: Run) -> float:
+    return run.p99_ms - base.p99_ms
+
+
+def _cpu_difference(run: Run, base: Run) -> float | None:
+    if run.proxy_us is None or base.proxy_us is None:
+        return None
+    return run.proxy_us - base.proxy_us
 
 
 def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
@@ -853,6 +981,7 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
     for conns, target in sorted(keys, key=lambda k: k[0]):
         mine = [r for r in runs if (r.conns, r.target) == (conns, target)]
         kind = mine[0].kind
+        vs_first = kind == "gateway" and first_gateway not in (None, target)
         rows.append(
             Row(
                 target=target,
@@ -871,8 +1000,12 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
                 socket_errors=sum(r.socket_errors for r in mine),
                 x_nginx=_paired(runs, mine, NGINX) if kind == "gateway" else None,
                 x_direct=_paired(runs, mine, DIRECT) if kind != "direct" else None,
-                x_first=_paired(runs, mine, first_gateway)
-                if kind == "gateway" and first_gateway not in (None, target)
+                x_first=_paired(runs, mine, first_gateway) if vs_first else None,
+                p99_vs_first_ms=_paired(runs, mine, first_gateway, _p99_difference)
+                if vs_first
+                else None,
+                proxy_us_vs_first=_paired(runs, mine, first_gateway, _cpu_difference)
+                if vs_first
                 else None,
             )
         )
@@ -957,7 +1090,7 @@ def disturbance(runs: list[Run]) -> str | None:
     )
 
 
-def headline(rows: list[Row], opts: Options) -> list[str]:
+def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) -> list[str]:
     gateway = opts.variants[0].name
     conns = opts.conns
     lines = []
@@ -987,10 +1120,85 @@ def headline(rows: list[Row], opts: Options) -> list[str]:
                 f"{P99_TARGET_MS:.0f} ms), non-2xx {g.non2xx}, socket errors {g.socket_errors}"
             )
     for variant in opts.variants[1:]:
-        parts = [
-            f"c{c} = {_fmt(r.x_first, '.2f')}" for c in conns if (r := _row(rows, variant.name, c))
-        ]
-        lines.append(f"{variant.name} / {gateway}: " + ", ".join(parts))
+        mine = [r for c in conns if (r := _row(rows, variant.name, c)) is not None]
+        lines.append(
+            f"{variant.name} / {gateway}: req/s "
+            + ", ".join(f"c{r.conns} = {_fmt(r.x_first, '.2f')}" for r in mine)
+            + "; p99 "
+            + ", ".join(f"c{r.conns} {_fmt(r.p99_vs_first_ms, '+.2f')} ms" for r in mine)
+            + "; proxy CPU/req "
+            + ", ".join(f"c{r.conns} {_fmt(r.proxy_us_vs_first, '+.0f')} us" for r in mine)
+        )
+    suite = SUITES[opts.suite] if opts.suite else None
+    if suite is not None and suite.criteria is not None:
+        lines += suite_verdict(rows, opts, suite, suite.criteria, env or {})
+    return lines
+
+
+def _verdict(ok: bool | None) -> str:
+    return "?" if ok is None else "ok" if ok else "MISS"
+
+
+def suite_verdict(
+    rows: list[Row], opts: Options, suite: Suite, criteria: Criteria, env: dict[str, Any]
+) -> list[str]:
+    """The suite's acceptance figures: its second variant against its first (the base)."""
+    base, name = suite.variants[0][0], suite.variants[1][0]
+    pairs = [
+        (c, b, v)
+        for c in opts.conns
+        if (b := _row(rows, base, c)) is not None and (v := _row(rows, name, c)) is not None
+    ]
+    ratios = ", ".join(
+        f"c{c} = {_fmt(v.x_first, '.2f')} "
+        f"({_verdict(None if v.x_first is None else v.x_first >= criteria.min_ratio)})"
+        for c, _, v in pairs
+    )
+    added = ", ".join(
+        f"c{c} {_fmt(v.p99_vs_first_ms, '+.2f')} ms ({b.p99_ms:.2f} -> {v.p99_ms:.2f}; "
+        + _verdict(
+            None if v.p99_vs_first_ms is None else v.p99_vs_first_ms <= criteria.max_added_p99_ms
+        )
+        + ")"
+        for c, b, v in pairs
+    )
+    lines = [
+        f"suite {opts.suite}: {name}/{base} req/s {ratios}   (target >= {criteria.min_ratio:.2f})",
+        f"suite {opts.suite}: p99 {name} - {base} (paired): {added}   "
+        f"(target <= {criteria.max_added_p99_ms:g} ms)",
+    ]
+    if any(c > 1 for c, _, _ in pairs):
+        lines.append(
+            "  (at c50/c200 the proxy's core is saturated, so p99 there grows with 1/req/s; "
+            "--conns 1 measures what one decision adds to an unloaded request)"
+        )
+    cpu = ", ".join(
+        f"c{c} {_fmt(v.proxy_us_vs_first, '+.0f')} us ({_fmt(b.proxy_us, '.0f')} -> "
+        f"{_fmt(v.proxy_us, '.0f')})"
+        for c, b, v in pairs
+    )
+    lines.append(f"suite {opts.suite}: proxy CPU/req {name} - {base}: {cpu}")
+    for helper in opts.helpers:
+        per = ", ".join(f"c{c} {_fmt(v.helper_us)} us" for c, _, v in pairs)
+        idle = ", ".join(f"c{c} {_fmt(b.helper_us)} us" for c, b, _ in pairs)
+        lines.append(
+            f"suite {opts.suite}: {helper.name} CPU per request of {name}: {per}   "
+            f"(idle {helper.name} during {base} runs: {idle})"
+        )
+    refused = sum(v.non2xx for _, _, v in pairs)
+    if refused:
+        lines.append(f"WARNING: {name} answered {refused} non-2xx (refusals?) in its runs")
+    dependencies = env.get("gateway_dependencies", {}).get(name)
+    warnings = env.get("gateway_warnings", {}).get(name)
+    lines.append(
+        f"suite {opts.suite}: {name} /health dependencies after the runs: {dependencies}; "
+        f"its WARNING+ log lines: {warnings or 'none'}"
+    )
+    if warnings:
+        lines.append(
+            f"WARNING: {name} logged warnings during the bench (e.g. a Redis fallback): "
+            "part of its runs may not have measured what the suite intends"
+        )
     return lines
 
 
@@ -1122,7 +1330,21 @@ def start_stack(stack: Stack, opts: Options) -> None:
         stack.start_gateway(variant, env)
 
 
-def run_all(stack: Stack, opts: Options) -> list[Run]:
+def wait_idle(limit: float) -> float:
+    """Wait until other work uses at most BUSY_CORES (over 1 s), ``limit`` seconds at most;
+    returns the cores still in use."""
+    deadline = time.monotonic() + limit
+    while (busy := busy_machine()) > BUSY_CORES and time.monotonic() < deadline:
+        pass
+    return busy
+
+
+def _worst(group: list[Run]) -> float:
+    return max(r.other_cpu for r in group)
+
+
+def run_all(stack: Stack, opts: Options, discarded: list[Run]) -> list[Run]:
+    """Every measured run; with --rerun-disturbed, the attempts not kept go to ``discarded``."""
     targets = stack.targets
     print(
         f"\nWarm-up: {WARMUP_SECONDS} s per target ({', '.join(t.name for t in targets)})",
@@ -1133,10 +1355,26 @@ def run_all(stack: Stack, opts: Options) -> list[Run]:
     runs = []
     for rep in range(1, opts.reps + 1):
         for conns in opts.conns:
-            for target in targets:
-                run = measure(stack, target, conns, opts.duration, rep)
-                runs.append(run)
-                print(progress_line(run), flush=True)
+            best: list[Run] = []
+            for attempt in range(opts.rerun_disturbed + 1):
+                if attempt:
+                    print(
+                        f"  rep {rep} c{conns} was disturbed (other CPU {_worst(best):.2f} "
+                        f"cores): waiting for an idle machine, then attempt {attempt + 1}",
+                        flush=True,
+                    )
+                    wait_idle(IDLE_WAIT)
+                group = []
+                for target in targets:
+                    run = measure(stack, target, conns, opts.duration, rep)
+                    group.append(run)
+                    print(progress_line(run), flush=True)
+                if not best or _worst(group) < _worst(best):
+                    best, group = group, best
+                discarded.extend(group)
+                if _worst(best) <= BUSY_CORES:
+                    break
+            runs.extend(best)
     return runs
 
 
@@ -1144,7 +1382,7 @@ def progress_line(run: Run) -> str:
     return (
         f"  rep {run.rep} c{run.conns:<4} {run.target:<24} {run.rps:9.0f} req/s  "
         f"p99 {run.p99_ms:8.2f} ms  proxy {_fmt(run.proxy_us):>6} us/req  "
-        f"errors {run.non2xx}/{run.socket_errors}"
+        f"errors {run.non2xx}/{run.socket_errors}  other CPU {run.other_cpu:.2f}"
     )
 
 
@@ -1153,10 +1391,16 @@ def report(runs: list[Run], opts: Options, env: dict[str, Any], started: float) 
     rows = summarize(runs, gateways[0])
     print_table(rows, opts.reps, bool(opts.helpers))
     print("\nHeadline (gateway = first variant, logging every request at INFO to a file):")
-    lines = headline(rows, opts)
+    lines = headline(rows, opts, env)
     warning = disturbance(runs)
     if warning is not None:
         lines.append(warning)
+    if discarded := env.get("discarded_runs"):
+        groups = len({(r["rep"], r["conns"]) for r in discarded})
+        lines.append(
+            f"{groups} disturbed rep/conns groups were measured again (--rerun-disturbed): "
+            f"the table keeps the least disturbed attempt of each ({len(discarded)} runs dropped)"
+        )
     for line in lines:
         print(f"  {line}")
     print_environment(env)
@@ -1200,10 +1444,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"Layout: {layout.note}. About {plan_seconds(opts, len(stack.targets)):.0f} s of load."
         )
+        if opts.suite:
+            print(f"Suite {opts.suite}: {SUITES[opts.suite].about}")
         for note in tools.notes:
             print(f"NOTE: {note}")
-        runs = run_all(stack, opts)
+        discarded: list[Run] = []
+        runs = run_all(stack, opts, discarded)
+        env["discarded_runs"] = [asdict(r) for r in discarded]
+        env["gateway_dependencies"] = stack.gateway_dependencies()
         env["gateway_log_lines"] = stack.gateway_log_lines()
+        env["gateway_warnings"] = stack.gateway_warnings()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every server", file=sys.stderr)
         return 130

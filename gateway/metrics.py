@@ -41,7 +41,8 @@ class Metrics:
         )
         self.duration = Histogram(
             "http_request_duration_seconds",
-            "Time from request start to the end of the response, by service.",
+            "Time from request start to the end of the response, by service "
+            "(WebSocket sessions are not observed here).",
             ["service"],
             buckets=BUCKETS,
             registry=r,
@@ -169,6 +170,8 @@ class Metrics:
         if counter is None:
             counter = self._request_children[key] = self.requests.labels(*key[:2], str(status))
         counter.inc()
+        if status == 101:
+            return  # a WebSocket session's length is not a request latency
         histogram = self._duration_children.get(service)
         if histogram is None:
             histogram = self._duration_children[service] = self.duration.labels(service)

@@ -208,6 +208,8 @@ async def test_close_codes_and_reasons_are_relayed_both_ways(ws_upstream, gatewa
         text = await response.text()
     assert 'gateway_websocket_sessions_closed_total{code="4xxx",service="city"} 2.0' in text
     assert 'gateway_websocket_sessions{service="city"} 0.0' in text
+    assert 'http_requests_total{method="GET",service="city",status="101"} 2.0' in text
+    assert 'http_request_duration_seconds_count{service="city"}' not in text  # not latencies
 
 
 async def test_upstream_dying_mid_session_closes_the_client_with_1014(ws_upstream, gateway, client):
