@@ -4,6 +4,7 @@ broadcast rooms, like the city service) on 127.0.0.2 and 127.0.0.3."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -393,3 +394,42 @@ async def test_not_a_websocket_route(ws_upstream, gateway, client):
         assert response.status == 404
     async with client.get(gw.url + "/ws/city/rooms/general") as response:
         assert response.status == 426  # a WebSocket route, but no handshake
+
+
+async def test_a_slow_reader_slows_the_writer_on_the_other_side(gateway):
+    sent = 0
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        chunk = b"z" * 65536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100_000):  # far more than any buffer: 6.5 GB
+                await ws.send_bytes(chunk)
+                sent += len(chunk)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/city/rooms/{room}", flood)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, NODA1, 0).start()
+    try:
+        gw = await gateway(city(runner.addresses[0][1]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(65536)  # the flood started; this client now reads no more
+        await asyncio.sleep(1.0)
+        plateau = sent
+        await asyncio.sleep(0.5)
+        assert sent == plateau, "the upstream kept sending though the client read nothing"
+        assert plateau < 32 * 1024 * 1024, f"{plateau} bytes in flight for one session"
+        writer.close()
+    finally:
+        await runner.cleanup()
