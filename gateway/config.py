@@ -18,7 +18,9 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 
-from .schema import MinItems, Pattern, Problem, Range, doc, json_schema, load_yaml, validate
+from .schema import MinItems, Pattern, Problem, Range, doc, validate
+from .schemajson import json_schema
+from .yamlsource import load_yaml
 
 NAME_RE = r"[a-z0-9][a-z0-9_-]{0,62}"
 Name = Annotated[str, Pattern(NAME_RE, "a name (lowercase letters, digits, '-', '_')")]

@@ -24,6 +24,8 @@ from typing import Any, Final, Literal, TypeVar, get_args, get_origin, get_type_
 
 import yaml
 
+from .yamlsource import ENV_LIKE, LineLoader, substitute_env
+
 T = TypeVar("T")
 Path = tuple[str | int, ...]
 
@@ -90,76 +92,6 @@ class _Invalid:
 
 INVALID: Final = _Invalid()
 
-_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_ENV_LIKE = re.compile(r"\$\{")
-
-
-def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
-    """Replace ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``.
-
-    Returns the new text and the names of unset variables that had no default.
-    """
-    missing: list[str] = []
-
-    def repl(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, default = m.group(1), m.group(2)
-        value = env.get(name)
-        if value is None or (value == "" and default is not None):
-            if default is None:
-                missing.append(name)
-                return ""
-            return default
-        return value
-
-    return _ENV.sub(repl, text), missing
-
-
-class LineLoader(yaml.SafeLoader):
-    """A safe YAML loader that rejects duplicate keys and remembers line numbers.
-
-    ``lines[id(container)]`` maps each key or index of a loaded dict or list to the
-    1-based line where it appears, so that problems can name their line.
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.lines: dict[int, dict[Any, int]] = {}
-        self.keep: list[Any] = []  # keeps containers alive so that their ids stay unique
-        self.duplicates: list[tuple[int, Any, int]] = []  # (container id, key, line)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)
-        result: dict[Any, Any] = {}
-        where: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, typing.Hashable):
-                raise yaml.constructor.ConstructorError(
-                    None, None, "unhashable key", key_node.start_mark
-                )
-            line = key_node.start_mark.line + 1
-            if key in where:
-                self.duplicates.append((id(result), key, line))
-            result[key] = self.construct_object(value_node, deep=True)
-            where[key] = line
-        self.lines[id(result)] = where
-        self.keep.append(result)
-        return result
-
-    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
-        result = [self.construct_object(child, deep=True) for child in node.value]
-        self.lines[id(result)] = {
-            i: child.start_mark.line + 1 for i, child in enumerate(node.value)
-        }
-        self.keep.append(result)
-        return result
-
-
-LineLoader.add_constructor("tag:yaml.org,2002:map", LineLoader.construct_mapping)
-LineLoader.add_constructor("tag:yaml.org,2002:seq", LineLoader.construct_sequence)
-
 
 class Converter:
     """Validates plain data against a type hint, recording problems instead of raising."""
@@ -193,7 +125,7 @@ class Converter:
         if origin in (typing.Union, types.UnionType):
             return self._union(hint, value, path, line)
         scalar = origin is Literal or hint in (int, float, bool)
-        if scalar and isinstance(value, str) and _ENV_LIKE.search(value):
+        if scalar and isinstance(value, str) and ENV_LIKE.search(value):
             value = self._env_scalar(value, path, line)
             if value is INVALID:
                 return INVALID
@@ -378,108 +310,6 @@ def _name(hint: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(
         hint, str(hint)
     )
-
-
-def json_schema(hint: Any, description: str | None = None) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of a type hint built from the kinds above."""
-    schema = _schema(hint)
-    if description:
-        schema["description"] = description
-    return schema
-
-
-_ENV_STRING: Final[dict[str, Any]] = {"type": "string", "pattern": r"\$\{"}
-
-
-def _schema(hint: Any) -> dict[str, Any]:
-    origin = get_origin(hint)
-    if origin is typing.Annotated:
-        base, *constraints = get_args(hint)
-        schema = _schema(base)
-        if base is str and any(isinstance(c, Pattern) for c in constraints):
-            schema = {"anyOf": [schema, _ENV_STRING]}  # "${VAR}" is checked once substituted
-        target = schema["anyOf"][0] if "anyOf" in schema else schema
-        for c in constraints:
-            if isinstance(c, Range):
-                target.update(
-                    {
-                        k: v
-                        for k, v in (
-                            ("minimum", c.min),
-                            ("maximum", c.max),
-                            ("exclusiveMinimum", c.gt),
-                        )
-                        if v is not None
-                    }
-                )
-            elif isinstance(c, Pattern):
-                target["pattern"] = f"^(?:{c.regex})$"
-            elif isinstance(c, MinItems):
-                target["minItems"] = c.n
-        return schema
-    if origin in (typing.Union, types.UnionType):
-        options = [_schema(a) for a in get_args(hint) if a is not type(None)]
-        if type(None) in get_args(hint):
-            options.append({"type": "null"})
-        return {"anyOf": options}
-    if origin is Literal:
-        return {"enum": list(get_args(hint))}
-    if origin is tuple:
-        return {"type": "array", "items": _schema(get_args(hint)[0])}
-    if origin in (Mapping, dict, typing.Mapping):
-        key, item = get_args(hint)
-        schema = {"type": "object", "additionalProperties": _schema(item)}
-        key_schema = _schema(key)
-        if "pattern" in key_schema:
-            schema["propertyNames"] = {"pattern": key_schema["pattern"]}
-        return schema
-    if dataclasses.is_dataclass(hint):
-        return _dataclass_schema(typing.cast("type[Any]", hint))
-    simple = {str: "string", int: "integer", float: "number", bool: "boolean"}
-    if hint is str:
-        return {"type": "string"}
-    if hint in simple:
-        return {"anyOf": [{"type": simple[hint]}, _ENV_STRING]}
-    raise TypeError(f"unsupported type hint {hint!r}")  # pragma: no cover
-
-
-def _dataclass_schema(cls: type[Any]) -> dict[str, Any]:
-    hints = get_type_hints(cls, include_extras=True)
-    properties: dict[str, Any] = {}
-    required: list[str] = []
-    for f in dataclasses.fields(cls):
-        prop = _schema(hints[f.name])
-        if "doc" in f.metadata:
-            prop["description"] = f.metadata["doc"]
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.append(f.name)
-        elif isinstance(f.default, (str, int, float, bool)):
-            prop["default"] = f.default
-        properties[f.name] = prop
-    schema: dict[str, Any] = {
-        "type": "object",
-        "properties": properties,
-        "additionalProperties": False,
-    }
-    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-        schema["description"] = " ".join(cls.__doc__.split())
-    if required:
-        schema["required"] = required
-    shorthand = getattr(cls, "__shorthand__", None)
-    if shorthand:
-        return {
-            "anyOf": [{"type": "string", "description": f"short for {{{shorthand}: ...}}"}, schema]
-        }
-    return schema
-
-
-def load_yaml(text: str) -> tuple[Any, LineLoader]:
-    """Parse YAML safely; raises ``yaml.YAMLError`` for syntax errors."""
-    loader = LineLoader(text)
-    try:
-        return loader.get_single_data(), loader
-    finally:
-        loader.dispose()
 
 
 def validate(
