@@ -847,6 +847,7 @@ class Run:
     load_cpu: float  # cores used by the load generator
     other_cpu: float  # cores used by everything else on the machine (other users' work)
     steal_pct: float
+    log_warnings: int = 0  # WARNING+ lines the target gateway logged during the run
 
 
 @dataclass(frozen=True)
@@ -885,7 +886,30 @@ def _us_per_request(seconds: float, requests: int) -> float:
     return seconds / max(requests, 1) * 1e6
 
 
+def _log_size(target: Target) -> int:
+    if target.kind != "gateway" or target.proxy is None:
+        return 0
+    with contextlib.suppress(OSError):
+        return target.proxy.log.stat().st_size
+    return 0
+
+
+def _warnings_since(target: Target, offset: int) -> int:
+    """WARNING and worse lines the gateway wrote to its log after ``offset`` bytes."""
+    if target.kind != "gateway" or target.proxy is None:
+        return 0
+    with contextlib.suppress(OSError), target.proxy.log.open("rb") as log:
+        log.seek(offset)
+        text = log.read()
+        return sum(text.count(f'"level":"{level}"'.encode()) for level in _WARNING_LEVELS)
+    return 0
+
+
+_WARNING_LEVELS: Final = ("WARNING", "ERROR", "CRITICAL")
+
+
 def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) -> Run:
+    log_offset = _log_size(target)
     before = _clock(stack, target)
     load = run_load(stack.tools, stack.layout, target.port, conns, seconds)
     after = _clock(stack, target)
@@ -909,6 +933,7 @@ def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) ->
         load_cpu=used["load"] / load.seconds,
         other_cpu=max(0.0, used["busy"] - ours) / load.seconds,
         steal_pct=100.0 * used["steal"] / max(used["total"], 1e-9),
+        log_warnings=_warnings_since(target, log_offset),
     )
 
 
@@ -933,6 +958,7 @@ class Row:
     steal_pct: float
     non2xx: int
     socket_errors: int
+    log_warnings: int
     x_nginx: float | None
     x_direct: float | None
     x_first: float | None  # vs the first gateway variant
@@ -998,6 +1024,7 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
                 steal_pct=statistics.median(r.steal_pct for r in mine),
                 non2xx=sum(r.non2xx for r in mine),
                 socket_errors=sum(r.socket_errors for r in mine),
+                log_warnings=sum(r.log_warnings for r in mine),
                 x_nginx=_paired(runs, mine, NGINX) if kind == "gateway" else None,
                 x_direct=_paired(runs, mine, DIRECT) if kind != "direct" else None,
                 x_first=_paired(runs, mine, first_gateway) if vs_first else None,
@@ -1024,6 +1051,7 @@ def print_table(rows: list[Row], reps: int, with_helpers: bool) -> None:
         "other CPU",
         "steal %",
         "non-2xx/sock err",
+        "log warns",
         "x nginx",
         "x direct",
         "x first gw",
@@ -1045,6 +1073,7 @@ def print_table(rows: list[Row], reps: int, with_helpers: bool) -> None:
             f"{row.other_cpu:.2f}",
             f"{row.steal_pct:.1f}",
             f"{row.non2xx}/{row.socket_errors}",
+            str(row.log_warnings) if row.kind == "gateway" else "-",
             _fmt(row.x_nginx, ".2f"),
             _fmt(row.x_direct, ".2f"),
             _fmt(row.x_first, ".2f"),
@@ -1383,6 +1412,7 @@ def progress_line(run: Run) -> str:
         f"  rep {run.rep} c{run.conns:<4} {run.target:<24} {run.rps:9.0f} req/s  "
         f"p99 {run.p99_ms:8.2f} ms  proxy {_fmt(run.proxy_us):>6} us/req  "
         f"errors {run.non2xx}/{run.socket_errors}  other CPU {run.other_cpu:.2f}"
+        + (f"  log warnings {run.log_warnings}" if run.log_warnings else "")
     )
 
 
