@@ -13,7 +13,7 @@ Retry rules (Pingora's and Envoy's, made strict):
   keep-alive connection is recovered), after a short jittered back-off. A POST that reached
   an upstream is never sent to a second one.
 
-Every outcome is also a passive health check of its target (``HealthBook.exchanged``).
+Every outcome is also a passive health check of its target (``HealthBook.passed``/``failed``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ async def exchange(
     def usable(target: Target) -> bool:
         return health.usable(target, now)
 
-    if not gw.balancer.has_other(route, usable, ()):
+    first = gw.balancer.choose(route, usable)
+    if first is None:
         raise _all_down(gw, route)
     slots = gw.slots_for(route)
     await slots.acquire(route.connect_timeout)
@@ -74,7 +75,7 @@ async def exchange(
         body = await read_body(request, replay)
         replayable = not isinstance(body, aiohttp.StreamReader)
         upstream = await _attempts(
-            gw, ex, route, path_qs=path_qs, body=body, replayable=replayable, usable=usable
+            gw, ex, route, first, path_qs=path_qs, body=body, replayable=replayable, usable=usable
         )
         target = ex.target
         assert target is not None  # noqa: S101 - _attempts sets it with each attempt
@@ -83,7 +84,7 @@ async def exchange(
         try:
             return await relay(request, upstream, ex.request_id, extra)
         except UpstreamAborted:
-            health.exchanged(target, False, "aborted mid-response", route.probe, route.ejection)
+            health.failed(target, "aborted mid-response", route.probe, route.ejection)
             raise
     finally:
         gauge.dec()
@@ -94,6 +95,7 @@ async def _attempts(
     gw: Gateway,
     ex: Exchange,
     route: Route,
+    first: Target,
     *,
     path_qs: str,
     body: bytes | aiohttp.StreamReader | None,
@@ -106,7 +108,7 @@ async def _attempts(
     tried: list[Target] = []
     failure: GatewayError | None = None
     for attempt in range(route.retries + 1):
-        target = gw.balancer.choose(route, usable, tried)
+        target = gw.balancer.choose(route, usable, tried) if attempt else first
         if target is None and failure is not None and failure.kind in SAME_TARGET_AGAIN:
             target = tried[-1]  # no other target: the same one again (a stale keep-alive)
         if target is None:
@@ -122,16 +124,22 @@ async def _attempts(
                 timeout=route.client_timeout, origin=origin,
             )  # fmt: skip
         except GatewayError as err:
-            gw.health.exchanged(target, False, err.code, route.probe, route.ejection)
+            gw.health.failed(target, err.code, route.probe, route.ejection)
             if not may_retry(err.kind, request.method, replayable):
                 raise
             failure = err
             continue
-        ok = upstream.status < 500
-        gw.health.exchanged(target, ok, f"status {upstream.status}", route.probe, route.ejection)
-        last = attempt == route.retries or not gw.balancer.has_other(route, usable, tried)
-        retry = may_retry("status", request.method, replayable)
-        if upstream.status in RETRY_STATUS and retry and not last:
+        status = upstream.status
+        if status < 500:
+            gw.health.passed(target)
+            return upstream
+        gw.health.failed(target, f"status {status}", route.probe, route.ejection)
+        if (
+            status in RETRY_STATUS
+            and attempt < route.retries
+            and may_retry("status", request.method, replayable)
+            and gw.balancer.has_other(route, usable, tried)
+        ):
             upstream.release()
             failure = GatewayError(
                 502, "upstream_status", f"the upstream answered {upstream.status}", kind="status"

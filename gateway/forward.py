@@ -85,13 +85,13 @@ class UpstreamAborted(Exception):
 
 def end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """The headers not in ``drop`` (lower-case names) nor named by a Connection header."""
+    headers = CIMultiDict(incoming)  # one C-level copy, then the few deletions: cheaper
     connection = incoming.getall("Connection", ())
     if connection:
         drop = drop | {t.strip().lower() for v in connection for t in v.split(",")}
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
-            headers.add(name, value)
+    for name in drop:
+        if name in headers:
+            del headers[name]  # every header of that name, case-insensitively
     return headers
 
 

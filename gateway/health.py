@@ -3,7 +3,7 @@
 Two sources, one record per target (``TargetHealth``):
 - **active** checks (``probe.py`` calls ``probed``): a target goes *down* after ``fall``
   consecutive failed probes and comes back *up* after ``rise`` consecutive passes;
-- **passive** checks (the forwarding path calls ``exchanged``): after ``fall`` consecutive
+- **passive** checks (the forwarding path calls ``passed``/``failed``): after ``fall`` consecutive
   failures of real traffic (connect failures, timeouts, 5xx) a target is *ejected* for
   ``base`` seconds, ``base`` more each time that repeats (at most ``max``). ``rise``
   consecutive passing probes end an ejection early, so a returning node is back in use
@@ -92,14 +92,17 @@ class HealthBook:
 
     # -- passive: real traffic ----------------------------------------------------------------
 
-    def exchanged(self, target: Target, ok: bool, reason: str, policy: ProbePolicy,
-                  ejection: EjectionPolicy) -> None:  # fmt: skip
-        """Record one exchange of real traffic with ``target``."""
+    def passed(self, target: Target) -> None:
+        """Real traffic got an answer from ``target`` (the hot path: kept small)."""
+        health = self._targets.get(target.key) or self.get(target)
+        health.checked = True
+        health.traffic_failures = 0
+
+    def failed(self, target: Target, reason: str, policy: ProbePolicy,
+               ejection: EjectionPolicy) -> None:  # fmt: skip
+        """Real traffic failed with ``target``: count it, and eject after ``fall`` in a row."""
         health = self.get(target)
         health.checked = True
-        if ok:
-            health.traffic_failures = 0
-            return
         now = self.monotonic()
         health.traffic_failures += 1
         if health.traffic_failures < policy.fall or now < health.ejected_until:

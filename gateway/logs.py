@@ -9,6 +9,7 @@ passes as ``extra={"fields": {...}}``. Tracebacks appear only for the gateway's 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -35,8 +36,13 @@ def request_id_from(header: str | None) -> str:
     return new_request_id()
 
 
+_ID_PREFIX: Final = os.urandom(8).hex()  # this process's; the counter makes each id unique
+_ID_COUNTER = itertools.count()
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    """32 hex digits, unique across processes and restarts (not a secret)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 class _Clock:

@@ -159,7 +159,7 @@ def _finish(gw: Gateway, ex: Exchange) -> None:
         "route": ex.service,
     }
     if ex.target is not None:
-        fields["upstream"] = f"{ex.target.node} {ex.target.host}:{ex.target.port}"
+        fields["upstream"] = ex.target.label
     if ex.error is not None:
         fields["error"] = ex.error
     if ex.rate_limit is not None:

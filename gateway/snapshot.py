@@ -9,7 +9,7 @@ once, with every default resolved.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -29,15 +29,18 @@ class Target:
     host: str
     port: int
     tier: int  # 0: the preferred nodes; 1, 2...: fallbacks in order
+    key: tuple[str, str, str, int] = field(init=False, compare=False)
+    origin: str = field(init=False, compare=False)  # http://host:port
+    label: str = field(init=False, compare=False)  # "node host:port", for log lines
 
-    @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.service, self.node, self.host, self.port)
-
-    @property
-    def origin(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"http://{host}:{self.port}"
+    def __post_init__(self) -> None:
+        # Computed once here: requests read them on the hot path.
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        object.__setattr__(self, "key", (self.service, self.node, self.host, self.port))
+        object.__setattr__(self, "origin", f"http://{host}:{self.port}")
+        object.__setattr__(self, "label", f"{self.node} {self.host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +81,10 @@ class Route:
     ejection: EjectionPolicy
     retries: int
     ws: WsPolicy | None  # None: no WebSocket sessions
+    targets: tuple[Target, ...] = field(init=False)  # every tier's, in order
 
-    @property
-    def targets(self) -> tuple[Target, ...]:
-        return tuple(t for tier in self.tiers for t in tier)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(t for tier in self.tiers for t in tier))
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,8 +181,10 @@ async def _connect(
                     decode_text=False,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            health.exchanged(target, exc.status < 500, f"status {exc.status}", route.probe,
-                             route.ejection)  # fmt: skip
+            if exc.status < 500:
+                health.passed(target)
+            else:
+                health.failed(target, f"status {exc.status}", route.probe, route.ejection)
             raise GatewayError(
                 exc.status if 400 <= exc.status <= 599 else 502,
                 "upgrade_refused",
@@ -190,9 +192,9 @@ async def _connect(
             ) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             failure = upstream_error(exc)
-            health.exchanged(target, False, failure.code, route.probe, route.ejection)
+            health.failed(target, failure.code, route.probe, route.ejection)
             continue
-        health.exchanged(target, True, "101", route.probe, route.ejection)
+        health.passed(target)
         if target.tier > 0:
             gw.metrics.failovers.labels(route.service, target.node).inc()
         return upstream
