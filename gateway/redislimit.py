@@ -17,17 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import urllib.parse
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 
 from .config import Redis
 from .ratelimit import Decision, LocalLimiter, Zone
+from .redisclients import runner_for
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -35,7 +32,6 @@ MAX_IN_FLIGHT: Final = 4
 MAX_BATCH: Final = 512
 PROBE_INTERVAL: Final = 0.25
 PROBE_TIMEOUT: Final = 0.5
-CONNECT_TIMEOUT: Final = 1.0
 
 # KEYS: bucket keys. ARGV: (rate, burst, ttl) per key, in milli-requests/s, milli-requests, ms.
 # Returns, per key: 1/0 (allowed) and the excess with that request counted.
@@ -76,55 +72,6 @@ return out
 Pending = tuple[Zone, str, "asyncio.Future[Decision]"]
 
 
-def connect(url: str, timeout: float) -> tuple[Any, list[Any]]:
-    """A redis-py asyncio client for any of the supported URL forms, and the other clients
-    it needs (the sentinels) that must be closed with it.
-
-    Calls get no socket timeout and no retries of their own: every call on a request's path
-    is bounded by ``asyncio.timeout(redis.timeout)`` in the limiter, and a failure switches to
-    the fallback at once. The connect timeout is generous because only the background probe
-    can wait that long (a busy machine may take more than 50 ms to set up a connection).
-    """
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme == "redis+cluster":
-        nodes = [ClusterNode(host, port) for host, port in _hosts(parsed.netloc)]
-        cluster = RedisCluster(
-            startup_nodes=nodes,
-            username=parsed.username,
-            password=parsed.password,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            retry=None,
-        )
-        return cluster, []
-    if parsed.scheme == "redis+sentinel":
-        master, _, db = parsed.path.strip("/").partition("/")
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-            _hosts(parsed.netloc),
-            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": CONNECT_TIMEOUT},
-            username=parsed.username,
-            password=parsed.password,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-        )
-        return sentinel.master_for(master, db=int(db or 0)), list(sentinel.sentinels)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_IN_FLIGHT + 1,  # the batches plus the recovery probe
-        timeout=timeout,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        retry=None,
-    )
-    return aioredis.Redis.from_pool(pool), []  # the client owns (and closes) its pool
-
-
-def _hosts(netloc: str) -> list[tuple[str, int]]:
-    """``[user:pass@]host:port,host:port`` → [(host, port), ...] (sentinel's port by default)."""
-    hosts = []
-    for item in netloc.rpartition("@")[2].split(","):
-        host, sep, port = item.rpartition(":")
-        hosts.append((host.strip("[]"), int(port)) if sep else (item, 26379))
-    return hosts
-
-
 class RedisLimiter:
     """The shared limiter with its fallback; see the module docstring."""
 
@@ -135,9 +82,7 @@ class RedisLimiter:
     ) -> None:
         self.settings = settings
         self.local = LocalLimiter()
-        self._client, self._helpers = connect(settings.url, settings.timeout)
-        self._cluster = isinstance(self._client, RedisCluster)
-        self._script = self._client.register_script(LUA)
+        self._runner = runner_for(settings.url, LUA, settings.timeout, MAX_IN_FLIGHT + 1)
         self._on_transition = on_transition
         self._connected = True
         self._pending: list[Pending] = []
@@ -195,7 +140,7 @@ class RedisLimiter:
                 asyncio.get_running_loop().call_soon(self._flush)
 
     async def _call(self, batch: list[Pending]) -> list[tuple[int, int]]:
-        if not self._cluster:
+        if not self._runner.cluster:
             return await self._eval(batch)
         # A cluster runs a script only on keys of one slot: one call per slot, concurrently.
         groups: dict[int, list[Pending]] = {}
@@ -215,7 +160,7 @@ class RedisLimiter:
         args: list[int] = []
         for zone, _, _ in batch:
             args += (zone.rate, zone.burst, zone.ttl_ms)
-        flat = await self._script(keys=keys, args=args)
+        flat = await self._runner.run(keys, args)
         return list(zip(flat[::2], flat[1::2], strict=True))
 
     def _disconnected(self, exc: BaseException) -> None:
@@ -235,7 +180,7 @@ class RedisLimiter:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 async with asyncio.timeout(max(self.settings.timeout * 4, PROBE_TIMEOUT)):
-                    await self._client.ping()
+                    await self._runner.ping()
             except Exception as exc:  # noqa: BLE001 - still down: try again next interval
                 log.debug("redis probe failed", extra={"fields": {"reason": _reason(exc)}})
                 continue
@@ -248,7 +193,7 @@ class RedisLimiter:
         """Check Redis once; if it does not answer, start in the fallback and probe."""
         try:
             async with asyncio.timeout(max(self.settings.timeout, 1.0)):
-                await self._client.ping()
+                await self._runner.ping()
         except Exception as exc:  # noqa: BLE001 - unreachable at start: fall back and probe
             self._disconnected(exc)
 
@@ -259,8 +204,7 @@ class RedisLimiter:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for client in (self._client, *self._helpers):
-            await client.aclose()
+        await self._runner.aclose()
 
 
 def _reason(exc: BaseException) -> str:

@@ -290,12 +290,15 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
-    def command(self, *args: str) -> bytes:
+    def command(self, *args: str, password: str | None = None) -> bytes:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            if password is not None:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                assert s.recv(64) == b"+OK\r\n"
             s.sendall((" ".join(args) + "\r\n").encode())
             return s.recv(65536)
 

@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 import pytest
+import redis.asyncio
 
 from gateway.clients import TrustedProxies, parse
 from gateway.config import RateLimit, Redis
@@ -122,7 +123,9 @@ async def test_keys_expire_once_drained(limiter, shared_redis_url, redis_prefix)
     redis_limiter = await limiter()
     zone = compile_zone("short", RateLimit(rate="10r/s", burst=2))
     await redis_limiter.decide(zone, "k")
-    ttl = await redis_limiter._client.pttl(f"{redis_prefix}{{k}}")
+    inspector = redis.asyncio.from_url(shared_redis_url)
+    ttl = await inspector.pttl(f"{redis_prefix}{{k}}")
+    await inspector.aclose()
     assert 0 < ttl <= zone.ttl_ms == 1200
 
 

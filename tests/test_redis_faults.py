@@ -209,3 +209,36 @@ async def test_cluster_url_spreads_keys_over_slots(own_redis):
         assert sum(1 for u in used if u) >= 2  # the buckets live on several nodes
     finally:
         await limiter.close()
+
+
+async def test_password_db_and_unix_socket_urls(own_redis, tmp_path):
+    server = own_redis("--requirepass", "s3cret", "--unixsocket", str(tmp_path / "r.sock"))
+    urls = [
+        f"redis://:s3cret@127.0.0.1:{server.port}/2",
+        f"redis://default:s3cret@127.0.0.1:{server.port}/3",
+        f"unix://:s3cret@{tmp_path / 'r.sock'}?db=4",
+    ]
+    for url in urls:
+        limiter = RedisLimiter(Redis(url=url, prefix="p:"))
+        try:
+            await limiter.start()
+            decisions = await asyncio.gather(*(limiter.decide(ZONE, "k") for _ in range(25)))
+            assert sum(d.allowed for d in decisions) == 21
+            assert limiter.state == "connected", url
+        finally:
+            await limiter.close()
+    keyspace = server.command("INFO", "keyspace", password="s3cret")  # noqa: S106 - a test server
+    for db in (2, 3, 4):  # each URL's db got its bucket
+        assert f"db{db}:keys=1".encode() in keyspace
+
+
+async def test_a_wrong_password_means_the_fallback(own_redis):
+    server = own_redis("--requirepass", "s3cret")
+    limiter = RedisLimiter(Redis(url=f"redis://:wrong@127.0.0.1:{server.port}/0"))
+    try:
+        await limiter.start()
+        assert limiter.state == "disconnected"
+        decisions = await asyncio.gather(*(limiter.decide(ZONE, "k") for _ in range(25)))
+        assert sum(d.allowed for d in decisions) == 21  # local limits, same zone
+    finally:
+        await limiter.close()
