@@ -43,7 +43,7 @@ class TargetHealth:
     ejected_until: float = 0.0  # monotonic
     ejections: int = 0  # in a row, for the growing ejection time
     last_ejection: float = float("-inf")  # monotonic
-    checked: bool = False  # any probe or exchange seen yet
+    last_ok: bool | None = None  # the last probe or exchange; None before any
 
     def usable(self, now: float) -> bool:
         return self.up and now >= self.ejected_until
@@ -53,7 +53,9 @@ class TargetHealth:
             return "down"
         if now < self.ejected_until:
             return "ejected"
-        return "up" if self.checked else "unknown"
+        if self.last_ok is None:
+            return "unknown"
+        return "up" if self.last_ok else "failing"  # failing: in use, fall not reached yet
 
 
 class HealthBook:
@@ -95,14 +97,14 @@ class HealthBook:
     def passed(self, target: Target) -> None:
         """Real traffic got an answer from ``target`` (the hot path: kept small)."""
         health = self._targets.get(target.key) or self.get(target)
-        health.checked = True
+        health.last_ok = True
         health.traffic_failures = 0
 
     def failed(self, target: Target, reason: str, policy: ProbePolicy,
                ejection: EjectionPolicy) -> None:  # fmt: skip
         """Real traffic failed with ``target``: count it, and eject after ``fall`` in a row."""
         health = self.get(target)
-        health.checked = True
+        health.last_ok = False
         now = self.monotonic()
         health.traffic_failures += 1
         if health.traffic_failures < policy.fall or now < health.ejected_until:
@@ -127,7 +129,7 @@ class HealthBook:
         health = self.get(target)
         now = self.monotonic()
         was_usable = health.usable(now)
-        health.checked = True
+        health.last_ok = ok
         if ok:
             health.probe_failures = 0
             health.probe_passes += 1
@@ -181,11 +183,14 @@ class HealthBook:
     # -- views --------------------------------------------------------------------------------
 
     def service_state(self, route: Route, now: float) -> str:
-        """``connected`` if a target is usable, else ``disconnected``; ``unknown`` untested."""
+        """``connected``: a usable target whose last check passed; ``disconnected``: no usable
+        target; ``unknown``: usable targets, none confirmed yet (or the last checks failed
+        without reaching ``fall``)."""
         records = [self.get(t) for t in route.targets]
-        if any(r.usable(now) for r in records):
-            return "connected" if any(r.checked for r in records) else "unknown"
-        return "disconnected"
+        usable = [r for r in records if r.usable(now)]
+        if not usable:
+            return "disconnected"
+        return "connected" if any(r.last_ok for r in usable) else "unknown"
 
     def export(self, routes: Iterable[Route]) -> tuple[dict[str, str], dict[str, str]]:
         """Set every health gauge from the current state; return the service and node states

@@ -56,7 +56,13 @@ async def test_health_follows_the_standards_format_and_rule(upstream, gateway, c
 
     async with client.get(gw.url + "/api/city/x") as r:
         assert r.status == 200
-    for _ in range(3):  # health.fall failures take the only target of search out
+    async with client.get(gw.url + "/api/search/x") as r:
+        assert r.status == 502
+    async with client.get(gw.url + "/health") as response:
+        body = await response.json()
+    # One failure is not yet `fall`: the target stays in use, but is not called connected.
+    assert body["dependencies"] == {"city": "connected", "search": "unknown"}
+    for _ in range(2):  # health.fall failures take the only target of search out
         async with client.get(gw.url + "/api/search/x") as r:
             assert r.status == 502
     async with client.get(gw.url + "/health") as response:
