@@ -61,7 +61,11 @@ async def handle(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
         ex.status, ex.error = err.status, err.code
         if err.kind and ex.service != UNMATCHED:
             gw.metrics.upstream_errors.labels(ex.service, err.kind).inc()
-        return error_response(err, ex.request_id)
+        response = error_response(err, ex.request_id)
+        if websocket.is_upgrade(request):
+            # Whatever the client sent after a refused handshake is not HTTP: do not read on.
+            response.force_close()
+        return response
     except ClientGone:
         ex.status, ex.error = CLIENT_CLOSED, "client_closed"
         return web.Response(status=CLIENT_CLOSED)  # nobody will read it; aiohttp expects one

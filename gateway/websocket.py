@@ -108,6 +108,8 @@ async def relay(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.St
             426, "upgrade_required", "use a WebSocket handshake here",
             headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )  # fmt: skip
+    if not web.WebSocketResponse().can_prepare(request).ok:  # checked before any upstream
+        raise GatewayError(400, "bad_handshake", "the WebSocket handshake is not valid")
     origin = request.headers.get("Origin", "").lower()
     if policy.origins is not None and origin not in policy.origins:
         raise GatewayError(403, "origin_not_allowed", "this origin may not open sessions here")
@@ -125,7 +127,7 @@ async def relay(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.St
     _pass_headers(upstream, client, ex.request_id)
     try:
         await client.prepare(request)
-    except (ConnectionError, aiohttp.ClientConnectionResetError):
+    except BaseException:  # the client left (or was cancelled) before its 101 went out
         await upstream.close(code=GOING_AWAY)
         raise
     ex.status = 101

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from .conftest import CLOSE_WAIT, NODA1, NODA2, routes, tcp_sockets
+from .conftest import CLOSE_WAIT, NODA1, NODA2, raw_exchange, routes, tcp_sockets
 
 
 @dataclass
@@ -433,3 +433,16 @@ async def test_a_slow_reader_slows_the_writer_on_the_other_side(gateway):
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_an_invalid_handshake_is_400_before_any_upstream(ws_upstream, gateway):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    response = await raw_exchange(
+        gw.port,
+        b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 7\r\n\r\n",  # no key, old version
+    )
+    assert response.status == 400
+    assert response.json()["error"] == "bad_handshake"
+    assert seen.handshakes == []
