@@ -183,7 +183,10 @@ async def relay(
 ) -> web.StreamResponse:
     """Stream the upstream's response to the client (and release the upstream connection)."""
     headers = response_headers(upstream, request_id, extra_headers)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    # A body of known length follows its headers at once: send both in one write. A body of
+    # unknown length (a stream, server-sent events) may take long: its headers go out first.
+    kind = _KnownLength if upstream.content_length is not None else web.StreamResponse
+    response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUS:
@@ -204,6 +207,13 @@ async def relay(
     finally:
         upstream.release()
     return response
+
+
+class _KnownLength(web.StreamResponse):
+    """Holds the headers back until the first body bytes (or the end), as aiohttp's own
+    ``web.Response`` does: one write instead of two for a small answer."""
+
+    _send_headers_immediately = False
 
 
 def reset(request: web.BaseRequest) -> None:
