@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from . import endpoints, logs, pipeline, websocket
+from . import endpoints, logs, pipeline, websocket, wskeepalive
 from .balancer import Balancer
 from .config import Config, ConfigError, load_config
 from .errors import GatewayError, error_response
@@ -98,7 +98,7 @@ class Gateway:
         await self.limiter.start()
         prober = Prober(lambda: self.snapshot, self._session, self.health, self.metrics)
         self._in_background(prober.run())
-        self._in_background(websocket.sweep_idle(self))
+        self._in_background(wskeepalive.Keepalive(self).run())
         server = _Server(self, handler_cancellation=True, access_log=None, **SERVER_LIMITS)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10.0)
         await self._runner.setup()
@@ -114,7 +114,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to 10 s), then close."""
         self.draining = True
-        await websocket.close_all(self.websockets)  # 1001 to both legs of every session
+        await wskeepalive.close_all(self)  # 1001 to both legs of every session
         if self._runner is not None:
             await self._runner.cleanup()
         for task in list(self._background):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import urllib.error
@@ -143,12 +144,25 @@ def _serve(config: Config, path: str, host: str | None, port: int | None) -> int
     return 0
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Lift the soft limit on open files to the hard one (each WebSocket session holds two
+    sockets, each HTTP request in flight up to two). Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return soft, wanted
+    return soft, soft
+
+
 async def _run(gateway: Gateway, host: str | None, port: int | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+    _, open_files = raise_open_files_limit()
     addresses = await gateway.start(host, port)
     log.info(
         "gateway started",
@@ -157,6 +171,7 @@ async def _run(gateway: Gateway, host: str | None, port: int | None) -> None:
                 "listen": [f"{a[0]}:{a[1]}" for a in addresses],
                 "config": gateway.config_path,
                 "services": len(gateway.snapshot.routes),
+                "open_files_limit": open_files,
             }
         },
     )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from . import __version__
+from . import __version__, wskeepalive
 from .errors import GatewayError, own_headers
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ def table(gw: Gateway) -> dict[str, Endpoint]:
     async def metrics(request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         _only_get(request)
         gw.health.export(gw.snapshot.routes.values())
+        wskeepalive.report(gw)
         body, content_type = gw.metrics.render(request.headers.get("Accept"))
         headers = {**own_headers(request_id), "Content-Type": content_type}
         return web.Response(body=body, headers=headers)

@@ -10,8 +10,7 @@ with their payloads. Each pump awaits the other leg's send before it reads again
 reader slows the writer: a session buffers at most a message plus the socket buffers.
 Close frames are relayed with their codes and reasons; 1005/1006/1015 never go on the wire.
 When the upstream dies the client gets 1014 at once; when the client vanishes the upstream
-gets 1001. Both legs are pinged after ``ws_ping_interval`` of silence, and a leg that does not
-answer within half of it is dead.
+gets 1001. Keepalive pings, dead peers and idle sessions are ``wskeepalive.py``'s.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -33,6 +33,7 @@ from .forward import HOP_BY_HOP, Origin, end_to_end, request_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .metrics import Metrics
     from .pipeline import Exchange
     from .snapshot import Route, Target, WsPolicy
 
@@ -54,6 +55,8 @@ _HANDSHAKE: Final = frozenset(
     }
 )
 _DATA: Final = (WSMsgType.TEXT, WSMsgType.BINARY)
+# The payload of the gateway's own keepalive pings: their pongs are not passed on.
+KEEPALIVE: Final = b"gw-keepalive-" + os.urandom(6).hex().encode()
 
 
 def is_upgrade(request: web.BaseRequest) -> bool:
@@ -78,23 +81,44 @@ def code_label(code: int | None) -> str:
     return "other"
 
 
+CLIENT, UPSTREAM = 0, 1  # the legs; a direction is named by the leg it reads: up reads CLIENT
+
+
 @dataclass(slots=True, eq=False)  # identity: sessions live in a set
 class Session:
-    """One relayed session, for counting and for closing at shutdown."""
+    """One relayed session: both legs, what went through, and how it ended."""
 
     service: str
-    client: web.WebSocketResponse[Literal[False]]
-    upstream: aiohttp.ClientWebSocketResponse[Literal[False]]
-    last_activity: float = field(default_factory=time.monotonic)
-    messages: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
-    sizes: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    policy: WsPolicy
+    legs: tuple[
+        web.WebSocketResponse[Literal[False]], aiohttp.ClientWebSocketResponse[Literal[False]]
+    ]
+    messages: list[int] = field(default_factory=lambda: [0, 0])  # by the leg they came from
+    sizes: list[int] = field(default_factory=lambda: [0, 0])
+    reported: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # to Prometheus so far
+    seen: list[float] = field(default_factory=lambda: [time.monotonic()] * 2)  # last frame in
+    pinged: list[float] = field(default_factory=lambda: [0.0, 0.0])  # keepalive ping out since
+    last_activity: float = field(default_factory=time.monotonic)  # last data message
     close_code: int | None = None  # the code that ended the session (first close frame)
-    ended_by: str = ""  # client, upstream, idle, shutdown
+    ended_by: str = ""  # client, upstream, idle, dead client, dead upstream, shutdown
 
     def ending(self, by: str, code: int | None) -> None:
         """Note who ended the session and how, unless that is already known."""
         if not self.ended_by:
             self.ended_by, self.close_code = by, code
+
+    def report(self, metrics: Metrics) -> None:
+        """Add what was relayed since the last report to the counters (at scrapes and at the
+        end: cheaper than two counter updates per message)."""
+        counters = (
+            metrics.ws_counters(self.service, "up"),
+            metrics.ws_counters(self.service, "down"),
+        )
+        for leg in (CLIENT, UPSTREAM):
+            messages, sizes = self.messages[leg], self.sizes[leg]
+            counters[leg][0].inc(messages - self.reported[leg])
+            counters[leg][1].inc(sizes - self.reported[leg + 2])
+            self.reported[leg], self.reported[leg + 2] = messages, sizes
 
 
 async def relay(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.StreamResponse:
@@ -118,7 +142,6 @@ async def relay(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.St
         protocols=(upstream.protocol,) if upstream.protocol else (),
         autoclose=False,
         autoping=False,
-        heartbeat=policy.ping_interval,
         max_msg_size=policy.max_message,
         compress=False,  # frames pass through as they are: no inflating and deflating again
         timeout=CLOSE_TIMEOUT,
@@ -131,15 +154,9 @@ async def relay(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.St
         await upstream.close(code=GOING_AWAY)
         raise
     ex.status = 101
-    session = Session(route.service, client, upstream)
-    # The session runs in its own task: when the client's connection closes, aiohttp cancels
-    # this handler, and the session must still finish closing the upstream leg properly.
-    task = asyncio.get_running_loop().create_task(_run(gw, session))
+    session = Session(route.service, policy, (client, upstream))
     try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait_for(task, CLOSE_TIMEOUT * 2)
-        raise
+        await _run(gw, session)
     finally:
         ex.log_fields.update(_summary(session))
     return client
@@ -176,7 +193,6 @@ async def _connect(
                     headers=headers,
                     autoclose=False,
                     autoping=False,
-                    heartbeat=policy.ping_interval,
                     max_msg_size=policy.max_message,
                     compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
@@ -221,62 +237,73 @@ def _pass_headers(
 
 
 async def _run(gw: Gateway, session: Session) -> None:
-    """Relay both ways until either side ends the session; then count and log it."""
+    """Relay both ways until either side ends the session, then count it.
+
+    The client-to-upstream pump is a task of its own; the other runs in the handler. When the
+    client's connection closes, aiohttp cancels the handler: the session then waits for the
+    other pump, which is finishing the upstream leg, before it leaves.
+    """
     metrics = gw.metrics
     metrics.active_for(session.service).inc()
     metrics.ws_sessions.labels(session.service).inc()
     metrics.ws_opened.labels(session.service).inc()
     gw.websockets.add(session)
-    up = asyncio.get_running_loop().create_task(_pump(gw, session, "up"))
+    up = asyncio.get_running_loop().create_task(_pump(session, CLIENT))
     try:
-        await _pump(gw, session, "down")
+        await _pump(session, UPSTREAM)
         await up
+    except asyncio.CancelledError:
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(up), CLOSE_TIMEOUT * 2)
+        raise
     finally:
+        # The bookkeeping first, with no await before it: aiohttp may cancel the handler
+        # again, which would interrupt this block at its first await.
         up.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await up
         gw.websockets.discard(session)
-        await _close_both(session, GOING_AWAY)
+        session.ending("gateway", GOING_AWAY)
         metrics.active_for(session.service).dec()
         metrics.ws_sessions.labels(session.service).dec()
         metrics.ws_closed.labels(session.service, code_label(session.close_code)).inc()
+        session.report(metrics)
+        await asyncio.shield(close_both(session, GOING_AWAY))  # goes on if cancelled again
 
 
-async def _pump(gw: Gateway, session: Session, direction: str) -> None:
+async def _pump(session: Session, source_leg: int) -> None:
     """Frames from one leg to the other, in order, until that leg closes or fails."""
-    source: Any = session.client if direction == "up" else session.upstream
-    sink: Any = session.upstream if direction == "up" else session.client
-    messages = gw.metrics.ws_counters(session.service, direction)
+    source: Any = session.legs[source_leg]
+    sink: Any = session.legs[1 - source_leg]
+    seen, messages, sizes = session.seen, session.messages, session.sizes
     while True:
         msg = await source.receive()
         kind = msg.type
+        seen[source_leg] = now = time.monotonic()
         if kind in _DATA:
             data = msg.data
-            session.last_activity = time.monotonic()
-            session.messages[direction] += 1
-            session.sizes[direction] += len(data)
-            messages[0].inc()
-            messages[1].inc(len(data))
+            session.last_activity = now
+            messages[source_leg] += 1
+            sizes[source_leg] += len(data)
             await sink.send_frame(data, kind)
         elif kind is WSMsgType.PING:
             await sink.ping(msg.data)
         elif kind is WSMsgType.PONG:
-            await sink.pong(msg.data)
+            if msg.data != KEEPALIVE:  # the answer to the gateway's own ping stays here
+                await sink.pong(msg.data)
         elif kind is WSMsgType.CLOSE:
-            await _relay_close(session, direction, msg.data, msg.extra)
+            await _relay_close(session, source_leg, msg.data, msg.extra)
             return
         elif kind is WSMsgType.CLOSING:
-            return  # the other pump is closing this leg: it finishes the session
+            return  # the other side is closing this leg: it finishes the session
         else:  # CLOSED or ERROR: this leg is gone
-            await _leg_failed(session, direction, msg.data)
+            await _leg_failed(session, source_leg, msg.data)
             return
 
 
-async def _relay_close(session: Session, direction: str, code: int, reason: str | None) -> None:
+async def _relay_close(session: Session, source_leg: int, code: int, reason: str | None) -> None:
     """One side sent a close frame: pass it on, then answer it with the other side's reply."""
-    sender: Any = session.client if direction == "up" else session.upstream
-    receiver: Any = session.upstream if direction == "up" else session.client
-    session.ending("client" if direction == "up" else "upstream", code)
+    sender: Any = session.legs[source_leg]
+    receiver: Any = session.legs[1 - source_leg]
+    session.ending("client" if source_leg == CLIENT else "upstream", code)
     message = (reason or "").encode()[:123]
     if isinstance(reason, bytes):
         message = reason[:123]
@@ -285,23 +312,23 @@ async def _relay_close(session: Session, direction: str, code: int, reason: str 
     await sender.close(code=wire_code(reply, wire_code(code, 1000)))
 
 
-async def _leg_failed(session: Session, direction: str, error: object) -> None:
+async def _leg_failed(session: Session, source_leg: int, error: object) -> None:
     """A leg ended without a close frame, or with a protocol error (such as 1009, a message
     over the size limit, which aiohttp has already answered on that leg)."""
-    by = "client" if direction == "up" else "upstream"
+    by = "client" if source_leg == CLIENT else "upstream"
     if getattr(error, "code", None) == MESSAGE_TOO_BIG:
-        session.ending(by, MESSAGE_TOO_BIG)
-        await _close_both(session, MESSAGE_TOO_BIG)
-    elif direction == "down":
-        session.ending(by, BAD_GATEWAY)
-        await _close_both(session, BAD_GATEWAY)  # the upstream died: tell the client at once
+        code = MESSAGE_TOO_BIG
+    elif source_leg == UPSTREAM:
+        code = BAD_GATEWAY  # the upstream died: tell the client at once
     else:
-        session.ending(by, GOING_AWAY)
-        await _close_both(session, GOING_AWAY)  # the client went away
+        code = GOING_AWAY  # the client went away
+    session.ending(by, code)
+    await close_both(session, code)
 
 
-async def _close_both(session: Session, code: int) -> None:
-    for leg in (session.client, session.upstream):
+async def close_both(session: Session, code: int, first: int = CLIENT) -> None:
+    """Close both legs with ``code``, ``first`` first (the one still listening, say)."""
+    for leg in (session.legs[first], session.legs[1 - first]):
         if not leg.closed:
             with contextlib.suppress(Exception):
                 await leg.close(code=code)
@@ -309,37 +336,16 @@ async def _close_both(session: Session, code: int) -> None:
 
 def _summary(session: Session) -> dict[str, object]:
     """What the session's log line says about it (its request line, written at its end)."""
+    client, upstream = session.legs
     return {
         "websocket": {
-            "messages_up": session.messages["up"],
-            "messages_down": session.messages["down"],
-            "bytes_up": session.sizes["up"],
-            "bytes_down": session.sizes["down"],
+            "messages_up": session.messages[CLIENT],
+            "messages_down": session.messages[UPSTREAM],
+            "bytes_up": session.sizes[CLIENT],
+            "bytes_down": session.sizes[UPSTREAM],
             "close_code": session.close_code,
-            "ended_by": session.ended_by or "gateway",
-            "client_close_code": session.client.close_code,
-            "upstream_close_code": session.upstream.close_code,
+            "ended_by": session.ended_by,
+            "client_close_code": client.close_code,
+            "upstream_close_code": upstream.close_code,
         }
     }
-
-
-async def close_all(sessions: set[Session]) -> None:
-    """Close every open session with 1001 on both legs (at shutdown)."""
-    for session in sessions:
-        session.ending("shutdown", GOING_AWAY)
-    closing = (_close_both(s, GOING_AWAY) for s in list(sessions))
-    await asyncio.gather(*closing, return_exceptions=True)
-
-
-async def sweep_idle(gw: Gateway) -> None:
-    """Close sessions that exchanged no message for their service's ``ws_idle_timeout``."""
-    while True:
-        await asyncio.sleep(1.0)
-        now = time.monotonic()
-        routes = gw.snapshot.routes
-        for session in list(gw.websockets):
-            route = routes.get(session.service)
-            idle = route.ws.idle_timeout if route is not None and route.ws is not None else None
-            if idle is not None and now - session.last_activity > idle:
-                session.ending("idle", GOING_AWAY)
-                await _close_both(session, GOING_AWAY)

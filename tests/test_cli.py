@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -158,6 +159,9 @@ async def test_serve_reloads_on_sighup_and_keeps_the_last_good_config(serve, ups
     first = routes({"city": f"{{port: {city.port}, nodes: [noda1]}}"}, noda1=NODA1, noda2=NODA2)
     proc, config = await serve(first)
     url = f"http://127.0.0.1:{await proc.port()}"
+    started = await proc.wait_for("gateway started")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert started["open_files_limit"] in (hard, 1_048_576)  # lifted to the hard limit
     async with client.get(url + "/api/city/a") as r:
         assert r.status == 200
 

@@ -15,6 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from gateway.websocket import KEEPALIVE
+
 from .conftest import CLOSE_WAIT, NODA1, NODA2, raw_exchange, routes, tcp_sockets
 
 
@@ -205,6 +207,10 @@ async def test_close_codes_and_reasons_are_relayed_both_ways(ws_upstream, gatewa
     assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 4002, "later")
     await ws.close()
     await asyncio.wait_for(seen.ended.wait(), 5)
+    deadline = time.monotonic() + 5
+    while len(await logged(gw, lambda line: line.get("status") == 101)) < 2:  # both ended
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
     async with client.get(gw.url + "/metrics") as response:
         text = await response.text()
     assert 'gateway_websocket_sessions_closed_total{code="4xxx",service="city"} 2.0' in text
@@ -345,8 +351,8 @@ async def test_silent_legs_are_pinged_and_dead_peers_dropped(ws_upstream, gatewa
     # This client never answers pings: the gateway must give up on it within 2 intervals.
     await asyncio.wait_for(seen.ended.wait(), 5)
     assert time.monotonic() - started < 0.6 + 0.3
-    assert b"" in seen.pings  # the upstream leg was pinged by the gateway too
     writer.close()
+    assert KEEPALIVE in seen.pings  # the upstream leg was pinged by the gateway too
 
 
 async def test_idle_sessions_are_closed_when_configured(ws_upstream, gateway, client):
@@ -446,3 +452,27 @@ async def test_an_invalid_handshake_is_400_before_any_upstream(ws_upstream, gate
     assert response.status == 400
     assert response.json()["error"] == "bad_handshake"
     assert seen.handshakes == []
+
+
+async def test_keepalive_pongs_stay_in_the_gateway(ws_upstream, gateway, client):
+    _, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port, ", ws_ping_interval: 0.2"))
+    ws, _ = await open_ws(client, gw, autoping=False)
+    pings = 0
+    end = time.monotonic() + 1.0  # five intervals of silence from this client
+    while (left := end - time.monotonic()) > 0:
+        try:
+            msg = await ws.receive(timeout=left)
+        except TimeoutError:
+            break
+        assert msg.type is not WSMsgType.PONG  # the upstream's keepalive pongs are not ours
+        assert msg.type is WSMsgType.PING
+        assert msg.data == KEEPALIVE
+        pings += 1
+        await ws.pong(msg.data)  # answered: the session lives on
+    assert pings >= 3
+    await ws.send_str("still here")
+    while (msg := await ws.receive(timeout=5)).type is WSMsgType.PING:
+        await ws.pong(msg.data)
+    assert msg.data == "still here"
+    await ws.close()
