@@ -99,11 +99,12 @@ async def _phases(gw: Gateway, ex: Exchange) -> web.StreamResponse:
         raise GatewayError(404, "not_found", "no such service or endpoint")
     ex.service = route.service
     if found.kind == "ws":
-        if route.ws is None:
+        policy = route.ws
+        if policy is None:
             raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
-        path_qs = routing.upstream_path(route.ws.prefix, found.rest) + target.query
+        path_qs = routing.upstream_path(policy.prefix, found.rest) + target.query
         await _limit(gw, ex, route)  # a handshake counts toward the rate limit
-        return await websocket.relay(gw, ex, route, path_qs)
+        return await websocket.relay(gw, ex, route, policy, path_qs)
     path_qs = routing.upstream_path(route.http_prefix, found.rest) + target.query
     limit_headers = await _limit(gw, ex, route)
     return await failover.exchange(gw, ex, route, path_qs, limit_headers)

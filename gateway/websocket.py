@@ -121,12 +121,11 @@ class Session:
             self.reported[leg], self.reported[leg + 2] = messages, sizes
 
 
-async def relay(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> web.StreamResponse:
+async def relay(
+    gw: Gateway, ex: Exchange, route: Route, policy: WsPolicy, path_qs: str
+) -> web.StreamResponse:
     """Handle one WebSocket handshake for ``route`` and relay the session until it ends."""
     request = ex.request
-    policy = route.ws
-    if policy is None:
-        raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
     if not is_upgrade(request):
         raise GatewayError(
             426, "upgrade_required", "use a WebSocket handshake here",
