@@ -102,6 +102,21 @@ def city(port: int, extra: str = "", nodes: str = "[noda1]") -> str:
     )
 
 
+HANDSHAKE = (
+    b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+
+
+async def raw_handshake(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket session opened by hand: a client that can vanish, or stop reading."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(HANDSHAKE + b"\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
 async def logged(gw, predicate, timeout: float = 5.0) -> list[dict]:
     """The log lines matching ``predicate``, once there is at least one (a session's line is
     written when its handler ends, a moment after the client saw the close)."""
@@ -237,13 +252,7 @@ async def test_upstream_dying_mid_session_closes_the_client_with_1014(ws_upstrea
 async def test_a_vanished_client_closes_the_upstream_leg(ws_upstream, gateway):
     seen, port = await ws_upstream(NODA1, "noda1")
     gw = await gateway(city(port))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(
-        b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-    )
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    _, writer = await raw_handshake(gw.port)
     writer.transport.abort()  # gone: no close frame, no FIN handshake
     await asyncio.wait_for(seen.ended.wait(), 5)
     assert seen.closes == [(1001, "")]
@@ -261,10 +270,9 @@ async def test_refused_upgrade_is_a_plain_http_answer(ws_upstream, gateway, clie
     # Bytes sent after the handshake never reach an upstream when it is refused.
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(
-        b"GET /ws/city/rooms/forbidden HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-        b"\x81\x85\x00\x00\x00\x00hello"  # an early (masked) text frame
+        HANDSHAKE.replace(b"/general", b"/forbidden")
+        + b"\r\n"
+        + b"\x81\x85\x00\x00\x00\x00hello"  # an early (masked) text frame
         b"GET /api/city/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
     )
     answer = await asyncio.wait_for(reader.read(), 5)
@@ -340,13 +348,7 @@ async def test_pings_flow_both_ways_with_their_payloads(ws_upstream, gateway, cl
 async def test_silent_legs_are_pinged_and_dead_peers_dropped(ws_upstream, gateway):
     seen, port = await ws_upstream(NODA1, "noda1")
     gw = await gateway(city(port, ", ws_ping_interval: 0.3"))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(
-        b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await reader.readuntil(b"\r\n\r\n")
+    _, writer = await raw_handshake(gw.port)
     started = time.monotonic()
     # This client never answers pings: the gateway must give up on it within 2 intervals.
     await asyncio.wait_for(seen.ended.wait(), 5)
@@ -423,13 +425,7 @@ async def test_a_slow_reader_slows_the_writer_on_the_other_side(gateway):
     await web.TCPSite(runner, NODA1, 0).start()
     try:
         gw = await gateway(city(runner.addresses[0][1]))
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(
-            b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        await reader.readuntil(b"\r\n\r\n")
+        reader, writer = await raw_handshake(gw.port)
         await reader.readexactly(65536)  # the flood started; this client now reads no more
         await asyncio.sleep(1.0)
         plateau = sent
