@@ -22,9 +22,6 @@ class TrustedProxies:
             ipaddress.ip_network(c, strict=False) for c in cidrs
         )
 
-    def __bool__(self) -> bool:
-        return bool(self._networks)
-
     def trusts(self, address: IPAddress) -> bool:
         return any(address in network for network in self._networks)
 

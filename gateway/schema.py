@@ -106,9 +106,6 @@ class Converter:
         self.problems.append(Problem(format_path(path), message, line))
         return INVALID
 
-    def line_of(self, path: Path) -> int | None:
-        return self.path_lines.get(format_path(path))
-
     def convert(self, hint: Any, value: Any, path: Path = (), line: int | None = None) -> Any:
         if line is not None:
             self.path_lines.setdefault(format_path(path), line)
