@@ -210,3 +210,20 @@ def test_check_target_never_fails_other_than_with_a_400(text: str) -> None:
     else:
         status = 200
     assert status in (200, 400)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "error"),
+    [
+        (b"GET /api/city/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /api/city/ HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431,
+         "headers_too_large"),
+    ],
+)  # fmt: skip
+async def test_oversized_request_lines_and_headers(upstream, gateway, request_bytes, status, error):
+    up = await upstream(NODA1)
+    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    response = await raw_exchange(gw.port, request_bytes)
+    assert response.status == status
+    assert response.json()["error"] == error
+    assert up.seen == []
