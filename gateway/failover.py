@@ -65,7 +65,7 @@ async def exchange(
 
     first = gw.balancer.choose(route, usable)
     if first is None:
-        raise _all_down(gw, route)
+        raise all_down(gw, route)
     slots = gw.slots_for(route)
     await slots.acquire(route.connect_timeout)
     gauge = gw.metrics.active_for(route.service)
@@ -147,11 +147,12 @@ async def _attempts(
             continue
         return upstream
     if failure is None:
-        raise _all_down(gw, route)
+        raise all_down(gw, route)
     raise failure
 
 
-def _all_down(gw: Gateway, route: Route) -> GatewayError:
+def all_down(gw: Gateway, route: Route) -> GatewayError:
+    """503 with Retry-After: the seconds until an ejection ends or the next probe."""
     now = gw.health.monotonic()
     waits = [
         max(gw.health.get(t).ejected_until - now, 0) or route.probe.interval for t in route.targets

@@ -119,14 +119,17 @@ async def _limit(gw: Gateway, ex: Exchange, route: Route) -> dict[str, str] | No
     if not any(parts):
         return None  # as in nginx: a request whose key is empty is not limited
     decision = await gw.limiter.decide(zone, bucket_key(zone, parts))
-    headers = {"RateLimit-Policy": zone.policy, "RateLimit": decision.header(zone)}
+    if not decision.allowed and not zone.dry_run:
+        gw.metrics.count_limit(zone.name, "rejected")
+        refusal = {
+            "RateLimit-Policy": zone.policy,
+            "RateLimit": decision.header(zone),
+            "Retry-After": str(decision.retry_after(zone)),
+        }
+        raise GatewayError(
+            zone.status, "rate_limited", "too many requests; retry later", headers=refusal
+        )
     if not decision.allowed:
-        if not zone.dry_run:
-            gw.metrics.count_limit(zone.name, "rejected")
-            headers["Retry-After"] = str(decision.retry_after(zone))
-            raise GatewayError(
-                zone.status, "rate_limited", "too many requests; retry later", headers=headers
-            )
         gw.metrics.count_limit(zone.name, "dry_run_rejected")
         ex.rate_limit = "dry_run"
     elif delay := decision.delay_seconds(zone):
@@ -135,7 +138,9 @@ async def _limit(gw: Gateway, ex: Exchange, route: Route) -> dict[str, str] | No
         await asyncio.sleep(delay)
     else:
         gw.metrics.count_limit(zone.name, "allowed")
-    return headers if zone.headers else None
+    if not zone.headers:
+        return None  # built only when sent: this runs on every limited request
+    return {"RateLimit-Policy": zone.policy, "RateLimit": decision.header(zone)}
 
 
 def _key_part(part: str, ex: Exchange, route: Route) -> str:

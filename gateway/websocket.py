@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import GatewayError, upstream_error
+from .failover import all_down
 from .forward import HOP_BY_HOP, Origin, end_to_end, request_headers
 
 if TYPE_CHECKING:
@@ -216,8 +217,7 @@ async def _connect(
             gw.metrics.failovers.labels(route.service, target.node).inc()
         return upstream
     if failure is None:
-        raise GatewayError(503, "no_healthy_upstream", "no target of this service is up",
-                           kind="unavailable", headers={"Retry-After": "1"})  # fmt: skip
+        raise all_down(gw, route)
     raise failure
 
 
@@ -303,9 +303,7 @@ async def _relay_close(session: Session, source_leg: int, code: int, reason: str
     sender: Any = session.legs[source_leg]
     receiver: Any = session.legs[1 - source_leg]
     session.ending("client" if source_leg == CLIENT else "upstream", code)
-    message = (reason or "").encode()[:123]
-    if isinstance(reason, bytes):
-        message = reason[:123]
+    message = (reason or "").encode()[:123]  # a close frame's reason fits in 123 bytes
     await receiver.close(code=wire_code(code, 1000), message=message)
     reply = receiver.close_code
     await sender.close(code=wire_code(reply, wire_code(code, 1000)))
