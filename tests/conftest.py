@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import uvloop
 from aiohttp import web
 
 from gateway.app import Gateway
@@ -64,6 +65,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def _echo(request: web.Request) -> web.StreamResponse:
     return web.json_response({"path": request.raw_path, "method": request.method})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The tests run on uvloop, as the gateway does (``cli.serve``): its transports differ
+    from asyncio's in ways the WebSocket relay sees."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture
