@@ -1,0 +1,229 @@
+"""WebSocket frames (RFC 6455 section 5), as the relay needs them; no I/O here.
+
+The relay does not reassemble messages: it reads each frame's header and passes the frame on
+as it came, byte for byte (a client's frames stay masked with the client's key, which the
+upstream accepts as well as any other key; an upstream's frames stay unmasked, as a client
+expects). ``FrameReader.feed`` turns the bytes one leg sent into what to do with them:
+
+- ``bytes``: a run of whole or partial frames to forward as they are (data frames, pings);
+- ``Control``: a pong or a close frame, whole, for the relay to decide on (the answers to
+  the gateway's own keepalive pings stay here; close codes are checked before they go on);
+- ``Violation``: the leg broke the protocol (1002) or sent a message over the size limit
+  (1009); the reader reads nothing more.
+
+A frame's payload streams through as it arrives, so a session holds no more than a header
+and a control frame of its own, whatever the message size; only pongs and close frames are
+held until they are whole (at most 131 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Final
+
+CONTINUATION: Final = 0x0
+TEXT: Final = 0x1
+BINARY: Final = 0x2
+CLOSE: Final = 0x8
+PING: Final = 0x9
+PONG: Final = 0xA
+_OPCODES: Final = frozenset({CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG})
+PROTOCOL_ERROR: Final = 1002
+MESSAGE_TOO_BIG: Final = 1009
+MAX_CONTROL_PAYLOAD: Final = 125
+MAX_REASON: Final = MAX_CONTROL_PAYLOAD - 2  # a close frame's reason, after its code
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A whole pong or close frame: ``payload`` unmasked, ``raw`` the frame as it came."""
+
+    opcode: int
+    payload: bytes
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    code: int  # PROTOCOL_ERROR or MESSAGE_TOO_BIG
+    reason: str
+
+
+Event = bytes | Control | Violation
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    """XOR ``payload`` with the 4-byte ``key`` repeated (masking and unmasking alike)."""
+    n = len(payload)
+    if not n:
+        return payload
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+def control_frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
+    """A whole control frame (FIN set); ``masked`` for frames to an upstream."""
+    if len(payload) > MAX_CONTROL_PAYLOAD:
+        raise ValueError("a control frame carries at most 125 bytes")
+    if not masked:
+        return bytes((0x80 | opcode, len(payload))) + payload
+    key = os.urandom(4)
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + key + unmask(payload, key)
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return code.to_bytes(2, "big") + reason[:MAX_REASON]
+
+
+def parse_close(payload: bytes) -> tuple[int | None, bytes] | None:
+    """(code, reason) of a close frame's payload: code None when it has none; None when the
+    payload is malformed (one byte, or a code no endpoint may send)."""
+    if not payload:
+        return None, b""
+    if len(payload) == 1:
+        return None
+    code = int.from_bytes(payload[:2], "big")
+    if not (1000 <= code <= 4999) or code in (1004, 1005, 1006, 1015) or 1016 <= code < 3000:
+        return None
+    return code, payload[2:]
+
+
+def _header(data: bytes, pos: int, end: int) -> tuple[int, int, int] | None:
+    """(payload length, header length, mask bit) of the frame at ``pos``; None when the
+    header has not all arrived."""
+    b1 = data[pos + 1]
+    length = b1 & 0x7F
+    head = 2
+    if length == 126:
+        head = 4
+        if end - pos >= head:
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+    elif length == 127:
+        head = 10
+        if end - pos >= head:
+            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+    masked = b1 & 0x80
+    if masked:
+        head += 4
+    return None if end - pos < head else (length, head, masked)
+
+
+class FrameReader:
+    """Reads one direction of a session: ``masked`` is what RFC 6455 requires of the frames
+    that leg sends (a client's are masked, a server's are not)."""
+
+    __slots__ = (
+        "_in_message",
+        "_masked",
+        "_max_message",
+        "_message_size",
+        "_pending",
+        "_remaining",
+        "done",
+        "messages",
+        "payload_bytes",
+    )
+
+    def __init__(self, *, masked: bool, max_message: int) -> None:
+        self._masked = 0x80 if masked else 0
+        self._max_message = max_message
+        self._pending = b""  # an incomplete header, or an incomplete pong or close frame
+        self._remaining = 0  # payload bytes of the current data frame still to come
+        self._in_message = False  # a fragmented message has begun and not ended
+        self._message_size = 0
+        self.done = False  # after a close frame or a violation: nothing more is read
+        self.messages = 0  # data messages whose last frame has been read
+        self.payload_bytes = 0  # data payload bytes announced by the headers read
+
+    @property
+    def mid_frame(self) -> bool:
+        """Whether part of a frame has been forwarded and the rest has not: nothing else
+        may be written to the other leg until it has."""
+        return self._remaining > 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self.done:
+            return []
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        end = len(data)
+        remaining = self._remaining
+        if remaining >= end:  # all of it is the payload of the frame being forwarded
+            self._remaining = remaining - end
+            return [data] if end else []
+        self._remaining = 0
+        events: list[Event] = []
+        start, pos = 0, remaining  # ``start``: where the run of bytes to forward begins
+        while end - pos >= 2:
+            header = _header(data, pos, end)
+            if header is None:
+                break
+            length, head, masked = header
+            b0 = data[pos]
+            opcode = b0 & 0x0F
+            problem = self._check(b0, opcode, length, masked)
+            if problem is not None:
+                if start < pos:
+                    events.append(data[start:pos])
+                events.append(problem)
+                self.done = True
+                return events
+            frame_end = pos + head + length
+            if opcode >= CLOSE:  # a control frame: 125 bytes at most, checked above
+                if frame_end > end:
+                    break  # held until it is whole
+                if opcode == PING:
+                    pos = frame_end  # forwarded as it is, in the run
+                    continue
+                payload = data[pos + head : frame_end]
+                if masked:
+                    payload = unmask(payload, data[pos + head - 4 : pos + head])
+                if start < pos:
+                    events.append(data[start:pos])
+                events.append(Control(opcode, payload, data[pos:frame_end]))
+                pos = start = frame_end
+                if opcode == CLOSE:
+                    self.done = True  # nothing may follow a close frame
+                    return events
+                continue
+            self._count(b0, length)
+            if frame_end > end:  # the payload streams through with the next reads
+                self._remaining = frame_end - end
+                pos = end
+                break
+            pos = frame_end
+        if pos < end:
+            self._pending = data[pos:]  # at most a header or a control frame
+        if start < pos:
+            events.append(data[start:pos])
+        return events
+
+    def _count(self, b0: int, length: int) -> None:
+        self.payload_bytes += length
+        if b0 & 0x80:  # FIN: the message ends with this frame
+            self._in_message = False
+            self.messages += 1
+        else:
+            self._in_message = True
+
+    def _check(self, b0: int, opcode: int, length: int, masked: int) -> Violation | None:
+        """Whether a frame with this header may be passed on; data frames also count here
+        toward their message's size."""
+        if b0 & 0x70:
+            return Violation(PROTOCOL_ERROR, "reserved bits set (no extension was agreed)")
+        if opcode not in _OPCODES:
+            return Violation(PROTOCOL_ERROR, "unknown opcode")
+        if masked != self._masked:
+            return Violation(PROTOCOL_ERROR, "masked wrongly for its direction")
+        if opcode >= CLOSE:
+            if not b0 & 0x80 or length > MAX_CONTROL_PAYLOAD:
+                return Violation(PROTOCOL_ERROR, "fragmented or oversized control frame")
+            return None
+        if (opcode == CONTINUATION) != self._in_message:
+            return Violation(PROTOCOL_ERROR, "continuation frame out of place")
+        size = length + (self._message_size if opcode == CONTINUATION else 0)
+        if size > self._max_message:
+            return Violation(MESSAGE_TOO_BIG, "message too big")
+        self._message_size = size
+        return None

@@ -1,0 +1,168 @@
+"""The frame reader on its own: any split of a byte stream into reads gives the same frames."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from gateway.wsframes import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    MESSAGE_TOO_BIG,
+    PING,
+    PONG,
+    PROTOCOL_ERROR,
+    TEXT,
+    Control,
+    FrameReader,
+    Violation,
+    close_payload,
+    control_frame,
+    parse_close,
+    unmask,
+)
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
+    """A frame as a peer would send it (any length)."""
+    first = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        head = bytes((first, n | (0x80 if masked else 0)))
+    elif n < 1 << 16:
+        head = bytes((first, 126 | (0x80 if masked else 0))) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 127 | (0x80 if masked else 0))) + n.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + unmask(payload, key)
+
+
+def feed_in_pieces(reader: FrameReader, stream: bytes, rng: random.Random) -> list[object]:
+    """Feed ``stream`` in reads of random sizes (often 1 byte); merge adjacent byte runs."""
+    events: list[object] = []
+    pos = 0
+    while pos < len(stream):
+        size = rng.choice((1, 2, 3, 7, 64, 1500, 70_000))
+        for event in reader.feed(stream[pos : pos + size]):
+            if isinstance(event, bytes) and events and isinstance(events[-1], bytes):
+                events[-1] += event
+            else:
+                events.append(event)
+        pos += size
+    return events
+
+
+def conversation(rng: random.Random, masked: bool) -> tuple[bytes, int, int]:
+    """A stream of messages (some fragmented, some large) with pings between frames."""
+    stream, messages, size = b"", 0, 0
+    for _ in range(60):
+        payload = os.urandom(rng.choice((0, 1, 125, 126, 1000, 65_535, 65_536, 200_000)))
+        cut = sorted(rng.sample(range(len(payload) + 1), k=min(2, len(payload) + 1)))
+        parts = [payload[: cut[0]], payload[cut[0] : cut[-1]], payload[cut[-1] :]]
+        if rng.random() < 0.5:
+            parts = [payload]
+        for i, part in enumerate(parts):
+            opcode = (TEXT if rng.random() < 0.5 else BINARY) if i == 0 else CONTINUATION
+            stream += frame(opcode, part, fin=i == len(parts) - 1, masked=masked)
+            if rng.random() < 0.3:
+                stream += frame(PING, os.urandom(rng.randint(0, 125)), masked=masked)
+        messages += 1
+        size += len(payload)
+    return stream, messages, size
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["from a client", "from an upstream"])
+@pytest.mark.parametrize("seed", range(4))
+def test_any_split_forwards_the_stream_byte_for_byte(masked: bool, seed: int) -> None:
+    rng = random.Random(seed)
+    stream, messages, size = conversation(rng, masked)
+    reader = FrameReader(masked=masked, max_message=1 << 20)
+    assert feed_in_pieces(reader, stream, rng) == [stream]
+    assert (reader.messages, reader.payload_bytes) == (messages, size)
+    assert not reader.mid_frame
+
+
+def test_pongs_and_closes_are_handed_over_whole_and_nothing_follows_a_close() -> None:
+    keepalive = frame(PONG, b"keepalive")
+    close = frame(CLOSE, close_payload(4001, b"bye"))
+    data = frame(TEXT, b"hello")
+    stream = data + keepalive + data + close + frame(TEXT, b"after the close")
+    events = feed_in_pieces(FrameReader(masked=True, max_message=100), stream, random.Random(1))
+    assert events == [
+        data,
+        Control(PONG, b"keepalive", keepalive),
+        data,
+        Control(CLOSE, close_payload(4001, b"bye"), close),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stream", "code"),
+    [
+        (frame(TEXT, b"x", masked=False), PROTOCOL_ERROR),  # a client's frame unmasked
+        (bytes((0xC1, 0x80)) + b"\0\0\0\0", PROTOCOL_ERROR),  # RSV1: no extension agreed
+        (bytes((0x83, 0x80)) + b"\0\0\0\0", PROTOCOL_ERROR),  # opcode 3 is reserved
+        (frame(PING, b"x" * 126), PROTOCOL_ERROR),  # control frames carry <= 125 bytes
+        (frame(PING, b"x", fin=False), PROTOCOL_ERROR),  # and are never fragmented
+        (frame(CONTINUATION, b"x"), PROTOCOL_ERROR),  # a continuation of nothing
+        (frame(TEXT, b"x", fin=False) + frame(TEXT, b"y"), PROTOCOL_ERROR),  # not continued
+        (frame(BINARY, b"x" * 101), MESSAGE_TOO_BIG),
+        (frame(TEXT, b"x" * 60, fin=False) + frame(CONTINUATION, b"x" * 41), MESSAGE_TOO_BIG),
+    ],
+)
+def test_violations_stop_the_reader_before_the_frame_goes_on(stream: bytes, code: int) -> None:
+    reader = FrameReader(masked=True, max_message=100)
+    events = reader.feed(stream + frame(TEXT, b"more"))
+    assert isinstance(events[-1], Violation)
+    assert events[-1].code == code
+    forwarded = b"".join(e for e in events if isinstance(e, bytes))
+    assert len(forwarded) < len(stream)  # the offending frame is not among them
+    assert reader.feed(frame(TEXT, b"later")) == []
+
+
+def test_an_upstreams_masked_frame_is_a_violation() -> None:
+    (violation,) = FrameReader(masked=False, max_message=100).feed(frame(TEXT, b"x"))
+    assert violation == Violation(PROTOCOL_ERROR, "masked wrongly for its direction")
+
+
+def test_mid_frame_while_a_payload_streams_through() -> None:
+    reader = FrameReader(masked=False, max_message=1 << 20)
+    whole = frame(BINARY, b"z" * 1000, masked=False)
+    assert reader.feed(whole[:10]) == [whole[:10]]
+    assert reader.mid_frame  # no frame of the gateway's own may go out now
+    assert reader.feed(whole[10:]) == [whole[10:]]
+    assert not reader.mid_frame
+
+
+def test_the_gateways_own_frames_read_back() -> None:
+    masked = control_frame(CLOSE, close_payload(1001), masked=True)
+    plain = control_frame(PING, b"p", masked=False)
+    assert FrameReader(masked=True, max_message=1).feed(masked) == [
+        Control(CLOSE, close_payload(1001), masked)
+    ]
+    assert FrameReader(masked=False, max_message=1).feed(plain) == [plain]
+    with pytest.raises(ValueError, match="125"):
+        control_frame(PING, b"x" * 126, masked=False)
+
+
+@pytest.mark.parametrize(
+    ("payload", "parsed"),
+    [
+        (b"", (None, b"")),
+        (b"\x03", None),
+        (close_payload(1000, b"done"), (1000, b"done")),
+        (close_payload(4999), (4999, b"")),
+        (close_payload(1005), None),  # never on the wire
+        (close_payload(1006), None),
+        (close_payload(1015), None),
+        (close_payload(999), None),
+        (close_payload(2000), None),
+    ],
+)
+def test_close_payloads(payload: bytes, parsed: object) -> None:
+    assert parse_close(payload) == parsed
