@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from . import endpoints, logs, pipeline, websocket, wskeepalive
+from . import endpoints, logs, pipeline, wskeepalive, wssession
 from .balancer import Balancer
 from .config import Config, ConfigError, load_config
 from .errors import GatewayError, error_response
@@ -61,7 +61,7 @@ class Gateway:
         self.draining = False
         self.endpoints: dict[str, endpoints.Endpoint] = endpoints.table(self)
         self.balancer = Balancer()
-        self.websockets: set[websocket.Session] = set()
+        self.websockets: set[wssession.Session] = set()
         self._slots: dict[str, Slots] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
@@ -117,7 +117,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to 10 s), then close."""
         self.draining = True
-        await wskeepalive.close_all(self)  # 1001 to both legs of every session
+        await wskeepalive.shut_down(self)  # 1001 to both legs of every session
         if self._runner is not None:
             await self._runner.cleanup()
         for task in list(self._background):
@@ -225,6 +225,25 @@ class _Protocol(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._gateway.metrics.client_connections.dec()
+
+    def detach(self) -> tuple[asyncio.Transport, bytes] | None:
+        """Let go of the connection for a WebSocket relay, which takes the transport and what
+        the client sent after its handshake: aiohttp stops reading it, forgets it and never
+        closes it. None when the client has gone already."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return None
+        tail, self._message_tail = self._message_tail, b""
+        self._force_close = True  # start() leaves its loop without closing the transport
+        self.transport = None
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        if self._manager is not None:
+            self._manager.connection_lost(self, None)  # not among the server's connections
+        if self._buffer_paused:
+            transport.resume_reading()
+        return transport, tail
 
     def handle_error(
         self,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from . import failover, logs, routing, websocket
+from . import failover, logs, routing, websocket, wssession
 from .errors import GatewayError, error_response
 from .forward import ClientGone, UpstreamAborted
 from .logs import REQUEST_ID, request_id_from
@@ -45,6 +45,7 @@ class Exchange:
     error: str | None = None
     rate_limit: str | None = None  # "delayed" or "dry_run" when the limiter had a say
     log_fields: dict[str, object] = field(default_factory=dict)  # more for the log line
+    session: wssession.Session | None = None  # a WebSocket session, which logs at its end
 
 
 async def handle(gw: Gateway, request: web.BaseRequest) -> web.StreamResponse:
@@ -176,4 +177,7 @@ def _finish(gw: Gateway, ex: Exchange) -> None:
         fields["rate_limit"] = ex.rate_limit
     if ex.log_fields:
         fields.update(ex.log_fields)
-    logs.access("request", fields)
+    if ex.session is not None:
+        ex.session.handshake_logged(fields)
+    else:
+        logs.access("request", fields)

@@ -1,30 +1,22 @@
 """What keeps WebSocket sessions honest, for all of them from one task: keepalive pings,
-dead peers, idle sessions, the session counters in /metrics, and closing at shutdown.
+dead peers, idle sessions, close handshakes that do not finish, the session counters in
+/metrics, and closing at shutdown.
 
 A leg that sent nothing for ``ws_ping_interval`` gets a ping (with the gateway's own payload,
-whose pong is not passed on); a leg that then stays silent for half an interval is dead, and
-the session ends (1001 to the upstream when the client died, 1014 to the client when the
-upstream did). Sweeps run every quarter interval (at most every second), so a dead peer is
-found within two intervals. One task and a few numbers per session, instead of timers per
-message on every leg.
+whose pong is not passed on); a leg that then stays silent for half an interval is dead: its
+connection is dropped, and the other leg gets 1001 (the client died) or 1014 (the upstream
+did). Sweeps run every quarter interval (at most every second), so a dead peer is found
+within two intervals. A session whose close handshake has not finished ``CLOSE_TIMEOUT``
+after it began is cut. One task and a few numbers per session, instead of timers per leg.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .websocket import (
-    BAD_GATEWAY,
-    CLIENT,
-    GOING_AWAY,
-    KEEPALIVE,
-    UPSTREAM,
-    Session,
-    close_both,
-)
+from .wssession import BAD_GATEWAY, CLIENT, CLOSE_TIMEOUT, GOING_AWAY, Session, close_all
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -35,16 +27,11 @@ MAX_SWEEP_PERIOD = 1.0
 class Keepalive:
     def __init__(self, gw: Gateway) -> None:
         self._gw = gw
-        self._actions: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(self._period())
-                self.sweep(time.monotonic())
-        finally:
-            for task in self._actions:
-                task.cancel()
+        while True:
+            await asyncio.sleep(self._period())
+            self.sweep(time.monotonic())
 
     def _period(self) -> float:
         intervals = [
@@ -56,54 +43,55 @@ class Keepalive:
 
     def sweep(self, now: float) -> None:
         for session in list(self._gw.websockets):
-            if session.ended_by:
-                continue
-            self._check(session, now)
-
-    def _check(self, session: Session, now: float) -> None:
-        interval = session.policy.ping_interval
-        for leg in (CLIENT, UPSTREAM):
-            pinged = session.pinged[leg]
-            if pinged and session.seen[leg] >= pinged:
-                session.pinged[leg] = pinged = 0.0  # it answered (or spoke)
-            if pinged and now - pinged >= interval / 2:
-                dead = "dead client" if leg == CLIENT else "dead upstream"
-                session.ending(dead, GOING_AWAY if leg == CLIENT else BAD_GATEWAY)
-                code = session.close_code or GOING_AWAY
-                self._spawn(close_both(session, code, first=1 - leg))  # the live leg first
-                return
-            if not pinged and now - session.seen[leg] >= interval:
-                session.pinged[leg] = now
-                self._spawn(_ping(session, leg))
-        idle = session.policy.idle_timeout
-        if idle is not None and now - session.last_activity > idle:
-            session.ending("idle", GOING_AWAY)
-            self._spawn(close_both(session, GOING_AWAY))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._actions.add(task)
-        task.add_done_callback(self._actions.discard)
+            if session.deadline:
+                if now >= session.deadline:
+                    session.cut()
+            else:
+                _check(session, now)
 
 
-async def _ping(session: Session, leg: int) -> None:
-    try:
-        async with asyncio.timeout(session.policy.ping_interval):
-            await session.legs[leg].ping(KEEPALIVE)
-    except Exception:  # noqa: BLE001, S110 - a leg that cannot take a ping is found dead anyway
-        pass
+def _check(session: Session, now: float) -> None:
+    interval = session.policy.ping_interval
+    for leg in session.legs:
+        pinged = leg.pinged
+        if pinged and leg.seen >= pinged:
+            leg.pinged = pinged = 0.0  # it answered (or spoke)
+        if pinged and now - pinged >= interval / 2:
+            client = leg.side == CLIENT
+            session.ending(
+                "dead client" if client else "dead upstream", GOING_AWAY if client else BAD_GATEWAY
+            )
+            if leg.transport is not None:
+                leg.transport.abort()  # its loss closes the other leg
+            return
+        if not pinged and now - leg.seen >= interval and leg.ping():
+            leg.pinged = now
+    relayed = sum(leg.reader.messages + leg.reader.payload_bytes for leg in session.legs)
+    if relayed != session.relayed:
+        session.relayed, session.activity = relayed, now
+        return
+    idle = session.policy.idle_timeout
+    if idle is not None and now - session.activity > idle:
+        session.ending("idle", GOING_AWAY)
+        session.close_both(GOING_AWAY)
 
 
 def report(gw: Gateway) -> None:
     """Bring the relayed message and byte counters of open sessions up to date."""
     for session in list(gw.websockets):
-        session.report(gw.metrics)
+        session.report()
 
 
-async def close_all(gw: Gateway) -> None:
-    """Close every open session with 1001 on both legs (at shutdown)."""
-    sessions = list(gw.websockets)
-    for session in sessions:
-        session.ending("shutdown", GOING_AWAY)
-    closing = (close_both(s, GOING_AWAY) for s in sessions)
-    await asyncio.gather(*closing, return_exceptions=True)
+async def shut_down(gw: Gateway) -> None:
+    """Close every open session with 1001 on both legs, and wait (a close handshake's time
+    at most) for them to be closed."""
+    close_all(gw)
+    deadline = time.monotonic() + CLOSE_TIMEOUT
+    # Sessions end in transport callbacks; polling their set (50 ms, 5 s at most, once at
+    # shutdown) is simpler than an event that every session would have to set.
+    while gw.websockets and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    for session in list(gw.websockets):
+        session.cut()
+    for _ in range(3):  # the connection_lost callbacks that end them
+        await asyncio.sleep(0)

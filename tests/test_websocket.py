@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from gateway.websocket import KEEPALIVE
+from gateway.wssession import KEEPALIVE
 
 from .conftest import CLOSE_WAIT, NODA1, NODA2, raw_exchange, routes, tcp_sockets
 
@@ -472,3 +472,115 @@ async def test_keepalive_pongs_stay_in_the_gateway(ws_upstream, gateway, client)
         await ws.pong(msg.data)
     assert msg.data == "still here"
     await ws.close()
+
+
+# -- the frame relay on raw sockets: what a client library would smooth over --------------------
+
+from gateway.wsconnect import accept_key  # noqa: E402 - kept with the tests that use it
+from gateway.wsframes import close_payload, control_frame  # noqa: E402
+
+from .test_wsframes import frame  # noqa: E402
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One unmasked frame from the gateway: (opcode, payload)."""
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    return b0 & 0x0F, await reader.readexactly(n)
+
+
+async def test_frames_in_the_handshake_packet_and_split_into_bytes_relay_whole(
+    ws_upstream, gateway
+):
+    _, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(HANDSHAKE + b"\r\n" + frame(0x1, b"early"))  # a frame in the same packet
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    assert await read_frame(reader) == (0x1, b"hello from noda1")
+    assert await read_frame(reader) == (0x1, b"early")
+    big = os.urandom(70_000)
+    stream = frame(0x2, big[:3], fin=False) + frame(0x9, b"p") + frame(0x0, big[3:])
+    for i in range(0, 200):  # the first 200 bytes one by one, then the rest
+        writer.write(stream[i : i + 1])
+        await writer.drain()
+    writer.write(stream[200:])
+    assert await read_frame(reader) == (0xA, b"p")  # the upstream's answer to the ping
+    assert await read_frame(reader) == (0x2, big)  # the upstream got the message whole
+    writer.close()
+
+
+async def test_a_protocol_violation_closes_both_legs_with_1002(ws_upstream, gateway):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer = await raw_handshake(gw.port)
+    assert await read_frame(reader) == (0x1, b"hello from noda1")
+    writer.write(frame(0x1, b"unmasked", masked=False))  # RFC 6455: a client must mask
+    assert await read_frame(reader) == (0x8, close_payload(1002))
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes == [(1002, "")]
+    writer.write(frame(0x8, close_payload(1002)))
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then the gateway hangs up
+    writer.close()
+
+
+async def upgrading_upstream(handler) -> tuple[asyncio.Server, int]:
+    """A raw upstream that gets the request head and the accept key the gateway expects."""
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        key = next(
+            line.split(":", 1)[1].strip()
+            for line in head.split("\r\n")
+            if line.lower().startswith("sec-websocket-key:")
+        )
+        try:
+            await handler(reader, writer, accept_key(key))
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, NODA1, 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_101_with_a_wrong_accept_key_is_502(gateway, client):
+    async def wrong(reader, writer, accept: str) -> None:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept[::-1].encode() + b"\r\n\r\n"
+        )
+        await reader.read()
+
+    server, port = await upgrading_upstream(wrong)
+    async with server:
+        gw = await gateway(city(port))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(gw.url + "/ws/city/rooms/general")
+        assert refused.value.status == 502
+        metrics = await (await client.get(gw.url + "/metrics")).text()
+        assert 'gateway_upstream_errors_total{kind="protocol",service="city"} 1.0' in metrics
+
+
+async def test_frames_that_come_with_the_upstreams_101_reach_the_client(gateway, client):
+    async def eager(reader, writer, accept: str) -> None:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Set-Cookie: s=2\r\nSec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+            + control_frame(0x1, b"first", masked=False)
+            + control_frame(0x8, close_payload(4004, b"bye"), masked=False)
+        )  # fmt: skip
+        await writer.drain()
+        await reader.read()
+
+    server, port = await upgrading_upstream(eager)
+    async with server:
+        gw = await gateway(city(port))
+        ws = await client.ws_connect(gw.url + "/ws/city/rooms/general")
+        assert ws._response.cookies["s"].value == "2"  # the 101's end-to-end headers too
+        assert (await ws.receive(timeout=5)).data == "first"
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 4004, "bye")

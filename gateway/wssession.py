@@ -1,0 +1,329 @@
+"""A relayed WebSocket session: two ``Leg`` protocols, one per connection, and the
+``Session`` that ties them together (see ``websocket.py`` for the handshake).
+
+Each leg reads frame headers (``wsframes.py``) and writes the frames to the other leg as they
+came, byte for byte: no message reassembly, no task per session, a few hundred bytes of state.
+Backpressure is the transports' own: when one leg's send buffer passes its high-water mark,
+the other leg is not read until it drains.
+
+Close frames are relayed with their codes and reasons (1005/1006/1015 never go on the wire)
+and the peer's answer is relayed back; then both connections are closed. A leg that ends
+without a close frame gets the other one closed: 1014 to the client when the upstream died,
+1001 to the upstream when the client vanished. Keepalive pings, dead peers, idle sessions and
+close handshakes that never finish are ``wskeepalive.py``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING, Final, cast
+
+from . import logs
+from .logs import REQUEST_ID
+from .wsframes import (
+    CLOSE,
+    PING,
+    PONG,
+    Control,
+    FrameReader,
+    close_payload,
+    control_frame,
+    parse_close,
+)
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .snapshot import WsPolicy
+    from .wsconnect import Upgraded
+
+CLOSE_TIMEOUT: Final = 5.0  # for the peer's answer to a close frame
+NORMAL: Final = 1000
+GOING_AWAY: Final = 1001
+PROTOCOL_ERROR: Final = 1002
+BAD_GATEWAY: Final = 1014
+NOT_ON_THE_WIRE: Final = frozenset({1005, 1006, 1015})
+# The payload of the gateway's own keepalive pings: their pongs are not passed on.
+KEEPALIVE: Final = b"gw-keepalive-" + os.urandom(6).hex().encode()
+
+
+def wire_code(code: int | None, fallback: int) -> int:
+    """A close code that may be sent: 1005/1006/1015 (and nonsense) become ``fallback``."""
+    if code is None or code in NOT_ON_THE_WIRE or not 1000 <= code <= 4999:
+        return fallback
+    return code
+
+
+def code_label(code: int | None) -> str:
+    """A bounded metric label for a close code."""
+    if code is None:
+        return "none"
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
+
+
+CLIENT, UPSTREAM = 0, 1  # the legs; a direction is named by the leg it reads: up reads CLIENT
+_SIDE: Final = ("client", "upstream")
+
+
+class Leg(asyncio.Protocol):
+    """One side of a session: reads its frames and writes them to the other side."""
+
+    __slots__ = (
+        "close_code",
+        "close_got",
+        "close_sent",
+        "pinged",
+        "reader",
+        "seen",
+        "session",
+        "side",
+        "transport",
+    )
+
+    def __init__(self, session: Session, side: int, transport: asyncio.Transport) -> None:
+        self.session = session
+        self.side = side
+        self.transport: asyncio.Transport | None = transport
+        self.reader = FrameReader(masked=side == CLIENT, max_message=session.policy.max_message)
+        self.seen = time.monotonic()  # when it last sent anything
+        self.pinged = 0.0  # when the gateway's keepalive ping went out, unanswered so far
+        self.close_got = False  # it sent a close frame
+        self.close_code: int | None = None  # the code in it
+        self.close_sent = False  # a close frame went out to it
+
+    def data_received(self, data: bytes) -> None:
+        self.seen = time.monotonic()
+        session = self.session
+        peer = session.legs[1 - self.side]
+        for event in self.reader.feed(data):
+            if type(event) is bytes:
+                peer.write(event)
+            elif type(event) is Control:
+                if event.opcode == PONG:
+                    if event.payload != KEEPALIVE:  # the answer to the gateway's ping stays
+                        peer.write(event.raw)
+                else:
+                    session.close_frame(self, event.payload)
+            else:
+                session.violation(self, event.code)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.close_sent:
+            transport.write(data)
+
+    def send_control(self, opcode: int, payload: bytes) -> bool:
+        """Write a frame of the gateway's own, if the stream to this leg is between frames."""
+        if self.transport is None or self.close_sent:
+            return False
+        if self.session.legs[1 - self.side].reader.mid_frame:
+            return False
+        self.transport.write(control_frame(opcode, payload, masked=self.side == UPSTREAM))
+        return True
+
+    def send_close(self, code: int, reason: bytes = b"") -> None:
+        if self.send_control(CLOSE, close_payload(code, reason)):
+            self.close_sent = True
+        elif self.transport is not None:
+            self.close_sent = True
+            self.transport.close()  # mid-frame: a close frame now would be read as payload
+        self.session.closing()
+
+    def ping(self) -> bool:
+        return self.send_control(PING, KEEPALIVE)
+
+    def pause_writing(self) -> None:
+        other = self.session.legs[1 - self.side].transport
+        if other is not None and not other.is_closing():
+            other.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.session.legs[1 - self.side].transport
+        if other is not None and not other.is_closing():
+            other.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # a WebSocket has no half-close: the connection closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.session.lost(self)
+
+
+class Session:
+    """One relayed session: both legs, what went through, and how it ended."""
+
+    __slots__ = (
+        "activity",
+        "close_code",
+        "deadline",
+        "ended_by",
+        "gw",
+        "legs",
+        "log_fields",
+        "policy",
+        "relayed",
+        "reported",
+        "request_id",
+        "service",
+        "started",
+    )
+
+    def __init__(self, gw: Gateway, service: str, policy: WsPolicy, request_id: str) -> None:
+        self.gw = gw
+        self.request_id = request_id
+        self.service = service
+        self.policy = policy
+        self.legs: tuple[Leg, Leg] = cast("tuple[Leg, Leg]", ())
+        self.started = time.monotonic()
+        self.activity = self.started  # when a data frame last went either way (sweeps)
+        self.relayed = 0  # data payload bytes both ways when ``activity`` was last set
+        self.reported = [0, 0, 0, 0]  # messages and bytes by leg, added to the counters
+        self.close_code: int | None = None  # the code that ended the session
+        self.ended_by = ""  # client, upstream, idle, dead client, dead upstream, shutdown
+        self.deadline = 0.0  # when closing: when the legs are cut if not closed by then
+        self.log_fields: dict[str, object] | None = None  # the request line, at the end
+
+    def start(self, client: asyncio.Transport, upstream: Upgraded, client_tail: bytes) -> None:
+        self.legs = (Leg(self, CLIENT, client), Leg(self, UPSTREAM, upstream.transport))
+        client.set_protocol(self.legs[CLIENT])
+        upstream.transport.set_protocol(self.legs[UPSTREAM])
+        metrics = self.gw.metrics
+        metrics.active_for(self.service).inc()
+        metrics.ws_sessions.labels(self.service).inc()
+        metrics.ws_opened.labels(self.service).inc()
+        self.gw.websockets.add(self)
+        if upstream.tail:
+            self.legs[UPSTREAM].data_received(upstream.tail)
+        if client_tail:
+            self.legs[CLIENT].data_received(client_tail)
+        if upstream.lost:  # it closed after its 101, before its leg was there to see it
+            self.legs[UPSTREAM].connection_lost(None)
+        else:
+            upstream.transport.resume_reading()
+
+    def ending(self, by: str, code: int | None) -> None:
+        """Note who ended the session and how, unless that is already known."""
+        if not self.ended_by:
+            self.ended_by, self.close_code = by, code
+
+    def closing(self) -> None:
+        if not self.deadline:
+            self.deadline = time.monotonic() + CLOSE_TIMEOUT
+
+    def close_frame(self, leg: Leg, payload: bytes) -> None:
+        """``leg`` sent a close frame: pass it on (or the answer back), then, once each leg
+        has sent one and got one, close the connections."""
+        parsed = parse_close(payload)
+        if parsed is None:
+            self.violation(leg, PROTOCOL_ERROR)
+            return
+        code, reason = parsed
+        leg.close_got, leg.close_code = True, code
+        self.ending(_SIDE[leg.side], code)
+        peer = self.legs[1 - leg.side]
+        if not peer.close_sent:
+            peer.send_close(wire_code(code, NORMAL), reason)
+        self._settle()
+
+    def violation(self, leg: Leg, code: int) -> None:
+        """``leg`` broke the protocol (1002) or sent too big a message (1009): it gets a close
+        frame and its connection is closed at once (RFC 6455 7.1.7: its answer, if any, is
+        not read); the other leg gets the same code and closes as usual."""
+        self.ending(_SIDE[leg.side], code)
+        leg.send_close(code)
+        if leg.transport is not None:
+            leg.transport.close()  # after the close frame has been written
+        self.close_both(code)
+
+    def close_both(self, code: int) -> None:
+        for leg in self.legs:
+            if not leg.close_sent:
+                leg.send_close(code)
+        self._settle()
+
+    def _settle(self) -> None:
+        for leg in self.legs:
+            if leg.close_sent and leg.close_got and leg.transport is not None:
+                leg.transport.close()
+
+    def lost(self, leg: Leg) -> None:
+        """A connection closed: the other leg is told (if it is not closing already), and the
+        session ends when both are closed."""
+        peer = self.legs[1 - leg.side]
+        if not leg.close_got:  # it ended without a close frame
+            code = BAD_GATEWAY if leg.side == UPSTREAM else GOING_AWAY
+            self.ending(_SIDE[leg.side], code)
+            if not peer.close_sent:  # (the answer, if the peer's close is waiting for one)
+                peer.send_close(wire_code(peer.close_code, code) if peer.close_got else code)
+        self._settle()
+        if peer.transport is None:
+            self._finish()
+
+    def cut(self) -> None:
+        """Drop both connections at once (a close handshake that did not finish in time)."""
+        for leg in self.legs:
+            if leg.transport is not None:
+                leg.transport.abort()
+
+    def _finish(self) -> None:
+        gw, metrics = self.gw, self.gw.metrics
+        gw.websockets.discard(self)
+        self.ending("gateway", GOING_AWAY)
+        metrics.client_connections.dec()  # the client's connection, counted by app._Protocol
+        metrics.active_for(self.service).dec()
+        metrics.ws_sessions.labels(self.service).dec()
+        metrics.ws_closed.labels(self.service, code_label(self.close_code)).inc()
+        self.report()
+        if self.log_fields is not None:
+            self._log()
+
+    def handshake_logged(self, fields: dict[str, object]) -> None:
+        """The pipeline's request line: written when the session ends, with its summary."""
+        self.log_fields = fields
+        if self not in self.gw.websockets:
+            self._log()  # it has ended already
+
+    def _log(self) -> None:
+        fields = self.log_fields or {}
+        self.log_fields = None
+        client, upstream = self.legs
+        fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 2)
+        fields["websocket"] = {
+            "messages_up": client.reader.messages,
+            "messages_down": upstream.reader.messages,
+            "bytes_up": client.reader.payload_bytes,
+            "bytes_down": upstream.reader.payload_bytes,
+            "close_code": self.close_code,
+            "ended_by": self.ended_by,
+            "client_close_code": client.close_code,
+            "upstream_close_code": upstream.close_code,
+        }
+        token = REQUEST_ID.set(self.request_id)  # this runs in a transport's callback
+        try:
+            logs.access("request", fields)
+        finally:
+            REQUEST_ID.reset(token)
+
+    def report(self) -> None:
+        """Add what was relayed since the last report to the counters (at scrapes and at the
+        end: cheaper than two counter updates per message)."""
+        reported = self.reported
+        for leg, direction in zip(self.legs, ("up", "down"), strict=True):
+            messages, sizes = self.gw.metrics.ws_counters(self.service, direction)
+            reader, i = leg.reader, leg.side * 2
+            messages.inc(reader.messages - reported[i])
+            sizes.inc(reader.payload_bytes - reported[i + 1])
+            reported[i], reported[i + 1] = reader.messages, reader.payload_bytes
+
+
+def close_all(gw: Gateway, code: int = GOING_AWAY) -> None:
+    """Send every open session's legs a close frame (at shutdown)."""
+    for session in list(gw.websockets):
+        session.ending("shutdown", code)
+        session.close_both(code)
