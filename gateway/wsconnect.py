@@ -85,12 +85,16 @@ class _Handshake(asyncio.Protocol):
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buffer) > MAX_HEAD:
+                self._pause()
                 self.head.set_exception(UpstreamInvalid("response head too long"))
             return
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._pause()
         self.head.set_result(self.buffer[:end])
         self.buffer = self.buffer[end + 4 :]
+
+    def _pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         return False

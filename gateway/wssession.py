@@ -101,16 +101,16 @@ class Leg(asyncio.Protocol):
         session = self.session
         peer = session.legs[1 - self.side]
         for event in self.reader.feed(data):
-            if type(event) is bytes:
+            if isinstance(event, bytes):
                 peer.write(event)
-            elif type(event) is Control:
+            elif isinstance(event, Control):
                 if event.opcode == PONG:
                     if event.payload != KEEPALIVE:  # the answer to the gateway's ping stays
                         peer.write(event.raw)
                 else:
                     session.close_frame(self, event.payload)
             else:
-                session.violation(self, event.code)  # type: ignore[union-attr]
+                session.violation(self, event.code)
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -256,6 +256,8 @@ class Session:
         """A connection closed: the other leg is told (if it is not closing already), and the
         session ends when both are closed."""
         peer = self.legs[1 - leg.side]
+        if peer.transport is not None:
+            peer.transport.resume_reading()  # paused while this leg's buffer was full, maybe
         if not leg.close_got:  # it ended without a close frame
             code = BAD_GATEWAY if leg.side == UPSTREAM else GOING_AWAY
             self.ending(_SIDE[leg.side], code)
