@@ -113,6 +113,7 @@ class Options:
     sources: int
     ping_interval: float
     hold_intervals: int
+    workers: int
     log_level: str
     profile: str
     profile_seconds: float
@@ -132,6 +133,13 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     add("--sources", type=int, default=1, help="capacity: client addresses 127.0.0.1..N (1)")
     add("--ping-interval", type=float, default=5.0, help="capacity: ws_ping_interval (5)")
     add("--hold-intervals", type=int, default=3, help="capacity: hold this many intervals (3)")
+    add(
+        "--workers",
+        type=int,
+        default=2,
+        help="capacity: the gateway's --workers (2: one per core, and each worker has an "
+        "open-files limit of its own; throughput runs use 1, like nginx's 1 worker)",
+    )
     add("--log-level", default="WARNING", help="the gateway's --log-level (WARNING)")
     add(
         "--profile",
@@ -156,6 +164,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         sources=args.sources,
         ping_interval=args.ping_interval,
         hold_intervals=args.hold_intervals,
+        workers=args.workers,
         log_level=args.log_level,
         profile=args.profile,
         profile_seconds=args.profile_seconds,
@@ -184,10 +193,20 @@ def raise_nofile(needed: int) -> str:
     return f"RLIMIT_NOFILE {soft} (hard {hard}) for the harness and its children{refused}"
 
 
-def fd_count(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    return 0
+def fd_count(root: int) -> int:
+    """Open files of ``root`` and its descendants (the gateway's workers)."""
+    count = 0
+    for pid in run.process_tree(root):
+        with contextlib.suppress(OSError):
+            count += len(os.listdir(f"/proc/{pid}/fd"))
+    return count
+
+
+def session_room(root: int) -> int:
+    """Sessions the gateway's open-files limits leave room for (2 fds each): per worker (the
+    children of ``root``; ``root`` itself when it has none), what its limit leaves."""
+    workers = run.process_tree(root)[1:] or [root]
+    return sum((fd_limit(pid) - fd_count(pid)) // 2 for pid in workers)
 
 
 def fd_limit(pid: int) -> int:
@@ -198,12 +217,15 @@ def fd_limit(pid: int) -> int:
     return 0
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` from /proc (KiB)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+def rss_kib(root: int) -> int:
+    """VmRSS of ``root`` and its descendants (the gateway's workers) from /proc (KiB)."""
+    total = 0
+    for pid in run.process_tree(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def http_text(port: int, path: str) -> str:
@@ -391,7 +413,7 @@ class Stack:
         self._ready(server, lambda: run.port_open(port))
         self.targets.append(Target(NGINX, f"ws://{run.LOOPBACK}:{port}{PROXY_PATH}", server))
 
-    def start_gateway(self, ping_interval: float, log_level: str) -> None:
+    def start_gateway(self, ping_interval: float, log_level: str, workers: int = 1) -> None:
         config = self.workdir / "routes.yaml"
         config.write_text(
             GATEWAY_CONFIG.format(service=SERVICE, port=self.backend_port, ping=ping_interval)
@@ -401,6 +423,7 @@ class Stack:
         command = [
             str(run.VENV_BIN / "daarion-gateway"), "serve", "--config", str(config),
             "--host", run.LOOPBACK, "--port", str(port), "--log-level", log_level,
+            "--workers", str(workers),
         ]  # fmt: skip
         self.gateway = self._start(GATEWAY, command, port)
         self._ready(self.gateway, lambda: run.http_status(port, "/health") is not None)
@@ -831,8 +854,10 @@ class Capacity:
     gateway: Memory = field(default_factory=Memory)
     backend: Memory = field(default_factory=Memory)
     client: Memory = field(default_factory=Memory)
-    fd_limit: int = 0  # the gateway's soft RLIMIT_NOFILE
-    fds_base: int = 0  # its open fds after the warm-up
+    workers: int = 1  # the gateway's worker processes
+    fd_limit: int = 0  # the gateway's soft RLIMIT_NOFILE (each worker's)
+    room: int = 0  # sessions that limit leaves room for, in all workers (2 fds each)
+    fds_base: int = 0  # its open fds after the warm-up (every process)
     fds_open: int = 0  # ... with every session open
     upstream_errors: dict[str, float] = field(default_factory=dict)  # /metrics, by kind
     health_fails: float = 0.0  # failed active health checks (e.g. no fd left for the probe)
@@ -849,11 +874,6 @@ class Capacity:
     closed: dict[str, Any] = field(default_factory=dict)
     pings_flowing: bool = False
     gateway_warnings: int = 0
-
-    @property
-    def fit(self) -> int:
-        """Sessions the gateway's fd limit leaves room for (2 fds each)."""
-        return (self.fd_limit - self.fds_base) // 2
 
 
 @dataclass
@@ -890,7 +910,7 @@ def sessions_metric(text: str) -> tuple[float | None, float | None]:
 
 def capacity(stack: Stack, opts: Options) -> Capacity:
     stack.start_backend()
-    stack.start_gateway(opts.ping_interval, opts.log_level)
+    stack.start_gateway(opts.ping_interval, opts.log_level, opts.workers)
     assert stack.gateway is not None  # noqa: S101 - just started
     assert stack.backend is not None  # noqa: S101 - just started
     url = next(t.url for t in stack.targets if t.name == GATEWAY)
@@ -906,6 +926,7 @@ def capacity(stack: Stack, opts: Options) -> Capacity:
     _warm_up(hold)
     note_rss(hold, result, "base")
     result.fds_base, result.fd_limit = fd_count(hold.gateway), fd_limit(hold.gateway)
+    result.room, result.workers = session_room(hold.gateway), opts.workers
     _open_all(hold, opts, result)
     _hold(hold, opts, result)
     print("  closing every session", flush=True)
@@ -931,10 +952,11 @@ def _warm_up(hold: Hold) -> None:
 
 
 def _open_all(hold: Hold, opts: Options, result: Capacity) -> None:
-    if result.fit < opts.sessions:
+    if result.room < opts.sessions:
         print(
-            f"  NOTE: the gateway may open {result.fd_limit} files and has {result.fds_base} "
-            f"open: room for {result.fit} sessions (2 fds each), not {opts.sessions}",
+            f"  NOTE: each of the gateway's {result.workers} workers may open {result.fd_limit} "
+            f"files; {result.fds_base} are open: room for {result.room} sessions (2 fds each), "
+            f"not {opts.sessions}",
             flush=True,
         )
     print(
@@ -1024,7 +1046,8 @@ def capacity_lines(c: Capacity, opts: Options) -> list[str]:
         f"{c.open_cpu_us:.0f} us per session opened, pings meanwhile included); {c.failed} "
         f"handshakes failed: {c.failures or 'none'}",
         f"gateway files: {c.fds_base} open after the warm-up, {c.fds_open} with the sessions "
-        f"open, limit {c.fd_limit} (room for {c.fit} sessions at 2 fds each); upstream errors "
+        f"open, limit {c.fd_limit} per worker x {c.workers} (room for {c.room} sessions at 2 fds "
+        f"each); upstream errors "
         f"in /metrics {c.upstream_errors or 'none'}; failed health checks {c.health_fails:.0f}",
         f"gateway RSS: {_mib(c.rss_start_kib)} at start, {_mib(gw.base)} after the warm-up, "
         f"{_mib(gw.open)} with {c.opened} open, {_mib(gw.held)} after the hold, "
@@ -1055,14 +1078,15 @@ def capacity_lines(c: Capacity, opts: Options) -> list[str]:
 def capacity_headline(c: Capacity, opts: Options) -> list[str]:
     least = max(1, opts.hold_intervals - 1)
     lines = [
-        f"sessions open through the gateway: {c.opened}/{c.sessions} "
+        f"sessions open through the gateway ({c.workers} workers): {c.opened}/{c.sessions} "
         f"({_verdict(c.opened >= c.sessions)})"
         + (
-            f"; the gateway's open-files limit {c.fd_limit} leaves room for {c.fit}"
-            if c.fit < c.sessions
+            f"; {c.workers} x the open-files limit {c.fd_limit} leave room for {c.room}"
+            if c.room < c.sessions
             else ""
         ),
-        f"RSS per idle session = {c.gateway.per_session(c.opened):.1f} KiB "
+        f"RSS per idle session (every gateway process) = "
+        f"{c.gateway.per_session(c.opened):.1f} KiB "
         f"({_verdict(c.gateway.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
         f"{RSS_TARGET_KIB:.0f}); {_mib(c.gateway.base)} -> {_mib(c.gateway.open)}",
         f"pings flowing: {'yes' if c.pings_flowing else 'NO'} (all {c.opened} open sessions "

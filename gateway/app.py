@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from typing import Any, Final
 
 import aiohttp
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
@@ -34,6 +35,7 @@ from .ratelimit import Limiter, LocalLimiter
 from .redislimit import RedisLimiter
 from .slots import Slots
 from .snapshot import Route, Snapshot, compile_snapshot
+from .workers import Worker
 
 log = logging.getLogger("gateway")
 
@@ -65,6 +67,8 @@ class Gateway:
         self._slots: dict[str, Slots] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
+        self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
+        self.peers: tuple[str, ...] = ()  # the other workers' metrics sockets
         self._background: set[asyncio.Task[None]] = set()
         self.limiter: Limiter = self._make_limiter(config)
         self.health.sync(self.snapshot.routes.values())
@@ -77,8 +81,11 @@ class Gateway:
             raise RuntimeError("the gateway is not started")
         return self._session
 
-    async def start(self, host: str | None = None, port: int | None = None) -> list[Any]:
-        """Open the upstream session and listen; return the bound addresses."""
+    async def start(
+        self, host: str | None = None, port: int | None = None, worker: Worker | None = None
+    ) -> list[Any]:
+        """Open the upstream session and listen; return the bound addresses. A ``worker``
+        shares the port with the others and serves its metrics to them."""
         listen = self.snapshot.config.listen
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -110,9 +117,20 @@ class Gateway:
             host if host is not None else listen.host,
             port if port is not None else listen.port,
             backlog=1024,
+            reuse_port=worker is not None,
         )
         await site.start()
+        if worker is not None:
+            self.peers = worker.peers
+            self._samples = web.ServerRunner(web.Server(self._own_samples), handle_signals=False)
+            await self._samples.setup()
+            await web.UnixSite(self._samples, worker.own_socket).start()
         return list(self._runner.addresses)
+
+    async def _own_samples(self, request: web.BaseRequest) -> web.StreamResponse:
+        endpoints.refresh_metrics(self)
+        body = orjson.dumps(self.metrics.families())
+        return web.Response(body=body, content_type="application/json")
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to 10 s), then close."""
@@ -120,6 +138,8 @@ class Gateway:
         await wskeepalive.shut_down(self)  # 1001 to both legs of every session
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._samples is not None:
+            await self._samples.cleanup()
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):

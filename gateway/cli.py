@@ -20,6 +20,7 @@ from .app import Gateway
 from .config import Config, ConfigError, config_json_schema, load_config
 from .logs import setup_logging
 from .snapshot import compile_snapshot
+from .workers import Worker, supervise
 
 log = logging.getLogger("gateway")
 
@@ -40,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (overrides listen.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
     serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=_positive(os.environ.get("GATEWAY_WORKERS", "1")),
+        help="worker processes sharing the port (default: $GATEWAY_WORKERS, else 1)",
+    )
+    serve.add_argument(
         "--log-level",
         default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"),
         type=str.upper,
@@ -55,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--port", type=int, help="port to probe (default: listen.port)")
     probe.add_argument("--timeout", type=float, default=5.0)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def config_path(given: str | None) -> str:
@@ -82,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "healthcheck":
         return healthcheck(config, args.port, args.timeout)
     setup_logging(args.log_level)
-    return _serve(config, path, args.host, args.port)
+    return _serve(config, path, args.host, args.port, args.workers)
 
 
 def summary(path: str, config: Config) -> str:
@@ -129,7 +143,25 @@ def healthcheck(config: Config, port: int | None, timeout: float) -> int:
     return 0 if status == 200 else 1
 
 
-def _serve(config: Config, path: str, host: str | None, port: int | None) -> int:
+def _serve(config: Config, path: str, host: str | None, port: int | None, workers: int) -> int:
+    if workers == 1:
+        return _serve_one(config, path, host, port, None)
+    raise_open_files_limit()  # for the workers, which inherit it
+    try:
+        return supervise(
+            workers,
+            host if host is not None else config.listen.host,
+            port if port is not None else config.listen.port,
+            lambda worker, bound: _serve_one(config, path, host, bound, worker),
+        )
+    except OSError as exc:
+        log.critical("cannot listen", extra={"fields": {"error": str(exc)}})
+        return 1
+
+
+def _serve_one(
+    config: Config, path: str, host: str | None, port: int | None, worker: Worker | None
+) -> int:
     try:
         import uvloop  # noqa: PLC0415 - optional: absent on platforms without it
     except ImportError:  # pragma: no cover - uvloop is installed wherever it builds
@@ -137,7 +169,7 @@ def _serve(config: Config, path: str, host: str | None, port: int | None) -> int
     else:
         runner = uvloop.run
     try:
-        runner(_run(Gateway(config, config_path=path), host, port))
+        runner(_run(Gateway(config, config_path=path), host, port, worker))
     except OSError as exc:
         log.critical("cannot listen", extra={"fields": {"error": str(exc)}})
         return 1
@@ -156,18 +188,20 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, soft
 
 
-async def _run(gateway: Gateway, host: str | None, port: int | None) -> None:
+async def _run(gateway: Gateway, host: str | None, port: int | None, worker: Worker | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     _, open_files = raise_open_files_limit()
-    addresses = await gateway.start(host, port)
+    addresses = await gateway.start(host, port, worker)
     log.info(
         "gateway started",
         extra={
             "fields": {
+                "pid": os.getpid(),
+                "worker": worker.index if worker is not None else None,
                 "listen": [f"{a[0]}:{a[1]}" for a in addresses],
                 "config": gateway.config_path,
                 "services": len(gateway.snapshot.routes),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from . import __version__, wskeepalive
+from . import __version__, workers, wskeepalive
 from .errors import GatewayError, own_headers
 
 if TYPE_CHECKING:
@@ -29,9 +29,9 @@ def table(gw: Gateway) -> dict[str, Endpoint]:
 
     async def metrics(request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         _only_get(request)
-        gw.health.export(gw.snapshot.routes.values())
-        wskeepalive.report(gw)
-        body, content_type = gw.metrics.render(request.headers.get("Accept"))
+        refresh_metrics(gw)
+        others = await workers.peer_samples(gw.peers) if gw.peers else None
+        body, content_type = gw.metrics.render(request.headers.get("Accept"), others)
         headers = {**own_headers(request_id), "Content-Type": content_type}
         return web.Response(body=body, headers=headers)
 
@@ -40,6 +40,12 @@ def table(gw: Gateway) -> dict[str, Endpoint]:
         return _json(upstreams_report(gw), request_id)
 
     return {"/health": health, "/metrics": metrics, "/gateway/upstreams": upstreams}
+
+
+def refresh_metrics(gw: Gateway) -> None:
+    """Bring the metrics computed at scrape time up to date (health, session counters)."""
+    gw.health.export(gw.snapshot.routes.values())
+    wskeepalive.report(gw)
 
 
 def health_report(gw: Gateway) -> dict[str, object]:

@@ -36,13 +36,22 @@ def request_id_from(header: str | None) -> str:
     return new_request_id()
 
 
-_ID_PREFIX: Final = os.urandom(8).hex()  # this process's; the counter makes each id unique
-_ID_COUNTER = itertools.count()
+class _Ids:
+    prefix = os.urandom(8).hex()  # this process's; the counter makes each id unique
+    counter = itertools.count()
+
+    @classmethod
+    def renew(cls) -> None:
+        """A forked worker (``serve --workers``) must not repeat its parent's ids."""
+        cls.prefix, cls.counter = os.urandom(8).hex(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_Ids.renew)
 
 
 def new_request_id() -> str:
     """32 hex digits, unique across processes and restarts (not a secret)."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+    return f"{_Ids.prefix}{next(_Ids.counter):016x}"
 
 
 class _Clock:
@@ -87,6 +96,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+_ATOMIC_WRITE: Final = 4000  # characters: under PIPE_BUF bytes for ASCII lines
+
+
 class LineWriter:
     """Writes lines to a text stream once per event-loop iteration: one ``write`` for all the
     lines of an iteration instead of a system call per line. Outside a running loop (or from
@@ -117,9 +129,23 @@ class LineWriter:
         with self._lock:
             lines, self._lines = self._lines, []
             self._scheduled = False
-        if lines:
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+        # Several worker processes may share the stream (a pipe): a write of at most
+        # PIPE_BUF (4096) bytes is never interleaved with another's, so lines go in such
+        # chunks (a single line longer than that is written alone).
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) + 1 > _ATOMIC_WRITE:
+                self._write(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1
+        if chunk:
+            self._write(chunk)
+
+    def _write(self, lines: list[str]) -> None:
+        self._stream.write("\n".join(lines) + "\n")
+        self._stream.flush()
 
 
 class JsonHandler(logging.Handler):

@@ -7,11 +7,14 @@ unknown service counts as ``unmatched``, an unusual method as ``OTHER``.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Iterable
+from typing import Final, TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from . import __version__
 
@@ -20,6 +23,25 @@ GATEWAY: Final = "gateway"
 METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
+# How workers' samples combine (``serve --workers``): by default they add up (counters,
+# histograms, open sessions and connections); these are states, not amounts.
+_ANY_WORKER: Final = frozenset(
+    {"service_health", "gateway_node_up", "gateway_build_info", "gateway_rate_limit_degraded"}
+)
+_EVERY_WORKER: Final = frozenset({"gateway_config_last_reload_successful"})
+
+
+class Family(TypedDict):
+    """One metric family of one worker, as JSON."""
+
+    name: str
+    help: str
+    type: str
+    unit: str
+    samples: list[tuple[str, dict[str, str], float]]
+
+
+Families = list[Family]
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -228,10 +250,72 @@ class Metrics:
         self._duration_children.pop(service, None)
         self._active_children.pop(service, None)
 
-    def render(self, accept: str | None) -> tuple[bytes, str]:
-        """The scrape in the format the scraper asks for (Prometheus text 0.0.4 by default)."""
+    def render(
+        self, accept: str | None, workers: list[Families] | None = None
+    ) -> tuple[bytes, str]:
+        """The scrape in the format the scraper asks for (Prometheus text 0.0.4 by default);
+        with ``workers``, the other workers' samples combined with these."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        if workers is None:
+            return encoder(self.registry), content_type
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(_Fixed(merge([self.families(), *workers])))
+        return encoder(merged), content_type
+
+    def families(self) -> Families:
+        return [
+            {
+                "name": family.name,
+                "help": family.documentation,
+                "type": family.type,
+                "unit": family.unit,
+                "samples": [(s.name, s.labels, s.value) for s in family.samples],
+            }
+            for family in self.registry.collect()
+        ]
+
+
+class _Fixed:
+    """A collector of metric families computed beforehand."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge(workers: list[Families]) -> list[Metric]:
+    """Every worker's samples in one set of families: amounts added up, states taken from any
+    worker (max) or every worker (min), ``_created`` times the earliest. Also
+    ``gateway_workers_reporting``: how many workers' samples are in."""
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for worker in workers:
+        for family in worker:
+            name = family["name"]
+            if name not in families:
+                families[name] = Metric(name, family["help"], family["type"], family["unit"])
+            for sample_name, labels, value in family["samples"]:
+                key = (name, sample_name, tuple(sorted(labels.items())))
+                previous = values.get(key)
+                if previous is None:
+                    values[key] = value
+                elif name in _ANY_WORKER:
+                    values[key] = max(previous, value)
+                elif name in _EVERY_WORKER or sample_name.endswith("_created"):
+                    values[key] = min(previous, value)
+                else:
+                    values[key] = previous + value
+    for (name, sample_name, label_pairs), value in values.items():
+        families[name].samples.append(Sample(sample_name, dict(label_pairs), value))
+    reporting = Metric(
+        "gateway_workers_reporting",
+        "Worker processes whose numbers are in this scrape (serve --workers).",
+        "gauge",
+    )
+    reporting.samples.append(Sample("gateway_workers_reporting", {}, float(len(workers))))
+    return [*families.values(), reporting]
 
 
 def _remove_matching(metric: MetricWrapperBase, service: str) -> None:

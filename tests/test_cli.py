@@ -116,13 +116,22 @@ class Process:
                 self.lines.append(orjson.loads(raw))
                 self._new.notify_all()
 
+    async def finished(self) -> None:
+        """The output's end: once every process holding the pipe has exited."""
+        await self._reader
+
     async def wait_for(self, message: str, timeout: float = 10) -> dict:
-        async def find() -> dict:
+        return (await self.wait_for_all(message, 1, timeout))[0]
+
+    async def wait_for_all(self, message: str, count: int, timeout: float = 10) -> list[dict]:
+        """The first ``count`` lines with this message, once there are that many."""
+
+        async def find() -> list[dict]:
             async with self._new:
                 while True:
-                    for line in self.lines:
-                        if line["message"] == message:
-                            return line
+                    found = [line for line in self.lines if line["message"] == message]
+                    if len(found) >= count:
+                        return found[:count]
                     await self._new.wait()
 
         return await asyncio.wait_for(find(), timeout)
@@ -136,11 +145,11 @@ class Process:
 async def serve(tmp_path) -> AsyncIterator:
     procs: list[Process] = []
 
-    async def start(config_text: str) -> tuple[Process, Path]:
+    async def start(config_text: str, *args: str) -> tuple[Process, Path]:
         config = tmp_path / "routes.yaml"
         config.write_text(config_text)
         proc = await asyncio.create_subprocess_exec(
-            *GATEWAY, "--config", str(config), "--host", "127.0.0.1", "--port", "0",
+            *GATEWAY, "--config", str(config), "--host", "127.0.0.1", "--port", "0", *args,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         procs.append(Process(proc))
@@ -149,8 +158,9 @@ async def serve(tmp_path) -> AsyncIterator:
     yield start
     for p in procs:
         if p.proc.returncode is None:
-            p.proc.kill()
+            p.proc.kill()  # workers (serve --workers) follow their supervisor
         await p.proc.wait()
+        await asyncio.wait_for(p.finished(), 15)  # every process writing to the pipe is gone
 
 
 async def test_serve_reloads_on_sighup_and_keeps_the_last_good_config(serve, upstream, client):
@@ -221,3 +231,56 @@ async def test_healthcheck_command_follows_the_health_status(gateway, tmp_path):
     gw.gateway.draining = True  # /health answers 503
     draining = await asyncio.to_thread(run, *args)
     assert (draining.returncode, draining.stdout.split()[-1]) == (1, "503")
+
+
+async def get_on_new_connections(url: str, times: int) -> list[int]:
+    """Each GET on a connection of its own: the kernel spreads connections over workers."""
+    statuses = []
+    for _ in range(times):
+        async with aiohttp.ClientSession() as fresh, fresh.get(url) as response:
+            statuses.append(response.status)
+    return statuses
+
+
+async def test_workers_share_one_port_and_any_scrape_counts_them_all(serve, upstream, client):
+    up = await upstream(NODA1)
+    proc, _ = await serve(
+        routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1), "--workers", "2"
+    )
+    started = await proc.wait_for_all("gateway started", 2)
+    assert sorted(line["worker"] for line in started) == [0, 1]
+    assert len({line["pid"] for line in started}) == 2
+    url = f"http://127.0.0.1:{await proc.port()}"
+    assert await get_on_new_connections(url + "/api/city/x", 40) == [200] * 40
+    assert len(up.seen) == 40
+    for _ in range(2):  # whichever worker answers the scrape
+        async with client.get(url + "/metrics") as r:
+            text = await r.text()
+        assert 'http_requests_total{method="GET",service="city",status="200"} 40.0' in text
+        assert "gateway_workers_reporting 2.0" in text
+        assert "gateway_config_last_reload_successful 1.0" in text  # a state, not summed
+    lines = await proc.wait_for_all("request", 40)
+    ids = [line["request_id"] for line in lines if line["path"] == "/api/city/x"]
+    assert len(set(ids)) == 40  # no worker repeats another's request ids
+    assert len({i[:16] for i in ids}) == 2  # both workers answered (each has its prefix)
+
+
+async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(serve, upstream):
+    up = await upstream(NODA1)
+    proc, _ = await serve(
+        routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1), "--workers", "2"
+    )
+    first, second = await proc.wait_for_all("gateway started", 2)
+    os.kill(first["pid"], signal.SIGKILL)
+    exited = await proc.wait_for("worker exited; starting another")
+    assert (exited["pid"], exited["worker"]) == (first["pid"], first["worker"])
+    replacement = (await proc.wait_for_all("gateway started", 3))[2]
+    assert replacement["worker"] == first["worker"]
+    url = f"http://127.0.0.1:{await proc.port()}"
+    assert await get_on_new_connections(url + "/api/city/x", 10) == [200] * 10
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 15) == 0
+    assert len(await proc.wait_for_all("gateway stopped", 2)) == 2
+    for pid in (second["pid"], replacement["pid"]):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

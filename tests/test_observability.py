@@ -210,3 +210,54 @@ async def test_one_json_log_line_per_request(upstream, gateway, client):
     assert bad_http["status"] == 400
     assert "request_id" in bad_http
     assert not any("traceback" in line for line in lines)
+
+
+def test_workers_samples_add_up_and_states_combine():
+    from gateway.metrics import Metrics  # noqa: PLC0415 - only this test builds registries
+
+    one, two = Metrics(), Metrics()
+    for metrics, requests, healthy, config_ok in ((one, 3, 1, 1), (two, 4, 0, 0)):
+        for _ in range(requests):
+            metrics.observe_request("city", "GET", 200, 0.02)
+        metrics.active_for("city").inc(requests)
+        metrics.health.labels("city", "noda1").set(healthy)
+        metrics.config_ok.set(config_ok)
+    text = one.render(None, [two.families()])[0].decode()
+    assert 'http_requests_total{method="GET",service="city",status="200"} 7.0' in text
+    assert 'http_request_duration_seconds_count{service="city"} 7.0' in text
+    assert 'active_connections{service="city"} 7.0' in text
+    assert 'service_health{dependency="noda1",service="city"} 1.0' in text  # any worker
+    assert "gateway_config_last_reload_successful 0.0" in text  # every worker
+    assert 'gateway_build_info{version="' in text
+    assert "gateway_workers_reporting 2.0" in text
+    created = re.findall(r"^http_requests_created\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    assert len(created) == 1  # one series, the earliest time: not a sum of two
+    assert float(created[0]) <= min(
+        float(v)
+        for m in (one, two)
+        for v in re.findall(
+            r"^http_requests_created\{[^}]*\} (\S+)$", m.render(None)[0].decode(), re.MULTILINE
+        )
+    )
+
+
+def test_log_lines_go_out_in_pipe_atomic_chunks():
+    from gateway.logs import LineWriter  # noqa: PLC0415
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    stream = Recorder()
+    writer = LineWriter(stream)  # type: ignore[arg-type] - a stream that records its writes
+    lines = [f'{{"n": {i}, "pad": "{"x" * random.randint(0, 300)}"}}' for i in range(500)]
+    writer._lines = list(lines)  # what one loop iteration collected
+    writer.flush()
+    assert all(len(w) <= 4000 and w.endswith("\n") for w in stream.writes)
+    assert "".join(stream.writes).splitlines() == lines
