@@ -68,7 +68,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
         self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
-        self.peers: tuple[str, ...] = ()  # the other workers' metrics sockets
+        self.worker: Worker | None = None  # serve --workers: which one this is
         self._background: set[asyncio.Task[None]] = set()
         self.limiter: Limiter = self._make_limiter(config)
         self.health.sync(self.snapshot.routes.values())
@@ -121,7 +121,7 @@ class Gateway:
         )
         await site.start()
         if worker is not None:
-            self.peers = worker.peers
+            self.worker = worker
             self._samples = web.ServerRunner(web.Server(self._own_samples), handle_signals=False)
             await self._samples.setup()
             await web.UnixSite(self._samples, worker.own_socket).start()

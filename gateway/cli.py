@@ -152,11 +152,24 @@ def _serve(config: Config, path: str, host: str | None, port: int | None, worker
             workers,
             host if host is not None else config.listen.host,
             port if port is not None else config.listen.port,
-            lambda worker, bound: _serve_one(config, path, host, bound, worker),
+            lambda worker, bound: _serve_one(_current(path, config), path, host, bound, worker),
         )
     except OSError as exc:
         log.critical("cannot listen", extra={"fields": {"error": str(exc)}})
         return 1
+
+
+def _current(path: str, started_with: Config) -> Config:
+    """The config file as it is now, for a worker started again after the others may have
+    reloaded it; the supervisor's (the first) when the file has become invalid since."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        log.error(  # noqa: TRY400 - a bad file is not a crash: its problems, no traceback
+            "config invalid; this worker serves the config the gateway started with",
+            extra={"fields": {"problems": str(exc).splitlines()}},
+        )
+        return started_with
 
 
 def _serve_one(

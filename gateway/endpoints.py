@@ -30,8 +30,11 @@ def table(gw: Gateway) -> dict[str, Endpoint]:
     async def metrics(request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         _only_get(request)
         refresh_metrics(gw)
-        others = await workers.peer_samples(gw.peers) if gw.peers else None
-        body, content_type = gw.metrics.render(request.headers.get("Accept"), others)
+        every = None
+        if gw.worker is not None:
+            every = await workers.peer_samples(gw.worker.peers)
+            every[gw.worker.index] = gw.metrics.families()
+        body, content_type = gw.metrics.render(request.headers.get("Accept"), every)
         headers = {**own_headers(request_id), "Content-Type": content_type}
         return web.Response(body=body, headers=headers)
 

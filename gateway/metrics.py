@@ -23,12 +23,6 @@ GATEWAY: Final = "gateway"
 METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
-# How workers' samples combine (``serve --workers``): by default they add up (counters,
-# histograms, open sessions and connections); these are states, not amounts.
-_ANY_WORKER: Final = frozenset(
-    {"service_health", "gateway_node_up", "gateway_build_info", "gateway_rate_limit_degraded"}
-)
-_EVERY_WORKER: Final = frozenset({"gateway_config_last_reload_successful"})
 
 
 class Family(TypedDict):
@@ -41,7 +35,8 @@ class Family(TypedDict):
     samples: list[tuple[str, dict[str, str], float]]
 
 
-Families = list[Family]
+Families = list[Family]  # one worker's samples as JSON (``serve --workers``)
+
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -251,15 +246,15 @@ class Metrics:
         self._active_children.pop(service, None)
 
     def render(
-        self, accept: str | None, workers: list[Families] | None = None
+        self, accept: str | None, workers: dict[int, Families] | None = None
     ) -> tuple[bytes, str]:
         """The scrape in the format the scraper asks for (Prometheus text 0.0.4 by default);
-        with ``workers``, the other workers' samples combined with these."""
+        with ``workers`` (every worker's samples, this one's included), all of them."""
         encoder, content_type = choose_encoder(accept or "")
         if workers is None:
             return encoder(self.registry), content_type
         merged = CollectorRegistry(auto_describe=False)
-        merged.register(_Fixed(merge([self.families(), *workers])))
+        merged.register(_Fixed(merge(workers)))
         return encoder(merged), content_type
 
     def families(self) -> Families:
@@ -285,30 +280,23 @@ class _Fixed:
         return self._families
 
 
-def merge(workers: list[Families]) -> list[Metric]:
-    """Every worker's samples in one set of families: amounts added up, states taken from any
-    worker (max) or every worker (min), ``_created`` times the earliest. Also
+def merge(workers: dict[int, Families]) -> list[Metric]:
+    """Every worker's samples, each with a ``worker`` label (its index): a worker's counters
+    then reset on their own when it is restarted, and a worker missing from one scrape leaves
+    a gap in its own series only; ``sum()`` gives the gateway's totals. Also
     ``gateway_workers_reporting``: how many workers' samples are in."""
     families: dict[str, Metric] = {}
-    values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
-    for worker in workers:
+    for index, worker in sorted(workers.items()):
+        label = str(index)
         for family in worker:
             name = family["name"]
-            if name not in families:
-                families[name] = Metric(name, family["help"], family["type"], family["unit"])
+            merged = families.get(name)
+            if merged is None:
+                merged = families[name] = Metric(
+                    name, family["help"], family["type"], family["unit"]
+                )
             for sample_name, labels, value in family["samples"]:
-                key = (name, sample_name, tuple(sorted(labels.items())))
-                previous = values.get(key)
-                if previous is None:
-                    values[key] = value
-                elif name in _ANY_WORKER:
-                    values[key] = max(previous, value)
-                elif name in _EVERY_WORKER or sample_name.endswith("_created"):
-                    values[key] = min(previous, value)
-                else:
-                    values[key] = previous + value
-    for (name, sample_name, label_pairs), value in values.items():
-        families[name].samples.append(Sample(sample_name, dict(label_pairs), value))
+                merged.samples.append(Sample(sample_name, {**labels, "worker": label}, value))
     reporting = Metric(
         "gateway_workers_reporting",
         "Worker processes whose numbers are in this scrape (serve --workers).",

@@ -41,6 +41,7 @@ log = logging.getLogger("gateway.websocket")
 HANDSHAKE_TIMEOUT: Final = 5.0  # for the upstream's 101, after the connection is made
 _HANDSHAKE: Final = frozenset(
     {
+        "content-length",  # 0 or absent (a handshake with a body is refused)
         "sec-websocket-key",
         "sec-websocket-version",
         "sec-websocket-extensions",
@@ -85,12 +86,18 @@ async def relay(
             426, "upgrade_required", "use a WebSocket handshake here",
             headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )  # fmt: skip
-    if not web.WebSocketResponse().can_prepare(request).ok:  # checked before any upstream
+    if not web.WebSocketResponse().can_prepare(request).ok or _has_body(request):
+        # Checked before any upstream. A body would be read by the upstream as its first
+        # frames, or waited for: the two sides would disagree on where frames begin.
         raise GatewayError(400, "bad_handshake", "the WebSocket handshake is not valid")
     origin = request.headers.get("Origin", "").lower()
     if policy.origins is not None and origin not in policy.origins:
         raise GatewayError(403, "origin_not_allowed", "this origin may not open sessions here")
+    _refuse_while_draining(gw)
     upstream = await _connect(gw, ex, route, path_qs)
+    if gw.draining:  # it began stopping while the upstream answered: no session now
+        upstream.transport.abort()
+        _refuse_while_draining(gw)
     detached = None
     client = cast("Detachable", request.protocol)
     transport = request.transport
@@ -106,6 +113,19 @@ async def relay(
     session.start(transport, upstream, tail)
     ex.session = session
     return Detached()
+
+
+def _has_body(request: web.BaseRequest) -> bool:
+    headers = request.headers
+    return "Transfer-Encoding" in headers or headers.get("Content-Length", "0") != "0"
+
+
+def _refuse_while_draining(gw: Gateway) -> None:
+    if gw.draining:
+        raise GatewayError(
+            503, "shutting_down", "the gateway is stopping; open the session again",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
 
 
 def _switching(request: web.BaseRequest, upstream: Upgraded, request_id: str) -> bytes:

@@ -40,7 +40,10 @@ _FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _WAITED: Final = {*_FORWARDED, signal.SIGCHLD}
 RESPAWN_DELAY: Final = 1.0  # after a worker that lived less than this
 _PR_SET_PDEATHSIG: Final = 1
-PEER_TIMEOUT: Final = 1.0  # for another worker's samples at a scrape
+PEER_TIMEOUT: Final = 1.0
+# A worker's stop takes at most 5 s of WebSocket close handshakes + 10 s of drain: SIGKILL
+# after twice that.
+STOP_GRACE: Final = 30.0  # for another worker's samples at a scrape
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,68 +58,101 @@ class Worker:
         return self.sockets[self.index]
 
     @property
-    def peers(self) -> tuple[str, ...]:
-        return tuple(s for i, s in enumerate(self.sockets) if i != self.index)
+    def peers(self) -> dict[int, str]:
+        return {i: s for i, s in enumerate(self.sockets) if i != self.index}
 
 
 def supervise(count: int, host: str, port: int, run: Callable[[Worker, int], int]) -> int:
     """Run ``run(worker, port)`` in ``count`` forked processes until SIGTERM or SIGINT."""
     reserved = _reserve(host, port)
-    port = reserved.getsockname()[1]
     run_dir = tempfile.mkdtemp(prefix="daarion-gateway-")
-    sockets = tuple(os.path.join(run_dir, f"worker-{i}.sock") for i in range(count))
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
-    supervisor = os.getpid()
-    children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
-    pending: dict[int, float] = {}  # index -> when to start it again
-    stopping = False
-
-    def spawn(index: int) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                reserved.close()
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-                _end_with_parent(supervisor)
-                code = run(Worker(index, sockets), port)
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        children[pid] = (index, time.monotonic())
-
     try:
-        for index in range(count):
-            spawn(index)
-        log.info(
-            "workers started",
-            extra={"fields": {"workers": count, "port": port, "pids": sorted(children)}},
-        )
-        while children or (pending and not stopping):
-            received = signal.sigtimedwait(_WAITED, 0.5)
-            signum = received.si_signo if received is not None else None
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                stopping = True
-            if signum in _FORWARDED:
-                for pid in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
-            for index, started in _reap(children, stopping):
-                pending[index] = started + RESPAWN_DELAY  # at once if it lived long enough
-            for index, when in list(pending.items()):
-                if stopping:
-                    pending.clear()
-                elif time.monotonic() >= when:
-                    del pending[index]
-                    spawn(index)
+        sockets = tuple(os.path.join(run_dir, f"worker-{i}.sock") for i in range(count))
+        _Supervisor(reserved, sockets, previous, run).run()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         reserved.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     log.info("workers stopped")
     return 0
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        reserved: socket.socket,
+        sockets: tuple[str, ...],
+        mask: set[int | signal.Signals],
+        run: Callable[[Worker, int], int],
+    ) -> None:
+        self.reserved = reserved
+        self.port: int = reserved.getsockname()[1]
+        self.sockets = sockets
+        self.mask = mask  # the signal mask the workers get back
+        self.work = run
+        self.pid = os.getpid()
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+        self.pending: dict[int, float] = {}  # index -> when to start it again
+        self.stopping = 0.0  # when SIGTERM or SIGINT came
+
+    def run(self) -> None:
+        for index in range(len(self.sockets)):
+            self.spawn(index)
+        log.info(
+            "workers started",
+            extra={
+                "fields": {
+                    "workers": len(self.sockets),
+                    "port": self.port,
+                    "pids": sorted(self.children),
+                }
+            },
+        )
+        while self.children or (self.pending and not self.stopping):
+            received = signal.sigtimedwait(_WAITED, 0.5)
+            self.handle(received.si_signo if received is not None else None)
+            for index, started in _reap(self.children, bool(self.stopping)):
+                self.pending[index] = started + RESPAWN_DELAY  # at once if it lived long
+            now = time.monotonic()
+            for index, when in list(self.pending.items()):
+                if self.stopping:
+                    self.pending.clear()
+                elif now >= when:
+                    del self.pending[index]
+                    self.spawn(index)
+
+    def handle(self, signum: int | None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+            self.stopping = time.monotonic()
+        if self.stopping and time.monotonic() - self.stopping > STOP_GRACE:
+            _kill_all(self.children)
+        if signum in _FORWARDED:
+            forwarded = signal.SIGTERM if signum == signal.SIGINT else signum
+            for pid in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, forwarded)
+
+    def spawn(self, index: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                self.reserved.close()
+                # Ignored until the worker's loop handles it: a reload signal sent while the
+                # worker starts must not kill it (SIGHUP's default action).
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+                _end_with_parent(self.pid)
+                code = self.work(Worker(index, self.sockets), self.port)
+            except Exception:
+                log.exception("worker failed", extra={"fields": {"worker": index}})
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        self.children[pid] = (index, time.monotonic())
 
 
 def _reap(children: dict[int, tuple[int, float]], stopping: bool) -> list[tuple[int, float]]:
@@ -136,6 +172,14 @@ def _reap(children: dict[int, tuple[int, float]], stopping: bool) -> list[tuple[
         )
         again.append((index, started))
     return again
+
+
+def _kill_all(children: dict[int, tuple[int, float]]) -> None:
+    for pid, (index, _) in children.items():
+        log.error("worker still running after the grace period; killing it",
+                  extra={"fields": {"worker": index, "pid": pid}})  # fmt: skip
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _end_with_parent(parent: int) -> None:
@@ -162,19 +206,21 @@ def _reserve(host: str, port: int) -> socket.socket:
     return reserved
 
 
-async def peer_samples(paths: tuple[str, ...]) -> list[Families]:
-    """The other workers' metric samples; a worker that does not answer in time (one being
-    started again, say) is left out, and ``gateway_workers_reporting`` shows it."""
-    answers = await asyncio.gather(*(_samples(path) for path in paths), return_exceptions=True)
-    found: list[Families] = []
-    for path, answer in zip(paths, answers, strict=True):
+async def peer_samples(peers: dict[int, str]) -> dict[int, Families]:
+    """The other workers' metric samples by worker index; a worker that does not answer in
+    time (one being started again, say) is left out, and ``gateway_workers_reporting`` shows
+    it."""
+    indexes = list(peers)
+    answers = await asyncio.gather(*(_samples(peers[i]) for i in indexes), return_exceptions=True)
+    found: dict[int, Families] = {}
+    for index, answer in zip(indexes, answers, strict=True):
         if isinstance(answer, BaseException):
             log.warning(
                 "a worker's metrics are missing from this scrape",
-                extra={"fields": {"socket": path, "error": repr(answer)}},
+                extra={"fields": {"worker": index, "error": repr(answer)}},
             )
         else:
-            found.append(answer)
+            found[index] = answer
     return found
 
 

@@ -83,10 +83,11 @@ class _Handshake(asyncio.Protocol):
             return
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
+        if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
+            self._pause()
+            self.head.set_exception(UpstreamInvalid("response head too long"))
+            return
         if end < 0:
-            if len(self.buffer) > MAX_HEAD:
-                self._pause()
-                self.head.set_exception(UpstreamInvalid("response head too long"))
             return
         self._pause()
         self.head.set_result(self.buffer[:end])
@@ -129,6 +130,9 @@ def _switched(head: bytes, key: str) -> CIMultiDict[str]:
         raise UpstreamRefused(status)
     if answer.get("Upgrade", "").lower() != "websocket":
         raise UpstreamInvalid("101 without Upgrade: websocket")
+    connection = {t.strip().lower() for v in answer.getall("Connection", ()) for t in v.split(",")}
+    if "upgrade" not in connection:
+        raise UpstreamInvalid("101 without Connection: Upgrade")
     if answer.get("Sec-WebSocket-Accept") != accept_key(key):
         raise UpstreamInvalid("wrong Sec-WebSocket-Accept")
     if "Sec-WebSocket-Extensions" in answer:

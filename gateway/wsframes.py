@@ -86,6 +86,10 @@ def parse_close(payload: bytes) -> tuple[int | None, bytes] | None:
     code = int.from_bytes(payload[:2], "big")
     if not (1000 <= code <= 4999) or code in (1004, 1005, 1006, 1015) or 1016 <= code < 3000:
         return None
+    try:
+        payload[2:].decode()  # a reason is UTF-8 text
+    except UnicodeDecodeError:
+        return None
     return code, payload[2:]
 
 

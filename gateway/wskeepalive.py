@@ -13,6 +13,7 @@ after it began is cut. One task and a few numbers per session, instead of timers
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,8 @@ from .wssession import BAD_GATEWAY, CLIENT, CLOSE_TIMEOUT, GOING_AWAY, Session, 
 
 if TYPE_CHECKING:
     from .app import Gateway
+
+log = logging.getLogger("gateway.websocket")
 
 MAX_SWEEP_PERIOD = 1.0
 
@@ -43,16 +46,24 @@ class Keepalive:
 
     def sweep(self, now: float) -> None:
         for session in list(self._gw.websockets):
-            if session.deadline:
-                if now >= session.deadline:
-                    session.cut()
-            else:
-                _check(session, now)
+            try:
+                if session.deadline:
+                    if now >= session.deadline:
+                        session.cut()
+                else:
+                    _check(session, now)
+            except Exception:  # one session's trouble must not stop the sweeps of all
+                log.exception(
+                    "websocket sweep failed", extra={"fields": {"session": session.request_id}}
+                )
 
 
 def _check(session: Session, now: float) -> None:
     interval = session.policy.ping_interval
     for leg in session.legs:
+        if leg.paused:  # not read (the other side is slow to take its data): not silent
+            leg.pinged = 0.0
+            continue
         pinged = leg.pinged
         if pinged and leg.seen >= pinged:
             leg.pinged = pinged = 0.0  # it answered (or spoke)

@@ -77,6 +77,7 @@ class Leg(asyncio.Protocol):
         "close_code",
         "close_got",
         "close_sent",
+        "paused",
         "pinged",
         "reader",
         "seen",
@@ -95,6 +96,7 @@ class Leg(asyncio.Protocol):
         self.close_got = False  # it sent a close frame
         self.close_code: int | None = None  # the code in it
         self.close_sent = False  # a close frame went out to it
+        self.paused = False  # not read while the other leg's send buffer is full
 
     def data_received(self, data: bytes) -> None:
         self.seen = time.monotonic()
@@ -114,12 +116,12 @@ class Leg(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is not None and not self.close_sent:
+        if transport is not None and not self.close_sent and not transport.is_closing():
             transport.write(data)
 
     def send_control(self, opcode: int, payload: bytes) -> bool:
         """Write a frame of the gateway's own, if the stream to this leg is between frames."""
-        if self.transport is None or self.close_sent:
+        if self.transport is None or self.close_sent or self.transport.is_closing():
             return False
         if self.session.legs[1 - self.side].reader.mid_frame:
             return False
@@ -138,14 +140,20 @@ class Leg(asyncio.Protocol):
         return self.send_control(PING, KEEPALIVE)
 
     def pause_writing(self) -> None:
-        other = self.session.legs[1 - self.side].transport
-        if other is not None and not other.is_closing():
-            other.pause_reading()
+        self.session.legs[1 - self.side].pause(True)
 
     def resume_writing(self) -> None:
-        other = self.session.legs[1 - self.side].transport
-        if other is not None and not other.is_closing():
-            other.resume_reading()
+        self.session.legs[1 - self.side].pause(False)
+
+    def pause(self, paused: bool) -> None:
+        """Stop or start reading this leg (backpressure from the other one)."""
+        self.paused = paused
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False  # a WebSocket has no half-close: the connection closes
@@ -163,6 +171,7 @@ class Session:
         "close_code",
         "deadline",
         "ended_by",
+        "gauges",
         "gw",
         "legs",
         "log_fields",
@@ -188,24 +197,26 @@ class Session:
         self.ended_by = ""  # client, upstream, idle, dead client, dead upstream, shutdown
         self.deadline = 0.0  # when closing: when the legs are cut if not closed by then
         self.log_fields: dict[str, object] | None = None  # the request line, at the end
+        # active_connections and gateway_websocket_sessions of the service, held so that the
+        # session decrements the very series it incremented (a reload may drop the service).
+        self.gauges = (gw.metrics.active_for(service), gw.metrics.ws_sessions.labels(service))
 
     def start(self, client: asyncio.Transport, upstream: Upgraded, client_tail: bytes) -> None:
         self.legs = (Leg(self, CLIENT, client), Leg(self, UPSTREAM, upstream.transport))
         client.set_protocol(self.legs[CLIENT])
         upstream.transport.set_protocol(self.legs[UPSTREAM])
-        metrics = self.gw.metrics
-        metrics.active_for(self.service).inc()
-        metrics.ws_sessions.labels(self.service).inc()
-        metrics.ws_opened.labels(self.service).inc()
+        for gauge in self.gauges:
+            gauge.inc()
+        self.gw.metrics.ws_opened.labels(self.service).inc()
         self.gw.websockets.add(self)
         if upstream.tail:
             self.legs[UPSTREAM].data_received(upstream.tail)
-        if client_tail:
-            self.legs[CLIENT].data_received(client_tail)
         if upstream.lost:  # it closed after its 101, before its leg was there to see it
             self.legs[UPSTREAM].connection_lost(None)
         else:
             upstream.transport.resume_reading()
+        if client_tail:
+            self.legs[CLIENT].data_received(client_tail)
 
     def ending(self, by: str, code: int | None) -> None:
         """Note who ended the session and how, unless that is already known."""
@@ -256,8 +267,7 @@ class Session:
         """A connection closed: the other leg is told (if it is not closing already), and the
         session ends when both are closed."""
         peer = self.legs[1 - leg.side]
-        if peer.transport is not None:
-            peer.transport.resume_reading()  # paused while this leg's buffer was full, maybe
+        peer.pause(False)  # it may have been paused while this leg's buffer was full
         if not leg.close_got:  # it ended without a close frame
             code = BAD_GATEWAY if leg.side == UPSTREAM else GOING_AWAY
             self.ending(_SIDE[leg.side], code)
@@ -278,8 +288,8 @@ class Session:
         gw.websockets.discard(self)
         self.ending("gateway", GOING_AWAY)
         metrics.client_connections.dec()  # the client's connection, counted by app._Protocol
-        metrics.active_for(self.service).dec()
-        metrics.ws_sessions.labels(self.service).dec()
+        for gauge in self.gauges:
+            gauge.dec()
         metrics.ws_closed.labels(self.service, code_label(self.close_code)).inc()
         self.report()
         if self.log_fields is not None:

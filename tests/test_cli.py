@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -256,9 +257,17 @@ async def test_workers_share_one_port_and_any_scrape_counts_them_all(serve, upst
     for _ in range(2):  # whichever worker answers the scrape
         async with client.get(url + "/metrics") as r:
             text = await r.text()
-        assert 'http_requests_total{method="GET",service="city",status="200"} 40.0' in text
+        counts = re.findall(
+            r'^http_requests_total\{method="GET",service="city",status="200",worker="([01])"\}'
+            r" (\S+)$",
+            text,
+            re.MULTILINE,
+        )
+        assert sorted(worker for worker, _ in counts) == ["0", "1"]  # both, each its own
+        assert sum(float(value) for _, value in counts) == 40
         assert "gateway_workers_reporting 2.0" in text
-        assert "gateway_config_last_reload_successful 1.0" in text  # a state, not summed
+        for worker in "01":
+            assert f'gateway_config_last_reload_successful{{worker="{worker}"}} 1.0' in text
     lines = await proc.wait_for_all("request", 40)
     ids = [line["request_id"] for line in lines if line["path"] == "/api/city/x"]
     assert len(set(ids)) == 40  # no worker repeats another's request ids
@@ -267,17 +276,21 @@ async def test_workers_share_one_port_and_any_scrape_counts_them_all(serve, upst
 
 async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(serve, upstream):
     up = await upstream(NODA1)
-    proc, _ = await serve(
-        routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1), "--workers", "2"
-    )
+    search = await upstream(NODA2)
+    table = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1, noda2=NODA2)
+    proc, config = await serve(table, "--workers", "2")
     first, second = await proc.wait_for_all("gateway started", 2)
+    config.write_text(table + f"  search: {{port: {search.port}, nodes: [noda2]}}\n")
+    proc.proc.send_signal(signal.SIGHUP)  # the supervisor passes it on to every worker
+    await proc.wait_for_all("config reloaded", 2)
     os.kill(first["pid"], signal.SIGKILL)
     exited = await proc.wait_for("worker exited; starting another")
     assert (exited["pid"], exited["worker"]) == (first["pid"], first["worker"])
     replacement = (await proc.wait_for_all("gateway started", 3))[2]
     assert replacement["worker"] == first["worker"]
     url = f"http://127.0.0.1:{await proc.port()}"
-    assert await get_on_new_connections(url + "/api/city/x", 10) == [200] * 10
+    # The replacement serves the config as reloaded, not the one the gateway started with.
+    assert await get_on_new_connections(url + "/api/search/q", 20) == [200] * 20
     proc.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.proc.wait(), 15) == 0
     assert len(await proc.wait_for_all("gateway stopped", 2)) == 2

@@ -450,6 +450,19 @@ async def test_an_invalid_handshake_is_400_before_any_upstream(ws_upstream, gate
     assert seen.handshakes == []
 
 
+async def test_a_handshake_with_a_body_is_400_before_any_upstream(ws_upstream, gateway):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    for framing, body in (
+        (b"Content-Length: 6\r\n", b"\x81\x80abcd"),
+        (b"Transfer-Encoding: chunked\r\n", b"6\r\n\x81\x80abcd\r\n0\r\n\r\n"),
+    ):
+        response = await raw_exchange(gw.port, HANDSHAKE + framing + b"\r\n" + body)
+        assert response.status == 400
+        assert response.json()["error"] == "bad_handshake"
+    assert seen.handshakes == []  # else the upstream would read frames as the body
+
+
 async def test_keepalive_pongs_stay_in_the_gateway(ws_upstream, gateway, client):
     _, port = await ws_upstream(NODA1, "noda1")
     gw = await gateway(city(port, ", ws_ping_interval: 0.2"))

@@ -162,6 +162,7 @@ def test_the_gateways_own_frames_read_back() -> None:
         (close_payload(1015), None),
         (close_payload(999), None),
         (close_payload(2000), None),
+        (close_payload(1000, b"\xff"), None),  # a reason is UTF-8
     ],
 )
 def test_close_payloads(payload: bytes, parsed: object) -> None:
