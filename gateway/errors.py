@@ -38,37 +38,46 @@ class GatewayError(Exception):
         self.headers = headers
 
 
+# The answer for each kind of upstream failure (``GatewayError.kind``), HTTP and WebSocket alike.
+_UPSTREAM_FAILURES: Final = {
+    "connect": (502, "upstream_unavailable", "the upstream refused or is unreachable"),
+    "connect_timeout": (
+        502,
+        "upstream_connect_timeout",
+        "the upstream did not accept a connection in time",
+    ),
+    "timeout": (504, "upstream_timeout", "the upstream did not answer in time"),
+    "protocol": (502, "upstream_bad_response", "the upstream sent an invalid response"),
+    "disconnect": (
+        502,
+        "upstream_disconnected",
+        "the upstream closed the connection without answering",
+    ),
+    "io": (502, "upstream_error", "the upstream connection failed"),
+}
+
+
+def upstream_failure(kind: str) -> GatewayError:
+    """The answer for an upstream failure of ``kind`` (a key of the table above)."""
+    status, code, message = _UPSTREAM_FAILURES[kind]
+    return GatewayError(status, code, message, kind=kind)
+
+
 def upstream_error(exc: BaseException) -> GatewayError:
     """Translate an exception raised before the upstream's response headers arrived."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return GatewayError(
-            502,
-            "upstream_connect_timeout",
-            "the upstream did not accept a connection in time",
-            kind="connect_timeout",
-        )
+        return upstream_failure("connect_timeout")
     if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
-        return GatewayError(
-            504, "upstream_timeout", "the upstream did not answer in time", kind="timeout"
-        )
+        return upstream_failure("timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return GatewayError(
-            502, "upstream_unavailable", "the upstream refused or is unreachable", kind="connect"
-        )
+        return upstream_failure("connect")
     if isinstance(exc, aiohttp.ClientResponseError):
         # aiohttp reports an unparsable upstream response as a ClientResponseError carrying
         # status 400: that is the upstream's fault, never the client's.
-        return GatewayError(
-            502, "upstream_bad_response", "the upstream sent an invalid response", kind="protocol"
-        )
+        return upstream_failure("protocol")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return GatewayError(
-            502,
-            "upstream_disconnected",
-            "the upstream closed the connection without answering",
-            kind="disconnect",
-        )
-    return GatewayError(502, "upstream_error", "the upstream connection failed", kind="io")
+        return upstream_failure("disconnect")
+    return upstream_failure("io")
 
 
 SERVER: Final = "daarion-gateway"  # instead of aiohttp's, which names its version

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import GatewayError
+from .errors import GatewayError, upstream_failure
 from .failover import all_down
 from .forward import HOP_BY_HOP, ClientGone, Origin, end_to_end, request_headers
 from .wsconnect import (
@@ -185,10 +185,7 @@ async def _connect(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> Upg
         except UpstreamInvalid as invalid:
             health.failed(target, "invalid handshake", route.probe, route.ejection)
             log.warning("invalid upstream handshake: %s", invalid)
-            raise GatewayError(
-                502, "upstream_bad_response", "the upstream sent an invalid handshake",
-                kind="protocol",
-            ) from None  # fmt: skip
+            raise upstream_failure("protocol") from None
         except (TimeoutError, OSError) as exc:
             failure = _connect_error(exc)
             health.failed(target, failure.code, route.probe, route.ejection)
@@ -202,21 +199,12 @@ async def _connect(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> Upg
     raise failure
 
 
-def _connect_error(exc: BaseException) -> GatewayError:
+def _connect_error(exc: TimeoutError | OSError) -> GatewayError:
+    """What a failed upstream handshake was (``open_upstream``'s exceptions)."""
     if isinstance(exc, ConnectTimeout):
-        return GatewayError(
-            502, "upstream_connect_timeout", "the upstream did not accept a connection in time",
-            kind="connect_timeout",
-        )  # fmt: skip
+        return upstream_failure("connect_timeout")
     if isinstance(exc, TimeoutError):
-        return GatewayError(
-            504, "upstream_timeout", "the upstream did not answer in time", kind="timeout"
-        )
+        return upstream_failure("timeout")  # connected, but no 101 (or anything) in time
     if isinstance(exc, ConnectionRefusedError) or not isinstance(exc, ConnectionError):
-        return GatewayError(
-            502, "upstream_unavailable", "the upstream refused or is unreachable", kind="connect"
-        )
-    return GatewayError(
-        502, "upstream_disconnected", "the upstream closed the connection without answering",
-        kind="disconnect",
-    )  # fmt: skip
+        return upstream_failure("connect")
+    return upstream_failure("disconnect")
