@@ -83,7 +83,9 @@ class UpstreamAborted(Exception):
         self.response = response
 
 
-def end_to_end(incoming: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+def end_to_end(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]
+) -> CIMultiDict[str]:
     """The headers not in ``drop`` (lower-case names) nor named by a Connection header."""
     headers = CIMultiDict(incoming)  # one C-level copy, then the few deletions: cheaper
     connection = incoming.getall("Connection", ())

@@ -15,7 +15,6 @@ import logging
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .errors import GatewayError, upstream_failure
 from .failover import all_down
@@ -49,7 +48,7 @@ _HANDSHAKE: Final = frozenset(
         "sec-websocket-accept",
     }
 )
-_NOT_PASSED_BACK: Final = HOP_BY_HOP | _HANDSHAKE | {"date", "server", "content-length"}
+_NOT_PASSED_BACK: Final = HOP_BY_HOP | _HANDSHAKE | {"date", "server", "content-type"}
 
 
 def is_upgrade(request: web.BaseRequest) -> bool:
@@ -130,8 +129,7 @@ def _refuse_while_draining(gw: Gateway) -> None:
 
 def _switching(request: web.BaseRequest, upstream: Upgraded, request_id: str) -> bytes:
     """The client's 101, with the upstream's end-to-end headers (cookies, say)."""
-    headers: CIMultiDict[str] = end_to_end(upstream.headers, _NOT_PASSED_BACK)  # type: ignore[arg-type]
-    headers.popall("Content-Type", None)
+    headers = end_to_end(upstream.headers, _NOT_PASSED_BACK)
     headers["X-Request-ID"] = request_id
     headers["Upgrade"] = "websocket"
     headers["Connection"] = "Upgrade"

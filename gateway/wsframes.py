@@ -78,7 +78,8 @@ def close_payload(code: int, reason: bytes = b"") -> bytes:
 
 def parse_close(payload: bytes) -> tuple[int | None, bytes] | None:
     """(code, reason) of a close frame's payload: code None when it has none; None when the
-    payload is malformed (one byte, or a code no endpoint may send)."""
+    payload is malformed (one byte, a reason that is not UTF-8, or a code no endpoint may
+    send, such as 1005, 1006 and 1015: so a code passed on is always one that may be sent)."""
     if not payload:
         return None, b""
     if len(payload) == 1:

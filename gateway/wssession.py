@@ -43,16 +43,8 @@ NORMAL: Final = 1000
 GOING_AWAY: Final = 1001
 PROTOCOL_ERROR: Final = 1002
 BAD_GATEWAY: Final = 1014
-NOT_ON_THE_WIRE: Final = frozenset({1005, 1006, 1015})
 # The payload of the gateway's own keepalive pings: their pongs are not passed on.
 KEEPALIVE: Final = b"gw-keepalive-" + os.urandom(6).hex().encode()
-
-
-def wire_code(code: int | None, fallback: int) -> int:
-    """A close code that may be sent: 1005/1006/1015 (and nonsense) become ``fallback``."""
-    if code is None or code in NOT_ON_THE_WIRE or not 1000 <= code <= 4999:
-        return fallback
-    return code
 
 
 def code_label(code: int | None) -> str:
@@ -239,7 +231,7 @@ class Session:
         self.ending(_SIDE[leg.side], code)
         peer = self.legs[1 - leg.side]
         if not peer.close_sent:
-            peer.send_close(wire_code(code, NORMAL), reason)
+            peer.send_close(code or NORMAL, reason)  # parse_close let only sendable codes by
         self._settle()
 
     def violation(self, leg: Leg, code: int) -> None:
@@ -272,7 +264,7 @@ class Session:
             code = BAD_GATEWAY if leg.side == UPSTREAM else GOING_AWAY
             self.ending(_SIDE[leg.side], code)
             if not peer.close_sent:  # (the answer, if the peer's close is waiting for one)
-                peer.send_close(wire_code(peer.close_code, code) if peer.close_got else code)
+                peer.send_close(peer.close_code or code)
         self._settle()
         if peer.transport is None:
             self._finish()

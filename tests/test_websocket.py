@@ -541,6 +541,26 @@ async def test_a_protocol_violation_closes_both_legs_with_1002(ws_upstream, gate
     writer.close()
 
 
+async def test_close_codes_that_may_not_be_sent_never_reach_the_other_side(ws_upstream, gateway):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer = await raw_handshake(gw.port)
+    assert await read_frame(reader) == (0x1, b"hello from noda1")
+    writer.write(frame(0x8, b""))  # a close without a code: the other side would see 1005
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes == [(1000, "")]
+    writer.close()
+
+    seen.ended.clear()
+    reader, writer = await raw_handshake(gw.port)
+    assert await read_frame(reader) == (0x1, b"hello from noda1")
+    writer.write(frame(0x8, close_payload(1005)))  # never valid in a frame
+    assert await read_frame(reader) == (0x8, close_payload(1002))
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes[-1] == (1002, "")
+    writer.close()
+
+
 async def upgrading_upstream(handler) -> tuple[asyncio.Server, int]:
     """A raw upstream that gets the request head and the accept key the gateway expects."""
 
