@@ -186,6 +186,16 @@ def parse_response(raw: bytes) -> RawResponse:
     return RawResponse(int(status), " ".join(reason), headers, body, raw)  # type: ignore[arg-type]
 
 
+async def stalled(count: Callable[[], int]) -> int:
+    """What ``count()`` stops at while nothing reads the other end: read 1 s in, then checked
+    unchanged 0.5 s later (backpressure reached the writer)."""
+    await asyncio.sleep(1.0)
+    plateau = count()
+    await asyncio.sleep(0.5)
+    assert count() == plateau, "the writer kept writing though nothing was read"
+    return plateau
+
+
 async def raw_exchange(
     port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 5.0
 ) -> RawResponse:
