@@ -194,12 +194,6 @@ def ensure_tools(python_backend: bool) -> run.Tools:
     return tools
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def accepts(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
         return True
@@ -317,14 +311,6 @@ def gateway_config(backends: dict[str, Backend], health: Health) -> str:
     return text
 
 
-def check_config(path: Path) -> str:
-    command = [str(run.VENV_BIN / "daarion-gateway"), "check", "--config", str(path)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"config rejected:\n{out.stdout}{out.stderr}")
-    return out.stdout.strip()
-
-
 # -- the stack -----------------------------------------------------------------------------
 
 
@@ -336,7 +322,7 @@ class Stack:
         self.layout = layout
         self.workdir = workdir
         self.backends = {
-            name: Backend(name, host, free_port(host), workdir, tools, layout)
+            name: Backend(name, host, run.free_port(host), workdir, tools, layout)
             for name, host in NODE_HOSTS.items()
         }
         self.gateway: run.Server | None = None
@@ -350,8 +336,8 @@ class Stack:
             backend.wait_ready()
         config = self.workdir / "routes.yaml"
         config.write_text(gateway_config(self.backends, health))
-        summary = check_config(config)
-        port = free_port(GATEWAY_HOST)
+        summary = run.check_config(config)
+        port = run.free_port(GATEWAY_HOST)
         log = self.workdir / "gateway.log"
         command = [
             *run.pin_prefix(self.tools, self.layout.servers),
@@ -1046,9 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_backend(host, int(port), name)
         return 0
     opts = parse_options(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-    signal.signal(signal.SIGTERM, run._raise_interrupt)
-    signal.signal(signal.SIGHUP, run._raise_interrupt)
+    run.stop_on_signals()
     tools = ensure_tools(opts.python_backend)
     layout = run.choose_layout()
     if layout.load is not None:

@@ -442,10 +442,19 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (nginx workers)
 
 
-def free_port() -> int:
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def check_config(path: Path) -> str:
+    """``daarion-gateway check`` of a config the harness wrote: its summary, or RuntimeError."""
+    command = [str(VENV_BIN / "daarion-gateway"), "check", "--config", str(path)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"config rejected:\n{out.stdout}{out.stderr}")
+    return out.stdout.strip()
 
 
 def http_status(port: int, path: str) -> int | None:
@@ -966,7 +975,7 @@ class Row:
     proxy_us_vs_first: float | None  # proxy CPU per request minus the first gateway's, paired
 
 
-def _median(values: Sequence[float | None]) -> float | None:
+def median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
 
@@ -988,7 +997,7 @@ def _paired(
         )
         if base is not None:
             values.append(compare(run, base))
-    return _median(values)
+    return median(values)
 
 
 def _p99_difference(run: Run, base: Run) -> float:
@@ -1016,9 +1025,9 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
                 rps=statistics.median(r.rps for r in mine),
                 p50_ms=statistics.median(r.p50_ms for r in mine),
                 p99_ms=statistics.median(r.p99_ms for r in mine),
-                proxy_us=_median([r.proxy_us for r in mine]),
+                proxy_us=median([r.proxy_us for r in mine]),
                 backend_us=statistics.median(r.backend_us for r in mine),
-                helper_us=_median([r.helper_us for r in mine]),
+                helper_us=median([r.helper_us for r in mine]),
                 load_cpu=statistics.median(r.load_cpu for r in mine),
                 other_cpu=statistics.median(r.other_cpu for r in mine),
                 steal_pct=statistics.median(r.steal_pct for r in mine),
@@ -1039,7 +1048,7 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
     return rows
 
 
-def _fmt(value: float | None, spec: str = ".1f") -> str:
+def fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -1064,19 +1073,19 @@ def print_table(rows: list[Row], reps: int, with_helpers: bool) -> None:
             f"{row.rps:.0f}",
             f"{row.p50_ms:.2f}",
             f"{row.p99_ms:.2f}",
-            _fmt(row.proxy_us),
-            _fmt(row.backend_us),
+            fmt(row.proxy_us),
+            fmt(row.backend_us),
         ]
-        cells += [_fmt(row.helper_us)] if with_helpers else []
+        cells += [fmt(row.helper_us)] if with_helpers else []
         cells += [
             f"{row.load_cpu:.2f}",
             f"{row.other_cpu:.2f}",
             f"{row.steal_pct:.1f}",
             f"{row.non2xx}/{row.socket_errors}",
             str(row.log_warnings) if row.kind == "gateway" else "-",
-            _fmt(row.x_nginx, ".2f"),
-            _fmt(row.x_direct, ".2f"),
-            _fmt(row.x_first, ".2f"),
+            fmt(row.x_nginx, ".2f"),
+            fmt(row.x_direct, ".2f"),
+            fmt(row.x_first, ".2f"),
         ]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
@@ -1127,7 +1136,7 @@ def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) 
     if any(x is not None for _, x in ratios):
         lines.append(
             f"{gateway}/nginx "
-            + ", ".join(f"c{c} = {_fmt(x, '.2f')}" for c, x in ratios)
+            + ", ".join(f"c{c} = {fmt(x, '.2f')}" for c, x in ratios)
             + f"   (anchors.md: {ANCHOR_RATIO:.2f}; target >= {ANCHOR_RATIO:.2f})"
         )
     cpu = []
@@ -1152,11 +1161,11 @@ def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) 
         mine = [r for c in conns if (r := _row(rows, variant.name, c)) is not None]
         lines.append(
             f"{variant.name} / {gateway}: req/s "
-            + ", ".join(f"c{r.conns} = {_fmt(r.x_first, '.2f')}" for r in mine)
+            + ", ".join(f"c{r.conns} = {fmt(r.x_first, '.2f')}" for r in mine)
             + "; p99 "
-            + ", ".join(f"c{r.conns} {_fmt(r.p99_vs_first_ms, '+.2f')} ms" for r in mine)
+            + ", ".join(f"c{r.conns} {fmt(r.p99_vs_first_ms, '+.2f')} ms" for r in mine)
             + "; proxy CPU/req "
-            + ", ".join(f"c{r.conns} {_fmt(r.proxy_us_vs_first, '+.0f')} us" for r in mine)
+            + ", ".join(f"c{r.conns} {fmt(r.proxy_us_vs_first, '+.0f')} us" for r in mine)
         )
     suite = SUITES[opts.suite] if opts.suite else None
     if suite is not None and suite.criteria is not None:
@@ -1164,7 +1173,7 @@ def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) 
     return lines
 
 
-def _verdict(ok: bool | None) -> str:
+def verdict(ok: bool | None) -> str:
     return "?" if ok is None else "ok" if ok else "MISS"
 
 
@@ -1179,13 +1188,13 @@ def suite_verdict(
         if (b := _row(rows, base, c)) is not None and (v := _row(rows, name, c)) is not None
     ]
     ratios = ", ".join(
-        f"c{c} = {_fmt(v.x_first, '.2f')} "
-        f"({_verdict(None if v.x_first is None else v.x_first >= criteria.min_ratio)})"
+        f"c{c} = {fmt(v.x_first, '.2f')} "
+        f"({verdict(None if v.x_first is None else v.x_first >= criteria.min_ratio)})"
         for c, _, v in pairs
     )
     added = ", ".join(
-        f"c{c} {_fmt(v.p99_vs_first_ms, '+.2f')} ms ({b.p99_ms:.2f} -> {v.p99_ms:.2f}; "
-        + _verdict(
+        f"c{c} {fmt(v.p99_vs_first_ms, '+.2f')} ms ({b.p99_ms:.2f} -> {v.p99_ms:.2f}; "
+        + verdict(
             None if v.p99_vs_first_ms is None else v.p99_vs_first_ms <= criteria.max_added_p99_ms
         )
         + ")"
@@ -1202,14 +1211,14 @@ def suite_verdict(
             "--conns 1 measures what one decision adds to an unloaded request)"
         )
     cpu = ", ".join(
-        f"c{c} {_fmt(v.proxy_us_vs_first, '+.0f')} us ({_fmt(b.proxy_us, '.0f')} -> "
-        f"{_fmt(v.proxy_us, '.0f')})"
+        f"c{c} {fmt(v.proxy_us_vs_first, '+.0f')} us ({fmt(b.proxy_us, '.0f')} -> "
+        f"{fmt(v.proxy_us, '.0f')})"
         for c, b, v in pairs
     )
     lines.append(f"suite {opts.suite}: proxy CPU/req {name} - {base}: {cpu}")
     for helper in opts.helpers:
-        per = ", ".join(f"c{c} {_fmt(v.helper_us)} us" for c, _, v in pairs)
-        idle = ", ".join(f"c{c} {_fmt(b.helper_us)} us" for c, b, _ in pairs)
+        per = ", ".join(f"c{c} {fmt(v.helper_us)} us" for c, _, v in pairs)
+        idle = ", ".join(f"c{c} {fmt(b.helper_us)} us" for c, b, _ in pairs)
         lines.append(
             f"suite {opts.suite}: {helper.name} CPU per request of {name}: {per}   "
             f"(idle {helper.name} during {base} runs: {idle})"
@@ -1341,8 +1350,16 @@ def _yes(value: object) -> str:
 # -- main ----------------------------------------------------------------------------------
 
 
-def _raise_interrupt(signum: int, _frame: object) -> None:
+def raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP stop a bench the same way: every process it started is
+    stopped on the way out (KeyboardInterrupt), even if it was started ignoring SIGINT."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_interrupt)
 
 
 def plan_seconds(opts: Options, targets: int) -> float:
@@ -1410,7 +1427,7 @@ def run_all(stack: Stack, opts: Options, discarded: list[Run]) -> list[Run]:
 def progress_line(run: Run) -> str:
     return (
         f"  rep {run.rep} c{run.conns:<4} {run.target:<24} {run.rps:9.0f} req/s  "
-        f"p99 {run.p99_ms:8.2f} ms  proxy {_fmt(run.proxy_us):>6} us/req  "
+        f"p99 {run.p99_ms:8.2f} ms  proxy {fmt(run.proxy_us):>6} us/req  "
         f"errors {run.non2xx}/{run.socket_errors}  other CPU {run.other_cpu:.2f}"
         + (f"  log warnings {run.log_warnings}" if run.log_warnings else "")
     )
@@ -1453,8 +1470,7 @@ def report(runs: list[Run], opts: Options, env: dict[str, Any], started: float) 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     opts = parse_options(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    stop_on_signals()
     tools = ensure_tools(opts)
     layout = choose_layout()
     env = environment(tools, layout)

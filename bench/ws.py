@@ -40,7 +40,6 @@ import re
 import resource
 import select
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -418,7 +417,7 @@ class Stack:
         config.write_text(
             GATEWAY_CONFIG.format(service=SERVICE, port=self.backend_port, ping=ping_interval)
         )
-        check_config(config)
+        run.check_config(config)
         port = run.free_port()
         command = [
             str(run.VENV_BIN / "daarion-gateway"), "serve", "--config", str(config),
@@ -460,13 +459,6 @@ class Stack:
             return 0
         text = self.gateway.log.read_text(errors="replace")
         return sum(text.count(f'"level":"{level}"') for level in ("WARNING", "ERROR", "CRITICAL"))
-
-
-def check_config(path: Path) -> None:
-    command = [str(run.VENV_BIN / "daarion-gateway"), "check", "--config", str(path)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"config rejected:\n{out.stdout}{out.stderr}")
 
 
 # -- throughput ----------------------------------------------------------------------------
@@ -625,11 +617,6 @@ class Row:
     errors: int
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
 def _ratios(runs: list[EchoRun], mine: list[EchoRun], other: str) -> list[float]:
     """Per rep: msgs/s over ``other``'s msgs/s at the same shape and rep."""
     ratios = []
@@ -651,13 +638,13 @@ def summarize(runs: list[EchoRun]) -> list[Row]:
                 shape=shape,
                 target=target,
                 msgs_per_s=statistics.median(r.msgs_per_s for r in mine),
-                x_direct=_median(_ratios(runs, mine, DIRECT)),
-                x_nginx=_median(vs_nginx),
+                x_direct=run.median(_ratios(runs, mine, DIRECT)),
+                x_nginx=run.median(vs_nginx),
                 x_nginx_low=min(vs_nginx, default=None),
                 x_nginx_high=max(vs_nginx, default=None),
-                proxy_us=_median([r.proxy_us for r in mine]),
-                proxy_sys_pct=_median([r.proxy_sys_pct for r in mine]),
-                proxy_writes=_median([r.proxy_writes for r in mine]),
+                proxy_us=run.median([r.proxy_us for r in mine]),
+                proxy_sys_pct=run.median([r.proxy_sys_pct for r in mine]),
+                proxy_writes=run.median([r.proxy_writes for r in mine]),
                 backend_us=statistics.median(r.backend_us for r in mine),
                 client_cpu=statistics.median(r.client_cpu for r in mine),
                 rtt_us=statistics.median(r.rtt_us for r in mine),
@@ -669,20 +656,17 @@ def summarize(runs: list[EchoRun]) -> list[Row]:
     return rows
 
 
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_rows(rows: list[Row], reps: int) -> None:
     head = ["conns x in flight", "path", "echoed msgs/s", "x direct", "x nginx",
             "proxy us/echo", "proxy sys %", "gw write()s/echo", "backend us/echo",
             "client CPU", "mean RTT us", "other CPU (max)", "steal %", "errors"]  # fmt: skip
     table = [head]
+    fmt = run.fmt
     for r in rows:
         table.append(
-            [r.shape.replace("x", " x "), r.target, f"{r.msgs_per_s:.0f}", _fmt(r.x_direct, ".2f"),
-             _fmt(r.x_nginx, ".2f"), _fmt(r.proxy_us), _fmt(r.proxy_sys_pct, ".0f"),
-             _fmt(r.proxy_writes, ".2f"), f"{r.backend_us:.1f}", f"{r.client_cpu:.2f}",
+            [r.shape.replace("x", " x "), r.target, f"{r.msgs_per_s:.0f}", fmt(r.x_direct, ".2f"),
+             fmt(r.x_nginx, ".2f"), fmt(r.proxy_us), fmt(r.proxy_sys_pct, ".0f"),
+             fmt(r.proxy_writes, ".2f"), f"{r.backend_us:.1f}", f"{r.client_cpu:.2f}",
              f"{r.rtt_us:.0f}", f"{r.other_cpu:.2f}", f"{r.steal_pct:.1f}", str(r.errors)]
         )  # fmt: skip
     print(f"\nThroughput (1 KiB binary echo; median of {reps} reps; ratios paired per rep):")
@@ -721,9 +705,9 @@ def throughput_headline(rows: list[Row], runs: list[EchoRun]) -> list[str]:
                 f"; proxy CPU per echo {gw.proxy_us:.1f} vs nginx {ng.proxy_us:.1f} us "
                 f"= {gw.proxy_us / ng.proxy_us:.1f}x"
             )
-        spread = f" (reps {_fmt(gw.x_nginx_low, '.2f')}-{_fmt(gw.x_nginx_high, '.2f')})"
+        spread = f" (reps {run.fmt(gw.x_nginx_low, '.2f')}-{run.fmt(gw.x_nginx_high, '.2f')})"
         lines.append(
-            f"gateway/nginx msgs/s at {shape_name(shape)} = {_fmt(ratio, '.2f')}{spread} "
+            f"gateway/nginx msgs/s at {shape_name(shape)} = {run.fmt(ratio, '.2f')}{spread} "
             f"({verdict}: target >= {TARGET_RATIO}; anchors.md aiohttp relay "
             f"{ANCHORS[shape]}){cpu}"
         )
@@ -820,10 +804,6 @@ def _module(frames: list[tuple[str, str]]) -> str:
     if file.endswith(LOOP_FRAMES) or file.endswith("daarion-gateway"):
         return "C code under the event loop (uvloop: epoll, recv, callbacks; Cython parsers)"
     return file or "?"
-
-
-def _verdict(ok: bool) -> str:
-    return "ok" if ok else "MISS"
 
 
 # -- capacity ------------------------------------------------------------------------------
@@ -1053,13 +1033,13 @@ def capacity_lines(c: Capacity, opts: Options) -> list[str]:
         f"{_mib(gw.open)} with {c.opened} open, {_mib(gw.held)} after the hold, "
         f"{_mib(gw.closed)} after closing all",
         f"RSS per session beyond the baseline: gateway {gw.per_session(c.opened):.1f} KiB "
-        f"({_verdict(gw.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
+        f"({run.verdict(gw.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
         f"{RSS_TARGET_KIB:.0f}); for scale, one aiohttp leg: backend (server side) "
         f"{c.backend.per_session(c.opened):.1f} KiB, client (client side) "
         f"{c.client.per_session(c.opened):.1f} KiB",
         f"after holding {c.hold_seconds:.1f} s (ws_ping_interval {opts.ping_interval:g} s): "
-        f"gateway_websocket_sessions = {_fmt(c.metric_held, '.0f')}, closed meanwhile "
-        f"{_fmt(c.closed_during_hold, '.0f')}; backend open {back.get('open')}, client open "
+        f"gateway_websocket_sessions = {run.fmt(c.metric_held, '.0f')}, closed meanwhile "
+        f"{run.fmt(c.closed_during_hold, '.0f')}; backend open {back.get('open')}, client open "
         f"{cli.get('open')}, client sessions ended unasked: {cli.get('ended_unasked') or 'none'}",
         f"pings at the backend (gateway -> service legs): {c.backend_pings_in_hold} during the "
         f"hold, {back.get('pings')} in all, per open session min {back.get('min_pings_per_open')}"
@@ -1079,7 +1059,7 @@ def capacity_headline(c: Capacity, opts: Options) -> list[str]:
     least = max(1, opts.hold_intervals - 1)
     lines = [
         f"sessions open through the gateway ({c.workers} workers): {c.opened}/{c.sessions} "
-        f"({_verdict(c.opened >= c.sessions)})"
+        f"({run.verdict(c.opened >= c.sessions)})"
         + (
             f"; {c.workers} x the open-files limit {c.fd_limit} leave room for {c.room}"
             if c.room < c.sessions
@@ -1087,10 +1067,10 @@ def capacity_headline(c: Capacity, opts: Options) -> list[str]:
         ),
         f"RSS per idle session (every gateway process) = "
         f"{c.gateway.per_session(c.opened):.1f} KiB "
-        f"({_verdict(c.gateway.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
+        f"({run.verdict(c.gateway.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
         f"{RSS_TARGET_KIB:.0f}); {_mib(c.gateway.base)} -> {_mib(c.gateway.open)}",
         f"pings flowing: {'yes' if c.pings_flowing else 'NO'} (all {c.opened} open sessions "
-        f"still open after {opts.hold_intervals} intervals: {_fmt(c.metric_held, '.0f')} in "
+        f"still open after {opts.hold_intervals} intervals: {run.fmt(c.metric_held, '.0f')} in "
         f"/metrics; each leg pinged >= {least} times: backend min "
         f"{c.backend_stats.get('min_pings_per_open')}, client min "
         f"{c.client_stats.get('min_pings_per_open')}; {c.backend_pings_in_hold} + "
@@ -1112,10 +1092,6 @@ class Results:
     capacity: Capacity | None = None
     leftovers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def want_profile(opts: Options, rows: list[Row], notes: list[str]) -> str | None:
@@ -1220,8 +1196,7 @@ def write_json(path: Path, results: Results, headline: list[str], env: list[str]
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     opts = parse_options(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    run.stop_on_signals()
     tools = ensure_tools(opts)
     layout = run.choose_layout()
     if layout.load is not None:
