@@ -1,4 +1,10 @@
-"""The command line: ``daarion-gateway [serve|check|schema]``. Parse, set up logging, run."""
+"""The command line: ``daarion-gateway [serve|check|schema|healthcheck]``. Parse, set up
+logging, run.
+
+The gateway itself (aiohttp, prometheus-client, redis) is imported only by the commands that
+need it: ``healthcheck`` runs every 30 s in the Docker image and ``check`` and ``schema`` in
+editors and CI, so they start with the config types and the standard library alone.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,15 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 
-from .app import Gateway
 from .config import Config, ConfigError, config_json_schema, load_config
-from .logs import setup_logging
-from .snapshot import compile_snapshot
-from .workers import Worker, supervise
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .workers import Worker
 
 log = logging.getLogger("gateway")
 
@@ -95,11 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "healthcheck":
         return healthcheck(config, args.port, args.timeout)
+    from .logs import setup_logging  # noqa: PLC0415 - only serve needs the gateway loaded
+
     setup_logging(args.log_level)
     return _serve(config, path, args.host, args.port, args.workers)
 
 
 def summary(path: str, config: Config) -> str:
+    from .snapshot import compile_snapshot  # noqa: PLC0415 - not needed by healthcheck/schema
+
     routes = compile_snapshot(config).routes
     width = max((len(name) for name in routes), default=0)
     lines = [
@@ -146,6 +157,8 @@ def healthcheck(config: Config, port: int | None, timeout: float) -> int:
 def _serve(config: Config, path: str, host: str | None, port: int | None, workers: int) -> int:
     if workers == 1:
         return _serve_one(config, path, host, port, None)
+    from .workers import supervise  # noqa: PLC0415 - only serve --workers needs it
+
     raise_open_files_limit()  # for the workers, which inherit it
     try:
         return supervise(
@@ -175,6 +188,8 @@ def _current(path: str, started_with: Config) -> Config:
 def _serve_one(
     config: Config, path: str, host: str | None, port: int | None, worker: Worker | None
 ) -> int:
+    from .app import Gateway  # noqa: PLC0415 - the whole gateway, for serve only
+
     try:
         import uvloop  # noqa: PLC0415 - optional: absent on platforms without it
     except ImportError:  # pragma: no cover - uvloop is installed wherever it builds
@@ -217,7 +232,7 @@ async def _run(gateway: Gateway, host: str | None, port: int | None, worker: Wor
                 "worker": worker.index if worker is not None else None,
                 "listen": [f"{a[0]}:{a[1]}" for a in addresses],
                 "config": gateway.config_path,
-                "services": len(gateway.snapshot.routes),
+                "services": len(gateway.shared.snapshot.routes),
                 "open_files_limit": open_files,
             }
         },

@@ -6,59 +6,68 @@ The ``/gateway/`` prefix is reserved for the gateway itself. None of these is ra
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import orjson
 from aiohttp import web
 
-from . import __version__, workers, wskeepalive
+from . import __version__, workers
 from .errors import GatewayError, own_headers
+from .websocket.keepalive import report
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .context import Shared
 
-Endpoint = Callable[[web.BaseRequest, str], Awaitable[web.StreamResponse]]
-
-
-def table(gw: Gateway) -> dict[str, Endpoint]:
-    async def health(request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-        _only_get(request)
-        body = health_report(gw)
-        status = 503 if body["status"] == "unhealthy" else 200
-        return _json(body, request_id, status)
-
-    async def metrics(request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-        _only_get(request)
-        refresh_metrics(gw)
-        every = None
-        if gw.worker is not None:
-            every = await workers.peer_samples(gw.worker.peers)
-            every[gw.worker.index] = gw.metrics.families()
-        body, content_type = gw.metrics.render(request.headers.get("Accept"), every)
-        headers = {**own_headers(request_id), "Content-Type": content_type}
-        return web.Response(body=body, headers=headers)
-
-    async def upstreams(request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-        _only_get(request)
-        return _json(upstreams_report(gw), request_id)
-
-    return {"/health": health, "/metrics": metrics, "/gateway/upstreams": upstreams}
+Endpoint = Callable[["Shared", web.BaseRequest, str], Awaitable[web.StreamResponse]]
 
 
-def refresh_metrics(gw: Gateway) -> None:
+async def health(shared: Shared, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+    _only_get(request)
+    body = health_report(shared)
+    status = 503 if body["status"] == "unhealthy" else 200
+    return _json(body, request_id, status)
+
+
+async def metrics(shared: Shared, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+    _only_get(request)
+    refresh_metrics(shared)
+    every = None
+    if shared.worker is not None:
+        every = await workers.peer_samples(shared.worker.peers)
+        every[shared.worker.index] = shared.metrics.families()
+    body, content_type = shared.metrics.render(request.headers.get("Accept"), every)
+    headers = {**own_headers(request_id), "Content-Type": content_type}
+    return web.Response(body=body, headers=headers)
+
+
+async def upstreams(
+    shared: Shared, request: web.BaseRequest, request_id: str
+) -> web.StreamResponse:
+    _only_get(request)
+    return _json(upstreams_report(shared), request_id)
+
+
+ENDPOINTS: Final[dict[str, Endpoint]] = {
+    "/health": health,
+    "/metrics": metrics,
+    "/gateway/upstreams": upstreams,
+}
+
+
+def refresh_metrics(shared: Shared) -> None:
     """Bring the metrics computed at scrape time up to date (health, session counters)."""
-    gw.health.export(gw.snapshot.routes.values())
-    wskeepalive.report(gw)
+    shared.health.export(shared.snapshot.routes.values())
+    report(shared.sessions)
 
 
-def health_report(gw: Gateway) -> dict[str, object]:
+def health_report(shared: Shared) -> dict[str, object]:
     """The standards' /health body. ``healthy``: serving, nothing down; ``degraded``: serving,
     but a dependency or node is down; ``unhealthy``: cannot serve (shutting down)."""
-    services, nodes = gw.health.export(gw.snapshot.routes.values())
+    services, nodes = shared.health.export(shared.snapshot.routes.values())
     dependencies = dict(services)
-    if gw.limiter.state is not None:
-        dependencies["redis"] = gw.limiter.state
-    if gw.draining:
+    if shared.limiter.state is not None:
+        dependencies["redis"] = shared.limiter.state
+    if shared.draining:
         status = "unhealthy"
     elif "disconnected" in dependencies.values() or "offline" in nodes.values():
         status = "degraded"
@@ -68,15 +77,15 @@ def health_report(gw: Gateway) -> dict[str, object]:
         "status": status,
         "service": "gateway",
         "version": __version__,
-        "uptime": int(gw.clock() - gw.started),
+        "uptime": int(shared.clock() - shared.started),
         "dependencies": dependencies,
         "nodes": nodes,
     }
 
 
-def upstreams_report(gw: Gateway) -> dict[str, object]:
+def upstreams_report(shared: Shared) -> dict[str, object]:
     """Every service's targets in order of preference: state, why, since when."""
-    _, nodes = gw.health.export(gw.snapshot.routes.values())
+    _, nodes = shared.health.export(shared.snapshot.routes.values())
     services = {
         name: {
             "targets": [
@@ -84,13 +93,13 @@ def upstreams_report(gw: Gateway) -> dict[str, object]:
                     "node": t.node,
                     "url": t.origin,
                     "tier": t.tier,
-                    **gw.health.describe(t),
+                    **shared.health.describe(t),
                 }
                 for t in route.targets
             ],
             "health_check": route.probe.path if route.probe.enabled else None,
         }
-        for name, route in gw.snapshot.routes.items()
+        for name, route in shared.snapshot.routes.items()
     }
     return {"services": services, "nodes": nodes}
 

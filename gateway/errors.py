@@ -1,7 +1,10 @@
-"""The one error type the gateway answers with, and the one mapping from client exceptions.
+"""The one error type the gateway answers with, the one mapping from upstream client
+exceptions, and the two ways an exchange ends without an answer of the gateway's own.
 
 Every answer the gateway produces itself is JSON ``{"error", "message", "request_id"}``.
-``kind`` is a fixed, small vocabulary used as a metric label (``gateway_upstream_errors_total``).
+``kind`` is a fixed, small vocabulary used as a metric label (``gateway_upstream_errors_total``)
+and by the failover decision (``upstream/failover.py``) to tell what may be retried.
+A leaf: every module may import it; it imports no module of the gateway.
 """
 
 from __future__ import annotations
@@ -36,6 +39,21 @@ class GatewayError(Exception):
         self.message = message
         self.kind = kind
         self.headers = headers
+
+
+class ClientGone(Exception):
+    """The client went away while its request was being forwarded."""
+
+
+class UpstreamAborted(Exception):
+    """The upstream failed after the response had started; the client connection was aborted.
+
+    ``response`` is the response already under way (its status line went to the client).
+    """
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("upstream failed mid-response")
+        self.response = response
 
 
 # The answer for each kind of upstream failure (``GatewayError.kind``), HTTP and WebSocket alike.

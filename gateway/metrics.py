@@ -7,7 +7,7 @@ unknown service counts as ``unmatched``, an unusual method as ``OTHER``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final, TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -174,6 +174,25 @@ class Metrics:
         )
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
+        # Each labelled metric's label names, in order: to find its series through the public
+        # collect() (``remove_series``).
+        self._label_names: dict[int, tuple[str, ...]] = {
+            id(self.requests): ("service", "method", "status"),
+            id(self.duration): ("service",),
+            id(self.active): ("service",),
+            id(self.health): ("service", "dependency"),
+            id(self.upstream_errors): ("service", "kind"),
+            id(self.node_up): ("node",),
+            id(self.failovers): ("service", "node"),
+            id(self.retries): ("service", "kind"),
+            id(self.ejections): ("service", "node"),
+            id(self.probes): ("service", "node", "result"),
+            id(self.ws_sessions): ("service",),
+            id(self.ws_opened): ("service",),
+            id(self.ws_closed): ("service", "code"),
+            id(self.ws_messages): ("service", "direction"),
+            id(self.ws_bytes): ("service", "direction"),
+        }
         # Cached label children: labels() costs a lock and a dict lookup we can skip.
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
@@ -237,13 +256,35 @@ class Metrics:
             self.ws_messages,
             self.ws_bytes,
         ):
-            _remove_matching(metric, service)
+            self.remove_series(
+                metric, lambda labels: labels[0] == service or labels[:2] == (GATEWAY, service)
+            )
         self._ws_children = {k: v for k, v in self._ws_children.items() if k[0] != service}
         self._request_children = {
             k: v for k, v in self._request_children.items() if k[0] != service
         }
         self._duration_children.pop(service, None)
         self._active_children.pop(service, None)
+
+    def remove_series(
+        self, metric: MetricWrapperBase, drop: Callable[[tuple[str, ...]], bool]
+    ) -> None:
+        """Remove every series of ``metric`` whose label values ``drop`` says to."""
+        for labels in list(self._series(metric)):
+            if drop(labels):
+                metric.remove(*labels)
+
+    def _series(self, metric: MetricWrapperBase) -> Iterator[tuple[str, ...]]:
+        """The label values of each series of ``metric`` (the public ``collect()``, not the
+        client's private table of children)."""
+        names = self._label_names[id(metric)]
+        seen: set[tuple[str, ...]] = set()
+        for family in metric.collect():
+            for sample in family.samples:
+                labels = tuple(sample.labels[name] for name in names)
+                if labels not in seen:
+                    seen.add(labels)
+                    yield labels
 
     def render(
         self, accept: str | None, workers: dict[int, Families] | None = None
@@ -304,9 +345,3 @@ def merge(workers: dict[int, Families]) -> list[Metric]:
     )
     reporting.samples.append(Sample("gateway_workers_reporting", {}, float(len(workers))))
     return [*families.values(), reporting]
-
-
-def _remove_matching(metric: MetricWrapperBase, service: str) -> None:
-    for labels in list(metric._metrics):
-        if labels and (labels[0] == service or labels[:2] == (GATEWAY, service)):
-            metric.remove(*labels)

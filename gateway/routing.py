@@ -36,7 +36,7 @@ WS: Final = "/ws/"
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class RequestTarget:
     """A checked request target: the path and the query (``""`` or ``"?..."``), both raw."""
 
     path: str
@@ -54,7 +54,7 @@ def bad_path(message: str) -> GatewayError:
     return GatewayError(400, "bad_path", message)
 
 
-def check_target(raw: str) -> Target:
+def check_target(raw: str) -> RequestTarget:
     """Split and check a raw request target; raise ``GatewayError`` (400) if unsafe."""
     if not raw.startswith("/") or raw.startswith("//"):
         raise GatewayError(400, "bad_request_target", "the request target must be a path")
@@ -64,7 +64,7 @@ def check_target(raw: str) -> Target:
     path, sep, query = raw.partition("?")
     if not (_PLAIN_PATH.fullmatch(path) and "/." not in path):
         _check_segments(path)
-    return Target(path, sep + query)
+    return RequestTarget(path, sep + query)
 
 
 def _check_segments(path: str) -> None:

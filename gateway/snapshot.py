@@ -15,9 +15,9 @@ from typing import TypeVar
 
 import aiohttp
 
-from .clients import TrustedProxies
 from .config import NONE, Config, Service, service_settings
-from .ratelimit import Zone, compile_zone
+from .edge.trusted import TrustedProxies
+from .ratelimit.zones import Zone, compile_zone
 
 
 @dataclass(frozen=True, slots=True)

@@ -229,7 +229,7 @@ async def test_healthcheck_command_follows_the_health_status(gateway, tmp_path):
     args = ("healthcheck", "--config", str(config), "--port", str(gw.port))
     healthy = await asyncio.to_thread(run, *args)
     assert (healthy.returncode, healthy.stdout.split()[-1]) == (0, "200")
-    gw.gateway.draining = True  # /health answers 503
+    gw.gateway.shared.draining = True  # /health answers 503
     draining = await asyncio.to_thread(run, *args)
     assert (draining.returncode, draining.stdout.split()[-1]) == (1, "503")
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import parse_config
-from gateway.probe import judge
+from gateway.upstream.probe import judge
 
 from .conftest import NODA1, NODA2, routes
 

@@ -72,7 +72,7 @@ async def test_health_follows_the_standards_format_and_rule(upstream, gateway, c
     assert body["dependencies"] == {"city": "connected", "search": "disconnected"}
     assert body["nodes"] == {"noda1": "online", "noda2": "offline"}
 
-    gw.gateway.draining = True  # what SIGTERM sets while requests in flight finish
+    gw.gateway.shared.draining = True  # what SIGTERM sets while requests in flight finish
     async with client.get(gw.url + "/health") as response:
         assert response.status == 503
         assert (await response.json())["status"] == "unhealthy"

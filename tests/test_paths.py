@@ -169,7 +169,7 @@ TARGETS = st.lists(st.lists(SEGMENT_ALPHABET, max_size=4).map("".join), max_size
 )
 
 
-def _map(target: str, prefix: str) -> tuple[routing.Target, str] | int:
+def _map(target: str, prefix: str) -> tuple[routing.RequestTarget, str] | int:
     """(checked target, upstream path), or the error status."""
     try:
         checked = routing.check_target(target)

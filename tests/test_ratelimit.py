@@ -10,10 +10,11 @@ import aiohttp
 import pytest
 import redis.asyncio
 
-from gateway.clients import TrustedProxies, parse
-from gateway.config import RateLimit, Redis
-from gateway.ratelimit import LocalLimiter, compile_zone, step
-from gateway.redislimit import RedisLimiter
+from gateway.config import RateLimit, RedisSettings
+from gateway.edge.trusted import TrustedProxies, parse
+from gateway.ratelimit.local import LocalLimiter, step
+from gateway.ratelimit.shared import RedisLimiter
+from gateway.ratelimit.zones import compile_zone
 
 from .conftest import NODA1, routes
 
@@ -73,7 +74,9 @@ async def limiter(shared_redis_url, redis_prefix):
     made = []
 
     async def make(**settings) -> RedisLimiter:
-        made.append(RedisLimiter(Redis(url=shared_redis_url, prefix=redis_prefix, **settings)))
+        made.append(
+            RedisLimiter(RedisSettings(url=shared_redis_url, prefix=redis_prefix, **settings))
+        )
         await made[-1].start()
         return made[-1]
 

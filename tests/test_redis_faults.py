@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from gateway.config import RateLimit, Redis
-from gateway.ratelimit import compile_zone
-from gateway.redislimit import MAX_IN_FLIGHT, RedisLimiter
+from gateway.config import RateLimit, RedisSettings
+from gateway.ratelimit.shared import MAX_IN_FLIGHT, RedisLimiter
+from gateway.ratelimit.zones import compile_zone
 
 from .conftest import ESTABLISHED, NODA1, RedisServer, RunningGateway, free_port, tcp_sockets
 from .test_ratelimit import burst, limited, statuses
@@ -64,7 +64,7 @@ async def behind_redis(own_redis, upstream, gateway):
 
 
 async def recovered(gw: RunningGateway) -> float:
-    return await wait_until(lambda: gw.gateway.limiter.state == "connected", what="recovery")
+    return await wait_until(lambda: gw.gateway.shared.limiter.state == "connected", what="recovery")
 
 
 async def test_killed_redis_falls_back_to_local_limits_then_recovers(behind_redis, gateway, client):
@@ -104,7 +104,7 @@ async def test_paused_redis_adds_at_most_its_timeout_and_keeps_the_pool_small(be
         for _ in range(5):  # more requests while stalled: the fallback answers at once
             await burst(url, 10)
         assert tcp_sockets(remote_port=server.port, state=ESTABLISHED) <= MAX_IN_FLIGHT + 1
-        assert gw.gateway.limiter.state == "disconnected"
+        assert gw.gateway.shared.limiter.state == "disconnected"
         assert len(messages(gw, DOWN)) == 1
         assert messages(gw, DOWN)[0]["reason"] == "timeout"
     finally:
@@ -119,7 +119,7 @@ async def test_flushed_scripts_are_reloaded_without_falling_back(behind_redis):
     assert server.command("SCRIPT", "FLUSH").startswith(b"+OK")
     # Still the same shared bucket: 11 more fit, not a fresh local 21.
     assert statuses(await burst(url, 20)) == {200: 11, 429: 9}
-    assert gw.gateway.limiter.state == "connected"
+    assert gw.gateway.shared.limiter.state == "connected"
     assert messages(gw, DOWN) == []
 
 
@@ -153,7 +153,7 @@ async def test_sentinel_url(own_redis, tmp_path):
             "sentinel down-after-milliseconds primary 1000\n"
         ),
     )
-    limiter = RedisLimiter(Redis(url=f"redis+sentinel://127.0.0.1:{sentinel.port}/primary"))
+    limiter = RedisLimiter(RedisSettings(url=f"redis+sentinel://127.0.0.1:{sentinel.port}/primary"))
     try:
         await limiter.start()
         decisions = await asyncio.gather(*(limiter.decide(ZONE, "k") for _ in range(25)))
@@ -193,7 +193,7 @@ async def test_cluster_url_spreads_keys_over_slots(own_redis):
         timeout=10,
         what="cluster ok",
     )
-    limiter = RedisLimiter(Redis(url=f"redis+cluster://127.0.0.1:{nodes[0].port}"))
+    limiter = RedisLimiter(RedisSettings(url=f"redis+cluster://127.0.0.1:{nodes[0].port}"))
     try:
         await limiter.start()
         # A cluster that has just formed may still refuse the first call; the probe retries.
@@ -219,7 +219,7 @@ async def test_password_db_and_unix_socket_urls(own_redis, tmp_path):
         f"unix://:s3cret@{tmp_path / 'r.sock'}?db=4",
     ]
     for url in urls:
-        limiter = RedisLimiter(Redis(url=url, prefix="p:"))
+        limiter = RedisLimiter(RedisSettings(url=url, prefix="p:"))
         try:
             await limiter.start()
             decisions = await asyncio.gather(*(limiter.decide(ZONE, "k") for _ in range(25)))
@@ -234,7 +234,7 @@ async def test_password_db_and_unix_socket_urls(own_redis, tmp_path):
 
 async def test_a_wrong_password_means_the_fallback(own_redis):
     server = own_redis("--requirepass", "s3cret")
-    limiter = RedisLimiter(Redis(url=f"redis://:wrong@127.0.0.1:{server.port}/0"))
+    limiter = RedisLimiter(RedisSettings(url=f"redis://:wrong@127.0.0.1:{server.port}/0"))
     try:
         await limiter.start()
         assert limiter.state == "disconnected"

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from gateway.wssession import KEEPALIVE
+from gateway.websocket.session import KEEPALIVE
 
 from .conftest import CLOSE_WAIT, NODA1, NODA2, raw_exchange, routes, stalled, tcp_sockets
 
@@ -486,8 +486,8 @@ async def test_keepalive_pongs_stay_in_the_gateway(ws_upstream, gateway, client)
 
 # -- the frame relay on raw sockets: what a client library would smooth over --------------------
 
-from gateway.wsconnect import accept_key  # noqa: E402 - kept with the tests that use it
-from gateway.wsframes import close_payload, control_frame  # noqa: E402
+from gateway.websocket.frames import close_payload, control_frame  # noqa: E402
+from gateway.websocket.upstream import accept_key  # noqa: E402 - kept with the tests that use it
 
 from .test_wsframes import frame  # noqa: E402
 

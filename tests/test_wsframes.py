@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gateway.wsframes import (
+from gateway.websocket.frames import (
     BINARY,
     CLOSE,
     CONTINUATION,

@@ -16,9 +16,9 @@ from typing import Final
 import aiohttp
 import orjson
 
+from ..metrics import Metrics
+from ..snapshot import Route, Snapshot, Target
 from .health import HealthBook
-from .metrics import Metrics
-from .snapshot import Route, Snapshot, Target
 
 log = logging.getLogger("gateway.health")
 

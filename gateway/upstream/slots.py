@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Mapping
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
-from .errors import GatewayError
+from ..errors import GatewayError
+
+if TYPE_CHECKING:
+    from ..snapshot import Route
 
 
 class Slots:
@@ -65,3 +70,25 @@ class Slots:
                 waiter.set_result(None)
                 return True
         return False
+
+
+class SlotTable:
+    """Each service's ``Slots``, kept across reloads (requests in flight keep theirs)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, Slots] = {}
+
+    def for_route(self, route: Route) -> Slots:
+        slots = self._slots.get(route.service)
+        if slots is None:
+            slots = self._slots[route.service] = Slots(route.max_connections)
+        return slots
+
+    def sync(self, routes: Mapping[str, Route]) -> None:
+        """Resize to a reloaded config's limits; forget the services it removed."""
+        for name in list(self._slots):
+            route = routes.get(name)
+            if route is None:
+                del self._slots[name]
+            else:
+                self._slots[name].resize(route.max_connections)

@@ -17,10 +17,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .wssession import BAD_GATEWAY, CLIENT, CLOSE_TIMEOUT, GOING_AWAY, Session, close_all
+from .session import BAD_GATEWAY, CLOSE_TIMEOUT, GOING_AWAY, Session, close_all
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from ..context import Shared
 
 log = logging.getLogger("gateway.websocket")
 
@@ -28,8 +28,8 @@ MAX_SWEEP_PERIOD = 1.0
 
 
 class Keepalive:
-    def __init__(self, gw: Gateway) -> None:
-        self._gw = gw
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
 
     async def run(self) -> None:
         while True:
@@ -39,13 +39,13 @@ class Keepalive:
     def _period(self) -> float:
         intervals = [
             route.ws.ping_interval
-            for route in self._gw.snapshot.routes.values()
+            for route in self._shared.snapshot.routes.values()
             if route.ws is not None
         ]
         return min([MAX_SWEEP_PERIOD, *(i / 4 for i in intervals)])
 
     def sweep(self, now: float) -> None:
-        for session in list(self._gw.websockets):
+        for session in list(self._shared.sessions):
             try:
                 if session.deadline:
                     if now >= session.deadline:
@@ -68,10 +68,7 @@ def _check(session: Session, now: float) -> None:
         if pinged and leg.seen >= pinged:
             leg.pinged = pinged = 0.0  # it answered (or spoke)
         if pinged and now - pinged >= interval / 2:
-            client = leg.side == CLIENT
-            session.ending(
-                "dead client" if client else "dead upstream", GOING_AWAY if client else BAD_GATEWAY
-            )
+            session.ending(f"dead {leg.name}", GOING_AWAY if leg.is_client else BAD_GATEWAY)
             if leg.transport is not None:
                 leg.transport.abort()  # its loss closes the other leg
             return
@@ -87,22 +84,22 @@ def _check(session: Session, now: float) -> None:
         session.close_both(GOING_AWAY)
 
 
-def report(gw: Gateway) -> None:
+def report(sessions: set[Session]) -> None:
     """Bring the relayed message and byte counters of open sessions up to date."""
-    for session in list(gw.websockets):
+    for session in list(sessions):
         session.report()
 
 
-async def shut_down(gw: Gateway) -> None:
+async def shut_down(sessions: set[Session]) -> None:
     """Close every open session with 1001 on both legs, and wait (a close handshake's time
     at most) for them to be closed."""
-    close_all(gw)
+    close_all(sessions)
     deadline = time.monotonic() + CLOSE_TIMEOUT
     # Sessions end in transport callbacks; polling their set (50 ms, 5 s at most, once at
     # shutdown) is simpler than an event that every session would have to set.
-    while gw.websockets and time.monotonic() < deadline:  # noqa: ASYNC110
+    while sessions and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    for session in list(gw.websockets):
+    for session in list(sessions):
         session.cut()
     for _ in range(3):  # the connection_lost callbacks that end them
         await asyncio.sleep(0)

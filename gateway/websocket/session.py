@@ -1,7 +1,7 @@
 """A relayed WebSocket session: two ``Leg`` protocols, one per connection, and the
-``Session`` that ties them together (see ``websocket.py`` for the handshake).
+``Session`` that ties them together (see ``handshake.py`` for the handshake).
 
-Each leg reads frame headers (``wsframes.py``) and writes the frames to the other leg as they
+Each leg reads frame headers (``frames.py``) and writes the frames to the other leg as they
 came, byte for byte: no message reassembly, no task per session, a few hundred bytes of state.
 Backpressure is the transports' own: when one leg's send buffer passes its high-water mark,
 the other leg is not read until it drains.
@@ -10,7 +10,7 @@ Close frames are relayed with their codes and reasons (1005/1006/1015 never go o
 and the peer's answer is relayed back; then both connections are closed. A leg that ends
 without a close frame gets the other one closed: 1014 to the client when the upstream died,
 1001 to the upstream when the client vanished. Keepalive pings, dead peers, idle sessions and
-close handshakes that never finish are ``wskeepalive.py``'s.
+close handshakes that never finish are ``keepalive.py``'s.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final
 
-from . import logs
-from .logs import REQUEST_ID
-from .wsframes import (
+from .. import logs
+from ..logs import REQUEST_ID
+from .frames import (
     CLOSE,
     PING,
     PONG,
@@ -34,9 +34,9 @@ from .wsframes import (
 )
 
 if TYPE_CHECKING:
-    from .app import Gateway
-    from .snapshot import WsPolicy
-    from .wsconnect import Upgraded
+    from ..metrics import Metrics
+    from ..snapshot import WsPolicy
+    from .upstream import Upgraded
 
 CLOSE_TIMEOUT: Final = 5.0  # for the peer's answer to a close frame
 NORMAL: Final = 1000
@@ -58,10 +58,6 @@ def code_label(code: int | None) -> str:
     return "other"
 
 
-CLIENT, UPSTREAM = 0, 1  # the legs; a direction is named by the leg it reads: up reads CLIENT
-_SIDE: Final = ("client", "upstream")
-
-
 class Leg(asyncio.Protocol):
     """One side of a session: reads its frames and writes them to the other side."""
 
@@ -69,20 +65,27 @@ class Leg(asyncio.Protocol):
         "close_code",
         "close_got",
         "close_sent",
+        "is_client",
+        "name",
         "paused",
+        "peer",
         "pinged",
         "reader",
+        "reported",
         "seen",
         "session",
-        "side",
         "transport",
     )
 
-    def __init__(self, session: Session, side: int, transport: asyncio.Transport) -> None:
+    def __init__(self, session: Session, is_client: bool, transport: asyncio.Transport) -> None:
         self.session = session
-        self.side = side
+        self.is_client = is_client  # the client's leg, or the upstream's
+        self.name = "client" if is_client else "upstream"
+        self.peer: Leg = self  # the other leg, set once both exist
         self.transport: asyncio.Transport | None = transport
-        self.reader = FrameReader(masked=side == CLIENT, max_message=session.policy.max_message)
+        # A client's frames are masked, an upstream's are not.
+        self.reader = FrameReader(masked=is_client, max_message=session.policy.max_message)
+        self.reported = (0, 0)  # messages and payload bytes already added to the counters
         self.seen = time.monotonic()  # when it last sent anything
         self.pinged = 0.0  # when the gateway's keepalive ping went out, unanswered so far
         self.close_got = False  # it sent a close frame
@@ -92,8 +95,7 @@ class Leg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.seen = time.monotonic()
-        session = self.session
-        peer = session.legs[1 - self.side]
+        session, peer = self.session, self.peer
         for event in self.reader.feed(data):
             if isinstance(event, bytes):
                 peer.write(event)
@@ -115,9 +117,9 @@ class Leg(asyncio.Protocol):
         """Write a frame of the gateway's own, if the stream to this leg is between frames."""
         if self.transport is None or self.close_sent or self.transport.is_closing():
             return False
-        if self.session.legs[1 - self.side].reader.mid_frame:
+        if self.peer.reader.mid_frame:
             return False
-        self.transport.write(control_frame(opcode, payload, masked=self.side == UPSTREAM))
+        self.transport.write(control_frame(opcode, payload, masked=not self.is_client))
         return True
 
     def send_close(self, code: int, reason: bytes = b"") -> None:
@@ -132,10 +134,10 @@ class Leg(asyncio.Protocol):
         return self.send_control(PING, KEEPALIVE)
 
     def pause_writing(self) -> None:
-        self.session.legs[1 - self.side].pause(True)
+        self.peer.pause(True)
 
     def resume_writing(self) -> None:
-        self.session.legs[1 - self.side].pause(False)
+        self.peer.pause(False)
 
     def pause(self, paused: bool) -> None:
         """Stop or start reading this leg (backpressure from the other one)."""
@@ -159,56 +161,76 @@ class Session:
     """One relayed session: both legs, what went through, and how it ended."""
 
     __slots__ = (
+        "_handover",
         "activity",
+        "client",
         "close_code",
         "deadline",
         "ended_by",
         "gauges",
-        "gw",
-        "legs",
         "log_fields",
+        "metrics",
+        "open",
         "policy",
         "relayed",
-        "reported",
         "request_id",
         "service",
         "started",
+        "upstream",
     )
 
-    def __init__(self, gw: Gateway, service: str, policy: WsPolicy, request_id: str) -> None:
-        self.gw = gw
+    def __init__(
+        self,
+        metrics: Metrics,
+        open_sessions: set[Session],
+        *,
+        service: str,
+        policy: WsPolicy,
+        request_id: str,
+        client: asyncio.Transport,
+        upstream: Upgraded,
+    ) -> None:
+        self.metrics = metrics
+        self.open = open_sessions  # every open session of the gateway; this one while open
         self.request_id = request_id
         self.service = service
         self.policy = policy
-        self.legs: tuple[Leg, Leg] = cast("tuple[Leg, Leg]", ())
+        self.client = Leg(self, True, client)
+        self.upstream = Leg(self, False, upstream.transport)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self._handover = (client, upstream)  # for start()
         self.started = time.monotonic()
         self.activity = self.started  # when a data frame last went either way (sweeps)
         self.relayed = 0  # data payload bytes both ways when ``activity`` was last set
-        self.reported = [0, 0, 0, 0]  # messages and bytes by leg, added to the counters
         self.close_code: int | None = None  # the code that ended the session
         self.ended_by = ""  # client, upstream, idle, dead client, dead upstream, shutdown
         self.deadline = 0.0  # when closing: when the legs are cut if not closed by then
         self.log_fields: dict[str, object] | None = None  # the request line, at the end
         # active_connections and gateway_websocket_sessions of the service, held so that the
         # session decrements the very series it incremented (a reload may drop the service).
-        self.gauges = (gw.metrics.active_for(service), gw.metrics.ws_sessions.labels(service))
+        self.gauges = (metrics.active_for(service), metrics.ws_sessions.labels(service))
 
-    def start(self, client: asyncio.Transport, upstream: Upgraded, client_tail: bytes) -> None:
-        self.legs = (Leg(self, CLIENT, client), Leg(self, UPSTREAM, upstream.transport))
-        client.set_protocol(self.legs[CLIENT])
-        upstream.transport.set_protocol(self.legs[UPSTREAM])
+    @property
+    def legs(self) -> tuple[Leg, Leg]:
+        return self.client, self.upstream
+
+    def start(self, client_tail: bytes) -> None:
+        """Relay from now on: the legs take over both connections."""
+        client, upstream = self._handover
+        client.set_protocol(self.client)
+        upstream.transport.set_protocol(self.upstream)
         for gauge in self.gauges:
             gauge.inc()
-        self.gw.metrics.ws_opened.labels(self.service).inc()
-        self.gw.websockets.add(self)
+        self.metrics.ws_opened.labels(self.service).inc()
+        self.open.add(self)
         if upstream.tail:
-            self.legs[UPSTREAM].data_received(upstream.tail)
+            self.upstream.data_received(upstream.tail)
         if upstream.lost:  # it closed after its 101, before its leg was there to see it
-            self.legs[UPSTREAM].connection_lost(None)
+            self.upstream.connection_lost(None)
         else:
             upstream.transport.resume_reading()
         if client_tail:
-            self.legs[CLIENT].data_received(client_tail)
+            self.client.data_received(client_tail)
 
     def ending(self, by: str, code: int | None) -> None:
         """Note who ended the session and how, unless that is already known."""
@@ -228,8 +250,8 @@ class Session:
             return
         code, reason = parsed
         leg.close_got, leg.close_code = True, code
-        self.ending(_SIDE[leg.side], code)
-        peer = self.legs[1 - leg.side]
+        self.ending(leg.name, code)
+        peer = leg.peer
         if not peer.close_sent:
             peer.send_close(code or NORMAL, reason)  # parse_close let only sendable codes by
         self._settle()
@@ -238,7 +260,7 @@ class Session:
         """``leg`` broke the protocol (1002) or sent too big a message (1009): it gets a close
         frame and its connection is closed at once (RFC 6455 7.1.7: its answer, if any, is
         not read); the other leg gets the same code and closes as usual."""
-        self.ending(_SIDE[leg.side], code)
+        self.ending(leg.name, code)
         leg.send_close(code)
         if leg.transport is not None:
             leg.transport.close()  # after the close frame has been written
@@ -258,11 +280,11 @@ class Session:
     def lost(self, leg: Leg) -> None:
         """A connection closed: the other leg is told (if it is not closing already), and the
         session ends when both are closed."""
-        peer = self.legs[1 - leg.side]
+        peer = leg.peer
         peer.pause(False)  # it may have been paused while this leg's buffer was full
         if not leg.close_got:  # it ended without a close frame
-            code = BAD_GATEWAY if leg.side == UPSTREAM else GOING_AWAY
-            self.ending(_SIDE[leg.side], code)
+            code = GOING_AWAY if leg.is_client else BAD_GATEWAY
+            self.ending(leg.name, code)
             if not peer.close_sent:  # (the answer, if the peer's close is waiting for one)
                 peer.send_close(peer.close_code or code)
         self._settle()
@@ -276,10 +298,10 @@ class Session:
                 leg.transport.abort()
 
     def _finish(self) -> None:
-        gw, metrics = self.gw, self.gw.metrics
-        gw.websockets.discard(self)
+        metrics = self.metrics
+        self.open.discard(self)
         self.ending("gateway", GOING_AWAY)
-        metrics.client_connections.dec()  # the client's connection, counted by app._Protocol
+        metrics.client_connections.dec()  # the client's connection, counted by server.Protocol
         for gauge in self.gauges:
             gauge.dec()
         metrics.ws_closed.labels(self.service, code_label(self.close_code)).inc()
@@ -290,13 +312,13 @@ class Session:
     def handshake_logged(self, fields: dict[str, object]) -> None:
         """The pipeline's request line: written when the session ends, with its summary."""
         self.log_fields = fields
-        if self not in self.gw.websockets:
+        if self not in self.open:
             self._log()  # it has ended already
 
     def _log(self) -> None:
         fields = self.log_fields or {}
         self.log_fields = None
-        client, upstream = self.legs
+        client, upstream = self.client, self.upstream
         fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 2)
         fields["websocket"] = {
             "messages_up": client.reader.messages,
@@ -317,17 +339,17 @@ class Session:
     def report(self) -> None:
         """Add what was relayed since the last report to the counters (at scrapes and at the
         end: cheaper than two counter updates per message)."""
-        reported = self.reported
-        for leg, direction in zip(self.legs, ("up", "down"), strict=True):
-            messages, sizes = self.gw.metrics.ws_counters(self.service, direction)
-            reader, i = leg.reader, leg.side * 2
-            messages.inc(reader.messages - reported[i])
-            sizes.inc(reader.payload_bytes - reported[i + 1])
-            reported[i], reported[i + 1] = reader.messages, reader.payload_bytes
+        # A direction is named by the leg it reads: "up" is what the client sent.
+        for leg, direction in ((self.client, "up"), (self.upstream, "down")):
+            messages, sizes = self.metrics.ws_counters(self.service, direction)
+            reader, (sent_messages, sent_bytes) = leg.reader, leg.reported
+            messages.inc(reader.messages - sent_messages)
+            sizes.inc(reader.payload_bytes - sent_bytes)
+            leg.reported = (reader.messages, reader.payload_bytes)
 
 
-def close_all(gw: Gateway, code: int = GOING_AWAY) -> None:
+def close_all(sessions: set[Session], code: int = GOING_AWAY) -> None:
     """Send every open session's legs a close frame (at shutdown)."""
-    for session in list(gw.websockets):
+    for session in list(sessions):
         session.ending("shutdown", code)
         session.close_both(code)

@@ -1,6 +1,6 @@
-"""Frozen dataclasses as the one schema of ``routes.yaml``.
+"""Frozen dataclasses as the one schema of ``routes.yaml``: validation.
 
-The config types in ``config.py`` are plain frozen dataclasses. Their type hints, defaults,
+The config types in ``types.py`` are plain frozen dataclasses. Their type hints, defaults,
 ``Annotated`` constraints and ``doc`` metadata drive both the validation here (which collects
 *every* problem with its YAML path, never stopping at the first) and the JSON Schema export
 (``daarion-gateway schema``). There is no second description of the format to drift apart.
@@ -66,14 +66,33 @@ class Problem:
 
 
 def doc(
-    text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING
+    text: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    fallback: Any = dataclasses.MISSING,
 ) -> Any:
-    """A dataclass field with a description for the JSON Schema."""
+    """A dataclass field with a description for the JSON Schema. ``fallback``: the built-in
+    value a layered setting (default ``None``: unset) takes when no layer sets it; the
+    description and the JSON Schema's ``default`` both show it."""
     if isinstance(default, (dict, list)):
         raise TypeError("mutable default")  # pragma: no cover - programming error
+    metadata: dict[str, Any] = {"doc": text}
+    if fallback is not dataclasses.MISSING:
+        text = f"{text.removesuffix('.')} (default {_shown(fallback)})."
+        metadata = {"doc": text, "fallback": fallback}
     if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"doc": text})
-    return dataclasses.field(default=default, metadata={"doc": text})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _shown(value: Any) -> str:
+    """A default as routes.yaml would write it (true, 0.5, 30, /health)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def format_path(path: Path) -> str:

@@ -1,11 +1,13 @@
-"""WebSocket sessions: ``/ws/<service>/<channel>`` relayed to the service, frame by frame.
+"""The WebSocket phase: ``/ws/<service>/<channel>`` checked, the upstream's handshake made
+through the failover loop, the client's 101, and the session handed over to the relay.
 
-The upstream leg is opened *first* (``wsconnect.py``): only when the upstream has answered
+The upstream leg is opened *first* (``upstream.py``): only when the upstream has answered
 101 does the client get its 101 (with the subprotocol the upstream chose), so a refusal
 reaches the client as that plain HTTP status and nothing the client sent after its handshake
 reaches any upstream. An upstream that cannot be reached at handshake time is skipped for the
-next target. Then aiohttp lets go of the client's connection (``detach``) and the two
-connections become a ``wssession.Session``.
+next target, by the same rules and with the same back-off and metrics as an HTTP request (a
+handshake is a GET without a body). Then aiohttp lets go of the client's connection
+(``detach``) and the two connections become a ``session.Session``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from aiohttp import web
 
-from .errors import GatewayError, upstream_failure
-from .failover import all_down
-from .forward import HOP_BY_HOP, ClientGone, Origin, end_to_end, request_headers
-from .wsconnect import (
+from ..errors import ClientGone, GatewayError, upstream_failure
+from ..upstream.failover import RETRY_STATUS, Failed, attempt, first_target
+from ..upstream.headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
+from .session import Session
+from .upstream import (
     ConnectTimeout,
     Upgraded,
     UpstreamInvalid,
@@ -28,12 +31,10 @@ from .wsconnect import (
     head_bytes,
     open_upstream,
 )
-from .wssession import Session
 
 if TYPE_CHECKING:
-    from .app import Gateway
-    from .pipeline import Exchange
-    from .snapshot import Route, Target, WsPolicy
+    from ..context import Exchange, Shared
+    from ..snapshot import Route, Target, WsPolicy
 
 log = logging.getLogger("gateway.websocket")
 
@@ -56,7 +57,7 @@ def is_upgrade(request: web.BaseRequest) -> bool:
 
 
 class Detachable(Protocol):
-    """The client connection's protocol (``app._Protocol``), which can let go of it."""
+    """The client connection's protocol (``server.Protocol``), which can let go of it."""
 
     def detach(self) -> tuple[asyncio.Transport, bytes] | None: ...
 
@@ -75,8 +76,8 @@ class Detached(web.StreamResponse):
         return None
 
 
-async def relay(
-    gw: Gateway, ex: Exchange, route: Route, policy: WsPolicy, path_qs: str
+async def open_session(
+    shared: Shared, ex: Exchange, route: Route, policy: WsPolicy, path_qs: str
 ) -> web.StreamResponse:
     """Handle one WebSocket handshake for ``route`` and start relaying the session."""
     request = ex.request
@@ -92,11 +93,11 @@ async def relay(
     origin = request.headers.get("Origin", "").lower()
     if policy.origins is not None and origin not in policy.origins:
         raise GatewayError(403, "origin_not_allowed", "this origin may not open sessions here")
-    _refuse_while_draining(gw)
-    upstream = await _connect(gw, ex, route, path_qs)
-    if gw.draining:  # it began stopping while the upstream answered: no session now
+    _refuse_while_draining(shared)
+    upstream = await _connect(shared, ex, route, path_qs)
+    if shared.draining:  # it began stopping while the upstream answered: no session now
         upstream.transport.abort()
-        _refuse_while_draining(gw)
+        _refuse_while_draining(shared)
     detached = None
     client = cast("Detachable", request.protocol)
     transport = request.transport
@@ -107,9 +108,12 @@ async def relay(
         upstream.transport.abort()
         raise ClientGone
     ex.status = 101
-    session = Session(gw, route.service, policy, ex.request_id)
     transport, tail = detached
-    session.start(transport, upstream, tail)
+    session = Session(
+        shared.metrics, shared.sessions, service=route.service, policy=policy,
+        request_id=ex.request_id, client=transport, upstream=upstream,
+    )  # fmt: skip
+    session.start(tail)
     ex.session = session
     return Detached()
 
@@ -119,8 +123,8 @@ def _has_body(request: web.BaseRequest) -> bool:
     return "Transfer-Encoding" in headers or headers.get("Content-Length", "0") != "0"
 
 
-def _refuse_while_draining(gw: Gateway) -> None:
-    if gw.draining:
+def _refuse_while_draining(shared: Shared) -> None:
+    if shared.draining:
         raise GatewayError(
             503, "shutting_down", "the gateway is stopping; open the session again",
             headers={"Retry-After": "1"},
@@ -139,62 +143,54 @@ def _switching(request: web.BaseRequest, upstream: Upgraded, request_id: str) ->
     return head_bytes("HTTP/1.1 101 Switching Protocols", headers.items())
 
 
-async def _connect(gw: Gateway, ex: Exchange, route: Route, path_qs: str) -> Upgraded:
-    """Open the upstream leg, trying the next target when one cannot be reached."""
+async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> Upgraded:
+    """Open the upstream leg through the failover loop."""
     request = ex.request
-    health = gw.health
-    now = health.monotonic()
-    tried: list[Target] = []
-    failure: GatewayError | None = None
-    origin = Origin(ex.client, ex.proto, ex.request_id)
+    first = first_target(shared, route)
+    forwarding = Forwarding(ex.client, ex.proto, ex.request_id)
     protocols = [
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", ())
         for p in value.split(",")
         if p.strip()
     ]
-    for _ in range(route.retries + 1):
-        target = gw.balancer.choose(route, lambda t: health.usable(t, now), tried)
-        if target is None:
-            break
-        tried.append(target)
-        ex.target = target
-        headers = request_headers(request, target, origin, also_drop=_HANDSHAKE)
+
+    async def send(target: Target) -> Upgraded | UpstreamRefused:
+        headers = request_headers(request, target, forwarding, also_drop=_HANDSHAKE)
         try:
             async with asyncio.timeout(route.connect_timeout + HANDSHAKE_TIMEOUT):
-                upstream = await open_upstream(
-                    target.host,
-                    target.port,
-                    path_qs,
-                    headers,
-                    protocols,
+                return await open_upstream(
+                    target.host, target.port, path_qs, headers, protocols,
                     connect_timeout=route.connect_timeout,
-                )
+                )  # fmt: skip
         except UpstreamRefused as refused:
             if refused.status < 500:
-                health.passed(target)
-            else:
-                health.failed(target, f"status {refused.status}", route.probe, route.ejection)
-            raise GatewayError(
-                refused.status if 400 <= refused.status <= 599 else 502,
-                "upgrade_refused",
-                f"the upstream answered {refused.status} instead of switching protocols",
+                return refused  # an answer, passed on to the client as it is
+            raise Failed(
+                "status" if refused.status in RETRY_STATUS else "server_error",
+                f"status {refused.status}",
+                _refusal(refused.status),
+                answer=refused,
             ) from None
         except UpstreamInvalid as invalid:
-            health.failed(target, "invalid handshake", route.probe, route.ejection)
             log.warning("invalid upstream handshake: %s", invalid)
-            raise upstream_failure("protocol") from None
+            raise Failed("protocol", "invalid handshake", upstream_failure("protocol")) from None
         except (TimeoutError, OSError) as exc:
-            failure = _connect_error(exc)
-            health.failed(target, failure.code, route.probe, route.ejection)
-            continue
-        health.passed(target)
-        if target.tier > 0:
-            gw.metrics.failovers.labels(route.service, target.node).inc()
-        return upstream
-    if failure is None:
-        raise all_down(gw, route)
-    raise failure
+            raise Failed.of(_connect_error(exc)) from None
+
+    answer, _ = await attempt(shared, ex, route, first, send, replayable=True)
+    if isinstance(answer, UpstreamRefused):
+        raise _refusal(answer.status)
+    return answer
+
+
+def _refusal(status: int) -> GatewayError:
+    """The client's answer when the upstream refused to switch protocols."""
+    return GatewayError(
+        status if 400 <= status <= 599 else 502,
+        "upgrade_refused",
+        f"the upstream answered {status} instead of switching protocols",
+    )
 
 
 def _connect_error(exc: TimeoutError | OSError) -> GatewayError:

@@ -1,28 +1,21 @@
-"""Rate limiting with nginx's ``limit_req`` arithmetic: zones, decisions, the in-memory limiter.
+"""Rate-limit zones as nginx's ``limit_req`` counts them, the decisions limiters make, and
+the ``Limiter`` seam both limiters (``local.py``, ``shared.py``) sit behind.
 
 nginx keeps per key the time of the last accepted request (ms) and an ``excess`` in
 milli-requests. A request adds 1000; elapsed time drains ``rate`` (milli-requests per second);
 the request is refused when the new excess would exceed ``burst * 1000``, and a refused request
 changes nothing. A key seen for the first time starts at excess 0, so at 10r/s burst=20 a
 simultaneous burst lets exactly 21 through, then one more every 100 ms.
-
-``step()`` is that arithmetic for the in-memory limiter (per process: used when Redis is not
-configured or not answering). The shared limiter runs the same arithmetic inside Redis, in
-``redislimit.LUA``, which the tests check against a real Redis server.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Protocol
 
-from .config import RateLimit
-
-MAX_LOCAL_KEYS: Final = 200_000  # about 40 MB at worst; the least recently used go first
+from ..config import RateLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,24 +83,6 @@ class Decision:
         return f'"{zone.name}";r={remaining};t={reset}'
 
 
-def step(
-    zone: Zone, state: tuple[int, int] | None, now_ms: int
-) -> tuple[Decision, tuple[int, int] | None]:
-    """nginx's ``ngx_http_limit_req_lookup``: (decision, new state or None if unchanged)."""
-    if state is None:
-        return Decision(True, 0), (0, now_ms)
-    excess, last = state
-    ms = now_ms - last
-    if ms < -60000:
-        ms = 1
-    elif ms < 0:
-        ms = 0
-    new = max(0, excess - zone.rate * ms // 1000 + 1000)
-    if new > zone.burst:
-        return Decision(False, new), None
-    return Decision(True, new), (new, now_ms if ms else last)
-
-
 def bucket_key(zone: Zone, parts: tuple[str, ...]) -> str:
     """The bucket's name: the zone and a digest of what identifies the client (bounded, opaque)."""
     digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=12).hexdigest()
@@ -125,46 +100,3 @@ class Limiter(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
-
-
-class LocalLimiter:
-    """Buckets in this process's memory, least recently used evicted past ``max_keys``."""
-
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = MAX_LOCAL_KEYS,
-    ) -> None:
-        self._clock = clock
-        self._max_keys = max_keys
-        self._buckets: dict[str, tuple[int, int]] = {}
-
-    @property
-    def state(self) -> str | None:
-        return None
-
-    def decide_now(self, zone: Zone, key: str) -> Decision:
-        now_ms = int(self._clock() * 1000)
-        buckets = self._buckets
-        current = buckets.get(key)
-        if current is not None and now_ms - current[1] > zone.ttl_ms:
-            current = None  # idle past its drain time: as if expired in Redis
-        decision, new = step(zone, current, now_ms)
-        if new is not None:
-            buckets.pop(key, None)  # re-insert: dict order is least recently updated first
-            buckets[key] = new
-            if len(buckets) > self._max_keys:
-                del buckets[next(iter(buckets))]
-        return decision
-
-    async def decide(self, zone: Zone, key: str) -> Decision:
-        return self.decide_now(zone, key)
-
-    def clear(self) -> None:
-        self._buckets.clear()
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        self.clear()

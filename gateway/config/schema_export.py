@@ -9,7 +9,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
-from .schema import MinItems, Pattern, Range
+from .validate import MinItems, Pattern, Range
 
 
 def json_schema(hint: Any, description: str | None = None) -> dict[str, Any]:
@@ -83,6 +83,8 @@ def _dataclass_schema(cls: type[Any]) -> dict[str, Any]:
         prop = _schema(hints[f.name])
         if "doc" in f.metadata:
             prop["description"] = f.metadata["doc"]
+        if "fallback" in f.metadata:
+            prop["default"] = f.metadata["fallback"]  # what an unset layered key means
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             required.append(f.name)
         elif isinstance(f.default, (str, int, float, bool)):

@@ -1,11 +1,11 @@
 """A lean Redis client for the limiter's hot path: one pipelined connection, RESP parsed by
 hiredis. redis-py spends about 300 µs of Python per call (pool, retries, command packing);
-this spends a fraction of it, which is what keeps the limiter cheap (``anchors.md``).
+this spends a fraction of it, which is what keeps the limiter cheap (README, "Performance").
 
 Only what the limiter needs: ``redis://`` and ``unix://`` URLs (user, password, db), any
 command, replies in order. A call that is cancelled (its timeout ran out) closes the
 connection, so a late reply can never be taken for the next call's; the next call connects
-again. Sentinel, Cluster and TLS URLs use redis-py instead (``redislimit.connect``).
+again. Sentinel, Cluster and TLS URLs use redis-py instead (``redisclients.connect``).
 """
 
 from __future__ import annotations

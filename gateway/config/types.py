@@ -1,26 +1,21 @@
-"""The schema of ``routes.yaml`` and ``load_config()``.
+"""The types of ``routes.yaml``: frozen dataclasses that *are* the schema.
 
-The frozen dataclasses below *are* the schema (see ``schema.py``): validation and the JSON
-Schema export both read them. ``load_config`` returns a ``Config`` or raises ``ConfigError``
-listing every problem with its YAML path; it never returns a half-valid config.
+Validation (``validate.py``) and the JSON Schema export (``schema_export.py``) both read these
+hints, defaults and ``doc`` texts, so there is no second description of the format to drift
+apart. A layered setting (timeouts, health, ejection, retries: a service's own, else the top
+level's, else the built-in one) is ``None`` when unset; its built-in default is written once,
+as the field's ``fallback``, and the ``DEFAULT_*`` objects below are made from those.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Final, Literal, TypeVar
 
-import yaml
-
-from .schema import MinItems, Pattern, Problem, Range, doc, validate
-from .schemajson import json_schema
-from .yamlsource import load_yaml
+from .validate import MinItems, Pattern, Range, doc
 
 NAME_RE = r"[a-z0-9][a-z0-9_-]{0,62}"
 Name = Annotated[str, Pattern(NAME_RE, "a name (lowercase letters, digits, '-', '_')")]
@@ -87,59 +82,53 @@ class NodeRef:
 @dataclass(frozen=True)
 class Timeouts:
     """Upstream timeouts in seconds. Unset keys fall back to the top-level `timeouts`, then to
-    the built-in defaults (connect 1, response 30)."""
+    the built-in defaults."""
 
     connect: Seconds | None = doc(
         "Time to get a connection to the upstream, including waiting for a free slot under "
-        "`max_connections` (default 1).",
+        "`max_connections`.",
         None,
+        fallback=0.5,
     )
     response: Seconds | None = doc(
         "Time to wait for the upstream's response headers after the request is sent, and the "
-        "longest pause allowed while reading its body (default 30).",
+        "longest pause allowed while reading its body.",
         None,
+        fallback=30.0,
     )
-
-
-DEFAULT_TIMEOUTS = Timeouts(connect=0.5, response=30.0)
 
 
 @dataclass(frozen=True)
 class HealthCheck:
     """Active health checks of each target. Unset keys fall back to the top-level `health`,
-    then to the defaults (path /health, interval 5, timeout 1, rise 2, fall 3)."""
+    then to the built-in defaults."""
 
     path: (
         Annotated[str, Pattern(r"/[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*", "a path like /health")] | None
-    ) = doc("Path probed on each target (default /health; some services use /healthz).", None)
-    interval: Seconds | None = doc("Seconds between probes of a target (default 5).", None)
-    timeout: Seconds | None = doc("Seconds a probe may take (default 1).", None)
+    ) = doc("Path probed on each target (some services use /healthz).", None, fallback="/health")
+    interval: Seconds | None = doc("Seconds between probes of a target.", None, fallback=5.0)
+    timeout: Seconds | None = doc("Seconds a probe may take.", None, fallback=1.0)
     rise: Annotated[int, Range(min=1, max=100)] | None = doc(
-        "Consecutive passes that bring a target back (default 2).", None
+        "Consecutive passes that bring a target back.", None, fallback=2
     )
     fall: Annotated[int, Range(min=1, max=100)] | None = doc(
-        "Consecutive failures, of probes or of real traffic, that take a target out (default 3).",
+        "Consecutive failures, of probes or of real traffic, that take a target out.",
         None,
+        fallback=3,
     )
-    enabled: bool | None = doc("Probe at all (default true).", None)
-
-
-DEFAULT_HEALTH = HealthCheck(
-    path="/health", interval=5.0, timeout=1.0, rise=2, fall=3, enabled=True
-)
+    enabled: bool | None = doc("Probe at all.", None, fallback=True)
 
 
 @dataclass(frozen=True)
 class Ejection:
     """How long real-traffic failures take a target out: ``base`` seconds the first time, a
-    ``base`` more each time it repeats, at most ``max`` (defaults 5 and 60)."""
+    ``base`` more each time it repeats, at most ``max``."""
 
-    base: Seconds | None = doc("Seconds out after the first ejection (default 5).", None)
-    max: Seconds | None = doc("Longest ejection in seconds (default 60).", None)
+    base: Seconds | None = doc("Seconds out after the first ejection.", None, fallback=5.0)
+    max: Seconds | None = doc("Longest ejection in seconds.", None, fallback=60.0)
 
 
-DEFAULT_EJECTION = Ejection(base=5.0, max=60.0)
-DEFAULT_RETRIES = 1
+DEFAULT_RETRIES: Final = 1
 Retries = Annotated[int, Range(min=0, max=5)]
 
 
@@ -169,7 +158,7 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
-class Redis:
+class RedisSettings:
     """Where rate-limit state is shared. Without this section limits are per process."""
 
     url: str = doc(
@@ -235,7 +224,7 @@ class Service:
     )
     health: HealthCheck = doc("Active health checks for this service.", HealthCheck())
     retries: Retries | None = doc(
-        "Extra attempts on another target when that is safe (default 1).", None
+        "Extra attempts on another target when that is safe.", None, fallback=DEFAULT_RETRIES
     )
     ejection: Ejection = doc("Passive ejection of failing targets.", Ejection())
 
@@ -248,7 +237,9 @@ class Config:
     services: Mapping[Name, Service] = doc("Services by name: /api/<name>/... routes to them.")
     listen: Listen = doc("Where the gateway listens.", Listen())
     timeouts: Timeouts = doc("Default upstream timeouts for every service.", Timeouts())
-    redis: Redis | None = doc("Shared rate-limit state; absent: limits are per process.", None)
+    redis: RedisSettings | None = doc(
+        "Shared rate-limit state; absent: limits are per process.", None
+    )
     rate_limits: Mapping[Name, RateLimit] = doc(
         "Rate-limit zones by name.", factory=lambda: MappingProxyType({})
     )
@@ -259,21 +250,23 @@ class Config:
         "Peers whose X-Forwarded-For is believed (CIDRs); empty: the peer is the client.", ()
     )
     health: HealthCheck = doc("Default health checks for every service.", HealthCheck())
-    retries: Retries | None = doc("Default retries for every service.", None)
+    retries: Retries | None = doc(
+        "Default retries for every service.", None, fallback=DEFAULT_RETRIES
+    )
     ejection: Ejection = doc("Default passive ejection for every service.", Ejection())
 
 
-class ConfigError(Exception):
-    """A config that cannot be used; ``problems`` lists every reason."""
-
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
-
-
 L = TypeVar("L", Timeouts, HealthCheck, Ejection)
+
+
+def defaults(cls: type[L]) -> L:
+    """The built-in defaults of a layered settings type: every field's ``fallback``."""
+    return cls(**{f.name: f.metadata["fallback"] for f in dataclasses.fields(cls)})
+
+
+DEFAULT_TIMEOUTS: Final = defaults(Timeouts)
+DEFAULT_HEALTH: Final = defaults(HealthCheck)
+DEFAULT_EJECTION: Final = defaults(Ejection)
 
 
 def layered(*layers: L) -> L:
@@ -297,145 +290,3 @@ def service_settings(
         layered(service.ejection, config.ejection, DEFAULT_EJECTION),
         DEFAULT_RETRIES if retries is None else retries,
     )
-
-
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, [Problem("", f"cannot read the file: {exc}")]) from None
-    return parse_config(text, source, env)
-
-
-def parse_config(
-    text: str, source: str = "<config>", env: Mapping[str, str] | None = None
-) -> Config:
-    env = os.environ if env is None else env
-    try:
-        data, loader = load_yaml(text)
-    except yaml.YAMLError as exc:
-        line = None
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            line = mark.line + 1
-        message = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [Problem("", f"invalid YAML: {message}", line)]) from None
-    if data is None:
-        raise ConfigError(source, [Problem("", "the file is empty")])
-    config, conv = validate(Config, data, env, loader)
-    problems = list(conv.problems) + [
-        Problem(path, message, conv.path_lines.get(path)) for path, message in _semantic(data)
-    ]
-    if config is None or problems:
-        problems.sort(key=lambda p: (p.line or 0, p.path))
-        raise ConfigError(source, problems)
-    return config
-
-
-def _semantic(data: Any) -> list[tuple[str, str]]:
-    """Cross-references the types cannot express, as (path, message) pairs.
-
-    Works on the raw data, defensively, so that these problems are reported together with
-    the type errors instead of only after those are fixed.
-    """
-    if not isinstance(data, dict):
-        return []
-    return [
-        *_service_refs(data),
-        *_zone_problems(data.get("rate_limits")),
-        *_cidr_problems(data.get("trusted_proxies")),
-        *_redis_problems(data.get("redis")),
-    ]
-
-
-def _service_refs(data: dict[str, Any]) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    services = data.get("services")
-    nodes = data.get("nodes")
-    zones = data.get("rate_limits")
-    known = sorted(nodes) if isinstance(nodes, dict) else []
-    zone_names = sorted(zones) if isinstance(zones, dict) else []
-    default = data.get("default_rate_limit")
-    if isinstance(default, str) and default != NONE and default not in zone_names:
-        problems.append(("default_rate_limit", _unknown("rate limit", default, zone_names)))
-    for name, service in services.items() if isinstance(services, dict) else ():
-        base = f"services.{name}"
-        if name in RESERVED_SERVICE_NAMES:
-            problems.append((base, f"'{name}' is reserved for the gateway itself"))
-        if not isinstance(service, dict):
-            continue
-        zone = service.get("rate_limit")
-        if isinstance(zone, str) and zone != NONE and zone not in zone_names:
-            problems.append((f"{base}.rate_limit", _unknown("rate limit", zone, zone_names)))
-        seen: set[tuple[str, Any]] = set()
-        for path, ref in _node_refs(f"{base}.nodes", service.get("nodes")):
-            node = ref.get("node") if isinstance(ref, dict) else ref
-            if not isinstance(node, str):
-                continue
-            if known and node not in known:
-                problems.append((path, _unknown("node", node, known)))
-            port = ref.get("port") if isinstance(ref, dict) else None
-            target = (node, port or service.get("port"))
-            if target in seen:
-                problems.append((path, f"{node}:{target[1]} is listed twice"))
-            seen.add(target)
-    return problems
-
-
-def _node_refs(base: str, refs: Any) -> list[tuple[str, Any]]:
-    """(path, entry) of every node entry, tiers (lists inside the list) flattened."""
-    out: list[tuple[str, Any]] = []
-    for i, ref in enumerate(refs if isinstance(refs, list) else ()):
-        if isinstance(ref, list):
-            out += [(f"{base}[{i}][{j}]", inner) for j, inner in enumerate(ref)]
-        else:
-            out.append((f"{base}[{i}]", ref))
-    return out
-
-
-def _unknown(what: str, name: str, known: list[str]) -> str:
-    return f"unknown {what} '{name}' (known: {', '.join(known) or 'none'})"
-
-
-def _zone_problems(zones: Any) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    for name, zone in zones.items() if isinstance(zones, dict) else ():
-        if name == NONE:
-            problems.append((f"rate_limits.{name}", "'none' means no limit; pick another name"))
-        if not isinstance(zone, dict):
-            continue
-        delay, burst = zone.get("delay"), zone.get("burst", 0)
-        if isinstance(delay, int) and isinstance(burst, int) and delay > burst:
-            problems.append((f"rate_limits.{name}.delay", f"must not exceed burst ({burst})"))
-    return problems
-
-
-def _cidr_problems(cidrs: Any) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    for i, cidr in enumerate(cidrs if isinstance(cidrs, list) else ()):
-        if isinstance(cidr, str):
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as exc:
-                problems.append((f"trusted_proxies[{i}]", str(exc)))
-    return problems
-
-
-def _redis_problems(redis: Any) -> list[tuple[str, str]]:
-    url = redis.get("url") if isinstance(redis, dict) else None
-    if isinstance(url, str) and "${" not in url:
-        scheme = url.partition("://")[0]
-        if scheme not in REDIS_SCHEMES:
-            return [("redis.url", f"unknown scheme '{scheme}' (use {', '.join(REDIS_SCHEMES)})")]
-    return []
-
-
-def config_json_schema() -> dict[str, Any]:
-    schema = json_schema(Config)
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://daarion.city/schemas/gateway-routes.json",
-        "title": "DAARION gateway routes.yaml",
-        **schema,
-    }

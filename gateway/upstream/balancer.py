@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
-from .snapshot import Route, Target
+from ..snapshot import Route, Target
 
 
 class Balancer:

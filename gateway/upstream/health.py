@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client.metrics import MetricWrapperBase
-
-from .metrics import GATEWAY, Metrics
-from .snapshot import EjectionPolicy, ProbePolicy, Route, Target
+from ..metrics import GATEWAY, Metrics
+from ..snapshot import EjectionPolicy, ProbePolicy, Route, Target
 
 log = logging.getLogger("gateway.health")
 
@@ -61,12 +59,17 @@ class TargetHealth:
 class HealthBook:
     """Every target's ``TargetHealth``, keyed by ``Target.key`` so reloads keep it."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self._metrics = metrics
         self._targets: dict[tuple[str, str, str, int], TargetHealth] = {}
         self._offline: set[str] = set()  # nodes last seen with no usable target
-        self.monotonic = time.monotonic
-        self.wall = time.time
+        self.monotonic = monotonic
+        self.wall = wall
 
     def get(self, target: Target) -> TargetHealth:
         health = self._targets.get(target.key)
@@ -88,8 +91,13 @@ class HealthBook:
                 self.get(target)
         for key in [k for k in self._targets if k not in keep]:
             del self._targets[key]
-        _drop_series(self._metrics.health, {k[:2] for k in keep}, keep_gateway=True)
-        _drop_series(self._metrics.node_up, {(k[1],) for k in keep})
+        targets = {k[:2] for k in keep}
+        nodes = {(k[1],) for k in keep}
+        metrics = self._metrics
+        metrics.remove_series(
+            metrics.health, lambda labels: labels not in targets and labels[0] != GATEWAY
+        )
+        metrics.remove_series(metrics.node_up, lambda labels: labels not in nodes)
         self._offline &= {k[1] for k in keep}
 
     # -- passive: real traffic ----------------------------------------------------------------
@@ -223,14 +231,6 @@ class HealthBook:
         if now < health.ejected_until:
             out["ejected_for_s"] = round(health.ejected_until - now, 3)
         return out
-
-
-def _drop_series(
-    metric: MetricWrapperBase, keep: set[tuple[str, ...]], keep_gateway: bool = False
-) -> None:
-    for labels in list(metric._metrics):
-        if labels not in keep and not (keep_gateway and labels[0] == GATEWAY):
-            metric.remove(*labels)
 
 
 def _iso(wall: float) -> str:

@@ -22,9 +22,10 @@ from typing import Final
 
 from redis.crc import key_slot
 
-from .config import Redis
-from .ratelimit import Decision, LocalLimiter, Zone
+from ..config import RedisSettings
+from .local import LocalLimiter
 from .redisclients import runner_for
+from .zones import Decision, Zone
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -77,7 +78,7 @@ class RedisLimiter:
 
     def __init__(
         self,
-        settings: Redis,
+        settings: RedisSettings,
         on_transition: Callable[[bool], None] = lambda connected: None,
     ) -> None:
         self.settings = settings

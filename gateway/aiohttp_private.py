@@ -1,0 +1,104 @@
+"""Every use of aiohttp's private attributes, behind this one door.
+
+The gateway leans on a few internals where aiohttp has no public way to do what it needs:
+
+- ``detach``: let go of a client connection after the gateway wrote a WebSocket 101 itself,
+  so that a relay of two small protocols can own the transport (``RequestHandler``'s
+  ``_message_tail``, ``_force_close``, ``_keepalive_handle``, ``_manager``, ``_buffer_paused``);
+- ``protocol_factory``: build the server's connections from a ``RequestHandler`` subclass
+  (``web.Server``'s ``_loop`` and ``_kwargs``);
+- ``OneWrite``: hold a response's headers back until its first body bytes, as aiohttp's own
+  ``web.Response`` does (``StreamResponse._send_headers_immediately``);
+- ``without_resend``: switch off the silent resend of an idempotent request on a dropped
+  connection, so that the failover loop alone decides retries (``ClientSession
+  ._retry_connection``, the switch aiohttp's own test client uses).
+
+The build is locked (``requirements*.lock``), so an aiohttp upgrade is deliberate; ``missing()``
+lists what of the above an installed aiohttp no longer has, and a unit test fails with that
+list, instead of the gateway failing at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+import aiohttp
+from aiohttp import base_protocol, web
+
+H = TypeVar("H", bound=web.RequestHandler)
+
+# (class, attribute) pairs relied on above; checked by ``missing()``.
+_SLOTS = (
+    (web.RequestHandler, "_message_tail"),
+    (web.RequestHandler, "_force_close"),
+    (web.RequestHandler, "_keepalive_handle"),
+    (web.RequestHandler, "_manager"),
+    (base_protocol.BaseProtocol, "_buffer_paused"),
+    (aiohttp.ClientSession, "_retry_connection"),
+)
+
+
+def protocol_factory(server: web.Server, cls: Callable[..., H]) -> Callable[[], H]:
+    """What ``web.Server.__call__`` does, with ``cls`` in place of ``RequestHandler``."""
+
+    def make() -> H:
+        return cls(server, loop=server._loop, **server._kwargs)
+
+    return make
+
+
+def detach(protocol: web.RequestHandler) -> tuple[asyncio.Transport, bytes] | None:
+    """Make aiohttp let go of ``protocol``'s connection and return it with what the client
+    sent after its request: aiohttp stops reading it, forgets it and never closes it. None
+    when the client has gone already."""
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        return None
+    tail, protocol._message_tail = protocol._message_tail, b""
+    protocol._force_close = True  # start() leaves its loop without closing the transport
+    protocol.transport = None
+    if protocol._keepalive_handle is not None:
+        protocol._keepalive_handle.cancel()
+        protocol._keepalive_handle = None
+    if protocol._manager is not None:
+        protocol._manager.connection_lost(protocol, None)  # not among the server's connections
+    if protocol._buffer_paused:
+        transport.resume_reading()
+    return transport, tail
+
+
+class OneWrite(web.StreamResponse):
+    """A response of known length: its headers wait for the first body bytes (or the end),
+    so a small answer goes out in one write instead of two."""
+
+    _send_headers_immediately = False
+
+
+def without_resend(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """``session`` with aiohttp's own resend of a request on a dropped connection off."""
+    session._retry_connection = False
+    return session
+
+
+def missing() -> list[str]:
+    """The private attributes above that this aiohttp does not have ("Class.attribute")."""
+    gone = []
+    for cls, name in _SLOTS:
+        slots = {s for klass in cls.__mro__ for s in getattr(klass, "__slots__", ())}
+        if name not in slots and not hasattr(cls, name):
+            gone.append(f"{cls.__name__}.{name}")
+    if "_send_headers_immediately" not in vars(web.StreamResponse):
+        gone.append("StreamResponse._send_headers_immediately")
+    loop = asyncio.new_event_loop()
+    try:
+        server = web.Server(_never_called, loop=loop)
+        gone += [f"Server.{name}" for name in ("_loop", "_kwargs") if not hasattr(server, name)]
+    finally:
+        loop.close()
+    return gone
+
+
+async def _never_called(request: web.BaseRequest) -> web.StreamResponse:
+    raise NotImplementedError  # pragma: no cover - missing() only builds a Server

@@ -1,0 +1,170 @@
+"""``load_config()``: a ``Config`` from ``routes.yaml``, or ``ConfigError`` listing every problem
+with its YAML path and line; never a half-valid config. Also the cross-reference checks that
+the types cannot express, and the JSON Schema of the whole file."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .schema_export import json_schema
+from .types import NONE, REDIS_SCHEMES, RESERVED_SERVICE_NAMES, Config
+from .validate import Problem, validate
+from .yamlsource import load_yaml
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [Problem("", f"cannot read the file: {exc}")]) from None
+    return parse_config(text, source, env)
+
+
+def parse_config(
+    text: str, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    env = os.environ if env is None else env
+    try:
+        data, loader = load_yaml(text)
+    except yaml.YAMLError as exc:
+        line = None
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        message = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [Problem("", f"invalid YAML: {message}", line)]) from None
+    if data is None:
+        raise ConfigError(source, [Problem("", "the file is empty")])
+    config, conv = validate(Config, data, env, loader)
+    problems = list(conv.problems) + [
+        Problem(path, message, conv.path_lines.get(path)) for path, message in _semantic(data)
+    ]
+    if config is None or problems:
+        problems.sort(key=lambda p: (p.line or 0, p.path))
+        raise ConfigError(source, problems)
+    return config
+
+
+def _semantic(data: Any) -> list[tuple[str, str]]:
+    """Cross-references the types cannot express, as (path, message) pairs.
+
+    Works on the raw data, defensively, so that these problems are reported together with
+    the type errors instead of only after those are fixed.
+    """
+    if not isinstance(data, dict):
+        return []
+    return [
+        *_service_refs(data),
+        *_zone_problems(data.get("rate_limits")),
+        *_cidr_problems(data.get("trusted_proxies")),
+        *_redis_problems(data.get("redis")),
+    ]
+
+
+def _service_refs(data: dict[str, Any]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    services = data.get("services")
+    nodes = data.get("nodes")
+    zones = data.get("rate_limits")
+    known = sorted(nodes) if isinstance(nodes, dict) else []
+    zone_names = sorted(zones) if isinstance(zones, dict) else []
+    default = data.get("default_rate_limit")
+    if isinstance(default, str) and default != NONE and default not in zone_names:
+        problems.append(("default_rate_limit", _unknown("rate limit", default, zone_names)))
+    for name, service in services.items() if isinstance(services, dict) else ():
+        base = f"services.{name}"
+        if name in RESERVED_SERVICE_NAMES:
+            problems.append((base, f"'{name}' is reserved for the gateway itself"))
+        if not isinstance(service, dict):
+            continue
+        zone = service.get("rate_limit")
+        if isinstance(zone, str) and zone != NONE and zone not in zone_names:
+            problems.append((f"{base}.rate_limit", _unknown("rate limit", zone, zone_names)))
+        seen: set[tuple[str, Any]] = set()
+        for path, ref in _node_refs(f"{base}.nodes", service.get("nodes")):
+            node = ref.get("node") if isinstance(ref, dict) else ref
+            if not isinstance(node, str):
+                continue
+            if known and node not in known:
+                problems.append((path, _unknown("node", node, known)))
+            port = ref.get("port") if isinstance(ref, dict) else None
+            target = (node, port or service.get("port"))
+            if target in seen:
+                problems.append((path, f"{node}:{target[1]} is listed twice"))
+            seen.add(target)
+    return problems
+
+
+def _node_refs(base: str, refs: Any) -> list[tuple[str, Any]]:
+    """(path, entry) of every node entry, tiers (lists inside the list) flattened."""
+    out: list[tuple[str, Any]] = []
+    for i, ref in enumerate(refs if isinstance(refs, list) else ()):
+        if isinstance(ref, list):
+            out += [(f"{base}[{i}][{j}]", inner) for j, inner in enumerate(ref)]
+        else:
+            out.append((f"{base}[{i}]", ref))
+    return out
+
+
+def _unknown(what: str, name: str, known: list[str]) -> str:
+    return f"unknown {what} '{name}' (known: {', '.join(known) or 'none'})"
+
+
+def _zone_problems(zones: Any) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name, zone in zones.items() if isinstance(zones, dict) else ():
+        if name == NONE:
+            problems.append((f"rate_limits.{name}", "'none' means no limit; pick another name"))
+        if not isinstance(zone, dict):
+            continue
+        delay, burst = zone.get("delay"), zone.get("burst", 0)
+        if isinstance(delay, int) and isinstance(burst, int) and delay > burst:
+            problems.append((f"rate_limits.{name}.delay", f"must not exceed burst ({burst})"))
+    return problems
+
+
+def _cidr_problems(cidrs: Any) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for i, cidr in enumerate(cidrs if isinstance(cidrs, list) else ()):
+        if isinstance(cidr, str):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                problems.append((f"trusted_proxies[{i}]", str(exc)))
+    return problems
+
+
+def _redis_problems(redis: Any) -> list[tuple[str, str]]:
+    url = redis.get("url") if isinstance(redis, dict) else None
+    if isinstance(url, str) and "${" not in url:
+        scheme = url.partition("://")[0]
+        if scheme not in REDIS_SCHEMES:
+            return [("redis.url", f"unknown scheme '{scheme}' (use {', '.join(REDIS_SCHEMES)})")]
+    return []
+
+
+def config_json_schema() -> dict[str, Any]:
+    schema = json_schema(Config)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://daarion.city/schemas/gateway-routes.json",
+        "title": "DAARION gateway routes.yaml",
+        **schema,
+    }

@@ -1,0 +1,71 @@
+"""What a request's phases may use: ``Shared`` (the long-lived things of one gateway process)
+and ``Exchange`` (one request).
+
+A phase takes these two and nothing else: not the application (``app.Gateway``), which owns
+the lifecycle and builds ``Shared`` once. This module imports no phase; its imports are the
+types of the things it holds, and none of those modules imports it, so the phases can depend
+on it without any import cycle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .metrics import UNMATCHED
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .metrics import Metrics
+    from .ratelimit.zones import Limiter
+    from .snapshot import Snapshot, Target
+    from .upstream.balancer import Balancer
+    from .upstream.health import HealthBook
+    from .upstream.http import UpstreamClient
+    from .upstream.slots import SlotTable
+    from .websocket.session import Session
+    from .workers import Worker
+
+
+@dataclass(slots=True, eq=False)
+class Shared:
+    """The things every request of this process shares. ``snapshot`` is the current config
+    (a reload assigns a new one; a request reads it once, into its ``Exchange``); ``limiter``
+    is replaced when the ``redis`` settings change; ``draining`` is set when the gateway
+    begins to stop. Everything else lives as long as the process."""
+
+    snapshot: Snapshot
+    metrics: Metrics
+    health: HealthBook
+    balancer: Balancer
+    slots: SlotTable
+    limiter: Limiter
+    upstream: UpstreamClient
+    sessions: set[Session] = field(default_factory=set)  # open WebSocket sessions
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    worker: Worker | None = None  # serve --workers: which worker this process is
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What is known about one request so far; read by the final log line and metrics."""
+
+    request: web.BaseRequest
+    snapshot: Snapshot  # read once: a reload never changes a request half way through
+    request_id: str
+    started: float
+    client: str  # the client address (the peer, or what trusted proxies report)
+    proto: str  # http or https, as the client used it
+    service: str = UNMATCHED
+    user: str | None = None  # the authenticated subject, once auth exists
+    target: Target | None = None  # the upstream target tried last
+    status: int = 0
+    error: str | None = None
+    rate_limit: str | None = None  # "delayed" or "dry_run" when the limiter had a say
+    log_fields: dict[str, object] = field(default_factory=dict)  # more for the log line
+    session: Session | None = None  # a WebSocket session, which logs at its end

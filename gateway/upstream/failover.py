@@ -1,0 +1,174 @@
+"""Choose a target, try it, and fail over where it is safe: the one loop that HTTP requests
+and WebSocket handshakes share.
+
+Retry rules (Pingora's and Envoy's, made strict), decided by ``next_target`` alone:
+- a request that was never sent (connection refused, connect timeout) is retried on the next
+  target, whatever its method;
+- a request that was sent is retried only when its method is idempotent and its body can be
+  sent again (none, or at most ``REPLAY_LIMIT`` bytes, buffered), and only when the upstream
+  closed without answering, sent an invalid answer, or answered 502/503/504;
+- never after a response timeout (the upstream may still be working on it), and never after
+  any byte of the response went to the client (the loop ends before that);
+- at most ``retries`` extra attempts, each on a target not yet tried (or, after the connection
+  closed without an answer and with no other target left, the same one: that is how a stale
+  keep-alive connection is recovered), after a short jittered back-off. A POST that reached
+  an upstream is never sent to a second one.
+
+Every outcome is also a passive health check of its target (``HealthBook.passed``/``failed``),
+every retry counts in ``gateway_retries_total{kind}``, and an answer from a later tier in
+``gateway_failovers_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
+
+from ..errors import GatewayError
+
+if TYPE_CHECKING:
+    from ..context import Exchange, Shared
+    from ..snapshot import Route, Target
+    from .balancer import Balancer
+
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+REPLAY_LIMIT: Final = 64 * 1024  # bodies up to this size are buffered so that they can be retried
+RETRY_STATUS: Final = frozenset({502, 503, 504})
+NEVER_SENT: Final = frozenset({"connect", "connect_timeout"})
+SENT_RETRYABLE: Final = frozenset({"disconnect", "io", "protocol", "status"})
+# Closed before any answer: also what reusing a keep-alive connection the upstream had just
+# closed looks like, so with no other target left the same one may be tried again.
+SAME_TARGET_AGAIN: Final = frozenset({"disconnect", "io"})
+BACKOFF: Final = 0.025  # seconds, jittered ±50 %
+
+T = TypeVar("T")
+
+
+class Failed(Exception, Generic[T]):
+    """One attempt at one target failed. ``kind``: what happened (``GatewayError.kind``, or
+    ``status`` for a 5xx answer); ``reason``: for the target's health record; ``error``: the
+    client's answer if no retry follows, unless ``answer`` (an upstream's 5xx, say) is to be
+    passed on instead, after ``discard(answer)`` if a retry does follow."""
+
+    def __init__(
+        self,
+        kind: str,
+        reason: str,
+        error: GatewayError,
+        answer: T | None = None,
+        discard: Callable[[T], None] | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.error = error
+        self.answer = answer
+        self.discard = discard
+
+    @classmethod
+    def of(cls, error: GatewayError) -> Failed[T]:
+        """An upstream failure the gateway answers itself (``error.kind`` says which)."""
+        return cls(error.kind or "unknown", error.code, error)
+
+
+def may_retry(kind: str, method: str, replayable: bool) -> bool:
+    if kind in NEVER_SENT:
+        return True
+    return kind in SENT_RETRYABLE and method in IDEMPOTENT and replayable
+
+
+def next_target(
+    balancer: Balancer,
+    route: Route,
+    usable: Callable[[Target], bool],
+    *,
+    kind: str,
+    method: str,
+    replayable: bool,
+    tried: Sequence[Target],
+) -> Target | None:
+    """After an attempt that failed with ``kind``: the target to try next, or None to stop.
+    No I/O; ``tried`` is every target tried so far, in order."""
+    if len(tried) > route.retries or not may_retry(kind, method, replayable):
+        return None
+    target = balancer.choose(route, usable, tried)
+    if target is None and kind in SAME_TARGET_AGAIN:
+        return tried[-1]  # no other target: the same one again (a stale keep-alive)
+    return target
+
+
+def first_target(shared: Shared, route: Route) -> tuple[Target, Callable[[Target], bool]]:
+    """The first target to try, and what counts as usable for this request (judged at one
+    moment for all its attempts); 503 when no target is usable."""
+    health = shared.health
+    now = health.monotonic()
+
+    def usable(target: Target) -> bool:
+        return health.usable(target, now)
+
+    first = shared.balancer.choose(route, usable)
+    if first is None:
+        raise all_down(shared, route)
+    return first, usable
+
+
+async def attempt(
+    shared: Shared,
+    ex: Exchange,
+    route: Route,
+    first: tuple[Target, Callable[[Target], bool]],
+    send: Callable[[Target], Awaitable[T]],
+    *,
+    replayable: bool,
+) -> tuple[T, Target]:
+    """``send`` to ``first``'s target, then to the targets ``next_target`` picks while each
+    attempt raises ``Failed``; return the answer that ends it and the target that gave it (or
+    raise the last error). ``ex.target`` is the target tried last, for the log line."""
+    target, usable = first
+    tried: list[Target] = []
+    while True:
+        tried.append(target)
+        ex.target = target
+        try:
+            answer = await send(target)
+        except Failed as failed:
+            shared.health.failed(target, failed.reason, route.probe, route.ejection)
+            following = next_target(
+                shared.balancer, route, usable, kind=failed.kind, method=ex.request.method,
+                replayable=replayable, tried=tried,
+            )  # fmt: skip
+            if following is None:
+                if failed.answer is None:
+                    raise failed.error from None
+                answer = failed.answer
+                break
+            if failed.answer is not None and failed.discard is not None:
+                failed.discard(failed.answer)
+            shared.metrics.retries.labels(route.service, failed.kind).inc()
+            await asyncio.sleep(BACKOFF * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
+            target = following
+        else:
+            shared.health.passed(target)
+            break
+    if target.tier > 0:
+        shared.metrics.failovers.labels(route.service, target.node).inc()
+    return answer, target
+
+
+def all_down(shared: Shared, route: Route) -> GatewayError:
+    """503 with Retry-After: the seconds until an ejection ends or the next probe."""
+    health = shared.health
+    now = health.monotonic()
+    waits = [
+        max(health.get(t).ejected_until - now, 0) or route.probe.interval for t in route.targets
+    ]
+    return GatewayError(
+        503,
+        "no_healthy_upstream",
+        "no target of this service is up",
+        kind="unavailable",
+        headers={"Retry-After": str(max(1, math.ceil(min(waits))))},
+    )

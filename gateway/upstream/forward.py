@@ -1,0 +1,73 @@
+"""The forwarding phase of an HTTP request: a slot under the service's ``max_connections``,
+the body (buffered when small enough to replay), the failover loop over ``http.send``, then
+the answer streamed back with ``http.relay``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from ..errors import GatewayError, UpstreamAborted
+from .failover import IDEMPOTENT, REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
+from .headers import Forwarding
+from .http import read_body, relay
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ..context import Exchange, Shared
+    from ..snapshot import Route, Target
+
+
+async def forward(
+    shared: Shared,
+    ex: Exchange,
+    route: Route,
+    path_qs: str,
+    extra_headers: Mapping[str, str] | None,
+) -> web.StreamResponse:
+    """Forward ``ex.request`` to a target of ``route`` and stream back its answer."""
+    request = ex.request
+    first = first_target(shared, route)  # before a slot: 503 at once when all are down
+    slots = shared.slots.for_route(route)
+    await slots.acquire(route.connect_timeout)
+    gauge = shared.metrics.active_for(route.service)
+    gauge.inc()
+    try:
+        replay = REPLAY_LIMIT if route.retries and request.method in IDEMPOTENT else 0
+        body = await read_body(request, replay)
+        forwarding = Forwarding(ex.client, ex.proto, ex.request_id)
+        client = shared.upstream
+
+        async def send(target: Target) -> aiohttp.ClientResponse:
+            try:
+                upstream = await client.send(
+                    request, target=target, path_qs=path_qs, body=body,
+                    timeout=route.client_timeout, forwarding=forwarding,
+                )  # fmt: skip
+            except GatewayError as err:
+                raise Failed.of(err) from None
+            if upstream.status >= 500:
+                raise Failed(
+                    "status" if upstream.status in RETRY_STATUS else "server_error",
+                    f"status {upstream.status}",
+                    GatewayError(
+                        502, "upstream_status", f"the upstream answered {upstream.status}"
+                    ),
+                    answer=upstream,  # passed on when no other target is tried
+                    discard=aiohttp.ClientResponse.release,
+                )
+            return upstream
+
+        replayable = not isinstance(body, aiohttp.StreamReader)
+        upstream, target = await attempt(shared, ex, route, first, send, replayable=replayable)
+        try:
+            return await relay(request, upstream, ex.request_id, extra_headers)
+        except UpstreamAborted:
+            shared.health.failed(target, "aborted mid-response", route.probe, route.ejection)
+            raise
+    finally:
+        gauge.dec()
+        slots.release()

@@ -1,0 +1,87 @@
+"""The headers an upstream gets, for HTTP requests and WebSocket handshakes alike: hop-by-hop
+headers dropped, the forwarding headers stated by the gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ..snapshot import Target
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers the gateway writes itself; a client's values are replaced (or, for
+# X-Forwarded-For, extended). "forwarded" from a client is dropped: only what the gateway
+# itself states about the connection reaches upstreams. "expect" is answered by the gateway.
+_REPLACED: Final = frozenset(
+    {
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-request-id",
+        "forwarded",
+        "expect",
+    }
+)
+_REQUEST_DROP: Final = HOP_BY_HOP | _REPLACED
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """What the gateway tells the upstream about where the request came from."""
+
+    client: str  # the client address (the peer, or what trusted proxies report)
+    proto: str  # http or https, as the client used it
+    request_id: str
+
+
+def end_to_end(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]
+) -> CIMultiDict[str]:
+    """The headers not in ``drop`` (lower-case names) nor named by a Connection header."""
+    headers = CIMultiDict(incoming)  # one C-level copy, then the few deletions: cheaper
+    connection = incoming.getall("Connection", ())
+    if connection:
+        drop = drop | {t.strip().lower() for v in connection for t in v.split(",")}
+    for name in drop:
+        if name in headers:
+            del headers[name]  # every header of that name, case-insensitively
+    return headers
+
+
+def request_headers(
+    request: web.BaseRequest,
+    target: Target,
+    forwarding: Forwarding,
+    also_drop: frozenset[str] = frozenset(),
+) -> CIMultiDict[str]:
+    incoming = request.headers
+    headers = end_to_end(incoming, _REQUEST_DROP | also_drop if also_drop else _REQUEST_DROP)
+    peer = request.remote or ""
+    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    headers["Host"] = f"{target.host}:{target.port}"
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = forwarding.proto
+    if "Host" in incoming:
+        headers["X-Forwarded-Host"] = incoming["Host"]
+    headers["X-Real-IP"] = forwarding.client
+    headers["X-Request-ID"] = forwarding.request_id
+    return headers
