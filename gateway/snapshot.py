@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
-import aiohttp
-
 from .config import NONE, Config, Service, service_settings
 from .edge.trusted import TrustedProxies
 from .ratelimit.zones import Zone, compile_zone
@@ -74,7 +72,7 @@ class Route:
     http_prefix: str
     tiers: tuple[tuple[Target, ...], ...]  # in order of preference
     connect_timeout: float
-    client_timeout: aiohttp.ClientTimeout
+    response_timeout: float  # for the headers, and the longest pause inside the body
     max_connections: int
     zone: Zone | None
     probe: ProbePolicy
@@ -122,11 +120,7 @@ def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) 
         http_prefix=f"/{name}" if service.http_prefix is None else service.http_prefix,
         tiers=tiers,
         connect_timeout=connect,
-        # sock_read starts once the request is sent and restarts with each read: it bounds
-        # the wait for the response headers and every pause inside the response body.
-        client_timeout=aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=connect, sock_read=response
-        ),
+        response_timeout=response,
         max_connections=service.max_connections,
         zone=zones.get(zone_name),
         probe=ProbePolicy(

@@ -150,8 +150,8 @@ services:
         env={},
     )
     routes = compile_snapshot(config).routes
-    assert (routes["one"].connect_timeout, routes["one"].client_timeout.sock_read) == (0.5, 60.0)
-    assert (routes["two"].connect_timeout, routes["two"].client_timeout.sock_read) == (0.25, 60.0)
+    assert (routes["one"].connect_timeout, routes["one"].response_timeout) == (0.5, 60.0)
+    assert (routes["two"].connect_timeout, routes["two"].response_timeout) == (0.25, 60.0)
 
 
 def test_exported_json_schema_is_valid_and_agrees_with_the_loader():

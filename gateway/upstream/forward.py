@@ -45,7 +45,8 @@ async def forward(
             try:
                 upstream = await client.send(
                     request, target=target, path_qs=path_qs, body=body,
-                    timeout=route.client_timeout, forwarding=forwarding,
+                    connect_timeout=route.connect_timeout,
+                    response_timeout=route.response_timeout, forwarding=forwarding,
                 )  # fmt: skip
             except GatewayError as err:
                 raise Failed.of(err) from None

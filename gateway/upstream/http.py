@@ -13,6 +13,7 @@ started aborts the client connection, so a truncated body never looks complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import struct
 from collections.abc import Mapping
@@ -75,7 +76,8 @@ class UpstreamClient:
         target: Target,
         path_qs: str,
         body: Body,
-        timeout: aiohttp.ClientTimeout,
+        connect_timeout: float,
+        response_timeout: float,
         forwarding: Forwarding,
     ) -> aiohttp.ClientResponse:
         """Send the request to ``target``; return once the upstream's response headers are in."""
@@ -86,12 +88,20 @@ class UpstreamClient:
                 headers=request_headers(request, target, forwarding),
                 data=body,
                 allow_redirects=False,
-                timeout=timeout,
+                timeout=_timeouts(connect_timeout, response_timeout),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if _client_gone(request):
                 raise ClientGone from exc
             raise upstream_error(exc) from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _timeouts(connect: float, response: float) -> aiohttp.ClientTimeout:
+    """aiohttp's form of a route's timeouts (routes share a few pairs: cached). ``sock_read``
+    starts once the request is sent and restarts with each read: it bounds the wait for the
+    response headers and every pause inside the response body."""
+    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=response)
 
 
 def response_headers(
