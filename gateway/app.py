@@ -51,7 +51,7 @@ class Gateway:
             health=HealthBook(metrics),
             balancer=Balancer(),
             slots=SlotTable(),
-            limiter=self._make_limiter(config, metrics),
+            limiter=_make_limiter(config, metrics),
             upstream=UpstreamClient(),
         )
         self._runner: web.ServerRunner | None = None
@@ -122,18 +122,6 @@ class Gateway:
         await shared.limiter.close()
         logs.flush()
 
-    def _make_limiter(self, config: Config, metrics: Metrics) -> Limiter:
-        settings = config.redis
-        if settings is None or settings.url.startswith("memory://"):
-            return LocalLimiter()
-        metrics.health.labels(GATEWAY, "redis").set(1)
-
-        def changed(connected: bool) -> None:
-            metrics.rate_limit_degraded.set(0 if connected else 1)
-            metrics.health.labels(GATEWAY, "redis").set(1 if connected else 0)
-
-        return RedisLimiter(settings, on_transition=changed)
-
     # -- configuration -----------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -169,7 +157,7 @@ class Gateway:
         shared.snapshot = new
         if config.redis != old.config.redis:
             previous = shared.limiter
-            shared.limiter = self._make_limiter(config, shared.metrics)
+            shared.limiter = _make_limiter(config, shared.metrics)
             self._in_background(self._swap_limiter(previous))
         shared.slots.sync(new.routes)
         for name in old.routes.keys() - new.routes.keys():
@@ -184,3 +172,18 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _make_limiter(config: Config, metrics: Metrics) -> Limiter:
+    """The shared limiter for a ``redis`` section (its state in ``service_health``), else the
+    in-memory one."""
+    settings = config.redis
+    if settings is None or settings.url.startswith("memory://"):
+        return LocalLimiter()
+    metrics.health.labels(GATEWAY, "redis").set(1)
+
+    def changed(connected: bool) -> None:
+        metrics.rate_limit_degraded.set(0 if connected else 1)
+        metrics.health.labels(GATEWAY, "redis").set(1 if connected else 0)
+
+    return RedisLimiter(settings, on_transition=changed)

@@ -69,21 +69,27 @@ class _Clock:
         return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
 
 
+def _line(clock: _Clock, created: float, level: str, message: str) -> dict[str, Any]:
+    """The fields every line starts with, in the standards' order (and the request id)."""
+    line: dict[str, Any] = {
+        "timestamp": clock.format(created),
+        "level": level,
+        "service": SERVICE,
+        "message": message,
+    }
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        line["request_id"] = request_id
+    return line
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "timestamp": self._clock.format(record.created),
-            "level": record.levelname,
-            "service": SERVICE,
-            "message": record.getMessage(),
-        }
-        request_id = REQUEST_ID.get()
-        if request_id is not None:
-            line["request_id"] = request_id
+        line = _line(self._clock, record.created, record.levelname, record.getMessage())
         if record.name != "gateway" and not record.name.startswith("gateway."):
             line["logger"] = record.name
         fields = getattr(record, "fields", None)
@@ -182,15 +188,7 @@ def access(message: str, fields: dict[str, object]) -> None:
     if writer is None:  # logging not set up by setup_logging: the ordinary way
         logging.getLogger("gateway.access").info(message, extra={"fields": fields})
         return
-    line: dict[str, object] = {
-        "timestamp": _Access.clock.format(time.time()),
-        "level": "INFO",
-        "service": SERVICE,
-        "message": message,
-    }
-    request_id = REQUEST_ID.get()
-    if request_id is not None:
-        line["request_id"] = request_id
+    line = _line(_Access.clock, time.time(), "INFO", message)
     line.update(fields)
     writer.write(orjson.dumps(line, default=str).decode())
 
