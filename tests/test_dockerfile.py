@@ -33,13 +33,60 @@ def test_dockerfile_copies_what_exists_and_follows_the_standards():
         for source in shlex.split(line)[:-1]:
             assert (ROOT / source).exists(), source
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert not {"gateway", "pyproject.toml", "README.md", "routes.yaml"} & set(ignored)
+    needed = {"gateway", "pyproject.toml", "README.md", "routes.yaml", "requirements"}
+    assert not needed & set(ignored)
     healthcheck = instruction("HEALTHCHECK")
     for option in ("--interval=30s", "--timeout=10s", "--retries=3", "--start-period=40s"):
         assert option in healthcheck
     assert 'com.daarion.service="gateway"' in DOCKERFILE
     assert re.search(r"^USER gateway$", DOCKERFILE, re.MULTILINE)  # not root
     assert re.search(r"^FROM python:3\.\d+-slim", DOCKERFILE, re.MULTILINE)  # PGO+LTO builds
+
+
+def pip_commands(stage: str) -> list[list[str]]:
+    """The ``pip install`` / ``pip wheel`` commands of a stage's RUN instructions."""
+    text = stage.replace("\\\n", " ")
+    commands = []
+    for run_line in re.findall(r"^RUN\s+(.*)$", text, re.MULTILINE):
+        for command in re.split(r"&&|;", run_line):
+            words = shlex.split(command)
+            if words[:2] in (["pip", "install"], ["pip", "wheel"]):
+                commands.append(words)
+    return commands
+
+
+def test_image_installs_the_locked_runtime_set():
+    """Nothing is resolved at build time: the build stage fetches the lock's exact files (by
+    hash), the gateway adds itself without dependencies, the final stage installs those wheels
+    only. (tests/test_lock.py checks the lock against pyproject.toml.)"""
+    build, final = re.split(r"^FROM ", DOCKERFILE, flags=re.MULTILINE)[1:]
+    copied = {
+        source
+        for line in re.findall(r"^COPY (?!--from)(.*)$", build, re.MULTILINE)
+        for source in shlex.split(line)[:-1]
+    }
+    assert {"requirements/runtime.txt", "requirements/build.txt"} <= copied
+    commands = pip_commands(build)
+    for words in commands:  # every one either installs a lock by hash or takes no dependencies
+        if "--require-hashes" in words:
+            lock = words[words.index("-r") + 1]
+            assert lock in copied, lock  # (the first test checks it exists)
+        else:
+            assert "--no-deps" in words, words
+    locked = [w[w.index("-r") + 1] for w in commands if "--require-hashes" in w]
+    assert locked == ["requirements/build.txt", "requirements/runtime.txt"]  # pip, setuptools first
+    (gateway,) = [words for words in commands if "." in words]
+    assert gateway[:2] == ["pip", "wheel"]
+    assert {"--no-deps", "--no-build-isolation"} <= set(gateway)  # the locked setuptools builds it
+    assert "--wheel-dir" in gateway
+    wheels = gateway[gateway.index("--wheel-dir") + 1]
+    runtime = next(w for w in commands if "requirements/runtime.txt" in w)
+    assert runtime[:2] == ["pip", "wheel"]
+    assert runtime[runtime.index("--wheel-dir") + 1] == wheels
+    (install,) = pip_commands(final)
+    assert {"--no-index", "--no-deps"} <= set(install)
+    assert install[-1] == f"{wheels}/*.whl"
+    assert f"COPY --from=build {wheels} {wheels}" in final
 
 
 async def run(command: list[str], env: dict[str, str]) -> int:
