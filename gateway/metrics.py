@@ -8,7 +8,7 @@ unknown service counts as ``unmatched``, an unusual method as ``OTHER``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final, TypedDict
+from typing import Any, Final, TypedDict, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -40,6 +40,9 @@ Families = list[Family]  # one worker's samples as JSON (``serve --workers``)
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
 def method_label(method: str) -> str:
     return method if method in METHODS else "OTHER"
 
@@ -50,48 +53,51 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # Each labelled metric's label names, in order: to find its series through the public
+        # collect() (``remove_series``).
+        self._label_names: dict[int, tuple[str, ...]] = {}
+        self.requests = self._labelled(
+            Counter,
             "http_requests",
             "Requests answered, by service, method and status.",
             ["service", "method", "status"],
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = self._labelled(
+            Histogram,
             "http_request_duration_seconds",
             "Time from request start to the end of the response, by service "
             "(WebSocket sessions are not observed here).",
             ["service"],
             buckets=BUCKETS,
-            registry=r,
         )
-        self.active = Gauge(
+        self.active = self._labelled(
+            Gauge,
             "active_connections",
             "Requests in flight (and, for WebSockets, open sessions), by service.",
             ["service"],
-            registry=r,
         )
-        self.health = Gauge(
+        self.health = self._labelled(
+            Gauge,
             "service_health",
             "1 when a dependency is usable, 0 when it is not. service=gateway lists the "
             "gateway's own dependencies; service=<name>,dependency=<node> each upstream target.",
             ["service", "dependency"],
-            registry=r,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = self._labelled(
+            Counter,
             "gateway_upstream_errors",
             "Upstream failures by service and kind (connect, connect_timeout, timeout, "
             "disconnect, protocol, io, busy, aborted).",
             ["service", "kind"],
-            registry=r,
         )
         self.client_connections = Gauge(
             "gateway_client_connections", "Open client TCP connections.", registry=r
         )
-        self.config_reloads = Counter(
+        self.config_reloads = self._labelled(
+            Counter,
             "gateway_config_reloads",
             "Config reload attempts by result (success, failure).",
             ["result"],
-            registry=r,
         )
         self.config_ok = Gauge(
             "gateway_config_last_reload_successful",
@@ -99,73 +105,73 @@ class Metrics:
             registry=r,
         )
         self.config_ok.set(1)
-        self.node_up = Gauge(
+        self.node_up = self._labelled(
+            Gauge,
             "gateway_node_up",
             "1 while some target on the node is usable, 0 when the node is offline.",
             ["node"],
-            registry=r,
         )
-        self.failovers = Counter(
+        self.failovers = self._labelled(
+            Counter,
             "gateway_failovers",
             "Requests answered by a node other than the service's preferred ones.",
             ["service", "node"],
-            registry=r,
         )
-        self.retries = Counter(
+        self.retries = self._labelled(
+            Counter,
             "gateway_retries",
             "Extra attempts on another target, by service and the failure that caused it.",
             ["service", "kind"],
-            registry=r,
         )
-        self.ejections = Counter(
+        self.ejections = self._labelled(
+            Counter,
             "gateway_ejections",
             "Targets taken out after consecutive failures of real traffic.",
             ["service", "node"],
-            registry=r,
         )
-        self.probes = Counter(
+        self.probes = self._labelled(
+            Counter,
             "gateway_health_checks",
             "Active health probes by service, node and result (pass, fail).",
             ["service", "node", "result"],
-            registry=r,
         )
-        self.ws_sessions = Gauge(
+        self.ws_sessions = self._labelled(
+            Gauge,
             "gateway_websocket_sessions",
             "Open WebSocket sessions (also counted in active_connections).",
             ["service"],
-            registry=r,
         )
-        self.ws_opened = Counter(
+        self.ws_opened = self._labelled(
+            Counter,
             "gateway_websocket_sessions_opened",
             "WebSocket sessions relayed, by service.",
             ["service"],
-            registry=r,
         )
-        self.ws_closed = Counter(
+        self.ws_closed = self._labelled(
+            Counter,
             "gateway_websocket_sessions_closed",
             "WebSocket sessions ended, by service and the client leg's close code "
             "(1000-1015 as such, 3xxx, 4xxx, other, none).",
             ["service", "code"],
-            registry=r,
         )
-        self.ws_messages = Counter(
+        self.ws_messages = self._labelled(
+            Counter,
             "gateway_websocket_messages",
             "WebSocket data messages relayed, by direction (up: to the service).",
             ["service", "direction"],
-            registry=r,
         )
-        self.ws_bytes = Counter(
+        self.ws_bytes = self._labelled(
+            Counter,
             "gateway_websocket_bytes",
             "WebSocket payload bytes relayed, by direction (up: to the service).",
             ["service", "direction"],
-            registry=r,
         )
-        self.rate_limit_decisions = Counter(
+        self.rate_limit_decisions = self._labelled(
+            Counter,
             "gateway_rate_limit_decisions",
             "Rate-limit decisions by zone and result (allowed, delayed, rejected, "
             "dry_run_rejected).",
             ["zone", "result"],
-            registry=r,
         )
         self.rate_limit_degraded = Gauge(
             "gateway_rate_limit_degraded",
@@ -174,31 +180,19 @@ class Metrics:
         )
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
-        # Each labelled metric's label names, in order: to find its series through the public
-        # collect() (``remove_series``).
-        self._label_names: dict[int, tuple[str, ...]] = {
-            id(self.requests): ("service", "method", "status"),
-            id(self.duration): ("service",),
-            id(self.active): ("service",),
-            id(self.health): ("service", "dependency"),
-            id(self.upstream_errors): ("service", "kind"),
-            id(self.node_up): ("node",),
-            id(self.failovers): ("service", "node"),
-            id(self.retries): ("service", "kind"),
-            id(self.ejections): ("service", "node"),
-            id(self.probes): ("service", "node", "result"),
-            id(self.ws_sessions): ("service",),
-            id(self.ws_opened): ("service",),
-            id(self.ws_closed): ("service", "code"),
-            id(self.ws_messages): ("service", "direction"),
-            id(self.ws_bytes): ("service", "direction"),
-        }
         # Cached label children: labels() costs a lock and a dict lookup we can skip.
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._limit_children: dict[tuple[str, str], Counter] = {}
         self._active_children: dict[str, Gauge] = {}
         self._ws_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+
+    def _labelled(
+        self, kind: type[M], name: str, documentation: str, labels: list[str], **options: Any
+    ) -> M:
+        metric = kind(name, documentation, labels, registry=self.registry, **options)
+        self._label_names[id(metric)] = tuple(labels)
+        return metric
 
     def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:
         key = (service, method_label(method), status)
