@@ -37,30 +37,28 @@ import contextlib
 import json
 import math
 import os
-import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Final
 
 import aiohttp
-import run  # bench/run.py, the benchmark harness: process, pinning and wrk helpers
+from lib import load, process, report, servers, tools
+from lib.process import BUSY_CORES, LOOPBACK, Layout, Server
+from lib.tools import Tools
 
 PREFERRED: Final = "noda2"
 FALLBACK: Final = "noda1"
 NODE_HOSTS: Final = {PREFERRED: "127.0.0.2", FALLBACK: "127.0.0.3"}
 SERVICE: Final = "search"
 REQUEST_PATH: Final = f"/api/{SERVICE}/"
-GATEWAY_HOST: Final = run.LOOPBACK
+GATEWAY_HOST: Final = LOOPBACK
 UPSTREAMS_PERIOD: Final = 0.1
 METRICS_PERIOD: Final = 0.1
 PROBE_PERIOD: Final = 0.05
@@ -179,25 +177,16 @@ def parse_options(argv: Sequence[str] | None) -> Options:
 # -- tools ---------------------------------------------------------------------------------
 
 
-def ensure_tools(python_backend: bool) -> run.Tools:
+def ensure_tools(python_backend: bool) -> Tools:
     """nginx and wrk, installed with apt-get (as bench/run.py does) when missing."""
-    wanted = ["wrk"] if python_backend else ["nginx", "wrk"]
-    missing = [name for name in wanted if run.find_program(name) is None]
-    if missing and not run.apt_install(missing):
+    if missing := tools.install_missing(["wrk"] if python_backend else ["nginx", "wrk"]):
         print(f"could not install {', '.join(missing)} (need root and apt-get)", flush=True)
-    nginx = None if python_backend else run.find_program("nginx")
-    tools = run.Tools(nginx, run.find_program("wrk"), run.find_program("taskset"))
-    if tools.wrk is None:
+    found = Tools.found(nginx=not python_backend)
+    if found.wrk is None:
         raise SystemExit("wrk is required (its Lua script counts answers by node): install it")
-    if nginx is None:
-        tools.notes.append("backends: bench/failover.py's aiohttp server (nginx not used)")
-    return tools
-
-
-def accepts(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-        return True
-    return False
+    if found.nginx is None:
+        found.notes.append("backends: bench/failover.py's aiohttp server (nginx not used)")
+    return found
 
 
 # -- backends ------------------------------------------------------------------------------
@@ -230,37 +219,34 @@ class Backend:
     host: str
     port: int
     workdir: Path
-    tools: run.Tools
-    layout: run.Layout
+    tools: Tools
+    layout: Layout
+    sessions: list[int]  # every process group ever started (the stack's list)
     proc: subprocess.Popen[bytes] | None = None
-    sessions: list[int] = field(default_factory=list)  # every process group ever started
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"backend-{self.name}.log"
 
     def _command(self) -> list[str]:
         if self.tools.nginx is None:
             script = str(Path(__file__).resolve())
             return [sys.executable, script, "backend", self.host, str(self.port), self.name]
-        home = self.workdir / f"nginx-{self.name}"
-        home.mkdir(exist_ok=True)
-        conf = home / "nginx.conf"
         body = BACKEND_BODY % {"host": self.host, "port": self.port, "name": self.name}
-        conf.write_text(run.NGINX_MAIN.format(dir=home, body=body))
-        error_log = str(home / "error.log")
-        return [self.tools.nginx, "-p", str(home), "-c", str(conf), "-e", error_log]
+        return servers.nginx_command(self.tools.nginx, self.workdir / f"nginx-{self.name}", body)
 
     def start(self) -> None:
-        log = self.workdir / f"backend-{self.name}.log"
-        with log.open("a") as out:
-            command = [*run.pin_prefix(self.tools, self.layout.servers), *self._command()]
-            self.proc = run.spawn(command, stdout=out)
+        """Start it (again): its log is appended to."""
+        pin = process.pin_prefix(self.tools.taskset, self.layout.servers)
+        with self.log.open("a") as out:
+            self.proc = process.spawn([*pin, *self._command()], stdout=out)
         self.sessions.append(self.proc.pid)
 
     def wait_ready(self) -> None:
         assert self.proc is not None  # noqa: S101 - started first
-        server = run.Server(
-            self.name, self.proc, self.port, self.workdir / f"backend-{self.name}.log"
-        )
-        run.wait_ready(server, lambda: accepts(self.host, self.port))
-        run.pin_tree(self.proc.pid, self.layout.servers)
+        server = Server(self.name, self.proc, self.port, self.log)
+        process.wait_ready(server, lambda: process.port_open(self.port, self.host))
+        process.pin_tree(self.proc.pid, self.layout.servers)
 
     def kill(self) -> None:
         """SIGKILL the whole process group (nginx's master and worker) and reap it."""
@@ -273,7 +259,7 @@ class Backend:
 
     def close(self) -> None:
         if self.proc is not None:
-            run.stop(self.proc)
+            process.stop(self.proc)
             self.proc = None
 
 
@@ -314,21 +300,20 @@ def gateway_config(backends: dict[str, Backend], health: Health) -> str:
 # -- the stack -----------------------------------------------------------------------------
 
 
-class Stack:
+class Stack(servers.Stack):
     """Two backends and the gateway; ``close()`` stops every process it started."""
 
-    def __init__(self, tools: run.Tools, layout: run.Layout, workdir: Path) -> None:
-        self.tools = tools
-        self.layout = layout
-        self.workdir = workdir
+    def __init__(self, found: Tools, layout: Layout, workdir: Path) -> None:
+        super().__init__(found, layout, workdir)
         self.backends = {
-            name: Backend(name, host, run.free_port(host), workdir, tools, layout)
+            name: Backend(
+                name, host, process.free_port(host), workdir, found, layout, self.sessions
+            )
             for name, host in NODE_HOSTS.items()
         }
-        self.gateway: run.Server | None = None
-        self.others: list[subprocess.Popen[bytes]] = []  # wrk
+        self.gateway: Server | None = None
 
-    def start(self, health: Health) -> str:
+    def start_all(self, health: Health) -> str:
         """Start the backends and the gateway; return ``check``'s summary."""
         for backend in self.backends.values():
             backend.start()
@@ -336,20 +321,10 @@ class Stack:
             backend.wait_ready()
         config = self.workdir / "routes.yaml"
         config.write_text(gateway_config(self.backends, health))
-        summary = run.check_config(config)
-        port = run.free_port(GATEWAY_HOST)
-        log = self.workdir / "gateway.log"
-        command = [
-            *run.pin_prefix(self.tools, self.layout.servers),
-            str(run.VENV_BIN / "daarion-gateway"),
-            "serve", "--config", str(config), "--host", GATEWAY_HOST, "--port", str(port),
-            "--log-level", "INFO",
-        ]  # fmt: skip
-        with log.open("w") as out:
-            proc = run.spawn(command, stdout=out)
-        self.gateway = run.Server("gateway", proc, port, log)
-        run.wait_ready(self.gateway, lambda: run.http_status(port, REQUEST_PATH) == 200)
-        run.pin_tree(proc.pid, self.layout.servers)
+        summary = servers.check_config(config)
+        gateway = self.gateway_server("gateway", config, "INFO", host=GATEWAY_HOST)
+        self.ready(gateway, lambda: servers.http_status(gateway.port, REQUEST_PATH) == 200)
+        self.gateway = gateway
         return summary
 
     @property
@@ -357,31 +332,10 @@ class Stack:
         assert self.gateway is not None  # noqa: S101 - started first
         return f"http://{GATEWAY_HOST}:{self.gateway.port}"
 
-    def sessions(self) -> list[int]:
-        started = [s for b in self.backends.values() for s in b.sessions]
-        started += [p.pid for p in self.others]
-        return started + ([self.gateway.proc.pid] if self.gateway else [])
-
     def close(self) -> None:
-        for proc in self.others:
-            run.stop(proc)
-        if self.gateway is not None:
-            run.stop(self.gateway.proc)
+        super().close()  # wrk, the gateway
         for backend in self.backends.values():
             backend.close()
-
-    def leftovers(self) -> list[str]:
-        """Processes still alive in any session this stack started, or naming its directory."""
-        found: set[str] = set()
-        for session in self.sessions():
-            found.update(_pgrep(["-s", str(session)]))
-        found.update(_pgrep(["-f", str(self.workdir)]))
-        return sorted(found)
-
-
-def _pgrep(args: list[str]) -> list[str]:
-    out = subprocess.run(["pgrep", "-a", *args], capture_output=True, text=True, check=False)
-    return [line for line in out.stdout.splitlines() if line.strip()]
 
 
 # -- the load: wrk with a counting script ---------------------------------------------------
@@ -448,11 +402,8 @@ def parse_counts(output: str) -> WrkCounts:
 
 def wrk_command(stack: Stack, script: Path, conns: int, seconds: int) -> list[str]:
     assert stack.tools.wrk is not None  # noqa: S101 - ensure_tools checked it
-    return [
-        *run.pin_prefix(stack.tools, stack.layout.load),
-        stack.tools.wrk, "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
-        "-s", str(script), stack.url + REQUEST_PATH,
-    ]  # fmt: skip
+    url, pin = stack.url + REQUEST_PATH, stack.prefix(stack.layout.load)
+    return load.wrk_command(stack.tools.wrk, url, conns, seconds, script=script, pin=pin)
 
 
 # -- the observer: a separate client polling the gateway --------------------------------------
@@ -494,11 +445,11 @@ class Observer:
     async def upstreams(self) -> None:
         try:
             async with self.session.get(self.url + "/gateway/upstreams") as response:
-                report = await response.json()
+                answer = await response.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             self.seen.poll_errors[f"upstreams {type(exc).__name__}"] += 1
             return
-        targets = {t["node"]: t["state"] for t in report["services"][SERVICE]["targets"]}
+        targets = {t["node"]: t["state"] for t in answer["services"][SERVICE]["targets"]}
         self.seen.states.append((self.now(), targets[PREFERRED], targets[FALLBACK]))
 
     async def metrics(self) -> None:
@@ -507,9 +458,9 @@ class Observer:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.seen.poll_errors[f"metrics {type(exc).__name__}"] += 1
             return
-        up = metric_value(parse_metrics(text), "gateway_node_up", node=PREFERRED)
-        if up is not None:
-            self.seen.node_up.append((self.now(), up))
+        found = servers.select(servers.parse_metrics(text), "gateway_node_up", node=PREFERRED)
+        if found:
+            self.seen.node_up.append((self.now(), found[0].value))
 
 
 async def every(
@@ -528,30 +479,6 @@ async def every(
 async def scrape(session: aiohttp.ClientSession, url: str) -> str:
     async with session.get(url + "/metrics") as response:
         return await response.text()
-
-
-Metric = tuple[str, dict[str, str], float]
-_SAMPLE: Final = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
-_LABEL: Final = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> list[Metric]:
-    """Samples of the Prometheus text format: (name, labels, value)."""
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None:
-            continue
-        labels = dict(_LABEL.findall(match.group(2) or ""))
-        samples.append((match.group(1), labels, float(match.group(3))))
-    return samples
-
-
-def metric_value(samples: list[Metric], name: str, **labels: str) -> float | None:
-    for sample, have, value in samples:
-        if sample == name and all(have.get(k) == v for k, v in labels.items()):
-            return value
-    return None
 
 
 # -- one scenario --------------------------------------------------------------------------
@@ -573,7 +500,7 @@ class Outcome:
     events: Events
     wrk_output: str
     seen: Observations
-    final_metrics: list[Metric]
+    final_metrics: list[servers.Sample]
 
 
 async def _sleep_until(t0: float, at: float) -> None:
@@ -629,14 +556,14 @@ async def _faults(stack: Stack, opts: Options, t0: float, events: Events) -> Non
 
 async def _both_up(session: aiohttp.ClientSession, url: str) -> None:
     """Wait for the first probes: both targets ``up`` before the load starts."""
-    deadline = time.monotonic() + run.READY_TIMEOUT
+    deadline = time.monotonic() + process.READY_TIMEOUT
     while time.monotonic() < deadline:
         async with session.get(url + "/gateway/upstreams") as response:
-            report = await response.json()
-        if all(t["state"] == "up" for t in report["services"][SERVICE]["targets"]):
+            answer = await response.json()
+        if all(t["state"] == "up" for t in answer["services"][SERVICE]["targets"]):
             return
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"the targets are not both up: {report}")
+    raise RuntimeError(f"the targets are not both up: {answer}")
 
 
 async def scenario(stack: Stack, opts: Options) -> Outcome:
@@ -647,8 +574,8 @@ async def scenario(stack: Stack, opts: Options) -> Outcome:
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await _both_up(session, stack.url)
         with output.open("w") as out:
-            wrk = run.spawn(wrk_command(stack, script, opts.conns, opts.duration), stdout=out)
-        stack.others.append(wrk)
+            wrk = process.spawn(wrk_command(stack, script, opts.conns, opts.duration), stdout=out)
+        stack.adopt(wrk)
         t0, events = time.monotonic(), Events(wall0=time.time())
         observer = Observer(session, stack.url, t0)
         stopped = asyncio.Event()
@@ -662,7 +589,7 @@ async def scenario(stack: Stack, opts: Options) -> Outcome:
         finally:
             stopped.set()
             await asyncio.gather(*polls, return_exceptions=True)
-        final = parse_metrics(await scrape(session, stack.url))
+        final = servers.parse_metrics(await scrape(session, stack.url))
     if wrk.returncode != 0:
         raise RuntimeError(f"wrk failed ({wrk.returncode}):\n{output.read_text()}")
     return Outcome(events, output.read_text(), observer.seen, final)
@@ -794,27 +721,27 @@ def _since(t: float | None, since: float) -> float | None:
 
 
 def evaluate(outcome: Outcome, log: LogFacts, health: Health) -> Result:
-    load = run.parse_wrk(outcome.wrk_output)
+    done = load.parse_wrk(outcome.wrk_output)
     counts = parse_counts(outcome.wrk_output)
     ev, seen = outcome.events, outcome.seen
     states = [(t, preferred) for t, preferred, _ in seen.states]
     not_up = next(((t, s) for t, s in states if t >= ev.kill and s != "up"), None)
     metrics = {
-        _metric_key(name, labels): value
-        for name, labels, value in outcome.final_metrics
-        if name in REPORTED_METRICS
+        _metric_key(s.name, s.labels): s.value
+        for s in outcome.final_metrics
+        if s.name in REPORTED_METRICS
     }
     return Result(
-        requests=load.requests,
-        non2xx=load.non2xx,
-        socket_errors=load.socket_errors,
+        requests=done.requests,
+        non2xx=done.non2xx,
+        socket_errors=done.socket_errors,
         probe_requests=len(seen.probes),
         probe_failures=seen.probe_failures(),
         by_node=dict(counts.nodes),
         statuses=dict(counts.statuses),
         wrk_errors=dict(counts.errors),
-        p50_ms=load.p50_ms,
-        p99_ms=load.p99_ms,
+        p50_ms=done.p50_ms,
+        p99_ms=done.p99_ms,
         kill_to_fallback_probe=_first(seen.probes, ev.kill, lambda w: w == FALLBACK),
         kill_to_fallback_log=_since(log.first_fallback, ev.kill),
         kill_to_not_up=None if not_up is None else not_up[0] - ev.kill,
@@ -961,9 +888,7 @@ def _summary_row(number: int, r: Result) -> tuple[str, ...]:
 def print_summary(results: list[Result], opts: Options) -> None:
     print("\nSummary (times in seconds; bound = interval x rise + 1):")
     rows = [SUMMARY_HEAD, *(_summary_row(i, r) for i, r in enumerate(results, 1))]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_HEAD))]
-    for row in rows:
-        print("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    report.print_table(rows, left=0, rule=False)
     lost = sum(r.lost for r in results)
     held = sum(r.bound_held for r in results)
     zero = "PASS" if not lost else f"FAIL ({lost} lost)"
@@ -978,41 +903,26 @@ def _num(value: float | None) -> str:
 # -- main ----------------------------------------------------------------------------------
 
 
-def describe(opts: Options, layout: run.Layout, tools: run.Tools) -> None:
+def describe(opts: Options, layout: Layout, found: Tools) -> None:
     h = opts.health
     where = "the shipped defaults: no health section" if h.shipped else "health section"
     print(f"health: interval {h.interval:g} s, rise {h.rise}, fall {h.fall} ({where})")
     print(f"bound: interval x rise + 1 = {h.bound:g} s")
     print(f"schedule: wrk -t1 -c{opts.conns} -d{opts.duration}s; SIGKILL {PREFERRED} at ", end="")
     print(f"{opts.kill_at:g} s, restart it at {opts.restart_at:g} s")
-    print(f"layout: {layout.note}; gateway code {run.gateway_code()}")
-    for note in tools.notes:
+    print(f"layout: {layout.note}; gateway code {tools.gateway_code()}")
+    for note in found.notes:
         print(f"NOTE: {note}")
 
 
-@contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[tuple[Path, list[bool]]]:
-    """A work directory, removed at the end unless ``keep`` or a flag set in the list."""
-    path = Path(tempfile.mkdtemp(prefix="daarion-failover-"))
-    path.chmod(0o755)  # nginx workers run as an unprivileged user when started by root
-    flag = [keep]
-    try:
-        yield path, flag
-    finally:
-        if flag[0]:
-            print(f"  work directory kept: {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def one_run(number: int, opts: Options, tools: run.Tools, layout: run.Layout) -> Result:
-    busy = run.busy_machine()
-    if busy > run.BUSY_CORES:
+def one_run(number: int, opts: Options, found: Tools, layout: Layout) -> Result:
+    busy = process.busy_machine()
+    if busy > BUSY_CORES:
         print(f"WARNING: other processes use {busy:.2f} cores before run {number}: noisy timing")
-    with workspace(opts.keep) as (workdir, keep):
-        stack = Stack(tools, layout, workdir)
+    with servers.workspace("daarion-failover-", opts.keep, kept="  ") as space:
+        stack = Stack(found, layout, space.path)
         try:
-            summary = stack.start(opts.health)
+            summary = stack.start_all(opts.health)
             if number == 1:
                 print(f"config check: {summary}")
             outcome = asyncio.run(scenario(stack, opts))
@@ -1020,8 +930,10 @@ def one_run(number: int, opts: Options, tools: run.Tools, layout: run.Layout) ->
             stack.close()
             left = stack.leftovers()
             print(f"\nRun {number}: processes left behind (pgrep): {left or 'none'}")
-        result = evaluate(outcome, read_log(workdir / "gateway.log", outcome.events), opts.health)
-        keep[0] = keep[0] or result.lost > 0
+        result = evaluate(
+            outcome, read_log(space.path / "gateway.log", outcome.events), opts.health
+        )
+        space.keep = space.keep or result.lost > 0
         print_result(number, result)
         return result
 
@@ -1032,16 +944,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_backend(host, int(port), name)
         return 0
     opts = parse_options(argv)
-    run.stop_on_signals()
-    tools = ensure_tools(opts.python_backend)
-    layout = run.choose_layout()
-    if layout.load is not None:
-        os.sched_setaffinity(0, layout.load)  # this harness (the observer) stays off CPU 0
-    describe(opts, layout, tools)
+    process.stop_on_signals()
+    found = ensure_tools(opts.python_backend)
+    layout = process.choose_layout()
+    layout.pin_harness()  # the observer: wrk's CPU
+    describe(opts, layout, found)
     results = []
     try:
         for number in range(1, opts.runs + 1):
-            results.append(one_run(number, opts, tools, layout))
+            results.append(one_run(number, opts, found, layout))
     except KeyboardInterrupt:
         print("\ninterrupted: every process was stopped", file=sys.stderr)
         return 130

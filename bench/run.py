@@ -30,37 +30,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import os
 import re
-import resource
 import shlex
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
-BENCH_DIR: Final = Path(__file__).resolve().parent
-REPO: Final = BENCH_DIR.parent
-VENV_BIN: Final = REPO / ".venv" / "bin"
-LOOPBACK: Final = "127.0.0.1"
+from lib import load, process, report, servers, tools
+from lib.process import BUSY_CORES, LOOPBACK, Layout, Server
+from lib.report import fmt, median
+from lib.tools import BENCH_DIR, Tools
+
 REQUEST_PATH: Final = "/api/bench/"
-TICKS_PER_SECOND: Final = os.sysconf("SC_CLK_TCK")
 WARMUP_SECONDS: Final = 2
-READY_TIMEOUT: Final = 15.0
-STOP_TIMEOUT: Final = 5.0
 ANCHOR_RATIO: Final = 0.15  # anchors.md: aiohttp 1 proc / nginx 1 worker, pin, c50 and c200
 P99_TARGET_MS: Final = 1000.0
-BUSY_CORES: Final = 0.1  # other work on the machine above this disturbs a run
 IDLE_WAIT: Final = 120.0  # --rerun-disturbed: longest wait for the machine to be idle again
 DIRECT: Final = "direct"
 NGINX: Final = "nginx-proxy"
@@ -261,283 +250,28 @@ def parse_options(argv: Sequence[str] | None) -> Options:
 # -- tools ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Tools:
-    nginx: str | None
-    wrk: str | None
-    taskset: str | None
-    notes: list[str] = field(default_factory=list)
-
-
-def find_program(name: str) -> str | None:
-    return shutil.which(name) or next(
-        (str(p) for d in ("/usr/sbin", "/usr/local/sbin") if (p := Path(d, name)).is_file()),
-        None,
-    )
-
-
-@contextlib.contextmanager
-def _services_not_started() -> Iterator[None]:
-    """Keep Debian's package scripts from starting a system nginx on port 80 while installing."""
-    policy = Path("/usr/sbin/policy-rc.d")
-    if policy.exists():
-        yield
-        return
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    try:
-        yield
-    finally:
-        policy.unlink(missing_ok=True)
-
-
-def apt_install(packages: list[str]) -> bool:
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
-    print(f"installing {' '.join(packages)} with apt-get ...", flush=True)
-    with _services_not_started():
-        for step in ([], [["apt-get", "update", "-q"]]):  # retry once with fresh lists
-            for command in step:
-                subprocess.run(command, env=env, capture_output=True, check=False)
-            if subprocess.run(install, env=env, capture_output=True, check=False).returncode == 0:
-                return True
-    return False
-
-
 def ensure_tools(opts: Options) -> Tools:
     if opts.python_tools:
-        tools = Tools(None, None, find_program("taskset"))
-        tools.notes.append("--python-tools: Python load generator and backend, no nginx rows")
-        return tools
-    missing = [name for name in ("nginx", "wrk") if find_program(name) is None]
-    if missing and opts.install and not apt_install(missing):
+        found = Tools.found(nginx=False, wrk=False)
+        found.notes.append("--python-tools: Python load generator and backend, no nginx rows")
+        return found
+    if opts.install and (missing := tools.install_missing(["nginx", "wrk"])):
         print(f"could not install {', '.join(missing)} (need root and apt-get)", flush=True)
-    tools = Tools(find_program("nginx"), find_program("wrk"), find_program("taskset"))
-    if tools.nginx is None:
-        tools.notes.append(
+    found = Tools.found()
+    if found.nginx is None:
+        found.notes.append(
             "nginx missing: the backend is bench/pyloadgen.py's Python server and the "
             "nginx proxy rows are skipped"
         )
-    if tools.wrk is None:
-        tools.notes.append(
+    if found.wrk is None:
+        found.notes.append(
             "wrk missing: load comes from bench/pyloadgen.py (slower than wrk, so the direct "
             "row shows the load generator's ceiling)"
         )
-    return tools
-
-
-# -- CPUs ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    servers: frozenset[int] | None  # None: unpinned
-    load: frozenset[int] | None
-    note: str
-
-
-def choose_layout() -> Layout:
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return Layout(None, None, f"only {len(cpus)} CPU: unpinned (servers and load share it)")
-    servers, load = frozenset({cpus[0]}), frozenset({cpus[1]})
-    return Layout(
-        servers,
-        load,
-        f"pin: servers (backend, proxy, helpers) on CPU {cpus[0]}, load generator on CPU {cpus[1]}",
-    )
-
-
-def pin_prefix(tools: Tools, cpus: frozenset[int] | None) -> list[str]:
-    if cpus is None or tools.taskset is None:
-        return []
-    return [tools.taskset, "-c", ",".join(map(str, sorted(cpus)))]
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (nginx's workers), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def pin_tree(root: int, cpus: frozenset[int] | None) -> None:
-    """Pin every thread of every process under ``root`` (taskset covers only what it starts)."""
-    if cpus is None:
-        return
-    for pid in process_tree(root):
-        with contextlib.suppress(FileNotFoundError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-                    os.sched_setaffinity(int(task.name), cpus)
-
-
-def cpu_seconds(root: int) -> float:
-    """utime + stime of ``root`` and its descendants (a process's stat covers all threads)."""
-    ticks = 0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / TICKS_PER_SECOND
-
-
-def machine_cpu() -> tuple[float, float, float]:
-    """Seconds of (busy, stolen, all) CPU time of the whole machine, from /proc/stat."""
-    with Path("/proc/stat").open() as stat:
-        user, nice, system, idle, iowait, irq, softirq, steal = map(
-            int, stat.readline().split()[1:9]
-        )
-    busy = user + nice + system  # processes; irq/softirq time is charged to none of them
-    total = busy + irq + softirq + idle + iowait + steal
-    return busy / TICKS_PER_SECOND, steal / TICKS_PER_SECOND, total / TICKS_PER_SECOND
-
-
-# -- processes -----------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the harness dies, so nothing outlives a kill -9."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def spawn(
-    command: list[str], *, env: dict[str, str] | None = None, stdout: TextIO | int | None = None
-) -> subprocess.Popen[bytes]:
-    """Start a child in its own process group (Ctrl-C reaches only the harness)."""
-    return subprocess.Popen(
-        command,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout if stdout is not None else subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded harness
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, SIGKILL it if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_TIMEOUT)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (nginx workers)
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def check_config(path: Path) -> str:
-    """``daarion-gateway check`` of a config the harness wrote: its summary, or RuntimeError."""
-    command = [str(VENV_BIN / "daarion-gateway"), "check", "--config", str(path)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"config rejected:\n{out.stdout}{out.stderr}")
-    return out.stdout.strip()
-
-
-def http_status(port: int, path: str) -> int | None:
-    request = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nConnection: close\r\n\r\n"
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=2) as sock:
-            sock.sendall(request.encode())
-            head = sock.recv(64)
-    except OSError:
-        return None
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-    return int(match.group(1)) if match else None
-
-
-def http_json(port: int, path: str) -> Any:
-    """The JSON body of ``GET path`` (None if there is no answer or it is not JSON)."""
-    request = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nConnection: close\r\n\r\n"
-    chunks = []
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=2) as sock:
-            sock.sendall(request.encode())
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-    except OSError:
-        return None
-    _, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
-
-
-def port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=1):
-        return True
-    return False
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-def wait_ready(server: Server, ready: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(
-                f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}"
-            )
-        if ready():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{server.name} not ready in {READY_TIMEOUT:.0f} s:\n{server.log_tail()}")
+    return found
 
 
 # -- configs -------------------------------------------------------------------------------
-
-NGINX_MAIN: Final = """\
-daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-{body}
-}}
-"""
 
 BACKEND_BODY: Final = """\
     server {
@@ -581,49 +315,19 @@ class Target:
     proxy: Server | None  # None: the backend itself
     kind: str  # "direct", "nginx" or "gateway"
 
+    @property
+    def gateway_log(self) -> Path | None:
+        return self.proxy.log if self.kind == "gateway" and self.proxy is not None else None
 
-class Stack:
-    """The servers under test; ``close()`` stops every process it started."""
 
-    def __init__(self, tools: Tools, layout: Layout, workdir: Path) -> None:
-        self.tools = tools
-        self.layout = layout
-        self.workdir = workdir
-        self.servers: list[Server] = []
+class Stack(servers.Stack):
+    """The servers under test: the backend, the nginx proxy, helpers and gateway variants."""
+
+    def __init__(self, found: Tools, layout: Layout, workdir: Path) -> None:
+        super().__init__(found, layout, workdir)
         self.backend: Server | None = None
         self.helpers: list[Server] = []
         self.targets: list[Target] = []
-
-    def _start(
-        self, name: str, command: list[str], env: dict[str, str] | None, port: int
-    ) -> Server:
-        log = self.workdir / f"{name}.log"
-        with log.open("w") as out:
-            proc = spawn(
-                [*pin_prefix(self.tools, self.layout.servers), *command], env=env, stdout=out
-            )
-        server = Server(name, proc, port, log)
-        self.servers.append(server)
-        return server
-
-    def _nginx(self, name: str, body: str) -> Server:
-        assert self.tools.nginx is not None  # noqa: S101 - only called when nginx exists
-        port = free_port()
-        nginx_dir = self.workdir / name
-        nginx_dir.mkdir()
-        conf = nginx_dir / "nginx.conf"
-        text = NGINX_MAIN.format(dir=nginx_dir, body=body % {"port": port, "backend": self._bport})
-        conf.write_text(text)
-        command = [
-            self.tools.nginx,
-            "-p",
-            str(nginx_dir),
-            "-c",
-            str(conf),
-            "-e",
-            str(nginx_dir / "error.log"),
-        ]
-        return self._start(name, command, None, port)
 
     @property
     def _bport(self) -> int:
@@ -631,33 +335,25 @@ class Stack:
 
     def start_backend(self) -> None:
         if self.tools.nginx is not None:
-            self.backend = self._nginx("backend", BACKEND_BODY)
+            self.backend = self.nginx_server("backend", BACKEND_BODY)
         else:
-            port = free_port()
-            command = [
-                sys.executable,
-                str(BENCH_DIR / "pyloadgen.py"),
-                "backend",
-                "--port",
-                str(port),
-            ]
-            self.backend = self._start("backend", command, None, port)
-        self._ready(self.backend, REQUEST_PATH)
+            port = process.free_port()
+            self.backend = self.start("backend", load.pyloadgen_backend(port), port)
+        self._ready(self.backend)
         self.targets.append(Target(DIRECT, self.backend.port, None, "direct"))
 
     def start_nginx_proxy(self) -> None:
         if self.tools.nginx is None:
             return
-        proxy = self._nginx("nginx-proxy", PROXY_BODY)
-        self._ready(proxy, REQUEST_PATH)
+        proxy = self.nginx_server("nginx-proxy", PROXY_BODY, backend=self._bport)
+        self._ready(proxy)
         self.targets.append(Target(NGINX, proxy.port, proxy, "nginx"))
 
     def start_helper(self, helper: Helper) -> dict[str, str]:
-        port = free_port()
+        port = process.free_port()
         command = shlex.split(helper.command.replace("{port}", str(port)))
-        server = self._start(f"helper-{helper.name}", command, None, port)
-        wait_ready(server, lambda: port_open(port))
-        pin_tree(server.proc.pid, self.layout.servers)
+        server = self.start(f"helper-{helper.name}", command, port)
+        self.ready(server, lambda: process.port_open(port))
         self.helpers.append(server)
         return {f"BENCH_{re.sub(r'[^A-Z0-9]', '_', helper.name.upper())}_PORT": str(port)}
 
@@ -666,172 +362,54 @@ class Stack:
         if config is None:
             config = self.workdir / "gateway-routes.yaml"
             config.write_text(GATEWAY_CONFIG)
-        port = free_port()
-        command = [
-            str(VENV_BIN / "daarion-gateway"),
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-            "--log-level",
-            variant.log_level,
-        ]
         gateway_env = {**os.environ, **env, "BENCH_BACKEND_PORT": str(self._bport)}
-        server = self._start(_file_name(variant.name), command, gateway_env, port)
-        self._ready(server, REQUEST_PATH)
-        self.targets.append(Target(variant.name, port, server, "gateway"))
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", variant.name)
+        server = self.gateway_server(name, config, variant.log_level, env=gateway_env)
+        self._ready(server)
+        self.targets.append(Target(variant.name, server.port, server, "gateway"))
 
-    def _ready(self, server: Server, path: str) -> None:
-        wait_ready(server, lambda: http_status(server.port, path) == 200)
-        pin_tree(server.proc.pid, self.layout.servers)
+    def _ready(self, server: Server) -> None:
+        self.ready(server, lambda: servers.http_status(server.port, REQUEST_PATH) == 200)
 
     def gateway_log_lines(self) -> dict[str, int]:
         """Lines each gateway wrote to its log file: one per request at INFO."""
         counts = {}
         for target in self.targets:
-            if target.kind == "gateway" and target.proxy is not None:
-                with target.proxy.log.open("rb") as log:
-                    counts[target.name] = sum(1 for _ in log)
+            if (log := target.gateway_log) is not None:
+                with log.open("rb") as lines:
+                    counts[target.name] = sum(1 for _ in lines)
         return counts
 
     def gateway_warnings(self) -> dict[str, dict[str, int]]:
-        """Per gateway, its WARNING and worse log messages and how often each came: e.g.
-        ``redis unavailable: rate limits fall back`` means a variant measured its fallback."""
-        found: dict[str, dict[str, int]] = {}
-        for target in self.targets:
-            if target.kind != "gateway" or target.proxy is None:
-                continue
-            counts: dict[str, int] = {}
-            with target.proxy.log.open("rb") as log:
-                for line in log:
-                    if b'"level":"INFO"' in line or b'"level":"DEBUG"' in line:
-                        continue  # the request lines: skip them without parsing
-                    with contextlib.suppress(ValueError, AttributeError):
-                        record = json.loads(line)
-                        message = f"{record['level']}: {record['message']}"
-                        counts[message] = counts.get(message, 0) + 1
-            found[target.name] = counts
-        return found
+        """Per gateway, its WARNING and worse log messages and how often each came."""
+        return {
+            target.name: servers.warning_messages(log)
+            for target in self.targets
+            if (log := target.gateway_log) is not None
+        }
 
     def gateway_dependencies(self) -> dict[str, Any]:
         """Each gateway's /health ``dependencies`` now (e.g. whether Redis is connected)."""
         answers = {}
         for target in self.targets:
             if target.kind == "gateway":
-                body = http_json(target.port, "/health")
+                body = servers.http_json(target.port, "/health")
                 answers[target.name] = body.get("dependencies") if isinstance(body, dict) else None
         return answers
-
-    def close(self) -> None:
-        for server in reversed(self.servers):
-            stop(server.proc)
-
-
-def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 # -- load ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Load:
-    requests: int
-    seconds: float
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    non2xx: int
-    socket_errors: dict[str, int]
-
-
-_UNIT_MS: Final = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
-
-
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not match:
-        raise ValueError(f"not a wrk duration: {text!r}")
-    return float(match.group(1)) * _UNIT_MS[match.group(2)]
-
-
-def parse_wrk(output: str) -> Load:
-    def find(pattern: str) -> re.Match[str]:
-        match = re.search(pattern, output, re.MULTILINE)
-        if match is None:
-            raise ValueError(f"wrk output without /{pattern}/:\n{output}")
-        return match
-
-    done = find(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)")
-    errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
-    )
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    return Load(
-        requests=int(done.group(1)),
-        seconds=_ms(done.group(2) + done.group(3)) / 1000,
-        rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
-        p50_ms=_ms(find(r"^\s+50%\s+(\S+)").group(1)),
-        p99_ms=_ms(find(r"^\s+99%\s+(\S+)").group(1)),
-        non2xx=int(non2xx.group(1)) if non2xx else 0,
-        socket_errors=dict(
-            zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True)
-        )
-        if errors
-        else {"connect": 0, "read": 0, "write": 0, "timeout": 0},
-    )
-
-
-def parse_pyloadgen(output: str) -> Load:
-    data = json.loads(output.strip().splitlines()[-1])
-    return Load(
-        requests=data["requests"],
-        seconds=data["seconds"],
-        rps=data["rps"],
-        p50_ms=data["p50_ms"],
-        p99_ms=data["p99_ms"],
-        non2xx=data["non2xx"],
-        socket_errors=data["errors"],
-    )
-
-
-def load_command(tools: Tools, layout: Layout, port: int, conns: int, seconds: int) -> list[str]:
-    pin = pin_prefix(tools, layout.load)
-    if tools.wrk is not None:
+def run_load(found: Tools, layout: Layout, port: int, conns: int, seconds: int) -> load.Load:
+    """One load run of ``seconds`` on 127.0.0.1:``port``: wrk, or pyloadgen without it."""
+    pin = process.pin_prefix(found.taskset, layout.load)
+    if found.wrk is not None:
         url = f"http://{LOOPBACK}:{port}{REQUEST_PATH}"
-        return [*pin, tools.wrk, "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", url]
-    return [
-        *pin,
-        sys.executable,
-        str(BENCH_DIR / "pyloadgen.py"),
-        "load",
-        "--port",
-        str(port),
-        "--path",
-        REQUEST_PATH,
-        "--conns",
-        str(conns),
-        "--duration",
-        str(seconds),
-    ]
-
-
-def run_load(tools: Tools, layout: Layout, port: int, conns: int, seconds: int) -> Load:
-    command = load_command(tools, layout, port, conns, seconds)
-    proc = spawn(command, stdout=subprocess.PIPE)
-    try:
-        out, _ = proc.communicate(timeout=seconds + 60)
-    finally:
-        stop(proc)
-    text = out.decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"load generator failed ({proc.returncode}): {shlex.join(command)}\n{text}"
-        )
-    return parse_wrk(text) if tools.wrk is not None else parse_pyloadgen(text)
+        command = load.wrk_command(found.wrk, url, conns, seconds, pin=pin)
+        return load.parse_wrk(process.output(command, seconds + 60))
+    command = [*pin, *load.pyloadgen_command(port, REQUEST_PATH, conns, seconds)]
+    return load.parse_pyloadgen(process.output(command, seconds + 60))
 
 
 # -- one measured run ----------------------------------------------------------------------
@@ -859,35 +437,18 @@ class Run:
     log_warnings: int = 0  # WARNING+ lines the target gateway logged during the run
 
 
-@dataclass(frozen=True)
-class CpuClock:
-    """CPU seconds used so far by each party of a run, and by the machine."""
-
-    proxy: float
-    backend: float
-    helpers: float
-    load: float  # reaped children: the load generators that have finished
-    busy: float
-    steal: float
-    total: float
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _clock(stack: Stack, target: Target) -> CpuClock:
+def _clock(stack: Stack, target: Target) -> process.CpuClock:
+    """CPU seconds so far of the proxy, the backend, the helpers and the load generators that
+    have finished (reaped children), and of the machine."""
     assert stack.backend is not None  # noqa: S101 - started first
-    busy, steal, total = machine_cpu()
-    return CpuClock(
-        proxy=cpu_seconds(target.proxy.proc.pid) if target.proxy is not None else 0.0,
-        backend=cpu_seconds(stack.backend.proc.pid),
-        helpers=sum(cpu_seconds(h.proc.pid) for h in stack.helpers),
-        load=_children_cpu(),
-        busy=busy,
-        steal=steal,
-        total=total,
+    backend, proxy = stack.backend.proc.pid, target.proxy.proc.pid if target.proxy else None
+    return process.CpuClock.read(
+        {
+            "proxy": lambda: process.cpu_seconds(proxy) if proxy is not None else 0.0,
+            "backend": lambda: process.cpu_seconds(backend),
+            "helpers": lambda: sum(process.cpu_seconds(h.proc.pid) for h in stack.helpers),
+            "load": process.children_cpu,
+        }
     )
 
 
@@ -896,53 +457,38 @@ def _us_per_request(seconds: float, requests: int) -> float:
 
 
 def _log_size(target: Target) -> int:
-    if target.kind != "gateway" or target.proxy is None:
+    if (log := target.gateway_log) is None:
         return 0
     with contextlib.suppress(OSError):
-        return target.proxy.log.stat().st_size
+        return log.stat().st_size
     return 0
-
-
-def _warnings_since(target: Target, offset: int) -> int:
-    """WARNING and worse lines the gateway wrote to its log after ``offset`` bytes."""
-    if target.kind != "gateway" or target.proxy is None:
-        return 0
-    with contextlib.suppress(OSError), target.proxy.log.open("rb") as log:
-        log.seek(offset)
-        text = log.read()
-        return sum(text.count(f'"level":"{level}"'.encode()) for level in _WARNING_LEVELS)
-    return 0
-
-
-_WARNING_LEVELS: Final = ("WARNING", "ERROR", "CRITICAL")
 
 
 def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) -> Run:
     log_offset = _log_size(target)
     before = _clock(stack, target)
-    load = run_load(stack.tools, stack.layout, target.port, conns, seconds)
-    after = _clock(stack, target)
-    used = {name: getattr(after, name) - getattr(before, name) for name in vars(after)}
-    ours = used["proxy"] + used["backend"] + used["helpers"] + used["load"]
+    done = run_load(stack.tools, stack.layout, target.port, conns, seconds)
+    used = _clock(stack, target) - before
+    log = target.gateway_log
     return Run(
         rep=rep,
         conns=conns,
         target=target.name,
         kind=target.kind,
-        rps=load.rps,
-        requests=load.requests,
-        p50_ms=load.p50_ms,
-        p99_ms=load.p99_ms,
-        non2xx=load.non2xx,
-        socket_errors=sum(load.socket_errors.values()),
-        socket_error_kinds=load.socket_errors,
-        proxy_us=_us_per_request(used["proxy"], load.requests) if target.proxy else None,
-        backend_us=_us_per_request(used["backend"], load.requests),
-        helper_us=_us_per_request(used["helpers"], load.requests) if stack.helpers else None,
-        load_cpu=used["load"] / load.seconds,
-        other_cpu=max(0.0, used["busy"] - ours) / load.seconds,
-        steal_pct=100.0 * used["steal"] / max(used["total"], 1e-9),
-        log_warnings=_warnings_since(target, log_offset),
+        rps=done.rps,
+        requests=done.requests,
+        p50_ms=done.p50_ms,
+        p99_ms=done.p99_ms,
+        non2xx=done.non2xx,
+        socket_errors=sum(done.socket_errors.values()),
+        socket_error_kinds=done.socket_errors,
+        proxy_us=_us_per_request(used["proxy"], done.requests) if target.proxy else None,
+        backend_us=_us_per_request(used["backend"], done.requests),
+        helper_us=_us_per_request(used["helpers"], done.requests) if stack.helpers else None,
+        load_cpu=used["load"] / done.seconds,
+        other_cpu=used.other_cores(done.seconds),
+        steal_pct=used.steal_pct,
+        log_warnings=servers.count_warnings(log, log_offset) if log is not None else 0,
     )
 
 
@@ -975,29 +521,8 @@ class Row:
     proxy_us_vs_first: float | None  # proxy CPU per request minus the first gateway's, paired
 
 
-def median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def _paired(
-    runs: list[Run],
-    mine: list[Run],
-    other: str | None,
-    compare: Callable[[Run, Run], float | None] = lambda run, base: (
-        run.rps / base.rps if base.rps > 0 else None
-    ),
-) -> float | None:
-    """Median over reps of ``compare(run, base)``, base being ``other``'s run at the same
-    connection count and rep (by default the req/s ratio)."""
-    values = []
-    for run in mine:
-        base = next(
-            (r for r in runs if (r.target, r.conns, r.rep) == (other, run.conns, run.rep)), None
-        )
-        if base is not None:
-            values.append(compare(run, base))
-    return median(values)
+def _ratio(run: Run, base: Run) -> float | None:
+    return run.rps / base.rps if base.rps > 0 else None
 
 
 def _p99_difference(run: Run, base: Run) -> float:
@@ -1008,6 +533,19 @@ def _cpu_difference(run: Run, base: Run) -> float | None:
     if run.proxy_us is None or base.proxy_us is None:
         return None
     return run.proxy_us - base.proxy_us
+
+
+def _paired(
+    runs: list[Run],
+    mine: list[Run],
+    other: str | None,
+    compare: Callable[[Run, Run], float | None] = _ratio,
+) -> float | None:
+    """Median over reps of ``compare(run, base)``, base being ``other``'s run at the same
+    connection count and rep (by default the req/s ratio)."""
+    if other is None:
+        return None
+    return median(report.paired(mine, runs, other, lambda r: (r.conns, r.rep), compare))
 
 
 def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
@@ -1025,9 +563,9 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
                 rps=statistics.median(r.rps for r in mine),
                 p50_ms=statistics.median(r.p50_ms for r in mine),
                 p99_ms=statistics.median(r.p99_ms for r in mine),
-                proxy_us=median([r.proxy_us for r in mine]),
+                proxy_us=median(r.proxy_us for r in mine),
                 backend_us=statistics.median(r.backend_us for r in mine),
-                helper_us=median([r.helper_us for r in mine]),
+                helper_us=median(r.helper_us for r in mine),
                 load_cpu=statistics.median(r.load_cpu for r in mine),
                 other_cpu=statistics.median(r.other_cpu for r in mine),
                 steal_pct=statistics.median(r.steal_pct for r in mine),
@@ -1048,11 +586,7 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
     return rows
 
 
-def fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(rows: list[Row], reps: int, with_helpers: bool) -> None:
+def print_rows(rows: list[Row], reps: int, with_helpers: bool) -> None:
     head = ["target", "conns", "req/s", "p50 ms", "p99 ms", "proxy us/req", "backend us/req"]
     head += ["helper us/req"] if with_helpers else []
     head += [
@@ -1088,44 +622,18 @@ def print_table(rows: list[Row], reps: int, with_helpers: bool) -> None:
             fmt(row.x_first, ".2f"),
         ]
         table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     print(
         f"\nResults ({'median of ' + str(reps) + ' reps' if reps > 1 else '1 rep'}; ratios are "
         "paired req/s at the same conns):"
     )
-    for i, cells in enumerate(table):
-        print(
-            "  "
-            + "  ".join(
-                c.ljust(w) if j == 0 else c.rjust(w)
-                for j, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-        )
-        if i == 0:
-            print("  " + "  ".join("-" * w for w in widths))
+    report.print_table(table)
+
+
+# -- headline ------------------------------------------------------------------------------
 
 
 def _row(rows: list[Row], target: str, conns: int) -> Row | None:
     return next((r for r in rows if (r.target, r.conns) == (target, conns)), None)
-
-
-def busy_machine() -> float:
-    """Cores used by other processes over one second (the harness has started nothing yet)."""
-    busy0, _, _ = machine_cpu()
-    time.sleep(1.0)
-    busy1, _, _ = machine_cpu()
-    return busy1 - busy0
-
-
-def disturbance(runs: list[Run]) -> str | None:
-    disturbed = [r for r in runs if r.other_cpu > BUSY_CORES]
-    if not disturbed:
-        return None
-    worst = max(r.other_cpu for r in disturbed)
-    return (
-        f"WARNING: {len(disturbed)} of {len(runs)} runs shared the machine with other work "
-        f"(other CPU up to {worst:.2f} cores): their figures are noisy; rerun when it is idle"
-    )
 
 
 def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) -> list[str]:
@@ -1173,10 +681,6 @@ def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) 
     return lines
 
 
-def verdict(ok: bool | None) -> str:
-    return "?" if ok is None else "ok" if ok else "MISS"
-
-
 def suite_verdict(
     rows: list[Row], opts: Options, suite: Suite, criteria: Criteria, env: dict[str, Any]
 ) -> list[str]:
@@ -1189,12 +693,12 @@ def suite_verdict(
     ]
     ratios = ", ".join(
         f"c{c} = {fmt(v.x_first, '.2f')} "
-        f"({verdict(None if v.x_first is None else v.x_first >= criteria.min_ratio)})"
+        f"({report.verdict(None if v.x_first is None else v.x_first >= criteria.min_ratio)})"
         for c, _, v in pairs
     )
     added = ", ".join(
         f"c{c} {fmt(v.p99_vs_first_ms, '+.2f')} ms ({b.p99_ms:.2f} -> {v.p99_ms:.2f}; "
-        + verdict(
+        + report.verdict(
             None if v.p99_vs_first_ms is None else v.p99_vs_first_ms <= criteria.max_added_p99_ms
         )
         + ")"
@@ -1242,88 +746,31 @@ def suite_verdict(
 
 # -- environment report --------------------------------------------------------------------
 
-_PYTHON_INFO: Final = """
-import json, os, sys, sysconfig
-info = {"version": sys.version, "executable": sys.executable,
-        "real_path": os.path.realpath(sys.executable)}
-args = sysconfig.get_config_var("CONFIG_ARGS") or ""
-info["enable_optimizations"] = "--enable-optimizations" in args
-info["with_lto"] = "--with-lto" in args
-try:
-    import aiohttp, aiohttp.http_parser as hp
-    info["aiohttp"] = aiohttp.__version__
-    info["aiohttp_c_parser"] = hp.HttpRequestParser.__module__ == "aiohttp._http_parser"
-except ImportError:
-    pass
-try:
-    import uvloop
-    info["uvloop"] = uvloop.__version__
-except ImportError:
-    pass
-print(json.dumps(info))
-"""
 
-
-def gateway_python() -> dict[str, Any]:
-    python = VENV_BIN / "python"
-    out = subprocess.run(
-        [str(python), "-c", _PYTHON_INFO], capture_output=True, text=True, check=False
-    )
-    info: dict[str, Any] = json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr}
-    if "real_path" in info and shutil.which("dpkg"):
-        owner = subprocess.run(
-            ["dpkg", "-S", info["real_path"]], capture_output=True, text=True, check=False
-        )
-        if owner.returncode == 0:
-            info["debian_package"] = owner.stdout.split(":")[0]
-    return info
-
-
-def _first_line(command: list[str]) -> str:
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, check=False, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unavailable ({exc})"
-    text = (out.stdout + out.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def gateway_code() -> str:
-    """The commit the gateway's code is at, and whether gateway/ has uncommitted changes."""
-    git = ["git", "-C", str(REPO)]
-    head = _first_line([*git, "rev-parse", "--short", "HEAD"])
-    changed = subprocess.run(
-        [*git, "status", "--porcelain", "--", "gateway"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.splitlines()
-    return f"{head} + uncommitted changes in {len(changed)} gateway/ files" if changed else head
-
-
-def environment(tools: Tools, layout: Layout) -> dict[str, Any]:
+def environment(found: Tools, layout: Layout) -> dict[str, Any]:
     return {
-        "gateway_code": gateway_code(),
-        "gateway_python": gateway_python(),
-        "nginx": _first_line([tools.nginx, "-v"]) if tools.nginx else None,
-        "wrk": _first_line([tools.wrk, "-v"]) if tools.wrk else None,
-        "nproc": _first_line(["nproc"]),
+        "gateway_code": tools.gateway_code(),
+        "gateway_python": tools.gateway_python(),
+        "nginx": tools.first_line([found.nginx, "-v"]) if found.nginx else None,
+        "wrk": tools.first_line([found.wrk, "-v"]) if found.wrk else None,
+        "nproc": tools.first_line(["nproc"]),
         "cpu_count": os.cpu_count(),
         "kernel": os.uname().release,
         "layout": layout.note,
-        "notes": tools.notes,
+        "notes": found.notes,
     }
 
 
 def print_environment(env: dict[str, Any]) -> None:
     py = env["gateway_python"]
+    yes = report.yes
     print("\nEnvironment:")
     print(f"  gateway code: {env['gateway_code']}")
-    print(f"  gateway interpreter: {VENV_BIN / 'python'} -> {py.get('real_path')}")
+    print(f"  gateway interpreter: {tools.PYTHON} -> {py.get('real_path')}")
     print(f"    {py.get('version', py.get('error'))}")
     built = (
-        f"--enable-optimizations: {_yes(py.get('enable_optimizations'))}, "
-        f"--with-lto: {_yes(py.get('with_lto'))}"
+        f"--enable-optimizations: {yes(py.get('enable_optimizations'))}, "
+        f"--with-lto: {yes(py.get('with_lto'))}"
     )
     if "debian_package" in py:
         built += (
@@ -1331,7 +778,7 @@ def print_environment(env: dict[str, Any]) -> None:
             "in its packaging, which CONFIG_ARGS does not show)"
         )
     print(f"    configure flags (sysconfig CONFIG_ARGS): {built}")
-    c_parser = _yes(py.get("aiohttp_c_parser"))
+    c_parser = yes(py.get("aiohttp_c_parser"))
     print(f"    aiohttp {py.get('aiohttp')} (C parser: {c_parser}), uvloop {py.get('uvloop')}")
     print(f"  nginx: {env['nginx'] or 'not installed'}")
     print(f"  wrk: {env['wrk'] or 'not installed (Python load generator)'}")
@@ -1343,23 +790,7 @@ def print_environment(env: dict[str, Any]) -> None:
         print(f"  NOTE: {note}")
 
 
-def _yes(value: object) -> str:
-    return "yes" if value is True else "no" if value is False else "?"
-
-
 # -- main ----------------------------------------------------------------------------------
-
-
-def raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def stop_on_signals() -> None:
-    """Ctrl-C, SIGTERM and SIGHUP stop a bench the same way: every process it started is
-    stopped on the way out (KeyboardInterrupt), even if it was started ignoring SIGINT."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, raise_interrupt)
 
 
 def plan_seconds(opts: Options, targets: int) -> float:
@@ -1374,15 +805,6 @@ def start_stack(stack: Stack, opts: Options) -> None:
         env.update(stack.start_helper(helper))
     for variant in opts.variants:
         stack.start_gateway(variant, env)
-
-
-def wait_idle(limit: float) -> float:
-    """Wait until other work uses at most BUSY_CORES (over 1 s), ``limit`` seconds at most;
-    returns the cores still in use."""
-    deadline = time.monotonic() + limit
-    while (busy := busy_machine()) > BUSY_CORES and time.monotonic() < deadline:
-        pass
-    return busy
 
 
 def _worst(group: list[Run]) -> float:
@@ -1409,7 +831,7 @@ def run_all(stack: Stack, opts: Options, discarded: list[Run]) -> list[Run]:
                         f"cores): waiting for an idle machine, then attempt {attempt + 1}",
                         flush=True,
                     )
-                    wait_idle(IDLE_WAIT)
+                    process.wait_idle(IDLE_WAIT)
                 group = []
                 for target in targets:
                     run = measure(stack, target, conns, opts.duration, rep)
@@ -1433,13 +855,13 @@ def progress_line(run: Run) -> str:
     )
 
 
-def report(runs: list[Run], opts: Options, env: dict[str, Any], started: float) -> None:
+def print_report(runs: list[Run], opts: Options, env: dict[str, Any], started: float) -> None:
     gateways = [v.name for v in opts.variants]
     rows = summarize(runs, gateways[0])
-    print_table(rows, opts.reps, bool(opts.helpers))
+    print_rows(rows, opts.reps, bool(opts.helpers))
     print("\nHeadline (gateway = first variant, logging every request at INFO to a file):")
     lines = headline(rows, opts, env)
-    warning = disturbance(runs)
+    warning = report.disturbance([r.other_cpu for r in runs])
     if warning is not None:
         lines.append(warning)
     if discarded := env.get("discarded_runs"):
@@ -1453,7 +875,6 @@ def report(runs: list[Run], opts: Options, env: dict[str, Any], started: float) 
     print_environment(env)
     elapsed = time.monotonic() - started
     if opts.json_path is not None:
-        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "options": {**asdict(opts), "json_path": str(opts.json_path)},
             "environment": env,
@@ -1462,54 +883,54 @@ def report(runs: list[Run], opts: Options, env: dict[str, Any], started: float) 
             "headline": lines,
             "elapsed_seconds": elapsed,
         }
-        opts.json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nJSON written to {opts.json_path}")
+        report.write_json(opts.json_path, data)
     print(f"\nElapsed: {elapsed:.1f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     opts = parse_options(argv)
-    stop_on_signals()
-    tools = ensure_tools(opts)
-    layout = choose_layout()
-    env = environment(tools, layout)
-    env["busy_cores_before"] = busy = busy_machine()
+    process.stop_on_signals()
+    found = ensure_tools(opts)
+    layout = process.choose_layout()
+    env = environment(found, layout)
+    env["busy_cores_before"] = busy = process.busy_machine()
     if busy > BUSY_CORES:
         print(
             f"WARNING: the machine is busy before the start ({busy:.2f} cores used by other "
             "processes): results will be noisy",
             flush=True,
         )
-    workdir = Path(tempfile.mkdtemp(prefix="daarion-bench-"))
-    workdir.chmod(0o755)  # nginx workers run as an unprivileged user when started by root
-    stack = Stack(tools, layout, workdir)
-    try:
-        start_stack(stack, opts)
-        print(f"Targets on {LOOPBACK}: " + ", ".join(f"{t.name}:{t.port}" for t in stack.targets))
-        print(
-            f"Layout: {layout.note}. About {plan_seconds(opts, len(stack.targets)):.0f} s of load."
-        )
-        if opts.suite:
-            print(f"Suite {opts.suite}: {SUITES[opts.suite].about}")
-        for note in tools.notes:
-            print(f"NOTE: {note}")
-        discarded: list[Run] = []
-        runs = run_all(stack, opts, discarded)
-        env["discarded_runs"] = [asdict(r) for r in discarded]
-        env["gateway_dependencies"] = stack.gateway_dependencies()
-        env["gateway_log_lines"] = stack.gateway_log_lines()
-        env["gateway_warnings"] = stack.gateway_warnings()
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping every server", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        stack.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    report(runs, opts, env, started)
+    with servers.workspace("daarion-bench-") as space:
+        stack = Stack(found, layout, space.path)
+        try:
+            start_stack(stack, opts)
+            print(
+                f"Targets on {LOOPBACK}: " + ", ".join(f"{t.name}:{t.port}" for t in stack.targets)
+            )
+            print(
+                f"Layout: {layout.note}. About {plan_seconds(opts, len(stack.targets)):.0f} s of "
+                "load."
+            )
+            if opts.suite:
+                print(f"Suite {opts.suite}: {SUITES[opts.suite].about}")
+            for note in found.notes:
+                print(f"NOTE: {note}")
+            discarded: list[Run] = []
+            runs = run_all(stack, opts, discarded)
+            env["discarded_runs"] = [asdict(r) for r in discarded]
+            env["gateway_dependencies"] = stack.gateway_dependencies()
+            env["gateway_log_lines"] = stack.gateway_log_lines()
+            env["gateway_warnings"] = stack.gateway_warnings()
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping every server", file=sys.stderr)
+            return 130
+        except RuntimeError as exc:
+            print(f"\nbench failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            stack.close()
+    print_report(runs, opts, env, started)
     return 0
 
 

@@ -26,33 +26,30 @@ With ``--profile`` (or automatically when the gateway misses its throughput targ
 is available), one more 8 x 16 gateway run is sampled with py-spy and summarized by function.
 
 Every process is stopped at the end, also on errors and Ctrl-C; a pgrep check reports any
-left. Helpers come from bench/run.py (spawning, pinning, /proc CPU, ports, apt-get, teardown).
-See bench/ws.md.
+left. Helpers come from bench/lib (spawning, pinning, /proc CPU, ports, apt-get, teardown, the
+client's output). See bench/ws.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
-import resource
-import select
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import run  # bench/run.py, the benchmark harness: process, pinning, CPU and port helpers
+from lib import load, process, report, servers, tools
+from lib.load import WsClient
+from lib.process import BUSY_CORES, LOOPBACK, Layout, Server
+from lib.report import fmt
+from lib.tools import BENCH_DIR, PYTHON, Tools
 
 SERVICE: Final = "chat"
 BACKEND_PATH: Final = "/ws/echo"  # what every path below reaches on the backend
@@ -68,9 +65,7 @@ CLIENT_WARMUP: Final = 0.5  # seconds of load before the client's measuring wind
 WARMUP_SECONDS: Final = 1.5  # one unrecorded 8 x 16 run per target before the reps
 WARM_SESSIONS: Final = 200  # capacity: opened and closed before the RSS baseline
 SETTLE: Final = 1.0  # seconds between a change and reading RSS
-LINE_TIMEOUT: Final = 30.0
-PYSPY_PLACES: Final = ("/tmp/pyspy/bin/py-spy", "/tmp/py-spy/bin/py-spy")  # noqa: S108
-PYTHON: Final = str(run.VENV_BIN / "python")
+LINE_TIMEOUT: Final = load.LINE_TIMEOUT
 
 GATEWAY_CONFIG: Final = """\
 # Made by bench/ws.py: one WebSocket service in front of the benchmark backend.
@@ -176,174 +171,21 @@ def parse_options(argv: Sequence[str] | None) -> Options:
 # -- small system helpers ------------------------------------------------------------------
 
 
-def raise_nofile(needed: int) -> str:
-    """Raise this process's open-files limit (the children inherit it); say what it is.
-    Raising the hard limit needs CAP_SYS_RESOURCE; without it the soft limit goes up to the hard
-    one and the note says why not further."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    refused = ""
-    if soft < needed:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
-        except (ValueError, OSError) as exc:
-            refused = f": setrlimit({needed}) refused ({exc}; CAP_SYS_RESOURCE missing?)"
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return f"RLIMIT_NOFILE {soft} (hard {hard}) for the harness and its children{refused}"
-
-
-def fd_count(root: int) -> int:
-    """Open files of ``root`` and its descendants (the gateway's workers)."""
-    count = 0
-    for pid in run.process_tree(root):
-        with contextlib.suppress(OSError):
-            count += len(os.listdir(f"/proc/{pid}/fd"))
-    return count
-
-
 def session_room(root: int) -> int:
     """Sessions the gateway's open-files limits leave room for (2 fds each): per worker (the
     children of ``root``; ``root`` itself when it has none), what its limit leaves."""
-    workers = run.process_tree(root)[1:] or [root]
-    return sum((fd_limit(pid) - fd_count(pid)) // 2 for pid in workers)
+    workers = process.process_tree(root)[1:] or [root]
+    return sum((process.fd_limit(pid) - process.fd_count(pid)) // 2 for pid in workers)
 
 
-def fd_limit(pid: int) -> int:
-    """The soft open-files limit of ``pid`` (from /proc/PID/limits)."""
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    return 0
-
-
-def rss_kib(root: int) -> int:
-    """VmRSS of ``root`` and its descendants (the gateway's workers) from /proc (KiB)."""
-    total = 0
-    for pid in run.process_tree(root):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total
-
-
-def http_text(port: int, path: str) -> str:
-    """The body of ``GET path`` on 127.0.0.1 ("" when there is no answer)."""
-    request = f"GET {path} HTTP/1.1\r\nHost: {run.LOOPBACK}\r\nConnection: close\r\n\r\n"
-    chunks = []
-    with contextlib.suppress(OSError), socket.create_connection((run.LOOPBACK, port), 5) as sock:
-        sock.settimeout(5)
-        sock.sendall(request.encode())
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    _, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    return body.decode(errors="replace")
-
-
-def samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-    """The samples of ``name`` in a Prometheus text page whose labels include ``labels``."""
-    found = []
-    for match in re.finditer(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", text, re.MULTILINE):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            found.append((have, float(match.group(2))))
+def ensure_tools(opts: Options) -> Tools:
+    found = Tools.found(wrk=False)
+    if found.nginx is None and "throughput" in opts.parts:
+        if opts.install and not tools.install_missing(["nginx"]):
+            found.nginx = tools.find_program("nginx")
+        if found.nginx is None:
+            found.notes.append("nginx missing and not installed: no nginx rows, no x nginx")
     return found
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    """Sum of the samples of ``name`` whose labels include ``labels`` (None: no sample)."""
-    found = samples(text, name, **labels)
-    return sum(value for _, value in found) if found else None
-
-
-def metric_by(text: str, name: str, label: str, **labels: str) -> dict[str, float]:
-    """Non-zero samples of ``name`` by the value of ``label``."""
-    by: dict[str, float] = {}
-    for have, value in samples(text, name, **labels):
-        by[have.get(label, "")] = by.get(have.get(label, ""), 0.0) + value
-    return {key: value for key, value in by.items() if value}
-
-
-def pgrep(args: list[str]) -> list[str]:
-    out = subprocess.run(["pgrep", "-a", *args], capture_output=True, text=True, check=False)
-    return [line for line in out.stdout.splitlines() if line.strip()]
-
-
-def find_pyspy() -> str | None:
-    return shutil.which("py-spy") or next((p for p in PYSPY_PLACES if Path(p).is_file()), None)
-
-
-def ensure_tools(opts: Options) -> run.Tools:
-    tools = run.Tools(run.find_program("nginx"), None, run.find_program("taskset"))
-    if tools.nginx is None and "throughput" in opts.parts:
-        if opts.install and run.apt_install(["nginx"]):
-            tools.nginx = run.find_program("nginx")
-        if tools.nginx is None:
-            tools.notes.append("nginx missing and not installed: no nginx rows, no x nginx")
-    return tools
-
-
-# -- a client process: JSON lines out, commands in -----------------------------------------
-
-
-class Child:
-    """A bench/wsclient.py process; its stdout is read without threads (select + os.read)."""
-
-    def __init__(self, command: list[str], stderr: Path, *, stdin: bool) -> None:
-        self.stderr = stderr
-        with stderr.open("w") as err:
-            self.proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=run._die_with_parent,  # noqa: PLW1509 - single-threaded harness
-            )
-        self._buffer = b""
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None  # noqa: S101 - started with stdin=PIPE
-        self.proc.stdin.write(command.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def expect(self, event: str, timeout: float = LINE_TIMEOUT) -> dict[str, Any]:
-        """The next line whose ``event`` is ``event`` (earlier lines are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            record = self._line(deadline, event)
-            if record.get("event") == "error":
-                raise RuntimeError(f"client error: {record}")
-            if record.get("event") == event:
-                return record
-
-    def _line(self, deadline: float, waiting_for: str) -> dict[str, Any]:
-        assert self.proc.stdout is not None  # noqa: S101 - started with stdout=PIPE
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise RuntimeError(f"client: no {waiting_for!r} in time\n{self.tail()}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self.proc.wait(5)
-                raise RuntimeError(
-                    f"client exited ({self.proc.returncode}) before {waiting_for!r}\n{self.tail()}"
-                )
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        parsed: dict[str, Any] = json.loads(line)
-        return parsed
-
-    def tail(self, lines: int = 12) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.stderr.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def finish(self, timeout: float = 15.0) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout)
-        run.stop(self.proc)
 
 
 # -- the servers ---------------------------------------------------------------------------
@@ -353,38 +195,21 @@ class Child:
 class Target:
     name: str
     url: str
-    proxy: run.Server | None  # None: the backend itself
+    proxy: Server | None  # None: the backend itself
 
 
-class Stack:
+class Stack(servers.Stack):
     """Backend, nginx, gateway and clients; ``close()`` stops every process it started."""
 
-    def __init__(self, tools: run.Tools, layout: run.Layout, workdir: Path, name: str) -> None:
-        self.tools, self.layout, self.name = tools, layout, name
-        self.workdir = workdir / name
+    def __init__(self, found: Tools, layout: Layout, workdir: Path, name: str) -> None:
+        super().__init__(found, layout, workdir / name)
+        self.name = name
         self.workdir.mkdir()
         self.workdir.chmod(0o755)  # nginx workers run unprivileged when started by root
-        self.servers: list[run.Server] = []
-        self.clients: list[Child] = []
-        self.started: list[int] = []  # session ids (= pids) of everything started
-        self.backend: run.Server | None = None
-        self.gateway: run.Server | None = None
+        self.clients: list[WsClient] = []
+        self.backend: Server | None = None
+        self.gateway: Server | None = None
         self.targets: list[Target] = []
-
-    def _start(self, name: str, command: list[str], port: int) -> run.Server:
-        log = self.workdir / f"{name}.log"
-        with log.open("w") as out:
-            proc = run.spawn(
-                [*run.pin_prefix(self.tools, self.layout.servers), *command], stdout=out
-            )
-        server = run.Server(name, proc, port, log)
-        self.servers.append(server)
-        self.started.append(proc.pid)
-        return server
-
-    def _ready(self, server: run.Server, ready: Callable[[], bool]) -> None:
-        run.wait_ready(server, ready)
-        run.pin_tree(server.proc.pid, self.layout.servers)
 
     @property
     def backend_port(self) -> int:
@@ -392,115 +217,75 @@ class Stack:
         return self.backend.port
 
     def start_backend(self) -> None:
-        port = run.free_port()
-        command = [PYTHON, str(run.BENCH_DIR / "wsbackend.py"), "--port", str(port)]
-        self.backend = self._start("backend", [*command, "--tag", str(self.workdir)], port)
-        self._ready(self.backend, lambda: run.http_status(port, "/health") == 200)
-        self.targets.append(Target(DIRECT, f"ws://{run.LOOPBACK}:{port}{BACKEND_PATH}", None))
+        port = process.free_port()
+        command = [PYTHON, str(BENCH_DIR / "wsbackend.py"), "--port", str(port)]
+        self.backend = self.start("backend", [*command, "--tag", str(self.workdir)], port)
+        self.ready(self.backend, lambda: servers.http_status(port, "/health") == 200)
+        self.targets.append(Target(DIRECT, f"ws://{LOOPBACK}:{port}{BACKEND_PATH}", None))
 
     def start_nginx(self) -> None:
         if self.tools.nginx is None:
             return
-        port = run.free_port()
-        home = self.workdir / "nginx"
-        home.mkdir()
-        body = NGINX_BODY % {"port": port, "backend": self.backend_port}
-        conf = home / "nginx.conf"
-        conf.write_text(run.NGINX_MAIN.format(dir=home, body=body))
-        command = [self.tools.nginx, "-p", str(home), "-c", str(conf), "-e", str(home / "e.log")]
-        server = self._start(NGINX, command, port)
-        self._ready(server, lambda: run.port_open(port))
-        self.targets.append(Target(NGINX, f"ws://{run.LOOPBACK}:{port}{PROXY_PATH}", server))
+        server = self.nginx_server(NGINX, NGINX_BODY, backend=self.backend_port)
+        self.ready(server, lambda: process.port_open(server.port))
+        self.targets.append(Target(NGINX, f"ws://{LOOPBACK}:{server.port}{PROXY_PATH}", server))
 
     def start_gateway(self, ping_interval: float, log_level: str, workers: int = 1) -> None:
         config = self.workdir / "routes.yaml"
         config.write_text(
             GATEWAY_CONFIG.format(service=SERVICE, port=self.backend_port, ping=ping_interval)
         )
-        run.check_config(config)
-        port = run.free_port()
-        command = [
-            str(run.VENV_BIN / "daarion-gateway"), "serve", "--config", str(config),
-            "--host", run.LOOPBACK, "--port", str(port), "--log-level", log_level,
-            "--workers", str(workers),
-        ]  # fmt: skip
-        self.gateway = self._start(GATEWAY, command, port)
-        self._ready(self.gateway, lambda: run.http_status(port, "/health") is not None)
-        self.targets.append(
-            Target(GATEWAY, f"ws://{run.LOOPBACK}:{port}{PROXY_PATH}", self.gateway)
-        )
+        servers.check_config(config)
+        gateway = self.gateway_server(GATEWAY, config, log_level, workers=workers)
+        self.ready(gateway, lambda: servers.http_status(gateway.port, "/health") is not None)
+        self.gateway = gateway
+        self.targets.append(Target(GATEWAY, f"ws://{LOOPBACK}:{gateway.port}{PROXY_PATH}", gateway))
 
-    def client(self, args: list[str], *, stdin: bool = False) -> Child:
-        command = [*run.pin_prefix(self.tools, self.layout.load), PYTHON]
-        command += [str(run.BENCH_DIR / "wsclient.py"), "--tag", str(self.workdir), *args]
-        child = Child(command, self.workdir / f"client-{len(self.clients)}.err", stdin=stdin)
+    def client(self, args: list[str], *, stdin: bool = False) -> WsClient:
+        command = load.wsclient_command(self.workdir, args, self.prefix(self.layout.load))
+        child = WsClient(command, self.workdir / f"client-{len(self.clients)}.err", stdin=stdin)
         self.clients.append(child)
-        self.started.append(child.proc.pid)
+        self.adopt(child.proc)
         return child
 
     def backend_stats(self) -> dict[str, Any]:
-        stats = run.http_json(self.backend_port, "/stats")
+        stats = servers.http_json(self.backend_port, "/stats")
         return stats if isinstance(stats, dict) else {}
-
-    def close(self) -> None:
-        for child in self.clients:
-            run.stop(child.proc)
-        for server in reversed(self.servers):
-            run.stop(server.proc)
-
-    def leftovers(self) -> list[str]:
-        found = {line for pid in self.started for line in pgrep(["-s", str(pid)])}
-        found.update(pgrep(["-f", str(self.workdir)]))
-        return sorted(found)
 
     def warnings(self) -> int:
         """WARNING and worse lines in the gateway's log (at WARNING, every line it wrote)."""
-        if self.gateway is None:
-            return 0
-        text = self.gateway.log.read_text(errors="replace")
-        return sum(text.count(f'"level":"{level}"') for level in ("WARNING", "ERROR", "CRITICAL"))
+        return servers.count_warnings(self.gateway.log) if self.gateway is not None else 0
 
 
 # -- throughput ----------------------------------------------------------------------------
 
 
-def kernel_side(root: int) -> tuple[float, int]:
-    """(system CPU seconds, write syscalls) of ``root`` and its descendants, from /proc."""
-    ticks, writes = 0, 0
-    for pid in run.process_tree(root):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ticks += int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[12])
-            found = re.search(r"^syscw: (\d+)", Path(f"/proc/{pid}/io").read_text(), re.MULTILINE)
-            writes += int(found.group(1)) if found else 0
-    return ticks / run.TICKS_PER_SECOND, writes
-
-
 @dataclass(frozen=True)
 class Clock:
-    proxy: float
-    proxy_sys: float
-    proxy_writes: int
-    backend: float
-    harness: float
-    busy: float
-    steal: float
-    total: float
+    cpu: process.CpuClock  # of the proxy, the backend and this harness
+    proxy_sys: float  # the proxy's system CPU seconds
+    proxy_writes: int  # and its write(2) calls
+
+    def __sub__(self, before: Clock) -> Clock:
+        return Clock(
+            self.cpu - before.cpu,
+            self.proxy_sys - before.proxy_sys,
+            self.proxy_writes - before.proxy_writes,
+        )
 
 
 def read_clock(stack: Stack, target: Target) -> Clock:
     assert stack.backend is not None  # noqa: S101 - started first
-    busy, steal, total = run.machine_cpu()
-    proxy_sys, proxy_writes = kernel_side(target.proxy.proc.pid) if target.proxy else (0.0, 0)
-    return Clock(
-        proxy=run.cpu_seconds(target.proxy.proc.pid) if target.proxy else 0.0,
-        proxy_sys=proxy_sys,
-        proxy_writes=proxy_writes,
-        backend=run.cpu_seconds(stack.backend.proc.pid),
-        harness=time.process_time(),
-        busy=busy,
-        steal=steal,
-        total=total,
+    backend, proxy = stack.backend.proc.pid, target.proxy.proc.pid if target.proxy else None
+    proxy_sys, proxy_writes = process.kernel_side(proxy) if proxy else (0.0, 0)
+    cpu = process.CpuClock.read(
+        {
+            "proxy": lambda: process.cpu_seconds(proxy) if proxy else 0.0,
+            "backend": lambda: process.cpu_seconds(backend),
+            "harness": time.process_time,
+        }
     )
+    return Clock(cpu, proxy_sys, proxy_writes)
 
 
 @dataclass
@@ -527,7 +312,7 @@ def shape_name(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-def echo_client(stack: Stack, target: Target, shape: tuple[int, int], seconds: float) -> Child:
+def echo_client(stack: Stack, target: Target, shape: tuple[int, int], seconds: float) -> WsClient:
     conns, window = shape
     return stack.client(
         ["echo", target.url, "--conns", str(conns), "--window", str(window),
@@ -544,29 +329,27 @@ def measure(
         before = read_clock(stack, target)
         stop = child.expect("stop", seconds + LINE_TIMEOUT)
         after = read_clock(stack, target)
-        closed = child.expect("closed")
+        echo = load.parse_echo(stop, child.expect("closed"))
     finally:
         child.finish()
-    used = {name: getattr(after, name) - getattr(before, name) for name in vars(after)}
-    echoed, window = int(stop["echoed"]), float(stop["seconds"])
-    ours = used["proxy"] + used["backend"] + used["harness"] + float(stop["cpu_seconds"])
-    rate = echoed / window
+    used = after - before
+    cpu, rate, echoed = used.cpu, echo.rate, max(echo.echoed, 1)
     return EchoRun(
         rep=rep,
         shape=shape_name(shape),
         target=target.name,
         msgs_per_s=rate,
-        echoed=echoed,
-        seconds=window,
-        proxy_us=used["proxy"] / max(echoed, 1) * 1e6 if target.proxy else None,
-        proxy_sys_pct=100 * used["proxy_sys"] / used["proxy"] if used["proxy"] else None,
-        proxy_writes=used["proxy_writes"] / max(echoed, 1) if target.name == GATEWAY else None,
-        backend_us=used["backend"] / max(echoed, 1) * 1e6,
-        client_cpu=float(stop["cpu_seconds"]) / window,
+        echoed=echo.echoed,
+        seconds=echo.seconds,
+        proxy_us=cpu["proxy"] / echoed * 1e6 if target.proxy else None,
+        proxy_sys_pct=100 * used.proxy_sys / cpu["proxy"] if cpu["proxy"] else None,
+        proxy_writes=used.proxy_writes / echoed if target.name == GATEWAY else None,
+        backend_us=cpu["backend"] / echoed * 1e6,
+        client_cpu=echo.cpu_seconds / echo.seconds,
         rtt_us=shape[0] * shape[1] / max(rate, 1e-9) * 1e6,
-        other_cpu=max(0.0, used["busy"] - ours) / window,
-        steal_pct=100.0 * used["steal"] / max(used["total"], 1e-9),
-        errors=sum(closed["errors"].values()) + int(closed["undrained"]),
+        other_cpu=cpu.other_cores(echo.seconds, also_ours=echo.cpu_seconds),
+        steal_pct=cpu.steal_pct,
+        errors=echo.errors,
     )
 
 
@@ -617,19 +400,18 @@ class Row:
     errors: int
 
 
+def _ratio(run_: EchoRun, base: EchoRun) -> float | None:
+    return run_.msgs_per_s / base.msgs_per_s if base.msgs_per_s else None
+
+
 def _ratios(runs: list[EchoRun], mine: list[EchoRun], other: str) -> list[float]:
     """Per rep: msgs/s over ``other``'s msgs/s at the same shape and rep."""
-    ratios = []
-    for one in mine:
-        key = (other, one.shape, one.rep)
-        base = next((r for r in runs if (r.target, r.shape, r.rep) == key), None)
-        if base is not None and base.msgs_per_s:
-            ratios.append(one.msgs_per_s / base.msgs_per_s)
-    return ratios
+    return report.paired(mine, runs, other, lambda r: (r.shape, r.rep), _ratio)
 
 
 def summarize(runs: list[EchoRun]) -> list[Row]:
     rows = []
+    median = report.median
     for shape, target in dict.fromkeys((r.shape, r.target) for r in runs):
         mine = [r for r in runs if (r.shape, r.target) == (shape, target)]
         vs_nginx = _ratios(runs, mine, NGINX) if target != DIRECT else []
@@ -638,13 +420,13 @@ def summarize(runs: list[EchoRun]) -> list[Row]:
                 shape=shape,
                 target=target,
                 msgs_per_s=statistics.median(r.msgs_per_s for r in mine),
-                x_direct=run.median(_ratios(runs, mine, DIRECT)),
-                x_nginx=run.median(vs_nginx),
+                x_direct=median(_ratios(runs, mine, DIRECT)),
+                x_nginx=median(vs_nginx),
                 x_nginx_low=min(vs_nginx, default=None),
                 x_nginx_high=max(vs_nginx, default=None),
-                proxy_us=run.median([r.proxy_us for r in mine]),
-                proxy_sys_pct=run.median([r.proxy_sys_pct for r in mine]),
-                proxy_writes=run.median([r.proxy_writes for r in mine]),
+                proxy_us=median(r.proxy_us for r in mine),
+                proxy_sys_pct=median(r.proxy_sys_pct for r in mine),
+                proxy_writes=median(r.proxy_writes for r in mine),
                 backend_us=statistics.median(r.backend_us for r in mine),
                 client_cpu=statistics.median(r.client_cpu for r in mine),
                 rtt_us=statistics.median(r.rtt_us for r in mine),
@@ -661,7 +443,6 @@ def print_rows(rows: list[Row], reps: int) -> None:
             "proxy us/echo", "proxy sys %", "gw write()s/echo", "backend us/echo",
             "client CPU", "mean RTT us", "other CPU (max)", "steal %", "errors"]  # fmt: skip
     table = [head]
-    fmt = run.fmt
     for r in rows:
         table.append(
             [r.shape.replace("x", " x "), r.target, f"{r.msgs_per_s:.0f}", fmt(r.x_direct, ".2f"),
@@ -670,21 +451,7 @@ def print_rows(rows: list[Row], reps: int) -> None:
              f"{r.rtt_us:.0f}", f"{r.other_cpu:.2f}", f"{r.steal_pct:.1f}", str(r.errors)]
         )  # fmt: skip
     print(f"\nThroughput (1 KiB binary echo; median of {reps} reps; ratios paired per rep):")
-    print_table(table)
-
-
-def print_table(table: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for number, cells in enumerate(table):
-        print(
-            "  "
-            + "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-        )
-        if number == 0:
-            print("  " + "  ".join("-" * w for w in widths))
+    report.print_table(table, left=2)
 
 
 def _row(rows: list[Row], shape: tuple[int, int], target: str) -> Row | None:
@@ -698,27 +465,23 @@ def throughput_headline(rows: list[Row], runs: list[EchoRun]) -> list[str]:
         if gw is None:
             continue
         ratio = gw.x_nginx
-        verdict = "?" if ratio is None else "ok" if ratio >= TARGET_RATIO else "MISS"
+        verdict = report.verdict(None if ratio is None else ratio >= TARGET_RATIO)
         cpu = ""
         if ng is not None and gw.proxy_us and ng.proxy_us:
             cpu = (
                 f"; proxy CPU per echo {gw.proxy_us:.1f} vs nginx {ng.proxy_us:.1f} us "
                 f"= {gw.proxy_us / ng.proxy_us:.1f}x"
             )
-        spread = f" (reps {run.fmt(gw.x_nginx_low, '.2f')}-{run.fmt(gw.x_nginx_high, '.2f')})"
+        spread = f" (reps {fmt(gw.x_nginx_low, '.2f')}-{fmt(gw.x_nginx_high, '.2f')})"
         lines.append(
-            f"gateway/nginx msgs/s at {shape_name(shape)} = {run.fmt(ratio, '.2f')}{spread} "
+            f"gateway/nginx msgs/s at {shape_name(shape)} = {fmt(ratio, '.2f')}{spread} "
             f"({verdict}: target >= {TARGET_RATIO}; anchors.md aiohttp relay "
             f"{ANCHORS[shape]}){cpu}"
         )
-    disturbed = [r for r in runs if r.other_cpu > run.BUSY_CORES]
-    if disturbed:
-        lines.append(
-            f"WARNING: {len(disturbed)} of {len(runs)} throughput runs shared the machine with "
-            f"other work (other CPU up to {max(r.other_cpu for r in disturbed):.2f} cores): "
-            "noisy; rerun when idle"
-        )
-    return lines
+    disturbed = report.disturbance(
+        [r.other_cpu for r in runs], "throughput runs", "noisy; rerun when idle"
+    )
+    return lines + ([disturbed] if disturbed else [])
 
 
 def gateway_ratio(rows: list[Row]) -> float | None:
@@ -738,7 +501,7 @@ def profile(stack: Stack, pyspy: str, seconds: float) -> list[str]:
     try:
         child.expect("start")
         spy = subprocess.run(
-            [*run.pin_prefix(stack.tools, stack.layout.load), pyspy, "record",
+            [*stack.prefix(stack.layout.load), pyspy, "record",
              "-p", str(target.proxy.proc.pid), "-d", str(max(1, int(seconds) - 1)), "-r", "200",
              "-f", "raw", "--nonblocking", "-o", str(out)],
             capture_output=True, text=True, check=False, timeout=seconds + 30,
@@ -861,16 +624,17 @@ class Hold:
     """The capacity test's processes."""
 
     stack: Stack
-    client: Child
+    client: WsClient
     gateway: int  # pids
     backend: int
 
     def rss(self) -> tuple[int, int, int]:
-        return rss_kib(self.gateway), rss_kib(self.backend), rss_kib(self.client.proc.pid)
+        rss = process.rss_kib
+        return rss(self.gateway), rss(self.backend), rss(self.client.proc.pid)
 
-    def metrics(self) -> str:
+    def metrics(self) -> list[servers.Sample]:
         assert self.stack.gateway is not None  # noqa: S101 - started
-        return http_text(self.stack.gateway.port, "/metrics")
+        return servers.parse_metrics(servers.http_text(self.stack.gateway.port, "/metrics"))
 
 
 def note_rss(hold: Hold, result: Capacity, moment: str) -> None:
@@ -880,11 +644,11 @@ def note_rss(hold: Hold, result: Capacity, moment: str) -> None:
         setattr(memory, moment, value)
 
 
-def sessions_metric(text: str) -> tuple[float | None, float | None]:
+def sessions_metric(samples: list[servers.Sample]) -> tuple[float | None, float | None]:
     """(open sessions, sessions closed so far) of the service, from /metrics."""
     return (
-        metric(text, "gateway_websocket_sessions", service=SERVICE),
-        metric(text, "gateway_websocket_sessions_closed_total", service=SERVICE),
+        servers.total(samples, "gateway_websocket_sessions", service=SERVICE),
+        servers.total(samples, "gateway_websocket_sessions_closed_total", service=SERVICE),
     )
 
 
@@ -901,11 +665,14 @@ def capacity(stack: Stack, opts: Options) -> Capacity:
     hold = Hold(stack, client, stack.gateway.proc.pid, stack.backend.proc.pid)
     result = Capacity(opts.sessions)
     client.expect("ready")
-    result.rss_start_kib = rss_kib(hold.gateway)
+    result.rss_start_kib = process.rss_kib(hold.gateway)
     print(f"\nCapacity: warm-up ({WARM_SESSIONS} sessions opened and closed)", flush=True)
     _warm_up(hold)
     note_rss(hold, result, "base")
-    result.fds_base, result.fd_limit = fd_count(hold.gateway), fd_limit(hold.gateway)
+    result.fds_base, result.fd_limit = (
+        process.fd_count(hold.gateway),
+        process.fd_limit(hold.gateway),
+    )
     result.room, result.workers = session_room(hold.gateway), opts.workers
     _open_all(hold, opts, result)
     _hold(hold, opts, result)
@@ -922,9 +689,9 @@ def capacity(stack: Stack, opts: Options) -> Capacity:
 
 def _warm_up(hold: Hold) -> None:
     hold.client.send(f"open {WARM_SESSIONS}")
-    warm = hold.client.expect("open", 60)
-    if warm["failed"]:
-        raise RuntimeError(f"warm-up handshakes failed: {warm['failures']}")
+    warm = load.parse_opened(hold.client.expect("open", 60))
+    if warm.failed:
+        raise RuntimeError(f"warm-up handshakes failed: {warm.failures}")
     hold.client.send("close")
     hold.client.expect("closed", 60)
     hold.metrics()
@@ -942,18 +709,18 @@ def _open_all(hold: Hold, opts: Options, result: Capacity) -> None:
     print(
         f"  opening {opts.sessions} sessions, {opts.concurrency} handshakes at a time", flush=True
     )
-    cpu0 = run.cpu_seconds(hold.gateway)
+    cpu0 = process.cpu_seconds(hold.gateway)
     hold.client.send(f"open {opts.sessions}")
-    opened = hold.client.expect("open", max(180.0, opts.sessions / 20))
-    result.opened, result.failed = int(opened["opened"]), int(opened["failed"])
-    result.open_cpu_us = (run.cpu_seconds(hold.gateway) - cpu0) / max(result.opened, 1) * 1e6
-    result.failures, result.open_seconds = opened["failures"], float(opened["seconds"])
-    result.fds_open = fd_count(hold.gateway)
+    opened = load.parse_opened(hold.client.expect("open", max(180.0, opts.sessions / 20)))
+    result.opened, result.failed = opened.opened, opened.failed
+    result.open_cpu_us = (process.cpu_seconds(hold.gateway) - cpu0) / max(result.opened, 1) * 1e6
+    result.failures, result.open_seconds = opened.failures, opened.seconds
+    result.fds_open = process.fd_count(hold.gateway)
     time.sleep(SETTLE)
     note_rss(hold, result, "open")
-    text = hold.metrics()
-    result.metric_open, _ = sessions_metric(text)
-    result.upstream_errors = metric_by(text, "gateway_upstream_errors_total", "kind")
+    samples = hold.metrics()
+    result.metric_open, _ = sessions_metric(samples)
+    result.upstream_errors = servers.total_by(samples, "gateway_upstream_errors_total", "kind")
     print(
         f"  {result.opened} open ({result.failed} failed) in {result.open_seconds:.1f} s; "
         f"gateway RSS {result.gateway.base / 1024:.1f} -> {result.gateway.open / 1024:.1f} MiB "
@@ -962,11 +729,17 @@ def _open_all(hold: Hold, opts: Options, result: Capacity) -> None:
     )
 
 
-def _cpu(hold: Hold) -> tuple[float, float, float]:
-    """(gateway CPU, CPU of all our processes, busy CPU of the machine) in seconds so far."""
-    pids = (hold.gateway, hold.backend, hold.client.proc.pid)
-    ours = sum(run.cpu_seconds(pid) for pid in pids) + time.process_time()
-    return run.cpu_seconds(hold.gateway), ours, run.machine_cpu()[0]
+def _cpu(hold: Hold) -> process.CpuClock:
+    """CPU seconds so far of the gateway, the backend, the client and this harness."""
+    cpu = process.cpu_seconds
+    return process.CpuClock.read(
+        {
+            "gateway": lambda: cpu(hold.gateway),
+            "backend": lambda: cpu(hold.backend),
+            "client": lambda: cpu(hold.client.proc.pid),
+            "harness": time.process_time,
+        }
+    )
 
 
 def _hold(hold: Hold, opts: Options, result: Capacity) -> None:
@@ -979,9 +752,9 @@ def _hold(hold: Hold, opts: Options, result: Capacity) -> None:
     client0, backend0 = hold.client.expect("stats"), hold.stack.backend_stats()
     before, started = _cpu(hold), time.monotonic()
     time.sleep(seconds)
-    after, result.hold_seconds = _cpu(hold), time.monotonic() - started
-    result.gateway_cpu_held = (after[0] - before[0]) / result.hold_seconds
-    result.other_cpu = max(0.0, after[2] - before[2] - after[1] + before[1]) / result.hold_seconds
+    used, result.hold_seconds = _cpu(hold) - before, time.monotonic() - started
+    result.gateway_cpu_held = used["gateway"] / result.hold_seconds
+    result.other_cpu = used.other_cores(result.hold_seconds)
     hold.client.send("stats")
     result.client_stats, result.backend_stats = (
         hold.client.expect("stats"),
@@ -989,10 +762,11 @@ def _hold(hold: Hold, opts: Options, result: Capacity) -> None:
     )
     result.client_pings_in_hold = result.client_stats["pings"] - client0["pings"]
     result.backend_pings_in_hold = result.backend_stats.get("pings", 0) - backend0.get("pings", 0)
-    text = hold.metrics()
-    result.metric_held, closed1 = sessions_metric(text)
+    samples = hold.metrics()
+    result.metric_held, closed1 = sessions_metric(samples)
     result.closed_during_hold = None if closed0 is None or closed1 is None else closed1 - closed0
-    result.health_fails = metric(text, "gateway_health_checks_total", result="fail") or 0.0
+    fails = servers.total(samples, "gateway_health_checks_total", result="fail")
+    result.health_fails = fails or 0.0
     note_rss(hold, result, "held")
     result.pings_flowing = pings_flowing(result, opts)
 
@@ -1033,13 +807,13 @@ def capacity_lines(c: Capacity, opts: Options) -> list[str]:
         f"{_mib(gw.open)} with {c.opened} open, {_mib(gw.held)} after the hold, "
         f"{_mib(gw.closed)} after closing all",
         f"RSS per session beyond the baseline: gateway {gw.per_session(c.opened):.1f} KiB "
-        f"({run.verdict(gw.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
+        f"({report.verdict(gw.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
         f"{RSS_TARGET_KIB:.0f}); for scale, one aiohttp leg: backend (server side) "
         f"{c.backend.per_session(c.opened):.1f} KiB, client (client side) "
         f"{c.client.per_session(c.opened):.1f} KiB",
         f"after holding {c.hold_seconds:.1f} s (ws_ping_interval {opts.ping_interval:g} s): "
-        f"gateway_websocket_sessions = {run.fmt(c.metric_held, '.0f')}, closed meanwhile "
-        f"{run.fmt(c.closed_during_hold, '.0f')}; backend open {back.get('open')}, client open "
+        f"gateway_websocket_sessions = {fmt(c.metric_held, '.0f')}, closed meanwhile "
+        f"{fmt(c.closed_during_hold, '.0f')}; backend open {back.get('open')}, client open "
         f"{cli.get('open')}, client sessions ended unasked: {cli.get('ended_unasked') or 'none'}",
         f"pings at the backend (gateway -> service legs): {c.backend_pings_in_hold} during the "
         f"hold, {back.get('pings')} in all, per open session min {back.get('min_pings_per_open')}"
@@ -1059,7 +833,7 @@ def capacity_headline(c: Capacity, opts: Options) -> list[str]:
     least = max(1, opts.hold_intervals - 1)
     lines = [
         f"sessions open through the gateway ({c.workers} workers): {c.opened}/{c.sessions} "
-        f"({run.verdict(c.opened >= c.sessions)})"
+        f"({report.verdict(c.opened >= c.sessions)})"
         + (
             f"; {c.workers} x the open-files limit {c.fd_limit} leave room for {c.room}"
             if c.room < c.sessions
@@ -1067,16 +841,16 @@ def capacity_headline(c: Capacity, opts: Options) -> list[str]:
         ),
         f"RSS per idle session (every gateway process) = "
         f"{c.gateway.per_session(c.opened):.1f} KiB "
-        f"({run.verdict(c.gateway.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
+        f"({report.verdict(c.gateway.per_session(c.opened) <= RSS_TARGET_KIB)}: target <= "
         f"{RSS_TARGET_KIB:.0f}); {_mib(c.gateway.base)} -> {_mib(c.gateway.open)}",
         f"pings flowing: {'yes' if c.pings_flowing else 'NO'} (all {c.opened} open sessions "
-        f"still open after {opts.hold_intervals} intervals: {run.fmt(c.metric_held, '.0f')} in "
+        f"still open after {opts.hold_intervals} intervals: {fmt(c.metric_held, '.0f')} in "
         f"/metrics; each leg pinged >= {least} times: backend min "
         f"{c.backend_stats.get('min_pings_per_open')}, client min "
         f"{c.client_stats.get('min_pings_per_open')}; {c.backend_pings_in_hold} + "
         f"{c.client_pings_in_hold} pings during the hold)",
     ]
-    if c.other_cpu > run.BUSY_CORES:
+    if c.other_cpu > BUSY_CORES:
         lines.append(f"WARNING: other work used {c.other_cpu:.2f} cores during the hold")
     return lines
 
@@ -1101,7 +875,7 @@ def want_profile(opts: Options, rows: list[Row], notes: list[str]) -> str | None
     ratio = gateway_ratio(rows)
     if opts.profile == "auto" and (ratio is None or ratio >= TARGET_RATIO):
         return None
-    pyspy = find_pyspy()
+    pyspy = tools.find_pyspy()
     if pyspy is None:
         notes.append(
             "py-spy not found: no profile (pip install --target /tmp/pyspy py-spy, or put "
@@ -1118,14 +892,12 @@ def run_throughput(stack: Stack, opts: Options, results: Results) -> None:
         results.profile = profile(stack, pyspy, opts.profile_seconds)
 
 
-def run_parts(
-    opts: Options, tools: run.Tools, layout: run.Layout, workdir: Path, results: Results
-) -> None:
+def run_parts(opts: Options, found: Tools, layout: Layout, workdir: Path, results: Results) -> None:
     """Each part on its own stack; every process is stopped, also when a part fails."""
     stacks: list[Stack] = []
     try:
         for part in opts.parts:
-            stack = Stack(tools, layout, workdir, part)
+            stack = Stack(found, layout, workdir, part)
             stacks.append(stack)
             if part == "throughput":
                 run_throughput(stack, opts, results)
@@ -1138,14 +910,11 @@ def run_parts(
         results.leftovers = sorted({line for s in stacks for line in s.leftovers()})
 
 
-def environment(tools: run.Tools, layout: run.Layout, opts: Options) -> list[str]:
-    py = run.gateway_python()
-    nginx = "-"
-    if tools.nginx:
-        out = subprocess.run([tools.nginx, "-v"], capture_output=True, text=True, check=False)
-        nginx = (out.stderr or out.stdout).strip()
+def environment(found: Tools, layout: Layout, opts: Options) -> list[str]:
+    py = tools.gateway_python()
+    nginx = tools.first_line([found.nginx, "-v"]) if found.nginx else "-"
     return [
-        f"gateway code: {run.gateway_code()}; log level {opts.log_level}; health checks on "
+        f"gateway code: {tools.gateway_code()}; log level {opts.log_level}; health checks on "
         "(the backend answers GET /health); no rate limit",
         f"interpreter: {py.get('real_path')} {py.get('version', '').split()[0]}; aiohttp "
         f"{py.get('aiohttp')} (C parser: {py.get('aiohttp_c_parser')}), uvloop {py.get('uvloop')}",
@@ -1154,7 +923,7 @@ def environment(tools: run.Tools, layout: run.Layout, opts: Options) -> list[str
     ]
 
 
-def report(results: Results, opts: Options, env: list[str], started: float) -> list[str]:
+def print_report(results: Results, opts: Options, env: list[str], started: float) -> list[str]:
     lines: list[str] = []
     if results.rows:
         print_rows(results.rows, opts.reps)
@@ -1180,7 +949,6 @@ def report(results: Results, opts: Options, env: list[str], started: float) -> l
 
 
 def write_json(path: Path, results: Results, headline: list[str], env: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "runs": [asdict(r) for r in results.runs],
         "rows": [asdict(r) for r in results.rows],
@@ -1189,42 +957,35 @@ def write_json(path: Path, results: Results, headline: list[str], env: list[str]
         "headline": headline,
         "environment": env,
     }
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"\nJSON written to {path}")
+    report.write_json(path, data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     opts = parse_options(argv)
-    run.stop_on_signals()
-    tools = ensure_tools(opts)
-    layout = run.choose_layout()
-    if layout.load is not None:
-        os.sched_setaffinity(0, layout.load)  # this harness stays off the servers' CPU
-    tools.notes.append(raise_nofile(max(65536, 3 * opts.sessions + 1024)))
-    env = environment(tools, layout, opts)
-    if (busy := run.busy_machine()) > run.BUSY_CORES:
+    process.stop_on_signals()
+    found = ensure_tools(opts)
+    layout = process.choose_layout()
+    layout.pin_harness()  # the client's CPU
+    found.notes.append(process.raise_nofile(max(65536, 3 * opts.sessions + 1024)))
+    env = environment(found, layout, opts)
+    if (busy := process.busy_machine()) > BUSY_CORES:
         print(f"WARNING: the machine is busy before the start ({busy:.2f} cores)", flush=True)
-    workdir = Path(tempfile.mkdtemp(prefix="daarion-ws-bench-"))
-    workdir.chmod(0o755)
-    results = Results(notes=list(tools.notes))
-    try:
-        run_parts(opts, tools, layout, workdir, results)
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; processes left behind: {results.leftovers or 'none'}", file=sys.stderr
-        )
-        return 130
-    except RuntimeError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        print(f"processes left behind: {results.leftovers or 'none'}", file=sys.stderr)
-        return 1
-    finally:
-        if opts.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    headline = report(results, opts, env, started)
+    results = Results(notes=list(found.notes))
+    with servers.workspace("daarion-ws-bench-", keep=opts.keep) as space:
+        try:
+            run_parts(opts, found, layout, space.path, results)
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted; processes left behind: {results.leftovers or 'none'}",
+                file=sys.stderr,
+            )
+            return 130
+        except RuntimeError as exc:
+            print(f"\nbench failed: {exc}", file=sys.stderr)
+            print(f"processes left behind: {results.leftovers or 'none'}", file=sys.stderr)
+            return 1
+    headline = print_report(results, opts, env, started)
     if opts.json_path is not None:
         write_json(opts.json_path, results, headline, env)
     return 0

@@ -1,0 +1,277 @@
+"""The servers under test: nginx and gateway command lines, a work directory for their configs
+and logs, starting them pinned and stopping every one, and asking them things over HTTP
+(status, JSON, /metrics) and through their logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from . import process
+from .process import LOOPBACK, Layout, Server
+from .tools import GATEWAY, Tools
+
+# -- nginx ---------------------------------------------------------------------------------
+
+NGINX_MAIN: Final = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{body}
+}}
+"""
+
+
+def nginx_command(nginx: str, home: Path, body: str) -> list[str]:
+    """Write ``home``/nginx.conf (one worker, in the foreground, everything under ``home``)
+    with ``body`` (server blocks) in its http block; the command that runs it."""
+    home.mkdir(exist_ok=True)
+    conf = home / "nginx.conf"
+    conf.write_text(NGINX_MAIN.format(dir=home, body=body))
+    return [nginx, "-p", str(home), "-c", str(conf), "-e", str(home / "error.log")]
+
+
+# -- the gateway ---------------------------------------------------------------------------
+
+
+def gateway_command(
+    config: Path, port: int, log_level: str, *, host: str = LOOPBACK, workers: int | None = None
+) -> list[str]:
+    """``daarion-gateway serve`` of ``config`` on ``host:port``."""
+    command = [GATEWAY, "serve", "--config", str(config), "--host", host, "--port", str(port)]
+    command += ["--log-level", log_level]
+    return command + (["--workers", str(workers)] if workers is not None else [])
+
+
+def check_config(path: Path) -> str:
+    """``daarion-gateway check`` of a config the harness wrote: its summary, or RuntimeError."""
+    out = subprocess.run(
+        [GATEWAY, "check", "--config", str(path)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"config rejected:\n{out.stdout}{out.stderr}")
+    return out.stdout.strip()
+
+
+WARNING_LEVELS: Final = ("WARNING", "ERROR", "CRITICAL")
+
+
+def count_warnings(log: Path, offset: int = 0) -> int:
+    """WARNING and worse lines of a gateway's JSON log after ``offset`` bytes."""
+    with contextlib.suppress(OSError), log.open("rb") as lines:
+        lines.seek(offset)
+        text = lines.read()
+        return sum(text.count(f'"level":"{level}"'.encode()) for level in WARNING_LEVELS)
+    return 0
+
+
+def warning_messages(log: Path) -> dict[str, int]:
+    """A gateway's WARNING and worse log messages and how often each came (e.g. ``WARNING:
+    redis unavailable: rate limits fall back``: a run then measured the fallback)."""
+    counts: dict[str, int] = {}
+    with log.open("rb") as lines:
+        for line in lines:
+            if b'"level":"INFO"' in line or b'"level":"DEBUG"' in line:
+                continue  # the request lines: skip them without parsing
+            with contextlib.suppress(ValueError, AttributeError):
+                record = json.loads(line)
+                message = f"{record['level']}: {record['message']}"
+                counts[message] = counts.get(message, 0) + 1
+    return counts
+
+
+# -- asking over HTTP ----------------------------------------------------------------------
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
+    """``GET path`` on 127.0.0.1:``port``: (status, body); (None, b"") without an answer."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nConnection: close\r\n\r\n"
+    chunks = []
+    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(request.encode())
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+    return (int(match.group(1)), body) if match else (None, b"")
+
+
+def http_status(port: int, path: str) -> int | None:
+    return http_get(port, path)[0]
+
+
+def http_json(port: int, path: str) -> Any:
+    """The JSON body of ``GET path`` (None if there is no answer or it is not JSON)."""
+    try:
+        return json.loads(http_get(port, path)[1])
+    except ValueError:
+        return None
+
+
+def http_text(port: int, path: str) -> str:
+    """The body of ``GET path`` ("" when there is no answer)."""
+    return http_get(port, path, timeout=5.0)[1].decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a Prometheus text page."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+_SAMPLE: Final = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL: Final = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    """The samples of a Prometheus text page (/metrics), comments left out."""
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is not None:
+            labels = dict(_LABEL.findall(match.group(2) or ""))
+            samples.append(Sample(match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def select(samples: list[Sample], name: str, **labels: str) -> list[Sample]:
+    """The samples of ``name`` whose labels include ``labels``."""
+    return [
+        s
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def total(samples: list[Sample], name: str, **labels: str) -> float | None:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (None: no sample); with
+    ``serve --workers`` each worker has its own samples."""
+    found = select(samples, name, **labels)
+    return sum(s.value for s in found) if found else None
+
+
+def total_by(samples: list[Sample], name: str, label: str, **labels: str) -> dict[str, float]:
+    """Non-zero sums of the samples of ``name`` by the value of ``label``."""
+    by: dict[str, float] = {}
+    for sample in select(samples, name, **labels):
+        key = sample.labels.get(label, "")
+        by[key] = by.get(key, 0.0) + sample.value
+    return {key: value for key, value in by.items() if value}
+
+
+# -- the processes of a bench --------------------------------------------------------------
+
+
+@dataclass
+class Workspace:
+    path: Path
+    keep: bool  # set it to keep the directory (logs, configs) after the bench
+
+
+@contextlib.contextmanager
+def workspace(prefix: str, keep: bool = False, kept: str = "") -> Iterator[Workspace]:
+    """A fresh work directory, removed at the end unless ``keep`` (or ``.keep`` set meanwhile);
+    when kept, ``kept`` + "work directory kept: PATH" is printed."""
+    space = Workspace(Path(tempfile.mkdtemp(prefix=prefix)), keep)
+    space.path.chmod(0o755)  # nginx workers run as an unprivileged user when started by root
+    try:
+        yield space
+    finally:
+        if space.keep:
+            print(f"{kept}work directory kept: {space.path}")
+        else:
+            shutil.rmtree(space.path, ignore_errors=True)
+
+
+class Stack:
+    """The processes of one bench: servers started pinned to the layout's server CPUs with
+    their output in ``workdir``/NAME.log, and others (load generators, clients) adopted;
+    ``close()`` stops every one, ``leftovers()`` says whether any survived."""
+
+    def __init__(self, tools: Tools, layout: Layout, workdir: Path) -> None:
+        self.tools = tools
+        self.layout = layout
+        self.workdir = workdir
+        self.servers: list[Server] = []
+        self.others: list[subprocess.Popen[bytes]] = []
+        self.sessions: list[int] = []  # of everything started (a session id is its pid)
+
+    def prefix(self, cpus: frozenset[int] | None) -> list[str]:
+        return process.pin_prefix(self.tools.taskset, cpus)
+
+    def start(
+        self, name: str, command: list[str], port: int, env: dict[str, str] | None = None
+    ) -> Server:
+        log = self.workdir / f"{name}.log"
+        with log.open("w") as out:
+            proc = process.spawn([*self.prefix(self.layout.servers), *command], env=env, stdout=out)
+        server = Server(name, proc, port, log)
+        self.servers.append(server)
+        self.sessions.append(proc.pid)
+        return server
+
+    def ready(self, server: Server, check: Callable[[], bool]) -> None:
+        """Wait for ``check``, then pin every thread the server has started meanwhile."""
+        process.wait_ready(server, check)
+        process.pin_tree(server.proc.pid, self.layout.servers)
+
+    def nginx_server(self, name: str, body: str, **values: object) -> Server:
+        """nginx with ``body`` % {"port": a free port, **values}, its files in ``workdir``/NAME
+        (not ready yet)."""
+        assert self.tools.nginx is not None  # noqa: S101 - only called when nginx exists
+        port = process.free_port()
+        text = body % {"port": port, **values}
+        return self.start(name, nginx_command(self.tools.nginx, self.workdir / name, text), port)
+
+    def gateway_server(
+        self,
+        name: str,
+        config: Path,
+        log_level: str,
+        *,
+        env: dict[str, str] | None = None,
+        host: str = LOOPBACK,
+        workers: int | None = None,
+    ) -> Server:
+        """The gateway serving ``config`` on a free port of ``host`` (not ready yet)."""
+        port = process.free_port(host)
+        command = gateway_command(config, port, log_level, host=host, workers=workers)
+        return self.start(name, command, port, env)
+
+    def adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop ``proc`` (a load generator or client started elsewhere) with the rest."""
+        self.others.append(proc)
+        self.sessions.append(proc.pid)
+
+    def close(self) -> None:
+        for proc in self.others:
+            process.stop(proc)
+        for server in reversed(self.servers):
+            process.stop(server.proc)
+
+    def leftovers(self) -> list[str]:
+        """Processes still alive in any session started here, or naming the work directory."""
+        return process.leftovers(self.sessions, self.workdir)
