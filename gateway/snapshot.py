@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TypeVar
 
 from .config import NONE, Config, Service, service_settings
+from .config.types import connection_limits, service_limits, size
 from .edge.trusted import TrustedProxies
 from .ratelimit.zones import Zone, compile_zone
 
@@ -67,6 +68,25 @@ class WsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BodyPolicy:
+    """A request body's limits (``limits`` of the service, over the top level's)."""
+
+    max_size: int  # bytes; 0: no limit
+    timeout: float  # seconds between two reads
+
+
+@dataclass(frozen=True, slots=True)
+class EdgePolicy:
+    """What one client connection may hold (top-level ``limits``)."""
+
+    header_timeout: float
+    header_buffer: int  # bytes of a whole request head
+    keepalive_timeout: float
+    per_client: int  # open connections per client address
+    max_clients: int  # open client connections in all
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     service: str
     http_prefix: str
@@ -79,6 +99,8 @@ class Route:
     ejection: EjectionPolicy
     retries: int
     ws: WsPolicy | None  # None: no WebSocket sessions
+    body: BodyPolicy
+    underscores_in_headers: bool  # forward header names with "_" (else dropped)
     targets: tuple[Target, ...] = field(init=False)  # every tier's, in order
 
     def __post_init__(self) -> None:
@@ -90,6 +112,7 @@ class Snapshot:
     config: Config
     routes: Mapping[str, Route]
     trusted: TrustedProxies
+    edge: EdgePolicy
 
 
 def compile_snapshot(config: Config) -> Snapshot:
@@ -97,15 +120,24 @@ def compile_snapshot(config: Config) -> Snapshot:
     routes = {
         name: _route(config, name, service, zones) for name, service in config.services.items()
     }
+    limits = connection_limits(config)
     return Snapshot(
         config=config,
         routes=MappingProxyType(routes),
         trusted=TrustedProxies(config.trusted_proxies),
+        edge=EdgePolicy(
+            header_timeout=_set(limits.client_header_timeout),
+            header_buffer=_size(limits.client_header_buffer),
+            keepalive_timeout=_set(limits.keepalive_timeout),
+            per_client=_set(limits.max_connections_per_client),
+            max_clients=_set(limits.max_client_connections),
+        ),
     )
 
 
 def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) -> Route:
     timeouts, health, ejection, retries = service_settings(config, service)
+    request = service_limits(config, service)
     connect, response = _set(timeouts.connect), _set(timeouts.response)
     tiers = tuple(
         tuple(
@@ -134,6 +166,11 @@ def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) 
         ejection=EjectionPolicy(base=_set(ejection.base), max=_set(ejection.max)),
         retries=retries,
         ws=_ws(name, service),
+        body=BodyPolicy(
+            max_size=_size(request.client_max_body_size),
+            timeout=_set(request.client_body_timeout),
+        ),
+        underscores_in_headers=_set(request.underscores_in_headers),
     )
 
 
@@ -151,6 +188,12 @@ def _ws(name: str, service: Service) -> WsPolicy | None:
 
 
 T = TypeVar("T")
+
+
+def _size(value: int | str | None) -> int:
+    if value is None:
+        raise ValueError("a layered setting is unset")  # pragma: no cover - defaults set all
+    return size(value)
 
 
 def _set(value: T | None) -> T:

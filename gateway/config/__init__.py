@@ -9,6 +9,7 @@ from .load import ConfigError, config_json_schema, load_config, parse_config
 from .types import (
     DEFAULT_EJECTION,
     DEFAULT_HEALTH,
+    DEFAULT_LIMITS,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUTS,
     NONE,
@@ -22,6 +23,7 @@ from .types import (
 __all__ = [
     "DEFAULT_EJECTION",
     "DEFAULT_HEALTH",
+    "DEFAULT_LIMITS",
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUTS",
     "NONE",

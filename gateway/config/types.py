@@ -175,6 +175,71 @@ class RedisSettings:
     prefix: str = doc("Prefix of the gateway's keys in Redis.", "daarion:rl:")
 
 
+Size = (
+    Annotated[int, Range(min=0, max=2**53)]
+    | Annotated[str, Pattern(r"[0-9]{1,15}[kKmMgG]?", "a size like 100m, 32k or 1048576")]
+)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Limits on one request, per service (key by key over the top-level `limits`)."""
+
+    client_max_body_size: Size | None = doc(
+        "Largest request body (nginx's client_max_body_size): a bigger Content-Length gets 413 "
+        "before anything is forwarded; 0: no limit.",
+        None,
+        fallback="100m",
+    )
+    client_body_timeout: Seconds | None = doc(
+        "Seconds allowed between two reads of a request body (nginx's client_body_timeout); "
+        "longer gets 408.",
+        None,
+        fallback=60.0,
+    )
+    underscores_in_headers: bool | None = doc(
+        "Forward request headers whose names hold '_' (nginx's underscores_in_headers); they "
+        "are dropped otherwise, against X_Forwarded_For-style spoofing.",
+        None,
+        fallback=False,
+    )
+
+
+@dataclass(frozen=True)
+class Limits(RequestLimits):
+    """What one client may hold: request limits (defaults for every service) and connection
+    limits (the whole gateway: top level only)."""
+
+    client_header_timeout: Seconds | None = doc(
+        "Seconds for a whole request head; longer gets 408 and the connection is closed.",
+        None,
+        fallback=60.0,
+    )
+    client_header_buffer: Size | None = doc(
+        "Largest request head, request line and headers together (nginx's "
+        "large_client_header_buffers 4 8k); bigger gets 431.",
+        None,
+        fallback="32k",
+    )
+    keepalive_timeout: Seconds | None = doc(
+        "Seconds an idle keep-alive client connection is kept open (needs a restart).",
+        None,
+        fallback=75.0,
+    )
+    max_connections_per_client: Annotated[int, Range(min=1, max=1_000_000)] | None = doc(
+        "Open connections per client address (nginx's limit_conn); more are closed at once.",
+        None,
+        fallback=256,
+    )
+    max_client_connections: Annotated[int, Range(min=1, max=10_000_000)] | None = doc(
+        "Open client connections in all, per process (keep it below the open-files limit): at "
+        "the limit the longest-idle keep-alive connections are closed first, then new ones "
+        "refused.",
+        None,
+        fallback=16384,
+    )
+
+
 @dataclass(frozen=True)
 class Service:
     """A service reachable as /api/<name>/... (and /ws/<name>/...)."""
@@ -227,6 +292,7 @@ class Service:
         "Extra attempts on another target when that is safe.", None, fallback=DEFAULT_RETRIES
     )
     ejection: Ejection = doc("Passive ejection of failing targets.", Ejection())
+    limits: RequestLimits = doc("Request limits for this service.", RequestLimits())
 
 
 @dataclass(frozen=True)
@@ -254,9 +320,22 @@ class Config:
         "Default retries for every service.", None, fallback=DEFAULT_RETRIES
     )
     ejection: Ejection = doc("Default passive ejection for every service.", Ejection())
+    limits: Limits = doc(
+        "Client limits; the request limits are every service's defaults.", Limits()
+    )
+    upstream_keepalive_timeout: Seconds = doc(
+        "Seconds an idle pooled upstream connection is kept; below the 5 s after which common "
+        "backends (uvicorn, hypercorn) close theirs (needs a restart).",
+        4.0,
+    )
+    metrics_cache: Annotated[float, Range(min=0, max=60)] = doc(
+        "Seconds a /metrics scrape is answered with the text rendered for the previous one; "
+        "0: render every scrape.",
+        1.0,
+    )
 
 
-L = TypeVar("L", Timeouts, HealthCheck, Ejection)
+L = TypeVar("L", Timeouts, HealthCheck, Ejection, RequestLimits, Limits)
 
 
 def defaults(cls: type[L]) -> L:
@@ -267,6 +346,7 @@ def defaults(cls: type[L]) -> L:
 DEFAULT_TIMEOUTS: Final = defaults(Timeouts)
 DEFAULT_HEALTH: Final = defaults(HealthCheck)
 DEFAULT_EJECTION: Final = defaults(Ejection)
+DEFAULT_LIMITS: Final = defaults(Limits)
 
 
 def layered(*layers: L) -> L:
@@ -277,6 +357,27 @@ def layered(*layers: L) -> L:
         for f in dataclasses.fields(layers[0])
     }
     return dataclasses.replace(layers[0], **values)
+
+
+SIZE_UNITS: Final = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def size(value: int | str) -> int:
+    """Bytes of a ``Size`` (``32k`` is 32768, as in nginx)."""
+    if isinstance(value, int):
+        return value
+    unit = value[-1].lower() if value[-1].isalpha() else ""
+    return int(value.removesuffix(value[-1]) if unit else value) * SIZE_UNITS[unit]
+
+
+def service_limits(config: Config, service: Service) -> RequestLimits:
+    """A service's request limits, every field set: its own, the top level's, the defaults."""
+    return layered(service.limits, config.limits, DEFAULT_LIMITS)
+
+
+def connection_limits(config: Config) -> Limits:
+    """The top-level limits, every field set."""
+    return layered(config.limits, DEFAULT_LIMITS)
 
 
 def service_settings(

@@ -11,6 +11,7 @@ import pytest
 from gateway.config import (
     DEFAULT_EJECTION,
     DEFAULT_HEALTH,
+    DEFAULT_LIMITS,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUTS,
     config_json_schema,
@@ -28,7 +29,12 @@ def _properties(schema: dict[str, Any], key: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("key", "defaults"),
-    [("timeouts", DEFAULT_TIMEOUTS), ("health", DEFAULT_HEALTH), ("ejection", DEFAULT_EJECTION)],
+    [
+        ("timeouts", DEFAULT_TIMEOUTS),
+        ("health", DEFAULT_HEALTH),
+        ("ejection", DEFAULT_EJECTION),
+        ("limits", DEFAULT_LIMITS),
+    ],
 )
 def test_the_schema_shows_the_defaults_the_loader_uses(key: str, defaults: Any) -> None:
     properties = _properties(config_json_schema(), key)
