@@ -86,7 +86,9 @@ def missing() -> list[str]:
     """The private attributes above that this aiohttp does not have ("Class.attribute")."""
     gone = []
     for cls, name in _SLOTS:
+        # Instance attributes: in __slots__, or (ClientSession) in the ATTRS it allows.
         slots = {s for klass in cls.__mro__ for s in getattr(klass, "__slots__", ())}
+        slots |= getattr(cls, "ATTRS", frozenset())
         if name not in slots and not hasattr(cls, name):
             gone.append(f"{cls.__name__}.{name}")
     if "_send_headers_immediately" not in vars(web.StreamResponse):

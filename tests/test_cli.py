@@ -11,16 +11,16 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
-from .conftest import NODA1, NODA2, routes
-from .test_config import BROKEN, SHIPPED
+from .helpers import BROKEN, NODA1, NODA2, SHIPPED, routes
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -106,7 +106,7 @@ class Process:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.lines: list[dict] = []
+        self.lines: list[dict[str, Any]] = []
         self._new = asyncio.Condition()
         self._reader = asyncio.create_task(self._read())
 
@@ -121,13 +121,15 @@ class Process:
         """The output's end: once every process holding the pipe has exited."""
         await self._reader
 
-    async def wait_for(self, message: str, timeout: float = 10) -> dict:
+    async def wait_for(self, message: str, timeout: float = 10) -> dict[str, Any]:
         return (await self.wait_for_all(message, 1, timeout))[0]
 
-    async def wait_for_all(self, message: str, count: int, timeout: float = 10) -> list[dict]:
+    async def wait_for_all(
+        self, message: str, count: int, timeout: float = 10
+    ) -> list[dict[str, Any]]:
         """The first ``count`` lines with this message, once there are that many."""
 
-        async def find() -> list[dict]:
+        async def find() -> list[dict[str, Any]]:
             async with self._new:
                 while True:
                     found = [line for line in self.lines if line["message"] == message]
@@ -143,7 +145,7 @@ class Process:
 
 
 @pytest.fixture
-async def serve(tmp_path) -> AsyncIterator:
+async def serve(tmp_path) -> AsyncIterator[Callable[..., Awaitable[tuple[Process, Path]]]]:
     procs: list[Process] = []
 
     async def start(config_text: str, *args: str) -> tuple[Process, Path]:

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .conftest import free_port
+from .helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -21,11 +21,13 @@ BIN = Path(sys.executable).parent
 def instruction(name: str) -> str:
     """The last ``name`` instruction's arguments, continuation lines joined."""
     text = DOCKERFILE.replace("\\\n", " ")
-    return re.findall(rf"^{name}\s+(.*)$", text, re.MULTILINE)[-1]
+    found: list[str] = re.findall(rf"^{name}\s+(.*)$", text, re.MULTILINE)
+    return found[-1]
 
 
 def exec_form(text: str) -> list[str]:
-    return json.loads(text[text.index("[") :])
+    form: list[str] = json.loads(text[text.index("[") :])
+    return form
 
 
 def test_dockerfile_copies_what_exists_and_follows_the_standards():

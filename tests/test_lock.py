@@ -117,7 +117,8 @@ def test_dev_lock_runs_the_runtime_versions():
         assert DEV[name].version == pin.version, name
         for environment in ENVIRONMENTS:  # dev's marker may be wider: more packages need it
             if pin.marker is None or pin.marker.evaluate(environment):
-                assert DEV[name].marker is None or DEV[name].marker.evaluate(environment), name
+                dev_marker = DEV[name].marker
+                assert dev_marker is None or dev_marker.evaluate(environment), name
     for name in BUILD.keys() & DEV.keys():
         assert DEV[name].version == BUILD[name].version, name
 

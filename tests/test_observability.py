@@ -7,7 +7,7 @@ import random
 import re
 import string
 
-from .conftest import NODA1, NODA2, raw_exchange, routes
+from .helpers import NODA1, NODA2, raw_exchange, routes
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -164,7 +164,9 @@ async def test_fifty_thousand_random_requests_do_not_grow_the_scrape(upstream, g
         await writer.drain()
         for _ in range(count):
             head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))
+            found = re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE)
+            assert found is not None
+            length = int(found.group(1))
             await reader.readexactly(length)
         writer.close()
 
@@ -244,7 +246,7 @@ def test_log_lines_go_out_in_pipe_atomic_chunks():
             pass
 
     stream = Recorder()
-    writer = LineWriter(stream)  # type: ignore[arg-type] - a stream that records its writes
+    writer = LineWriter(stream)  # type: ignore[arg-type]  # a stream that records its writes
     lines = [f'{{"n": {i}, "pad": "{"x" * random.randint(0, 300)}"}}' for i in range(500)]
     writer._lines = list(lines)  # what one loop iteration collected
     writer.flush()

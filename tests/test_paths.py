@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from gateway import routing
 from gateway.errors import GatewayError
 
-from .conftest import NODA1, raw_exchange, routes
+from .helpers import NODA1, raw_exchange, routes
 
 ATTACKS = [
     b"/api/city/../etc/passwd",

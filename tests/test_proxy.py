@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import NODA1, NODA2, canned, raw_exchange, routes, stalled
+from .helpers import NODA1, NODA2, canned, raw_exchange, routes, stalled
 
 
 async def test_path_and_query_reach_the_upstream_byte_for_byte(upstream, gateway, client):
@@ -273,7 +274,7 @@ async def test_request_body_is_streamed_not_buffered(upstream, gateway, client):
         rest = await request.content.read()
         return web.Response(text=f"got {rest.decode()}")
 
-    async def body():
+    async def body() -> AsyncIterator[bytes]:
         yield b"first"
         await asyncio.wait_for(first_arrived.wait(), 5)  # the upstream has it before we go on
         yield b"second"
@@ -321,7 +322,9 @@ async def test_slow_upstream_pushes_back_on_a_fast_client(upstream, gateway):
         return web.Response(text=str(total))
 
     up = await upstream(NODA1, handler, record_body=False)
-    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    # No body size limit here: the 1 GiB upload is what must be pushed back on.
+    service = f"{{port: {up.port}, nodes: [noda1], limits: {{client_max_body_size: 0}}}}"
+    gw = await gateway(routes({"city": service}, noda1=NODA1))
     _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     size = 1024 * 1024 * 1024
     writer.write(
@@ -463,7 +466,7 @@ async def test_one_stalled_service_does_not_starve_another(upstream, gateway, cl
     async def get(path: str) -> int:
         async with client.get(gw.url + path) as response:
             await response.read()
-            return response.status
+            return int(response.status)
 
     stuck_requests = [asyncio.create_task(get("/api/slow/x")) for _ in range(4)]
     await asyncio.sleep(0.1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import pytest
 import redis.asyncio
 
@@ -16,54 +15,9 @@ from gateway.ratelimit.local import LocalLimiter, step
 from gateway.ratelimit.shared import RedisLimiter
 from gateway.ratelimit.zones import compile_zone
 
-from .conftest import NODA1, routes
+from .helpers import NODA1, STANDARD, burst, limited, statuses
 
 API_LIMIT = compile_zone("api_limit", RateLimit(rate="10r/s", burst=20))
-
-
-# The standards' zone. A burst sent through real sockets is not simultaneous: at 10r/s every
-# 100 ms it takes lets one more through. Tests that count exactly use STEADY, whose burst is the
-# same but which drains one request a minute, so that a slow machine cannot change the count.
-STANDARD = "{rate: 10r/s, burst: 20}"
-STEADY = "{rate: 1r/m, burst: 20}"
-
-
-def limited(port: int, redis_url: str, prefix: str, zone: str = STEADY, *, extra: str = "",
-            services: tuple[str, ...] = ("city",)) -> str:  # fmt: skip
-    """routes.yaml: ``services`` (default: ``city``) on noda1, all behind the zone ``z``."""
-    return (
-        routes({name: f"{{port: {port}, nodes: [noda1]}}" for name in services}, noda1=NODA1)
-        + f"redis: {{url: '{redis_url}', prefix: '{prefix}'}}\n"
-        + f"rate_limits: {{z: {zone}}}\ndefault_rate_limit: z\n"
-        + extra
-    )
-
-
-async def burst(
-    url: str,
-    count: int,
-    *,
-    source: str = "127.0.0.1",
-    headers: list[dict[str, str]] | None = None,
-) -> list[aiohttp.ClientResponse]:
-    """``count`` simultaneous GETs from ``source`` (a loopback address), bodies read."""
-    connector = aiohttp.TCPConnector(local_addr=(source, 0), limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one(i: int) -> aiohttp.ClientResponse:
-            extra = headers[i] if headers else {}
-            async with session.get(url, headers=extra) as response:
-                await response.read()
-                return response
-
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
-
-
-def statuses(responses: list[aiohttp.ClientResponse]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for r in responses:
-        out[r.status] = out.get(r.status, 0) + 1
-    return out
 
 
 # -- the script, against a real Redis --------------------------------------------------------
@@ -210,9 +164,9 @@ async def test_gateway_lets_21_of_a_burst_through_and_answers_the_rest_429(
     assert refused.headers["RateLimit-Policy"] == '"z";q=21;w=3'
     assert refused.headers["RateLimit"] == '"z";r=0;t=1'
     assert refused.headers["Content-Type"] == "application/json"
-    allowed = [r for r in responses if r.status == 200]
-    assert all(r.headers["RateLimit-Policy"] == '"z";q=21;w=3' for r in allowed)
-    assert sorted(r.headers["RateLimit"] for r in allowed)[0] == '"z";r=0;t=2'
+    passed = [r for r in responses if r.status == 200]
+    assert all(r.headers["RateLimit-Policy"] == '"z";q=21;w=3' for r in passed)
+    assert sorted(r.headers["RateLimit"] for r in passed)[0] == '"z";r=0;t=2'
 
 
 async def test_refusal_body_and_configurable_status(upstream, gateway, client, shared_redis_url,

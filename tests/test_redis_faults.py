@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -13,8 +14,17 @@ from gateway.config import RateLimit, RedisSettings
 from gateway.ratelimit.shared import MAX_IN_FLIGHT, RedisLimiter
 from gateway.ratelimit.zones import compile_zone
 
-from .conftest import ESTABLISHED, NODA1, RedisServer, RunningGateway, free_port, tcp_sockets
-from .test_ratelimit import burst, limited, statuses
+from .helpers import (
+    ESTABLISHED,
+    NODA1,
+    RedisServer,
+    RunningGateway,
+    burst,
+    free_port,
+    limited,
+    statuses,
+    tcp_sockets,
+)
 
 ZONE = compile_zone("z", RateLimit(rate="10r/s", burst=20))
 
@@ -33,12 +43,13 @@ async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -
         await asyncio.sleep(0.02)
 
 
-async def health(client, gw) -> dict:
+async def health(client, gw) -> dict[str, Any]:
     async with client.get(gw.url + "/health") as response:
-        return await response.json()
+        report: dict[str, Any] = await response.json()
+        return report
 
 
-def messages(gw, text: str) -> list[dict]:
+def messages(gw, text: str) -> list[dict[str, Any]]:
     return [line for line in gw.log_lines() if line["message"] == text]
 
 

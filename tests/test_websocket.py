@@ -10,6 +10,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,7 +18,17 @@ from aiohttp import WSMsgType, web
 
 from gateway.websocket.session import KEEPALIVE
 
-from .conftest import CLOSE_WAIT, NODA1, NODA2, raw_exchange, routes, stalled, tcp_sockets
+from .helpers import (
+    CLOSE_WAIT,
+    NODA1,
+    NODA2,
+    RunningGateway,
+    frame,
+    raw_exchange,
+    routes,
+    stalled,
+    tcp_sockets,
+)
 
 
 @dataclass
@@ -117,7 +128,7 @@ async def raw_handshake(port: int) -> tuple[asyncio.StreamReader, asyncio.Stream
     return reader, writer
 
 
-async def logged(gw, predicate, timeout: float = 5.0) -> list[dict]:
+async def logged(gw, predicate, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The log lines matching ``predicate``, once there is at least one (a session's line is
     written when its handler ends, a moment after the client saw the close)."""
     deadline = time.monotonic() + timeout
@@ -127,7 +138,12 @@ async def logged(gw, predicate, timeout: float = 5.0) -> list[dict]:
     return lines
 
 
-async def open_ws(client, gw, path="/ws/city/rooms/general", **kwargs):
+async def open_ws(
+    client: aiohttp.ClientSession,
+    gw: RunningGateway,
+    path: str = "/ws/city/rooms/general",
+    **kwargs: Any,
+) -> tuple[aiohttp.ClientWebSocketResponse, str]:
     ws = await client.ws_connect(gw.url + path, **kwargs)
     hello = await ws.receive(timeout=5)
     assert hello.type is WSMsgType.TEXT
@@ -152,8 +168,8 @@ async def test_frames_relay_both_ways_in_order_and_byte_exact(ws_upstream, gatew
             else:
                 await ws.send_str(message)
 
-    async def reader() -> list:
-        got = []
+    async def reader() -> list[str | bytes]:
+        got: list[str | bytes] = []
         while len(got) < len(sent):
             msg = await ws.receive(timeout=10)
             got.append(msg.data)
@@ -488,8 +504,6 @@ async def test_keepalive_pongs_stay_in_the_gateway(ws_upstream, gateway, client)
 
 from gateway.websocket.frames import close_payload, control_frame  # noqa: E402
 from gateway.websocket.upstream import accept_key  # noqa: E402 - kept with the tests that use it
-
-from .test_wsframes import frame  # noqa: E402
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:

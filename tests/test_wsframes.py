@@ -22,24 +22,9 @@ from gateway.websocket.frames import (
     close_payload,
     control_frame,
     parse_close,
-    unmask,
 )
 
-
-def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
-    """A frame as a peer would send it (any length)."""
-    first = (0x80 if fin else 0) | opcode
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, n | (0x80 if masked else 0)))
-    elif n < 1 << 16:
-        head = bytes((first, 126 | (0x80 if masked else 0))) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, 127 | (0x80 if masked else 0))) + n.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + unmask(payload, key)
+from .helpers import frame
 
 
 def feed_in_pieces(reader: FrameReader, stream: bytes, rng: random.Random) -> list[object]:
