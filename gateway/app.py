@@ -68,7 +68,7 @@ class Gateway:
         shares the port with the others and serves its metrics to them."""
         shared = self.shared
         listen = shared.snapshot.config.listen
-        shared.upstream.open()
+        shared.upstream.open(shared.snapshot.config.upstream_keepalive_timeout)
         await shared.limiter.start()
         prober = Prober(
             lambda: self.shared.snapshot, shared.upstream.session, shared.health, shared.metrics

@@ -22,6 +22,7 @@ class GatewayError(Exception):
     """An answer the gateway gives instead of an upstream's.
 
     ``kind`` is set for upstream failures only (connect, timeout, ...), for metrics.
+    ``close``: the client connection cannot be used after this answer (an unread body).
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class GatewayError(Exception):
         *,
         kind: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -39,21 +41,33 @@ class GatewayError(Exception):
         self.message = message
         self.kind = kind
         self.headers = headers
+        self.close = close  # close the client connection after the answer (an unread body)
 
 
 class ClientGone(Exception):
     """The client went away while its request was being forwarded."""
 
 
+class ClientFault(Exception):
+    """The client broke its request's limits while it was being forwarded (its body paused
+    too long, or grew too big): ``error`` is its answer. Never the upstream's failure."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class UpstreamAborted(Exception):
-    """The upstream failed after the response had started; the client connection was aborted.
+    """The exchange failed after the response had started; the client connection was aborted.
 
     ``response`` is the response already under way (its status line went to the client).
+    ``by_client``: the client's own body failed (see ``ClientFault``), not the upstream.
     """
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, response: web.StreamResponse, *, by_client: bool = False) -> None:
         super().__init__("upstream failed mid-response")
         self.response = response
+        self.by_client = by_client
 
 
 # The answer for each kind of upstream failure (``GatewayError.kind``), HTTP and WebSocket alike.
@@ -72,6 +86,13 @@ _UPSTREAM_FAILURES: Final = {
         "the upstream closed the connection without answering",
     ),
     "io": (502, "upstream_error", "the upstream connection failed"),
+    # A kept-alive connection the upstream closed as the request was written on it: retried
+    # where safe, and not counted against the target.
+    "stale": (
+        502,
+        "upstream_disconnected",
+        "the upstream closed the connection without answering",
+    ),
 }
 
 

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import endpoints, logs, routing
 from .context import Exchange
-from .errors import ClientGone, GatewayError, UpstreamAborted, error_response
+from .errors import ClientFault, ClientGone, GatewayError, UpstreamAborted, error_response
 from .logs import REQUEST_ID, request_id_from
 from .metrics import GATEWAY, UNMATCHED
 from .ratelimit.phase import limit
@@ -49,9 +49,17 @@ async def handle(shared: Shared, request: web.BaseRequest) -> web.StreamResponse
         if err.kind and ex.service != UNMATCHED:
             shared.metrics.upstream_errors.labels(ex.service, err.kind).inc()
         response = error_response(err, ex.request_id)
-        if is_upgrade(request):
-            # Whatever the client sent after a refused handshake is not HTTP: do not read on.
+        if err.close or is_upgrade(request):
+            # An unread body, or whatever a client sent after a refused handshake, is not
+            # HTTP: do not read on.
             response.force_close()
+        return response
+    except ClientFault as fault:
+        # The client broke a limit while its body was being forwarded: its answer, and the
+        # upstream exchange is over (never counted against the upstream).
+        ex.status, ex.error = fault.error.status, fault.error.code
+        response = error_response(fault.error, ex.request_id)
+        response.force_close()
         return response
     except ClientGone:
         ex.status, ex.error = CLIENT_CLOSED, "client_closed"
@@ -63,8 +71,11 @@ async def handle(shared: Shared, request: web.BaseRequest) -> web.StreamResponse
     except UpstreamAborted as aborted:
         # The status line went out; the connection is already reset. Returning the response
         # lets aiohttp notice the dead transport and drop the connection quietly.
-        ex.status, ex.error = aborted.response.status, "upstream_aborted"
-        shared.metrics.upstream_errors.labels(ex.service, "aborted").inc()
+        if aborted.by_client:
+            ex.status, ex.error = aborted.response.status, "client_aborted"
+        else:
+            ex.status, ex.error = aborted.response.status, "upstream_aborted"
+            shared.metrics.upstream_errors.labels(ex.service, "aborted").inc()
         return aborted.response
     else:
         ex.status = response.status

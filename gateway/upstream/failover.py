@@ -38,10 +38,12 @@ IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE
 REPLAY_LIMIT: Final = 64 * 1024  # bodies up to this size are buffered so that they can be retried
 RETRY_STATUS: Final = frozenset({502, 503, 504})
 NEVER_SENT: Final = frozenset({"connect", "connect_timeout"})
-SENT_RETRYABLE: Final = frozenset({"disconnect", "io", "protocol", "status"})
+SENT_RETRYABLE: Final = frozenset({"disconnect", "io", "protocol", "status", "stale"})
 # Closed before any answer: also what reusing a keep-alive connection the upstream had just
 # closed looks like, so with no other target left the same one may be tried again.
-SAME_TARGET_AGAIN: Final = frozenset({"disconnect", "io"})
+SAME_TARGET_AGAIN: Final = frozenset({"disconnect", "io", "stale"})
+# A kept-alive connection closed under the request: the pool's timing, not a failing target.
+NOT_A_TARGET_FAILURE: Final = frozenset({"stale"})
 BACKOFF: Final = 0.025  # seconds, jittered ±50 %
 
 T = TypeVar("T")
@@ -135,7 +137,8 @@ async def attempt(
         try:
             answer = await send(target)
         except Failed as failed:
-            shared.health.failed(target, failed.reason, route.probe, route.ejection)
+            if failed.kind not in NOT_A_TARGET_FAILURE:
+                shared.health.failed(target, failed.reason, route.probe, route.ejection)
             following = next_target(
                 shared.balancer, route, usable, kind=failed.kind, method=ex.request.method,
                 replayable=replayable, tried=tried,

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from ..errors import GatewayError, UpstreamAborted
+from .body import read_body
 from .failover import IDEMPOTENT, REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
 from .headers import Forwarding
-from .http import read_body, relay
+from .http import relay
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -37,14 +38,14 @@ async def forward(
     gauge.inc()
     try:
         replay = REPLAY_LIMIT if route.retries and request.method in IDEMPOTENT else 0
-        body = await read_body(request, replay)
+        body, streamed = await read_body(request, route.body, replay)
         forwarding = Forwarding(ex.client, ex.proto, ex.request_id)
         client = shared.upstream
 
         async def send(target: Target) -> aiohttp.ClientResponse:
             try:
                 upstream = await client.send(
-                    request, target=target, path_qs=path_qs, body=body,
+                    request, target=target, path_qs=path_qs, body=body, streamed=streamed,
                     connect_timeout=route.connect_timeout,
                     response_timeout=route.response_timeout, forwarding=forwarding,
                 )  # fmt: skip
@@ -62,12 +63,13 @@ async def forward(
                 )
             return upstream
 
-        replayable = not isinstance(body, aiohttp.StreamReader)
+        replayable = streamed is None
         upstream, target = await attempt(shared, ex, route, first, send, replayable=replayable)
         try:
-            return await relay(request, upstream, ex.request_id, extra_headers)
-        except UpstreamAborted:
-            shared.health.failed(target, "aborted mid-response", route.probe, route.ejection)
+            return await relay(request, upstream, ex.request_id, extra_headers, streamed)
+        except UpstreamAborted as aborted:
+            if not aborted.by_client:
+                shared.health.failed(target, "aborted mid-response", route.probe, route.ejection)
             raise
     finally:
         gauge.dec()

@@ -16,23 +16,58 @@ import contextlib
 import functools
 import socket
 import struct
+import weakref
 from collections.abc import Mapping
-from typing import Final
+from contextvars import ContextVar
+from typing import Any, Final
 
 import aiohttp
-from aiohttp import StreamReader, web
+from aiohttp import web
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
 from ..aiohttp_private import OneWrite, without_resend
-from ..errors import SERVER, ClientGone, UpstreamAborted, upstream_error
+from ..errors import (
+    SERVER,
+    ClientFault,
+    ClientGone,
+    GatewayError,
+    UpstreamAborted,
+    upstream_error,
+    upstream_failure,
+)
 from ..snapshot import Target
+from .body import Body, ClientBody
 from .headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
-UPSTREAM_KEEPALIVE: Final = 15.0  # seconds an idle pooled upstream connection is kept
+# Whether the connection the current request got from the pool had served a request before
+# (set by _Connector.connect in the request's own task).
+_REUSED: ContextVar[bool] = ContextVar("reused", default=False)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, noting for each request whether its connection is a reused one:
+    an upstream that closed a kept-alive connection just as a request was written on it is a
+    stale connection, not a failing upstream."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._served: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        _REUSED.set(protocol in self._served)
+        if protocol is not None:
+            self._served.add(protocol)
+        return connection
 
 
 class UpstreamClient:
@@ -47,14 +82,16 @@ class UpstreamClient:
             raise RuntimeError("the upstream client is not open")
         return self._session
 
-    def open(self) -> None:
+    def open(self, keepalive_timeout: float) -> None:
+        """``keepalive_timeout``: seconds an idle pooled connection is kept (below the
+        upstreams' own, so that they rarely close one the gateway is about to use)."""
         self._session = without_resend(  # the failover loop decides every retry
             aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
+                connector=_Connector(
                     limit=0,  # bounded per service by Slots instead
                     limit_per_host=0,
                     ttl_dns_cache=10,
-                    keepalive_timeout=UPSTREAM_KEEPALIVE,
+                    keepalive_timeout=keepalive_timeout,
                 ),
                 cookie_jar=aiohttp.DummyCookieJar(),
                 auto_decompress=False,  # bodies pass through byte for byte
@@ -76,11 +113,15 @@ class UpstreamClient:
         target: Target,
         path_qs: str,
         body: Body,
+        streamed: ClientBody | None,
         connect_timeout: float,
         response_timeout: float,
         forwarding: Forwarding,
     ) -> aiohttp.ClientResponse:
-        """Send the request to ``target``; return once the upstream's response headers are in."""
+        """Send the request to ``target``; return once the upstream's response headers are in.
+        Raises ``GatewayError`` for an upstream failure (kind ``stale`` when a reused
+        connection was closed under the request), ``ClientGone`` or ``ClientFault`` when the
+        client (``streamed``, its body) was at fault."""
         try:
             return await self.session.request(
                 request.method,
@@ -91,9 +132,18 @@ class UpstreamClient:
                 timeout=_timeouts(connect_timeout, response_timeout),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if streamed is not None and streamed.fault is not None:
+                raise client_fault(streamed.fault) from exc
             if _client_gone(request):
                 raise ClientGone from exc
-            raise upstream_error(exc) from exc
+            failure = upstream_error(exc)
+            if failure.kind == "disconnect" and _REUSED.get():
+                raise upstream_failure("stale") from exc
+            raise failure from exc
+
+
+def client_fault(fault: GatewayError | ClientGone) -> ClientFault | ClientGone:
+    return fault if isinstance(fault, ClientGone) else ClientFault(fault)
 
 
 @functools.lru_cache(maxsize=256)
@@ -116,35 +166,16 @@ def response_headers(
     return headers
 
 
-Body = bytes | StreamReader | None
-
-
-async def read_body(request: web.BaseRequest, buffer_up_to: int) -> Body:
-    """The request body as the upstream call takes it: ``None`` without one; ``bytes`` when
-    it is at most ``buffer_up_to`` bytes long (so it can be sent again on a retry); else the
-    stream itself, passed through as it arrives."""
-    if not request.body_exists:
-        return None
-    if request.version == aiohttp.HttpVersion11 and (
-        request.headers.get("Expect", "").lower() == "100-continue"
-    ):
-        # The client waits for this before sending its body; the gateway answers it itself
-        # (and drops Expect upstream) once it has decided to forward the request.
-        await request.writer.write(_CONTINUE)
-        request.writer.output_size = 0
-    length = request.content_length
-    if length is not None and length <= buffer_up_to:
-        return await request.read()
-    return request.content
-
-
 async def relay(
     request: web.BaseRequest,
     upstream: aiohttp.ClientResponse,
     request_id: str,
     extra_headers: Mapping[str, str] | None,
+    streamed: ClientBody | None,
 ) -> web.StreamResponse:
-    """Stream the upstream's response to the client (and release the upstream connection)."""
+    """Stream the upstream's response to the client (and release the upstream connection).
+    An upstream that answered before the whole body was sent may still lose it to its client
+    (``streamed``): ``UpstreamAborted.by_client`` then says so."""
     headers = response_headers(upstream, request_id, extra_headers)
     # A body of known length follows its headers at once: send both in one write. A body of
     # unknown length (a stream, server-sent events) may take long: its headers go out first.
@@ -166,7 +197,8 @@ async def relay(
         # would make a truncated body look complete to a client reading until EOF.
         upstream.close()
         reset(request)
-        raise UpstreamAborted(response) from exc
+        by_client = streamed is not None and streamed.fault is not None
+        raise UpstreamAborted(response, by_client=by_client) from exc
     finally:
         upstream.release()
     return response

@@ -34,21 +34,21 @@ services:
 
 
 ALL_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE", "POST", "PATCH", "CONNECT")
-KINDS = ("connect", "connect_timeout", "disconnect", "io", "protocol", "status",
+KINDS = ("connect", "connect_timeout", "disconnect", "io", "stale", "protocol", "status",
          "timeout", "busy", "aborted", "unknown")  # fmt: skip
 
 
 def test_the_vocabulary() -> None:
     assert frozenset({"connect", "connect_timeout"}) == NEVER_SENT
-    assert frozenset({"disconnect", "io", "protocol", "status"}) == SENT_RETRYABLE
-    assert frozenset({"disconnect", "io"}) == SAME_TARGET_AGAIN
+    assert frozenset({"disconnect", "io", "protocol", "status", "stale"}) == SENT_RETRYABLE
+    assert frozenset({"disconnect", "io", "stale"}) == SAME_TARGET_AGAIN
     assert frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"}) == IDEMPOTENT
 
 
 def expected_may_retry(kind: str, method: str, replayable: bool) -> bool:
     if kind in ("connect", "connect_timeout"):
         return True  # never sent: any method, any body
-    if kind in ("disconnect", "io", "protocol", "status"):
+    if kind in ("disconnect", "io", "protocol", "status", "stale"):
         return method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE") and replayable
     return False  # timeout (it may still be working on it) and everything else
 
@@ -76,6 +76,8 @@ CASES: list[tuple[str, int, str, str, bool, str, str, str | None]] = [
     # sent: only idempotent methods with a body that can be sent again
     ("three", 1, "disconnect", "GET", True, "a", "abc", "b"),
     ("three", 1, "io", "PUT", True, "a", "abc", "b"),
+    ("three", 1, "stale", "GET", True, "a", "abc", "b"),  # a kept-alive connection closed
+    ("three", 1, "stale", "POST", True, "a", "abc", None),
     ("three", 1, "protocol", "DELETE", True, "a", "abc", "b"),
     ("three", 1, "status", "HEAD", True, "a", "abc", "b"),
     ("three", 1, "disconnect", "POST", True, "a", "abc", None),  # a POST that reached one
@@ -91,6 +93,8 @@ CASES: list[tuple[str, int, str, str, bool, str, str, str | None]] = [
     # no other target: the same one again only after it closed without an answer
     ("solo", 1, "disconnect", "GET", True, "a", "a", "a"),
     ("solo", 1, "io", "GET", True, "a", "a", "a"),
+    ("solo", 1, "stale", "GET", True, "a", "a", "a"),
+    ("solo", 1, "stale", "PATCH", True, "a", "a", None),
     ("three", 1, "disconnect", "GET", True, "a", "a", "a"),  # the others are unusable
     ("three", 2, "io", "GET", True, "ab", "ab", "b"),  # the last one tried, again
     ("solo", 1, "status", "GET", True, "a", "a", None),  # a 5xx: only to another target

@@ -1,0 +1,199 @@
+"""Request bodies within their limits (nginx's client_max_body_size, client_body_timeout), and
+a client's stall or excess never counted against a healthy upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .helpers import NODA1, RunningGateway, Upstream, raw_exchange, routes
+
+
+async def upstreams_state(
+    client: aiohttp.ClientSession, gw: RunningGateway, service: str
+) -> list[str]:
+    async with client.get(gw.url + "/gateway/upstreams") as response:
+        body = await response.json()
+    return [t["state"] for t in body["services"][service]["targets"]]
+
+
+async def metrics_text(client: aiohttp.ClientSession, gw: RunningGateway) -> str:
+    async with client.get(gw.url + "/metrics") as response:
+        return await response.text()
+
+
+class Waiting:
+    """An upstream handler that notes each request as its head arrives, then reads the body
+    (forever, if it never comes) and notes whether the gateway gave up on it."""
+
+    def __init__(self) -> None:
+        self.heads = 0
+        self.arrived = asyncio.Event()
+        self.cancelled = 0
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        self.heads += 1
+        self.arrived.set()
+        try:
+            self.bodies.append(await request.read())
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return web.json_response({"got": len(self.bodies[-1])})
+
+
+def city(port: int, extra: str = "") -> str:
+    return routes({"city": f"{{port: {port}, nodes: [noda1]{extra}}}"}, noda1=NODA1)
+
+
+async def test_a_content_length_over_the_limit_is_413_before_anything_is_forwarded(
+    upstream, gateway
+):
+    up: Upstream = await upstream(NODA1)
+    gw = await gateway(city(up.port, ", limits: {client_max_body_size: 1k}"))
+    head = b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 1025\r\n\r\n"
+    answer = await raw_exchange(gw.port, head)  # no body sent: the gateway must not wait
+    assert answer.status == 413
+    assert answer.json()["error"] == "body_too_large"
+    assert answer.header("Connection") == "close"
+    small = await raw_exchange(
+        gw.port, b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Connection: close\r\n\r\nabc"
+    )  # fmt: skip
+    assert small.status == 200
+    assert [(s.method, s.body) for s in up.seen] == [("POST", b"abc")]
+
+
+async def test_the_default_limit_is_nginxs_100m(upstream, gateway):
+    up: Upstream = await upstream(NODA1)
+    gw = await gateway(city(up.port))
+    over = 100 * 1024 * 1024 + 1
+    head = f"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: {over}\r\n\r\n"
+    assert (await raw_exchange(gw.port, head.encode())).status == 413
+    assert up.seen == []
+
+
+async def test_a_chunked_body_that_grows_past_the_limit_ends_the_upstream_exchange(
+    upstream, gateway, client
+):
+    waiting = Waiting()
+    up: Upstream = await upstream(NODA1, waiting, record_body=False)
+    gw = await gateway(city(up.port, ", limits: {client_max_body_size: 100k}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 16384
+    for _ in range(8):  # 128 KiB in all: over the limit part way
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 413 ")
+    assert b'"body_too_large"' in raw
+    # The upstream got the head and part of the body, then lost its connection: never a
+    # complete request it could take for the client's.
+    await asyncio.sleep(0.2)
+    assert waiting.heads == 1
+    assert waiting.bodies == []
+    assert waiting.cancelled == 1
+    assert 'kind="' not in "".join(
+        line for line in (await metrics_text(client, gw)).splitlines() if "upstream_errors" in line
+    )
+
+
+async def test_a_stalled_body_gets_408_and_its_head_went_upstream_at_once(upstream, gateway):
+    waiting = Waiting()
+    up: Upstream = await upstream(NODA1, waiting, record_body=False)
+    gw = await gateway(city(up.port, ", limits: {client_body_timeout: 0.5}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    # Big enough to be streamed (over the 64 KiB replay buffer), and never sent.
+    writer.write(b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+    await writer.drain()
+    # The head reaches the upstream before any body byte: it is not left with a silent
+    # connection that it would close as idle.
+    await asyncio.wait_for(waiting.arrived.wait(), 2)
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 408 ")
+    body = orjson.loads(raw.partition(b"\r\n\r\n")[2])
+    assert body["error"] == "body_timeout"
+    await asyncio.sleep(0.2)
+    assert waiting.cancelled == 1  # the upstream exchange was ended, not left hanging
+    lines = gw.log_lines()
+    assert [line["error"] for line in lines if line.get("path") == "/api/city/up"] == [
+        "body_timeout"
+    ]
+
+
+async def test_stalled_bodies_never_eject_a_healthy_upstream(upstream, gateway, client):
+    # The attack of the issue: warm keep-alive connections, then POSTs whose bodies never
+    # come, from one client; the target stays in use and other clients are served at once.
+    waiting = Waiting()
+    up: Upstream = await upstream(NODA1, waiting, record_body=False)
+    gw = await gateway(city(up.port, ", limits: {client_body_timeout: 0.3}"))
+    for _ in range(14):
+        async with client.get(gw.url + "/api/city/warm") as response:
+            assert response.status == 200
+
+    async def stall() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n")
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    answers = await asyncio.gather(*(stall() for _ in range(6)))
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+    assert await upstreams_state(client, gw, "city") == ["up"]
+    metrics = await metrics_text(client, gw)
+    assert "gateway_ejections_total{" not in metrics
+    assert 'gateway_upstream_errors_total{kind="' not in metrics
+    async with client.get(gw.url + "/api/city/control") as response:
+        assert response.status == 200
+
+
+async def test_a_client_gone_mid_body_is_not_the_upstreams_failure(upstream, gateway, client):
+    waiting = Waiting()
+    up: Upstream = await upstream(NODA1, waiting, record_body=False)
+    gw = await gateway(city(up.port))
+    for _ in range(4):  # more than fall (3)
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 900000\r\n\r\n")
+        writer.write(b"x" * 100000)
+        await writer.drain()
+        waiting.arrived.clear()
+        await asyncio.wait_for(waiting.arrived.wait(), 2)
+        writer.close()
+        await asyncio.sleep(0.1)
+    # Not "failing" nor "ejected": nothing was held against it (and no probe or answer yet).
+    assert await upstreams_state(client, gw, "city") == ["unknown"]
+    statuses = [line["status"] for line in gw.log_lines() if line.get("path") == "/api/city/up"]
+    assert statuses == [499, 499, 499, 499]
+
+
+async def test_a_reused_connection_closed_under_a_request_is_stale_not_a_failure(
+    raw_upstream, gateway, client
+):
+    # Each connection answers its first request (keep-alive) and closes on the second one
+    # without answering: what an upstream closing an idle connection just as the gateway
+    # reuses it looks like.
+    async def first_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: dropped
+
+    port = await raw_upstream(first_only)
+    gw = await gateway(city(port))
+    for _ in range(5):
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200  # the retry on a fresh connection answers
+            assert await response.read() == b"ok"
+    assert await upstreams_state(client, gw, "city") == ["up"]
+    metrics = await metrics_text(client, gw)
+    assert 'gateway_retries_total{kind="stale",service="city"}' in metrics
+    assert "gateway_ejections_total{" not in metrics
