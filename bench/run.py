@@ -64,6 +64,7 @@ class Variant:
     name: str
     config: Path | None  # None: the harness's own routes.yaml
     log_level: str
+    program: str | None = None  # another build's daarion-gateway (--code); None: this one
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,10 @@ def _variant_arg(text: str) -> tuple[str, str]:
     return _name_value(text, "--variant")
 
 
+def _code_arg(text: str) -> tuple[str, str]:
+    return _name_value(text, "--code")
+
+
 def _helper_arg(text: str) -> tuple[str, str]:
     return _name_value(text, "--helper")
 
@@ -165,6 +170,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=FILE",
         help="a gateway variant: a routes.yaml with service 'bench' at port "
         "${BENCH_BACKEND_PORT}; repeatable (default: one 'gateway' made by the harness)",
+    )
+    parser.add_argument(
+        "--code",
+        type=_code_arg,
+        action="append",
+        default=[],
+        metavar="NAME=PROGRAM",
+        help="another build of the gateway measured in the same run, after this one's "
+        "variants: the path of its daarion-gateway (e.g. an older checkout's "
+        ".venv/bin/daarion-gateway), run with the harness's own routes.yaml; repeatable",
     )
     parser.add_argument(
         "--log-levels",
@@ -211,8 +226,8 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     if args.rerun_disturbed < 0:
         parser.error("--rerun-disturbed must be 0 or more")
     suite = SUITES[args.suite] if args.suite else None
-    if suite is not None and (args.variant or args.helper):
-        parser.error("--suite brings its own variants and helpers: no --variant or --helper")
+    if suite is not None and (args.variant or args.helper or args.code):
+        parser.error("--suite brings its own variants and helpers: no --variant, --helper, --code")
     log_levels = args.log_levels or (suite.log_levels if suite else "INFO,WARNING")
     levels = [level.strip().upper() for level in log_levels.split(",") if level.strip()]
     if not levels:
@@ -223,8 +238,11 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         (name, (BENCH_DIR / path if suite else Path(path)).resolve()) for name, path in pairs
     ] or [("gateway", None)]
     variants = tuple(
-        Variant(name if i == 0 else f"{name}@{level}", config, level)
-        for name, config in configs
+        Variant(name if i == 0 else f"{name}@{level}", config, level, program)
+        for name, config, program in [
+            *((name, config, None) for name, config in configs),
+            *((name, None, program) for name, program in args.code),
+        ]
         for i, level in enumerate(levels)
     )
     names = [v.name for v in variants]
@@ -233,6 +251,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     for _, config in configs:
         if config is not None and not config.is_file():
             parser.error(f"no such variant file: {config}")
+    for _, program in args.code:
+        if not os.access(program, os.X_OK):
+            parser.error(f"--code: not an executable: {program}")
     return Options(
         duration=2 if args.quick else args.duration,
         conns=args.conns,
@@ -364,7 +385,9 @@ class Stack(servers.Stack):
             config.write_text(GATEWAY_CONFIG)
         gateway_env = {**os.environ, **env, "BENCH_BACKEND_PORT": str(self._bport)}
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", variant.name)
-        server = self.gateway_server(name, config, variant.log_level, env=gateway_env)
+        server = self.gateway_server(
+            name, config, variant.log_level, env=gateway_env, program=variant.program
+        )
         self._ready(server)
         self.targets.append(Target(variant.name, server.port, server, "gateway"))
 

@@ -54,10 +54,18 @@ def nginx_command(nginx: str, home: Path, body: str) -> list[str]:
 
 
 def gateway_command(
-    config: Path, port: int, log_level: str, *, host: str = LOOPBACK, workers: int | None = None
+    config: Path,
+    port: int,
+    log_level: str,
+    *,
+    host: str = LOOPBACK,
+    workers: int | None = None,
+    program: str | None = None,
 ) -> list[str]:
-    """``daarion-gateway serve`` of ``config`` on ``host:port``."""
-    command = [GATEWAY, "serve", "--config", str(config), "--host", host, "--port", str(port)]
+    """``daarion-gateway serve`` of ``config`` on ``host:port`` (``program``: another build's
+    ``daarion-gateway`` instead of this checkout's)."""
+    command = [program or GATEWAY, "serve", "--config", str(config)]
+    command += ["--host", host, "--port", str(port)]
     command += ["--log-level", log_level]
     return command + (["--workers", str(workers)] if workers is not None else [])
 
@@ -255,10 +263,13 @@ class Stack:
         env: dict[str, str] | None = None,
         host: str = LOOPBACK,
         workers: int | None = None,
+        program: str | None = None,
     ) -> Server:
         """The gateway serving ``config`` on a free port of ``host`` (not ready yet)."""
         port = process.free_port(host)
-        command = gateway_command(config, port, log_level, host=host, workers=workers)
+        command = gateway_command(
+            config, port, log_level, host=host, workers=workers, program=program
+        )
         return self.start(name, command, port, env)
 
     def adopt(self, proc: subprocess.Popen[bytes]) -> None:
