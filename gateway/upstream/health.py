@@ -114,8 +114,10 @@ class HealthBook:
         health = self.get(target)
         health.last_ok = False
         now = self.monotonic()
+        if now < health.ejected_until:
+            return  # already out: requests that were in flight are not new evidence
         health.traffic_failures += 1
-        if health.traffic_failures < policy.fall or now < health.ejected_until:
+        if health.traffic_failures < policy.fall:
             return
         if now - health.last_ejection > ejection.max * EJECTION_MEMORY_FACTOR:
             health.ejections = 0

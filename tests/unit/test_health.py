@@ -136,6 +136,22 @@ def test_fall_traffic_failures_eject_for_base_seconds(hb: Book) -> None:
     assert hb.usable(B)  # the other target of the service was never involved
 
 
+def test_failures_while_ejected_are_not_counted_again(hb: Book) -> None:
+    # Requests already in flight when the target was ejected fail too: that is no new
+    # evidence, so once the ejection ends it takes `fall` new failures to eject it again.
+    hb.fail(A, 3)
+    assert hb.sample("gateway_ejections_total", service="svc", node="a") == 1.0
+    hb.fail(A, 10)
+    hb.tick(5)
+    assert hb.usable(A)
+    hb.fail(A, 2)
+    assert hb.usable(A)
+    assert hb.sample("gateway_ejections_total", service="svc", node="a") == 1.0
+    hb.fail(A)
+    assert not hb.usable(A)
+    assert hb.sample("gateway_ejections_total", service="svc", node="a") == 2.0
+
+
 def test_an_answer_resets_the_count_of_traffic_failures(hb: Book) -> None:
     hb.fail(A, 2)
     hb.book.passed(A)
