@@ -152,8 +152,9 @@ class Gateway:
         shared = self.shared
         old = shared.snapshot
         new = compile_snapshot(config)
-        if config.listen != old.config.listen:
-            log.warning("listen address changes take effect only after a restart")
+        for key in ("listen", "upstream_keepalive_timeout"):
+            if getattr(config, key) != getattr(old.config, key):
+                log.warning("a changed %s takes effect only after a restart", key)
         shared.snapshot = new
         if config.redis != old.config.redis:
             previous = shared.limiter
