@@ -46,6 +46,7 @@ class Target:
 class ProbePolicy:
     path: str
     interval: float
+    unhealthy_interval: float  # while no target of the service is usable
     timeout: float
     rise: int
     fall: int
@@ -158,6 +159,7 @@ def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) 
         probe=ProbePolicy(
             path=_set(health.path),
             interval=_set(health.interval),
+            unhealthy_interval=_set(health.unhealthy_interval),
             timeout=_set(health.timeout),
             rise=_set(health.rise),
             fall=_set(health.fall),

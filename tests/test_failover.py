@@ -361,3 +361,33 @@ async def test_upstreams_endpoint_lists_every_target(upstream, gateway, client):
         assert response.status == 405
     async with client.get(gw.url + "/gateway/unknown") as response:
         assert response.status == 404
+
+
+async def test_a_service_that_returns_is_served_again_within_unhealthy_interval_times_rise(
+    node_process, gateway, client
+):
+    # One node, probed every 30 s while it is usable, and every 0.1 s while it is not: once
+    # it is back, two passing probes (rise) bring it back within a fraction of a second, not
+    # an interval or two later.
+    city = node_process(NODA1, "noda1")
+    text = (
+        "health: {interval: 30, unhealthy_interval: 0.1, timeout: 0.5, rise: 2, fall: 1}\n"
+        f"nodes:\n  noda1: {{host: {NODA1}}}\n"
+        f"services:\n  city: {{port: {city.port}, nodes: [noda1]}}\n"
+    )
+    gw = await gateway(text)
+    assert await served_by(client, gw.url + "/api/city/x") == (200, "noda1")
+    city.kill()
+    status, _ = await served_by(client, gw.url + "/api/city/x")  # refused: ejected (fall 1)
+    assert status == 502
+    # The fast probes take it down (the prober looks at least once a second).
+    deadline = time.monotonic() + 3
+    while target_state(await upstreams(client, gw), "city", "noda1") != "down":
+        assert time.monotonic() < deadline, "the probes did not take the dead node down"
+        await asyncio.sleep(0.05)
+    city.start()
+    back = time.monotonic()
+    while (await served_by(client, gw.url + "/api/city/x"))[0] != 200:
+        assert time.monotonic() - back < 2.0, "not served again within 2 s of returning"
+        await asyncio.sleep(0.02)
+    assert time.monotonic() - back < 1.0

@@ -107,6 +107,13 @@ class HealthCheck:
         Annotated[str, Pattern(r"/[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*", "a path like /health")] | None
     ) = doc("Path probed on each target (some services use /healthz).", None, fallback="/health")
     interval: Seconds | None = doc("Seconds between probes of a target.", None, fallback=5.0)
+    unhealthy_interval: Seconds | None = doc(
+        "Seconds between probes while no target of the service is usable (Envoy's "
+        "unhealthy_interval): a service that returns is served again within about this "
+        "times rise.",
+        None,
+        fallback=1.0,
+    )
     timeout: Seconds | None = doc("Seconds a probe may take.", None, fallback=1.0)
     rise: Annotated[int, Range(min=1, max=100)] | None = doc(
         "Consecutive passes that bring a target back.", None, fallback=2

@@ -1,8 +1,11 @@
 """Active health checks: every ``health.interval`` each target's ``health.path`` is fetched
-with a short timeout; a 2xx whose JSON ``status`` is not ``unhealthy`` passes (the DAARION
-services answer static JSON; a 2xx without such a field passes too). Results go to the
-``HealthBook``, which applies rise/fall. One task for the whole gateway; it reads the current
-snapshot each round, so reloads change what it probes without restarting it."""
+with a short timeout (every ``health.unhealthy_interval`` while no target of its service is
+usable, so that a service that returns is served again within about that times ``rise``).
+A 2xx whose JSON ``status`` is not ``unhealthy`` passes (the DAARION services answer static
+JSON; a 2xx without such a field passes too). Results go to the ``HealthBook``, which applies
+rise/fall. One task for the whole gateway; it reads the current snapshot each round, so
+reloads change what it probes without restarting it. A target's next probe waits for its
+last one to end."""
 
 from __future__ import annotations
 
@@ -52,7 +55,9 @@ class Prober:
         self._session = session
         self._health = health
         self._metrics = metrics
-        self._due: dict[tuple[str, str, str, int], float] = {}
+        # Per target: when its last probe started, and the jitter of its interval.
+        self._last: dict[tuple[str, str, str, int], tuple[float, float]] = {}
+        self._probing: set[tuple[str, str, str, int]] = set()  # probes under way
         self._running: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
 
@@ -69,20 +74,27 @@ class Prober:
         now = time.monotonic()
         soonest = now + 1.0
         configured = set()
+        health = self._health
         for route in self._snapshot().routes.values():
-            if not route.probe.enabled:
+            policy = route.probe
+            if not policy.enabled:
                 continue
+            down = not any(health.usable(t, now) for t in route.targets)
+            every = policy.unhealthy_interval if down else policy.interval
             for target in route.targets:
-                configured.add(target.key)
-                due = self._due.setdefault(target.key, now)  # first probe at once
-                if due <= now:
+                key = target.key
+                configured.add(key)
+                last = self._last.get(key)
+                due = now if last is None else last[0] + every * last[1]  # the first at once
+                if due <= now and key not in self._probing:
                     # A little jitter keeps probes of many targets from marching in step.
                     jitter = random.uniform(0.95, 1.05)  # noqa: S311 - scheduling, not secrets
-                    self._due[target.key] = due = now + route.probe.interval * jitter
+                    self._last[key] = (now, jitter)
+                    due = now + every * jitter
                     self._start(route, target)
-                soonest = min(soonest, due)
-        for key in self._due.keys() - configured:
-            del self._due[key]
+                soonest = min(soonest, max(due, now + 0.01))
+        for key in self._last.keys() - configured:
+            del self._last[key]
         return max(0.01, soonest - time.monotonic())
 
     def _start(self, route: Route, target: Target) -> None:
@@ -91,8 +103,14 @@ class Prober:
         task.add_done_callback(self._running.discard)
 
     async def _probe(self, route: Route, target: Target) -> None:
-        async with self._limit:
-            ok, reason = await self._fetch(target.origin + route.probe.path, route.probe.timeout)
+        self._probing.add(target.key)
+        try:
+            async with self._limit:
+                ok, reason = await self._fetch(
+                    target.origin + route.probe.path, route.probe.timeout
+                )
+        finally:
+            self._probing.discard(target.key)
         self._metrics.probes.labels(target.service, target.node, "pass" if ok else "fail").inc()
         self._health.probed(target, ok, reason, route.probe)
 
