@@ -90,7 +90,8 @@ class EdgePolicy:
 @dataclass(frozen=True, slots=True)
 class Route:
     service: str
-    http_prefix: str
+    http_prefix: str  # what /api/<service> maps to upstream
+    public_prefix: str  # /api/<service>
     tiers: tuple[tuple[Target, ...], ...]  # in order of preference
     connect_timeout: float
     response_timeout: float  # for the headers, and the longest pause inside the body
@@ -151,6 +152,7 @@ def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) 
     return Route(
         service=name,
         http_prefix=f"/{name}" if service.http_prefix is None else service.http_prefix,
+        public_prefix=f"/api/{name}",
         tiers=tiers,
         connect_timeout=connect,
         response_timeout=response,

@@ -503,3 +503,22 @@ async def test_client_leaving_frees_the_upstream_slot(upstream, gateway, client)
         assert response.status == 200  # and the only slot is free again
     statuses = [line["status"] for line in gw.log_lines() if line["message"] == "request"]
     assert statuses[0] == 499
+
+
+async def test_a_redirect_to_the_upstreams_own_address_gets_the_public_url(
+    upstream, gateway, client
+):
+    async def slash(request: web.Request) -> web.StreamResponse:
+        # As frameworks do: an absolute URL built from the Host the upstream was sent.
+        own = f"http://{request.host}{request.path}/"
+        raise web.HTTPMovedPermanently(own, headers={"Content-Location": own})
+
+    up = await upstream(NODA1, slash)
+    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    async with client.get(
+        gw.url + "/api/city/rooms", allow_redirects=False, headers={"Host": "gw.example:8443"}
+    ) as response:
+        assert response.status == 301
+        assert response.headers["Location"] == "http://gw.example:8443/api/city/rooms/"
+        assert response.headers["Content-Location"] == "http://gw.example:8443/api/city/rooms/"
+    assert up.seen[0].header("Host") == f"{NODA1}:{up.port}"  # what the upstream built it from

@@ -14,6 +14,7 @@ from .body import read_body
 from .failover import IDEMPOTENT, REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
 from .headers import Forwarding
 from .http import relay
+from .redirects import Redirects
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -65,8 +66,14 @@ async def forward(
 
         replayable = streamed is None
         upstream, target = await attempt(shared, ex, route, first, send, replayable=replayable)
+        redirects = Redirects(
+            target, route.http_prefix, route.public_prefix, ex.proto, request.headers.get("Host")
+        )
         try:
-            return await relay(request, upstream, ex.request_id, extra_headers, streamed)
+            return await relay(
+                request, upstream, ex.request_id, extra_headers=extra_headers,
+                streamed=streamed, redirects=redirects,
+            )  # fmt: skip
         except UpstreamAborted as aborted:
             if not aborted.by_client:
                 shared.health.failed(target, "aborted mid-response", route.probe, route.ejection)

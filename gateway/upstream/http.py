@@ -42,8 +42,10 @@ from ..errors import (
 from ..snapshot import Target
 from .body import Body, ClientBody
 from .headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
+from .redirects import Redirects
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+_MAY_POINT_HOME: Final = ("Location", "Content-Location", "Refresh")
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # Whether the connection the current request got from the pool had served a request before
 # (set by _Connector.connect in the request's own task).
@@ -155,9 +157,14 @@ def _timeouts(connect: float, response: float) -> aiohttp.ClientTimeout:
 
 
 def response_headers(
-    upstream: aiohttp.ClientResponse, request_id: str, extra: Mapping[str, str] | None
+    upstream: aiohttp.ClientResponse,
+    request_id: str,
+    extra: Mapping[str, str] | None,
+    redirects: Redirects | None = None,
 ) -> CIMultiDict[str]:
     headers = end_to_end(upstream.headers, HOP_BY_HOP)
+    if redirects is not None and any(name in headers for name in _MAY_POINT_HOME):
+        redirects.apply(headers)
     if extra:
         headers.update(extra)
     headers["X-Request-ID"] = request_id
@@ -170,13 +177,15 @@ async def relay(
     request: web.BaseRequest,
     upstream: aiohttp.ClientResponse,
     request_id: str,
+    *,
     extra_headers: Mapping[str, str] | None,
     streamed: ClientBody | None,
+    redirects: Redirects | None = None,
 ) -> web.StreamResponse:
     """Stream the upstream's response to the client (and release the upstream connection).
     An upstream that answered before the whole body was sent may still lose it to its client
     (``streamed``): ``UpstreamAborted.by_client`` then says so."""
-    headers = response_headers(upstream, request_id, extra_headers)
+    headers = response_headers(upstream, request_id, extra_headers, redirects)
     # A body of known length follows its headers at once: send both in one write. A body of
     # unknown length (a stream, server-sent events) may take long: its headers go out first.
     kind = OneWrite if upstream.content_length is not None else web.StreamResponse

@@ -1,0 +1,72 @@
+"""Redirect URLs that point at the upstream's own address become the public URLs that reach
+the same resource (nginx's proxy_redirect default); anything else passes unchanged."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.snapshot import Target
+from gateway.upstream.redirects import Redirects
+
+TARGET = Target("city", "noda1", "127.0.0.3", 7001, 0)
+
+
+def redirects(prefix: str = "/city", host: str | None = "gw.example:8443") -> Redirects:
+    return Redirects(TARGET, prefix, "/api/city", "https", host)
+
+
+@pytest.mark.parametrize(
+    ("location", "public"),
+    [
+        ("http://127.0.0.3:7001/city/rooms/", "https://gw.example:8443/api/city/rooms/"),
+        ("HTTP://127.0.0.3:7001/city/rooms?x=1", "https://gw.example:8443/api/city/rooms?x=1"),
+        ("http://127.0.0.3:7001/city", "https://gw.example:8443/api/city"),
+        ("http://127.0.0.3:7001/city?next=/", "https://gw.example:8443/api/city?next=/"),
+        # Not the upstream's own address, or not a URL under the route: unchanged.
+        ("/city/rooms/", "/city/rooms/"),
+        ("rooms/", "rooms/"),
+        ("https://app.daarion.space/x", "https://app.daarion.space/x"),
+        ("http://127.0.0.3:7002/city/x", "http://127.0.0.3:7002/city/x"),
+        ("http://127.0.0.3:70012/city/x", "http://127.0.0.3:70012/city/x"),
+        ("http://127.0.0.3:7001/cityx", "http://127.0.0.3:7001/cityx"),
+        ("http://127.0.0.3:7001/other", "http://127.0.0.3:7001/other"),
+    ],
+)
+def test_locations(location: str, public: str) -> None:
+    assert redirects().url(location) == public
+
+
+def test_an_empty_upstream_prefix_maps_every_path() -> None:
+    r = redirects(prefix="")
+    assert r.url("http://127.0.0.3:7001/rooms/") == "https://gw.example:8443/api/city/rooms/"
+    assert r.url("http://127.0.0.3:7001") == "https://gw.example:8443/api/city/"
+
+
+@pytest.mark.parametrize("host", [None, "", "evil.example/x", "a b", "gw.example:8443\r\nX: y"])
+def test_without_a_usable_host_the_public_url_is_a_path(host: str | None) -> None:
+    assert redirects(host=host).url("http://127.0.0.3:7001/city/r") == "/api/city/r"
+
+
+def test_port_80_may_be_left_out() -> None:
+    r = Redirects(Target("city", "noda1", "10.0.0.1", 80, 0), "/city", "/api/city", "http", "gw")
+    assert r.url("http://10.0.0.1/city/a") == "http://gw/api/city/a"
+    assert r.url("http://10.0.0.1:80/city/a") == "http://gw/api/city/a"
+
+
+def test_the_headers_rewritten() -> None:
+    headers = CIMultiDict(
+        {
+            "Location": "http://127.0.0.3:7001/city/a",
+            "Content-Location": "http://127.0.0.3:7001/city/b",
+            "Refresh": "5; url=http://127.0.0.3:7001/city/c",
+            "Link": "<http://127.0.0.3:7001/city/d>",
+        }
+    )
+    redirects().apply(headers)
+    assert dict(headers) == {
+        "Location": "https://gw.example:8443/api/city/a",
+        "Content-Location": "https://gw.example:8443/api/city/b",
+        "Refresh": "5; url=https://gw.example:8443/api/city/c",
+        "Link": "<http://127.0.0.3:7001/city/d>",  # not a redirect header: as it came
+    }
