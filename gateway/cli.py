@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -27,6 +28,8 @@ from .config import Config, ConfigError, config_json_schema, load_config
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .routetable import Entry
+    from .snapshot import Route
     from .workers import Worker
 
 log = logging.getLogger("gateway")
@@ -109,24 +112,82 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def summary(path: str, config: Config) -> str:
+    """``check``'s report: the route table in match order, and routes that can never match."""
     from .snapshot import compile_snapshot  # noqa: PLC0415 - not needed by healthcheck/schema
 
-    routes = compile_snapshot(config).routes
-    width = max((len(name) for name in routes), default=0)
+    snapshot = compile_snapshot(config)
+    entries = snapshot.table.entries
+    width = max((len(_route_path(e)) for e in entries), default=0)
     lines = [
-        f"{path}: OK, {len(routes)} services on {len(config.nodes)} nodes, "
+        f"{path}: OK, {len(snapshot.routes)} services on {len(config.nodes)} nodes, "
         f"listening on {config.listen.host}:{config.listen.port}",
     ]
-    for name, route in sorted(routes.items()):
-        urls = ", ".join(f"{t.origin}{route.http_prefix}/ ({t.node})" for t in route.targets)
-        limit = f"  [limit: {route.zone.name}]" if route.zone else ""
-        lines.append(f"  /api/{name + '/':<{width + 1}} -> {urls}{limit}")
+    for entry in entries:
+        route = entry.policy
+        scheme = "ws://" if entry.websocket else "http://"
+        urls = ", ".join(
+            f"{scheme}{t.origin.removeprefix('http://')}{entry.to} ({t.node})"
+            for t in route.targets
+        )
+        notes = _route_notes(entry, snapshot.routes[route.service])
+        lines.append(f"  {_route_path(entry):<{width}} -> {urls}{notes}")
+    lines += [f"warning: {warning}" for warning in never_matched(config)]
     if config.rate_limits:
         where = "in each process's memory"
         if config.redis is not None and not config.redis.url.startswith("memory://"):
             where = f"through {_redact(config.redis.url)} (on_error: {config.redis.on_error})"
         lines.append(f"rate limits {', '.join(config.rate_limits)} are kept {where}")
     return "\n".join(lines) + "\n"
+
+
+def _route_path(entry: Entry[Route]) -> str:
+    """A route's match: its path, and what else it needs."""
+    text = entry.path + (" (exact)" if entry.exact else "")
+    if entry.methods is not None:
+        text += " " + ",".join(sorted(entry.methods))
+    if entry.hosts is not None:
+        text += " @" + ",".join(sorted(entry.hosts))
+    return text
+
+
+def _route_notes(entry: Entry[Route], service: Route) -> str:
+    """The route's kind, zone and the policies it sets over its service's."""
+    route = entry.policy
+    notes = []
+    if entry.id != route.service:  # a written route: its name, and its service if not in it
+        named = entry.id.startswith(f"{route.service}#")
+        notes.append(f"route {entry.id}" + ("" if named else f" of {route.service}"))
+    if entry.websocket:
+        notes.append("websocket")
+    if route.zone is not None:
+        notes.append(f"limit: {route.zone.name}")
+    for key in ("connect_timeout", "response_timeout", "retries", "body", "cookie_path"):
+        if getattr(route, key) != getattr(service, key):
+            notes.append(f"{key}: {_shown(getattr(route, key))}")
+    return "".join(f"  [{note}]" for note in notes)
+
+
+def _shown(value: object) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in dataclasses.asdict(value).items())  # fmt: skip
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def never_matched(config: Config) -> list[str]:
+    """Routes that can never match: their paths are the gateway's own."""
+    from .endpoints import own  # noqa: PLC0415 - not needed by healthcheck/schema
+
+    warnings = []
+    for name, service in config.services.items():
+        for i, rule in enumerate(service.routes or ()):
+            taken = own(rule.path) is not None or (not rule.exact and rule.path == "/gateway")
+            if taken:
+                warnings.append(
+                    f"services.{name}.routes[{i}] ({rule.path}) can never match: "
+                    "/health, /metrics and /gateway/ are the gateway's own"
+                )
+    return warnings
 
 
 def _redact(url: str) -> str:

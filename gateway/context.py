@@ -62,6 +62,7 @@ class Exchange:
     client: str  # the client address (the peer, or what trusted proxies report)
     proto: str  # http or https, as the client used it
     service: str = UNMATCHED
+    route: str = UNMATCHED  # the route's name (a service's own rules: the service's)
     user: str | None = None  # the authenticated subject, once auth exists
     target: Target | None = None  # the upstream target tried last
     status: int = 0

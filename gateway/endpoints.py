@@ -54,6 +54,24 @@ ENDPOINTS: Final[dict[str, Endpoint]] = {
 }
 
 
+OWN_PREFIX: Final = "/gateway/"
+
+
+async def not_found(
+    shared: Shared, request: web.BaseRequest, request_id: str
+) -> web.StreamResponse:
+    raise GatewayError(404, "not_found", "no such service or endpoint")
+
+
+def own(path: str) -> Endpoint | None:
+    """The gateway's own endpoint for ``path``: /health, /metrics and everything under
+    /gateway/ are the gateway's, whatever the routes say (an unknown one is 404)."""
+    endpoint = ENDPOINTS.get(path)
+    if endpoint is None and path.startswith(OWN_PREFIX):
+        return not_found
+    return endpoint
+
+
 def refresh_metrics(shared: Shared) -> None:
     """Bring the metrics computed at scrape time up to date (health, session counters)."""
     shared.health.export(shared.snapshot.routes.values())

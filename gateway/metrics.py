@@ -62,6 +62,13 @@ class Metrics:
             "Requests answered, by service, method and status.",
             ["service", "method", "status"],
         )
+        self.route_requests = self._labelled(
+            Counter,
+            "gateway_route_requests",
+            "Requests answered, by service, route (its name, or the service's for a service's "
+            "own two rules) and status.",
+            ["service", "route", "status"],
+        )
         self.duration = self._labelled(
             Histogram,
             "http_request_duration_seconds",
@@ -181,7 +188,7 @@ class Metrics:
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         # Cached label children: labels() costs a lock and a dict lookup we can skip.
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._request_children: dict[tuple[str, str, str, int], tuple[Counter, Counter]] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._limit_children: dict[tuple[str, str], Counter] = {}
         self._active_children: dict[str, Gauge] = {}
@@ -194,12 +201,19 @@ class Metrics:
         self._label_names[id(metric)] = tuple(labels)
         return metric
 
-    def observe_request(self, service: str, method: str, status: int, seconds: float) -> None:
-        key = (service, method_label(method), status)
-        counter = self._request_children.get(key)
-        if counter is None:
-            counter = self._request_children[key] = self.requests.labels(*key[:2], str(status))
-        counter.inc()
+    def observe_request(
+        self, service: str, route: str, method: str, status: int, seconds: float
+    ) -> None:
+        key = (service, route, method_label(method), status)
+        counters = self._request_children.get(key)
+        if counters is None:
+            code = str(status)
+            counters = self._request_children[key] = (
+                self.requests.labels(service, key[2], code),
+                self.route_requests.labels(service, route, code),
+            )
+        for counter in counters:
+            counter.inc()
         if status == 101:
             return  # a WebSocket session's length is not a request latency
         histogram = self._duration_children.get(service)
@@ -236,6 +250,7 @@ class Metrics:
         """Drop the series of a service that a config reload removed."""
         for metric in (
             self.requests,
+            self.route_requests,
             self.duration,
             self.active,
             self.upstream_errors,

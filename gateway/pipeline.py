@@ -2,7 +2,7 @@
 
     check the target (routing.check_target)
     → the gateway's own endpoint? (endpoints.py)
-    → route to a service (routing.match)
+    → the route (routetable.RouteTable, compiled per snapshot: the longest matching path)
     → rate limit (ratelimit/phase.py)
     → a WebSocket handshake (websocket/handshake.py) or an HTTP exchange (upstream/forward.py),
       both choosing and failing over targets with upstream/failover.py
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from . import endpoints, logs, routing
+from . import endpoints, logs, routetable, routing
 from .context import Exchange
 from .errors import ClientFault, ClientGone, GatewayError, UpstreamAborted, error_response
 from .logs import REQUEST_ID, request_id_from
@@ -87,32 +87,46 @@ async def handle(shared: Shared, request: web.BaseRequest) -> web.StreamResponse
 async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     request = ex.request
     target = routing.check_target(request.raw_path)
-    own = endpoints.ENDPOINTS.get(target.path)
+    own = endpoints.own(target.path)
     if own is not None:
-        ex.service = GATEWAY
+        ex.service = ex.route = GATEWAY
         return await own(shared, request, ex.request_id)
-    found = routing.match(target.path)
-    route = ex.snapshot.routes.get(found.service) if found is not None else None
-    if found is None or route is None:
-        raise GatewayError(404, "not_found", "no such service or endpoint")
-    ex.service = route.service
-    if found.kind == "ws":
-        policy = route.ws
-        if policy is None:
-            raise GatewayError(404, "not_found", "this service accepts no WebSocket sessions")
-        path_qs = routing.upstream_path(policy.prefix, found.rest) + target.query
+    table = ex.snapshot.table
+    host = routetable.request_host(request.headers.get("Host")) if table.by_host else ""
+    found = table.match(target.path, request.method, host)
+    if not isinstance(found, routetable.Found):
+        raise _unrouted(found, target.query)
+    entry = found.entry
+    route = entry.policy
+    ex.service, ex.route = route.service, entry.id
+    path_qs = routing.upstream_path(entry.to, found.rest) + target.query
+    if entry.websocket:
         await limit(shared, ex, route)  # a handshake counts toward the rate limit
-        return await open_session(shared, ex, route, policy, path_qs)
-    path_qs = routing.upstream_path(route.http_prefix, found.rest) + target.query
+        return await open_session(shared, ex, route, path_qs)
     limit_headers = await limit(shared, ex, route)
-    return await forward(shared, ex, route, path_qs, limit_headers)
+    return await forward(shared, ex, entry, path_qs, limit_headers)
+
+
+def _unrouted(
+    found: routetable.Elsewhere | routetable.WrongMethod | None, query: str
+) -> GatewayError:
+    if isinstance(found, routetable.WrongMethod):
+        allowed = ", ".join(sorted(found.allowed | ({"HEAD"} if "GET" in found.allowed else set())))
+        return GatewayError(
+            405, "method_not_allowed", "this path takes other methods", headers={"Allow": allowed}
+        )
+    if isinstance(found, routetable.Elsewhere):  # nginx's answer for a prefix without its "/"
+        return GatewayError(
+            301, "moved", "the path ends with a slash", headers={"Location": found.path + query}
+        )
+    return GatewayError(404, "not_found", "no such service or endpoint")
 
 
 def _finish(shared: Shared, ex: Exchange) -> None:
     request = ex.request
     seconds = shared.clock() - ex.started
     status = ex.status or 500
-    shared.metrics.observe_request(ex.service, request.method, status, seconds)
+    shared.metrics.observe_request(ex.service, ex.route, request.method, status, seconds)
     if not logs.access_enabled():
         return
     fields: dict[str, object] = {
@@ -121,7 +135,7 @@ def _finish(shared: Shared, ex: Exchange) -> None:
         "status": status,
         "duration_ms": round(seconds * 1000, 2),
         "client": ex.client,
-        "route": ex.service,
+        "route": ex.route,
     }
     if ex.target is not None:
         fields["upstream"] = ex.target.label

@@ -1,4 +1,5 @@
-"""Request target → (service, upstream path). Pure functions, no I/O.
+"""Request target checks and the upstream path. Pure functions, no I/O (the route table that
+picks a route is ``routetable.py``).
 
 The raw request target is checked once and the *same* raw string is used both to pick the
 service and to build the upstream path, so that nothing the check saw can differ from what the
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from .errors import GatewayError
@@ -31,9 +32,6 @@ _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _FORBIDDEN_DECODED: Final = re.compile(rb"[\x00-\x1f\x7f/\\]")
 _DOUBLE_ENCODED: Final = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
 
-API: Final = "/api/"
-WS: Final = "/ws/"
-
 
 @dataclass(frozen=True, slots=True)
 class RequestTarget:
@@ -41,13 +39,6 @@ class RequestTarget:
 
     path: str
     query: str
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    kind: Literal["api", "ws"]
-    service: str
-    rest: str  # the raw path after /api/<service>: "" or "/..."
 
 
 def bad_path(message: str) -> GatewayError:
@@ -83,22 +74,6 @@ def _check_segments(path: str) -> None:
             decoded = segment.encode()
         if decoded.partition(b";")[0] in (b".", b".."):
             raise bad_path("the path holds a dot segment")
-
-
-def match(path: str) -> Match | None:
-    """Pick the route family and service name from a checked path."""
-    if path.startswith(API):
-        kind: Literal["api", "ws"] = "api"
-        start = len(API)
-    elif path.startswith(WS):
-        kind = "ws"
-        start = len(WS)
-    else:
-        return None
-    slash = path.find("/", start)
-    if slash < 0:
-        return Match(kind, path[start:], "")
-    return Match(kind, path[start:slash], path[slash:])
 
 
 def upstream_path(prefix: str, rest: str) -> str:

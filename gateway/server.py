@@ -95,7 +95,7 @@ class Protocol(web.RequestHandler):
             # traceback, only the first line of aiohttp's description.
             fields["detail"] = (message or str(exc or "")).strip().partition("\n")[0][:200]
             logs.access("bad request", fields)
-        self._metrics.observe_request(UNMATCHED, "OTHER", err.status, 0.0)
+        self._metrics.observe_request(UNMATCHED, UNMATCHED, "OTHER", err.status, 0.0)
         response = error_response(err, request_id)
         response.force_close()
         return response

@@ -8,15 +8,24 @@ once, with every default resolved.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from .config import NONE, Config, Service, service_settings
-from .config.types import connection_limits, service_limits, size
+from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, NONE, Config, Service, service_settings
+from .config.types import (
+    RequestLimits,
+    RouteRule,
+    connection_limits,
+    layered,
+    service_limits,
+    size,
+)
 from .edge.trusted import TrustedProxies
 from .ratelimit.zones import Zone, compile_zone
+from .routetable import API, WS, Entry, RouteTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +70,6 @@ class EjectionPolicy:
 
 @dataclass(frozen=True, slots=True)
 class WsPolicy:
-    prefix: str
     origins: frozenset[str] | None  # None: any origin
     max_message: int
     ping_interval: float
@@ -89,9 +97,10 @@ class EdgePolicy:
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """What a request on one route uses: the service's targets and the route's policies (the
+    service's, with a route's own overrides)."""
+
     service: str
-    http_prefix: str  # what /api/<service> maps to upstream
-    public_prefix: str  # /api/<service>
     tiers: tuple[tuple[Target, ...], ...]  # in order of preference
     connect_timeout: float
     response_timeout: float  # for the headers, and the longest pause inside the body
@@ -103,6 +112,7 @@ class Route:
     ws: WsPolicy | None  # None: no WebSocket sessions
     body: BodyPolicy
     underscores_in_headers: bool  # forward header names with "_" (else dropped)
+    cookie_path: bool  # rewrite Set-Cookie Path= from the route's to to its path
     targets: tuple[Target, ...] = field(init=False)  # every tier's, in order
 
     def __post_init__(self) -> None:
@@ -112,7 +122,8 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     config: Config
-    routes: Mapping[str, Route]
+    routes: Mapping[str, Route]  # by service: its own policies (health, slots, probes)
+    table: RouteTable[Route]  # every public path, of every service
     trusted: TrustedProxies
     edge: EdgePolicy
 
@@ -122,10 +133,16 @@ def compile_snapshot(config: Config) -> Snapshot:
     routes = {
         name: _route(config, name, service, zones) for name, service in config.services.items()
     }
+    entries = [
+        entry
+        for name, service in config.services.items()
+        for entry in _entries(config, name, service, routes[name], zones)
+    ]
     limits = connection_limits(config)
     return Snapshot(
         config=config,
         routes=MappingProxyType(routes),
+        table=RouteTable(entries),
         trusted=TrustedProxies(config.trusted_proxies),
         edge=EdgePolicy(
             header_timeout=_set(limits.client_header_timeout),
@@ -151,8 +168,6 @@ def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) 
     zone_name = service.rate_limit or config.default_rate_limit or NONE
     return Route(
         service=name,
-        http_prefix=f"/{name}" if service.http_prefix is None else service.http_prefix,
-        public_prefix=f"/api/{name}",
         tiers=tiers,
         connect_timeout=connect,
         response_timeout=response,
@@ -169,25 +184,77 @@ def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) 
         ),
         ejection=EjectionPolicy(base=_set(ejection.base), max=_set(ejection.max)),
         retries=retries,
-        ws=_ws(name, service),
-        body=BodyPolicy(
-            max_size=_size(request.client_max_body_size),
-            timeout=_set(request.client_body_timeout),
-        ),
+        ws=_ws(service) if service.websocket or service.ws_prefix is not None else None,
+        body=_body(request),
         underscores_in_headers=_set(request.underscores_in_headers),
+        cookie_path=False,
     )
 
 
-def _ws(name: str, service: Service) -> WsPolicy | None:
-    if not service.websocket and service.ws_prefix is None:
-        return None
-    origins = service.ws_origins
+def _entries(
+    config: Config, name: str, service: Service, base: Route, zones: dict[str, Zone]
+) -> list[Entry[Route]]:
+    """The service's public paths: its ``routes``, or the two rules of a service without
+    them (``/api/<name>`` to ``http_prefix``; ``/ws/<name>`` to ``ws_prefix``)."""
+    if service.routes is None:
+        http = f"/{name}" if service.http_prefix is None else service.http_prefix
+        rules = [Entry(name, f"{API}{name}", http, False, None, None, False, base)]
+        if base.ws is not None:
+            ws = f"{WS}{name}" if service.ws_prefix is None else service.ws_prefix
+            rules.append(Entry(name, f"{WS}{name}", ws, False, None, None, True, base))
+        return rules
+    return [
+        Entry(
+            rule.name or f"{name}#{i}",
+            rule.path,
+            rule.to,
+            rule.exact,
+            None if rule.methods is None else frozenset(rule.methods),
+            None if rule.hosts is None else frozenset(rule.hosts),
+            rule.websocket,
+            _rule_route(config, service, rule, base, zones),
+        )
+        for i, rule in enumerate(service.routes)
+    ]
+
+
+def _rule_route(
+    config: Config, service: Service, rule: RouteRule, base: Route, zones: dict[str, Zone]
+) -> Route:
+    """The service's policies with the rule's own over them."""
+    timeouts = layered(rule.timeouts, service.timeouts, config.timeouts, DEFAULT_TIMEOUTS)
+    request = layered(rule.limits, service.limits, config.limits, DEFAULT_LIMITS)
+    zone_name = rule.rate_limit or service.rate_limit or config.default_rate_limit or NONE
+    return dataclasses.replace(
+        base,
+        connect_timeout=_set(timeouts.connect),
+        response_timeout=_set(timeouts.response),
+        zone=zones.get(zone_name),
+        retries=base.retries if rule.retries is None else rule.retries,
+        ws=_ws(service, rule) if rule.websocket else None,
+        body=_body(request),
+        underscores_in_headers=_set(request.underscores_in_headers),
+        cookie_path=rule.cookie_path,
+    )
+
+
+def _ws(service: Service, rule: RouteRule | None = None) -> WsPolicy:
+    def pick(key: str) -> Any:
+        own = getattr(rule, key) if rule is not None else None
+        return getattr(service, key) if own is None else own
+
+    origins = pick("ws_origins")
     return WsPolicy(
-        prefix=f"/ws/{name}" if service.ws_prefix is None else service.ws_prefix,
         origins=None if origins is None else frozenset(o.lower() for o in origins),
-        max_message=service.ws_max_message,
-        ping_interval=service.ws_ping_interval,
-        idle_timeout=service.ws_idle_timeout,
+        max_message=pick("ws_max_message"),
+        ping_interval=pick("ws_ping_interval"),
+        idle_timeout=pick("ws_idle_timeout"),
+    )
+
+
+def _body(request: RequestLimits) -> BodyPolicy:
+    return BodyPolicy(
+        max_size=_size(request.client_max_body_size), timeout=_set(request.client_body_timeout)
     )
 
 

@@ -41,16 +41,27 @@ def test_check_summarises_the_shipped_table():
     result = run("check", "--config", str(SHIPPED), env={"NODA2_HOST": "10.0.0.2", "REDIS_URL": ""})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"{SHIPPED}: OK, 13 services on 2 nodes")
-    search = next(line for line in lines if "/api/search/" in line)
-    assert search.split("->")[1].strip() == (
-        "http://10.0.0.2:8897/search/ (noda2), http://127.0.0.1:8897/search/ (noda1)"
+    assert lines[0].startswith(f"{SHIPPED}: OK, 14 services on 2 nodes")
+    table = {line.split("->")[0].strip(): line.split("->")[1].strip() for line in lines[1:-1]}
+    assert table["/api/search"] == (
+        "http://10.0.0.2:8897/search (noda2), http://127.0.0.1:8897/search (noda1)"
         "  [limit: api_limit]"
     )
-    assert lines[-1] == (
-        "rate limits api_limit are kept through redis://127.0.0.1:6379/0 (on_error: local)"
+    assert (
+        table["/api/city/"]
+        == "http://127.0.0.1:7001/city/ (noda1)  [route city#2]  [limit: api_limit]"
     )
-    assert len(lines) == 15
+    assert table["/ws/events (exact)"] == (
+        "ws://127.0.0.1:7001/ws/events (noda1)  [route city#8]  [websocket]  [limit: api_limit]"
+    )
+    assert table["/api/auth/login"].endswith("[route auth#0]  [limit: login]")
+    assert lines[-2].split("->")[0].strip() == "/"  # the web app: matched last
+    assert lines[-1] == (
+        "rate limits api_limit, login, strict are kept through redis://127.0.0.1:6379/0 "
+        "(on_error: local)"
+    )
+    assert len(table) == 26
+    assert not [line for line in lines if line.startswith("warning:")]
 
 
 def test_check_lists_every_problem_and_exits_2(tmp_path):
@@ -71,7 +82,7 @@ def test_config_path_comes_from_flag_then_env_then_cwd(tmp_path):
     plain = subprocess.run(
         [*GATEWAY, "check"], capture_output=True, text=True, cwd=tmp_path, env=env, check=False
     )
-    assert "13 services" in plain.stdout
+    assert "14 services" in plain.stdout
     assert "1 services" in run("check", cwd=tmp_path, env={"GATEWAY_CONFIG": str(other)}).stdout
     flagged = run("check", "--config", str(other), cwd=tmp_path, env={"GATEWAY_CONFIG": "nope"})
     assert "1 services" in flagged.stdout

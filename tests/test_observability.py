@@ -220,7 +220,7 @@ def test_a_scrape_of_workers_labels_each_workers_samples():
     one, two = Metrics(), Metrics()
     for metrics, requests, healthy in ((one, 3, 1), (two, 4, 0)):
         for _ in range(requests):
-            metrics.observe_request("city", "GET", 200, 0.02)
+            metrics.observe_request("city", "city", "GET", 200, 0.02)
         metrics.health.labels("city", "noda1").set(healthy)
     text = one.render(None, {0: one.families(), 3: two.families()})[0].decode()
     assert 'http_requests_total{method="GET",service="city",status="200",worker="0"} 3.0' in text

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from gateway import routing
 from gateway.errors import GatewayError
+from gateway.routetable import Entry, Found, RouteTable
 
 from .helpers import NODA1, raw_exchange, routes
 
@@ -64,10 +65,23 @@ ATTACKS = [
 ]
 
 
+# The same attacks through each form of route: a service's own rules, and written ones.
+ROUTE_FORMS = {
+    "own rules": "",
+    "prefix with slash": ", routes: [{path: /api/city/, to: /city/}]",
+    "prefix without slash": ", routes: [{path: /api/city, to: /city}]",
+    "to root": ", routes: [{path: /api/city/, to: /}]",
+    "root": ", routes: [{path: /, to: /}]",
+    "exact": ", routes: [{path: /api/city/x, to: /x, exact: true}, {path: /, to: /}]",
+}
+
+
+@pytest.mark.parametrize("form", ROUTE_FORMS)
 @pytest.mark.parametrize("target", ATTACKS, ids=lambda t: t.decode("latin-1"))
-async def test_path_attacks_get_400_and_reach_no_upstream(upstream, gateway, target):
+async def test_path_attacks_get_400_and_reach_no_upstream(upstream, gateway, target, form):
     up = await upstream(NODA1)
-    gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    service = f"{{port: {up.port}, nodes: [noda1]{ROUTE_FORMS[form]}}}"
+    gw = await gateway(routes({"city": service}, noda1=NODA1))
     request = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     response = await raw_exchange(gw.port, request)
     assert response.status == 400, response.raw[:200]
@@ -169,36 +183,56 @@ TARGETS = st.lists(st.lists(SEGMENT_ALPHABET, max_size=4).map("".join), max_size
 )
 
 
-def _map(target: str, prefix: str) -> tuple[routing.RequestTarget, str] | int:
-    """(checked target, upstream path), or the error status."""
+def _map(
+    target: str, prefix: str, path: str = "/api/svc"
+) -> tuple[routing.RequestTarget, str] | int:
+    """(checked target, upstream path) through a route from ``path`` to ``prefix``, or the
+    error status."""
+    table = RouteTable([Entry("svc", path, prefix, False, None, None, False, None)])
     try:
         checked = routing.check_target(target)
-        found = routing.match(checked.path)
-        assert found is not None
-        assert found.service == "svc"
-        return checked, routing.upstream_path(prefix, found.rest)
+        found = table.match(checked.path, "GET")
+        assert isinstance(found, Found)
+        assert found.entry.id == "svc"
+        return checked, routing.upstream_path(found.entry.to, found.rest)
     except GatewayError as err:
         return err.status
 
 
+# Route forms: (path, to). A service's own rule maps /api/<name> to its http_prefix (which
+# may be empty); written routes map a path with or without its trailing slash, or the root.
+FORMS = [
+    ("/api/svc", "/svc"),
+    ("/api/svc", ""),
+    ("/api/svc", "/deep/prefix"),
+    ("/api/svc/", "/svc/"),
+    ("/api/svc/", "/"),
+    ("/api/", "/v1/"),
+    ("/", "/"),
+]
+
+
 @settings(max_examples=3000, deadline=None)
-@given(target=TARGETS, prefix=st.sampled_from(["/svc", "", "/deep/prefix"]))
-@example(target="/api/svc/%2e%2e/x", prefix="/svc")
-@example(target="/api/svc/..;/x", prefix="")
-def test_mapping_is_safe_and_byte_exact(target: str, prefix: str) -> None:
-    outcome = _map(target, prefix)
+@given(target=TARGETS, form=st.sampled_from(FORMS))
+@example(target="/api/svc/%2e%2e/x", form=("/api/svc", "/svc"))
+@example(target="/api/svc/..;/x", form=("/api/svc", ""))
+@example(target="/api/svc//x", form=("/api/svc/", "/"))
+def test_mapping_is_safe_and_byte_exact(target: str, form: tuple[str, str]) -> None:
+    route_path, prefix = form
+    outcome = _map(target, prefix, route_path)
     if isinstance(outcome, int):
         assert outcome == 400
         return
     checked, mapped = outcome
     without_fragment = target.partition("#")[0]
     path, question, query = without_fragment.partition("?")
-    # Byte exact: the upstream path is the prefix plus the client's bytes after /api/svc.
-    assert mapped == (prefix + path[len("/api/svc") :] or "/")
+    # Byte exact: the upstream path is `to` plus the client's bytes after the route's path.
+    assert mapped == (prefix + path[len(route_path) :] or "/")
     assert checked.query == question + query
     # Safe: however leniently the upstream decodes it, it stays under the prefix.
     assert not mapped.startswith("//")  # would read as //host to a URL parser
-    assert _stays_under(mapped, prefix) if prefix else _resolve(mapped).startswith("/")
+    under = prefix.rstrip("/")  # "/svc/" and "/svc" keep a path under the same directory
+    assert _stays_under(mapped, under) if under else _resolve(mapped).startswith("/")
 
 
 @given(st.text(max_size=40))

@@ -72,6 +72,7 @@ def _semantic(data: Any) -> list[tuple[str, str]]:
         return []
     return [
         *_service_refs(data),
+        *_route_problems(data),
         *_zone_problems(data.get("rate_limits")),
         *_cidr_problems(data.get("trusted_proxies")),
         *_redis_problems(data.get("redis")),
@@ -110,6 +111,69 @@ def _service_refs(data: dict[str, Any]) -> list[tuple[str, str]]:
                 problems.append((path, f"{node}:{target[1]} is listed twice"))
             seen.add(target)
     return problems
+
+
+def _route_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Routes that disagree with each other: the same path (and exactness) for methods and
+    hosts that overlap, whether the routes are written or a service's own two rules; a `to`
+    whose trailing slash differs from its path's; unknown zones; a name used twice."""
+    services = data.get("services")
+    zones = data.get("rate_limits")
+    zone_names = sorted(zones) if isinstance(zones, dict) else []
+    problems: list[tuple[str, str]] = []
+    claims: dict[tuple[str, bool], list[tuple[str, Any, Any]]] = {}
+    names: dict[str, str] = {}
+
+    def claim(where: str, path: str, exact: bool, methods: Any, hosts: Any) -> None:
+        for other, other_methods, other_hosts in claims.get((path, exact), ()):
+            if _overlap(methods, other_methods) and _overlap(hosts, other_hosts):
+                problems.append((where, f"the same path as {other} ({path}) for the same "
+                                        "methods and hosts"))  # fmt: skip
+                return
+        claims.setdefault((path, exact), []).append((where, methods, hosts))
+
+    for name, service in services.items() if isinstance(services, dict) else ():
+        if not isinstance(service, dict):
+            continue
+        rules = service.get("routes")
+        if rules is None:  # the service's own two rules
+            claim(f"services.{name}", f"/api/{name}", False, None, None)
+            if service.get("websocket") or service.get("ws_prefix") is not None:
+                claim(f"services.{name} (its /ws/ rule)", f"/ws/{name}", False, None, None)
+            continue
+        for i, rule in enumerate(rules if isinstance(rules, list) else ()):
+            where = f"services.{name}.routes[{i}]"
+            if not isinstance(rule, dict):
+                continue
+            path, to = rule.get("path"), rule.get("to")
+            if isinstance(path, str) and isinstance(to, str):
+                if path.endswith("/") != to.endswith("/"):
+                    problems.append((f"{where}.to", "must end with / exactly when path does"))
+                claim(where, path, rule.get("exact") is True, _methods(rule), rule.get("hosts"))
+            zone = rule.get("rate_limit")
+            if isinstance(zone, str) and zone != NONE and zone not in zone_names:
+                problems.append((f"{where}.rate_limit", _unknown("rate limit", zone, zone_names)))
+            route_name = rule.get("name")
+            if isinstance(route_name, str):
+                if route_name in names:
+                    problems.append((f"{where}.name", f"also the name of {names[route_name]}"))
+                names.setdefault(route_name, where)
+    return problems
+
+
+def _methods(rule: dict[str, Any]) -> Any:
+    """A rule's methods as matched: GET takes HEAD too."""
+    methods = rule.get("methods")
+    if not isinstance(methods, list):
+        return methods
+    return [*methods, "HEAD"] if "GET" in methods else methods
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two lists of methods or hosts (None: any) have something in common."""
+    if not isinstance(a, list) or not isinstance(b, list):
+        return True
+    return bool({str(x).lower() for x in a} & {str(x).lower() for x in b})
 
 
 def _node_refs(base: str, refs: Any) -> list[tuple[str, Any]]:

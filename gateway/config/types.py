@@ -247,6 +247,60 @@ class Limits(RequestLimits):
     )
 
 
+# A public path, or what it maps to upstream: "/", or segments (never "." or ".."), with or
+# without a trailing "/".
+ROUTE_PATH_RE = r"/|(/(?!\.\.?(?:/|$))[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?"
+RoutePath = Annotated[str, Pattern(ROUTE_PATH_RE, "a path like /api/city/ or /ws/events")]
+Method = Annotated[str, Pattern(r"[A-Z][A-Z-]{0,19}", "an HTTP method like GET")]
+HostName = Annotated[
+    str,
+    Pattern(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", "a lowercase host name like app.daarion.space"),
+]
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """A public path a service serves, and the upstream path it maps to. The longest matching
+    path wins, across every service."""
+
+    path: RoutePath = doc(
+        "The public path: a prefix that matches on a segment boundary (/public/ matches "
+        "/public/x, not /publicity), or the whole path with exact."
+    )
+    to: RoutePath = doc(
+        "What replaces the matched path upstream, byte for byte; ends with / exactly when "
+        "path does."
+    )
+    exact: bool = doc("Match the whole path only.", False)
+    methods: Annotated[tuple[Method, ...], MinItems(1)] | None = doc(
+        "Only these methods (default: any); a path that matches with another method gets 405.",
+        None,
+    )
+    hosts: Annotated[tuple[HostName, ...], MinItems(1)] | None = doc(
+        "Only requests for these host names (the Host header without its port; default: any).",
+        None,
+    )
+    name: Name | None = doc(
+        "The route's name in metrics and log lines (default: <service>#<index>).", None
+    )
+    websocket: bool = doc("WebSocket handshakes only (else plain HTTP only).", False)
+    rate_limit: Name | None = doc(
+        "A zone under rate_limits, or none, instead of the service's.", None
+    )
+    timeouts: Timeouts = doc("Timeouts over the service's, key by key.", Timeouts())
+    retries: Retries | None = doc("Retries instead of the service's.", None)
+    limits: RequestLimits = doc("Request limits over the service's, key by key.", RequestLimits())
+    ws_origins: tuple[Origin, ...] | None = doc("ws_origins instead of the service's.", None)
+    ws_max_message: Annotated[int, Range(min=1, max=64 * 1024 * 1024)] | None = doc(
+        "ws_max_message instead of the service's.", None
+    )
+    ws_ping_interval: Seconds | None = doc("ws_ping_interval instead of the service's.", None)
+    ws_idle_timeout: Seconds | None = doc("ws_idle_timeout instead of the service's.", None)
+    cookie_path: bool = doc(
+        "Rewrite Set-Cookie Path= from the upstream path (to) to the public one (path).", False
+    )
+
+
 @dataclass(frozen=True)
 class Service:
     """A service reachable as /api/<name>/... (and /ws/<name>/...)."""
@@ -300,6 +354,11 @@ class Service:
     )
     ejection: Ejection = doc("Passive ejection of failing targets.", Ejection())
     limits: RequestLimits = doc("Request limits for this service.", RequestLimits())
+    routes: tuple[RouteRule, ...] | None = doc(
+        "The service's public paths. Without it: /api/<name>/ (to http_prefix) and, for a "
+        "WebSocket service, /ws/<name>/ (to ws_prefix).",
+        None,
+    )
 
 
 @dataclass(frozen=True)

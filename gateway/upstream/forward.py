@@ -20,18 +20,19 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ..context import Exchange, Shared
+    from ..routetable import Entry
     from ..snapshot import Route, Target
 
 
 async def forward(
     shared: Shared,
     ex: Exchange,
-    route: Route,
+    entry: Entry[Route],
     path_qs: str,
     extra_headers: Mapping[str, str] | None,
 ) -> web.StreamResponse:
-    """Forward ``ex.request`` to a target of ``route`` and stream back its answer."""
-    request = ex.request
+    """Forward ``ex.request`` on ``entry`` (a route) to a target and stream back its answer."""
+    request, route = ex.request, entry.policy
     first = first_target(shared, route)  # before a slot: 503 at once when all are down
     slots = shared.slots.for_route(route)
     await slots.acquire(route.connect_timeout)
@@ -67,7 +68,7 @@ async def forward(
         replayable = streamed is None
         upstream, target = await attempt(shared, ex, route, first, send, replayable=replayable)
         redirects = Redirects(
-            target, route.http_prefix, route.public_prefix, ex.proto, request.headers.get("Host")
+            target, entry, ex.proto, request.headers.get("Host"), cookie_path=route.cookie_path
         )
         try:
             return await relay(

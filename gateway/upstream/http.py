@@ -45,7 +45,7 @@ from .headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
 from .redirects import Redirects
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
-_MAY_POINT_HOME: Final = ("Location", "Content-Location", "Refresh")
+_MAY_POINT_HOME: Final = ("Location", "Content-Location", "Refresh", "Set-Cookie")
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # Whether the connection the current request got from the pool had served a request before
 # (set by _Connector.connect in the request's own task).

@@ -1,21 +1,24 @@
-"""Redirects that don't leak internal addresses (nginx's ``proxy_redirect default``).
+"""Redirects that don't leak internal addresses (nginx's ``proxy_redirect default`` and
+``proxy_cookie_path``).
 
 An upstream builds absolute URLs from the ``Host`` it was sent, which is its own address
 (``http://127.0.0.3:7001/city/rooms/``). In ``Location``, ``Content-Location`` and ``Refresh``
-such a URL is rewritten to the public URL that reaches the same resource through the
-gateway: the scheme and host the client used, the route's public prefix (``/api/city``) in
-place of its upstream prefix (``/city``). Relative URLs, URLs of other hosts and paths outside
-the upstream prefix pass unchanged.
+such a URL is rewritten to the public URL that reaches the same resource through the route
+that reached the upstream: the scheme and host the client used, the route's ``path`` in place
+of its ``to`` (``/api/city`` for ``/city``). Relative URLs, URLs of other hosts and paths
+outside ``to`` pass unchanged. With ``cookie_path``, a ``Set-Cookie`` ``Path=`` under ``to``
+is mapped the same way.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
 
+    from ..routetable import Entry
     from ..snapshot import Target
 
 REWRITTEN: Final = ("Location", "Content-Location")
@@ -24,27 +27,36 @@ _HOST: Final = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
 )
 _REFRESH_URL: Final = re.compile(r"(?i)(\burl\s*=\s*['\"]?)([^'\"\s;]+)")
+_COOKIE_PATH: Final = re.compile(r"(?i)(;\s*path\s*=\s*)([^;]*)")
+
+
+def under(prefix: str, path: str) -> bool:
+    """Whether ``path`` is ``prefix`` or below it, on a segment boundary."""
+    if not prefix or prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] in ("", "/", "?")
 
 
 class Redirects:
     """How one exchange's answer maps the upstream's own URLs to public ones."""
 
-    __slots__ = ("_host", "_proto", "_public_prefix", "_target", "_upstream_prefix")
+    __slots__ = ("_cookie_path", "_entry", "_host", "_proto", "_target")
 
     def __init__(
         self,
         target: Target,
-        upstream_prefix: str,
-        public_prefix: str,
+        entry: Entry[Any],
         proto: str,
         host: str | None,
+        *,
+        cookie_path: bool = False,
     ) -> None:
         # Made for every answer, used by few: only kept here until apply() needs them.
         self._target = target
-        self._upstream_prefix = upstream_prefix
-        self._public_prefix = public_prefix
+        self._entry = entry
         self._proto = proto
         self._host = host
+        self._cookie_path = cookie_path
 
     def url(self, value: str) -> str:
         """``value`` as the client should see it."""
@@ -57,13 +69,19 @@ class Redirects:
                 break
         else:
             return value  # relative, or another host's
-        prefix = self._upstream_prefix
-        if prefix and not (path == prefix or path.startswith((prefix + "/", prefix + "?"))):
+        public = self.path(path)
+        if public is None:
             return value  # not under the route: no public URL reaches it
         host = self._host
         # Without a usable Host, a rewritten URL is a path: relative to what the client asked.
-        public = f"{self._proto}://{host}" if host and _HOST.fullmatch(host) else ""
-        return public + self._public_prefix + path[len(prefix) :]
+        return (f"{self._proto}://{host}" if host and _HOST.fullmatch(host) else "") + public
+
+    def path(self, upstream: str) -> str | None:
+        """The public path of an upstream path under the route's ``to``, else None."""
+        to, public = self._entry.to, self._entry.path
+        if not under(to, upstream):
+            return None
+        return (public + upstream[len(to) :]) or "/"
 
     def apply(self, headers: CIMultiDict[str]) -> None:
         """Rewrite the headers that may carry the upstream's own URLs, in place."""
@@ -74,3 +92,11 @@ class Redirects:
             headers["Refresh"] = _REFRESH_URL.sub(
                 lambda m: m[1] + self.url(m[2]), headers["Refresh"]
             )
+        if self._cookie_path and "Set-Cookie" in headers:
+            cookies = headers.popall("Set-Cookie")
+            for cookie in cookies:
+                headers.add("Set-Cookie", _COOKIE_PATH.sub(self._cookie, cookie))
+
+    def _cookie(self, match: re.Match[str]) -> str:
+        public = self.path(match[2].strip())
+        return match[0] if public is None else match[1] + public

@@ -34,7 +34,7 @@ from .upstream import (
 
 if TYPE_CHECKING:
     from ..context import Exchange, Shared
-    from ..snapshot import Route, Target, WsPolicy
+    from ..snapshot import Route, Target
 
 log = logging.getLogger("gateway.websocket")
 
@@ -77,10 +77,14 @@ class Detached(web.StreamResponse):
 
 
 async def open_session(
-    shared: Shared, ex: Exchange, route: Route, policy: WsPolicy, path_qs: str
+    shared: Shared, ex: Exchange, route: Route, path_qs: str
 ) -> web.StreamResponse:
-    """Handle one WebSocket handshake for ``route`` and start relaying the session."""
+    """Handle one WebSocket handshake for ``route`` (a WebSocket route: ``route.ws`` is set)
+    and start relaying the session."""
     request = ex.request
+    policy = route.ws
+    if policy is None:  # pragma: no cover - the route table gives only WebSocket routes here
+        raise GatewayError(404, "not_found", "this route accepts no WebSocket sessions")
     if not is_upgrade(request):
         raise GatewayError(
             426, "upgrade_required", "use a WebSocket handshake here",

@@ -38,9 +38,9 @@ class Keepalive:
 
     def _period(self) -> float:
         intervals = [
-            route.ws.ping_interval
-            for route in self._shared.snapshot.routes.values()
-            if route.ws is not None
+            entry.policy.ws.ping_interval
+            for entry in self._shared.snapshot.table.entries
+            if entry.policy.ws is not None
         ]
         return min([MAX_SWEEP_PERIOD, *(i / 4 for i in intervals)])
 

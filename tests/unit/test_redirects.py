@@ -6,14 +6,21 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
+from gateway.routetable import Entry
 from gateway.snapshot import Target
 from gateway.upstream.redirects import Redirects
 
 TARGET = Target("city", "noda1", "127.0.0.3", 7001, 0)
 
 
-def redirects(prefix: str = "/city", host: str | None = "gw.example:8443") -> Redirects:
-    return Redirects(TARGET, prefix, "/api/city", "https", host)
+def entry(to: str = "/city", path: str = "/api/city") -> Entry[None]:
+    return Entry("city", path, to, False, None, None, False, None)
+
+
+def redirects(
+    prefix: str = "/city", host: str | None = "gw.example:8443", path: str = "/api/city"
+) -> Redirects:
+    return Redirects(TARGET, entry(prefix, path), "https", host, cookie_path=True)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +56,7 @@ def test_without_a_usable_host_the_public_url_is_a_path(host: str | None) -> Non
 
 
 def test_port_80_may_be_left_out() -> None:
-    r = Redirects(Target("city", "noda1", "10.0.0.1", 80, 0), "/city", "/api/city", "http", "gw")
+    r = Redirects(Target("city", "noda1", "10.0.0.1", 80, 0), entry(), "http", "gw")
     assert r.url("http://10.0.0.1/city/a") == "http://gw/api/city/a"
     assert r.url("http://10.0.0.1:80/city/a") == "http://gw/api/city/a"
 
@@ -70,3 +77,32 @@ def test_the_headers_rewritten() -> None:
         "Refresh": "5; url=https://gw.example:8443/api/city/c",
         "Link": "<http://127.0.0.3:7001/city/d>",  # not a redirect header: as it came
     }
+
+
+def test_routes_with_trailing_slashes_and_the_root() -> None:
+    public = redirects(prefix="/static/", path="/public/")
+    assert (
+        public.url("http://127.0.0.3:7001/static/a.png") == "https://gw.example:8443/public/a.png"
+    )
+    assert public.url("http://127.0.0.3:7001/static") == "http://127.0.0.3:7001/static"
+    root = redirects(prefix="/", path="/")
+    assert root.url("http://127.0.0.3:7001/login?next=/") == "https://gw.example:8443/login?next=/"
+
+
+def test_cookie_paths_are_mapped_with_cookie_path() -> None:
+    headers = CIMultiDict(
+        [
+            ("Set-Cookie", "sid=1; Path=/city/rooms; HttpOnly"),
+            ("Set-Cookie", "lang=uk; path=/"),
+            ("Set-Cookie", "x=2; Path=/city"),
+        ]
+    )
+    redirects().apply(headers)
+    assert headers.getall("Set-Cookie") == [
+        "sid=1; Path=/api/city/rooms; HttpOnly",
+        "lang=uk; path=/",  # not under the route's upstream path: as it came
+        "x=2; Path=/api/city",
+    ]
+    untouched = CIMultiDict([("Set-Cookie", "sid=1; Path=/city")])
+    Redirects(TARGET, entry(), "https", "gw").apply(untouched)  # cookie_path off
+    assert untouched.getall("Set-Cookie") == ["sid=1; Path=/city"]

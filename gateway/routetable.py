@@ -1,0 +1,135 @@
+"""The route table: every public path of a snapshot, compiled once, and the lookup that picks
+a request's route (the longest matching path, across every service). Pure, no I/O, and no
+imports of the gateway's own (``snapshot`` builds tables from configs).
+
+A route's ``path`` is a prefix that matches on a segment boundary (``/public/`` matches
+``/public/x``; ``/api/city`` matches ``/api/city`` and ``/api/city/x``, not ``/api/cityx``), or
+the whole path when ``exact``; ``methods`` and ``hosts`` narrow it. Looking a path up costs a
+few dict lookups per segment of the request path, however many routes there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+API: Final = "/api/"
+WS: Final = "/ws/"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry(Generic[T]):
+    """One compiled route: what it matches and what its matched path becomes upstream."""
+
+    id: str  # its name in metrics and log lines
+    path: str  # the public path (a prefix on a segment boundary, or the whole path if exact)
+    to: str  # what replaces it upstream
+    exact: bool
+    methods: frozenset[str] | None  # None: any
+    hosts: frozenset[str] | None  # None: any
+    websocket: bool
+    policy: T  # what a request on it uses (the snapshot's Route)
+
+    def allows(self, method: str) -> bool:
+        methods = self.methods
+        return methods is None or method in methods or (method == "HEAD" and "GET" in methods)
+
+
+@dataclass(frozen=True, slots=True)
+class Found(Generic[T]):
+    entry: Entry[T]
+    rest: str  # the request path after the matched path: "to + rest" goes upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Elsewhere:
+    """No route has this path, but one has it with a slash appended: redirect there (nginx)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class WrongMethod:
+    """Routes have this path, but not for this method."""
+
+    allowed: frozenset[str]
+
+
+class RouteTable(Generic[T]):
+    """Every route of a snapshot, looked up by path in a fixed number of dict lookups per
+    segment of the request path (the longest matching path wins), whatever the table's size.
+    Compiled once per snapshot; no regex per request."""
+
+    def __init__(self, entries: Iterable[Entry[T]]) -> None:
+        self.entries: tuple[Entry[T], ...] = tuple(
+            sorted(entries, key=lambda e: (-len(e.path), not e.exact, e.path))
+        )  # match order
+        self._exact: dict[str, list[Entry[T]]] = {}
+        self._prefix: dict[str, list[Entry[T]]] = {}
+        for entry in self.entries:
+            (self._exact if entry.exact else self._prefix).setdefault(entry.path, []).append(entry)
+        self.by_host = any(entry.hosts is not None for entry in self.entries)
+
+    def match(
+        self, path: str, method: str, host: str = ""
+    ) -> Found[T] | Elsewhere | WrongMethod | None:
+        """The route for a checked ``path``; ``host`` (lowercase, no port) matters only when
+        some route names hosts."""
+        wrong: set[str] = set()
+        exact = self._exact.get(path)
+        if exact is not None:
+            entry = self._pick(exact, method, host, wrong)
+            if entry is not None:
+                return Found(entry, "")
+        prefixes = self._prefix
+        for candidate in _prefixes(path):
+            entries = prefixes.get(candidate)
+            if entries is not None:
+                entry = self._pick(entries, method, host, wrong)
+                if entry is not None:
+                    return Found(entry, path[len(candidate) :])
+        if wrong:
+            return WrongMethod(frozenset(wrong))
+        slashed = prefixes.get(path + "/") if not path.endswith("/") else None
+        if slashed is not None and any(e.hosts is None or host in e.hosts for e in slashed):
+            return Elsewhere(path + "/")
+        return None
+
+    def _pick(
+        self, entries: list[Entry[T]], method: str, host: str, wrong: set[str]
+    ) -> Entry[T] | None:
+        for entry in entries:
+            if entry.hosts is not None and host not in entry.hosts:
+                continue
+            if entry.allows(method):
+                return entry
+            if entry.methods is not None:
+                wrong |= entry.methods
+        return None
+
+
+def _prefixes(path: str) -> Iterator[str]:
+    """The prefixes of ``path`` a route may match, longest first: the path itself, then at
+    each "/" the prefix with it and the one without it (``/a/b`` → ``/a/b``, ``/a/``, ``/a``,
+    ``/``)."""
+    yield path
+    i = path.rfind("/", 0, len(path) - 1 if path.endswith("/") else len(path))
+    if path.endswith("/") and len(path) > 1:
+        yield path[:-1]
+    while i >= 0:
+        yield path[: i + 1]
+        if i:
+            yield path[:i]
+        i = path.rfind("/", 0, i)
+
+
+def request_host(host_header: str | None) -> str:
+    """The host name a request is for: its Host header, lowercase, without the port."""
+    if not host_header:
+        return ""
+    host = host_header.lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]

@@ -1,0 +1,132 @@
+"""The route table: the longest matching path wins across services, on segment boundaries;
+exact, methods and hosts narrow a route; lookups cost the same however big the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.routetable import Elsewhere, Entry, Found, RouteTable, WrongMethod, request_host
+
+
+def route(
+    name: str,
+    path: str,
+    to: str = "/",
+    *,
+    exact: bool = False,
+    methods: set[str] | None = None,
+    hosts: set[str] | None = None,
+    websocket: bool = False,
+) -> Entry[str]:
+    return Entry(
+        name, path, to, exact,
+        None if methods is None else frozenset(methods),
+        None if hosts is None else frozenset(hosts),
+        websocket, name,
+    )  # fmt: skip
+
+
+def hit(found: object) -> tuple[str, str] | object:
+    """A found route as (name, rest); anything else as it is."""
+    return (found.entry.id, found.rest) if isinstance(found, Found) else found
+
+
+def name_of(found: object) -> str | None:
+    return found.entry.id if isinstance(found, Found) else None
+
+
+CITY = RouteTable(
+    [
+        route("snapshot", "/api/city/snapshot", "/api/city/snapshot"),
+        route("admin", "/api/city/admin/", "/city/admin/"),
+        route("city", "/api/city/", "/city/"),
+        route("public", "/public/", "/public/"),
+        route("uploads", "/static/uploads/", "/static/uploads/", methods={"GET"}),
+        route("events", "/ws/events", "/ws/events", exact=True, websocket=True),
+        route("rooms", "/ws/city/", "/ws/city/", websocket=True),
+        route("agents", "/api/agents"),
+        route("frontend", "/", "/"),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "rest"),
+    [
+        ("/api/city/snapshot", "snapshot", ""),
+        ("/api/city/snapshot/2026", "snapshot", "/2026"),
+        ("/api/city/snapshotx", "city", "snapshotx"),  # a segment boundary, not a prefix
+        ("/api/city/rooms", "city", "rooms"),
+        ("/api/city/admin/users", "admin", "users"),
+        ("/api/city/admin", "city", "admin"),  # /api/city/admin/ needs its slash
+        ("/public/map", "public", "map"),
+        ("/publicity", "frontend", "publicity"),
+        ("/ws/events", "events", ""),
+        ("/ws/events/more", "frontend", "ws/events/more"),  # exact: the whole path only
+        ("/ws/city/rooms/general", "rooms", "rooms/general"),
+        ("/api/agents", "agents", ""),
+        ("/api/agents/invoke", "agents", "/invoke"),
+        ("/api/agentsx", "frontend", "api/agentsx"),
+        ("/", "frontend", ""),
+        ("/index.html", "frontend", "index.html"),
+    ],
+)
+def test_the_longest_matching_path_wins(path: str, name: str, rest: str) -> None:
+    assert hit(CITY.match(path, "GET")) == (name, rest)
+
+
+def test_methods_narrow_a_route_and_fall_through_to_a_shorter_one() -> None:
+    assert name_of(CITY.match("/static/uploads/a.png", "HEAD")) == "uploads"  # GET takes HEAD
+    assert name_of(CITY.match("/static/uploads/a.png", "POST")) == "frontend"
+    alone = RouteTable([route("uploads", "/static/", "/static/", methods={"GET", "PUT"})])
+    assert alone.match("/static/a", "DELETE") == WrongMethod(frozenset({"GET", "PUT"}))
+
+
+def test_hosts_narrow_a_route() -> None:
+    table = RouteTable(
+        [
+            route("space", "/", hosts={"app.daarion.space"}),
+            route("city", "/", hosts={"gateway.daarion.city"}),
+            route("any", "/api/"),
+        ]
+    )
+    assert table.by_host
+    assert name_of(table.match("/x", "GET", "app.daarion.space")) == "space"
+    assert name_of(table.match("/x", "GET", "gateway.daarion.city")) == "city"
+    assert table.match("/x", "GET", "evil.example") is None
+    assert name_of(table.match("/api/x", "GET", "evil.example")) == "any"
+    assert not CITY.by_host
+
+
+def test_a_prefix_without_its_slash_is_sent_to_it() -> None:
+    table = RouteTable([route("public", "/public/", "/public/")])
+    assert table.match("/public", "GET") == Elsewhere("/public/")
+    assert table.match("/publicx", "GET") is None
+    assert table.match("/other", "GET") is None
+
+
+def test_match_order_is_longest_first_and_exact_before_prefix() -> None:
+    table = RouteTable([route("a", "/a"), route("root", "/"), route("ax", "/a", exact=True)])
+    assert [e.id for e in table.entries] == ["ax", "a", "root"]
+    assert name_of(table.match("/a", "GET")) == "ax"
+
+
+@pytest.mark.parametrize(
+    ("header", "host"),
+    [
+        ("App.Daarion.Space:443", "app.daarion.space"),
+        ("gateway.daarion.city", "gateway.daarion.city"),
+        ("[::1]:8080", "[::1]"),
+        (None, ""),
+        ("", ""),
+    ],
+)
+def test_request_host(header: str | None, host: str) -> None:
+    assert request_host(header) == host
+
+
+def test_a_big_table_is_looked_up_like_a_small_one() -> None:
+    # The same lookups whatever the size: what the table holds is found through dicts.
+    big = RouteTable([route(f"r{i}", f"/api/s{i}/") for i in range(1000)])
+    assert hit(big.match("/api/s777/a/b", "GET")) == ("r777", "a/b")
+    assert big.match("/api/s1000/a", "GET") is None
