@@ -261,6 +261,84 @@ async def test_obs_text_in_a_response_header_reaches_the_client_byte_for_byte(he
     assert b"\r\nX-Name: caf\xe9\r\n" in response.raw
 
 
+# -- underscores -------------------------------------------------------------------------------
+
+UNDERSCORED = b"X_Forwarded_For: 10.9.9.9\r\nx_real_ip: 10.9.9.9\r\nFoo_Bar: baz\r\n"
+
+
+async def test_header_names_with_underscores_are_dropped_by_default(heads, gateway):
+    up = await heads(OK)
+    gw = await gateway(city(up.port))
+    response = await raw_exchange(
+        gw.port,
+        b"GET /api/city/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        + UNDERSCORED
+        + b"X-Kept: 1\r\n\r\n",
+    )
+    assert response.status == 200
+    lines = up.header_lines()
+    assert not any(b"_" in line.partition(b":")[0] for line in lines), lines
+    assert b"X-Kept: 1" in lines
+    assert b"X-Forwarded-For: 127.0.0.1" in lines  # the gateway's own
+
+
+@pytest.mark.parametrize(
+    ("extra", "top"),
+    [
+        (", limits: {underscores_in_headers: true}", ""),
+        ("", "limits: {underscores_in_headers: true}\n"),
+    ],
+    ids=["service", "top-level"],
+)
+async def test_underscores_pass_byte_for_byte_with_the_option_on(heads, gateway, extra, top):
+    up = await heads(OK)
+    gw = await gateway(city(up.port, extra, top))
+    response = await raw_exchange(
+        gw.port,
+        b"GET /api/city/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + UNDERSCORED + b"\r\n",
+    )
+    assert response.status == 200
+    lines = up.header_lines()
+    for line in UNDERSCORED.split(b"\r\n")[:-1]:
+        assert line in lines
+
+
+async def test_a_service_can_turn_underscores_off_again(heads, gateway):
+    up = await heads(OK)
+    config = city(
+        up.port,
+        ", limits: {underscores_in_headers: false}",
+        "limits: {underscores_in_headers: true}\n",
+    )
+    gw = await gateway(config)
+    await raw_exchange(
+        gw.port,
+        b"GET /api/city/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + UNDERSCORED + b"\r\n",
+    )
+    assert not any(b"_" in line.partition(b":")[0] for line in up.header_lines())
+
+
+WS_HANDSHAKE = (
+    b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+REFUSED = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_websocket_handshakes_drop_underscores_the_same_way(heads, gateway, allowed):
+    up = await heads(REFUSED)  # only what the upstream received matters here
+    option = f", limits: {{underscores_in_headers: {str(allowed).lower()}}}"
+    gw = await gateway(city(up.port, ", websocket: true" + option))
+    response = await raw_exchange(gw.port, WS_HANDSHAKE + UNDERSCORED + b"\r\n")
+    assert response.status == 403
+    lines = up.header_lines()
+    assert up.heads[0].startswith(b"GET /ws/city/rooms/general HTTP/1.1")
+    underscored = [line for line in lines if b"_" in line.partition(b":")[0]]
+    assert underscored == (UNDERSCORED.split(b"\r\n")[:-1] if allowed else [])
+
+
 # -- the parser's phrases ----------------------------------------------------------------------
 
 
