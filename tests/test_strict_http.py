@@ -375,3 +375,73 @@ def test_the_parsers_phrases_are_the_ones_strict_matches() -> None:
         assert answer(head + b"X\xe9: a\r\n\r\n") == "bad_header"
     finally:
         loop.close()
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+
+async def _scrape(port: int, accept: bytes = b"") -> bytes:
+    accept_line = b"Accept: " + accept + b"\r\n" if accept else b""
+    response = await raw_exchange(
+        port, b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + accept_line + b"\r\n"
+    )
+    assert response.status == 200
+    return response.body
+
+
+async def _proxied(port: int) -> None:
+    response = await raw_exchange(
+        port, b"GET /api/city/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert response.status == 200
+
+
+OPENMETRICS = b"application/openmetrics-text; version=1.0.0"
+
+
+async def test_scrapes_within_metrics_cache_get_the_same_text(upstream, gateway):
+    up = await upstream(NODA1)
+    gw = await gateway(city(up.port, top="metrics_cache: 0.5\n"))
+    first = await _scrape(gw.port)
+    first_open = await _scrape(gw.port, OPENMETRICS)
+    await _proxied(gw.port)  # counters move between the scrapes
+    assert await _scrape(gw.port) == first
+    assert await _scrape(gw.port, OPENMETRICS) == first_open
+    assert first_open != first  # each format its own
+    assert first_open.endswith(b"# EOF\n")
+    assert b'service="city",status="200"' not in first
+    await asyncio.sleep(0.6)
+    later = await _scrape(gw.port)
+    assert later != first
+    assert b'http_requests_total{method="GET",service="city",status="200"} 1.0' in later
+
+
+async def test_metrics_cache_0_renders_every_scrape(upstream, gateway):
+    up = await upstream(NODA1)
+    gw = await gateway(city(up.port, top="metrics_cache: 0\n"))
+    first = await _scrape(gw.port)
+    await _proxied(gw.port)
+    second = await _scrape(gw.port)
+    assert second != first
+    assert b'http_requests_total{method="GET",service="city",status="200"} 1.0' in second
+
+
+async def test_the_default_cache_is_one_second(upstream, gateway):
+    up = await upstream(NODA1)
+    gw = await gateway(city(up.port))
+    assert gw.gateway.shared.snapshot.config.metrics_cache == 1.0
+    first = await _scrape(gw.port)
+    await _proxied(gw.port)
+    assert await _scrape(gw.port) == first
+
+
+def test_the_scrape_cache_keeps_each_format_for_its_window() -> None:
+    from gateway.metrics import ScrapeCache  # noqa: PLC0415
+
+    cache = ScrapeCache()
+    assert cache.get("text/plain", 10.0, 1.0) is None
+    cache.put("text/plain", 10.0, b"a")
+    assert cache.get("text/plain", 10.9, 1.0) == b"a"
+    assert cache.get("application/openmetrics-text", 10.5, 1.0) is None
+    assert cache.get("text/plain", 11.0, 1.0) is None  # the window is over
+    assert cache.get("text/plain", 9.0, 1.0) is None  # a clock that went back: render
