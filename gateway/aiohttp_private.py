@@ -11,7 +11,16 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   ``web.Response`` does (``StreamResponse._send_headers_immediately``);
 - ``without_resend``: switch off the silent resend of an idempotent request on a dropped
   connection, so that the failover loop alone decides retries (``ClientSession
-  ._retry_connection``, the switch aiohttp's own test client uses).
+  ._retry_connection``, the switch aiohttp's own test client uses);
+- ``answer_in_http11``: write a response's status line as HTTP/1.1 whatever version its
+  request named (a 505 to ``HTTP/2.0``; aiohttp echoes the request's version), by setting the
+  request's cached ``version`` (``BaseRequest._cache``, where ``reify`` keeps it);
+- ``keep_raw_header_bytes``: header bytes outside UTF-8 (obs-text, e.g. a Latin-1 ``\xe9``)
+  written out as they came in. aiohttp's parsers decode header bytes as UTF-8 with
+  ``surrogateescape``, and its C serializer silently drops the surrogates, so ``caf\xe9``
+  reached the upstream as ``caf``. The serializer both the client and the server use
+  (``http_writer._serialize_headers``) is wrapped: all-ASCII heads (nearly all) still take
+  the C one; others are encoded with ``surrogateescape``, which gives back the bytes read.
 
 The build is locked (``requirements*.lock``), so an aiohttp upgrade is deliberate; ``missing()``
 lists what of the above an installed aiohttp no longer has, and a unit test fails with that
@@ -21,11 +30,13 @@ list, instead of the gateway failing at run time.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Final, TypeVar
 
 import aiohttp
-from aiohttp import base_protocol, web
+from aiohttp import HttpVersion11, base_protocol, http_writer, web
+from multidict import CIMultiDict
 
 H = TypeVar("H", bound=web.RequestHandler)
 
@@ -37,6 +48,7 @@ _SLOTS = (
     (web.RequestHandler, "_manager"),
     (base_protocol.BaseProtocol, "_buffer_paused"),
     (aiohttp.ClientSession, "_retry_connection"),
+    (web.BaseRequest, "_cache"),
 )
 
 
@@ -82,6 +94,42 @@ def without_resend(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
     return session
 
 
+def answer_in_http11(request: web.BaseRequest) -> None:
+    """Make the response to ``request`` start ``HTTP/1.1`` (and follow HTTP/1.1's rules for
+    ``Connection``) whatever version the request line named."""
+    request._cache["version"] = HttpVersion11
+
+
+# The control bytes no header may hold (RFC 9110 §5.5), as aiohttp's own serializers refuse.
+_FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+Serializer = Callable[[str, CIMultiDict[str]], bytes]
+
+
+def raw_serializer(fast: Serializer) -> Serializer:
+    """A head serializer that keeps the bytes that are not UTF-8; ``fast`` (aiohttp's C one)
+    still writes the heads that are all ASCII."""
+
+    def serialize(status_line: str, headers: CIMultiDict[str]) -> bytes:
+        if status_line.isascii() and all(map(str.isascii, headers.values())):
+            return fast(status_line, headers)
+        lines = [status_line, *(f"{name}: {value}" for name, value in headers.items())]
+        for line in lines:
+            if _FORBIDDEN.search(line) is not None:
+                raise ValueError("Forbidden control character detected in headers.")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+    serialize.keeps_raw_bytes = True  # type: ignore[attr-defined]
+    return serialize
+
+
+def keep_raw_header_bytes() -> None:
+    """From now on (in this process), write header bytes the parsers read as they were read.
+    Idempotent."""
+    current: Any = http_writer._serialize_headers
+    if not getattr(current, "keeps_raw_bytes", False):
+        http_writer._serialize_headers = raw_serializer(current)  # type: ignore[assignment]
+
+
 def missing() -> list[str]:
     """The private attributes above that this aiohttp does not have ("Class.attribute")."""
     gone = []
@@ -91,6 +139,8 @@ def missing() -> list[str]:
         slots |= getattr(cls, "ATTRS", frozenset())
         if name not in slots and not hasattr(cls, name):
             gone.append(f"{cls.__name__}.{name}")
+    if not callable(getattr(http_writer, "_serialize_headers", None)):
+        gone.append("http_writer._serialize_headers")
     if "_send_headers_immediately" not in vars(web.StreamResponse):
         gone.append("StreamResponse._send_headers_immediately")
     loop = asyncio.new_event_loop()

@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from . import endpoints, logs, pipeline
+from .aiohttp_private import keep_raw_header_bytes
 from .config import Config, ConfigError, load_config
 from .context import Shared
 from .metrics import GATEWAY, Metrics
@@ -68,6 +69,7 @@ class Gateway:
         shares the port with the others and serves its metrics to them."""
         shared = self.shared
         listen = shared.snapshot.config.listen
+        keep_raw_header_bytes()  # obs-text in a header reaches the upstream byte for byte
         shared.upstream.open(shared.snapshot.config.upstream_keepalive_timeout)
         await shared.limiter.start()
         prober = Prober(

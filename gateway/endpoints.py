@@ -29,13 +29,23 @@ async def health(shared: Shared, request: web.BaseRequest, request_id: str) -> w
 
 
 async def metrics(shared: Shared, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+    """The scrape; one within ``metrics_cache`` seconds of the last one rendered in the same
+    format gets that one's text (counters included), so that polling costs next to nothing."""
     _only_get(request)
-    refresh_metrics(shared)
-    every = None
-    if shared.worker is not None:
-        every = await workers.peer_samples(shared.worker.peers)
-        every[shared.worker.index] = shared.metrics.families()
-    body, content_type = shared.metrics.render(request.headers.get("Accept"), every)
+    accept = request.headers.get("Accept")
+    ttl = shared.snapshot.config.metrics_cache
+    now = shared.clock()
+    content_type = shared.metrics.scrape_format(accept)
+    body = shared.metrics.scrapes.get(content_type, now, ttl) if ttl > 0 else None
+    if body is None:
+        refresh_metrics(shared)
+        every = None
+        if shared.worker is not None:
+            every = await workers.peer_samples(shared.worker.peers)
+            every[shared.worker.index] = shared.metrics.families()
+        body, content_type = shared.metrics.render(accept, every)
+        if ttl > 0:
+            shared.metrics.scrapes.put(content_type, now, body)
     headers = {**own_headers(request_id), "Content-Type": content_type}
     return web.Response(body=body, headers=headers)
 

@@ -193,6 +193,7 @@ class Metrics:
         self._limit_children: dict[tuple[str, str], Counter] = {}
         self._active_children: dict[str, Gauge] = {}
         self._ws_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self.scrapes = ScrapeCache()
 
     def _labelled(
         self, kind: type[M], name: str, documentation: str, labels: list[str], **options: Any
@@ -295,6 +296,10 @@ class Metrics:
                     seen.add(labels)
                     yield labels
 
+    def scrape_format(self, accept: str | None) -> str:
+        """The content type a scrape with this ``Accept`` gets (what ``render`` writes)."""
+        return choose_encoder(accept or "")[1]
+
     def render(
         self, accept: str | None, workers: dict[int, Families] | None = None
     ) -> tuple[bytes, str]:
@@ -318,6 +323,26 @@ class Metrics:
             }
             for family in self.registry.collect()
         ]
+
+
+class ScrapeCache:
+    """The text of the last scrape in each format (Prometheus text, OpenMetrics), kept for a
+    few seconds (``metrics_cache``): rendering every family costs ~2 ms of CPU (with
+    ``--workers``, asking every other worker too), so scrapers polling in a loop must not
+    make the gateway render on each of their requests."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[float, bytes]] = {}
+
+    def get(self, content_type: str, now: float, ttl: float) -> bytes | None:
+        """The text rendered at most ``ttl`` seconds before ``now``, if any."""
+        kept = self._kept.get(content_type)
+        if kept is None or not 0 <= now - kept[0] < ttl:
+            return None
+        return kept[1]
+
+    def put(self, content_type: str, now: float, body: bytes) -> None:
+        self._kept[content_type] = (now, body)
 
 
 class _Fixed:

@@ -1,6 +1,7 @@
 """``handle(shared, request)``: the one place where a request's phases are put in order.
 
-    check the target (routing.check_target)
+    strict HTTP: the version, the transfer coding (edge/strict.py)
+    → check the target (routing.check_target)
     → the gateway's own endpoint? (endpoints.py)
     → the route (routetable.RouteTable, compiled per snapshot: the longest matching path)
     → rate limit (ratelimit/phase.py)
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from . import endpoints, logs, routetable, routing
 from .context import Exchange
+from .edge import strict
 from .errors import ClientFault, ClientGone, GatewayError, UpstreamAborted, error_response
 from .logs import REQUEST_ID, request_id_from
 from .metrics import GATEWAY, UNMATCHED
@@ -86,6 +88,7 @@ async def handle(shared: Shared, request: web.BaseRequest) -> web.StreamResponse
 
 async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     request = ex.request
+    strict.check(request)
     target = routing.check_target(request.raw_path)
     own = endpoints.own(target.path)
     if own is not None:

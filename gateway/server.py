@@ -20,7 +20,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from . import logs
-from .aiohttp_private import detach, protocol_factory
+from .aiohttp_private import answer_in_http11, detach, protocol_factory
+from .edge import strict
 from .errors import GatewayError, error_response
 from .logs import REQUEST_ID, new_request_id
 from .metrics import UNMATCHED, Metrics
@@ -88,7 +89,7 @@ class Protocol(web.RequestHandler):
         REQUEST_ID.set(request_id)
         err = _parse_error(status, exc)
         fields = {"status": err.status, "error": err.code, "client": request.remote}
-        if err.status >= 500:
+        if err.status >= 500 and err.status not in strict.CLIENT_5XX:
             log.error("unhandled error", exc_info=exc, extra={"fields": fields})
         else:
             # A client that cannot speak HTTP (or TLS sent to a plain port): one line, no
@@ -96,12 +97,16 @@ class Protocol(web.RequestHandler):
             fields["detail"] = (message or str(exc or "")).strip().partition("\n")[0][:200]
             logs.access("bad request", fields)
         self._metrics.observe_request(UNMATCHED, UNMATCHED, "OTHER", err.status, 0.0)
+        answer_in_http11(request)  # not aiohttp's HTTP/1.0; and so with Connection: close
         response = error_response(err, request_id)
         response.force_close()
         return response
 
 
 def _parse_error(status: int, exc: BaseException | None) -> GatewayError:
+    refused = strict.parse_error(exc)  # an HTTP version, a transfer coding, a header's bytes
+    if refused is not None:
+        return refused
     if isinstance(exc, LineTooLong):
         if exc.args[1:2] == (MAX_REQUEST_LINE,):
             return GatewayError(414, "uri_too_long", "the request line is too long")

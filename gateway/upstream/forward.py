@@ -50,6 +50,7 @@ async def forward(
                     request, target=target, path_qs=path_qs, body=body, streamed=streamed,
                     connect_timeout=route.connect_timeout,
                     response_timeout=route.response_timeout, forwarding=forwarding,
+                    underscores=route.underscores_in_headers,
                 )  # fmt: skip
             except GatewayError as err:
                 raise Failed.of(err) from None

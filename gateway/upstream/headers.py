@@ -1,5 +1,6 @@
 """The headers an upstream gets, for HTTP requests and WebSocket handshakes alike: hop-by-hop
-headers dropped, the forwarding headers stated by the gateway."""
+headers dropped, names with an underscore dropped (unless the route's
+``underscores_in_headers``), the forwarding headers stated by the gateway."""
 
 from __future__ import annotations
 
@@ -72,9 +73,19 @@ def request_headers(
     target: Target,
     forwarding: Forwarding,
     also_drop: frozenset[str] = frozenset(),
+    *,
+    underscores: bool = False,
 ) -> CIMultiDict[str]:
+    """``underscores``: keep header names holding ``_`` (nginx's ``underscores_in_headers``).
+    Dropped otherwise, as nginx does: a backend that maps ``X-Real-IP`` and ``X_Real_IP`` to
+    the same variable (CGI, WSGI, PHP) would otherwise believe the client's spoof of a header
+    the gateway sets."""
     incoming = request.headers
     headers = end_to_end(incoming, _REQUEST_DROP | also_drop if also_drop else _REQUEST_DROP)
+    # One C-level join and search of the names (~0.2 us): the usual request has no "_".
+    if not underscores and "_" in "".join(incoming):
+        for name in {name for name in headers if "_" in name}:
+            del headers[name]
     peer = request.remote or ""
     prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
     headers["Host"] = f"{target.host}:{target.port}"

@@ -119,16 +119,18 @@ class UpstreamClient:
         connect_timeout: float,
         response_timeout: float,
         forwarding: Forwarding,
+        underscores: bool = False,
     ) -> aiohttp.ClientResponse:
         """Send the request to ``target``; return once the upstream's response headers are in.
         Raises ``GatewayError`` for an upstream failure (kind ``stale`` when a reused
         connection was closed under the request), ``ClientGone`` or ``ClientFault`` when the
-        client (``streamed``, its body) was at fault."""
+        client (``streamed``, its body) was at fault. ``underscores``: forward header names
+        holding ``_`` (else dropped)."""
         try:
             return await self.session.request(
                 request.method,
                 URL(target.origin + path_qs, encoded=True),
-                headers=request_headers(request, target, forwarding),
+                headers=request_headers(request, target, forwarding, underscores=underscores),
                 data=body,
                 allow_redirects=False,
                 timeout=_timeouts(connect_timeout, response_timeout),

@@ -160,7 +160,10 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
     ]
 
     async def send(target: Target) -> Upgraded | UpstreamRefused:
-        headers = request_headers(request, target, forwarding, also_drop=_HANDSHAKE)
+        headers = request_headers(
+            request, target, forwarding, also_drop=_HANDSHAKE,
+            underscores=route.underscores_in_headers,
+        )  # fmt: skip
         try:
             async with asyncio.timeout(route.connect_timeout + HANDSHAKE_TIMEOUT):
                 return await open_upstream(

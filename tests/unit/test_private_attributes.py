@@ -23,7 +23,8 @@ from typing import Any
 import aiohttp
 import prometheus_client
 import pytest
-from aiohttp import base_protocol, web
+from aiohttp import base_protocol, http_writer, web
+from aiohttp.test_utils import make_mocked_request
 
 from gateway import aiohttp_private
 from gateway.aiohttp_private import OneWrite, missing, protocol_factory, without_resend
@@ -52,6 +53,8 @@ async def example(cls: type, server: web.Server) -> Any:
         return cls(loop)
     if issubclass(cls, aiohttp.ClientSession):
         return cls()
+    if issubclass(cls, web.BaseRequest):
+        return make_mocked_request("GET", "/")
     return None
 
 
@@ -75,6 +78,8 @@ async def really_missing(server: web.Server | None = None) -> list[str]:
         finally:
             if isinstance(instance, aiohttp.ClientSession):
                 await instance.close()
+    if "_serialize_headers" not in vars(http_writer):
+        gone.append("http_writer._serialize_headers")
     if "_send_headers_immediately" not in vars(web.StreamResponse):
         gone.append("StreamResponse._send_headers_immediately")
     fresh = web.Server(_never_called)
