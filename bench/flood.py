@@ -372,9 +372,13 @@ def _worst(pair: list[Run]) -> float:
     return max(r.other_cpu for r in pair)
 
 
-def run_all(stack: Stack, opts: Options, discarded: list[Run]) -> list[Run]:
+def run_all(stack: Stack, opts: Options, discarded: list[Run], env: dict[str, Any]) -> list[Run]:
     print(f"\nWarm-up: {WARMUP_SECONDS} s of wrk c{opts.conns}", flush=True)
     wrk(stack, opts.conns, WARMUP_SECONDS)
+    # the baseline of RSS per held connection: after the first flood the gateway keeps most of
+    # the memory it took (freed objects stay in the allocator's arenas), so the quiet runs of
+    # later reps show the flood's peak, not the gateway before it
+    env["gateway_rss_before_flood_kib"] = process.rss_kib(stack.gateway.proc.pid)
     runs: list[Run] = []
     for rep in range(1, opts.reps + 1):
         best: list[Run] = []
@@ -452,7 +456,9 @@ def rows(runs: list[Run]) -> list[list[str]]:
     return table
 
 
-def headline(runs: list[Run], opts: Options, warnings: dict[str, int]) -> list[str]:
+def headline(
+    runs: list[Run], opts: Options, warnings: dict[str, int], rss_before_kib: int
+) -> list[str]:
     quiet = [r for r in runs if r.mode == QUIET]
     flood = [r for r in runs if r.mode == FLOOD]
     ratio = flood_ratio(runs)
@@ -473,12 +479,12 @@ def headline(runs: list[Run], opts: Options, warnings: dict[str, int]) -> list[s
         f"socket {sum(r.socket_errors for r in flood)}",
     ]
     conns = median(r.gateway_connections for r in flood)
-    rss_q = statistics.median(r.gateway_rss_kib for r in quiet)
     rss_f = statistics.median(r.gateway_rss_kib for r in flood)
     lines.append(
         f"gateway during the flood: {fmt(conns, '.0f')} client connections (/metrics; attackers "
-        f"{held} + wrk {opts.conns} + 1), RSS {rss_f / 1024:.0f} MiB (quiet {rss_q / 1024:.0f} "
-        f"MiB: {(rss_f - rss_q) / max(held, 1):.1f} KiB per held connection), "
+        f"{held} + wrk {opts.conns} + 1), RSS {rss_f / 1024:.0f} MiB (before the first flood "
+        f"{rss_before_kib / 1024:.0f} MiB: {(rss_f - rss_before_kib) / max(held, 1):.1f} KiB "
+        "per held connection), "
         f"{statistics.median(r.gateway_fds for r in flood):.0f} open files; backend "
         f"{statistics.median(r.backend_fds for r in flood):.0f} open files (quiet "
         f"{statistics.median(r.backend_fds for r in quiet):.0f}: the slow bodies' upstream "
@@ -543,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{opts.reps * per_pair + WARMUP_SECONDS:.0f} s.",
                 flush=True,
             )
-            runs = run_all(stack, opts, discarded)
+            runs = run_all(stack, opts, discarded, env)
             warnings = servers.warning_messages(stack.gateway.log)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping every process", file=sys.stderr)
@@ -558,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"WARNING: processes left running: {left}", file=sys.stderr)
     print(f"\nResults (median of {opts.reps} reps; halfway figures for gw/backend/attackers):")
     report.print_table(rows(runs))
-    lines = headline(runs, opts, warnings)
+    lines = headline(runs, opts, warnings, env["gateway_rss_before_flood_kib"])
     if discarded:
         lines.append(
             f"{len(discarded) // 2} disturbed pairs were measured again (--rerun-disturbed): "
