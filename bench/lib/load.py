@@ -1,5 +1,6 @@
-"""The load generators: wrk, bench/pyloadgen.py (its stand-in) and bench/wsclient.py (the
-WebSocket client): their command lines and the parsers of what they print."""
+"""The load generators: wrk, bench/pyloadgen.py (its stand-in), bench/wsclient.py (the
+WebSocket client) and bench/flooder.py (the flood's attackers): their command lines and the
+parsers of what they print."""
 
 from __future__ import annotations
 
@@ -334,3 +335,64 @@ class WsClient:
             if pipe is not None:
                 with contextlib.suppress(OSError):  # stdin: a write may still be buffered
                     pipe.close()
+
+
+# -- flooder: its counts -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flooded:
+    """What bench/flooder.py says (its ``opened``, ``stats`` or ``closed`` line): connections
+    open now and opened so far by kind (``idle``, ``partial``, ``slow``), failed connects, the
+    connections the server closed or answered (by kind; answers by status), body bytes sent."""
+
+    open: dict[str, int]
+    opened: dict[str, int]
+    connect_failed: dict[str, int]
+    closed_by_server: dict[str, int]
+    answered: dict[str, int]
+    body_bytes: int
+    sources: tuple[str, str, int]  # first and last source address, how many
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def open_total(self) -> int:
+        return sum(self.open.values())
+
+    @property
+    def reopened(self) -> int:
+        """Connections the server closed (each is opened again while the flood lasts)."""
+        return sum(self.closed_by_server.values())
+
+
+def parse_flooder(record: Event) -> Flooded:
+    first, last, count = record["sources"]
+    return Flooded(
+        open={k: int(v) for k, v in record["open"].items()},
+        opened={k: int(v) for k, v in record["opened"].items()},
+        connect_failed={k: int(v) for k, v in record["connect_failed"].items()},
+        closed_by_server={k: int(v) for k, v in record["closed_by_server"].items()},
+        answered={k: int(v) for k, v in record["answered"].items()},
+        body_bytes=int(record["body_bytes"]),
+        sources=(str(first), str(last), int(count)),
+        seconds=float(record["seconds"]),
+        cpu_seconds=float(record["cpu_seconds"]),
+    )
+
+
+def flooder_command(
+    port: int,
+    idle: int,
+    slow: int,
+    interval: float,
+    *,
+    slow_path: str,
+    pin: list[str] | None = None,
+) -> list[str]:
+    """bench/flooder.py against 127.0.0.1:``port`` (commands on stdin: ``stats``, ``stop``)."""
+    return [
+        *(pin or []), PYTHON, str(BENCH_DIR / "flooder.py"), "--port", str(port),
+        "--idle", str(idle), "--slow", str(slow), "--interval", str(interval),
+        "--slow-path", slow_path,
+    ]  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.lib import load, servers
-from bench.lib.load import Echo, Load, Opened, Spread
+from bench.lib.load import Echo, Flooded, Load, Opened, Spread
 
 SAMPLES = Path(__file__).resolve().parents[2] / "bench" / "samples"
 KIB, MIB, GIB = 1024.0, 1024.0**2, 1024.0**3
@@ -304,6 +304,36 @@ def test_wsclient_hold_refused() -> None:
         "ClientConnectorError: Cannot connect to host 127.0.0.1:36387 ssl:default "
         "[Connect call failed ('127.0.": 3
     }
+
+
+def test_flooder_answered_and_reopened() -> None:
+    """bench/flooder.py on http.server: idle and partial heads held, slow POSTs answered 501
+    at once (counted, reopened), an unknown command, then the final counts."""
+    events = load.parse_events(sample("flooder-http-server.txt"))
+    assert [e["event"] for e in events] == ["opened", "stats", "error", "closed"]
+    opened = load.parse_flooder(events[0])
+    assert opened == Flooded(
+        open={"idle": 3, "partial": 3, "slow": 1},
+        opened={"idle": 3, "partial": 3, "slow": 5},
+        connect_failed={},
+        closed_by_server={"idle": 0, "partial": 0, "slow": 4},
+        answered={"501": 4},
+        body_bytes=0,
+        sources=("127.0.0.10", "127.0.0.12", 3),
+        seconds=1.032,
+        cpu_seconds=0.056,
+    )
+    assert (opened.open_total, opened.reopened) == (7, 4)
+    closed = load.parse_flooder(events[3])
+    assert (closed.open_total, closed.reopened, closed.answered) == (0, 11, {"501": 11})
+    assert events[2]["message"] == "unknown command 'bogus'"
+
+
+def test_flooder_refused() -> None:
+    opened, closed = map(load.parse_flooder, load.parse_events(sample("flooder-refused.txt")))
+    assert (opened.open_total, opened.connect_failed) == (0, {"ConnectionRefusedError": 3})
+    assert closed.connect_failed == {"ConnectionRefusedError": 9}
+    assert closed.sources == ("127.0.0.10", "127.0.0.10", 1)
 
 
 @pytest.mark.parametrize("size", [1, 7, 64, 10_000])
