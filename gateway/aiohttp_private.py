@@ -11,7 +11,15 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   ``web.Response`` does (``StreamResponse._send_headers_immediately``);
 - ``without_resend``: switch off the silent resend of an idempotent request on a dropped
   connection, so that the failover loop alone decides retries (``ClientSession
-  ._retry_connection``, the switch aiohttp's own test client uses).
+  ._retry_connection``, the switch aiohttp's own test client uses);
+- the request-head limits (``server.Protocol``, ``edge/connections.py``): ``parsed`` and
+  ``last_payload`` tell when the parser completed a head and whether a body follows
+  (``RequestHandler``'s ``_request_count``, ``_messages``), ``upgraded`` that what follows is
+  no more HTTP (``BaseProtocol._upgraded``), ``waiting`` that no request is being handled
+  (``_waiter``), ``hold_keepalive`` keeps aiohttp's idle close off a head that is still
+  arriving (``_next_keepalive_close_time``, on ``BaseProtocol._loop``'s clock), and
+  ``answer_early`` queues an answer (431, 408) as aiohttp queues its own for a head its parser
+  rejects (``web_protocol._ErrInfo``).
 
 The build is locked (``requirements*.lock``), so an aiohttp upgrade is deliberate; ``missing()``
 lists what of the above an installed aiohttp no longer has, and a unit test fails with that
@@ -25,7 +33,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import aiohttp
-from aiohttp import base_protocol, web
+from aiohttp import base_protocol, web, web_protocol
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 H = TypeVar("H", bound=web.RequestHandler)
 
@@ -37,6 +46,12 @@ _SLOTS = (
     (web.RequestHandler, "_manager"),
     (base_protocol.BaseProtocol, "_buffer_paused"),
     (aiohttp.ClientSession, "_retry_connection"),
+    (web.RequestHandler, "_request_count"),
+    (web.RequestHandler, "_messages"),
+    (web.RequestHandler, "_waiter"),
+    (web.RequestHandler, "_next_keepalive_close_time"),
+    (base_protocol.BaseProtocol, "_upgraded"),
+    (base_protocol.BaseProtocol, "_loop"),
 )
 
 
@@ -69,6 +84,56 @@ def detach(protocol: web.RequestHandler) -> tuple[asyncio.Transport, bytes] | No
     return transport, tail
 
 
+def parsed(protocol: web.RequestHandler) -> int:
+    """How many requests the parser has completed on this connection (it counts each head
+    as it completes, before the request is handled)."""
+    return protocol._request_count
+
+
+def last_payload(protocol: web.RequestHandler) -> StreamReader | None:
+    """The body of the request parsed last, while it waits to be handled (right after the
+    parser completed its head): at EOF already when there is none."""
+    messages = protocol._messages
+    return messages[-1][1] if messages else None
+
+
+def queued(protocol: web.RequestHandler) -> int:
+    """Requests parsed and not yet being handled (pipelined)."""
+    return len(protocol._messages)
+
+
+def upgraded(protocol: web.RequestHandler) -> bool:
+    """The parser saw an upgrade (a WebSocket handshake): what follows is not HTTP."""
+    return protocol._upgraded
+
+
+def waiting(protocol: web.RequestHandler) -> bool:
+    """The connection waits for its next request: none is being handled, none is queued
+    (aiohttp's own test for an idle connection)."""
+    waiter = protocol._waiter
+    return waiter is not None and not waiter.done()
+
+
+def hold_keepalive(protocol: web.RequestHandler, seconds: float) -> None:
+    """Keep aiohttp's idle close (keepalive_timeout) off the connection for ``seconds`` from
+    now: a head is arriving, and the header timeout is what ends it."""
+    until = protocol._loop.time() + seconds
+    # (its timer, when it fires early, re-arms itself for this time)
+    protocol._next_keepalive_close_time = max(protocol._next_keepalive_close_time, until)
+
+
+def answer_early(protocol: web.RequestHandler, status: int, exc: BaseException) -> None:
+    """Queue an error for the connection as aiohttp queues one for a head its parser rejects:
+    the protocol's ``handle_error(request, status, exc)`` answers it, in turn after any
+    request parsed before, and the connection closes after that answer."""
+    error = web_protocol._ErrInfo(status=status, exc=exc, message=str(exc))
+    protocol._request_count += 1
+    protocol._messages.append((error, EMPTY_PAYLOAD))
+    waiter = protocol._waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class OneWrite(web.StreamResponse):
     """A response of known length: its headers wait for the first body bytes (or the end),
     so a small answer goes out in one write instead of two."""
@@ -93,6 +158,8 @@ def missing() -> list[str]:
             gone.append(f"{cls.__name__}.{name}")
     if "_send_headers_immediately" not in vars(web.StreamResponse):
         gone.append("StreamResponse._send_headers_immediately")
+    if not _err_info_fits():
+        gone.append("web_protocol._ErrInfo")
     loop = asyncio.new_event_loop()
     try:
         server = web.Server(_never_called, loop=loop)
@@ -100,6 +167,16 @@ def missing() -> list[str]:
     finally:
         loop.close()
     return gone
+
+
+def _err_info_fits() -> bool:
+    """aiohttp's queued parser error still exists, with the fields ``answer_early`` sets."""
+    cls = getattr(web_protocol, "_ErrInfo", None)
+    try:
+        cls(status=400, exc=ValueError(), message="")  # type: ignore[misc]
+    except TypeError:
+        return False
+    return True
 
 
 async def _never_called(request: web.BaseRequest) -> web.StreamResponse:

@@ -21,6 +21,7 @@ from aiohttp import web
 from . import endpoints, logs, pipeline
 from .config import Config, ConfigError, load_config
 from .context import Shared
+from .edge.connections import ConnectionTable
 from .metrics import GATEWAY, Metrics
 from .ratelimit.local import LocalLimiter
 from .ratelimit.shared import RedisLimiter
@@ -53,6 +54,7 @@ class Gateway:
             slots=SlotTable(),
             limiter=_make_limiter(config, metrics),
             upstream=UpstreamClient(),
+            connections=ConnectionTable(metrics, lambda: self.shared.snapshot.edge),
         )
         self._runner: web.ServerRunner | None = None
         self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
@@ -75,10 +77,18 @@ class Gateway:
         )
         self._in_background(prober.run())
         self._in_background(Keepalive(shared).run())
+        self._in_background(shared.connections.run())
         # pipeline.handle bound with a C-level partial: no extra coroutine frame per request.
         handler = functools.partial(pipeline.handle, shared)
+        # keepalive_timeout is aiohttp's, fixed per server: a reload cannot change it.
+        limits = {**SERVER_LIMITS, "keepalive_timeout": shared.snapshot.edge.keepalive_timeout}
         server = Server(
-            handler, shared.metrics, handler_cancellation=True, access_log=None, **SERVER_LIMITS
+            handler,
+            shared.metrics,
+            shared.connections,
+            handler_cancellation=True,
+            access_log=None,
+            **limits,
         )
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
@@ -154,6 +164,8 @@ class Gateway:
         new = compile_snapshot(config)
         if config.listen != old.config.listen:
             log.warning("listen address changes take effect only after a restart")
+        if new.edge.keepalive_timeout != old.edge.keepalive_timeout:
+            log.warning("limits.keepalive_timeout changes take effect only after a restart")
         shared.snapshot = new
         if config.redis != old.config.redis:
             previous = shared.limiter
