@@ -96,6 +96,7 @@ class Protocol(web.RequestHandler):
         "_edge_admitted",
         "_edge_body",
         "_edge_head",
+        "_edge_held",
         "_edge_limit",
         "_edge_over",
         "_edge_tail",
@@ -112,6 +113,7 @@ class Protocol(web.RequestHandler):
         self._edge_limit = sys.maxsize  # client_header_buffer (0: none), when admitted
         self._edge_head = 0  # bytes of the head arriving; 0: none begun
         self._edge_tail = b""  # the last bytes of it (its end may straddle two reads)
+        self._edge_held: bytearray | None = None  # its header lines, until its end comes
         self._edge_body: StreamReader | None = None  # a body arriving: its bytes are no head's
         self._edge_upgraded = False  # a WebSocket handshake: what follows is no head
         self._edge_over = False  # answered early (431, 408): what comes is dropped
@@ -155,24 +157,49 @@ class Protocol(web.RequestHandler):
                 return
             self._edge_upgraded = False  # the handshake was refused: HTTP again
         head = self._edge_head
-        size = head + len(data)
-        if size > self._edge_limit:
-            end = head_end(self._edge_tail, data)
-            if end < 0 or head + end > self._edge_limit:
-                self._edge_answer(HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes")
-                return
-        if not head and data:
+        tail = self._edge_tail
+        end = head_end(tail, data)
+        if (head + end if end >= 0 else head + len(data)) > self._edge_limit:
+            self._edge_answer(HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes")
+            return
+        if not data:  # aiohttp parsing again what it had paused on
+            self._edge_feed(data, tail)
+            return
+        if not head:
             self._table.busy(self)
+        held = self._edge_held
+        if end >= 0:  # the head ends in this read: the parser gets all of it at once
+            if held is not None:
+                self._edge_held = None
+                if held:
+                    super().data_received(bytes(held))
+            if self._edge_feed(data, tail):
+                return
+        elif held is not None:
+            held += data  # header lines: held until the head is whole
+        else:
+            # The request line is parsed as it comes (a client that does not speak HTTP is
+            # answered at once); what follows it is held. The parser keeps its header lines
+            # as bytes and as text, twice the head; the gateway holds them once.
+            line_end = data.find(b"\n") + 1
+            if self._edge_feed(data[:line_end] if line_end else data, tail):
+                return
+            if line_end:
+                self._edge_held = bytearray(data[line_end:])
+        self._edge_head = head + len(data)
+        self._edge_tail = data[-3:] if len(data) >= 3 else (tail + data)[-3:]
+        if not head:  # the head spans reads: the header timeout runs
+            self._table.head_started(self)
+            hold_keepalive(self, self._table.policy().header_timeout + 1)
+
+    def _edge_feed(self, data: bytes, tail: bytes) -> bool:
+        """Give the parser ``data``; True when that completed a request (or an error)."""
         before = parsed(self)
         super().data_received(data)
-        if parsed(self) != before:
-            self._edge_parsed(data, self._edge_tail)
-        elif data:
-            self._edge_head = size
-            self._edge_tail = data[-3:]
-            if not head:  # the head spans reads: the header timeout runs
-                self._table.head_started(self)
-                hold_keepalive(self, self._table.policy().header_timeout + 1)
+        if parsed(self) == before:
+            return False
+        self._edge_parsed(data, tail)
+        return True
 
     def _edge_parsed(self, data: bytes, tail: bytes) -> None:
         """The parser completed a head (or more) with ``data``."""
@@ -199,6 +226,7 @@ class Protocol(web.RequestHandler):
 
     def _edge_answer(self, error: GatewayError, detail: str) -> None:
         self._edge_over = True
+        self._edge_held = None
         self._table.busy(self)
         self._table.head_done(self)
         answer_early(self, error.status, EarlyAnswer(error, detail))
