@@ -21,8 +21,16 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   reached the upstream as ``caf``. The serializer both the client and the server use
   (``http_writer._serialize_headers``) is wrapped: all-ASCII heads (nearly all) still take
   the C one; others are encoded with ``surrogateescape``, which gives back the bytes read.
+- the request-head limits (``server.Protocol``, ``edge/connections.py``): ``parsed`` and
+  ``last_payload`` tell when the parser completed a head and whether a body follows
+  (``RequestHandler``'s ``_request_count``, ``_messages``), ``upgraded`` that what follows is
+  no more HTTP (``BaseProtocol._upgraded``), ``waiting`` that no request is being handled
+  (``_waiter``), ``hold_keepalive`` keeps aiohttp's idle close off a head that is still
+  arriving (``_next_keepalive_close_time``, on ``BaseProtocol._loop``'s clock), and
+  ``answer_early`` queues an answer (431, 408) as aiohttp queues its own for a head its parser
+  rejects (``web_protocol._ErrInfo``).
 
-The build is locked (``requirements*.lock``), so an aiohttp upgrade is deliberate; ``missing()``
+The build is locked (``requirements/``), so an aiohttp upgrade is deliberate; ``missing()``
 lists what of the above an installed aiohttp no longer has, and a unit test fails with that
 list, instead of the gateway failing at run time.
 """
@@ -35,7 +43,8 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import aiohttp
-from aiohttp import HttpVersion11, base_protocol, http_writer, web
+from aiohttp import HttpVersion11, base_protocol, http_writer, web, web_protocol
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict
 
 H = TypeVar("H", bound=web.RequestHandler)
@@ -49,6 +58,12 @@ _SLOTS = (
     (base_protocol.BaseProtocol, "_buffer_paused"),
     (aiohttp.ClientSession, "_retry_connection"),
     (web.BaseRequest, "_cache"),
+    (web.RequestHandler, "_request_count"),
+    (web.RequestHandler, "_messages"),
+    (web.RequestHandler, "_waiter"),
+    (web.RequestHandler, "_next_keepalive_close_time"),
+    (base_protocol.BaseProtocol, "_upgraded"),
+    (base_protocol.BaseProtocol, "_loop"),
 )
 
 
@@ -79,6 +94,56 @@ def detach(protocol: web.RequestHandler) -> tuple[asyncio.Transport, bytes] | No
     if protocol._buffer_paused:
         transport.resume_reading()
     return transport, tail
+
+
+def parsed(protocol: web.RequestHandler) -> int:
+    """How many requests the parser has completed on this connection (it counts each head
+    as it completes, before the request is handled)."""
+    return protocol._request_count
+
+
+def last_payload(protocol: web.RequestHandler) -> StreamReader | None:
+    """The body of the request parsed last, while it waits to be handled (right after the
+    parser completed its head): at EOF already when there is none."""
+    messages = protocol._messages
+    return messages[-1][1] if messages else None
+
+
+def queued(protocol: web.RequestHandler) -> int:
+    """Requests parsed and not yet being handled (pipelined)."""
+    return len(protocol._messages)
+
+
+def upgraded(protocol: web.RequestHandler) -> bool:
+    """The parser saw an upgrade (a WebSocket handshake): what follows is not HTTP."""
+    return protocol._upgraded
+
+
+def waiting(protocol: web.RequestHandler) -> bool:
+    """The connection waits for its next request: none is being handled, none is queued
+    (aiohttp's own test for an idle connection)."""
+    waiter = protocol._waiter
+    return waiter is not None and not waiter.done()
+
+
+def hold_keepalive(protocol: web.RequestHandler, seconds: float) -> None:
+    """Keep aiohttp's idle close (keepalive_timeout) off the connection for ``seconds`` from
+    now: a head is arriving, and the header timeout is what ends it."""
+    until = protocol._loop.time() + seconds
+    # (its timer, when it fires early, re-arms itself for this time)
+    protocol._next_keepalive_close_time = max(protocol._next_keepalive_close_time, until)
+
+
+def answer_early(protocol: web.RequestHandler, status: int, exc: BaseException) -> None:
+    """Queue an error for the connection as aiohttp queues one for a head its parser rejects:
+    the protocol's ``handle_error(request, status, exc)`` answers it, in turn after any
+    request parsed before, and the connection closes after that answer."""
+    error = web_protocol._ErrInfo(status=status, exc=exc, message=str(exc))
+    protocol._request_count += 1
+    protocol._messages.append((error, EMPTY_PAYLOAD))
+    waiter = protocol._waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 class OneWrite(web.StreamResponse):
@@ -143,6 +208,8 @@ def missing() -> list[str]:
         gone.append("http_writer._serialize_headers")
     if "_send_headers_immediately" not in vars(web.StreamResponse):
         gone.append("StreamResponse._send_headers_immediately")
+    if not _err_info_fits():
+        gone.append("web_protocol._ErrInfo")
     loop = asyncio.new_event_loop()
     try:
         server = web.Server(_never_called, loop=loop)
@@ -150,6 +217,16 @@ def missing() -> list[str]:
     finally:
         loop.close()
     return gone
+
+
+def _err_info_fits() -> bool:
+    """aiohttp's queued parser error still exists, with the fields ``answer_early`` sets."""
+    cls = getattr(web_protocol, "_ErrInfo", None)
+    try:
+        cls(status=400, exc=ValueError(), message="")  # type: ignore[misc]
+    except TypeError:
+        return False
+    return True
 
 
 async def _never_called(request: web.BaseRequest) -> web.StreamResponse:

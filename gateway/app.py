@@ -22,6 +22,7 @@ from . import endpoints, logs, pipeline
 from .aiohttp_private import keep_raw_header_bytes
 from .config import Config, ConfigError, load_config
 from .context import Shared
+from .edge.connections import ConnectionTable
 from .metrics import GATEWAY, Metrics
 from .ratelimit.local import LocalLimiter
 from .ratelimit.shared import RedisLimiter
@@ -54,6 +55,7 @@ class Gateway:
             slots=SlotTable(),
             limiter=_make_limiter(config, metrics),
             upstream=UpstreamClient(),
+            connections=ConnectionTable(metrics, lambda: self.shared.snapshot.edge),
         )
         self._runner: web.ServerRunner | None = None
         self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
@@ -77,10 +79,18 @@ class Gateway:
         )
         self._in_background(prober.run())
         self._in_background(Keepalive(shared).run())
+        self._in_background(shared.connections.run())
         # pipeline.handle bound with a C-level partial: no extra coroutine frame per request.
         handler = functools.partial(pipeline.handle, shared)
+        # keepalive_timeout is aiohttp's, fixed per server: a reload cannot change it.
+        limits = {**SERVER_LIMITS, "keepalive_timeout": shared.snapshot.edge.keepalive_timeout}
         server = Server(
-            handler, shared.metrics, handler_cancellation=True, access_log=None, **SERVER_LIMITS
+            handler,
+            shared.metrics,
+            shared.connections,
+            handler_cancellation=True,
+            access_log=None,
+            **limits,
         )
         self._runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
@@ -157,6 +167,8 @@ class Gateway:
         for key in ("listen", "upstream_keepalive_timeout"):
             if getattr(config, key) != getattr(old.config, key):
                 log.warning("a changed %s takes effect only after a restart", key)
+        if new.edge.keepalive_timeout != old.edge.keepalive_timeout:
+            log.warning("a changed limits.keepalive_timeout takes effect only after a restart")
         shared.snapshot = new
         if config.redis != old.config.redis:
             previous = shared.limiter

@@ -19,6 +19,7 @@ from .metrics import UNMATCHED
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .edge.connections import ConnectionTable
     from .metrics import Metrics
     from .ratelimit.zones import Limiter
     from .snapshot import Snapshot, Target
@@ -44,6 +45,7 @@ class Shared:
     slots: SlotTable
     limiter: Limiter
     upstream: UpstreamClient
+    connections: ConnectionTable  # the client connections: caps, idle ones, unfinished heads
     sessions: set[Session] = field(default_factory=set)  # open WebSocket sessions
     clock: Callable[[], float] = time.monotonic
     started: float = field(default_factory=time.monotonic)

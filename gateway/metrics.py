@@ -100,6 +100,16 @@ class Metrics:
         self.client_connections = Gauge(
             "gateway_client_connections", "Open client TCP connections.", registry=r
         )
+        self.connections_refused = self._labelled(
+            Counter,
+            "gateway_connections_refused",
+            "Client connections closed at once on arrival, by the cap they met (per_client: "
+            "max_connections_per_client; max_connections: max_client_connections, with no "
+            "idle connection to close instead).",
+            ["reason"],
+        )
+        for reason in ("per_client", "max_connections"):
+            self.connections_refused.labels(reason)  # 0 from the start, not absent
         self.config_reloads = self._labelled(
             Counter,
             "gateway_config_reloads",
