@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import resource
@@ -35,6 +36,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 
 COMMANDS = ("serve", "check", "schema", "healthcheck")
+# The cyclic garbage collector's thresholds while serving (Python's are 700, 10, 10). Every
+# collection of the oldest generation walks every object of every open connection: with
+# 5,500 held connections that is a pause of about 80 ms, often enough with the defaults to
+# put p99 at 100 ms, and the young collections cost ~12 % of the CPU per request. Collecting
+# the young generation every 50,000 allocations instead of 700 lets most per-request objects
+# die by reference counting first, so fewer reach the old generation and it is collected
+# about once every 100 middle collections (bench/flood.py: p99 13 ms instead of 91 ms under
+# 5,500 held connections, 147 instead of 167 us of CPU per request, the same memory).
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,13 +185,14 @@ def _shown(value: object) -> str:
 
 
 def never_matched(config: Config) -> list[str]:
-    """Routes that can never match: their paths are the gateway's own."""
-    from .endpoints import own  # noqa: PLC0415 - not needed by healthcheck/schema
+    """Routes that can never match: every path they match is the gateway's own (an exact
+    /health, say, or anything under /gateway/; a prefix /health still matches /health/x)."""
+    from .endpoints import OWN_PREFIX, own  # noqa: PLC0415 - not needed by healthcheck/schema
 
     warnings = []
     for name, service in config.services.items():
         for i, rule in enumerate(service.routes or ()):
-            taken = own(rule.path) is not None or (not rule.exact and rule.path == "/gateway")
+            taken = rule.path.startswith(OWN_PREFIX) or (rule.exact and own(rule.path) is not None)
             if taken:
                 warnings.append(
                     f"services.{name}.routes[{i}] ({rule.path}) can never match: "
@@ -284,7 +295,9 @@ async def _run(gateway: Gateway, host: str | None, port: int | None, worker: Wor
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     _, open_files = raise_open_files_limit()
+    gc.set_threshold(*GC_THRESHOLDS)
     addresses = await gateway.start(host, port, worker)
+    gc.freeze()  # what start-up made lives as long as the process: no collection need scan it
     log.info(
         "gateway started",
         extra={

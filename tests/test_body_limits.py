@@ -139,8 +139,10 @@ async def test_stalled_bodies_never_eject_a_healthy_upstream(upstream, gateway, 
         async with client.get(gw.url + "/api/city/warm") as response:
             assert response.status == 200
 
-    async def stall() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    async def stall() -> bytes:  # from another address than the control client's
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.port, local_addr=("127.0.0.5", 0)
+        )
         writer.write(b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n")
         try:
             return await asyncio.wait_for(reader.read(), 5)

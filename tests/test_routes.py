@@ -284,8 +284,9 @@ def test_check_names_both_places_of_a_conflict_and_warns_of_dead_routes(tmp_path
     dead = check(
         tmp_path,
         node_config(
-            city="{port: 7001, nodes: [noda1], routes: [{path: /health, to: /h}, "
-            "{path: /gateway/x, to: /x}, {path: /api/city/, to: /city/}]}"
+            city="{port: 7001, nodes: [noda1], routes: [{path: /health, to: /h, exact: true}, "
+            "{path: /gateway/x, to: /x}, {path: /api/city/, to: /city/}, {path: /metrics, "
+            "to: /m}]}"
         ),
     )
     assert dead.returncode == 0, dead.stderr
@@ -297,4 +298,5 @@ def test_check_names_both_places_of_a_conflict_and_warns_of_dead_routes(tmp_path
         "/gateway/ are the gateway's own",
     ]
     table = [line.split("->")[0].strip() for line in dead.stdout.splitlines() if "->" in line]
-    assert table == ["/api/city/", "/gateway/x", "/health"]  # match order: longest first
+    # Match order: longest first. A prefix /metrics still matches /metrics/x: no warning.
+    assert table == ["/api/city/", "/gateway/x", "/metrics", "/health (exact)"]
