@@ -251,11 +251,11 @@ STEADY = "{rate: 1r/m, burst: 20}"
 
 
 def limited(port: int, redis_url: str, prefix: str, zone: str = STEADY, *, extra: str = "",
-            services: tuple[str, ...] = ("city",)) -> str:  # fmt: skip
+            services: tuple[str, ...] = ("city",), redis_timeout: float = 0.05) -> str:  # fmt: skip
     """routes.yaml: ``services`` (default: ``city``) on noda1, all behind the zone ``z``."""
     return (
         routes({name: f"{{port: {port}, nodes: [noda1]}}" for name in services}, noda1=NODA1)
-        + f"redis: {{url: '{redis_url}', prefix: '{prefix}'}}\n"
+        + f"redis: {{url: '{redis_url}', prefix: '{prefix}', timeout: {redis_timeout}}}\n"
         + f"rate_limits: {{z: {zone}}}\ndefault_rate_limit: z\n"
         + extra
     )

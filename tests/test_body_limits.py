@@ -199,3 +199,28 @@ async def test_a_reused_connection_closed_under_a_request_is_stale_not_a_failure
     metrics = await metrics_text(client, gw)
     assert 'gateway_retries_total{kind="stale",service="city"}' in metrics
     assert "gateway_ejections_total{" not in metrics
+
+
+async def test_trickled_small_bodies_hold_no_upstream_slot(upstream, gateway, client):
+    # The fourth attack: POSTs whose small bodies trickle in a byte at a time, from
+    # one address, more of them than the service has slots. They are read before a slot is
+    # taken, so another client is served at once meanwhile.
+    up: Upstream = await upstream(NODA1)
+    gw = await gateway(city(up.port, ", max_connections: 4"))
+    writers = []
+    for _ in range(12):
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.port, local_addr=("127.0.0.5", 0))
+        writer.write(b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nx")
+        writers.append(writer)
+    await asyncio.sleep(0.3)
+    for _ in range(3):
+        for writer in writers:
+            writer.write(b"x")
+        await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    async with client.get(gw.url + "/api/city/control") as response:
+        assert response.status == 200
+    assert asyncio.get_running_loop().time() - started < 0.4  # not a wait for a slot (0.5 s)
+    assert [s.raw_path for s in up.seen] == ["/city/control"]  # no trickler reached it yet
+    for writer in writers:
+        writer.close()

@@ -1,6 +1,6 @@
-"""The forwarding phase of an HTTP request: a slot under the service's ``max_connections``,
-the body (buffered when small enough to replay), the failover loop over ``http.send``, then
-the answer streamed back with ``http.relay``."""
+"""The forwarding phase of an HTTP request: the body (read whole first when it is small
+enough to replay), a slot under the service's ``max_connections``, the failover loop over
+``http.send``, then the answer streamed back with ``http.relay``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import aiohttp
 
 from ..errors import GatewayError, UpstreamAborted
 from .body import read_body
-from .failover import IDEMPOTENT, REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
+from .failover import REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
 from .headers import Forwarding
 from .http import relay
 from .redirects import Redirects
@@ -33,14 +33,16 @@ async def forward(
 ) -> web.StreamResponse:
     """Forward ``ex.request`` on ``entry`` (a route) to a target and stream back its answer."""
     request, route = ex.request, entry.policy
-    first = first_target(shared, route)  # before a slot: 503 at once when all are down
+    first = first_target(shared, route)  # before anything: 503 at once when all are down
+    # A body of up to REPLAY_LIMIT bytes is read whole before a slot is taken (nginx's
+    # proxy_request_buffering): a client that trickles it holds no upstream slot meanwhile,
+    # and it can be sent again on a retry. A bigger one streams, in its slot.
+    body, streamed = await read_body(request, route.body, REPLAY_LIMIT)
     slots = shared.slots.for_route(route)
     await slots.acquire(route.connect_timeout)
     gauge = shared.metrics.active_for(route.service)
     gauge.inc()
     try:
-        replay = REPLAY_LIMIT if route.retries and request.method in IDEMPOTENT else 0
-        body, streamed = await read_body(request, route.body, replay)
         forwarding = Forwarding(ex.client, ex.proto, ex.request_id)
         client = shared.upstream
 
