@@ -2,7 +2,7 @@
 
 What it measures: requests per second, latency (p50, p99) and CPU time per request of the
 gateway as a reverse proxy in front of a trivial backend, next to nginx doing the same job,
-following /work/shared/bench/anchors.md ("pin" layout):
+following the anchor measurements (bench/README.md, "Anchors"; the "pin" layout):
 
 - backend: nginx, 1 worker, ``return 200 '{"ok":true}'`` for any path;
 - targets: the backend directly; nginx as a reverse proxy (1 worker, upstream keepalive 256,
@@ -48,7 +48,7 @@ from lib.tools import BENCH_DIR, Tools
 
 REQUEST_PATH: Final = "/api/bench/"
 WARMUP_SECONDS: Final = 2
-ANCHOR_RATIO: Final = 0.15  # anchors.md: aiohttp 1 proc / nginx 1 worker, pin, c50 and c200
+ANCHOR_RATIO: Final = 0.15  # the anchors: aiohttp 1 proc / nginx 1 worker, pin, c50, c200
 P99_TARGET_MS: Final = 1000.0
 IDLE_WAIT: Final = 120.0  # --rerun-disturbed: longest wait for the machine to be idle again
 DIRECT: Final = "direct"
@@ -668,7 +668,7 @@ def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) 
         lines.append(
             f"{gateway}/nginx "
             + ", ".join(f"c{c} = {fmt(x, '.2f')}" for c, x in ratios)
-            + f"   (anchors.md: {ANCHOR_RATIO:.2f}; target >= {ANCHOR_RATIO:.2f})"
+            + f"   (anchor: {ANCHOR_RATIO:.2f}; target >= {ANCHOR_RATIO:.2f})"
         )
     cpu = []
     for c in conns:
@@ -678,9 +678,7 @@ def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) 
                 f"c{c} {g.proxy_us:.0f}/{n.proxy_us:.0f} us = {g.proxy_us / n.proxy_us:.1f}x"
             )
     if cpu:
-        lines.append(
-            f"{gateway} CPU/req vs nginx CPU/req: {'; '.join(cpu)}   (anchors.md: 8.9x, 8.5x)"
-        )
+        lines.append(f"{gateway} CPU/req vs nginx CPU/req: {'; '.join(cpu)}   (anchor: 8.9x, 8.5x)")
     for c in conns:
         if (g := _row(rows, gateway, c)) is not None:
             verdict = "ok" if g.p99_ms < P99_TARGET_MS else "OVER"

@@ -1,7 +1,7 @@
 """WebSocket relay benchmark of the gateway: `.venv/bin/python bench/ws.py` (~2.6 min).
 
 Two parts, on 127.0.0.1 only, with bench/run.py's "pin" layout (servers on CPU 0; the client
-and this harness on CPU 1), following shared/bench/anchors.md ("WebSocket relay"):
+and this harness on CPU 1), following the anchor measurements (bench/README.md, "Anchors"):
 
 1. **Throughput.** A WebSocket echo backend (bench/wsbackend.py: aiohttp + uvloop, binary
    echo) is reached three ways: directly, through nginx (1 worker, ``proxy_http_version 1.1``,
@@ -56,7 +56,7 @@ BACKEND_PATH: Final = "/ws/echo"  # what every path below reaches on the backend
 PROXY_PATH: Final = f"/ws/{SERVICE}/echo"  # through nginx and the gateway
 SHAPES: Final = ((8, 16), (1, 1))  # (sessions, messages in flight on each)
 TARGET_RATIO: Final = 0.5  # the issue: gateway/nginx echoed msgs/s
-ANCHORS: Final = {(8, 16): 0.51, (1, 1): 0.73}  # anchors.md: aiohttp relay / nginx
+ANCHORS: Final = {(8, 16): 0.51, (1, 1): 0.73}  # the anchors: aiohttp relay / nginx
 RSS_TARGET_KIB: Final = 20.0  # the issue: gateway RSS per idle session
 DIRECT: Final = "direct"
 NGINX: Final = "nginx"
@@ -475,7 +475,7 @@ def throughput_headline(rows: list[Row], runs: list[EchoRun]) -> list[str]:
         spread = f" (reps {fmt(gw.x_nginx_low, '.2f')}-{fmt(gw.x_nginx_high, '.2f')})"
         lines.append(
             f"gateway/nginx msgs/s at {shape_name(shape)} = {fmt(ratio, '.2f')}{spread} "
-            f"({verdict}: target >= {TARGET_RATIO}; anchors.md aiohttp relay "
+            f"({verdict}: target >= {TARGET_RATIO}; anchor: aiohttp relay "
             f"{ANCHORS[shape]}){cpu}"
         )
     disturbed = report.disturbance(

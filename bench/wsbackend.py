@@ -1,6 +1,6 @@
 """The WebSocket backend of bench/ws.py: `python bench/wsbackend.py --port P`.
 
-An aiohttp + uvloop server on 127.0.0.1 (anchors.md's "direct-aiohttp" ``/ws``):
+An aiohttp + uvloop server on 127.0.0.1 (the anchors' "direct-aiohttp" ``/ws``):
 
 - any path with a WebSocket handshake: a session that echoes every binary (and text) message
   back as it came, and otherwise just stays open. ``autoping=False``: the pings it receives

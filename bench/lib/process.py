@@ -29,7 +29,8 @@ BUSY_CORES: Final = 0.1  # other work on the machine above this disturbs a run
 
 @dataclass(frozen=True)
 class Layout:
-    """The "pin" layout of shared/bench/anchors.md: servers on one CPU, load on another."""
+    """The "pin" layout of the anchor measurements (bench/README.md, "Anchors"): servers on one
+    CPU, load on another."""
 
     servers: frozenset[int] | None  # None: unpinned
     load: frozenset[int] | None
