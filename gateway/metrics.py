@@ -195,6 +195,36 @@ class Metrics:
             "1 while Redis fails and rate limits use the on_error fallback.",
             registry=r,
         )
+        self.tls_expiry = self._labelled(
+            Gauge,
+            "gateway_tls_certificate_expiry_timestamp_seconds",
+            "When each served certificate expires (Unix time), by its first name.",
+            ["name"],
+        )
+        self.tls_reloads = self._labelled(
+            Counter,
+            "gateway_tls_certificate_reloads",
+            "Certificate loads after the first, by result (success; failure: the previous one "
+            "kept serving).",
+            ["result"],
+        )
+        self.tls_handshake_failures = Counter(
+            "gateway_tls_handshake_failures",
+            "TLS handshakes that failed or timed out on the HTTPS listener.",
+            registry=r,
+        )
+        self.acme_orders = self._labelled(
+            Counter,
+            "gateway_acme_orders",
+            "ACME certificate orders (first ones and renewals), by result (success, failure).",
+            ["result"],
+        )
+        self.upstream_tls_failures = self._labelled(
+            Counter,
+            "gateway_upstream_tls_failures",
+            "Connections to a node whose certificate failed verification, by node.",
+            ["node"],
+        )
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         # Cached label children: labels() costs a lock and a dict lookup we can skip.

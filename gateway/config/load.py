@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
+from ..certs import CertError, check_ca, read_pair
 from .schema_export import json_schema
-from .types import NONE, REDIS_SCHEMES, RESERVED_SERVICE_NAMES, Config
+from .types import NONE, REDIS_SCHEMES, RESERVED_SERVICE_NAMES, Config, Listen
 from .validate import Problem, validate
 from .yamlsource import load_yaml
 
@@ -56,10 +57,71 @@ def parse_config(
     problems = list(conv.problems) + [
         Problem(path, message, conv.path_lines.get(path)) for path, message in _semantic(data)
     ]
+    if config is not None:  # what needs the values themselves (after ${VAR}): files, ports
+        problems += [
+            Problem(path, message, conv.path_lines.get(path)) for path, message in _usable(config)
+        ]
     if config is None or problems:
         problems.sort(key=lambda p: (p.line or 0, p.path))
         raise ConfigError(source, problems)
     return config
+
+
+def _usable(config: Config) -> list[tuple[str, str]]:
+    """Problems of a well-formed config that only its values show: the files it names (read
+    and checked now, so that ``check`` and a reload refuse what the listener could not load),
+    listeners on the same port, admin CIDRs."""
+    problems: list[tuple[str, str]] = []
+    listeners: list[tuple[str, Listen]] = [("listen", config.listen)]
+    tls = config.tls
+    if tls is not None and tls.enabled:
+        listeners.append(("tls.listen", tls.listen))
+        acme = tls.acme if tls.acme is not None and tls.acme.enabled else None
+        if not tls.certificates and acme is None:
+            problems.append(("tls", "needs certificates, or acme (enabled), or both"))
+        for i, files in enumerate(tls.certificates):
+            problems += _file_problem(f"tls.certificates[{i}]", read_pair, files.cert, files.key)
+        if acme is not None and acme.ca_bundle is not None:
+            problems += _file_problem("tls.acme.ca_bundle", check_ca, acme.ca_bundle)
+    if config.admin.listen is not None:
+        listeners.append(("admin.listen", config.admin.listen))
+    for i, (where, listen) in enumerate(listeners):
+        for other, earlier in listeners[:i]:
+            if listen.port == earlier.port and _same_address(listen.host, earlier.host):
+                problems.append((f"{where}.port", f"{listen.port} is also {other}'s port"))
+                break
+    for i, cidr in enumerate(config.admin.allow):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            problems.append((f"admin.allow[{i}]", str(exc)))
+    for name, node in config.nodes.items():
+        if node.tls is None:
+            continue
+        base = f"nodes.{name}.tls"
+        if node.tls.ca is not None:
+            problems += _file_problem(f"{base}.ca", check_ca, node.tls.ca)
+        if (node.tls.cert is None) != (node.tls.key is None):
+            problems.append((base, "cert and key go together (a client certificate needs both)"))
+        elif node.tls.cert is not None and node.tls.key is not None:
+            problems += _file_problem(f"{base}.cert", read_pair, node.tls.cert, node.tls.key)
+    return problems
+
+
+def _file_problem(where: str, check: Any, *paths: str) -> list[tuple[str, str]]:
+    try:
+        check(*paths)
+    except CertError as exc:
+        return [(where, str(exc))]
+    return []
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 - names of the wildcard address
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether two listen hosts would take the same port (a wildcard takes it everywhere)."""
+    return a == b or a in _WILDCARDS or b in _WILDCARDS
 
 
 def _semantic(data: Any) -> list[tuple[str, str]]:

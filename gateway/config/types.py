@@ -63,11 +63,45 @@ class Listen:
     port: Port = doc("TCP port to listen on.", 8080)
 
 
+HostName = Annotated[
+    str,
+    Pattern(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", "a lowercase host name like app.daarion.space"),
+]
+FilePath = Annotated[str, Pattern(r"[^\x00]+", "a file path")]
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """HTTPS (and WSS) to every service of a node, and to its health probes."""
+
+    ca: FilePath | None = doc(
+        "PEM file of the CA(s) the node's certificate must chain to (default: the system store).",
+        None,
+    )
+    server_name: HostName | None = doc(
+        "The name the node's certificate must carry, and the SNI sent (default: the node's host).",
+        None,
+    )
+    cert: FilePath | None = doc(
+        "PEM file of a client certificate to present (mutual TLS between nodes); needs key.",
+        None,
+    )
+    key: FilePath | None = doc("PEM file of that client certificate's private key.", None)
+    insecure_skip_verify: bool = doc(
+        "Accept any certificate from the node (a warning is logged at every start): for a "
+        "lab, never for production.",
+        False,
+    )
+
+
 @dataclass(frozen=True)
 class Node:
     """A machine where services run."""
 
     host: Host = doc("Host name or IP address of the node.")
+    tls: NodeTls | None = doc(
+        "Reach the node over HTTPS and WSS, its certificate verified; absent: plain HTTP.", None
+    )
 
 
 @dataclass(frozen=True)
@@ -252,10 +286,6 @@ class Limits(RequestLimits):
 ROUTE_PATH_RE = r"/|(/(?!\.\.?(?:/|$))[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?"
 RoutePath = Annotated[str, Pattern(ROUTE_PATH_RE, "a path like /api/city/ or /ws/events")]
 Method = Annotated[str, Pattern(r"[A-Z][A-Z-]{0,19}", "an HTTP method like GET")]
-HostName = Annotated[
-    str,
-    Pattern(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", "a lowercase host name like app.daarion.space"),
-]
 
 
 @dataclass(frozen=True)
@@ -362,12 +392,110 @@ class Service:
 
 
 @dataclass(frozen=True)
+class CertificateFiles:
+    """A certificate served on the TLS listener, for the names it carries."""
+
+    cert: FilePath = doc("PEM file: the certificate, then its chain (certbot's fullchain.pem).")
+    key: FilePath = doc("PEM file: its private key (certbot's privkey.pem).")
+
+
+# A domain an ACME CA can issue for over http-01: a host name with a dot, no wildcard.
+AcmeDomain = Annotated[
+    str,
+    Pattern(
+        r"(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]{0,61}"
+        r"[a-z0-9])?",
+        "a lowercase domain like gateway.daarion.city",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Acme:
+    """Certificates ordered and renewed automatically from an ACME CA (RFC 8555, http-01)."""
+
+    domains: Annotated[tuple[AcmeDomain, ...], MinItems(1)] = doc(
+        "Names the certificate is for (one certificate for all of them); each must reach "
+        "this gateway's plain listener on port 80."
+    )
+    directory: Annotated[str, Pattern(r"https://\S+", "an https:// URL")] = doc(
+        "The CA's directory URL.", "https://acme-v02.api.letsencrypt.org/directory"
+    )
+    email: Annotated[str, Pattern(r"[^@\s]+@[^@\s]+", "an email address")] | None = doc(
+        "Contact for the CA's expiry notices.", None
+    )
+    storage: FilePath = doc(
+        "Directory for the account key and certificates (mode 0600), reused on restart.",
+        "/var/lib/daarion-gateway/acme",
+    )
+    ca_bundle: FilePath | None = doc(
+        "Extra CA (PEM) trusted for the directory's HTTPS (a test CA such as Pebble's).", None
+    )
+    renew_before_days: Annotated[int, Range(min=1, max=365)] = doc(
+        "Renew this many days before the certificate expires.", 30
+    )
+    enabled: bool = doc("Order certificates at all (lets the environment turn ACME off).", True)
+
+
+@dataclass(frozen=True)
+class Hsts:
+    """Strict-Transport-Security on HTTPS answers (RFC 6797)."""
+
+    max_age: Annotated[int, Range(min=0, max=2**31 - 1)] = doc(
+        "Seconds browsers keep to HTTPS (0 tells them to forget).", 31536000
+    )
+    include_subdomains: bool = doc("For every subdomain too.", False)
+    preload: bool = doc("Ask to be preloaded into browsers (needs a year and subdomains).", False)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The HTTPS listener: TLS 1.2+ with certificates from files, from ACME, or both."""
+
+    listen: Listen = doc("Where HTTPS is served.", Listen(port=443))
+    certificates: tuple[CertificateFiles, ...] = doc(
+        "Certificate files; the one whose names match the client's SNI is served (exact or "
+        "*. wildcard), else the first.",
+        (),
+    )
+    acme: Acme | None = doc("Automatic certificates.", None)
+    min_version: Literal["1.2", "1.3"] = doc("Oldest TLS version accepted.", "1.2")
+    hsts: Hsts | None = doc("HSTS on HTTPS answers; null: none.", Hsts())
+    redirect_http: bool = doc(
+        "The plain listener answers 308 to https:// (but ACME challenges and /health).", True
+    )
+    handshake_timeout: Seconds = doc(
+        "Seconds a client gets to finish its TLS handshake before it is closed.", 10.0
+    )
+    enabled: bool = doc("Serve HTTPS at all (lets the environment turn TLS on).", True)
+
+
+LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The operator's endpoints: /metrics and /gateway/* (/health is on every listener)."""
+
+    listen: Listen | None = doc(
+        "A listener of their own: they are served there and on no public one.", None
+    )
+    allow: tuple[Cidr, ...] = doc(
+        "Client addresses (CIDRs) that may reach them; others get 404. The client address is "
+        "the one the rate limiter uses (the peer, or what trusted proxies report).",
+        LOOPBACK,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The DAARION gateway's routing table (routes.yaml)."""
 
     nodes: Mapping[Name, Node] = doc("Machines where services run, by name.")
     services: Mapping[Name, Service] = doc("Services by name: /api/<name>/... routes to them.")
-    listen: Listen = doc("Where the gateway listens.", Listen())
+    listen: Listen = doc("Where the gateway listens (plain HTTP).", Listen())
+    tls: Tls | None = doc("HTTPS: TLS termination, certificates, redirect, HSTS.", None)
+    admin: Admin = doc("Who reaches /metrics and /gateway/*, and where.", Admin())
     timeouts: Timeouts = doc("Default upstream timeouts for every service.", Timeouts())
     redis: RedisSettings | None = doc(
         "Shared rate-limit state; absent: limits are per process.", None
