@@ -29,6 +29,10 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   arriving (``_next_keepalive_close_time``, on ``BaseProtocol._loop``'s clock), and
   ``answer_early`` queues an answer (431, 408) as aiohttp queues its own for a head its parser
   rejects (``web_protocol._ErrInfo``).
+- ``TlsSite``: a TCP site whose TLS handshakes time out (asyncio's ``ssl_handshake_timeout``,
+  which ``TCPSite`` does not pass on): its ``start`` is ``TCPSite.start`` with it, and reads
+  what that one reads (``TCPSite``'s ``_host``, ``_port``, ``_reuse_port``, ``_bound_port``;
+  ``BaseSite``'s ``_runner``, ``_ssl_context``, ``_backlog``, ``_server``).
 
 The build is locked (``requirements/``), so an aiohttp upgrade is deliberate; ``missing()``
 lists what of the above an installed aiohttp no longer has, and a unit test fails with that
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
@@ -64,7 +69,50 @@ _SLOTS = (
     (web.RequestHandler, "_next_keepalive_close_time"),
     (base_protocol.BaseProtocol, "_upgraded"),
     (base_protocol.BaseProtocol, "_loop"),
+    *((web.TCPSite, name) for name in ("_host", "_port", "_bound_port", "_reuse_port")),
+    *((web.BaseSite, name) for name in ("_runner", "_ssl_context", "_backlog", "_server")),
 )
+
+
+class TlsSite(web.TCPSite):
+    """aiohttp's TCP site with a TLS handshake timeout of its own (``TCPSite`` leaves
+    asyncio's 60 s): a client that connects and does not finish its handshake in time is
+    closed. Its ``start`` is ``TCPSite.start`` with that one argument more."""
+
+    __slots__ = ("_handshake_timeout",)
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext,
+        handshake_timeout: float,
+        backlog: int,
+        reuse_port: bool,
+    ) -> None:
+        super().__init__(
+            runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port
+        )
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("the runner is not set up")
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def protocol_factory(server: web.Server, cls: Callable[..., H]) -> Callable[[], H]:

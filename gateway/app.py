@@ -12,17 +12,19 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Coroutine
+import ssl
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from . import endpoints, logs, pipeline
-from .aiohttp_private import keep_raw_header_bytes
+from .aiohttp_private import TlsSite, keep_raw_header_bytes
 from .config import Config, ConfigError, load_config
-from .context import Shared
+from .context import ADMIN, HTTP, HTTPS, Listener, Shared
 from .edge.connections import ConnectionTable
+from .edge.tls import Certificates, Source, acme_source
 from .metrics import GATEWAY, Metrics
 from .ratelimit.local import LocalLimiter
 from .ratelimit.shared import RedisLimiter
@@ -57,7 +59,8 @@ class Gateway:
             upstream=UpstreamClient(),
             connections=ConnectionTable(metrics, lambda: self.shared.snapshot.edge),
         )
-        self._runner: web.ServerRunner | None = None
+        self._runners: list[web.ServerRunner] = []  # one per listener
+        self.bound: dict[str, Any] = {}  # each listener's address, by its name
         self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
         self._background: set[asyncio.Task[None]] = set()
         self.shared.health.sync(snapshot.routes.values())
@@ -65,14 +68,23 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(
-        self, host: str | None = None, port: int | None = None, worker: Worker | None = None
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        worker: Worker | None = None,
+        *,
+        ports: Mapping[str, int] | None = None,
     ) -> list[Any]:
-        """Open the upstream client and listen; return the bound addresses. A ``worker``
-        shares the port with the others and serves its metrics to them."""
+        """Open the upstream client and listen: the plain listener (on ``host`` and ``port``
+        when given), the HTTPS one and the admin one when configured (on ``ports[name]``
+        when given: 0 takes a free port). Returns the plain listener's addresses; ``bound``
+        has every listener's. A ``worker`` shares the ports with the others and serves its
+        metrics to them."""
         shared = self.shared
-        listen = shared.snapshot.config.listen
+        config = shared.snapshot.config
+        ports = ports or {}
         keep_raw_header_bytes()  # obs-text in a header reaches the upstream byte for byte
-        shared.upstream.open(shared.snapshot.config.upstream_keepalive_timeout)
+        shared.upstream.open(config.upstream_keepalive_timeout)
         await shared.limiter.start()
         prober = Prober(
             lambda: self.shared.snapshot, shared.upstream.session, shared.health, shared.metrics
@@ -80,36 +92,80 @@ class Gateway:
         self._in_background(prober.run())
         self._in_background(Keepalive(shared).run())
         self._in_background(shared.connections.run())
+        reuse = worker is not None
+        listen = config.listen
+        plain = await self._listen(
+            HTTP,
+            host if host is not None else listen.host,
+            port if port is not None else listen.port,
+            reuse,
+        )
+        tls = config.tls
+        if tls is not None and tls.enabled:
+            certificates = shared.certificates = Certificates(shared.metrics, tls.min_version)
+            certificates.configure(tls_sources(config), tls.min_version)
+            self._in_background(certificates.watch())
+            https = await self._listen(
+                HTTPS,
+                tls.listen.host,
+                ports.get(HTTPS.name, tls.listen.port),
+                reuse,
+                tls=(certificates.context, tls.handshake_timeout),
+            )
+            shared.https_port = https[0][1]
+        if config.admin.listen is not None:
+            admin = config.admin.listen
+            await self._listen(ADMIN, admin.host, ports.get(ADMIN.name, admin.port), reuse)
+        if worker is not None:
+            shared.worker = worker
+            self._samples = web.ServerRunner(web.Server(self._own_samples), handle_signals=False)
+            await self._samples.setup()
+            await web.UnixSite(self._samples, worker.own_socket).start()
+        return plain
+
+    async def _listen(
+        self,
+        listener: Listener,
+        host: str,
+        port: int,
+        reuse_port: bool,
+        tls: tuple[ssl.SSLContext, float] | None = None,
+    ) -> list[Any]:
+        """Serve ``listener`` on ``host:port`` (``tls``: its context and handshake timeout)."""
+        shared = self.shared
         # pipeline.handle bound with a C-level partial: no extra coroutine frame per request.
-        handler = functools.partial(pipeline.handle, shared)
+        handler = functools.partial(pipeline.handle, shared, listener)
         # keepalive_timeout is aiohttp's, fixed per server: a reload cannot change it.
         limits = {**SERVER_LIMITS, "keepalive_timeout": shared.snapshot.edge.keepalive_timeout}
         server = Server(
             handler,
             shared.metrics,
             shared.connections,
+            hsts=(lambda: self.shared.snapshot.exposure.hsts) if listener.tls else None,
             handler_cancellation=True,
             access_log=None,
             **limits,
         )
-        self._runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
-        )
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            host if host is not None else listen.host,
-            port if port is not None else listen.port,
-            backlog=1024,
-            reuse_port=worker is not None,
-        )
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        await runner.setup()
+        self._runners.append(runner)
+        site: web.TCPSite
+        if tls is not None:
+            site = TlsSite(
+                runner,
+                host,
+                port,
+                ssl_context=tls[0],
+                handshake_timeout=tls[1],
+                backlog=1024,
+                reuse_port=reuse_port,
+            )
+        else:
+            site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port)
         await site.start()
-        if worker is not None:
-            shared.worker = worker
-            self._samples = web.ServerRunner(web.Server(self._own_samples), handle_signals=False)
-            await self._samples.setup()
-            await web.UnixSite(self._samples, worker.own_socket).start()
-        return list(self._runner.addresses)
+        addresses = list(runner.addresses)
+        self.bound[listener.name] = addresses[0]
+        return addresses
 
     async def _own_samples(self, request: web.BaseRequest) -> web.StreamResponse:
         endpoints.refresh_metrics(self.shared)
@@ -121,8 +177,9 @@ class Gateway:
         shared = self.shared
         shared.draining = True
         await shut_down(shared.sessions)  # 1001 to both legs of every session
-        if self._runner is not None:
-            await self._runner.cleanup()
+        # Every listener stops accepting at once; requests in flight on any get the same
+        # SHUTDOWN_TIMEOUT.
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         if self._samples is not None:
             await self._samples.cleanup()
         for task in list(self._background):
@@ -137,7 +194,9 @@ class Gateway:
     # -- configuration -----------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Load the config file again; swap it in only if it is valid. Returns success."""
+        """SIGHUP: load the config file again and swap it in only if it is valid (returns
+        whether it was); read the certificate files again either way."""
+        self.reload_certificates()
         if self.config_path is None:
             return False
         metrics = self.shared.metrics
@@ -159,14 +218,24 @@ class Gateway:
         log.info("config reloaded", extra={"fields": {"config": self.config_path}})
         return True
 
+    def reload_certificates(self) -> None:
+        """Serve the certificate files as they are now (those that changed and load)."""
+        if self.shared.certificates is not None:
+            self.shared.certificates.refresh()
+
     def apply(self, config: Config) -> None:
         """Swap in a new config. Requests already running keep the snapshot they started with."""
         shared = self.shared
         old = shared.snapshot
         new = compile_snapshot(config)
-        for key in ("listen", "upstream_keepalive_timeout"):
-            if getattr(config, key) != getattr(old.config, key):
+        for key in ("listen", "upstream_keepalive_timeout", "admin.listen", "tls.listen"):
+            if _setting(config, key) != _setting(old.config, key):
                 log.warning("a changed %s takes effect only after a restart", key)
+        tls = config.tls if config.tls is not None and config.tls.enabled else None
+        if (tls is None) != (shared.certificates is None):
+            log.warning("turning TLS on or off takes effect only after a restart")
+        elif tls is not None and shared.certificates is not None:
+            shared.certificates.configure(tls_sources(config), tls.min_version)
         if new.edge.keepalive_timeout != old.edge.keepalive_timeout:
             log.warning("a changed limits.keepalive_timeout takes effect only after a restart")
         shared.snapshot = new
@@ -187,6 +256,25 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _setting(config: Config, key: str) -> object:
+    """A setting by its dotted name (None where a section is absent)."""
+    value: object = config
+    for part in key.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def tls_sources(config: Config) -> tuple[Source, ...]:
+    """The certificates the HTTPS listener serves, in order: the files, then ACME's."""
+    tls = config.tls
+    if tls is None:
+        return ()
+    sources = [Source(files.cert, files.key) for files in tls.certificates]
+    if tls.acme is not None and tls.acme.enabled:
+        sources.append(acme_source(tls.acme))
+    return tuple(sources)
 
 
 def _make_limiter(config: Config, metrics: Metrics) -> Limiter:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .edge.connections import ConnectionTable
+    from .edge.tls import Certificates
     from .metrics import Metrics
     from .ratelimit.zones import Limiter
     from .snapshot import Snapshot, Target
@@ -29,6 +30,19 @@ if TYPE_CHECKING:
     from .upstream.slots import SlotTable
     from .websocket.session import Session
     from .workers import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """Which of the gateway's listeners a request came in on."""
+
+    name: str  # in log lines and Gateway.bound
+    tls: bool
+
+
+HTTP = Listener("http", tls=False)  # the plain listener (listen)
+HTTPS = Listener("https", tls=True)  # tls.listen
+ADMIN = Listener("admin", tls=False)  # admin.listen: the operator's endpoints only
 
 
 @dataclass(slots=True, eq=False)
@@ -51,6 +65,10 @@ class Shared:
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     worker: Worker | None = None  # serve --workers: which worker this process is
+    certificates: Certificates | None = None  # what the HTTPS listener serves
+    # ACME's http-01 answers: the key authorization for a token, None for an unknown one.
+    challenge: Callable[[str], bytes | None] | None = None
+    https_port: int | None = None  # the HTTPS listener's port, for redirects
 
 
 @dataclass(slots=True)
@@ -58,6 +76,7 @@ class Exchange:
     """What is known about one request so far; read by the final log line and metrics."""
 
     request: web.BaseRequest
+    listener: Listener
     snapshot: Snapshot  # read once: a reload never changes a request half way through
     request_id: str
     started: float

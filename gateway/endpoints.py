@@ -1,10 +1,16 @@
-"""The gateway's own endpoints: ``/health``, ``/metrics`` and ``/gateway/...``.
+"""The gateway's own answers: ``/health``, ``/metrics`` and ``/gateway/...``; ACME's http-01
+challenges; the plain listener's redirect to HTTPS.
 
 The ``/gateway/`` prefix is reserved for the gateway itself. None of these is rate-limited.
+``/health`` answers everyone on every listener (load balancers and Docker need it); the rest
+answers the clients of ``admin.allow`` only (``admits``), on the admin listener when there is
+one, and everyone else gets the 404 of an unknown path.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -12,25 +18,28 @@ import orjson
 from aiohttp import web
 
 from . import __version__, workers
+from .context import ADMIN, Listener
 from .errors import GatewayError, own_headers
 from .websocket.keepalive import report
 
 if TYPE_CHECKING:
-    from .context import Shared
+    from .context import Exchange, Shared
+    from .snapshot import Exposure
 
-Endpoint = Callable[["Shared", web.BaseRequest, str], Awaitable[web.StreamResponse]]
+Endpoint = Callable[["Shared", "Exchange"], Awaitable[web.StreamResponse]]
 
 
-async def health(shared: Shared, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
-    _only_get(request)
-    body = health_report(shared)
+async def health(shared: Shared, ex: Exchange) -> web.StreamResponse:
+    _only_get(ex.request)
+    body = health_report(shared, admin=ex.snapshot.exposure.admin.holds(ex.client))
     status = 503 if body["status"] == "unhealthy" else 200
-    return _json(body, request_id, status)
+    return _json(body, ex.request_id, status)
 
 
-async def metrics(shared: Shared, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+async def metrics(shared: Shared, ex: Exchange) -> web.StreamResponse:
     """The scrape; one within ``metrics_cache`` seconds of the last one rendered in the same
     format gets that one's text (counters included), so that polling costs next to nothing."""
+    request = ex.request
     _only_get(request)
     accept = request.headers.get("Accept")
     ttl = shared.snapshot.config.metrics_cache
@@ -46,15 +55,13 @@ async def metrics(shared: Shared, request: web.BaseRequest, request_id: str) -> 
         body, content_type = shared.metrics.render(accept, every)
         if ttl > 0:
             shared.metrics.scrapes.put(content_type, now, body)
-    headers = {**own_headers(request_id), "Content-Type": content_type}
+    headers = {**own_headers(ex.request_id), "Content-Type": content_type}
     return web.Response(body=body, headers=headers)
 
 
-async def upstreams(
-    shared: Shared, request: web.BaseRequest, request_id: str
-) -> web.StreamResponse:
-    _only_get(request)
-    return _json(upstreams_report(shared), request_id)
+async def upstreams(shared: Shared, ex: Exchange) -> web.StreamResponse:
+    _only_get(ex.request)
+    return _json(upstreams_report(shared), ex.request_id)
 
 
 ENDPOINTS: Final[dict[str, Endpoint]] = {
@@ -67,10 +74,68 @@ ENDPOINTS: Final[dict[str, Endpoint]] = {
 OWN_PREFIX: Final = "/gateway/"
 
 
-async def not_found(
-    shared: Shared, request: web.BaseRequest, request_id: str
-) -> web.StreamResponse:
-    raise GatewayError(404, "not_found", "no such service or endpoint")
+NOT_FOUND: Final = GatewayError(404, "not_found", "no such service or endpoint")
+
+
+async def not_found(shared: Shared, ex: Exchange) -> web.StreamResponse:
+    raise NOT_FOUND
+
+
+def admits(exposure: Exposure, listener: Listener, client: str) -> bool:
+    """Whether a client on this listener may reach /metrics and /gateway/*."""
+    if exposure.admin_apart and listener is not ADMIN:
+        return False
+    return exposure.admin.holds(client)
+
+
+CHALLENGE_PREFIX: Final = "/.well-known/acme-challenge/"
+
+
+def is_challenge(path: str) -> bool:
+    return path.startswith(CHALLENGE_PREFIX)
+
+
+def challenge(shared: Shared, path: str, request_id: str) -> web.StreamResponse:
+    """ACME's http-01 (RFC 8555 section 8.3): the key authorization for a token, as text."""
+    token = path.removeprefix(CHALLENGE_PREFIX)
+    answer = shared.challenge(token) if shared.challenge is not None else None
+    if answer is None:
+        raise GatewayError(404, "not_found", "no such ACME challenge")
+    headers = {**own_headers(request_id), "Content-Type": "application/octet-stream"}
+    return web.Response(body=answer, headers=headers)
+
+
+# A Host header the redirect may name: a DNS name (labels of letters, digits and '-'), an
+# IPv4 address or a bracketed IPv6 one, with an optional port.
+_HOST: Final = re.compile(
+    r"(?P<name>(?=[^:]{1,253}(?::|$))[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]+\])"
+    r"(?::[0-9]{1,5})?"
+)
+
+
+def to_https(shared: Shared, request: web.BaseRequest, port: int | None) -> GatewayError:
+    """The plain listener's 308 to the same path and query over HTTPS. The host is the
+    request's Host (without its port), which must be a host name or address: anything else
+    gets 400, never a redirect to something that is not a host."""
+    host = request.headers.get("Host", "")
+    matched = _HOST.fullmatch(host)
+    name = matched.group("name") if matched is not None else None
+    if name is not None and name.startswith("["):
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            name = None
+    if name is None:
+        raise GatewayError(400, "bad_host", "the Host header is not a host name")
+    port = port if port is not None else shared.https_port
+    authority = name.rstrip(".").lower() + (f":{port}" if port not in (None, 443) else "")
+    return GatewayError(
+        308,
+        "https_required",
+        "use https",
+        headers={"Location": f"https://{authority}{request.raw_path}"},
+    )
 
 
 def own(path: str) -> Endpoint | None:
@@ -88,20 +153,26 @@ def refresh_metrics(shared: Shared) -> None:
     report(shared.sessions)
 
 
-def health_report(shared: Shared) -> dict[str, object]:
+def health_report(shared: Shared, *, admin: bool = False) -> dict[str, object]:
     """The standards' /health body. ``healthy``: serving, nothing down; ``degraded``: serving,
-    but a dependency or node is down; ``unhealthy``: cannot serve (shutting down)."""
+    but a dependency or node is down, or a certificate is a placeholder or ends within a
+    week; ``unhealthy``: cannot serve (shutting down). An ``admin`` client also sees each
+    served certificate's days left."""
     services, nodes = shared.health.export(shared.snapshot.routes.values())
     dependencies = dict(services)
     if shared.limiter.state is not None:
         dependencies["redis"] = shared.limiter.state
     if shared.draining:
         status = "unhealthy"
-    elif "disconnected" in dependencies.values() or "offline" in nodes.values():
+    elif (
+        "disconnected" in dependencies.values()
+        or "offline" in nodes.values()
+        or (shared.certificates is not None and shared.certificates.degraded())
+    ):
         status = "degraded"
     else:
         status = "healthy"
-    return {
+    report: dict[str, object] = {
         "status": status,
         "service": "gateway",
         "version": __version__,
@@ -109,6 +180,9 @@ def health_report(shared: Shared) -> dict[str, object]:
         "dependencies": dependencies,
         "nodes": nodes,
     }
+    if admin and shared.certificates is not None:
+        report["certificates"] = shared.certificates.report()
+    return report
 
 
 def upstreams_report(shared: Shared) -> dict[str, object]:

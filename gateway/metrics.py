@@ -208,11 +208,6 @@ class Metrics:
             "kept serving).",
             ["result"],
         )
-        self.tls_handshake_failures = Counter(
-            "gateway_tls_handshake_failures",
-            "TLS handshakes that failed or timed out on the HTTPS listener.",
-            registry=r,
-        )
         self.acme_orders = self._labelled(
             Counter,
             "gateway_acme_orders",

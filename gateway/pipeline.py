@@ -2,7 +2,10 @@
 
     strict HTTP: the version, the transfer coding (edge/strict.py)
     → check the target (routing.check_target)
-    → the gateway's own endpoint? (endpoints.py)
+    → an ACME challenge? (endpoints.challenge)
+    → the gateway's own endpoint? (endpoints.py; /metrics and /gateway/* for admin clients
+      only, and on the admin listener only when there is one)
+    → on the plain listener with TLS on: 308 to https:// (endpoints.to_https)
     → the route (routetable.RouteTable, compiled per snapshot: the longest matching path)
     → rate limit (ratelimit/phase.py)
     → a WebSocket handshake (websocket/handshake.py) or an HTTP exchange (upstream/forward.py),
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from . import endpoints, logs, routetable, routing
-from .context import Exchange
+from .context import ADMIN, HTTP, Exchange, Listener
 from .edge import strict
 from .errors import ClientFault, ClientGone, GatewayError, UpstreamAborted, error_response
 from .logs import REQUEST_ID, request_id_from
@@ -36,13 +39,18 @@ CLIENT_CLOSED: Final = 499  # nginx's code for "client closed the request"
 _MAX_LOGGED_PATH: Final = 512
 
 
-async def handle(shared: Shared, request: web.BaseRequest) -> web.StreamResponse:
+STS: Final = "Strict-Transport-Security"
+
+
+async def handle(
+    shared: Shared, listener: Listener, request: web.BaseRequest
+) -> web.StreamResponse:
     snapshot = shared.snapshot
     headers = request.headers
     client = snapshot.trusted.client(request.remote, headers.getall("X-Forwarded-For", []))
     proto = snapshot.trusted.proto(request.remote, headers.get("X-Forwarded-Proto"), request.scheme)
     request_id = request_id_from(headers.get("X-Request-ID"))
-    ex = Exchange(request, snapshot, request_id, shared.clock(), client, proto)
+    ex = Exchange(request, listener, snapshot, request_id, shared.clock(), client, proto)
     REQUEST_ID.set(request_id)  # each request runs in its own task: this stays per request
     try:
         response = await _phases(shared, ex)
@@ -55,14 +63,14 @@ async def handle(shared: Shared, request: web.BaseRequest) -> web.StreamResponse
             # An unread body, or whatever a client sent after a refused handshake, is not
             # HTTP: do not read on.
             response.force_close()
-        return response
+        return _secured(ex, response)
     except ClientFault as fault:
         # The client broke a limit while its body was being forwarded: its answer, and the
         # upstream exchange is over (never counted against the upstream).
         ex.status, ex.error = fault.error.status, fault.error.code
         response = error_response(fault.error, ex.request_id)
         response.force_close()
-        return response
+        return _secured(ex, response)
     except ClientGone:
         ex.status, ex.error = CLIENT_CLOSED, "client_closed"
         return web.Response(status=CLIENT_CLOSED)  # nobody will read it; aiohttp expects one
@@ -81,7 +89,7 @@ async def handle(shared: Shared, request: web.BaseRequest) -> web.StreamResponse
         return aborted.response
     else:
         ex.status = response.status
-        return response
+        return _secured(ex, response)
     finally:
         _finish(shared, ex)
 
@@ -90,10 +98,21 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     request = ex.request
     strict.check(request)
     target = routing.check_target(request.raw_path)
+    exposure = ex.snapshot.exposure
+    listener = ex.listener
+    if exposure.acme and listener is not ADMIN and endpoints.is_challenge(target.path):
+        ex.service = ex.route = GATEWAY
+        return endpoints.challenge(shared, target.path, ex.request_id)
     own = endpoints.own(target.path)
     if own is not None:
         ex.service = ex.route = GATEWAY
-        return await own(shared, request, ex.request_id)
+        if own is not endpoints.health and not endpoints.admits(exposure, listener, ex.client):
+            own = endpoints.not_found  # the same answer as for an unknown path
+        return await own(shared, ex)
+    if listener is ADMIN:
+        raise endpoints.NOT_FOUND
+    if listener is HTTP and exposure.redirect:
+        raise endpoints.to_https(shared, request, exposure.redirect_port)
     table = ex.snapshot.table
     host = routetable.request_host(request.headers.get("Host")) if table.by_host else ""
     found = table.match(target.path, request.method, host)
@@ -107,7 +126,18 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
         await limit(shared, ex, route)  # a handshake counts toward the rate limit
         return await open_session(shared, ex, route, path_qs)
     limit_headers = await limit(shared, ex, route)
+    if listener.tls and exposure.hsts is not None:  # the relay sends the head itself
+        limit_headers = {**(limit_headers or {}), STS: exposure.hsts}
     return await forward(shared, ex, entry, path_qs, limit_headers)
+
+
+def _secured(ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+    """HSTS on an answer over HTTPS (RFC 6797: never over plain HTTP), the gateway's own
+    ones included. A relayed answer, sent already, had it from its extra headers."""
+    hsts = ex.snapshot.exposure.hsts
+    if hsts is not None and ex.listener.tls and not response.prepared:
+        response.headers[STS] = hsts
+    return response
 
 
 def _unrouted(

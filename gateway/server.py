@@ -71,11 +71,18 @@ class Server(web.Server):
     the table of them all (caps, idle ones, unfinished heads)."""
 
     def __init__(
-        self, handler: Handler, metrics: Metrics, connections: ConnectionTable, **kwargs: Any
+        self,
+        handler: Handler,
+        metrics: Metrics,
+        connections: ConnectionTable,
+        *,
+        hsts: Callable[[], str | None] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.metrics = metrics
         self.table = connections
+        self.hsts = hsts  # the HTTPS listener's: its unparsable requests' answers get HSTS too
         self._make = protocol_factory(self, Protocol)
 
     def __call__(self) -> web.RequestHandler:
@@ -103,6 +110,7 @@ class Protocol(web.RequestHandler):
         "_edge_over",
         "_edge_tail",
         "_edge_upgraded",
+        "_hsts",
         "_metrics",
         "_table",
     )
@@ -111,6 +119,7 @@ class Protocol(web.RequestHandler):
         super().__init__(manager, **kwargs)
         self._metrics = manager.metrics
         self._table = manager.table
+        self._hsts = manager.hsts
         self._edge_admitted = False  # counted in the table (else closed at once, never served)
         self._edge_limit = sys.maxsize  # client_header_buffer (0: none), when admitted
         self._edge_head = 0  # bytes of the head arriving; 0: none begun
@@ -292,6 +301,9 @@ class Protocol(web.RequestHandler):
         answer_in_http11(request)  # not aiohttp's HTTP/1.0; and so with Connection: close
         response = error_response(err, request_id)
         response.force_close()
+        hsts = self._hsts() if self._hsts is not None else None
+        if hsts is not None:
+            response.headers["Strict-Transport-Security"] = hsts
         return response
 
 

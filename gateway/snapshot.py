@@ -23,7 +23,7 @@ from .config.types import (
     service_limits,
     size,
 )
-from .edge.trusted import TrustedProxies
+from .edge.trusted import Networks, TrustedProxies
 from .ratelimit.zones import Zone, compile_zone
 from .routetable import API, WS, Entry, RouteTable
 
@@ -96,6 +96,19 @@ class EdgePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Exposure:
+    """What the listeners serve beyond the routes: HSTS on HTTPS answers, the plain
+    listener's redirect to HTTPS, ACME's challenges, and who reaches the admin endpoints."""
+
+    hsts: str | None  # the Strict-Transport-Security value; None: not sent
+    redirect: bool  # the plain listener answers 308 to https://
+    redirect_port: int | None  # the port in those redirects (None: the bound one)
+    acme: bool  # /.well-known/acme-challenge/ is answered by the gateway
+    admin: Networks  # client addresses that may reach /metrics and /gateway/*
+    admin_apart: bool  # those are served on the admin listener only
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """What a request on one route uses: the service's targets and the route's policies (the
     service's, with a route's own overrides)."""
@@ -126,6 +139,7 @@ class Snapshot:
     table: RouteTable[Route]  # every public path, of every service
     trusted: TrustedProxies
     edge: EdgePolicy
+    exposure: Exposure
 
 
 def compile_snapshot(config: Config) -> Snapshot:
@@ -151,6 +165,24 @@ def compile_snapshot(config: Config) -> Snapshot:
             per_client=_set(limits.max_connections_per_client),
             max_clients=_set(limits.max_client_connections),
         ),
+        exposure=_exposure(config),
+    )
+
+
+def _exposure(config: Config) -> Exposure:
+    tls = config.tls if config.tls is not None and config.tls.enabled else None
+    hsts = None
+    if tls is not None and tls.hsts is not None:
+        hsts = f"max-age={tls.hsts.max_age}"
+        hsts += "; includeSubDomains" if tls.hsts.include_subdomains else ""
+        hsts += "; preload" if tls.hsts.preload else ""
+    return Exposure(
+        hsts=hsts,
+        redirect=tls is not None and tls.redirect_http,
+        redirect_port=tls.public_port if tls is not None else None,
+        acme=tls is not None and tls.acme is not None and tls.acme.enabled,
+        admin=Networks(config.admin.allow),
+        admin_apart=config.admin.listen is not None,
     )
 
 

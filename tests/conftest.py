@@ -94,7 +94,8 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
         logs = io.StringIO()
         setup_logging(os.environ.get("TEST_LOG_LEVEL", "INFO"), logs)
         gw = Gateway(parse_config(config_text), config_path=config_path)
-        addresses = await gw.start("127.0.0.1", 0)
+        # Every listener on a free port (the HTTPS and admin ones when configured).
+        addresses = await gw.start("127.0.0.1", 0, ports={"https": 0, "admin": 0})
         running = RunningGateway(gw, addresses[0][1], logs, config_text)
         started.append(running)
         return running

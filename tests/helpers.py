@@ -5,11 +5,13 @@ test modules import from here, never from ``conftest`` or from one another."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import trustme
 from aiohttp import web
 
 from gateway.app import Gateway
@@ -80,6 +83,18 @@ class RunningGateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def https_port(self) -> int:
+        return int(self.gateway.bound["https"][1])
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.bound['admin'][1]}"
+
     def log_lines(self) -> list[dict[str, Any]]:
         flush()  # lines are written once per event-loop iteration
         return [orjson.loads(line) for line in self.logs.getvalue().splitlines() if line]
@@ -95,6 +110,17 @@ def routes(services: dict[str, str], probes: bool = False, **nodes: str) -> str:
     service_lines = "\n".join(f"  {name}: {body}" for name, body in services.items())
     health = "" if probes else "health: {enabled: false}\n"
     return f"{health}nodes:\n{node_lines}\nservices:\n{service_lines}\n"
+
+
+def sample(text: str, series: str) -> float:
+    """The value of one series in a Prometheus text scrape: ``name{labels}`` as written."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.partition(" ")[0] == series
+    ]
+    assert len(values) == 1, (series, values)
+    return values[0]
 
 
 def compiled_routes(config_text: str) -> Mapping[str, Route]:
@@ -436,3 +462,64 @@ def tcp_sockets(
             if fields[3] == state and local_port in (None, local) and remote_port in (None, remote):
                 count += 1
     return count
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    """A certificate (its chain) and key written as PEM files, for a config to name."""
+
+    cert: Path
+    key: Path
+
+    def yaml(self) -> str:
+        return f"{{cert: {self.cert}, key: {self.key}}}"
+
+
+def write_cert(
+    ca: trustme.CA, directory: Path, *names: str, not_after: datetime.datetime | None = None
+) -> CertFiles:
+    """Issue a certificate for ``names`` from ``ca`` and write it under ``directory``."""
+    leaf = ca.issue_cert(*names, not_after=not_after)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = names[0].replace("*", "star")
+    files = CertFiles(directory / f"{stem}.pem", directory / f"{stem}.key")
+    files.cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    files.key.write_bytes(leaf.private_key_pem.bytes())
+    return files
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    """A client context that trusts ``ca`` (and checks host names)."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@dataclass(frozen=True)
+class Handshake:
+    names: tuple[str, ...]  # the DNS names of the certificate served
+    alpn: str | None
+    version: str | None
+
+
+async def tls_handshake(
+    port: int,
+    server_name: str | None,
+    context: ssl.SSLContext,
+    host: str = "127.0.0.1",
+) -> Handshake:
+    """Connect, finish a TLS handshake with ``server_name`` as SNI (None: none sent), and say
+    what the server chose."""
+    _, writer = await asyncio.open_connection(
+        host, port, ssl=context, server_hostname=server_name or ""
+    )
+    try:
+        tls = writer.get_extra_info("ssl_object")
+        cert = tls.getpeercert()
+        names = tuple(value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS")
+        return Handshake(names, tls.selected_alpn_protocol(), tls.version())
+    finally:
+        writer.close()

@@ -17,7 +17,16 @@ from aiohttp import web
 
 from gateway.config import parse_config
 
-from .helpers import NODA1, RawResponse, RunningGateway, Seen, frame, parse_response, routes
+from .helpers import (
+    NODA1,
+    RawResponse,
+    RunningGateway,
+    Seen,
+    frame,
+    parse_response,
+    routes,
+    sample,
+)
 
 ATTACKER = "127.0.0.5"
 CONTROL = "127.0.0.6"
@@ -149,17 +158,6 @@ def padded_head(size: int, extra: bytes = b"") -> bytes:
     head = get("/api/city/x" + "a" * need, extra + b"".join(lines))
     assert len(head) == size, (len(head), size)
     return head
-
-
-def sample(text: str, series: str) -> float:
-    """The value of one series in a Prometheus text scrape: ``name{labels}`` as written."""
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.partition(" ")[0] == series
-    ]
-    assert len(values) == 1, (series, values)
-    return values[0]
 
 
 async def metrics_text(gw: RunningGateway) -> str:

@@ -462,7 +462,14 @@ class Tls:
     min_version: Literal["1.2", "1.3"] = doc("Oldest TLS version accepted.", "1.2")
     hsts: Hsts | None = doc("HSTS on HTTPS answers; null: none.", Hsts())
     redirect_http: bool = doc(
-        "The plain listener answers 308 to https:// (but ACME challenges and /health).", True
+        "The plain listener answers 308 to https:// (but ACME challenges and the gateway's "
+        "own endpoints).",
+        True,
+    )
+    public_port: Port | None = doc(
+        "The HTTPS port clients reach, in redirects (behind a port mapping; default: the port "
+        "the listener is bound to).",
+        None,
     )
     handshake_timeout: Seconds = doc(
         "Seconds a client gets to finish its TLS handshake before it is closed.", 10.0

@@ -16,15 +16,27 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class TrustedProxies:
+class Networks:
+    """A set of CIDRs."""
+
     def __init__(self, cidrs: Iterable[str]) -> None:
         self._networks: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(c, strict=False) for c in cidrs
         )
 
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
     def trusts(self, address: IPAddress) -> bool:
         return any(address in network for network in self._networks)
 
+    def holds(self, address: str) -> bool:
+        """Whether an address given as text (a client address) is in one of them."""
+        parsed = parse(address)
+        return parsed is not None and self.trusts(parsed)
+
+
+class TrustedProxies(Networks):
     def proto(self, peer: str | None, forwarded_proto: str | None, scheme: str) -> str:
         """``X-Forwarded-Proto`` from a trusted proxy (TLS ended there), else our own scheme."""
         if forwarded_proto in ("http", "https") and self._networks:
