@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The DAARION gateway: docker build -t daarion-gateway . && docker run -p 8080:8080 daarion-gateway
+# The DAARION gateway: docker build -t daarion-gateway . && docker run -p 80:8080 -p 443:8443 daarion-gateway
 #
 # The official python images are built with --enable-optimizations and --with-lto (PGO+LTO),
 # which is worth about 20 % of throughput for this workload over a default CPython build.
@@ -37,8 +37,14 @@ RUN pip install --no-cache-dir --disable-pip-version-check --root-user-action=ig
         --no-index --no-deps /wheels/*.whl \
     && pip check && rm -rf /wheels
 COPY routes.yaml /etc/daarion/routes.yaml
+# ACME's account key and certificates (tls.acme.storage): a volume, so that a new container
+# reuses them instead of ordering again (Let's Encrypt limits how often one may).
+RUN install -d -o gateway -g gateway -m 0700 /var/lib/daarion-gateway/acme
+VOLUME ["/var/lib/daarion-gateway"]
 USER gateway
-EXPOSE 8080
+# Plain HTTP (ACME's http-01 challenges, redirects) and HTTPS; publish them as 80 and 443
+# (-p 80:8080 -p 443:8443; GATEWAY_TLS=true turns HTTPS on: see .env.example).
+EXPOSE 8080 8443
 STOPSIGNAL SIGTERM
 # The standards' health check: every 30 s, 10 s timeout, 3 retries, 40 s start period.
 # (No curl in the slim image: the gateway's own command probes /health.)

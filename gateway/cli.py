@@ -141,6 +141,7 @@ def summary(path: str, config: Config) -> str:
         )
         notes = _route_notes(entry, snapshot.routes[route.service])
         lines.append(f"  {_route_path(entry):<{width}} -> {urls}{notes}")
+    lines += _entry_lines(config)
     lines += [f"warning: {warning}" for warning in never_matched(config)]
     if config.rate_limits:
         where = "in each process's memory"
@@ -148,6 +149,45 @@ def summary(path: str, config: Config) -> str:
             where = f"through {_redact(config.redis.url)} (on_error: {config.redis.on_error})"
         lines.append(f"rate limits {', '.join(config.rate_limits)} are kept {where}")
     return "\n".join(lines) + "\n"
+
+
+def _entry_lines(config: Config) -> list[str]:
+    """``check``'s lines on HTTPS (each certificate's names and end) and the admin surface."""
+    import time  # noqa: PLC0415 - check only
+
+    from .certs import read_pair  # noqa: PLC0415 - check only
+
+    lines = []
+    tls = config.tls
+    if tls is not None and tls.enabled:
+        lines.append(
+            f"https on {tls.listen.host}:{tls.listen.port} (TLS {tls.min_version}+"
+            + (", plain HTTP redirected to it" if tls.redirect_http else "")
+            + (", HSTS" if tls.hsts is not None else "")
+            + ")"
+        )
+        for files in tls.certificates:
+            pair = read_pair(files.cert, files.key)  # load_config has read it already
+            ends = time.strftime("%Y-%m-%d", time.gmtime(pair.not_after))
+            lines.append(f"  certificate {files.cert}: {', '.join(pair.names)}, until {ends}")
+        if tls.acme is not None and tls.acme.enabled:
+            acme = tls.acme
+            lines.append(
+                f"  ACME: {', '.join(acme.domains)} from {acme.directory}, kept in {acme.storage}"
+            )
+    admin = config.admin
+    where = f" on {admin.listen.host}:{admin.listen.port} only" if admin.listen else ""
+    lines.append(f"/metrics and /gateway/* answer {', '.join(admin.allow)}{where}")
+    for name, node in config.nodes.items():
+        if node.tls is not None:
+            trust = (
+                "ANY certificate"
+                if node.tls.insecure_skip_verify
+                else (node.tls.ca or "the system's CAs")
+            )
+            mutual = ", with a client certificate" if node.tls.cert else ""
+            lines.append(f"node {name}: HTTPS, verified against {trust}{mutual}")
+    return lines
 
 
 def _route_path(entry: Entry[Route]) -> str:
@@ -305,6 +345,7 @@ async def _run(gateway: Gateway, host: str | None, port: int | None, worker: Wor
                 "pid": os.getpid(),
                 "worker": worker.index if worker is not None else None,
                 "listen": [f"{a[0]}:{a[1]}" for a in addresses],
+                "listeners": {name: f"{a[0]}:{a[1]}" for name, a in gateway.bound.items()},
                 "config": gateway.config_path,
                 "services": len(gateway.shared.snapshot.routes),
                 "open_files_limit": open_files,

@@ -42,7 +42,7 @@ def test_check_summarises_the_shipped_table():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{SHIPPED}: OK, 14 services on 2 nodes")
-    table = {line.split("->")[0].strip(): line.split("->")[1].strip() for line in lines[1:-1]}
+    table = {line.split("->")[0].strip(): line.split("->")[1].strip() for line in lines[1:-2]}
     assert table["/api/search"] == (
         "http://10.0.0.2:8897/search (noda2), http://127.0.0.1:8897/search (noda1)"
         "  [limit: api_limit]"
@@ -55,7 +55,8 @@ def test_check_summarises_the_shipped_table():
         "ws://127.0.0.1:7001/ws/events (noda1)  [route city#8]  [websocket]  [limit: api_limit]"
     )
     assert table["/api/auth/login"].endswith("[route auth#0]  [limit: login]")
-    assert lines[-2].split("->")[0].strip() == "/"  # the web app: matched last
+    assert lines[-3].split("->")[0].strip() == "/"  # the web app: matched last
+    assert lines[-2] == "/metrics and /gateway/* answer 127.0.0.0/8, ::1/128, 127.0.0.0/8"
     assert lines[-1] == (
         "rate limits api_limit, login, strict are kept through redis://127.0.0.1:6379/0 "
         "(on_error: local)"

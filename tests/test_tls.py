@@ -334,3 +334,52 @@ async def test_the_redirect_names_public_port_and_leaves_out_443(gateway, ca, tm
     gw = await gateway(tls_config(1, files, extra="  public_port: 8443\n"))
     status, headers = await raw_get(gw.port, "/x", "gateway.test")
     assert headers["Location"] == "https://gateway.test:8443/x"
+
+
+def test_check_validates_the_files_and_lists_every_tls_problem_at_once(ca, tmp_path):
+    import subprocess  # noqa: PLC0415 - only the command-line tests run a process
+    import sys  # noqa: PLC0415
+
+    good = write_cert(ca, tmp_path, "gateway.test", "www.gateway.test")
+    config = tmp_path / "routes.yaml"
+
+    def check(text: str) -> subprocess.CompletedProcess[str]:
+        config.write_text(text)
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "check", "--config", str(config)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+
+    result = check(tls_config(1, good))
+    assert result.returncode == 0, result.stderr
+    assert "https on 127.0.0.1:8443 (TLS 1.2+, plain HTTP redirected to it, HSTS)" in result.stdout
+    assert (
+        f"certificate {good.cert}: gateway.test, www.gateway.test, until 3000-01-01"
+        in result.stdout
+    )  # trustme's
+    other = write_cert(trustme.CA(), tmp_path / "other", "gateway.test")
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    text = tls_config(
+        1,
+        CertFiles(good.cert, other.key),  # a key of another certificate
+        CertFiles(tmp_path / "missing.pem", good.key),
+        CertFiles(broken, good.key),
+    ).replace("port: 8443", "port: 8080") + (
+        "admin: {allow: [10.0.0.0/8, 300.1.0.0/16, not-a-cidr]}\n"
+    )
+    result = check(text)
+    assert result.returncode == 2
+    problems = result.stderr.splitlines()[1:]
+    assert [p.split(":")[0].split(" (line")[0].strip() for p in problems] == [
+        "tls.listen.port",
+        "tls.certificates[0]",
+        "tls.certificates[1]",
+        "tls.certificates[2]",
+        "admin.allow[1]",
+        "admin.allow[2]",
+    ], result.stderr
+    assert "the key does not match the certificate" in problems[1]
+    assert "no such certificate file" in problems[2]
+    assert "not a PEM certificate" in problems[3]
+    assert "8080 is also listen's port" in problems[0]

@@ -4,7 +4,6 @@ the types cannot express, and the JSON Schema of the whole file."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,9 +13,9 @@ import yaml
 
 from ..certs import CertError, check_ca, read_pair
 from .schema_export import json_schema
-from .types import NONE, REDIS_SCHEMES, RESERVED_SERVICE_NAMES, Config, Listen
+from .types import NONE, REDIS_SCHEMES, RESERVED_SERVICE_NAMES, Admin, Config, Listen, Node, Tls
 from .validate import Problem, validate
-from .yamlsource import load_yaml
+from .yamlsource import LineLoader, load_yaml
 
 
 class ConfigError(Exception):
@@ -57,23 +56,51 @@ def parse_config(
     problems = list(conv.problems) + [
         Problem(path, message, conv.path_lines.get(path)) for path, message in _semantic(data)
     ]
-    if config is not None:  # what needs the values themselves (after ${VAR}): files, ports
-        problems += [
-            Problem(path, message, conv.path_lines.get(path)) for path, message in _usable(config)
-        ]
+    # What needs the values themselves (after ${VAR}): files, ports. From the sections that
+    # are valid when the whole is not, so that these are reported with the rest.
+    sections = (
+        (config.listen, config.tls, config.admin, config.nodes)
+        if config is not None
+        else _sections(data, env, loader)
+    )
+    problems += [
+        Problem(path, message, conv.path_lines.get(path)) for path, message in _usable(*sections)
+    ]
     if config is None or problems:
         problems.sort(key=lambda p: (p.line or 0, p.path))
         raise ConfigError(source, problems)
     return config
 
 
-def _usable(config: Config) -> list[tuple[str, str]]:
-    """Problems of a well-formed config that only its values show: the files it names (read
-    and checked now, so that ``check`` and a reload refuse what the listener could not load),
-    listeners on the same port, admin CIDRs."""
+Sections = tuple[Listen | None, Tls | None, Admin | None, Mapping[str, Node] | None]
+
+
+def _sections(data: Any, env: Mapping[str, str], loader: LineLoader) -> Sections:
+    """The sections ``_usable`` reads, each converted on its own (None where invalid)."""
+    given = data if isinstance(data, dict) else {}
+
+    def section(hint: Any, key: str, default: Any) -> Any:
+        return validate(hint, given[key], env, loader)[0] if key in given else default
+
+    return (
+        section(Listen, "listen", Listen()),
+        section(Tls, "tls", None),
+        section(Admin, "admin", Admin()),
+        section(Mapping[str, Node], "nodes", None),
+    )
+
+
+def _usable(
+    listen: Listen | None,
+    tls: Tls | None,
+    admin: Admin | None,
+    nodes: Mapping[str, Node] | None,
+) -> list[tuple[str, str]]:
+    """Problems that only a config's values show: the files it names (read and checked now,
+    so that ``check`` and a reload refuse what the listener could not load), and listeners
+    on one port. A section that is None (invalid) is left out."""
     problems: list[tuple[str, str]] = []
-    listeners: list[tuple[str, Listen]] = [("listen", config.listen)]
-    tls = config.tls
+    listeners: list[tuple[str, Listen]] = [("listen", listen)] if listen is not None else []
     if tls is not None and tls.enabled:
         listeners.append(("tls.listen", tls.listen))
         acme = tls.acme if tls.acme is not None and tls.acme.enabled else None
@@ -83,19 +110,14 @@ def _usable(config: Config) -> list[tuple[str, str]]:
             problems += _file_problem(f"tls.certificates[{i}]", read_pair, files.cert, files.key)
         if acme is not None and acme.ca_bundle is not None:
             problems += _file_problem("tls.acme.ca_bundle", check_ca, acme.ca_bundle)
-    if config.admin.listen is not None:
-        listeners.append(("admin.listen", config.admin.listen))
-    for i, (where, listen) in enumerate(listeners):
+    if admin is not None and admin.listen is not None:
+        listeners.append(("admin.listen", admin.listen))
+    for i, (where, bound) in enumerate(listeners):
         for other, earlier in listeners[:i]:
-            if listen.port == earlier.port and _same_address(listen.host, earlier.host):
-                problems.append((f"{where}.port", f"{listen.port} is also {other}'s port"))
+            if bound.port == earlier.port and _same_address(bound.host, earlier.host):
+                problems.append((f"{where}.port", f"{bound.port} is also {other}'s port"))
                 break
-    for i, cidr in enumerate(config.admin.allow):
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError as exc:
-            problems.append((f"admin.allow[{i}]", str(exc)))
-    for name, node in config.nodes.items():
+    for name, node in (nodes or {}).items():
         if node.tls is None:
             continue
         base = f"nodes.{name}.tls"
@@ -136,7 +158,6 @@ def _semantic(data: Any) -> list[tuple[str, str]]:
         *_service_refs(data),
         *_route_problems(data),
         *_zone_problems(data.get("rate_limits")),
-        *_cidr_problems(data.get("trusted_proxies")),
         *_redis_problems(data.get("redis")),
     ]
 
@@ -263,17 +284,6 @@ def _zone_problems(zones: Any) -> list[tuple[str, str]]:
         delay, burst = zone.get("delay"), zone.get("burst", 0)
         if isinstance(delay, int) and isinstance(burst, int) and delay > burst:
             problems.append((f"rate_limits.{name}.delay", f"must not exceed burst ({burst})"))
-    return problems
-
-
-def _cidr_problems(cidrs: Any) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    for i, cidr in enumerate(cidrs if isinstance(cidrs, list) else ()):
-        if isinstance(cidr, str):
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as exc:
-                problems.append((f"trusted_proxies[{i}]", str(exc)))
     return problems
 
 

@@ -10,12 +10,13 @@ as the field's ``fallback``, and the ``DEFAULT_*`` objects below are made from t
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, ClassVar, Final, Literal, TypeVar
 
-from .validate import MinItems, Pattern, Range, doc
+from .validate import Check, MinItems, Pattern, Range, doc
 
 NAME_RE = r"[a-z0-9][a-z0-9_-]{0,62}"
 Name = Annotated[str, Pattern(NAME_RE, "a name (lowercase letters, digits, '-', '_')")]
@@ -50,8 +51,20 @@ Origin = Annotated[
         r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|null", "an origin like https://app.daarion.city"
     ),
 ]
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 Cidr = Annotated[
-    str, Pattern(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", "an address or CIDR like 10.0.0.0/8")
+    str,
+    Pattern(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", "an address or CIDR like 10.0.0.0/8"),
+    Check(_is_network, "an address or CIDR like 10.0.0.0/8"),
 ]
 
 

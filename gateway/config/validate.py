@@ -53,6 +53,15 @@ class MinItems:
 
 
 @dataclass(frozen=True, slots=True)
+class Check:
+    """A test a regular expression cannot say (``ok(value)``), after any ``Pattern``; its
+    message is ``hint``. The JSON Schema shows the patterns only."""
+
+    ok: Any  # Callable[[Any], bool]; Any keeps the dataclass hashable and simple
+    hint: str
+
+
+@dataclass(frozen=True, slots=True)
 class Problem:
     path: str
     message: str
@@ -276,6 +285,9 @@ def _check(constraint: Any, value: Any) -> str | None:
             return f"must be greater than {constraint.gt:g}, not {value}"
     elif isinstance(constraint, Pattern):
         if not re.fullmatch(constraint.regex, value):
+            return f"{value!r} is not {constraint.hint}"
+    elif isinstance(constraint, Check):
+        if not constraint.ok(value):
             return f"{value!r} is not {constraint.hint}"
     elif isinstance(constraint, MinItems) and len(value) < constraint.n:
         return f"must have at least {constraint.n} item{'s' if constraint.n > 1 else ''}"
