@@ -5,7 +5,7 @@ A 2xx whose JSON ``status`` is not ``unhealthy`` passes (the DAARION services an
 JSON; a 2xx without such a field passes too). Results go to the ``HealthBook``, which applies
 rise/fall. One task for the whole gateway; it reads the current snapshot each round, so
 reloads change what it probes without restarting it. A target's next probe waits for its
-last one to end."""
+last one to end. A target on a node with ``tls`` is probed over HTTPS as its traffic goes."""
 
 from __future__ import annotations
 
@@ -106,19 +106,22 @@ class Prober:
         self._probing.add(target.key)
         try:
             async with self._limit:
-                ok, reason = await self._fetch(
-                    target.origin + route.probe.path, route.probe.timeout
-                )
+                ok, reason = await self._fetch(target, route.probe.path, route.probe.timeout)
         finally:
             self._probing.discard(target.key)
         self._metrics.probes.labels(target.service, target.node, "pass" if ok else "fail").inc()
         self._health.probed(target, ok, reason, route.probe)
 
-    async def _fetch(self, url: str, timeout: float) -> tuple[bool, str]:
+    async def _fetch(self, target: Target, path: str, timeout: float) -> tuple[bool, str]:
+        tls = target.tls
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.get(
-                    url, headers=PROBE_HEADERS, allow_redirects=False
+                    target.origin + path,
+                    headers=PROBE_HEADERS,
+                    allow_redirects=False,
+                    ssl=True if tls is None else tls.context,
+                    server_hostname=None if tls is None else tls.server_hostname,
                 ) as response:
                     body = await response.content.read(MAX_BODY)
                     return judge(response.status, body)

@@ -168,7 +168,7 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
             async with asyncio.timeout(route.connect_timeout + HANDSHAKE_TIMEOUT):
                 return await open_upstream(
                     target.host, target.port, path_qs, headers, protocols,
-                    connect_timeout=route.connect_timeout,
+                    connect_timeout=route.connect_timeout, tls=target.tls,
                 )  # fmt: skip
         except UpstreamRefused as refused:
             if refused.status < 500:
