@@ -6,7 +6,9 @@ asserts on what the client got, what the backend received, and what ``/metrics``
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from aiohttp import WSMsgType, web
 from gateway.cli import summary
 from gateway.config import ConfigError, parse_config
 
-from .helpers import NODA1, NODA2, RunningGateway, compiled_routes, routes
+from .helpers import NODA1, NODA2, RunningGateway, Upstream, compiled_routes, routes
+
+UNKNOWN_ISSUER = "certificate verify failed: unable to get local issuer certificate"
 
 
 @dataclass
@@ -121,6 +125,29 @@ def tls_failures(node: str) -> str:
     return f'gateway_upstream_tls_failures_total{{node="{node}"}}'
 
 
+def wrong_ca_then(
+    pki: Pki,
+    noda2: Upstream,
+    noda1: Upstream,
+    extra: str = "",
+    *,
+    noda1_tls: bool = True,
+    probes: bool = False,
+) -> str:
+    """routes.yaml: ``city`` on noda2, verified against the wrong CA, falling back to noda1
+    (on its own port) verified against the right one, or plain without ``noda1_tls``."""
+    city = f"{{port: {noda2.port}, nodes: [noda2, {{node: noda1, port: {noda1.port}}}]{extra}}}"
+    noda2_node = tls_node(NODA2, ca=pki.ca_file(pki.wrong))
+    noda1_node = tls_node(NODA1, ca=pki.ca_file()) if noda1_tls else NODA1
+    return routes({"city": city}, probes=probes, noda2=noda2_node, noda1=noda1_node)
+
+
+def request_lines(gw: RunningGateway) -> list[dict[str, Any]]:
+    """The log lines of requests to ``city`` (not to the gateway's own endpoints)."""
+    lines = gw.log_lines()
+    return [line for line in lines if line["message"] == "request" and line["route"] == "city"]
+
+
 # -- HTTPS and WSS that verify ---------------------------------------------------------------
 
 
@@ -208,7 +235,178 @@ async def test_mutual_tls_presents_the_client_certificate(pki, upstream, gateway
     assert [s.raw_path for s in noda1.seen] == ["/city/a"]
 
 
-# -- the escape hatch, the config ------------------------------------------------------------
+# -- certificates that do not verify ---------------------------------------------------------
+
+
+async def test_a_certificate_of_another_ca_is_a_502_with_its_reason_in_view(
+    pki, upstream, gateway, client
+):
+    noda2 = await backend(upstream, NODA2, "noda2", pki.serving(NODA2))
+    node = tls_node(NODA2, ca=pki.ca_file(pki.wrong))
+    gw = await gateway(routes({"city": f"{{port: {noda2.port}, nodes: [noda2]}}"}, noda2=node))
+
+    async with client.get(gw.url + "/api/city/rooms") as response:
+        assert response.status == 502
+        error = await response.json()
+    assert error["error"] == "upstream_unavailable"  # the client sees the connect failure
+    assert "certificate" not in error["message"]  # the reason is the operator's
+    assert noda2.seen == []  # the request never went out
+
+    target = (await upstreams(client, gw, "city"))["noda2"]
+    assert target["state"] == "failing"
+    assert target["reason"] == f"request failed: {UNKNOWN_ISSUER}"
+    assert await metric(client, gw, tls_failures("noda2")) == 1.0
+    series = 'gateway_upstream_errors_total{kind="connect",service="city"}'
+    assert await metric(client, gw, series) == 1.0
+    [line] = request_lines(gw)
+    assert line["error"] == "upstream_unavailable"
+    assert line["upstream_tls_failures"] == [f"noda2 {NODA2}:{noda2.port}: {UNKNOWN_ISSUER}"]
+
+
+async def test_a_node_that_fails_verification_is_failed_over_in_the_same_request(
+    pki, upstream, gateway, client
+):
+    noda2 = await backend(upstream, NODA2, "noda2", pki.serving(NODA2))
+    noda1 = await backend(upstream, NODA1, "noda1", None)  # plain HTTP
+    gw = await gateway(wrong_ca_then(pki, noda2, noda1, noda1_tls=False))
+
+    status, body = await get(client, gw.url + "/api/city/rooms")
+    assert (status, body["node"], body["tls"]) == (200, "noda1", None)
+    # Never sent: even a POST goes on to the next node.
+    status, body = await get(client, gw.url + "/api/city/rooms", method="POST", data=b"once")
+    assert (status, body["node"], body["body"]) == (200, "noda1", "once")
+    assert noda2.seen == []
+    assert [s.method for s in noda1.seen] == ["GET", "POST"]
+
+    assert await metric(client, gw, tls_failures("noda2")) == 2.0
+    retries = 'gateway_retries_total{kind="connect",service="city"}'
+    assert await metric(client, gw, retries) == 2.0
+    failovers = 'gateway_failovers_total{node="noda1",service="city"}'
+    assert await metric(client, gw, failovers) == 2.0
+    for line in request_lines(gw):
+        assert (line["status"], line["upstream"]) == (200, f"noda1 {NODA1}:{noda1.port}")
+        assert line["upstream_tls_failures"] == [f"noda2 {NODA2}:{noda2.port}: {UNKNOWN_ISSUER}"]
+    assert (await upstreams(client, gw, "city"))["noda2"]["reason"] == (
+        f"request failed: {UNKNOWN_ISSUER}"
+    )
+
+
+async def test_a_wss_node_that_fails_verification_is_failed_over_to_one_that_verifies(
+    pki, upstream, gateway, client
+):
+    noda2 = await backend(upstream, NODA2, "noda2", pki.serving(NODA2), wss_room)
+    noda1 = await backend(upstream, NODA1, "noda1", pki.serving(NODA1), wss_room)
+    gw = await gateway(wrong_ca_then(pki, noda2, noda1, ", websocket: true"))
+
+    async with client.ws_connect(gw.url + "/ws/city/rooms/general") as ws:
+        assert await ws.receive_str(timeout=5) == "hello from noda1 over TLSv1.3"
+        await ws.send_str("still there?")
+        assert await ws.receive_str(timeout=5) == "echo: still there?"
+    assert noda2.seen == []
+    assert await metric(client, gw, tls_failures("noda2")) == 1.0
+    assert await metric(client, gw, tls_failures("noda1")) is None
+    handshake = next(line for line in gw.log_lines() if line.get("status") == 101)
+    assert handshake["upstream_tls_failures"] == [f"noda2 {NODA2}:{noda2.port}: {UNKNOWN_ISSUER}"]
+
+
+async def test_server_name_is_the_name_verified_and_sent_and_a_reload_changes_it(
+    pki, upstream, gateway, client, tmp_path
+):
+    sent: list[str | None] = []
+    serving = pki.serving("noda2.daarion.test")  # a name only, no IP address
+    serving.sni_callback = lambda sslobj, name, context: sent.append(name)
+    noda2 = await backend(upstream, NODA2, "noda2", serving)
+    ca = pki.ca_file()
+
+    def config(**tls: str) -> str:
+        city = f"{{port: {noda2.port}, nodes: [noda2]}}"
+        return routes({"city": city}, noda2=tls_node(NODA2, ca=ca, **tls))
+
+    path = tmp_path / "routes.yaml"
+    path.write_text(config(server_name="noda2.daarion.test"))
+    gw = await gateway(path.read_text(), str(path))
+    status, body = await get(client, gw.url + "/api/city/a")
+    assert (status, body["node"]) == (200, "noda2")
+    assert sent == ["noda2.daarion.test"]
+    assert noda2.seen[0].header("Host") == f"{NODA2}:{noda2.port}"  # the SNI only, not Host
+
+    # Another name: the kept-alive connection made for the old one is not used for it.
+    path.write_text(config(server_name="other.daarion.test"))
+    assert gw.gateway.reload()
+    async with client.get(gw.url + "/api/city/b") as response:
+        assert response.status == 502
+    mismatch = "Hostname mismatch, certificate is not valid for 'other.daarion.test'."
+    target = (await upstreams(client, gw, "city"))["noda2"]
+    assert target["reason"] == f"request failed: certificate verify failed: {mismatch}"
+    assert sent == ["noda2.daarion.test", "other.daarion.test"]
+
+    # No server_name: the node's host, an IP address, is what the certificate must carry.
+    path.write_text(config())
+    assert gw.gateway.reload()
+    async with client.get(gw.url + "/api/city/c") as response:
+        assert response.status == 502
+    ip_mismatch = f"IP address mismatch, certificate is not valid for '{NODA2}'."
+    target = (await upstreams(client, gw, "city"))["noda2"]
+    assert target["reason"] == f"request failed: certificate verify failed: {ip_mismatch}"
+    assert sent[2:] == [None]  # no SNI for an IP address
+
+    assert [s.raw_path for s in noda2.seen] == ["/city/a"]
+    assert await metric(client, gw, tls_failures("noda2")) == 2.0
+
+
+async def test_a_tls_node_whose_port_speaks_plain_http_fails_the_handshake(
+    pki, upstream, gateway, client
+):
+    noda2 = await backend(upstream, NODA2, "noda2", None)  # tls in the config, not on the port
+    node = tls_node(NODA2, ca=pki.ca_file())
+    gw = await gateway(routes({"city": f"{{port: {noda2.port}, nodes: [noda2]}}"}, noda2=node))
+    async with client.get(gw.url + "/api/city/a") as response:
+        assert response.status == 502
+        assert (await response.json())["error"] == "upstream_unavailable"
+    reason = "TLS handshake failed: wrong version number"
+    assert (await upstreams(client, gw, "city"))["noda2"]["reason"] == f"request failed: {reason}"
+    assert await metric(client, gw, tls_failures("noda2")) == 1.0
+    [line] = request_lines(gw)
+    assert line["upstream_tls_failures"] == [f"noda2 {NODA2}:{noda2.port}: {reason}"]
+    assert noda2.seen == []  # what it got was no HTTP request
+
+
+# -- probes, the escape hatch, the config ----------------------------------------------------
+
+
+async def until(check, timeout: float = 5.0) -> None:
+    """Wait until ``await check()`` is true (failing after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_probes_go_over_https_and_one_failing_verification_takes_its_target_down(
+    pki, upstream, gateway, client
+):
+    noda2 = await backend(upstream, NODA2, "noda2", pki.serving(NODA2))
+    noda1 = await backend(upstream, NODA1, "noda1", pki.serving(NODA1))
+    health = ", health: {interval: 0.1, timeout: 1, rise: 1, fall: 2}"
+    gw = await gateway(wrong_ca_then(pki, noda2, noda1, health, probes=True))
+
+    async def noda2_down() -> bool:
+        return bool((await upstreams(client, gw, "city"))["noda2"]["state"] == "down")
+
+    await until(noda2_down)
+    targets = await upstreams(client, gw, "city")
+    assert targets["noda2"]["reason"] == f"2 probes failed: {UNKNOWN_ISSUER}"
+    assert targets["noda1"]["state"] == "up"
+    assert targets["noda1"]["reason"] == "probe passed: status 200"
+    assert noda2.seen == []
+    assert {s.raw_path for s in noda1.seen} == {"/health"}  # probed over HTTPS
+    assert (await metric(client, gw, tls_failures("noda2")) or 0) >= 2
+    down = [line for line in gw.log_lines() if line["message"] == "upstream target is down"]
+    assert [(d["node"], d["reason"]) for d in down] == [
+        ("noda2", f"2 probes failed: {UNKNOWN_ISSUER}")
+    ]
+    status, body = await get(client, gw.url + "/api/city/x")
+    assert (status, body["node"]) == (200, "noda1")  # a down target is not even tried
 
 
 async def test_insecure_skip_verify_accepts_any_certificate_and_warns_at_start_and_reload(

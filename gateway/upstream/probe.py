@@ -5,7 +5,9 @@ A 2xx whose JSON ``status`` is not ``unhealthy`` passes (the DAARION services an
 JSON; a 2xx without such a field passes too). Results go to the ``HealthBook``, which applies
 rise/fall. One task for the whole gateway; it reads the current snapshot each round, so
 reloads change what it probes without restarting it. A target's next probe waits for its
-last one to end. A target on a node with ``tls`` is probed over HTTPS as its traffic goes."""
+last one to end. A target on a node with ``tls`` is probed over HTTPS as its traffic goes; a
+probe that fails in TLS gives that reason (``certificate verify failed: ...``) and counts in
+``gateway_upstream_tls_failures_total``."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Final
 import aiohttp
 import orjson
 
+from ..errors import tls_reason
 from ..metrics import Metrics
 from ..snapshot import Route, Snapshot, Target
 from .health import HealthBook
@@ -128,4 +131,8 @@ class Prober:
         except TimeoutError:
             return False, "timeout"
         except (aiohttp.ClientError, OSError) as exc:
-            return False, type(exc).__name__
+            reason = tls_reason(exc)
+            if reason is None:
+                return False, type(exc).__name__
+            self._metrics.upstream_tls_failures.labels(target.node).inc()
+            return False, reason
