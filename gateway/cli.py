@@ -134,9 +134,9 @@ def summary(path: str, config: Config) -> str:
     ]
     for entry in entries:
         route = entry.policy
-        scheme = "ws://" if entry.websocket else "http://"
         urls = ", ".join(
-            f"{scheme}{t.origin.removeprefix('http://')}{entry.to} ({t.node})"
+            # http(s)://host:port, or ws(s):// for a WebSocket route
+            f"{'ws' + t.origin[4:] if entry.websocket else t.origin}{entry.to} ({t.node})"
             for t in route.targets
         )
         notes = _route_notes(entry, snapshot.routes[route.service])

@@ -10,6 +10,7 @@ A leaf: every module may import it; it imports no module of the gateway.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Mapping
 from typing import Final
 
@@ -23,6 +24,9 @@ class GatewayError(Exception):
 
     ``kind`` is set for upstream failures only (connect, timeout, ...), for metrics.
     ``close``: the client connection cannot be used after this answer (an unread body).
+    ``tls``: why the connection to the upstream failed in TLS, when it did (``tls_reason``):
+    for the log line, the target's health and ``gateway_upstream_tls_failures_total``; never
+    in the client's answer, which is the connect failure's.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class GatewayError(Exception):
         kind: str | None = None,
         headers: Mapping[str, str] | None = None,
         close: bool = False,
+        tls: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,6 +47,7 @@ class GatewayError(Exception):
         self.kind = kind
         self.headers = headers
         self.close = close  # close the client connection after the answer (an unread body)
+        self.tls = tls
 
 
 class ClientGone(Exception):
@@ -96,10 +102,25 @@ _UPSTREAM_FAILURES: Final = {
 }
 
 
-def upstream_failure(kind: str) -> GatewayError:
-    """The answer for an upstream failure of ``kind`` (a key of the table above)."""
+def upstream_failure(kind: str, tls: str | None = None) -> GatewayError:
+    """The answer for an upstream failure of ``kind`` (a key of the table above); ``tls``:
+    the TLS reason, when that is how it failed."""
     status, code, message = _UPSTREAM_FAILURES[kind]
-    return GatewayError(status, code, message, kind=kind)
+    return GatewayError(status, code, message, kind=kind, tls=tls)
+
+
+def tls_reason(exc: BaseException) -> str | None:
+    """Why a connection failed in TLS, or None when it did not: ``certificate verify failed:
+    <OpenSSL's reason>`` (an unknown issuer, a name the certificate does not carry, expiry...)
+    or ``TLS handshake failed: <reason>`` (no common version, a plain HTTP port...). Takes
+    the ``ssl`` error itself or aiohttp's connect error around it."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {(exc.reason or str(exc)).lower().replace('_', ' ')}"
+    return None
 
 
 def upstream_error(exc: BaseException) -> GatewayError:
@@ -108,8 +129,8 @@ def upstream_error(exc: BaseException) -> GatewayError:
         return upstream_failure("connect_timeout")
     if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
         return upstream_failure("timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return upstream_failure("connect")
+    if isinstance(exc, aiohttp.ClientConnectorError):  # a TLS failure too: never sent
+        return upstream_failure("connect", tls_reason(exc))
     if isinstance(exc, aiohttp.ClientResponseError):
         # aiohttp reports an unparsable upstream response as a ClientResponseError carrying
         # status 400: that is the upstream's fault, never the client's.

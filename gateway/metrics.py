@@ -217,7 +217,8 @@ class Metrics:
         self.upstream_tls_failures = self._labelled(
             Counter,
             "gateway_upstream_tls_failures",
-            "Connections to a node whose certificate failed verification, by node.",
+            "Connections to a node (by requests, handshakes and probes) that failed in TLS: its "
+            "certificate failed verification, or the handshake failed; by node.",
             ["node"],
         )
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)

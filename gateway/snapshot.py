@@ -26,19 +26,25 @@ from .config.types import (
 from .edge.trusted import Networks, TrustedProxies
 from .ratelimit.zones import Zone, compile_zone
 from .routetable import API, WS, Entry, RouteTable
+from .upstream.tls import UpstreamTls, node_tls
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One place a service runs. ``key`` identifies it across reloads (for health state)."""
+    """One place a service runs. ``key`` identifies it across reloads (for health state): a
+    reload that changes only the node's ``tls`` keeps what is known of it, and its next check
+    judges the new settings."""
 
     service: str
     node: str
     host: str
     port: int
     tier: int  # 0: the preferred nodes; 1, 2...: fallbacks in order
+    # The node's TLS (one per node per snapshot); None: plain HTTP. Not compared: a target is
+    # where a service runs, and its context is new at every reload.
+    tls: UpstreamTls | None = field(default=None, compare=False)
     key: tuple[str, str, str, int] = field(init=False, compare=False)
-    origin: str = field(init=False, compare=False)  # http://host:port
+    origin: str = field(init=False, compare=False)  # http://host:port, or https://
     label: str = field(init=False, compare=False)  # "node host:port", for log lines
 
     def __post_init__(self) -> None:
@@ -46,8 +52,9 @@ class Target:
         host = self.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
+        scheme = "http" if self.tls is None else "https"
         object.__setattr__(self, "key", (self.service, self.node, self.host, self.port))
-        object.__setattr__(self, "origin", f"http://{host}:{self.port}")
+        object.__setattr__(self, "origin", f"{scheme}://{host}:{self.port}")
         object.__setattr__(self, "label", f"{self.node} {self.host}:{self.port}")
 
 
@@ -144,8 +151,9 @@ class Snapshot:
 
 def compile_snapshot(config: Config) -> Snapshot:
     zones = {name: compile_zone(name, spec) for name, spec in config.rate_limits.items()}
+    tls = {name: node_tls(name, node) for name, node in config.nodes.items()}
     routes = {
-        name: _route(config, name, service, zones) for name, service in config.services.items()
+        name: _route(config, name, service, zones, tls) for name, service in config.services.items()
     }
     entries = [
         entry
@@ -186,13 +194,26 @@ def _exposure(config: Config) -> Exposure:
     )
 
 
-def _route(config: Config, name: str, service: Service, zones: dict[str, Zone]) -> Route:
+def _route(
+    config: Config,
+    name: str,
+    service: Service,
+    zones: dict[str, Zone],
+    tls: dict[str, UpstreamTls | None],
+) -> Route:
     timeouts, health, ejection, retries = service_settings(config, service)
     request = service_limits(config, service)
     connect, response = _set(timeouts.connect), _set(timeouts.response)
     tiers = tuple(
         tuple(
-            Target(name, ref.node, config.nodes[ref.node].host, ref.port or service.port, tier)
+            Target(
+                name,
+                ref.node,
+                config.nodes[ref.node].host,
+                ref.port or service.port,
+                tier,
+                tls[ref.node],
+            )
             for ref in (entry if isinstance(entry, tuple) else (entry,))
         )
         for tier, entry in enumerate(service.nodes)

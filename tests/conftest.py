@@ -9,6 +9,7 @@ import asyncio
 import io
 import logging
 import os
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -52,12 +53,17 @@ async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     """Start a real aiohttp upstream: ``await upstream(host, handler=None, port=0)``.
 
     Every request it receives is recorded in ``.seen`` (body read whole, unless the handler
-    is given ``record_body=False`` and streams it itself).
+    is given ``record_body=False`` and streams it itself). With ``ssl_context`` it serves
+    HTTPS.
     """
     started: list[Upstream] = []
 
     async def start(
-        host: str = NODA1, handler: Handler | None = None, port: int = 0, record_body: bool = True
+        host: str = NODA1,
+        handler: Handler | None = None,
+        port: int = 0,
+        record_body: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> Upstream:
         holder: list[Upstream] = []
 
@@ -73,7 +79,7 @@ async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
             app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         up = Upstream(host, runner.addresses[0][1], runner)
         holder.append(up)

@@ -102,11 +102,15 @@ class RunningGateway:
 
 def routes(services: dict[str, str], probes: bool = False, **nodes: str) -> str:
     """A routes.yaml text: ``routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1)``.
+    A node is its host, or its whole mapping (``"{host: 127.0.0.2, tls: {ca: ...}}"``).
 
     Active health checks are off unless ``probes``: their requests would otherwise show up
     in what the upstreams of tests about other things receive.
     """
-    node_lines = "\n".join(f"  {name}: {{host: {host}}}" for name, host in nodes.items())
+    node_lines = "\n".join(
+        f"  {name}: {node if node.startswith('{') else f'{{host: {node}}}'}"
+        for name, node in nodes.items()
+    )
     service_lines = "\n".join(f"  {name}: {body}" for name, body in services.items())
     health = "" if probes else "health: {enabled: false}\n"
     return f"{health}nodes:\n{node_lines}\nservices:\n{service_lines}\n"

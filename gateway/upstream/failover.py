@@ -16,7 +16,10 @@ Retry rules (Pingora's and Envoy's, made strict), decided by ``next_target`` alo
 
 Every outcome is also a passive health check of its target (``HealthBook.passed``/``failed``),
 every retry counts in ``gateway_retries_total{kind}``, and an answer from a later tier in
-``gateway_failovers_total``.
+``gateway_failovers_total``. A connection that failed in TLS (the node's certificate did not
+verify, or the handshake failed) is a connect failure like any other, and also counts in
+``gateway_upstream_tls_failures_total{node}``, with its target and reason in the request's log
+line (``upstream_tls_failures``).
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ class Failed(Exception, Generic[T]):
 
     @classmethod
     def of(cls, error: GatewayError) -> Failed[T]:
-        """An upstream failure the gateway answers itself (``error.kind`` says which)."""
-        return cls(error.kind or "unknown", error.code, error)
+        """An upstream failure the gateway answers itself (``error.kind`` says which; its TLS
+        reason, if any, is the target's)."""
+        return cls(error.kind or "unknown", error.tls or error.code, error)
 
 
 def may_retry(kind: str, method: str, replayable: bool) -> bool:
@@ -131,12 +135,17 @@ async def attempt(
     raise the last error). ``ex.target`` is the target tried last, for the log line."""
     target, usable = first
     tried: list[Target] = []
+    tls_failures: list[str] = []  # "<target label>: <reason>", for the log line
     while True:
         tried.append(target)
         ex.target = target
         try:
             answer = await send(target)
         except Failed as failed:
+            if failed.error.tls is not None:
+                shared.metrics.upstream_tls_failures.labels(target.node).inc()
+                tls_failures.append(f"{target.label}: {failed.error.tls}")
+                ex.log_fields["upstream_tls_failures"] = tls_failures
             if failed.kind not in NOT_A_TARGET_FAILURE:
                 shared.health.failed(target, failed.reason, route.probe, route.ejection)
             following = next_target(

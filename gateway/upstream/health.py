@@ -10,7 +10,10 @@ Two sources, one record per target (``TargetHealth``):
   within ``interval * rise``.
 
 A target is usable when it is up and not ejected. A node is offline when none of its targets
-is usable. Only transitions are logged and exported. No I/O here: time comes in as ``now``.
+is usable. Only transitions are logged and exported. A target's ``reason`` says why it is in
+its state: the transition's, or, while it stays usable, its last check's (a failing target
+shows what failed, say ``request failed: certificate verify failed: ...``). No I/O here: time
+comes in as ``now``.
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ class HealthBook:
     def passed(self, target: Target) -> None:
         """Real traffic got an answer from ``target`` (the hot path: kept small)."""
         health = self._targets.get(target.key) or self.get(target)
+        if health.last_ok is not True:  # rare: its first answer, or one after a failure
+            self._still_usable(health, "request answered")
         health.last_ok = True
         health.traffic_failures = 0
 
@@ -118,6 +123,7 @@ class HealthBook:
             return  # already out: requests that were in flight are not new evidence
         health.traffic_failures += 1
         if health.traffic_failures < policy.fall:
+            self._still_usable(health, f"request failed: {reason}")
             return
         if now - health.last_ejection > ejection.max * EJECTION_MEMORY_FACTOR:
             health.ejections = 0
@@ -139,13 +145,15 @@ class HealthBook:
         health = self.get(target)
         now = self.monotonic()
         was_usable = health.usable(now)
-        health.last_ok = ok
+        previous, health.last_ok = health.last_ok, ok
         if ok:
             health.probe_failures = 0
             health.probe_passes += 1
             if health.probe_passes >= policy.rise and (not health.up or now < health.ejected_until):
                 health.up, health.ejected_until = True, 0.0
                 self._changed(target, health, was_usable, f"{policy.rise} probes passed")
+            elif previous is not True:
+                self._still_usable(health, f"probe passed: {reason}", now)
         else:
             health.probe_passes = 0
             health.probe_failures += 1
@@ -153,7 +161,15 @@ class HealthBook:
                 health.up = False
                 reason = f"{policy.fall} probes failed: {reason}"
                 self._changed(target, health, was_usable, reason)
+            else:
+                self._still_usable(health, f"probe failed: {reason}", now)
         self._check_nodes(now)
+
+    def _still_usable(self, health: TargetHealth, reason: str, now: float | None = None) -> None:
+        """A check that changed nothing: while the target is usable, it is why it is up or
+        failing (a down or ejected target keeps the reason it went out for)."""
+        if health.usable(self.monotonic() if now is None else now):
+            health.reason = reason
 
     def _changed(self, target: Target, health: TargetHealth, was_usable: bool, reason: str) -> None:
         now = self.monotonic()

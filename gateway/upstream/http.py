@@ -5,7 +5,8 @@ aiohttp's ``ClientSession`` today, with keep-alive pools, no cookies, no decompr
 silent resend. ``send()`` sends the client's request to one target and returns once the
 response headers are in; ``relay()`` streams that response back. Bodies are streamed both ways
 with backpressure (only bodies small enough to replay on a retry are read whole); hop-by-hop
-headers are dropped both ways; forwarding headers are set (``headers.py``). Failures before
+headers are dropped both ways; forwarding headers are set (``headers.py``). A target on a node
+with ``tls`` is reached over HTTPS with that node's context and name (``tls.py``). Failures before
 the upstream's headers arrive become a ``GatewayError``; a failure after the response has
 started aborts the client connection, so a truncated body never looks complete.
 """
@@ -126,6 +127,7 @@ class UpstreamClient:
         connection was closed under the request), ``ClientGone`` or ``ClientFault`` when the
         client (``streamed``, its body) was at fault. ``underscores``: forward header names
         holding ``_`` (else dropped)."""
+        tls = target.tls
         try:
             return await self.session.request(
                 request.method,
@@ -134,6 +136,10 @@ class UpstreamClient:
                 data=body,
                 allow_redirects=False,
                 timeout=_timeouts(connect_timeout, response_timeout),
+                # The pool is keyed by these too: a TLS target never gets a plain connection,
+                # nor one made with another snapshot's context.
+                ssl=True if tls is None else tls.context,
+                server_hostname=None if tls is None else tls.server_hostname,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if streamed is not None and streamed.fault is not None:

@@ -5,7 +5,9 @@ A 2xx whose JSON ``status`` is not ``unhealthy`` passes (the DAARION services an
 JSON; a 2xx without such a field passes too). Results go to the ``HealthBook``, which applies
 rise/fall. One task for the whole gateway; it reads the current snapshot each round, so
 reloads change what it probes without restarting it. A target's next probe waits for its
-last one to end."""
+last one to end. A target on a node with ``tls`` is probed over HTTPS as its traffic goes; a
+probe that fails in TLS gives that reason (``certificate verify failed: ...``) and counts in
+``gateway_upstream_tls_failures_total``."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Final
 import aiohttp
 import orjson
 
+from ..errors import tls_reason
 from ..metrics import Metrics
 from ..snapshot import Route, Snapshot, Target
 from .health import HealthBook
@@ -106,23 +109,30 @@ class Prober:
         self._probing.add(target.key)
         try:
             async with self._limit:
-                ok, reason = await self._fetch(
-                    target.origin + route.probe.path, route.probe.timeout
-                )
+                ok, reason = await self._fetch(target, route.probe.path, route.probe.timeout)
         finally:
             self._probing.discard(target.key)
         self._metrics.probes.labels(target.service, target.node, "pass" if ok else "fail").inc()
         self._health.probed(target, ok, reason, route.probe)
 
-    async def _fetch(self, url: str, timeout: float) -> tuple[bool, str]:
+    async def _fetch(self, target: Target, path: str, timeout: float) -> tuple[bool, str]:
+        tls = target.tls
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.get(
-                    url, headers=PROBE_HEADERS, allow_redirects=False
+                    target.origin + path,
+                    headers=PROBE_HEADERS,
+                    allow_redirects=False,
+                    ssl=True if tls is None else tls.context,
+                    server_hostname=None if tls is None else tls.server_hostname,
                 ) as response:
                     body = await response.content.read(MAX_BODY)
                     return judge(response.status, body)
         except TimeoutError:
             return False, "timeout"
         except (aiohttp.ClientError, OSError) as exc:
-            return False, type(exc).__name__
+            reason = tls_reason(exc)
+            if reason is None:
+                return False, type(exc).__name__
+            self._metrics.upstream_tls_failures.labels(target.node).inc()
+            return False, reason

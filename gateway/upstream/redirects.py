@@ -60,8 +60,12 @@ class Redirects:
 
     def url(self, value: str) -> str:
         """``value`` as the client should see it."""
-        origin = self._target.origin.lower()  # http://host:port
-        origins = (origin, origin.removesuffix(":80")) if self._target.port == 80 else (origin,)
+        target = self._target
+        origin = target.origin.lower()  # http://host:port, or https://
+        default = 80 if target.tls is None else 443  # the scheme's port, which may be left out
+        origins = (
+            (origin, origin.removesuffix(f":{default}")) if target.port == default else (origin,)
+        )
         lowered = value.lower()
         for origin in origins:
             if lowered.startswith(origin) and value[len(origin) : len(origin) + 1] in ("", "/"):

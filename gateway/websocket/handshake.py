@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from aiohttp import web
 
-from ..errors import ClientGone, GatewayError, upstream_failure
+from ..errors import ClientGone, GatewayError, tls_reason, upstream_failure
 from ..upstream.failover import RETRY_STATUS, Failed, attempt, first_target
 from ..upstream.headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
 from .session import Session
@@ -168,7 +168,7 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
             async with asyncio.timeout(route.connect_timeout + HANDSHAKE_TIMEOUT):
                 return await open_upstream(
                     target.host, target.port, path_qs, headers, protocols,
-                    connect_timeout=route.connect_timeout,
+                    connect_timeout=route.connect_timeout, tls=target.tls,
                 )  # fmt: skip
         except UpstreamRefused as refused:
             if refused.status < 500:
@@ -202,6 +202,9 @@ def _refusal(status: int) -> GatewayError:
 
 def _connect_error(exc: TimeoutError | OSError) -> GatewayError:
     """What a failed upstream handshake was (``open_upstream``'s exceptions)."""
+    tls = tls_reason(exc)
+    if tls is not None:  # the node's certificate, or the TLS handshake: never sent
+        return upstream_failure("connect", tls)
     if isinstance(exc, ConnectTimeout):
         return upstream_failure("connect_timeout")
     if isinstance(exc, TimeoutError):

@@ -16,9 +16,12 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from ..upstream.tls import UpstreamTls
 
 MAX_HEAD: Final = 16 * 1024  # the response head, as aiohttp's default line and field limits
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -148,15 +151,21 @@ async def open_upstream(
     protocols: list[str],
     *,
     connect_timeout: float,
+    tls: UpstreamTls | None = None,
 ) -> Upgraded:
-    """Connect and shake hands; raises OSError (connect), TimeoutError (connect, as
+    """Connect (over TLS with ``tls``: WSS) and shake hands; raises OSError (connect;
+    ``ssl.SSLError`` when TLS failed), TimeoutError (connect, TLS handshake included, as
     ``ConnectTimeout``), ``UpstreamRefused`` or ``UpstreamInvalid``. The caller bounds the
     whole handshake's time; the connection is closed on any failure or cancellation."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(connect_timeout):
             transport, handshake = await loop.create_connection(
-                lambda: _Handshake(loop), host, port
+                lambda: _Handshake(loop),
+                host,
+                port,
+                ssl=None if tls is None else tls.context,
+                server_hostname=None if tls is None else tls.server_hostname,
             )
     except TimeoutError:
         raise ConnectTimeout from None

@@ -161,6 +161,33 @@ def test_an_answer_resets_the_count_of_traffic_failures(hb: Book) -> None:
     assert hb.state(A) == "up"
 
 
+def test_while_usable_a_target_says_what_its_last_check_found(hb: Book) -> None:
+    """Without a transition, a target that is still usable shows its last check: a failing
+    one says what failed before ``fall`` is reached."""
+    tls = "certificate verify failed: unable to get local issuer certificate"
+    hb.fail(A, reason=tls)
+    assert hb.book.describe(A) == {
+        "state": "failing",
+        "reason": f"request failed: {tls}",
+        "since": "2023-11-14T22:13:20Z",  # still usable: no change of usability
+    }
+    hb.book.passed(A)
+    assert (hb.state(A), hb.book.describe(A)["reason"]) == ("up", "request answered")
+    hb.probe(A, False, reason="timeout")
+    assert hb.book.describe(A)["reason"] == "probe failed: timeout"
+    hb.probe(A, True)
+    assert hb.book.describe(A)["reason"] == "probe passed: ok"
+    hb.probe(A, False, False, False)
+    hb.fail(A, reason=tls)  # a request in flight when it went down: the reason stays
+    assert hb.book.describe(A)["reason"] == "3 probes failed: status 500"
+    hb.probe(A, True)
+    assert hb.book.describe(A)["reason"] == "3 probes failed: status 500"  # down until rise
+    hb.fail(B, 3)
+    hb.book.passed(B)  # in flight when it was ejected
+    hb.probe(B, False)
+    assert hb.book.describe(B)["reason"] == ("ejected for 5 s after 3 failures (connect refused)")
+
+
 def test_repeated_ejections_grow_by_base_up_to_max(hb: Book) -> None:
     lengths = []
     for _ in range(5):

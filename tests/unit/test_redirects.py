@@ -3,12 +3,15 @@ the same resource (nginx's proxy_redirect default); anything else passes unchang
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 from multidict import CIMultiDict
 
 from gateway.routetable import Entry
 from gateway.snapshot import Target
 from gateway.upstream.redirects import Redirects
+from gateway.upstream.tls import UpstreamTls
 
 TARGET = Target("city", "noda1", "127.0.0.3", 7001, 0)
 
@@ -106,3 +109,14 @@ def test_cookie_paths_are_mapped_with_cookie_path() -> None:
     untouched = CIMultiDict([("Set-Cookie", "sid=1; Path=/city")])
     Redirects(TARGET, entry(), "https", "gw").apply(untouched)  # cookie_path off
     assert untouched.getall("Set-Cookie") == ["sid=1; Path=/city"]
+
+
+def test_an_https_nodes_own_urls_are_rewritten_and_port_443_may_be_left_out() -> None:
+    tls = UpstreamTls(ssl.create_default_context(), "noda1.daarion.test")
+    r = Redirects(Target("city", "noda1", "10.0.0.1", 443, 0, tls), entry(), "http", "gw")
+    assert r.url("https://10.0.0.1:443/city/a") == "http://gw/api/city/a"
+    assert r.url("https://10.0.0.1/city/a") == "http://gw/api/city/a"
+    assert r.url("http://10.0.0.1/city/a") == "http://10.0.0.1/city/a"  # another origin
+    on_8443 = Redirects(Target("city", "noda1", "10.0.0.1", 8443, 0, tls), entry(), "http", "gw")
+    assert on_8443.url("https://10.0.0.1:8443/city/a") == "http://gw/api/city/a"
+    assert on_8443.url("http://10.0.0.1:8443/city/a") == "http://10.0.0.1:8443/city/a"
