@@ -202,17 +202,22 @@ class Gateway:
         metrics = self.shared.metrics
         try:
             config = load_config(self.config_path)
-        except ConfigError as exc:
+            self.apply(config)
+        except (ConfigError, ssl.SSLError, OSError) as exc:
+            # ssl.SSLError, OSError: a node's TLS file changed between the check and the
+            # compile; the previous snapshot is still the one served.
+            problems = (
+                [str(p) for p in exc.problems]
+                if isinstance(exc, ConfigError)
+                else [f"a TLS file changed while the config was loaded: {exc}"]
+            )
             metrics.config_reloads.labels("failure").inc()
             metrics.config_ok.set(0)
             log.error(  # noqa: TRY400 - a bad file is not a bug: no traceback
                 "config reload rejected; still serving the previous config",
-                extra={
-                    "fields": {"config": exc.source, "problems": [str(p) for p in exc.problems]}
-                },
+                extra={"fields": {"config": self.config_path, "problems": problems}},
             )
             return False
-        self.apply(config)
         metrics.config_reloads.labels("success").inc()
         metrics.config_ok.set(1)
         log.info("config reloaded", extra={"fields": {"config": self.config_path}})
