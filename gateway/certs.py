@@ -33,6 +33,7 @@ class Pair:
     key_path: str
     names: tuple[str, ...]  # DNS names it is valid for (lowercase; "*.x" for a wildcard)
     not_after: float  # expiry, seconds since the epoch
+    not_before: float  # start of validity, seconds since the epoch (ACME: when to renew)
     fingerprint: str  # SHA-256 of the leaf, hex: tells a renewed certificate from the old one
 
 
@@ -67,6 +68,7 @@ def read_pair(cert_path: str, key_path: str) -> Pair:
         key_path=key_path,
         names=names_of(leaf),
         not_after=leaf.not_valid_after_utc.timestamp(),
+        not_before=leaf.not_valid_before_utc.timestamp(),
         fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),
     )
 

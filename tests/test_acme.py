@@ -1,0 +1,447 @@
+"""The ACME client against a real CA: Pebble (``tests/pebble.py``) validating http-01 through a
+real aiohttp server that answers from the ``ChallengeStore``. Only time is faked: ``Clock``
+moves the wall clock on, so a certificate can fall due without waiting a day.
+
+Pebble issues certificates valid two days here, so ``renew_before_days`` (1 at least) is a
+large part of their lifetime, and 30 is longer than all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from gateway.certs import Pair, read_pair
+from gateway.config.types import Acme
+from gateway.edge.acme import DAY, AcmeManager, ChallengeStore, renewal_delay
+from gateway.logs import flush, setup_logging
+from gateway.metrics import Metrics
+
+from .pebble import Pebble, missing
+
+DOMAINS = ("gateway.test", "www.gateway.test")
+
+
+class Clock:
+    """The wall clock plus an offset the test moves on. ``sleep(s)`` (the manager's) ends once
+    ``now()`` has gone ``s`` further: by real time passing, or at once when ``advance`` jumps
+    past it. Every sleep asked for is kept in ``sleeps``."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.sleeps: list[float] = []
+        self._moved = asyncio.Event()
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        deadline = self.now() + seconds
+        while (left := deadline - self.now()) > 0:
+            moved = self._moved
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await moved.wait()
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+
+@dataclass
+class ChallengeServer:
+    """The plain listener's stand-in: answers the CA from the store, and notes each answer."""
+
+    port: int
+    answered: list[str] = field(default_factory=list)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not so within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+def orders(metrics: Metrics, result: str) -> float:
+    value = metrics.registry.get_sample_value("gateway_acme_orders_total", {"result": result})
+    return value or 0.0
+
+
+def verify(pair: Pair, root: bytes) -> None:
+    """The chain in ``pair.cert_path`` leads to ``root``, for every domain (raises if not)."""
+    leaf, *intermediates = x509.load_pem_x509_certificates(Path(pair.cert_path).read_bytes())
+    store = Store([x509.load_pem_x509_certificate(root)])
+    for domain in DOMAINS:
+        verifier = PolicyBuilder().store(store).build_server_verifier(x509.DNSName(domain))
+        verifier.verify(leaf, intermediates)
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    return tmp_path / "acme"
+
+
+@pytest.fixture
+async def challenge_server(storage: Path) -> AsyncIterator[ChallengeServer]:
+    store = ChallengeStore(str(storage))
+    holder: list[ChallengeServer] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        body = store.get(token)
+        if body is None:
+            raise web.HTTPNotFound
+        holder[0].answered.append(token)
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/.well-known/acme-challenge/{token}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    holder.append(ChallengeServer(runner.addresses[0][1]))
+    yield holder[0]
+    await runner.cleanup()
+
+
+@pytest.fixture
+def pebble(tmp_path: Path, challenge_server: ChallengeServer) -> Iterator[Pebble]:
+    reason = missing()
+    if reason is not None:
+        pytest.skip(reason)
+    ca = Pebble(tmp_path / "pebble", challenge_server.port)
+    yield ca
+    ca.close()
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Callable[[AcmeManager], asyncio.Task[None]]]:
+    """``running(manager)``: its ``run()`` as a task, cancelled at the end of the test."""
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(manager: AcmeManager) -> asyncio.Task[None]:
+        tasks.append(asyncio.create_task(manager.run()))
+        return tasks[-1]
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.fixture
+def logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """The gateway's JSON log lines so far, parsed."""
+    stream = io.StringIO()
+    setup_logging("INFO", stream)
+
+    def lines() -> list[dict[str, Any]]:
+        flush()
+        logging.getLogger().handlers[0].flush()
+        return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+    yield lines
+    logging.getLogger().handlers.clear()
+
+
+def settings(pebble: Pebble, storage: Path, renew_before_days: int = 30) -> Acme:
+    return Acme(
+        domains=DOMAINS,
+        directory=pebble.directory,
+        email="ops@gateway.test",
+        storage=str(storage),
+        ca_bundle=pebble.ca_file,
+        renew_before_days=renew_before_days,
+    )
+
+
+def manager(
+    pebble: Pebble, storage: Path, clock: Clock, *, renew_before_days: int = 30, **options: Any
+) -> tuple[AcmeManager, Metrics]:
+    metrics = Metrics()
+    acme = AcmeManager(
+        settings(pebble, storage, renew_before_days),
+        metrics,
+        ChallengeStore(str(storage)),
+        now=clock.now,
+        sleep=clock.sleep,
+        **options,
+    )
+    return acme, metrics
+
+
+def due(pair: Pair, clock: Clock, renew_before_days: int) -> float:
+    """Seconds the clock must move on for ``pair`` to be due, and one more."""
+    return renewal_delay(pair.not_before, pair.not_after, renew_before_days, clock.now()) + 1
+
+
+async def test_a_missing_certificate_is_ordered_and_stored_privately(
+    pebble, storage, challenge_server, running
+):
+    clock = Clock()
+    acme, metrics = manager(pebble, storage, clock, retry_first=0.2, check_interval=7 * DAY)
+    assert acme.state == "pending"
+    running(acme)
+    await until(lambda: acme.state == "valid")
+
+    pair = read_pair(*acme.cert_paths)
+    assert acme.certificate == pair
+    assert sorted(pair.names) == sorted(DOMAINS)
+    verify(pair, pebble.root())
+    assert acme.cert_paths == (
+        str(storage / "certificates/gateway.test/fullchain.pem"),
+        str(storage / "certificates/gateway.test/privkey.pem"),
+    )
+    for path in (*acme.cert_paths, storage / "account.json"):
+        assert mode(path) == 0o600, path
+    for folder in (storage, storage / "certificates", storage / "certificates/gateway.test"):
+        assert mode(folder) == 0o700, folder
+    assert (orders(metrics, "success"), orders(metrics, "failure")) == (1, 0)
+    assert acme.last_error is None
+    assert pebble.issued() == 1
+    # The CA's requests were answered from the store, and the answers are gone since.
+    assert len(set(challenge_server.answered)) == len(DOMAINS)
+    assert os.listdir(storage / "challenges") == []
+    # renew_before_days (30) is longer than the certificate's two days: it is renewed at the
+    # half of its lifetime, not ordered again and again.
+    await until(lambda: clock.sleeps[-1] > 3600)
+    midpoint = (pair.not_before + pair.not_after) / 2
+    assert clock.sleeps[-1] == pytest.approx(midpoint - clock.now(), abs=5)
+    assert pebble.issued() == 1
+
+
+async def test_a_restart_reuses_the_stored_certificate_and_account(pebble, storage, running):
+    first, _ = manager(pebble, storage, Clock())
+    task = running(first)
+    await until(lambda: first.state == "valid")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    account = (storage / "account.json").read_bytes()
+    chain = os.stat(first.cert_paths[0])
+
+    clock = Clock()
+    second, metrics = manager(pebble, storage, clock, check_interval=7 * DAY)
+    running(second)
+    await until(lambda: len(clock.sleeps) > 0)  # it has looked, and decided to wait
+
+    assert second.state == "valid"
+    assert second.certificate is not None
+    assert first.certificate is not None
+    assert second.certificate.fingerprint == first.certificate.fingerprint
+    assert clock.sleeps[0] > 3600  # until the renewal, not a poll of the CA
+    assert (pebble.issued(), pebble.accounts()) == (1, 1)
+    assert (orders(metrics, "success"), orders(metrics, "failure")) == (0, 0)
+    assert (storage / "account.json").read_bytes() == account
+    assert os.stat(first.cert_paths[0]).st_ino == chain.st_ino  # not even rewritten
+
+
+async def test_a_due_certificate_is_renewed_and_replaced_atomically(pebble, storage, running):
+    clock = Clock()
+    acme, metrics = manager(pebble, storage, clock, renew_before_days=1, retry_first=0.2)
+    running(acme)
+    await until(lambda: acme.state == "valid")
+    old = acme.certificate
+    assert old is not None
+    # Opened now, read after: a file replaced by a rename still reads whole through these.
+    old_chain, old_key = os.open(old.cert_path, os.O_RDONLY), os.open(old.key_path, os.O_RDONLY)
+    try:
+        clock.advance(due(old, clock, 1))
+        await until(lambda: acme.certificate is not None and acme.certificate != old)
+        (storage / "old-chain.pem").write_bytes(os.read(old_chain, 1 << 20))
+        (storage / "old-key.pem").write_bytes(os.read(old_key, 1 << 20))
+    finally:
+        os.close(old_chain)
+        os.close(old_key)
+
+    new = read_pair(*acme.cert_paths)
+    assert new.fingerprint != old.fingerprint
+    assert acme.certificate == new
+    assert new.not_after > old.not_after
+    verify(new, pebble.root())
+    assert read_pair(str(storage / "old-chain.pem"), str(storage / "old-key.pem")).fingerprint == (
+        old.fingerprint
+    )
+    assert sorted(os.listdir(os.path.dirname(new.cert_path))) == ["fullchain.pem", "privkey.pem"]
+    assert (mode(new.cert_path), mode(new.key_path)) == (0o600, 0o600)
+    assert (orders(metrics, "success"), orders(metrics, "failure")) == (2, 0)
+    assert (pebble.issued(), pebble.accounts()) == (2, 1)  # the same account renews
+
+
+async def test_a_failed_renewal_is_counted_logged_and_retried_with_backoff(
+    pebble, storage, running, logs
+):
+    clock = Clock()
+    acme, metrics = manager(
+        pebble, storage, clock, renew_before_days=1,
+        retry_first=0.1, retry_most=0.4, jitter=lambda: 0.5,
+    )  # fmt: skip
+    running(acme)
+    await until(lambda: acme.state == "valid")
+    old = acme.certificate
+    assert old is not None
+
+    pebble.stop()
+    clock.advance(due(old, clock, 1))
+    await asyncio.sleep(2.0)  # retries after 0.1, 0.2, 0.4, 0.4, ... seconds
+
+    failures = orders(metrics, "failure")
+    assert 4 <= failures <= 7  # at 0, 0.1, 0.3, 0.7, 1.1, 1.5, 1.9 s: never a tight loop
+    failed = [line for line in logs() if line["message"] == "acme order failed"]
+    assert len(failed) == failures
+    assert {line["level"] for line in failed} == {"WARNING"}
+    assert all("traceback" not in line for line in failed)
+    assert all("ConnectionError" in line["error"] for line in failed)
+    assert [line["retry_in"] for line in failed[:4]] == [0.1, 0.2, 0.4, 0.4]
+    assert acme.state == "valid"  # the old certificate is still in place, and served
+    assert acme.last_error is not None
+    assert "ConnectionError" in acme.last_error
+    assert read_pair(*acme.cert_paths).fingerprint == old.fingerprint
+
+    await asyncio.to_thread(pebble.start)  # a new CA: it knows no account any more
+    await until(lambda: acme.certificate != old)
+    assert acme.last_error is None
+    assert orders(metrics, "success") == 2
+    assert acme.certificate is not None
+    verify(acme.certificate, pebble.root())
+    assert pebble.accounts() == 2  # the manager registered again with the new CA
+
+
+async def test_only_the_lock_holder_orders_and_another_takes_over(pebble, storage, running):
+    """Two managers on one storage, as two workers of serve --workers would be, and first a
+    third process that holds the lock."""
+    storage.mkdir(mode=0o700)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n",
+        str(storage / ".lock"),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    clock = Clock()
+    managers = dict(
+        manager(pebble, storage, clock, renew_before_days=1, check_interval=0.1) for _ in "ab"
+    )
+    try:
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"locked\n"
+        tasks = {acme: running(acme) for acme in managers}
+        await asyncio.sleep(0.5)  # another process holds the lock: neither orders
+        assert [acme.state for acme in managers] == ["pending", "pending"]
+        assert pebble.issued() == 0
+    finally:
+        holder.kill()  # the kernel drops a dead process's lock
+        await holder.wait()
+
+    await until(lambda: all(acme.state == "valid" for acme in managers))
+    assert pebble.issued() == 1
+    assert sorted(orders(metrics, "success") for metrics in managers.values()) == [0, 1]
+    first, second = managers
+    assert first.certificate == second.certificate  # the other one read it from the files
+
+    # The one that ordered ends (its lock with it); the other takes over the next renewal.
+    ordered = next(acme for acme, metrics in managers.items() if orders(metrics, "success"))
+    other = second if ordered is first else first
+    tasks[ordered].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await tasks[ordered]
+    old = other.certificate
+    assert old is not None
+    clock.advance(due(old, clock, 1))
+    await until(lambda: other.certificate != old)
+    assert orders(managers[other], "success") == 1
+    assert pebble.issued() == 2
+
+
+async def test_cancelling_an_order_frees_the_lock_and_its_thread_gives_up(storage, running):
+    """A CA that accepts connections and never answers: ``run`` ends at once when cancelled,
+    and the order's thread, which cannot be cancelled, gives up within the network timeout."""
+    connected = asyncio.Event()
+    given_up = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await reader.read()  # until the client closes
+        given_up.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = Acme(
+        domains=DOMAINS, directory=f"https://127.0.0.1:{port}/dir", storage=str(storage)
+    )
+    metrics = Metrics()
+    acme = AcmeManager(settings, metrics, ChallengeStore(str(storage)), network_timeout=1)
+    task = running(acme)
+    try:
+        await until(connected.is_set, timeout=5)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=0.5)
+        assert done == {task}
+        assert task.cancelled()
+        fd = os.open(storage / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: this would raise otherwise
+        finally:
+            os.close(fd)
+        started = time.monotonic()
+        await asyncio.wait_for(given_up.wait(), timeout=3)
+        assert time.monotonic() - started < 1.5
+        assert orders(metrics, "failure") == 0  # cancelled, not failed
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_the_challenge_store_serves_only_tokens(storage):
+    store = ChallengeStore(str(storage))
+    token = "Zm9vYmFy_-0123456789abcdefghijklmnopqrstuvw"  # noqa: S105 - an ACME token, not a secret
+    assert store.get(token) is None
+    store.put(token, b"key-authorization")
+    assert store.get(token) == b"key-authorization"
+    assert mode(storage / "challenges" / token) == 0o600
+    assert mode(storage / "challenges") == 0o700
+
+    (storage / "secret").write_bytes(b"account key")
+    (storage / "challenges" / ".hidden").write_bytes(b"not a token")
+    for bad in ("../secret", "..", ".hidden", "a/b", "", f"{token}\n", "x" * 256, "tok%2e", "t.k"):
+        assert store.get(bad) is None, bad
+        with pytest.raises(ValueError, match="not an ACME token"):
+            store.put(bad, b"x")
+
+    store.remove(token)
+    assert store.get(token) is None
+    assert sorted(os.listdir(storage / "challenges")) == [".hidden"]
+    store.remove(token)  # gone already: no error
+    store.remove("../secret")  # not a token: nothing removed
+    assert (storage / "secret").exists()
