@@ -23,6 +23,7 @@ from . import endpoints, logs, pipeline
 from .aiohttp_private import TlsSite, keep_raw_header_bytes
 from .config import Config, ConfigError, load_config
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
+from .edge.acme import AcmeManager, ChallengeStore
 from .edge.connections import ConnectionTable
 from .edge.tls import Certificates, Source, acme_source
 from .metrics import GATEWAY, Metrics
@@ -105,6 +106,13 @@ class Gateway:
             certificates = shared.certificates = Certificates(shared.metrics, tls.min_version)
             certificates.configure(tls_sources(config), tls.min_version)
             self._in_background(certificates.watch())
+            if tls.acme is not None and tls.acme.enabled:
+                # In every worker (after the fork): the one holding the storage's lock orders,
+                # the others answer challenges from the same files and load what it stores.
+                challenges = ChallengeStore(tls.acme.storage)
+                shared.challenge = challenges.get
+                shared.acme = AcmeManager(tls.acme, shared.metrics, challenges)
+                self._in_background(shared.acme.run())
             https = await self._listen(
                 HTTPS,
                 tls.listen.host,
@@ -233,7 +241,8 @@ class Gateway:
         shared = self.shared
         old = shared.snapshot
         new = compile_snapshot(config)
-        for key in ("listen", "upstream_keepalive_timeout", "admin.listen", "tls.listen"):
+        restart = ("listen", "upstream_keepalive_timeout", "admin.listen", "tls.listen", "tls.acme")
+        for key in restart:
             if _setting(config, key) != _setting(old.config, key):
                 log.warning("a changed %s takes effect only after a restart", key)
         tls = config.tls if config.tls is not None and config.tls.enabled else None

@@ -19,6 +19,7 @@ from .metrics import UNMATCHED
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .edge.acme import AcmeManager
     from .edge.connections import ConnectionTable
     from .edge.tls import Certificates
     from .metrics import Metrics
@@ -69,6 +70,7 @@ class Shared:
     # ACME's http-01 answers: the key authorization for a token, None for an unknown one.
     challenge: Callable[[str], bytes | None] | None = None
     https_port: int | None = None  # the HTTPS listener's port, for redirects
+    acme: AcmeManager | None = None  # orders and renews tls.acme's certificate
 
 
 @dataclass(slots=True)

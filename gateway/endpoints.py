@@ -182,6 +182,8 @@ def health_report(shared: Shared, *, admin: bool = False) -> dict[str, object]:
     }
     if admin and shared.certificates is not None:
         report["certificates"] = shared.certificates.report()
+        if shared.acme is not None:
+            report["acme"] = {"state": shared.acme.state, "error": shared.acme.last_error}
     return report
 
 

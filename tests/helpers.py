@@ -26,8 +26,10 @@ import orjson
 import pytest
 import trustme
 from aiohttp import web
+from cryptography import x509
 
 from gateway.app import Gateway
+from gateway.certs import names_of
 from gateway.config import parse_config
 from gateway.logs import flush
 from gateway.snapshot import Route, compile_snapshot
@@ -522,8 +524,8 @@ async def tls_handshake(
     )
     try:
         tls = writer.get_extra_info("ssl_object")
-        cert = tls.getpeercert()
-        names = tuple(value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS")
-        return Handshake(names, tls.selected_alpn_protocol(), tls.version())
+        # The certificate's own bytes: getpeercert() says nothing of one it did not verify.
+        cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        return Handshake(names_of(cert), tls.selected_alpn_protocol(), tls.version())
     finally:
         writer.close()

@@ -34,7 +34,7 @@ from gateway.edge.acme import DAY, AcmeManager, ChallengeStore, renewal_delay
 from gateway.logs import flush, setup_logging
 from gateway.metrics import Metrics
 
-from .pebble import Pebble, missing
+from .pebble import Pebble, require
 
 DOMAINS = ("gateway.test", "www.gateway.test")
 
@@ -133,9 +133,7 @@ async def challenge_server(storage: Path) -> AsyncIterator[ChallengeServer]:
 
 @pytest.fixture
 def pebble(tmp_path: Path, challenge_server: ChallengeServer) -> Iterator[Pebble]:
-    reason = missing()
-    if reason is not None:
-        pytest.skip(reason)
+    require()
     ca = Pebble(tmp_path / "pebble", challenge_server.port)
     yield ca
     ca.close()

@@ -116,6 +116,12 @@ class _Stopped(Exception):
     """``run`` was cancelled: the order in its thread ends at the next step."""
 
 
+def certificate_paths(settings: Acme) -> tuple[str, str]:
+    """Where the certificate for ``settings.domains`` is stored: (fullchain.pem, privkey.pem)."""
+    folder = os.path.join(settings.storage, "certificates", settings.domains[0])
+    return os.path.join(folder, "fullchain.pem"), os.path.join(folder, "privkey.pem")
+
+
 class AcmeManager:
     """Keeps a certificate for ``settings.domains`` in ``cert_paths``: ``await run()`` until
     cancelled. ``state`` says whether a real certificate is in place (serve
@@ -154,11 +160,7 @@ class AcmeManager:
         self._network_timeout = network_timeout
         self._order_timeout = order_timeout
         self._storage = settings.storage
-        folder = os.path.join(self._storage, "certificates", settings.domains[0])
-        self.cert_paths: Final = (
-            os.path.join(folder, "fullchain.pem"),
-            os.path.join(folder, "privkey.pem"),
-        )
+        self.cert_paths: Final = certificate_paths(settings)
         self._lock: int | None = None  # the fd of storage/.lock while this process holds it
         self._stopping = threading.Event()  # set when run() ends: its order thread stops
         self._certificate: Pair | None = None

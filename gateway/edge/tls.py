@@ -27,10 +27,12 @@ from typing import Final
 from ..certs import CertError, matches, placeholder, read_pair
 from ..config.types import Acme
 from ..metrics import Metrics
+from .acme import certificate_paths
 
 log = logging.getLogger("gateway.tls")
 
 WATCH_INTERVAL: Final = 2.0  # seconds between checks of the certificate files
+SETTLE: Final = 1.0  # seconds a pair that does not load may be in the middle of a write
 EXPIRING_DAYS: Final = 7  # /health says degraded with a certificate closer to its end
 # Mozilla's "intermediate" TLS 1.2 suites (ssl-config.mozilla.org, v5.7), forward-secret and
 # AEAD only, without the DHE ones (no DH parameters are configured). TLS 1.3's suites are
@@ -79,13 +81,9 @@ class Served:
 
 
 def acme_source(acme: Acme) -> Source:
-    """Where ACME stores the certificate for ``acme.domains``."""
-    directory = os.path.join(acme.storage, "certificates", acme.domains[0])
-    return Source(
-        os.path.join(directory, "fullchain.pem"),
-        os.path.join(directory, "privkey.pem"),
-        acme=acme.domains,
-    )
+    """The certificate ACME keeps for ``acme.domains``."""
+    cert, key = certificate_paths(acme)
+    return Source(cert, key, acme=acme.domains)
 
 
 def server_context(min_version: str) -> ssl.SSLContext:
@@ -123,14 +121,17 @@ class Certificates:
         self._sources = sources
         self._update()
 
-    def refresh(self) -> None:
-        """Reload the sources whose files changed since they were loaded."""
-        self._update()
+    def refresh(self, *, settle: bool = False) -> None:
+        """Reload the sources whose files changed since they were loaded. ``settle``: a pair
+        that does not load but was written within the last ``SETTLE`` seconds is looked at
+        again at the next check before it is refused (a certificate and its key are two
+        files, never replaced at the same instant)."""
+        self._update(settle=settle)
 
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.watch_interval)
-            self.refresh()
+            self.refresh(settle=True)
 
     def report(self, now: float | None = None) -> dict[str, dict[str, object]]:
         """Each served certificate by its first name: days left, where it comes from."""
@@ -152,7 +153,7 @@ class Certificates:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _update(self) -> None:
+    def _update(self, *, settle: bool = False) -> None:
         previous = {served.source: served for served in self._served}
         served: list[Served] = []
         for source in self._sources:
@@ -164,14 +165,16 @@ class Certificates:
                 if old is not None:
                     served.append(old)
             else:
-                loaded = self._load(source, stamp, old)
+                loaded = self._load(source, stamp, old, settle=settle)
                 if loaded is not None:
                     served.append(loaded)
         if served != self._served:
             self._served = served
             self._export()
 
-    def _load(self, source: Source, stamp: Stamp, old: Served | None) -> Served | None:
+    def _load(
+        self, source: Source, stamp: Stamp, old: Served | None, *, settle: bool = False
+    ) -> Served | None:
         """The certificate of ``source`` as its files are now; ``old`` (or nothing) when they
         do not load."""
         if stamp is None and source.acme is not None:
@@ -183,6 +186,12 @@ class Certificates:
             context = server_context(self._min_version)
             context.load_cert_chain(source.cert, source.key)
         except (CertError, ssl.SSLError, OSError) as exc:
+            if (
+                settle
+                and stamp is not None
+                and time.time() - max(stamp[0], stamp[2]) / 1e9 < SETTLE
+            ):
+                return old  # perhaps half written: again at the next check
             self._refused[source] = stamp
             reason = str(exc) if isinstance(exc, CertError) else f"{source.cert}: {exc}"
             log.error(  # noqa: TRY400 - a bad file is not a bug: one line, no traceback
