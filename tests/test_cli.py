@@ -288,6 +288,45 @@ async def test_workers_share_one_port_and_any_scrape_counts_them_all(serve, upst
     assert len({i[:16] for i in ids}) == 2  # both workers answered (each has its prefix)
 
 
+async def test_workers_share_the_https_and_admin_ports_too(serve, upstream, tmp_path):
+    import ssl  # noqa: PLC0415 - only this test speaks TLS
+
+    import trustme  # noqa: PLC0415
+
+    from .helpers import free_port, write_cert  # noqa: PLC0415
+
+    up = await upstream(NODA1)
+    ca = trustme.CA()
+    files = write_cert(ca, tmp_path / "tls", "127.0.0.1")
+    https, admin = free_port(), free_port()
+    text = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1) + (
+        f"tls:\n  listen: {{host: 127.0.0.1, port: {https}}}\n  certificates: [{files.yaml()}]\n"
+        f"admin: {{listen: {{host: 127.0.0.1, port: {admin}}}}}\n"
+    )
+    proc, _ = await serve(text, "--workers", "2")
+    started = await proc.wait_for_all("gateway started", 2)
+    assert {line["listeners"]["https"] for line in started} == {f"127.0.0.1:{https}"}
+    assert {line["listeners"]["admin"] for line in started} == {f"127.0.0.1:{admin}"}
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    statuses = []
+    for _ in range(20):
+        async with (
+            aiohttp.ClientSession() as fresh,
+            fresh.get(f"https://127.0.0.1:{https}/api/city/x", ssl=context) as response,
+        ):
+            statuses.append(response.status)
+    assert statuses == [200] * 20
+    async with (
+        aiohttp.ClientSession() as fresh,
+        fresh.get(f"http://127.0.0.1:{admin}/metrics") as response,
+    ):
+        text = await response.text()
+    assert "gateway_workers_reporting 2.0" in text
+    lines = await proc.wait_for_all("request", 20)
+    assert len({line["request_id"][:16] for line in lines}) == 2  # both workers served HTTPS
+
+
 async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(serve, upstream):
     up = await upstream(NODA1)
     search = await upstream(NODA2)

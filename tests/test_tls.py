@@ -18,6 +18,7 @@ import trustme
 
 from .helpers import (
     NODA1,
+    NODA2,
     CertFiles,
     routes,
     sample,
@@ -383,3 +384,31 @@ def test_check_validates_the_files_and_lists_every_tls_problem_at_once(ca, tmp_p
     assert "no such certificate file" in problems[2]
     assert "not a PEM certificate" in problems[3]
     assert "8080 is also listen's port" in problems[0]
+
+
+async def test_rate_limits_and_failover_hold_over_https(upstream, gateway, client, ca, tmp_path):
+    preferred = await upstream(NODA2)
+    fallback = await upstream(NODA1)
+    text = routes(
+        {"search": f"{{port: {preferred.port}, nodes: [noda2, {{node: noda1, port: "
+                   f"{fallback.port}}}], rate_limit: tight}}"},
+        noda1=NODA1, noda2=NODA2,
+    ) + (
+        "rate_limits: {tight: {rate: 1r/m, burst: 1}}\n"
+        "tls:\n  listen: {host: 127.0.0.1, port: 8443}\n"
+        f"  certificates: [{write_cert(ca, tmp_path, *GATEWAY_NAMES).yaml()}]\n"
+    )  # fmt: skip
+    gw = await gateway(text)
+    context = trusting(ca)
+    url = f"{gw.https_url}/api/search/q"
+    async with client.get(url, ssl=context) as r:
+        assert r.status == 200
+    assert len(preferred.seen) == 1
+    await preferred.stop()  # NODA2 goes away: the next request is served by NODA1
+    async with client.get(url, ssl=context) as r:
+        assert r.status == 200
+    assert len(fallback.seen) == 1
+    async with client.get(url, ssl=context) as r:  # over the burst
+        assert r.status == 429
+        assert r.headers["Strict-Transport-Security"] == "max-age=31536000"
+        assert (await r.json())["error"] == "rate_limited"
