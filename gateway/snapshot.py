@@ -298,7 +298,7 @@ def _ws(service: Service, rule: RouteRule | None = None) -> WsPolicy:
 
     origins = pick("ws_origins")
     return WsPolicy(
-        origins=None if origins is None else frozenset(o.lower() for o in origins),
+        origins=None if origins in (None, "any") else frozenset(o.lower() for o in origins),
         max_message=pick("ws_max_message"),
         ping_interval=pick("ws_ping_interval"),
         idle_timeout=pick("ws_idle_timeout"),

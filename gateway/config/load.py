@@ -159,6 +159,8 @@ def _semantic(data: Any) -> list[tuple[str, str]]:
         *_route_problems(data),
         *_zone_problems(data.get("rate_limits")),
         *_redis_problems(data.get("redis")),
+        *_auth_problems(data),
+        *_cors_problems(data),
     ]
 
 
@@ -294,6 +296,84 @@ def _redis_problems(redis: Any) -> list[tuple[str, str]]:
         if scheme not in REDIS_SCHEMES:
             return [("redis.url", f"unknown scheme '{scheme}' (use {', '.join(REDIS_SCHEMES)})")]
     return []
+
+
+HMAC = frozenset({"HS256", "HS384", "HS512"})
+
+
+def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Providers that cannot verify what they accept, and services naming what is not there."""
+    problems: list[tuple[str, str]] = []
+    auth = data.get("auth")
+    providers = auth.get("providers") if isinstance(auth, dict) else None
+    known = sorted(providers) if isinstance(providers, dict) else []
+    for name, provider in providers.items() if isinstance(providers, dict) else ():
+        if not isinstance(provider, dict):
+            continue
+        base = f"auth.providers.{name}"
+        algorithms = provider.get("algorithms")
+        algorithms = set(algorithms) if isinstance(algorithms, list) else set()
+        keyed = [k for k in ("jwks_url", "jwks_file") if provider.get(k) is not None]
+        if algorithms & HMAC and algorithms - HMAC:
+            problems.append((f"{base}.algorithms", "HS* and asymmetric algorithms never together "
+                             "(one key could then verify the other's tokens)"))  # fmt: skip
+        if algorithms & HMAC and provider.get("secret") is None:
+            problems.append((base, "HS* tokens need a secret"))
+        if algorithms - HMAC and not keyed:
+            problems.append((base, "asymmetric tokens need jwks_url or jwks_file"))
+        if len(keyed) > 1:
+            problems.append((base, "jwks_url or jwks_file, not both"))
+        if provider.get("secret") is not None and not algorithms & HMAC:
+            problems.append((f"{base}.secret", "only HS* algorithms use a secret"))
+    for where, rule in _auth_rules(data):
+        mode = (
+            rule if isinstance(rule, str) else rule.get("mode") if isinstance(rule, dict) else None
+        )
+        if mode in ("required", "optional") and not known:
+            problems.append((where, f"auth: {mode} needs providers under the top-level auth"))
+        named = rule.get("providers") if isinstance(rule, dict) else None
+        for i, provider in enumerate(named if isinstance(named, list) else ()):
+            if isinstance(provider, str) and known and provider not in known:
+                problems.append((f"{where}.providers[{i}]", _unknown("provider", provider, known)))
+    return problems
+
+
+def _auth_rules(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(path, auth) of every service and route that sets auth."""
+    found: list[tuple[str, Any]] = []
+    services = data.get("services")
+    for name, service in services.items() if isinstance(services, dict) else ():
+        if not isinstance(service, dict):
+            continue
+        if service.get("auth") is not None:
+            found.append((f"services.{name}.auth", service["auth"]))
+        rules = service.get("routes")
+        for i, rule in enumerate(rules if isinstance(rules, list) else ()):
+            if isinstance(rule, dict) and rule.get("auth") is not None:
+                found.append((f"services.{name}.routes[{i}].auth", rule["auth"]))
+    return found
+
+
+def _cors_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """``*`` with credentials: browsers refuse it, and echoing any origin instead would let
+    every site read a user's answers."""
+    sections = [("cors", data.get("cors"))]
+    services = data.get("services")
+    for name, service in services.items() if isinstance(services, dict) else ():
+        if isinstance(service, dict):
+            sections.append((f"services.{name}.cors", service.get("cors")))
+            rules = service.get("routes")
+            for i, rule in enumerate(rules if isinstance(rules, list) else ()):
+                if isinstance(rule, dict):
+                    sections.append((f"services.{name}.routes[{i}].cors", rule.get("cors")))
+    return [
+        (f"{where}.origins", "'*' cannot go with credentials: true (list the origins)")
+        for where, cors in sections
+        if isinstance(cors, dict)
+        and cors.get("credentials") is True
+        and isinstance(cors.get("origins"), list)
+        and "*" in cors["origins"]
+    ]
 
 
 def config_json_schema() -> dict[str, Any]:

@@ -301,6 +301,138 @@ RoutePath = Annotated[str, Pattern(ROUTE_PATH_RE, "a path like /api/city/ or /ws
 Method = Annotated[str, Pattern(r"[A-Z][A-Z-]{0,19}", "an HTTP method like GET")]
 
 
+HeaderName = Annotated[
+    str, Pattern(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}", "a header name like X-User-Id")
+]
+Algorithm = Literal[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA",
+]  # fmt: skip
+HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+
+
+@dataclass(frozen=True)
+class AuthProvider:
+    """Who issues the tokens a service accepts, and how they are checked (RFC 8725)."""
+
+    algorithms: Annotated[tuple[Algorithm, ...], MinItems(1)] = doc(
+        "The only algorithms accepted (the token's alg just picks among them); HS* and the "
+        "asymmetric ones never together."
+    )
+    secret: str | None = doc("The shared secret of HS* tokens (from the environment).", None)
+    jwks_url: Annotated[str, Pattern(r"https?://\S+", "an http(s):// URL")] | None = doc(
+        "Where the public keys of asymmetric tokens are (a JWKS), fetched and cached.", None
+    )
+    jwks_file: FilePath | None = doc("A JWKS file instead of jwks_url.", None)
+    issuer: str | None = doc("The iss a token must carry (checked when set).", None)
+    audience: str | None = doc("The aud a token must carry (checked when set).", None)
+    claims: Mapping[
+        Annotated[str, Pattern(r"[A-Za-z_][A-Za-z0-9_]{0,63}", "a claim name")], str
+    ] = doc(
+        "Claims that must have these values (DAARION: type: access, so that a refresh "
+        "token never passes).",
+        factory=lambda: MappingProxyType({}),
+    )
+    leeway: Annotated[float, Range(min=0, max=300)] = doc(
+        "Seconds of clock skew allowed for exp, nbf and iat.", 30.0
+    )
+    jwks_refresh: Seconds = doc("Seconds between background refreshes of jwks_url.", 300.0)
+    jwks_timeout: Seconds = doc("Seconds a JWKS fetch may take.", 5.0)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """JWT authentication at the edge: the token checked once, the services given the
+    identity."""
+
+    providers: Annotated[Mapping[Name, AuthProvider], MinItems(1)] = doc("Token issuers by name.")
+    identity_headers: Mapping[
+        Annotated[str, Pattern(r"[A-Za-z_][A-Za-z0-9_]{0,63}", "a claim name")], HeaderName
+    ] = doc(
+        "Request headers set from the verified token's claims (lists joined by commas); "
+        "removed from every incoming request, whatever its spelling.",
+        factory=lambda: MappingProxyType(
+            {"sub": "X-User-Id", "roles": "X-User-Roles", "email": "X-User-Email"}
+        ),
+    )
+    websocket_token: tuple[
+        Annotated[
+            str, Pattern(r"query:[A-Za-z0-9_.-]{1,64}|subprotocol", "query:<name> or subprotocol")
+        ],
+        ...,
+    ] = doc(
+        "Where a WebSocket handshake may carry its token besides Authorization (browsers "
+        "cannot set headers): query:<name> (removed from the query sent upstream) and "
+        "subprotocol (bearer.<token>, removed from the offer sent upstream).",
+        ("query:access_token", "subprotocol"),
+    )
+    cache_size: Annotated[int, Range(min=0, max=1_000_000)] = doc(
+        "Verified tokens remembered until they expire (0: none), so that a repeated token "
+        "costs one signature check.",
+        10_000,
+    )
+
+
+@dataclass(frozen=True)
+class ServiceAuth:
+    """Whether a service (or route) needs a token."""
+
+    __shorthand__: ClassVar[str] = "mode"
+    mode: Literal["required", "optional", "none"] = doc(
+        "required: no valid token gets 401; optional: no token passes anonymously, an invalid "
+        "one gets 401; none: no check."
+    )
+    providers: Annotated[tuple[Name, ...], MinItems(1)] | None = doc(
+        "Providers whose tokens are accepted (default: every one).", None
+    )
+    roles: Annotated[tuple[str, ...], MinItems(1)] | None = doc(
+        "Any of these roles (the token's roles claim) is needed, else 403.", None
+    )
+
+
+CorsOrigin = Annotated[
+    str,
+    Pattern(
+        r"https?://(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?|null|\*",
+        "an origin like https://app.daarion.city or https://*.daarion.city",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Cors:
+    """CORS owned by the gateway (aiohttp-cors's semantics): preflights answered at the edge,
+    one consistent set of headers on every answer."""
+
+    origins: Annotated[tuple[CorsOrigin, ...], MinItems(1)] = doc(
+        "Allowed origins: exact (scheme, host, port), https://*.domain (subdomains, on a dot "
+        "boundary), null (only when listed), or * (any; not with credentials)."
+    )
+    credentials: bool = doc("Allow credentials (cookies, Authorization).", False)
+    methods: Annotated[tuple[Method, ...], MinItems(1)] = doc(
+        "Methods a preflight allows.", ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    )
+    headers: tuple[HeaderName, ...] = doc(
+        "Request headers a preflight allows.", ("Authorization", "Content-Type", "X-Request-ID")
+    )
+    expose: tuple[HeaderName, ...] = doc(
+        "Response headers scripts may read.",
+        ("X-Request-ID", "RateLimit", "RateLimit-Policy", "Retry-After"),
+    )
+    max_age: Annotated[int, Range(min=0, max=86400)] = doc(
+        "Seconds a browser may cache a preflight.", 600
+    )
+
+
+@dataclass(frozen=True)
+class SecurityHeaders:
+    """Headers added to answers that do not already carry them; null leaves one out."""
+
+    content_type_options: str | None = doc("X-Content-Type-Options.", "nosniff")
+    frame_options: str | None = doc("X-Frame-Options.", "DENY")
+    referrer_policy: str | None = doc("Referrer-Policy.", "no-referrer")
+
+
 @dataclass(frozen=True)
 class RouteRule:
     """A public path a service serves, and the upstream path it maps to. The longest matching
@@ -333,7 +465,11 @@ class RouteRule:
     timeouts: Timeouts = doc("Timeouts over the service's, key by key.", Timeouts())
     retries: Retries | None = doc("Retries instead of the service's.", None)
     limits: RequestLimits = doc("Request limits over the service's, key by key.", RequestLimits())
-    ws_origins: tuple[Origin, ...] | None = doc("ws_origins instead of the service's.", None)
+    ws_origins: tuple[Origin, ...] | Literal["any"] | None = doc(
+        "ws_origins instead of the service's.", None
+    )
+    auth: ServiceAuth | None = doc("auth instead of the service's.", None)
+    cors: Cors | Literal["none"] | None = doc("cors instead of the service's.", None)
     ws_max_message: Annotated[int, Range(min=1, max=64 * 1024 * 1024)] | None = doc(
         "ws_max_message instead of the service's.", None
     )
@@ -375,8 +511,20 @@ class Service:
     ws_prefix: Prefix | None = doc(
         "Path prefix on the upstream that replaces /ws/<name>; default /ws/<name>.", None
     )
-    ws_origins: tuple[Origin, ...] | None = doc(
-        "Origins allowed to open WebSocket sessions (e.g. https://app.daarion.city); default: any.",
+    ws_origins: tuple[Origin, ...] | Literal["any"] | None = doc(
+        "Origins allowed to open WebSocket sessions (e.g. https://app.daarion.city); default: "
+        "no Origin (not a browser), the same origin as the request's Host, or one cors allows; "
+        "any: every origin.",
+        None,
+    )
+    auth: ServiceAuth | None = doc(
+        "Whether requests need a token: required, optional or none (the default), or "
+        "{mode, providers, roles}.",
+        None,
+    )
+    cors: Cors | Literal["none"] | None = doc(
+        "CORS for this service instead of the top level's; none: the gateway adds none and "
+        "passes the upstream's through.",
         None,
     )
     ws_max_message: Annotated[int, Range(min=1, max=64 * 1024 * 1024)] = doc(
@@ -541,6 +689,11 @@ class Config:
         "Seconds an idle pooled upstream connection is kept; below the 5 s after which common "
         "backends (uvicorn, hypercorn) close theirs (needs a restart).",
         4.0,
+    )
+    auth: Auth | None = doc("JWT providers and identity headers (services opt in).", None)
+    cors: Cors | None = doc("CORS for every service (a service's cors overrides).", None)
+    security_headers: SecurityHeaders | None = doc(
+        "Security headers added to every answer that has none of its own.", None
     )
     metrics_cache: Annotated[float, Range(min=0, max=60)] = doc(
         "Seconds a /metrics scrape is answered with the text rendered for the previous one; "
