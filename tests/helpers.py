@@ -170,7 +170,7 @@ services:
   agents:
     port: 7002
     nodes: [noda1]
-    colour: red
+    wallpaper: red
   search:
     port: 8897
     nodes: [noda2, {node: noda9, port: 18897}]

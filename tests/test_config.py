@@ -59,7 +59,7 @@ def test_every_problem_is_reported_at_once_with_its_path_and_line():
         ("listen.port", 1),
         ("nodes.noda1.host", 3),
         ("nodes.noda2.host", 4),
-        ("services.agents.colour", 9),
+        ("services.agents.wallpaper", 9),
         ("services.search.nodes[1]", 12),
         ("services.search.http_prefix", 13),
         ("services.city.port", 15),
@@ -74,7 +74,7 @@ def test_every_problem_is_reported_at_once_with_its_path_and_line():
     assert reported[("services.search.nodes[1]", 12)].startswith("unknown node 'noda9'")
     assert "NODA1_HOST" in reported[("nodes.noda1.host", 3)]
     assert reported[("services.dup", 21)] == "duplicate key"
-    assert "did you mean" not in reported[("services.agents.colour", 9)]
+    assert "did you mean" not in reported[("services.agents.wallpaper", 9)]
     text = str(caught.value)
     assert "services.search.nodes[1] (line 12): unknown node 'noda9'" in text
 
