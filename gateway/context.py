@@ -86,7 +86,9 @@ class Exchange:
     proto: str  # http or https, as the client used it
     service: str = UNMATCHED
     route: str = UNMATCHED  # the route's name (a service's own rules: the service's)
-    user: str | None = None  # the authenticated subject, once auth exists
+    peer_trusted: bool = False  # the peer is one of trusted_proxies
+    user: str | None = None  # the verified token's subject
+    identity_headers: tuple[tuple[str, str], ...] = ()  # set upstream from the token
     target: Target | None = None  # the upstream target tried last
     status: int = 0
     error: str | None = None

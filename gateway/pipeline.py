@@ -51,6 +51,8 @@ async def handle(
     proto = snapshot.trusted.proto(request.remote, headers.get("X-Forwarded-Proto"), request.scheme)
     request_id = request_id_from(headers.get("X-Request-ID"))
     ex = Exchange(request, listener, snapshot, request_id, shared.clock(), client, proto)
+    if snapshot.trusted:  # its X-Forwarded-* are kept (and extended); anyone else's removed
+        ex.peer_trusted = snapshot.trusted.holds(request.remote or "")
     REQUEST_ID.set(request_id)  # each request runs in its own task: this stays per request
     try:
         response = await _phases(shared, ex)

@@ -23,7 +23,7 @@ from .config.types import (
     service_limits,
     size,
 )
-from .edge.trusted import Networks, TrustedProxies
+from .edge.trusted import IDENTITY, Networks, TrustedProxies
 from .ratelimit.zones import Zone, compile_zone
 from .routetable import API, WS, Entry, RouteTable
 from .upstream.tls import UpstreamTls, node_tls
@@ -147,6 +147,7 @@ class Snapshot:
     trusted: TrustedProxies
     edge: EdgePolicy
     exposure: Exposure
+    identity_strip: frozenset[str]  # identity header names removed from every request
 
 
 def compile_snapshot(config: Config) -> Snapshot:
@@ -174,6 +175,11 @@ def compile_snapshot(config: Config) -> Snapshot:
             max_clients=_set(limits.max_client_connections),
         ),
         exposure=_exposure(config),
+        identity_strip=IDENTITY
+        | frozenset(
+            name.lower().replace("_", "-")
+            for name in (config.auth.identity_headers.values() if config.auth else ())
+        ),
     )
 
 

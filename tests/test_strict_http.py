@@ -263,7 +263,10 @@ async def test_obs_text_in_a_response_header_reaches_the_client_byte_for_byte(he
 
 # -- underscores -------------------------------------------------------------------------------
 
-UNDERSCORED = b"X_Forwarded_For: 10.9.9.9\r\nx_real_ip: 10.9.9.9\r\nFoo_Bar: baz\r\n"
+UNDERSCORED = b"X_Trace_Tag: 10.9.9.9\r\nx_app_name: city\r\nFoo_Bar: baz\r\n"
+# Spellings of headers the gateway states itself, or that say who the client is: removed
+# whatever the option says, from a peer that is no trusted proxy.
+SPOOFS = b"X_Forwarded_For: 10.9.9.9\r\nx_real_ip: 10.9.9.9\r\nX_User_Id: admin\r\n"
 
 
 async def test_header_names_with_underscores_are_dropped_by_default(heads, gateway):
@@ -295,12 +298,18 @@ async def test_underscores_pass_byte_for_byte_with_the_option_on(heads, gateway,
     gw = await gateway(city(up.port, extra, top))
     response = await raw_exchange(
         gw.port,
-        b"GET /api/city/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n" + UNDERSCORED + b"\r\n",
+        b"GET /api/city/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        + UNDERSCORED
+        + SPOOFS
+        + b"\r\n",
     )
     assert response.status == 200
     lines = up.header_lines()
     for line in UNDERSCORED.split(b"\r\n")[:-1]:
         assert line in lines
+    for line in SPOOFS.split(b"\r\n")[:-1]:
+        assert line not in lines
+    assert b"X-Forwarded-For: 127.0.0.1" in lines
 
 
 async def test_a_service_can_turn_underscores_off_again(heads, gateway):

@@ -11,6 +11,57 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import Final
+
+# Headers a client could use to pass for someone or somewhere else. From a peer that is not a
+# trusted proxy they are removed (and the gateway states its own X-Forwarded-*), as Traefik does
+# by default: every X-Forwarded-*, and these client-address and URL- or method-override ones.
+CLIENT_ADDRESS: Final = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-cluster-client-ip",
+        "x-original-forwarded-for",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+    }
+)
+OVERRIDES: Final = frozenset(
+    {
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x-override-url",
+        "x-original-host",
+        "x-host",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    }
+)
+# Identity headers removed from every request, from trusted proxies too (the gateway is what
+# says who a user is), besides those auth.identity_headers names.
+IDENTITY: Final = frozenset(
+    {
+        "x-user-id",
+        "x-user-role",
+        "x-user-roles",
+        "x-user-email",
+        "x-user",
+        "x-authenticated-user",
+        "x-authenticated-userid",
+        "x-auth-user",
+        "x-remote-user",
+        "remote-user",
+    }
+)
+
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

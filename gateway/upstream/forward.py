@@ -43,7 +43,10 @@ async def forward(
     gauge = shared.metrics.active_for(route.service)
     gauge.inc()
     try:
-        forwarding = Forwarding(ex.client, ex.proto, ex.request_id)
+        forwarding = Forwarding(
+            ex.client, ex.proto, ex.request_id, ex.peer_trusted, ex.identity_headers,
+            ex.snapshot.identity_strip,
+        )  # fmt: skip
         client = shared.upstream
 
         async def send(target: Target) -> aiohttp.ClientResponse:

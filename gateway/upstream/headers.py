@@ -1,13 +1,18 @@
 """The headers an upstream gets, for HTTP requests and WebSocket handshakes alike: hop-by-hop
 headers dropped, names with an underscore dropped (unless the route's
-``underscores_in_headers``), the forwarding headers stated by the gateway."""
+``underscores_in_headers``), what a client could spoof removed (identity headers always; from a
+peer that is not a trusted proxy, client-address, X-Forwarded-* and override headers), the
+forwarding headers stated by the gateway, and the identity of a verified token."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..edge.trusted import CLIENT_ADDRESS, IDENTITY, OVERRIDES
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -47,11 +52,27 @@ _REQUEST_DROP: Final = HOP_BY_HOP | _REPLACED
 
 @dataclass(frozen=True, slots=True)
 class Forwarding:
-    """What the gateway tells the upstream about where the request came from."""
+    """What the gateway tells the upstream about where the request came from, and who."""
 
     client: str  # the client address (the peer, or what trusted proxies report)
     proto: str  # http or https, as the client used it
     request_id: str
+    trusted_peer: bool = False  # the peer is a trusted proxy: its X-Forwarded-* are kept
+    identity: tuple[tuple[str, str], ...] = ()  # headers from the verified token
+    strip: frozenset[str] = IDENTITY  # identity header names (lower-case, '-'), removed
+
+
+@functools.lru_cache(maxsize=1024)
+def spoofable(name: str, trusted_peer: bool, strip: frozenset[str]) -> bool:
+    """Whether a client's header ``name`` is removed before forwarding: an identity header
+    (however spelled: case, '_' for '-'), and, from a peer that is not a trusted proxy, a
+    client-address, X-Forwarded-* or override header. (Header names repeat: cached.)"""
+    key = name.lower().replace("_", "-")
+    if key in strip:
+        return True
+    if trusted_peer:
+        return False
+    return key.startswith("x-forwarded-") or key in CLIENT_ADDRESS or key in OVERRIDES
 
 
 def end_to_end(
@@ -86,8 +107,12 @@ def request_headers(
     if not underscores and "_" in "".join(incoming):
         for name in {name for name in headers if "_" in name}:
             del headers[name]
+    trusted, strip = forwarding.trusted_peer, forwarding.strip
+    for name in [name for name in headers if spoofable(name, trusted, strip)]:
+        if name in headers:
+            del headers[name]
     peer = request.remote or ""
-    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    prior = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted else ""
     headers["Host"] = f"{target.host}:{target.port}"
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     headers["X-Forwarded-Proto"] = forwarding.proto
@@ -95,4 +120,6 @@ def request_headers(
         headers["X-Forwarded-Host"] = incoming["Host"]
     headers["X-Real-IP"] = forwarding.client
     headers["X-Request-ID"] = forwarding.request_id
+    for name, value in forwarding.identity:
+        headers[name] = value
     return headers

@@ -151,7 +151,10 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
     """Open the upstream leg through the failover loop."""
     request = ex.request
     first = first_target(shared, route)
-    forwarding = Forwarding(ex.client, ex.proto, ex.request_id)
+    forwarding = Forwarding(
+        ex.client, ex.proto, ex.request_id, ex.peer_trusted, ex.identity_headers,
+        ex.snapshot.identity_strip,
+    )  # fmt: skip
     protocols = [
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", ())
