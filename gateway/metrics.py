@@ -214,6 +214,13 @@ class Metrics:
             "ACME certificate orders (first ones and renewals), by result (success, failure).",
             ["result"],
         )
+        self.auth = self._labelled(
+            Counter,
+            "gateway_auth",
+            "Token checks on routes with auth, by service and result (ok, anonymous, "
+            "missing_token, invalid_token, token_expired, insufficient_scope).",
+            ["service", "result"],
+        )
         self.upstream_tls_failures = self._labelled(
             Counter,
             "gateway_upstream_tls_failures",
@@ -301,6 +308,7 @@ class Metrics:
             self.ws_closed,
             self.ws_messages,
             self.ws_bytes,
+            self.auth,
         ):
             self.remove_series(
                 metric, lambda labels: labels[0] == service or labels[:2] == (GATEWAY, service)

@@ -18,6 +18,7 @@ from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, NONE, Config, Service, ser
 from .config.types import (
     RequestLimits,
     RouteRule,
+    ServiceAuth,
     connection_limits,
     layered,
     service_limits,
@@ -116,6 +117,15 @@ class Exposure:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthPolicy:
+    """Whether a route needs a token (``auth`` of the route, else of its service)."""
+
+    required: bool  # else optional: no token passes anonymously
+    providers: tuple[str, ...] | None  # None: every provider
+    roles: frozenset[str] | None  # any of them is needed; None: none
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """What a request on one route uses: the service's targets and the route's policies (the
     service's, with a route's own overrides)."""
@@ -133,6 +143,7 @@ class Route:
     body: BodyPolicy
     underscores_in_headers: bool  # forward header names with "_" (else dropped)
     cookie_path: bool  # rewrite Set-Cookie Path= from the route's to to its path
+    auth: AuthPolicy | None  # None: no check
     targets: tuple[Target, ...] = field(init=False)  # every tier's, in order
 
     def __post_init__(self) -> None:
@@ -247,6 +258,7 @@ def _route(
         body=_body(request),
         underscores_in_headers=_set(request.underscores_in_headers),
         cookie_path=False,
+        auth=_auth(service.auth),
     )
 
 
@@ -294,6 +306,7 @@ def _rule_route(
         body=_body(request),
         underscores_in_headers=_set(request.underscores_in_headers),
         cookie_path=rule.cookie_path,
+        auth=base.auth if rule.auth is None else _auth(rule.auth),
     )
 
 
@@ -308,6 +321,16 @@ def _ws(service: Service, rule: RouteRule | None = None) -> WsPolicy:
         max_message=pick("ws_max_message"),
         ping_interval=pick("ws_ping_interval"),
         idle_timeout=pick("ws_idle_timeout"),
+    )
+
+
+def _auth(auth: ServiceAuth | None) -> AuthPolicy | None:
+    if auth is None or auth.mode == "none":
+        return None
+    return AuthPolicy(
+        required=auth.mode == "required",
+        providers=auth.providers,
+        roles=None if auth.roles is None else frozenset(auth.roles),
     )
 
 

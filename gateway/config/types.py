@@ -366,6 +366,9 @@ class Auth:
         "subprotocol (bearer.<token>, removed from the offer sent upstream).",
         ("query:access_token", "subprotocol"),
     )
+    realm: Annotated[str, Pattern(r"[A-Za-z0-9._ -]{1,64}", "a short name")] = doc(
+        "The realm of WWW-Authenticate in 401 and 403 answers (RFC 6750).", "daarion"
+    )
     cache_size: Annotated[int, Range(min=0, max=1_000_000)] = doc(
         "Verified tokens remembered until they expire (0: none), so that a repeated token "
         "costs one signature check.",
