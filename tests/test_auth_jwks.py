@@ -231,3 +231,26 @@ async def test_a_jwks_file_is_read_at_start_and_on_refresh(tmp_path, authenticat
     await asyncio.to_thread(path.unlink)
     await eventually(lambda: auth.state() == {"idp": "stale"})
     assert _passes(auth, token("k2", ES2))
+
+
+async def test_an_outage_is_logged_once_and_its_end_too(upstream, authenticators, caplog) -> None:
+    server = JwksServer(status=503)
+    up = await upstream(LOCAL, server.handle)
+    auth = authenticator(authenticators, jwks_url=f"http://{LOCAL}:{up.port}/jwks")
+    caplog.set_level("INFO", "gateway.auth")
+    await auth.start()
+    await auth.refresh()
+    await auth.refresh()
+    server.status = 200
+    await auth.refresh()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.auth"]
+    assert lines == [
+        ("WARNING", "JWKS fetch failed: no keys yet"),
+        ("INFO", "JWKS loaded"),
+    ]
+    fields = caplog.records[0].__dict__["fields"]
+    assert fields == {
+        "provider": "idp",
+        "jwks": f"http://{LOCAL}:{up.port}/jwks",
+        "reason": "HTTP 503",
+    }

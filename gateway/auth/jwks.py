@@ -158,6 +158,7 @@ class KeySource:
         self._session = session
         self._wanted = asyncio.Event()
         self._last_wanted = -REFETCH_EVERY
+        self._failing: str | None = None  # why the last fetch failed, if it did
 
     def want(self) -> bool:
         """Ask the background loop for a fetch now (a token named an unknown kid), unless one
@@ -184,21 +185,23 @@ class KeySource:
         except (JwksError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             self.state = "stale" if self.keyset.keys else "disconnected"
-            log.warning(
-                "JWKS fetch failed: %s",
-                "the last good keys stay in use" if self.keyset.keys else "no keys yet",
-                extra={"fields": {"provider": self.name, "jwks": self.where, "reason": reason}},
-            )
+            if reason != self._failing:  # once per outage (and per new reason), not per try
+                log.warning(
+                    "JWKS fetch failed: %s",
+                    "the last good keys stay in use" if self.keyset.keys else "no keys yet",
+                    extra={"fields": {"provider": self.name, "jwks": self.where, "reason": reason}},
+                )  # fmt: skip
+            self._failing = reason
             return False
         if keyset.lost_any_of(self.keyset):
             self.generation += 1
-        if keyset.prints != self.keyset.prints or self.state != "connected":
+        if keyset.prints != self.keyset.prints or self._failing is not None:
             log.info(
                 "JWKS loaded",
                 extra={"fields": {"provider": self.name, "jwks": self.where,
                                   "kids": sorted(str(k) for k in keyset.keys)}},
             )  # fmt: skip
-        self.keyset, self.state = keyset, "connected"
+        self.keyset, self.state, self._failing = keyset, "connected", None
         return True
 
     async def run(self) -> None:
