@@ -12,7 +12,7 @@ import aiohttp
 
 from ..config.types import Auth
 from .cache import TokenCache, cache_key
-from .jwks import KeySource, State
+from .jwks import KeySource
 from .tokens import AuthFailed, Identity, Rules, UnknownKey, check_form, invalid, read_header
 
 
@@ -50,6 +50,8 @@ class Authenticator:
         return self._http
 
     async def start(self) -> None:
+        if self._tasks:
+            return  # started already
         await asyncio.gather(*(source.refresh() for source in self._sources.values()))
         self._tasks = [
             asyncio.create_task(source.run(), name=f"jwks-{name}")
@@ -72,7 +74,7 @@ class Authenticator:
         sources = [s for n, s in self._sources.items() if provider in (None, n)]
         await asyncio.gather(*(source.refresh() for source in sources))
 
-    def state(self) -> dict[str, State]:
+    def state(self) -> dict[str, str]:
         """Per JWKS provider: connected, stale (the last fetch failed; the last good keys are
         in use) or disconnected (no keys yet)."""
         return {name: source.state for name, source in self._sources.items()}

@@ -216,4 +216,8 @@ class KeySource:
             except TimeoutError:
                 pass
             self._wanted.clear()
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug in one fetch must not end the refreshes (logged)
+                self.state = "stale" if self.keyset.keys else "disconnected"
+                log.exception("JWKS refresh failed", extra={"fields": {"provider": self.name}})

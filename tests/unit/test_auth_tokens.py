@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 import hypothesis
+import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -499,6 +500,27 @@ def test_small_rsa_keys_and_unusable_documents_are_refused() -> None:
     ):
         with pytest.raises(JwksError):
             parse_jwks(body, frozenset({"RS256"}))
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=12,
+)
+MEMBER = st.sampled_from(["kty", "crv", "alg", "use", "key_ops", "kid", "n", "e", "x", "y", "d"])
+JWK = st.dictionaries(MEMBER, JSON | st.sampled_from(["RSA", "EC", "OKP", "P-256", "Ed25519"]))
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(document=st.one_of(JSON, st.lists(JWK, max_size=5).map(lambda k: {"keys": k})))
+def test_a_broken_jwks_raises_jwks_error_only(document) -> None:
+    """Whatever an IdP serves, the refresh sees a JwksError (a refresh loop never dies)."""
+    try:
+        body = orjson.dumps(document)
+    except (orjson.JSONEncodeError, TypeError):
+        return  # not representable as JSON (a float out of range)
+    with pytest.raises(JwksError):
+        parse_jwks(body, frozenset({"RS256", "PS256", "ES256", "EdDSA"}))
 
 
 async def test_an_unreadable_jwks_leaves_the_provider_without_keys(clock, tmp_path) -> None:
