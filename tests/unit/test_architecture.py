@@ -200,12 +200,16 @@ NEVER = [
     ("gateway.websocket", "app, pipeline", {"gateway.app", "gateway.pipeline"}),
     ("gateway.edge", "a phase", PHASES | {"gateway.upstream", "gateway.websocket"}),
     ("gateway.snapshot", "a phase", PHASES),
+    ("gateway.auth", "any room but config and the leaves certs, logs, errors", None),
 ]  # fmt: skip
 
 
 # What a room that may import no other room may import all the same: config checks the
-# certificate files a config names with the certs leaf.
-LEAVES_FOR = {"gateway.config": ("gateway.certs",)}
+# certificate files a config names with the certs leaf; auth reads the config's types.
+LEAVES_FOR = {
+    "gateway.config": ("gateway.certs",),
+    "gateway.auth": ("gateway.config", "gateway.certs", "gateway.logs", "gateway.errors"),
+}
 
 
 @pytest.mark.parametrize(("owner", "rule", "forbidden"), NEVER, ids=[r[0] for r in NEVER])
@@ -254,7 +258,13 @@ def test_the_cli_loads_only_the_config_until_a_command_needs_more() -> None:
 def test_the_frame_reader_and_the_decisions_are_pure() -> None:
     """No I/O library in the modules that the docs call pure or free of I/O."""
     io = {"aiohttp", "asyncio", "socket", "redis", "ssl"}
-    for module in ("gateway.websocket.frames", "gateway.upstream.balancer", "gateway.routing"):
+    for module in (
+        "gateway.websocket.frames",
+        "gateway.upstream.balancer",
+        "gateway.routing",
+        "gateway.auth.tokens",
+        "gateway.auth.cache",
+    ):
         direct = {i.target for i in graph()[module] if not i.target.startswith("gateway")}
         assert direct.isdisjoint(io), (module, sorted(direct & io))
     assert "aiohttp" not in eager_closure("gateway.snapshot")  # "no aiohttp"
