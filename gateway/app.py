@@ -21,6 +21,7 @@ from aiohttp import web
 
 from . import endpoints, logs, pipeline
 from .aiohttp_private import TlsSite, keep_raw_header_bytes
+from .auth import Authenticator
 from .config import Config, ConfigError, load_config
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
 from .edge.acme import AcmeManager, ChallengeStore
@@ -87,6 +88,9 @@ class Gateway:
         keep_raw_header_bytes()  # obs-text in a header reaches the upstream byte for byte
         shared.upstream.open(config.upstream_keepalive_timeout)
         await shared.limiter.start()
+        if config.auth is not None:
+            shared.authenticator = Authenticator(config.auth)
+            await shared.authenticator.start()
         prober = Prober(
             lambda: self.shared.snapshot, shared.upstream.session, shared.health, shared.metrics
         )
@@ -197,6 +201,8 @@ class Gateway:
                 await task
         await shared.upstream.close()
         await shared.limiter.close()
+        if shared.authenticator is not None:
+            await shared.authenticator.close()
         logs.flush()
 
     # -- configuration -----------------------------------------------------------------------
@@ -253,6 +259,11 @@ class Gateway:
         if new.edge.keepalive_timeout != old.edge.keepalive_timeout:
             log.warning("a changed limits.keepalive_timeout takes effect only after a restart")
         shared.snapshot = new
+        if config.auth != old.config.auth:
+            # New providers: keys fetched afresh, the cache of verified tokens emptied.
+            previous_auth = shared.authenticator
+            shared.authenticator = Authenticator(config.auth) if config.auth else None
+            self._in_background(self._swap_authenticator(previous_auth))
         if config.redis != old.config.redis:
             previous = shared.limiter
             shared.limiter = _make_limiter(config, shared.metrics)
@@ -261,6 +272,12 @@ class Gateway:
         for name in old.routes.keys() - new.routes.keys():
             shared.metrics.forget_service(name)
         shared.health.sync(new.routes.values())
+
+    async def _swap_authenticator(self, previous: Authenticator | None) -> None:
+        if previous is not None:
+            await previous.close()
+        if self.shared.authenticator is not None:
+            await self.shared.authenticator.start()
 
     async def _swap_limiter(self, previous: Limiter) -> None:
         await previous.close()

@@ -19,6 +19,7 @@ from .metrics import UNMATCHED
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .auth import Authenticator
     from .edge.acme import AcmeManager
     from .edge.connections import ConnectionTable
     from .edge.tls import Certificates
@@ -71,6 +72,7 @@ class Shared:
     challenge: Callable[[str], bytes | None] | None = None
     https_port: int | None = None  # the HTTPS listener's port, for redirects
     acme: AcmeManager | None = None  # orders and renews tls.acme's certificate
+    authenticator: Authenticator | None = None  # verifies tokens (config.auth)
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class Exchange:
     peer_trusted: bool = False  # the peer is one of trusted_proxies
     user: str | None = None  # the verified token's subject
     identity_headers: tuple[tuple[str, str], ...] = ()  # set upstream from the token
+    token_subprotocol: str | None = None  # bearer.<token>: left out of the upstream's offer
     target: Target | None = None  # the upstream target tried last
     status: int = 0
     error: str | None = None

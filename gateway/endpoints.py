@@ -162,10 +162,14 @@ def health_report(shared: Shared, *, admin: bool = False) -> dict[str, object]:
     dependencies = dict(services)
     if shared.limiter.state is not None:
         dependencies["redis"] = shared.limiter.state
+    if shared.authenticator is not None:  # each JWKS: connected, stale (last keys kept), ...
+        dependencies.update(
+            {f"jwks:{name}": state for name, state in shared.authenticator.state().items()}
+        )
     if shared.draining:
         status = "unhealthy"
     elif (
-        "disconnected" in dependencies.values()
+        not {"disconnected", "stale"}.isdisjoint(dependencies.values())
         or "offline" in nodes.values()
         or (shared.certificates is not None and shared.certificates.degraded())
     ):

@@ -7,6 +7,7 @@
       only, and on the admin listener only when there is one)
     → on the plain listener with TLS on: 308 to https:// (endpoints.to_https)
     → the route (routetable.RouteTable, compiled per snapshot: the longest matching path)
+    → authentication, when the route has auth (auth/phase.py)
     → rate limit (ratelimit/phase.py)
     → a WebSocket handshake (websocket/handshake.py) or an HTTP exchange (upstream/forward.py),
       both choosing and failing over targets with upstream/failover.py
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from . import endpoints, logs, routetable, routing
+from .auth.phase import authenticate
 from .context import ADMIN, HTTP, Exchange, Listener
 from .edge import strict
 from .errors import ClientFault, ClientGone, GatewayError, UpstreamAborted, error_response
@@ -123,7 +125,10 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     entry = found.entry
     route = entry.policy
     ex.service, ex.route = route.service, entry.id
-    path_qs = routing.upstream_path(entry.to, found.rest) + target.query
+    query = target.query
+    if route.auth is not None:
+        query = authenticate(shared, ex, route.auth, query, entry.websocket)
+    path_qs = routing.upstream_path(entry.to, found.rest) + query
     if entry.websocket:
         await limit(shared, ex, route)  # a handshake counts toward the rate limit
         return await open_session(shared, ex, route, path_qs)
@@ -178,6 +183,8 @@ def _finish(shared: Shared, ex: Exchange) -> None:
         fields["error"] = ex.error
     if ex.rate_limit is not None:
         fields["rate_limit"] = ex.rate_limit
+    if ex.user is not None:
+        fields["user"] = ex.user  # the subject, never the token
     if ex.log_fields:
         fields.update(ex.log_fields)
     if ex.session is not None:

@@ -4,11 +4,13 @@ providers of ``config.auth`` and returns its ``Identity``, or raises ``AuthFaile
 
 ``tokens.py``: one provider's checks, pure. ``cache.py``: verified tokens until they expire,
 pure. ``jwks.py``: the providers' public keys, fetched and refreshed in the background.
-``authenticator.py``: the three together; ``verify`` never waits.
+``authenticator.py``: the three together; ``verify`` never waits. ``phase.py``: the phase
+(where the token is, the 401 and 403 answers, the identity the upstream gets).
 
 Owns: every decision about a token, and every request to a JWKS. May import ``config`` (its
-types), ``certs``, ``logs`` and ``errors``; never a phase, ``upstream``, ``websocket``,
-``pipeline`` or ``app``. Answers (401, 403), identity headers and metrics are the caller's.
+types), ``certs``, ``logs``, ``errors``, ``metrics``, and for the phase the types of
+``context`` and ``snapshot``; never another phase, ``upstream``, ``websocket``, ``pipeline``
+or ``app``.
 """
 
 from .authenticator import Authenticator

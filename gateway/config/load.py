@@ -13,7 +13,17 @@ import yaml
 
 from ..certs import CertError, check_ca, read_pair
 from .schema_export import json_schema
-from .types import NONE, REDIS_SCHEMES, RESERVED_SERVICE_NAMES, Admin, Config, Listen, Node, Tls
+from .types import (
+    NONE,
+    REDIS_SCHEMES,
+    RESERVED_SERVICE_NAMES,
+    Admin,
+    Auth,
+    Config,
+    Listen,
+    Node,
+    Tls,
+)
 from .validate import Problem, validate
 from .yamlsource import LineLoader, load_yaml
 
@@ -59,7 +69,7 @@ def parse_config(
     # What needs the values themselves (after ${VAR}): files, ports. From the sections that
     # are valid when the whole is not, so that these are reported with the rest.
     sections = (
-        (config.listen, config.tls, config.admin, config.nodes)
+        (config.listen, config.tls, config.admin, config.nodes, config.auth)
         if config is not None
         else _sections(data, env, loader)
     )
@@ -72,7 +82,7 @@ def parse_config(
     return config
 
 
-Sections = tuple[Listen | None, Tls | None, Admin | None, Mapping[str, Node] | None]
+Sections = tuple[Listen | None, Tls | None, Admin | None, Mapping[str, Node] | None, Auth | None]
 
 
 def _sections(data: Any, env: Mapping[str, str], loader: LineLoader) -> Sections:
@@ -87,6 +97,7 @@ def _sections(data: Any, env: Mapping[str, str], loader: LineLoader) -> Sections
         section(Tls, "tls", None),
         section(Admin, "admin", Admin()),
         section(Mapping[str, Node], "nodes", None),
+        section(Auth, "auth", None),
     )
 
 
@@ -95,6 +106,7 @@ def _usable(
     tls: Tls | None,
     admin: Admin | None,
     nodes: Mapping[str, Node] | None,
+    auth: Auth | None = None,
 ) -> list[tuple[str, str]]:
     """Problems that only a config's values show: the files it names (read and checked now,
     so that ``check`` and a reload refuse what the listener could not load), and listeners
@@ -117,6 +129,14 @@ def _usable(
             if bound.port == earlier.port and _same_address(bound.host, earlier.host):
                 problems.append((f"{where}.port", f"{bound.port} is also {other}'s port"))
                 break
+    for name, provider in auth.providers.items() if auth is not None else ():
+        shortest = max((HMAC_KEY_BYTES.get(a, 0) for a in provider.algorithms), default=0)
+        if provider.secret is not None and len(provider.secret.encode()) < shortest:
+            problems.append((
+                f"auth.providers.{name}.secret",
+                f"shorter than {shortest} bytes, the least RFC 7518 allows for "
+                f"{', '.join(a for a in provider.algorithms if a in HMAC_KEY_BYTES)}",
+            ))  # fmt: skip
     for name, node in (nodes or {}).items():
         if node.tls is None:
             continue
@@ -298,7 +318,8 @@ def _redis_problems(redis: Any) -> list[tuple[str, str]]:
     return []
 
 
-HMAC = frozenset({"HS256", "HS384", "HS512"})
+HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 3.2: the hash's size
+HMAC = frozenset(HMAC_KEY_BYTES)
 
 
 def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:

@@ -159,7 +159,7 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", ())
         for p in value.split(",")
-        if p.strip()
+        if p.strip() and p.strip() != ex.token_subprotocol  # a token is not a subprotocol
     ]
 
     async def send(target: Target) -> Upgraded | UpstreamRefused:

@@ -200,7 +200,7 @@ NEVER = [
     ("gateway.websocket", "app, pipeline", {"gateway.app", "gateway.pipeline"}),
     ("gateway.edge", "a phase", PHASES | {"gateway.upstream", "gateway.websocket"}),
     ("gateway.snapshot", "a phase", PHASES),
-    ("gateway.auth", "any room but config and the leaves certs, logs, errors", None),
+    ("gateway.auth", "any room but config, context (the phase) and the leaves", None),
 ]  # fmt: skip
 
 
@@ -208,7 +208,15 @@ NEVER = [
 # certificate files a config names with the certs leaf; auth reads the config's types.
 LEAVES_FOR = {
     "gateway.config": ("gateway.certs",),
-    "gateway.auth": ("gateway.config", "gateway.certs", "gateway.logs", "gateway.errors"),
+    "gateway.auth": (
+        "gateway.config",
+        "gateway.certs",
+        "gateway.logs",
+        "gateway.errors",
+        "gateway.metrics",
+        "gateway.context",
+        "gateway.snapshot",
+    ),  # context, snapshot: the phase's types (phase.py), as ratelimit/phase.py has them
 }
 
 

@@ -1,0 +1,124 @@
+"""The authentication phase: after the route is found, before the rate limit (whose ``user``
+key is the token's subject). A route with ``auth`` gets its token checked here, once; a
+verified one gives the request its user and the identity headers the upstream gets.
+
+Where a token may be: ``Authorization: Bearer <token>``; on a WebSocket handshake also (as
+``auth.websocket_token`` allows) ``?<name>=<token>`` (taken out of the query sent upstream, and
+never logged: log lines have no query) and a ``bearer.<token>`` subprotocol next to the real
+one (taken out of the offer sent upstream). A token that expires during a session does not
+end it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote
+
+from ..errors import GatewayError
+from .tokens import AuthFailed
+
+if TYPE_CHECKING:
+    from ..config.types import Auth
+    from ..context import Exchange, Shared
+    from ..snapshot import AuthPolicy
+
+BEARER: Final = "bearer "
+SUBPROTOCOL: Final = "bearer."
+
+
+def authenticate(
+    shared: Shared, ex: Exchange, policy: AuthPolicy, query: str, websocket: bool
+) -> str:
+    """Check the request's token for ``policy``; return the query to send upstream (a token
+    carried in it taken out). Raises the 401 or 403 answer."""
+    auth = ex.snapshot.config.auth
+    authenticator = shared.authenticator
+    if auth is None or authenticator is None:  # load_config refuses auth without providers
+        raise GatewayError(500, "internal_error", "authentication is not configured")
+    token, query = _token(ex, auth, query, websocket)
+    count = shared.metrics.auth.labels
+    if token is None:
+        if not policy.required:
+            count(ex.service, "anonymous").inc()
+            return query
+        count(ex.service, "missing_token").inc()
+        raise _unauthorized(auth.realm, "missing_token", "a bearer token is needed", None)
+    try:
+        identity = authenticator.verify(token, policy.providers)
+    except AuthFailed as failed:
+        count(ex.service, failed.code).inc()
+        raise _unauthorized(auth.realm, failed.code, failed.message, "invalid_token") from None
+    if policy.roles is not None and policy.roles.isdisjoint(identity.roles):
+        count(ex.service, "insufficient_scope").inc()
+        raise GatewayError(
+            403,
+            "insufficient_scope",
+            "the token has none of the roles this route needs",
+            headers={"WWW-Authenticate": _challenge(auth.realm, "insufficient_scope")},
+        )
+    count(ex.service, "ok").inc()
+    ex.user = identity.subject
+    ex.identity_headers = tuple(
+        (header, _header_value(identity.claims[claim]))
+        for claim, header in auth.identity_headers.items()
+        if identity.claims.get(claim) is not None
+    )
+    return query
+
+
+def _token(ex: Exchange, auth: Auth, query: str, websocket: bool) -> tuple[str | None, str]:
+    """The request's token, and the query without it."""
+    value = ex.request.headers.get("Authorization")
+    token = None
+    if value is not None and value[:7].lower() == BEARER:
+        token = value[7:].strip() or None
+    if not websocket:
+        return token, query
+    for place in auth.websocket_token:
+        if place == "subprotocol":
+            offered = _subprotocol_token(ex)
+            token = token or offered
+        elif query:
+            found, query = _take_param(query, place.removeprefix("query:"))
+            token = token or found
+    return token, query
+
+
+def _subprotocol_token(ex: Exchange) -> str | None:
+    """A ``bearer.<token>`` subprotocol offered with the real one; the handshake leaves it
+    out of the offer it sends upstream (``ex.token_subprotocol``)."""
+    for value in ex.request.headers.getall("Sec-WebSocket-Protocol", ()):
+        for item in value.split(","):
+            offered = item.strip()
+            if offered.lower().startswith(SUBPROTOCOL):
+                ex.token_subprotocol = offered
+                return offered[len(SUBPROTOCOL) :] or None
+    return None
+
+
+def _take_param(query: str, name: str) -> tuple[str | None, str]:
+    """(the value of ``name`` in ``?a=1&name=x``, the query without it)."""
+    found = None
+    kept = []
+    for part in query.removeprefix("?").split("&"):
+        key, _, value = part.partition("=")
+        if unquote(key) == name:
+            found = found or unquote(value) or None
+        elif part:
+            kept.append(part)
+    return found, ("?" + "&".join(kept)) if kept else ""
+
+
+def _header_value(value: object) -> str:
+    """A claim as a header value: lists joined by commas; never a line break."""
+    text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    return "".join(ch for ch in text if ch >= " " and ch != "\x7f")
+
+
+def _challenge(realm: str, error: str | None) -> str:
+    return f'Bearer realm="{realm}"' + (f', error="{error}"' if error else "")
+
+
+def _unauthorized(realm: str, code: str, message: str, error: str | None) -> GatewayError:
+    # RFC 6750 3.1: a request without any token gets no error code in the challenge.
+    return GatewayError(401, code, message, headers={"WWW-Authenticate": _challenge(realm, error)})

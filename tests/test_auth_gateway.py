@@ -1,0 +1,162 @@
+"""Authentication through the whole gateway: 401 and 403 answers, identity headers the
+upstream gets (and only those), WebSocket tokens in the query or a subprotocol, the rate
+limiter's user key, the log line and the metric."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .helpers import NODA1, routes, sample
+from .jwtkit import ISSUER, SECRET, claims, mint
+
+AUTH = (
+    "auth:\n"
+    "  providers:\n"
+    f"    daarion: {{algorithms: [HS256], secret: '{SECRET}', issuer: '{ISSUER}',"
+    " claims: {type: access}}\n"
+)
+
+
+def token(**changes: object) -> str:
+    return mint(claims(now=time.time(), **changes))
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+def config(port: int, auth: str, extra: str = "") -> str:
+    service = f"{{port: {port}, nodes: [noda1], websocket: true, auth: {auth}{extra}}}"
+    return routes({"city": service}, noda1=NODA1) + AUTH
+
+
+async def answer(client, url: str, headers: dict[str, str] | None = None):
+    async with client.get(url, headers=headers or {}) as r:
+        body = await r.json() if r.content_type == "application/json" else None
+        return r.status, r.headers, body
+
+
+async def test_required_refuses_missing_invalid_expired_and_refresh_tokens(
+    upstream, gateway, client
+):
+    up = await upstream(NODA1)
+    gw = await gateway(config(up.port, "required"))
+    url = f"{gw.url}/api/city/rooms"
+    status, headers, body = await answer(client, url)
+    assert (status, body["error"]) == (401, "missing_token")
+    assert headers["WWW-Authenticate"] == 'Bearer realm="daarion"'
+    assert body["request_id"] == headers["X-Request-ID"]
+    for bad, code in (
+        ("not-a-token", "invalid_token"),
+        (token(exp=int(time.time()) - 3600), "token_expired"),
+        (token(type="refresh"), "invalid_token"),
+        (token(iss="someone-else"), "invalid_token"),
+        (mint(claims(now=time.time()), key="another secret of at least 32 bytes"), "invalid_token"),
+    ):
+        status, headers, body = await answer(client, url, bearer(bad))
+        assert (status, body["error"]) == (401, code), bad
+        assert headers["WWW-Authenticate"] == 'Bearer realm="daarion", error="invalid_token"'
+    assert up.seen == []  # nothing unauthenticated reached the service
+    async with client.get(f"{gw.url}/metrics") as r:
+        text = await r.text()
+    assert sample(text, 'gateway_auth_total{result="missing_token",service="city"}') == 1
+    assert sample(text, 'gateway_auth_total{result="token_expired",service="city"}') == 1
+    assert sample(text, 'gateway_auth_total{result="invalid_token",service="city"}') == 4
+
+
+async def test_a_valid_token_passes_with_its_identity_and_nothing_spoofed(
+    upstream, gateway, client
+):
+    up = await upstream(NODA1)
+    gw = await gateway(config(up.port, "required"))
+    good = token(email="olena@daarion.city", roles=["citizen", "builder"])
+    headers = {**bearer(good), "X-User-Id": "admin", "x_user_roles": "root"}
+    status, _, _ = await answer(client, f"{gw.url}/api/city/rooms?x=1", headers)
+    assert status == 200
+    (seen,) = up.seen
+    assert seen.header("X-User-Id") == "user-1"
+    assert seen.header("X-User-Roles") == "citizen,builder"
+    assert seen.header("X-User-Email") == "olena@daarion.city"
+    assert seen.header("Authorization") == f"Bearer {good}"  # services may read it
+    assert [name for name, _ in seen.headers if name.lower() == "x-user-id"] == ["X-User-Id"]
+    line = next(x for x in gw.log_lines() if x.get("path") == "/api/city/rooms")
+    assert line["user"] == "user-1"
+    assert good not in str(gw.log_lines())
+
+
+async def test_roles_are_checked_and_optional_lets_the_anonymous_through(upstream, gateway, client):
+    up = await upstream(NODA1)
+    gw = await gateway(config(up.port, "{mode: required, roles: [member, admin]}"))
+    status, headers, body = await answer(client, f"{gw.url}/api/city/x", bearer(token()))
+    assert (status, body["error"]) == (403, "insufficient_scope")
+    assert headers["WWW-Authenticate"] == 'Bearer realm="daarion", error="insufficient_scope"'
+    status, _, _ = await answer(client, f"{gw.url}/api/city/x", bearer(token(roles="member")))
+    assert status == 200
+    up2 = await upstream(NODA1)
+    gw2 = await gateway(config(up2.port, "optional"))
+    status, _, _ = await answer(client, f"{gw2.url}/api/city/x", {"X-User-Id": "admin"})
+    assert status == 200
+    assert up2.seen[-1].header("X-User-Id") is None  # anonymous: no identity, and no spoof
+    status, _, body = await answer(client, f"{gw2.url}/api/city/x", bearer("garbage"))
+    assert (status, body["error"]) == (401, "invalid_token")
+
+
+async def test_a_route_can_lift_its_services_auth(upstream, gateway, client):
+    up = await upstream(NODA1)
+    service = (
+        f"{{port: {up.port}, nodes: [noda1], auth: required, routes: ["
+        "{path: /api/city/public/, to: /public/, auth: none},"
+        "{path: /api/city/, to: /city/}]}"
+    )
+    gw = await gateway(routes({"city": service}, noda1=NODA1) + AUTH)
+    assert (await answer(client, f"{gw.url}/api/city/public/a"))[0] == 200
+    assert (await answer(client, f"{gw.url}/api/city/rooms"))[0] == 401
+
+
+async def test_the_limiters_user_key_is_the_tokens_subject(upstream, gateway, client):
+    up = await upstream(NODA1)
+    text = config(up.port, "required", ", rate_limit: per_user") + (
+        "rate_limits: {per_user: {rate: 1r/m, burst: 0, key: [user]}}\n"
+    )
+    gw = await gateway(text)
+    url = f"{gw.url}/api/city/x"
+    alice, bob = bearer(token(sub="alice")), bearer(token(sub="bob"))
+    assert (await answer(client, url, alice))[0] == 200
+    assert (await answer(client, url, alice))[0] == 429
+    assert (await answer(client, url, bob))[0] == 200  # same address, another user
+
+
+async def echo_ws(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(protocols=("chat",))
+    await ws.prepare(request)
+    async for message in ws:
+        await ws.send_str(f"echo {message.data}")
+    return ws
+
+
+async def test_websocket_tokens_in_the_query_or_a_subprotocol_are_taken_out(
+    upstream, gateway, client
+):
+    up = await upstream(NODA1, handler=echo_ws)
+    gw = await gateway(config(up.port, "required"))
+    ws_url = f"ws://127.0.0.1:{gw.port}/ws/city/rooms/1"
+    good = token()
+    async with client.ws_connect(f"{ws_url}?room=1&access_token={good}") as ws:
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "echo hi"
+    assert up.seen[-1].raw_path == "/ws/city/rooms/1?room=1"
+    assert up.seen[-1].header("X-User-Id") == "user-1"
+    async with client.ws_connect(ws_url, protocols=("chat", f"bearer.{good}")) as ws:
+        assert ws.protocol == "chat"
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "echo hi"
+    assert up.seen[-1].header("Sec-WebSocket-Protocol") == "chat"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with client.ws_connect(ws_url):
+            pass
+    assert refused.value.status == 401
+    assert all(good not in line.get("path", "") for line in gw.log_lines())
