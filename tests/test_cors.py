@@ -323,3 +323,19 @@ async def test_a_ws_origins_list_is_exact(upstream, gateway, client):
     assert await handshake(client, gw.url, Origin="https://other.daarion.city") == 101
     assert await handshake(client, gw.url, Origin=APP) == 403  # cors's do not count then
     assert await handshake(client, gw.url) == 403  # nor does no Origin
+
+
+async def test_a_preflight_is_judged_by_the_route_of_the_method_it_announces(
+    upstream, gateway, client
+):
+    """A route for GET only still has its preflights answered (they are OPTIONS)."""
+    up = await upstream()
+    gw = await gateway(city(up.port, ", routes: [{path: /api/city/, to: /city/, methods: [GET]}]"))
+    asked = {"Origin": APP, "Access-Control-Request-Method": "GET"}
+    async with client.options(gw.url + "/api/city/x", headers=asked) as r:
+        assert r.status == 204
+    asked["Access-Control-Request-Method"] = "DELETE"  # no route for it: as any OPTIONS
+    async with client.options(gw.url + "/api/city/x", headers=asked) as r:
+        assert r.status == 405
+        assert cors_headers(r) == {}
+    assert up.seen == []

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from gateway.config import ConfigError, parse_config
 from gateway.config.types import Cors
 from gateway.edge.cors import (
     ALLOW_ORIGIN,
@@ -208,3 +209,12 @@ def test_same_origin_is_the_hosts_name_and_port(
     origin: str, host: str | None, scheme: str, same: bool
 ) -> None:
     assert same_origin(origin, host, scheme) is same
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://a:99999", "https://a:0", "https://-a.b", "https://a..b"]
+)
+def test_the_config_refuses_an_origin_that_could_never_match(origin: str) -> None:
+    text = f"nodes: {{n: {{host: 127.0.0.3}}}}\nservices: {{}}\ncors: {{origins: ['{origin}']}}\n"
+    with pytest.raises(ConfigError, match=r"cors\.origins\[0\]"):
+        parse_config(text, env={})
