@@ -142,7 +142,7 @@ def summary(path: str, config: Config) -> str:
         notes = _route_notes(entry, snapshot.routes[route.service])
         lines.append(f"  {_route_path(entry):<{width}} -> {urls}{notes}")
     lines += _entry_lines(config)
-    lines += [f"warning: {warning}" for warning in never_matched(config)]
+    lines += [f"warning: {warning}" for warning in never_matched(config) + any_origin(config)]
     if config.rate_limits:
         where = "in each process's memory"
         if config.redis is not None and not config.redis.url.startswith("memory://"):
@@ -239,6 +239,24 @@ def never_matched(config: Config) -> list[str]:
                     "/health, /metrics and /gateway/ are the gateway's own"
                 )
     return warnings
+
+
+def any_origin(config: Config) -> list[str]:
+    """Where ``ws_origins: any`` lets every web page open sessions with its visitors'
+    cookies (the default accepts no Origin, the same origin, or one cors allows)."""
+    found = []
+    for name, service in config.services.items():
+        places = [(f"services.{name}", service.ws_origins)]
+        places += [(f"services.{name}.routes[{i}]", r.ws_origins) for i, r in
+                   enumerate(service.routes or ())]  # fmt: skip
+        found += [
+            f"{where}: ws_origins: any accepts WebSocket sessions from every origin (any web "
+            "page, with its visitors' cookies); list the origins, or leave it out for the "
+            "same origin and cors's"
+            for where, origins in places
+            if origins == "any"
+        ]
+    return found
 
 
 def _redact(url: str) -> str:

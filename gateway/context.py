@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .auth import Authenticator
     from .edge.acme import AcmeManager
     from .edge.connections import ConnectionTable
+    from .edge.cors import Added
     from .edge.tls import Certificates
     from .metrics import Metrics
     from .ratelimit.zones import Limiter
@@ -98,3 +99,6 @@ class Exchange:
     rate_limit: str | None = None  # "delayed" or "dry_run" when the limiter had a say
     log_fields: dict[str, object] = field(default_factory=dict)  # more for the log line
     session: Session | None = None  # a WebSocket session, which logs at its end
+    # What the answer gets besides its own headers (edge/cors.py), once routed; before (and
+    # then None), the snapshot's Exposure.added.
+    added: Added | None = None

@@ -6,7 +6,8 @@
     → the gateway's own endpoint? (endpoints.py; /metrics and /gateway/* for admin clients
       only, and on the admin listener only when there is one)
     → on the plain listener with TLS on: 308 to https:// (endpoints.to_https)
-    → the route (routetable.RouteTable, compiled per snapshot: the longest matching path)
+    → the route (routetable.RouteTable, compiled per snapshot: the longest matching path);
+      a CORS preflight is answered here, for the route its request would take (edge/cors.py)
     → authentication, when the route has auth (auth/phase.py)
     → rate limit (ratelimit/phase.py)
     → a WebSocket handshake (websocket/handshake.py) or an HTTP exchange (upstream/forward.py),
@@ -26,8 +27,15 @@ from aiohttp import web
 from . import endpoints, logs, routetable, routing
 from .auth.phase import authenticate
 from .context import ADMIN, HTTP, Exchange, Listener
-from .edge import strict
-from .errors import ClientFault, ClientGone, GatewayError, UpstreamAborted, error_response
+from .edge import cors, strict
+from .errors import (
+    ClientFault,
+    ClientGone,
+    GatewayError,
+    UpstreamAborted,
+    error_response,
+    own_headers,
+)
 from .logs import REQUEST_ID, request_id_from
 from .metrics import GATEWAY, UNMATCHED
 from .ratelimit.phase import limit
@@ -36,6 +44,7 @@ from .websocket.handshake import is_upgrade, open_session
 
 if TYPE_CHECKING:
     from .context import Shared
+    from .snapshot import Route
 
 CLIENT_CLOSED: Final = 499  # nginx's code for "client closed the request"
 _MAX_LOGGED_PATH: Final = 512
@@ -119,14 +128,21 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
         raise endpoints.to_https(shared, request, exposure.redirect_port)
     table = ex.snapshot.table
     host = routetable.request_host(request.headers.get("Host")) if table.by_host else ""
+    if request.method == "OPTIONS" and cors.is_preflight(request.headers):
+        preflight = _preflight(ex, table, target.path, host)
+        if preflight is not None:
+            return preflight
     found = table.match(target.path, request.method, host)
     if not isinstance(found, routetable.Found):
         raise _unrouted(found, target.query)
     entry = found.entry
     route = entry.policy
     ex.service, ex.route = route.service, entry.id
+    ex.added = (
+        route.added if route.cors is None else route.cors.added(request.headers.get("Origin"))
+    )
     query = target.query
-    if route.auth is not None:
+    if route.auth is not None:  # its 401 and 403 carry the CORS headers (ex.added)
         query = authenticate(shared, ex, route.auth, query, entry.websocket)
     path_qs = routing.upstream_path(entry.to, found.rest) + query
     if entry.websocket:
@@ -140,11 +156,34 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
 
 def _secured(ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
     """HSTS on an answer over HTTPS (RFC 6797: never over plain HTTP), the gateway's own
-    ones included. A relayed answer, sent already, had it from its extra headers."""
-    hsts = ex.snapshot.exposure.hsts
-    if hsts is not None and ex.listener.tls and not response.prepared:
-        response.headers[STS] = hsts
+    ones included, and CORS's and the security headers (``Exchange.added``). A relayed
+    answer, sent already, had them from the relay."""
+    if response.prepared:
+        return response
+    exposure = ex.snapshot.exposure
+    if exposure.hsts is not None and ex.listener.tls:
+        response.headers[STS] = exposure.hsts
+    added = ex.added if ex.added is not None else exposure.added
+    if added is not None:
+        added.apply(response.headers)
     return response
+
+
+def _preflight(
+    ex: Exchange, table: routetable.RouteTable[Route], path: str, host: str
+) -> web.StreamResponse | None:
+    """A CORS preflight, for the route the request it announces would take: answered (204)
+    or refused (403) here, before auth and rate limits, never forwarded. None when that
+    route has no CORS: the OPTIONS is then a request like any other."""
+    headers = ex.request.headers
+    found = table.match(path, cors.requested_method(headers), host)
+    if not isinstance(found, routetable.Found) or (policy := found.entry.policy.cors) is None:
+        return None
+    ex.service, ex.route = found.entry.policy.service, found.entry.id
+    answer = policy.preflight(headers["Origin"], headers)
+    if isinstance(answer, cors.Refused):
+        raise GatewayError(403, "cors_refused", answer.message)
+    return web.Response(status=204, headers={**own_headers(ex.request_id), **answer})
 
 
 def _unrouted(

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from .config import DEFAULT_LIMITS, DEFAULT_TIMEOUTS, NONE, Config, Service, service_settings
 from .config.types import (
+    Cors,
     RequestLimits,
     RouteRule,
     ServiceAuth,
@@ -24,6 +25,7 @@ from .config.types import (
     service_limits,
     size,
 )
+from .edge.cors import Added, CorsPolicy, compile_cors, cors_of, security
 from .edge.trusted import IDENTITY, Networks, TrustedProxies
 from .ratelimit.zones import Zone, compile_zone
 from .routetable import API, WS, Entry, RouteTable
@@ -78,7 +80,11 @@ class EjectionPolicy:
 
 @dataclass(frozen=True, slots=True)
 class WsPolicy:
-    origins: frozenset[str] | None  # None: any origin
+    """A WebSocket route's sessions. Origins: ``any_origin``; else those ``origins`` lists;
+    else (None) the default: no Origin, the request's own, or one the route's CORS allows."""
+
+    origins: frozenset[str] | None
+    any_origin: bool
     max_message: int
     ping_interval: float
     idle_timeout: float | None
@@ -114,6 +120,7 @@ class Exposure:
     acme: bool  # /.well-known/acme-challenge/ is answered by the gateway
     admin: Networks  # client addresses that may reach /metrics and /gateway/*
     admin_apart: bool  # those are served on the admin listener only
+    added: Added | None  # the security headers of every answer; None: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +151,8 @@ class Route:
     underscores_in_headers: bool  # forward header names with "_" (else dropped)
     cookie_path: bool  # rewrite Set-Cookie Path= from the route's to to its path
     auth: AuthPolicy | None  # None: no check
+    cors: CorsPolicy | None  # None: the gateway adds no CORS (the upstream's pass through)
+    added: Added | None  # without cors: what every answer gets (the security headers)
     targets: tuple[Target, ...] = field(init=False)  # every tier's, in order
 
     def __post_init__(self) -> None:
@@ -164,13 +173,15 @@ class Snapshot:
 def compile_snapshot(config: Config) -> Snapshot:
     zones = {name: compile_zone(name, spec) for name, spec in config.rate_limits.items()}
     tls = {name: node_tls(name, node) for name, node in config.nodes.items()}
+    edge = _Edge(config)
     routes = {
-        name: _route(config, name, service, zones, tls) for name, service in config.services.items()
+        name: _route(config, name, service, zones, tls, edge=edge)
+        for name, service in config.services.items()
     }
     entries = [
         entry
         for name, service in config.services.items()
-        for entry in _entries(config, name, service, routes[name], zones)
+        for entry in _entries(config, name, service, routes[name], zones, edge=edge)
     ]
     limits = connection_limits(config)
     return Snapshot(
@@ -185,7 +196,7 @@ def compile_snapshot(config: Config) -> Snapshot:
             per_client=_set(limits.max_connections_per_client),
             max_clients=_set(limits.max_client_connections),
         ),
-        exposure=_exposure(config),
+        exposure=_exposure(config, edge.added),
         identity_strip=IDENTITY
         | frozenset(
             name.lower().replace("_", "-")
@@ -194,7 +205,35 @@ def compile_snapshot(config: Config) -> Snapshot:
     )
 
 
-def _exposure(config: Config) -> Exposure:
+class _Edge:
+    """The headers every answer gets, and each distinct ``cors`` compiled once."""
+
+    def __init__(self, config: Config) -> None:
+        headers = config.security_headers
+        defaults = security(
+            ()
+            if headers is None
+            else (
+                ("X-Content-Type-Options", headers.content_type_options),
+                ("X-Frame-Options", headers.frame_options),
+                ("Referrer-Policy", headers.referrer_policy),
+            )
+        )
+        self.defaults = defaults
+        self.added = Added(None, defaults) if defaults else None
+        self.top = config.cors
+        self._compiled: dict[Cors, CorsPolicy] = {}
+
+    def cors(self, *layers: Cors | str | None) -> CorsPolicy | None:
+        cors = cors_of(*layers, self.top)
+        if cors is None:
+            return None
+        if cors not in self._compiled:
+            self._compiled[cors] = compile_cors(cors, self.defaults)
+        return self._compiled[cors]
+
+
+def _exposure(config: Config, added: Added | None) -> Exposure:
     tls = config.tls if config.tls is not None and config.tls.enabled else None
     hsts = None
     if tls is not None and tls.hsts is not None:
@@ -208,6 +247,7 @@ def _exposure(config: Config) -> Exposure:
         acme=tls is not None and tls.acme is not None and tls.acme.enabled,
         admin=Networks(config.admin.allow),
         admin_apart=config.admin.listen is not None,
+        added=added,
     )
 
 
@@ -217,6 +257,8 @@ def _route(
     service: Service,
     zones: dict[str, Zone],
     tls: dict[str, UpstreamTls | None],
+    *,
+    edge: _Edge,
 ) -> Route:
     timeouts, health, ejection, retries = service_settings(config, service)
     request = service_limits(config, service)
@@ -259,11 +301,19 @@ def _route(
         underscores_in_headers=_set(request.underscores_in_headers),
         cookie_path=False,
         auth=_auth(service.auth),
+        cors=edge.cors(service.cors),
+        added=edge.added,
     )
 
 
 def _entries(
-    config: Config, name: str, service: Service, base: Route, zones: dict[str, Zone]
+    config: Config,
+    name: str,
+    service: Service,
+    base: Route,
+    zones: dict[str, Zone],
+    *,
+    edge: _Edge,
 ) -> list[Entry[Route]]:
     """The service's public paths: its ``routes``, or the two rules of a service without
     them (``/api/<name>`` to ``http_prefix``; ``/ws/<name>`` to ``ws_prefix``)."""
@@ -283,14 +333,20 @@ def _entries(
             None if rule.methods is None else frozenset(rule.methods),
             None if rule.hosts is None else frozenset(rule.hosts),
             rule.websocket,
-            _rule_route(config, service, rule, base, zones),
+            _rule_route(config, service, rule, base, zones, edge=edge),
         )
         for i, rule in enumerate(service.routes)
     ]
 
 
 def _rule_route(
-    config: Config, service: Service, rule: RouteRule, base: Route, zones: dict[str, Zone]
+    config: Config,
+    service: Service,
+    rule: RouteRule,
+    base: Route,
+    zones: dict[str, Zone],
+    *,
+    edge: _Edge,
 ) -> Route:
     """The service's policies with the rule's own over them."""
     timeouts = layered(rule.timeouts, service.timeouts, config.timeouts, DEFAULT_TIMEOUTS)
@@ -307,6 +363,7 @@ def _rule_route(
         underscores_in_headers=_set(request.underscores_in_headers),
         cookie_path=rule.cookie_path,
         auth=base.auth if rule.auth is None else _auth(rule.auth),
+        cors=edge.cors(rule.cors, service.cors),
     )
 
 
@@ -318,6 +375,7 @@ def _ws(service: Service, rule: RouteRule | None = None) -> WsPolicy:
     origins = pick("ws_origins")
     return WsPolicy(
         origins=None if origins in (None, "any") else frozenset(o.lower() for o in origins),
+        any_origin=origins == "any",
         max_message=pick("ws_max_message"),
         ping_interval=pick("ws_ping_interval"),
         idle_timeout=pick("ws_idle_timeout"),

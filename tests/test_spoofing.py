@@ -97,7 +97,8 @@ async def test_configured_identity_headers_are_removed_in_any_spelling(upstream,
         noda1=NODA1,
     )
     config += (
-        "auth:\n  providers: {daarion: {algorithms: [HS256], secret: a-test-secret-of-at-least-32-bytes}}\n"
+        "auth:\n  providers:\n"
+        "    daarion: {algorithms: [HS256], secret: a-test-secret-of-at-least-32-bytes}\n"
         "  identity_headers: {sub: X-Daarion-Subject, org: X-Daarion-Org}\n"
     )
     gw = await gateway(config)

@@ -393,12 +393,22 @@ class ServiceAuth:
     )
 
 
+def _is_cors_origin(text: str) -> bool:
+    """Labels that are host name labels, a port that is a port (beyond the pattern)."""
+    if text in ("null", "*"):
+        return True
+    host, _, port = text.partition("://")[2].removeprefix("*.").partition(":")
+    labels = host.split(".")
+    return all(x and x[0] != "-" and x[-1] != "-" for x in labels) and (
+        not port or 0 < int(port) < 65536
+    )
+
+
+CORS_ORIGIN_HINT: Final = "an origin like https://app.daarion.city or https://*.daarion.city"
 CorsOrigin = Annotated[
     str,
-    Pattern(
-        r"https?://(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?|null|\*",
-        "an origin like https://app.daarion.city or https://*.daarion.city",
-    ),
+    Pattern(r"https?://(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?|null|\*", CORS_ORIGIN_HINT),
+    Check(_is_cors_origin, CORS_ORIGIN_HINT),
 ]
 
 

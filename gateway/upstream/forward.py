@@ -79,7 +79,7 @@ async def forward(
         try:
             return await relay(
                 request, upstream, ex.request_id, extra_headers=extra_headers,
-                streamed=streamed, redirects=redirects,
+                streamed=streamed, redirects=redirects, added=ex.added,
             )  # fmt: skip
         except UpstreamAborted as aborted:
             if not aborted.by_client:

@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..aiohttp_private import OneWrite, without_resend
+from ..edge.cors import Added
 from ..errors import (
     SERVER,
     ClientFault,
@@ -169,12 +170,17 @@ def response_headers(
     request_id: str,
     extra: Mapping[str, str] | None,
     redirects: Redirects | None = None,
+    added: Added | None = None,
 ) -> CIMultiDict[str]:
+    """The client's answer's headers: the upstream's end-to-end ones, redirects made public,
+    ``extra`` set over them, ``added`` (CORS, the security headers) applied."""
     headers = end_to_end(upstream.headers, HOP_BY_HOP)
     if redirects is not None and any(name in headers for name in _MAY_POINT_HOME):
         redirects.apply(headers)
     if extra:
         headers.update(extra)
+    if added is not None:
+        added.apply(headers)
     headers["X-Request-ID"] = request_id
     if "Server" not in headers:
         headers["Server"] = SERVER
@@ -189,11 +195,12 @@ async def relay(
     extra_headers: Mapping[str, str] | None,
     streamed: ClientBody | None,
     redirects: Redirects | None = None,
+    added: Added | None = None,
 ) -> web.StreamResponse:
     """Stream the upstream's response to the client (and release the upstream connection).
     An upstream that answered before the whole body was sent may still lose it to its client
     (``streamed``): ``UpstreamAborted.by_client`` then says so."""
-    headers = response_headers(upstream, request_id, extra_headers, redirects)
+    headers = response_headers(upstream, request_id, extra_headers, redirects, added)
     # A body of known length follows its headers at once: send both in one write. A body of
     # unknown length (a stream, server-sent events) may take long: its headers go out first.
     kind = OneWrite if upstream.content_length is not None else web.StreamResponse

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from aiohttp import web
 
+from ..edge.cors import same_origin
 from ..errors import ClientGone, GatewayError, tls_reason, upstream_failure
 from ..upstream.failover import RETRY_STATUS, Failed, attempt, first_target
 from ..upstream.headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
@@ -34,7 +35,7 @@ from .upstream import (
 
 if TYPE_CHECKING:
     from ..context import Exchange, Shared
-    from ..snapshot import Route, Target
+    from ..snapshot import Route, Target, WsPolicy
 
 log = logging.getLogger("gateway.websocket")
 
@@ -94,8 +95,7 @@ async def open_session(
         # Checked before any upstream. A body would be read by the upstream as its first
         # frames, or waited for: the two sides would disagree on where frames begin.
         raise GatewayError(400, "bad_handshake", "the WebSocket handshake is not valid")
-    origin = request.headers.get("Origin", "").lower()
-    if policy.origins is not None and origin not in policy.origins:
+    if not _origin_allowed(ex, route, policy):
         raise GatewayError(403, "origin_not_allowed", "this origin may not open sessions here")
     _refuse_while_draining(shared)
     upstream = await _connect(shared, ex, route, path_qs)
@@ -120,6 +120,22 @@ async def open_session(
     session.start(tail)
     ex.session = session
     return Detached()
+
+
+def _origin_allowed(ex: Exchange, route: Route, policy: WsPolicy) -> bool:
+    """``ws_origins: any``; the listed origins; or by default: no Origin (not a browser), the
+    request's own (its Host), or one the route's CORS allows."""
+    if policy.any_origin:
+        return True
+    headers = ex.request.headers
+    origin = headers.get("Origin")
+    if policy.origins is not None:
+        return origin is not None and origin.lower() in policy.origins
+    return (
+        origin is None
+        or same_origin(origin, headers.get("Host"), ex.proto)
+        or (route.cors is not None and route.cors.allows(origin))
+    )
 
 
 def _has_body(request: web.BaseRequest) -> bool:
