@@ -211,6 +211,9 @@ def _route_notes(entry: Entry[Route], service: Route) -> str:
         notes.append("websocket")
     if route.zone is not None:
         notes.append(f"limit: {route.zone.name}")
+    if route.auth is not None:
+        roles = f" ({', '.join(sorted(route.auth.roles))})" if route.auth.roles else ""
+        notes.append(f"auth: {'required' if route.auth.required else 'optional'}{roles}")
     for key in ("connect_timeout", "response_timeout", "retries", "body", "cookie_path"):
         if getattr(route, key) != getattr(service, key):
             notes.append(f"{key}: {_shown(getattr(route, key))}")

@@ -25,6 +25,7 @@ from gateway.logs import setup_logging
 
 from .helpers import (
     NODA1,
+    SHIPPED_ENV,
     Handler,
     NodeProcess,
     RawHandler,
@@ -38,6 +39,11 @@ from .helpers import (
 
 async def _echo(request: web.Request) -> web.StreamResponse:
     return web.json_response({"path": request.raw_path, "method": request.method})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, value in SHIPPED_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def pytest_asyncio_loop_factories(

@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "routes.yaml"
 PACKAGE = ROOT / "gateway"
 
+# The shipped routes.yaml needs auth-service's JWT_SECRET (conftest sets this one for the run,
+# so the processes the tests start inherit it).
+SHIPPED_ENV = {"JWT_SECRET": "a-test-secret-of-at-least-32-bytes-long"}
+
 NODA1 = "127.0.0.3"
 NODA2 = "127.0.0.2"
 

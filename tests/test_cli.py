@@ -45,16 +45,17 @@ def test_check_summarises_the_shipped_table():
     table = {line.split("->")[0].strip(): line.split("->")[1].strip() for line in lines[1:-2]}
     assert table["/api/search"] == (
         "http://10.0.0.2:8897/search (noda2), http://127.0.0.1:8897/search (noda1)"
-        "  [limit: api_limit]"
+        "  [limit: api_limit]  [auth: required]"
     )
-    assert (
-        table["/api/city/"]
-        == "http://127.0.0.1:7001/city/ (noda1)  [route city#2]  [limit: api_limit]"
+    assert table["/api/city/"] == (
+        "http://127.0.0.1:7001/city/ (noda1)  [route city#2]  [limit: api_limit]  [auth: optional]"
     )
+    assert "[auth: required (admin)]" in table["/api/city/admin/"]
     assert table["/ws/events (exact)"] == (
         "ws://127.0.0.1:7001/ws/events (noda1)  [route city#8]  [websocket]  [limit: api_limit]"
+        "  [auth: optional]"
     )
-    assert table["/api/auth/login"].endswith("[route auth#0]  [limit: login]")
+    assert table["/api/auth/login"].endswith("[route auth#0]  [limit: login]")  # no auth
     assert lines[-3].split("->")[0].strip() == "/"  # the web app: matched last
     assert lines[-2] == "/metrics and /gateway/* answer 127.0.0.0/8, ::1/128, 127.0.0.0/8"
     assert lines[-1] == (
@@ -350,3 +351,14 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(serve, upstr
     for pid in (second["pid"], replacement["pid"]):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_check_explains_a_missing_jwt_secret():
+    env = {k: v for k, v in os.environ.items() if k != "JWT_SECRET"}
+    result = subprocess.run(
+        [*GATEWAY, "check", "--config", str(SHIPPED)],
+        capture_output=True, text=True, env=env, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "auth.providers.daarion.secret" in result.stderr
+    assert "JWT_SECRET is not set: it is the secret the tokens are signed with" in result.stderr

@@ -11,7 +11,7 @@ from gateway.config import ConfigError, config_json_schema, load_config, parse_c
 from gateway.config.types import NodeRef
 from gateway.snapshot import compile_snapshot
 
-from .helpers import BROKEN, SHIPPED
+from .helpers import BROKEN, SHIPPED, SHIPPED_ENV
 
 STANDARD_PORTS = {
     "city": 7001, "agents": 7002, "secondme": 7003, "microdao": 7004, "devtools": 8008,
@@ -21,7 +21,7 @@ STANDARD_PORTS = {
 
 
 def test_shipped_routes_follow_the_standards_port_table():
-    config = load_config(SHIPPED, env={})
+    config = load_config(SHIPPED, env=SHIPPED_ENV)
     # auth-service is not in the standards' table: it is the one addition (its code's port).
     assert {name: s.port for name, s in config.services.items()} == {
         **STANDARD_PORTS,
@@ -41,7 +41,13 @@ def test_shipped_routes_follow_the_standards_port_table():
 
 def test_node_hosts_and_ports_come_from_the_environment():
     config = load_config(
-        SHIPPED, env={"NODA1_HOST": "10.0.0.1", "NODA2_HOST": "node2.local", "GATEWAY_PORT": "80"}
+        SHIPPED,
+        env={
+            "NODA1_HOST": "10.0.0.1",
+            "NODA2_HOST": "node2.local",
+            "GATEWAY_PORT": "80",
+            **SHIPPED_ENV,
+        },
     )
     routes = compile_snapshot(config).routes
     assert [t.origin for t in routes["search"].targets] == [

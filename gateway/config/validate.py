@@ -171,7 +171,7 @@ class Converter:
     def _env_scalar(self, value: str, path: Path, line: int | None) -> Any:
         text, missing = substitute_env(value, self.env)
         if missing:
-            return self.problem(path, _missing_env(missing), line)
+            return self.problem(path, _missing_env(missing, path), line)
         try:
             return yaml.safe_load(text) if text.strip() else text
         except yaml.YAMLError:
@@ -183,7 +183,7 @@ class Converter:
                 return self.problem(path, f"must be a string, not {_kind(value)}", line)
             text, missing = substitute_env(value, self.env)
             if missing:
-                return self.problem(path, _missing_env(missing), line)
+                return self.problem(path, _missing_env(missing, path), line)
             return text
         if hint is bool:
             if isinstance(value, bool):
@@ -294,8 +294,15 @@ def _check(constraint: Any, value: Any) -> str | None:
     return None
 
 
-def _missing_env(names: list[str]) -> str:
+def _missing_env(names: list[str], path: Path = ()) -> str:
     listed = ", ".join(names)
+    if path and path[-1] == "secret":
+        # A secret has no sensible default: say what it is instead.
+        return (
+            f"environment variable {listed} is not set: it is the secret the tokens are signed "
+            "with (auth-service's JWT_SECRET, at least 32 bytes); set it in the environment "
+            "or .env"
+        )
     return (
         f"environment variable {listed} is not set (write ${{{names[0]}:-default}} to default it)"
     )
