@@ -160,3 +160,25 @@ async def test_websocket_tokens_in_the_query_or_a_subprotocol_are_taken_out(
             pass
     assert refused.value.status == 401
     assert all(good not in line.get("path", "") for line in gw.log_lines())
+
+
+async def test_a_browser_can_read_a_401_and_its_preflight_needs_no_token(upstream, gateway, client):
+    up = await upstream(NODA1)
+    text = config(up.port, "required") + (
+        "cors: {origins: ['https://app.daarion.space'], credentials: true}\n"
+    )
+    gw = await gateway(text)
+    origin = {"Origin": "https://app.daarion.space"}
+    status, headers, body = await answer(client, f"{gw.url}/api/city/x", origin)
+    assert (status, body["error"]) == (401, "missing_token")
+    assert headers["Access-Control-Allow-Origin"] == "https://app.daarion.space"
+    assert headers["Access-Control-Allow-Credentials"] == "true"
+    preflight = {
+        **origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "Authorization",
+    }
+    async with client.options(f"{gw.url}/api/city/x", headers=preflight) as r:
+        assert r.status == 204
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.daarion.space"
+    assert up.seen == []
