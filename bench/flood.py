@@ -24,6 +24,7 @@ targets: ratio >= 0.8 and flood p99 < 50 ms. The gateway runs the harness's own 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -368,8 +369,14 @@ def progress_line(run: Run) -> str:
     return line
 
 
-def _worst(pair: list[Run]) -> float:
-    return max(r.other_cpu for r in pair)
+def measure_pair(stack: Stack, opts: Options, rep: int) -> list[Run]:
+    """A quiet run and, right after it, a flood run."""
+    pair = []
+    for mode in (QUIET, FLOOD):
+        run = measure(stack, opts, rep, QUIET) if mode == QUIET else flood_run(stack, opts, rep)
+        pair.append(run)
+        print(progress_line(run), flush=True)
+    return pair
 
 
 def run_all(stack: Stack, opts: Options, discarded: list[Run], env: dict[str, Any]) -> list[Run]:
@@ -381,30 +388,10 @@ def run_all(stack: Stack, opts: Options, discarded: list[Run], env: dict[str, An
     env["gateway_rss_before_flood_kib"] = process.rss_kib(stack.gateway.proc.pid)
     runs: list[Run] = []
     for rep in range(1, opts.reps + 1):
-        best: list[Run] = []
-        for attempt in range(opts.rerun_disturbed + 1):
-            if attempt:
-                print(
-                    f"  rep {rep} was disturbed (other CPU {_worst(best):.2f} cores): waiting "
-                    f"for an idle machine, then attempt {attempt + 1}",
-                    flush=True,
-                )
-                process.wait_idle(IDLE_WAIT)
-            pair = []
-            for mode in (QUIET, FLOOD):
-                run = (
-                    measure(stack, opts, rep, QUIET)
-                    if mode == QUIET
-                    else flood_run(stack, opts, rep)
-                )
-                pair.append(run)
-                print(progress_line(run), flush=True)
-            if not best or _worst(pair) < _worst(best):
-                best, pair = pair, best
-            discarded.extend(pair)
-            if _worst(best) <= BUSY_CORES:
-                break
-        runs.extend(best)
+        pair = functools.partial(measure_pair, stack, opts, rep)
+        runs += process.least_disturbed(
+            pair, f"rep {rep}", opts.rerun_disturbed, discarded, IDLE_WAIT
+        )
     return runs
 
 

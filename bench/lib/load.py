@@ -12,7 +12,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -163,9 +163,12 @@ def wrk_command(
     *,
     script: Path | None = None,
     pin: list[str] | None = None,
+    headers: Sequence[str] = (),
 ) -> list[str]:
-    """``wrk -t1 -cN -dDs --latency`` (one thread: one load CPU), with a Lua script if given."""
+    """``wrk -t1 -cN -dDs --latency`` (one thread: one load CPU), with a Lua script and
+    request headers (``-H "Connection: close"``: a new connection per request) if given."""
     command = [*(pin or []), wrk, "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    command += [arg for header in headers for arg in ("-H", header)]
     return command + (["-s", str(script)] if script is not None else []) + [url]
 
 

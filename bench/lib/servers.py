@@ -41,6 +41,36 @@ http {{
 """
 
 
+# The benches' backend: one worker answering ``{"ok":true}`` to any path (bench/run.py's).
+NGINX_BACKEND: Final = """\
+    server {
+        listen 127.0.0.1:%(port)d backlog=1024;
+        default_type application/json;
+        location / { return 200 '{"ok":true}'; }
+    }"""
+
+# nginx as the reverse proxy the gateway is compared with (bench/run.py's): upstream keepalive,
+# HTTP/1.1 upstream, X-Forwarded-For; ``/api/bench/X`` goes to ``/X`` on the backend.
+NGINX_UPSTREAM: Final = """\
+    upstream backend {
+        server 127.0.0.1:%(backend)d;
+        keepalive 256;
+    }"""
+NGINX_PROXY_LOCATION: Final = """\
+        location /api/bench/ {
+            proxy_pass http://backend/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }"""
+NGINX_PROXY: Final = f"""\
+{NGINX_UPSTREAM}
+    server {{
+        listen 127.0.0.1:%(port)d backlog=1024;
+{NGINX_PROXY_LOCATION}
+    }}"""
+
+
 def nginx_command(nginx: str, home: Path, body: str) -> list[str]:
     """Write ``home``/nginx.conf (one worker, in the foreground, everything under ``home``)
     with ``body`` (server blocks) in its http block; the command that runs it."""
@@ -110,18 +140,33 @@ def warning_messages(log: Path) -> dict[str, int]:
 # -- asking over HTTP ----------------------------------------------------------------------
 
 
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
-    """``GET path`` on 127.0.0.1:``port``: (status, body); (None, b"") without an answer."""
-    request = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nConnection: close\r\n\r\n"
+def get_over(sock: socket.socket, path: str, host: str = LOOPBACK) -> bytes:
+    """``GET path`` with ``Connection: close`` on a connected socket (plain or TLS): the whole
+    answer, up to the server's close (what came before an error, if one comes)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     chunks = []
-    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout) as sock:
-        sock.settimeout(timeout)
+    with contextlib.suppress(OSError):
         sock.sendall(request.encode())
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return b"".join(chunks)
+
+
+def split_answer(answer: bytes) -> tuple[int | None, bytes, bytes]:
+    """An HTTP/1 answer as (status, head, body); (None, b"", b"") if it is not one."""
+    head, _, body = answer.partition(b"\r\n\r\n")
     match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-    return (int(match.group(1)), body) if match else (None, b"")
+    return (int(match.group(1)), head, body) if match else (None, b"", b"")
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
+    """``GET path`` on 127.0.0.1:``port``: (status, body); (None, b"") without an answer."""
+    answer = b""
+    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout) as sock:
+        sock.settimeout(timeout)
+        answer = get_over(sock, path)
+    status, _, body = split_answer(answer)
+    return status, body
 
 
 def http_status(port: int, path: str) -> int | None:
@@ -246,13 +291,16 @@ class Stack:
         process.wait_ready(server, check)
         process.pin_tree(server.proc.pid, self.layout.servers)
 
-    def nginx_server(self, name: str, body: str, **values: object) -> Server:
+    def nginx_server(
+        self, name: str, body: str, env: dict[str, str] | None = None, **values: object
+    ) -> Server:
         """nginx with ``body`` % {"port": a free port, **values}, its files in ``workdir``/NAME
-        (not ready yet)."""
+        (not ready yet); ``env``: its environment (nginx reads OPENSSL_CONF at start-up)."""
         assert self.tools.nginx is not None  # noqa: S101 - only called when nginx exists
         port = process.free_port()
         text = body % {"port": port, **values}
-        return self.start(name, nginx_command(self.tools.nginx, self.workdir / name, text), port)
+        command = nginx_command(self.tools.nginx, self.workdir / name, text)
+        return self.start(name, command, port, env)
 
     def gateway_server(
         self,

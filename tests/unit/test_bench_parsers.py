@@ -217,6 +217,10 @@ def test_wrk_command() -> None:
     assert load.wrk_command("wrk", url, 4, 2, script=Path("/w/count.lua"), pin=pin) == [
         *pin, "wrk", "-t1", "-c4", "-d2s", "--latency", "-s", "/w/count.lua", url,
     ]  # fmt: skip
+    https = "https://127.0.0.1:8443/api/search/"
+    assert load.wrk_command("wrk", https, 50, 8, headers=["Connection: close"]) == [
+        "wrk", "-t1", "-c50", "-d8s", "--latency", "-H", "Connection: close", https,
+    ]  # fmt: skip
 
 
 # -- pyloadgen -----------------------------------------------------------------------------
