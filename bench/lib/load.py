@@ -66,6 +66,30 @@ class Load:
         return self.percentile(99)
 
 
+@dataclass
+class Figures:
+    """What the harnesses' runs record of a Load: the first fields of a harness's Run (a
+    subclass), or ``Run(**vars(figures(done)), ...)``."""
+
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int  # all kinds together
+
+
+def figures(done: Load) -> Figures:
+    return Figures(
+        rps=done.rps,
+        requests=done.requests,
+        p50_ms=done.p50_ms,
+        p99_ms=done.p99_ms,
+        non2xx=done.non2xx,
+        socket_errors=sum(done.socket_errors.values()),
+    )
+
+
 # -- wrk -----------------------------------------------------------------------------------
 
 _SOCKET_ERRORS: Final = ("connect", "read", "write", "timeout")

@@ -10,11 +10,12 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from . import process
 from .process import LOOPBACK, Layout, Server
@@ -257,6 +258,29 @@ def workspace(prefix: str, keep: bool = False, kept: str = "") -> Iterator[Works
             print(f"{kept}work directory kept: {space.path}")
         else:
             shutil.rmtree(space.path, ignore_errors=True)
+
+
+T = TypeVar("T")
+
+
+def run_stack(stack: Stack, space: Workspace, work: Callable[[], T]) -> T | int:
+    """``work()`` (start the stack's servers, measure), then every process of ``stack`` stopped
+    whatever happens; on Ctrl-C or a RuntimeError (a server that did not start, a load
+    generator that failed) the exit status (130, 1) after saying why, the work directory kept
+    on an error."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every process", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"\nbench failed: {exc}", file=sys.stderr)
+        space.keep = True
+        return 1
+    finally:
+        stack.close()
+        if left := stack.leftovers():
+            print(f"WARNING: processes left running: {left}", file=sys.stderr)
 
 
 class Stack:
