@@ -146,6 +146,21 @@ def machine_cpu() -> tuple[float, float, float]:
     return busy / TICKS_PER_SECOND, steal / TICKS_PER_SECOND, total / TICKS_PER_SECOND
 
 
+def idle_cpu(cpus: frozenset[int] | None) -> float:
+    """Seconds the CPUs ``cpus`` (None: all) have been idle (idle + iowait), from /proc/stat:
+    over a run, what the servers' CPU had to spare, interrupts and other work included."""
+    seconds = 0
+    with Path("/proc/stat").open() as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                if cpus is None or int(name[3:]) in cpus:
+                    seconds += int(fields[3]) + int(fields[4])
+            elif not name.startswith("cpu"):
+                break
+    return seconds / TICKS_PER_SECOND
+
+
 def busy_machine() -> float:
     """Cores used by all processes over one second (before a harness starts anything, the
     other work on the machine)."""
