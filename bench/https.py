@@ -1,4 +1,4 @@
-"""HTTPS benchmark of the gateway against nginx: `.venv/bin/python bench/https.py` (~1.5 min).
+"""HTTPS benchmark of the gateway against nginx: `.venv/bin/python bench/https.py` (~2 min).
 
 Both proxies terminate TLS with the same certificate (an ephemeral ECDSA P-256 chain made with
 trustme) in front of bench/run.py's backend, on 127.0.0.1, with run.py's "pin" layout (backend
