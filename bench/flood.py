@@ -24,21 +24,20 @@ targets: ratio >= 0.8 and flood p99 < 50 ms. The gateway runs the harness's own 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from lib import load, process, report, servers, tools
+from lib import load, options, process, report, servers, tools
 from lib.load import WsClient
-from lib.process import BUSY_CORES, LOOPBACK, Layout, Server
+from lib.process import LOOPBACK, Layout, Server
 from lib.report import fmt, median, verdict
 from lib.tools import Tools
 
@@ -84,62 +83,41 @@ services:
 # -- options -------------------------------------------------------------------------------
 
 
+DEFAULTS: Final = options.Defaults(
+    reps=3,
+    reps_help="quiet/flood pairs (3)",
+    quick_duration=3,
+    quick_reps=1,
+    rerun_group="a quiet/flood pair",
+    idle_wait=IDLE_WAIT,
+)
+
+
 @dataclass(frozen=True)
-class Options:
-    duration: int
-    reps: int
-    conns: int
+class Options(options.WrkOptions):
     idle: int
     slow: int
     interval: float
-    log_level: str
-    json_path: Path | None
-    install: bool
-    rerun_disturbed: int
-    keep: bool
 
 
 def parse_options(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="bench/flood.py", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run (8)")
-    parser.add_argument("--reps", type=int, default=3, help="quiet/flood pairs (3)")
-    parser.add_argument("--conns", type=int, default=50, help="wrk connections (50)")
+    options.add_wrk_options(parser, DEFAULTS)
     parser.add_argument("--idle", type=int, default=5000, help="idle attacker connections")
     parser.add_argument("--slow", type=int, default=500, help="slow-body attacker connections")
     parser.add_argument(
         "--interval", type=float, default=3.0, help="seconds between slow-body bytes (3)"
     )
-    parser.add_argument("--log-level", default="INFO", help="the gateway's (default INFO)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON")
-    parser.add_argument("--quick", action="store_true", help="1 rep of 3 s runs: a smoke test")
-    parser.add_argument("--no-install", action="store_true", help="do not apt-get nginx, wrk")
-    parser.add_argument(
-        "--rerun-disturbed",
-        type=int,
-        default=0,
-        metavar="N",
-        help=f"measure a quiet/flood pair again, up to N times, when other work on the machine "
-        f"used more than {BUSY_CORES} cores during it (waits up to {IDLE_WAIT:.0f} s for an "
-        "idle machine first; keeps the least disturbed attempt)",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    if min(args.duration, args.reps, args.conns) < 1 or min(args.idle, args.slow) < 0:
-        parser.error("--duration, --reps, --conns must be >= 1; --idle, --slow >= 0")
+    if min(args.idle, args.slow) < 0:
+        parser.error("--idle, --slow must be >= 0")
     return Options(
-        duration=3 if args.quick else args.duration,
-        reps=1 if args.quick else args.reps,
-        conns=args.conns,
+        **options.wrk_options(parser, args, DEFAULTS),
         idle=args.idle,
         slow=args.slow,
         interval=args.interval,
-        log_level=args.log_level.upper(),
-        json_path=args.json,
-        install=not args.no_install,
-        rerun_disturbed=args.rerun_disturbed,
-        keep=args.keep,
     )
 
 
@@ -184,12 +162,9 @@ class Stack(servers.Stack):
 
 
 def ensure_tools(opts: Options) -> Tools:
-    if opts.install and (missing := tools.install_missing(["nginx", "wrk"])):
-        print(f"could not install {', '.join(missing)} (need root and apt-get)", flush=True)
-    found = Tools.found()
-    if found.nginx is None or found.wrk is None:
-        raise SystemExit("bench/flood.py needs nginx (the backend) and wrk (the measured load)")
-    return found
+    return tools.nginx_and_wrk(
+        opts.install, "bench/flood.py needs nginx (the backend) and wrk (the measured load)"
+    )
 
 
 # -- one measured run ----------------------------------------------------------------------
@@ -287,12 +262,7 @@ def measure(
     return Run(
         rep=rep,
         mode=mode,
-        rps=done.rps,
-        requests=done.requests,
-        p50_ms=done.p50_ms,
-        p99_ms=done.p99_ms,
-        non2xx=done.non2xx,
-        socket_errors=sum(done.socket_errors.values()),
+        **vars(load.figures(done)),
         proxy_us=used["proxy"] * per,
         backend_us=used["backend"] * per,
         load_cpu=used["load"] / done.seconds,
@@ -368,8 +338,14 @@ def progress_line(run: Run) -> str:
     return line
 
 
-def _worst(pair: list[Run]) -> float:
-    return max(r.other_cpu for r in pair)
+def measure_pair(stack: Stack, opts: Options, rep: int) -> list[Run]:
+    """A quiet run and, right after it, a flood run."""
+    pair = []
+    for mode in (QUIET, FLOOD):
+        run = measure(stack, opts, rep, QUIET) if mode == QUIET else flood_run(stack, opts, rep)
+        pair.append(run)
+        print(progress_line(run), flush=True)
+    return pair
 
 
 def run_all(stack: Stack, opts: Options, discarded: list[Run], env: dict[str, Any]) -> list[Run]:
@@ -381,30 +357,10 @@ def run_all(stack: Stack, opts: Options, discarded: list[Run], env: dict[str, An
     env["gateway_rss_before_flood_kib"] = process.rss_kib(stack.gateway.proc.pid)
     runs: list[Run] = []
     for rep in range(1, opts.reps + 1):
-        best: list[Run] = []
-        for attempt in range(opts.rerun_disturbed + 1):
-            if attempt:
-                print(
-                    f"  rep {rep} was disturbed (other CPU {_worst(best):.2f} cores): waiting "
-                    f"for an idle machine, then attempt {attempt + 1}",
-                    flush=True,
-                )
-                process.wait_idle(IDLE_WAIT)
-            pair = []
-            for mode in (QUIET, FLOOD):
-                run = (
-                    measure(stack, opts, rep, QUIET)
-                    if mode == QUIET
-                    else flood_run(stack, opts, rep)
-                )
-                pair.append(run)
-                print(progress_line(run), flush=True)
-            if not best or _worst(pair) < _worst(best):
-                best, pair = pair, best
-            discarded.extend(pair)
-            if _worst(best) <= BUSY_CORES:
-                break
-        runs.extend(best)
+        pair = functools.partial(measure_pair, stack, opts, rep)
+        runs += process.least_disturbed(
+            pair, f"rep {rep}", opts.rerun_disturbed, discarded, IDLE_WAIT
+        )
     return runs
 
 
@@ -525,6 +481,24 @@ def environment(found: Tools, layout: Layout, notes: list[str]) -> dict[str, Any
     }
 
 
+def start_and_run(
+    stack: Stack, opts: Options, env: dict[str, Any], discarded: list[Run]
+) -> tuple[list[Run], dict[str, int]]:
+    """The runs, and the gateway's WARNING+ log messages over the whole bench."""
+    stack.start_all(opts.log_level)
+    env["gateway_open_files_limit"] = process.fd_limit(stack.gateway.proc.pid)
+    per_pair = 2 * opts.duration + 10
+    print(
+        f"Gateway on {LOOPBACK}:{stack.gateway.port} (open-files limit "
+        f"{env['gateway_open_files_limit']}), backend :{stack.backend.port}. "
+        f"{stack.layout.note}. {opts.reps} quiet/flood pairs, about "
+        f"{opts.reps * per_pair + WARMUP_SECONDS:.0f} s.",
+        flush=True,
+    )
+    runs = run_all(stack, opts, discarded, env)
+    return runs, servers.warning_messages(stack.gateway.log)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     opts = parse_options(argv)
@@ -538,30 +512,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     discarded: list[Run] = []
     with servers.workspace("daarion-flood-", keep=opts.keep) as space:
         stack = Stack(found, layout, space.path)
-        try:
-            stack.start_all(opts.log_level)
-            env["gateway_open_files_limit"] = process.fd_limit(stack.gateway.proc.pid)
-            per_pair = 2 * opts.duration + 10
-            print(
-                f"Gateway on {LOOPBACK}:{stack.gateway.port} (open-files limit "
-                f"{env['gateway_open_files_limit']}), backend :{stack.backend.port}. "
-                f"{layout.note}. {opts.reps} quiet/flood pairs, about "
-                f"{opts.reps * per_pair + WARMUP_SECONDS:.0f} s.",
-                flush=True,
-            )
-            runs = run_all(stack, opts, discarded, env)
-            warnings = servers.warning_messages(stack.gateway.log)
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping every process", file=sys.stderr)
-            return 130
-        except RuntimeError as exc:
-            print(f"\nbench failed: {exc}", file=sys.stderr)
-            space.keep = True
-            return 1
-        finally:
-            stack.close()
-            if left := stack.leftovers():
-                print(f"WARNING: processes left running: {left}", file=sys.stderr)
+        done = servers.run_stack(
+            stack, space, functools.partial(start_and_run, stack, opts, env, discarded)
+        )
+    if isinstance(done, int):
+        return done
+    runs, warnings = done
     print(f"\nResults (median of {opts.reps} reps; halfway figures for gw/backend/attackers):")
     report.print_table(rows(runs))
     lines = headline(runs, opts, warnings, env["gateway_rss_before_flood_kib"])
@@ -576,21 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nEnvironment:")
     for key, value in env.items():
         print(f"  {key}: {value}")
-    elapsed = time.monotonic() - started
-    if opts.json_path is not None:
-        report.write_json(
-            opts.json_path,
-            {
-                "options": {**asdict(opts), "json_path": str(opts.json_path)},
-                "environment": env,
-                "runs": [asdict(r) for r in runs],
-                "discarded_runs": [asdict(r) for r in discarded],
-                "headline": lines,
-                "elapsed_seconds": elapsed,
-            },
-        )
-    print(f"\nElapsed: {elapsed:.1f} s")
-    return 0
+    return report.finish(started, opts, env, lines, runs=runs, discarded=discarded)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -294,27 +295,8 @@ def ensure_tools(opts: Options) -> Tools:
 
 # -- configs -------------------------------------------------------------------------------
 
-BACKEND_BODY: Final = """\
-    server {
-        listen 127.0.0.1:%(port)d backlog=1024;
-        default_type application/json;
-        location / { return 200 '{"ok":true}'; }
-    }"""
-
-PROXY_BODY: Final = """\
-    upstream backend {
-        server 127.0.0.1:%(backend)d;
-        keepalive 256;
-    }
-    server {
-        listen 127.0.0.1:%(port)d backlog=1024;
-        location /api/bench/ {
-            proxy_pass http://backend/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        }
-    }"""
+BACKEND_BODY: Final = servers.NGINX_BACKEND
+PROXY_BODY: Final = servers.NGINX_PROXY
 
 GATEWAY_CONFIG: Final = """\
 # Made by bench/run.py: one service in front of the benchmark backend.
@@ -498,12 +480,7 @@ def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) ->
         conns=conns,
         target=target.name,
         kind=target.kind,
-        rps=done.rps,
-        requests=done.requests,
-        p50_ms=done.p50_ms,
-        p99_ms=done.p99_ms,
-        non2xx=done.non2xx,
-        socket_errors=sum(done.socket_errors.values()),
+        **vars(load.figures(done)),
         socket_error_kinds=done.socket_errors,
         proxy_us=_us_per_request(used["proxy"], done.requests) if target.proxy else None,
         backend_us=_us_per_request(used["backend"], done.requests),
@@ -828,8 +805,14 @@ def start_stack(stack: Stack, opts: Options) -> None:
         stack.start_gateway(variant, env)
 
 
-def _worst(group: list[Run]) -> float:
-    return max(r.other_cpu for r in group)
+def measure_group(stack: Stack, opts: Options, rep: int, conns: int) -> list[Run]:
+    """Every target in turn at one rep and connection count."""
+    group = []
+    for target in stack.targets:
+        run = measure(stack, target, conns, opts.duration, rep)
+        group.append(run)
+        print(progress_line(run), flush=True)
+    return group
 
 
 def run_all(stack: Stack, opts: Options, discarded: list[Run]) -> list[Run]:
@@ -844,26 +827,11 @@ def run_all(stack: Stack, opts: Options, discarded: list[Run]) -> list[Run]:
     runs = []
     for rep in range(1, opts.reps + 1):
         for conns in opts.conns:
-            best: list[Run] = []
-            for attempt in range(opts.rerun_disturbed + 1):
-                if attempt:
-                    print(
-                        f"  rep {rep} c{conns} was disturbed (other CPU {_worst(best):.2f} "
-                        f"cores): waiting for an idle machine, then attempt {attempt + 1}",
-                        flush=True,
-                    )
-                    process.wait_idle(IDLE_WAIT)
-                group = []
-                for target in targets:
-                    run = measure(stack, target, conns, opts.duration, rep)
-                    group.append(run)
-                    print(progress_line(run), flush=True)
-                if not best or _worst(group) < _worst(best):
-                    best, group = group, best
-                discarded.extend(group)
-                if _worst(best) <= BUSY_CORES:
-                    break
-            runs.extend(best)
+            group = functools.partial(measure_group, stack, opts, rep, conns)
+            label = f"rep {rep} c{conns}"
+            runs += process.least_disturbed(
+                group, label, opts.rerun_disturbed, discarded, IDLE_WAIT
+            )
     return runs
 
 

@@ -12,7 +12,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -64,6 +64,30 @@ class Load:
     @property
     def p99_ms(self) -> float:
         return self.percentile(99)
+
+
+@dataclass
+class Figures:
+    """What the harnesses' runs record of a Load: the first fields of a harness's Run (a
+    subclass), or ``Run(**vars(figures(done)), ...)``."""
+
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int  # all kinds together
+
+
+def figures(done: Load) -> Figures:
+    return Figures(
+        rps=done.rps,
+        requests=done.requests,
+        p50_ms=done.p50_ms,
+        p99_ms=done.p99_ms,
+        non2xx=done.non2xx,
+        socket_errors=sum(done.socket_errors.values()),
+    )
 
 
 # -- wrk -----------------------------------------------------------------------------------
@@ -163,9 +187,12 @@ def wrk_command(
     *,
     script: Path | None = None,
     pin: list[str] | None = None,
+    headers: Sequence[str] = (),
 ) -> list[str]:
-    """``wrk -t1 -cN -dDs --latency`` (one thread: one load CPU), with a Lua script if given."""
+    """``wrk -t1 -cN -dDs --latency`` (one thread: one load CPU), with a Lua script and
+    request headers (``-H "Connection: close"``: a new connection per request) if given."""
     command = [*(pin or []), wrk, "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    command += [arg for header in headers for arg in ("-H", header)]
     return command + (["-s", str(script)] if script is not None else []) + [url]
 
 

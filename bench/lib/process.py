@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final, TypeVar
+from typing import IO, Final, Protocol, TypeVar
 
 LOOPBACK: Final = "127.0.0.1"
 TICKS_PER_SECOND: Final = os.sysconf("SC_CLK_TCK")
@@ -146,6 +146,21 @@ def machine_cpu() -> tuple[float, float, float]:
     return busy / TICKS_PER_SECOND, steal / TICKS_PER_SECOND, total / TICKS_PER_SECOND
 
 
+def idle_cpu(cpus: frozenset[int] | None) -> float:
+    """Seconds the CPUs ``cpus`` (None: all) have been idle (idle + iowait), from /proc/stat:
+    over a run, what the servers' CPU had to spare, interrupts and other work included."""
+    seconds = 0
+    with Path("/proc/stat").open() as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                if cpus is None or int(name[3:]) in cpus:
+                    seconds += int(fields[3]) + int(fields[4])
+            elif not name.startswith("cpu"):
+                break
+    return seconds / TICKS_PER_SECOND
+
+
 def busy_machine() -> float:
     """Cores used by all processes over one second (before a harness starts anything, the
     other work on the machine)."""
@@ -162,6 +177,44 @@ def wait_idle(limit: float) -> float:
     while (busy := busy_machine()) > BUSY_CORES and time.monotonic() < deadline:
         pass
     return busy
+
+
+class Disturbable(Protocol):
+    @property
+    def other_cpu(self) -> float: ...  # cores other work on the machine used during the run
+
+
+D = TypeVar("D", bound=Disturbable)
+
+
+def _worst(group: list[D]) -> float:
+    return max((run.other_cpu for run in group), default=0.0)
+
+
+def least_disturbed(
+    measure: Callable[[], list[D]], label: str, retries: int, discarded: list[D], idle_wait: float
+) -> list[D]:
+    """``measure()``, a group of runs measured together (every target at one rep and load),
+    and, while other work used more than BUSY_CORES during one of its runs, up to ``retries``
+    times again after waiting (``idle_wait`` s at most) for an idle machine: the least disturbed
+    attempt. The attempts not kept go to ``discarded``; ``label`` names the group when it is
+    measured again (``--rerun-disturbed``)."""
+    best: list[D] = []
+    for attempt in range(retries + 1):
+        if attempt:
+            print(
+                f"  {label} was disturbed (other CPU {_worst(best):.2f} cores): waiting for an "
+                f"idle machine, then attempt {attempt + 1}",
+                flush=True,
+            )
+            wait_idle(idle_wait)
+        group = measure()
+        if not best or _worst(group) < _worst(best):
+            best, group = group, best
+        discarded.extend(group)
+        if _worst(best) <= BUSY_CORES:
+            break
+    return best
 
 
 @dataclass(frozen=True)

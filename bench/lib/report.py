@@ -3,13 +3,22 @@ results file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
+import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .process import BUSY_CORES
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    class HarnessOptions(DataclassInstance, Protocol):
+        @property
+        def json_path(self) -> Path | None: ...
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -96,6 +105,41 @@ def table(rows: Sequence[Sequence[str]], *, left: int = 1, rule: bool = True) ->
 def print_table(rows: Sequence[Sequence[str]], *, left: int = 1, rule: bool = True) -> None:
     for line in table(rows, left=left, rule=rule):
         print(line)
+
+
+def write_results(options: HarnessOptions, **parts: object) -> None:
+    """``--json PATH``'s results file, when the ``options`` (a dataclass) have a ``json_path``:
+    the options, then ``parts``."""
+    if (path := options.json_path) is not None:
+        given = {**dataclasses.asdict(options), "json_path": str(path)}
+        write_json(path, {"options": given, **parts})
+
+
+def finish(
+    started: float,
+    options: HarnessOptions,
+    environment: dict[str, Any],
+    headline: list[str],
+    *,
+    runs: Sequence[DataclassInstance],
+    discarded: Sequence[DataclassInstance],
+    **more: object,
+) -> int:
+    """The end of a bench that went well: its results file (``--json``: the options, the
+    environment, every run kept and dropped, ``more``, the headline, the time it took), the
+    time printed; the exit status (0)."""
+    elapsed = time.monotonic() - started
+    write_results(
+        options,
+        environment=environment,
+        runs=[dataclasses.asdict(run) for run in runs],
+        discarded_runs=[dataclasses.asdict(run) for run in discarded],
+        **more,
+        headline=headline,
+        elapsed_seconds=elapsed,
+    )
+    print(f"\nElapsed: {elapsed:.1f} s")
+    return 0
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

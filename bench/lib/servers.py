@@ -10,11 +10,12 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from . import process
 from .process import LOOPBACK, Layout, Server
@@ -39,6 +40,36 @@ http {{
 {body}
 }}
 """
+
+
+# The benches' backend: one worker answering ``{"ok":true}`` to any path (bench/run.py's).
+NGINX_BACKEND: Final = """\
+    server {
+        listen 127.0.0.1:%(port)d backlog=1024;
+        default_type application/json;
+        location / { return 200 '{"ok":true}'; }
+    }"""
+
+# nginx as the reverse proxy the gateway is compared with (bench/run.py's): upstream keepalive,
+# HTTP/1.1 upstream, X-Forwarded-For; ``/api/bench/X`` goes to ``/X`` on the backend.
+NGINX_UPSTREAM: Final = """\
+    upstream backend {
+        server 127.0.0.1:%(backend)d;
+        keepalive 256;
+    }"""
+NGINX_PROXY_LOCATION: Final = """\
+        location /api/bench/ {
+            proxy_pass http://backend/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }"""
+NGINX_PROXY: Final = f"""\
+{NGINX_UPSTREAM}
+    server {{
+        listen 127.0.0.1:%(port)d backlog=1024;
+{NGINX_PROXY_LOCATION}
+    }}"""
 
 
 def nginx_command(nginx: str, home: Path, body: str) -> list[str]:
@@ -110,18 +141,33 @@ def warning_messages(log: Path) -> dict[str, int]:
 # -- asking over HTTP ----------------------------------------------------------------------
 
 
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
-    """``GET path`` on 127.0.0.1:``port``: (status, body); (None, b"") without an answer."""
-    request = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nConnection: close\r\n\r\n"
+def get_over(sock: socket.socket, path: str, host: str = LOOPBACK) -> bytes:
+    """``GET path`` with ``Connection: close`` on a connected socket (plain or TLS): the whole
+    answer, up to the server's close (what came before an error, if one comes)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     chunks = []
-    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout) as sock:
-        sock.settimeout(timeout)
+    with contextlib.suppress(OSError):
         sock.sendall(request.encode())
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return b"".join(chunks)
+
+
+def split_answer(answer: bytes) -> tuple[int | None, bytes, bytes]:
+    """An HTTP/1 answer as (status, head, body); (None, b"", b"") if it is not one."""
+    head, _, body = answer.partition(b"\r\n\r\n")
     match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-    return (int(match.group(1)), body) if match else (None, b"")
+    return (int(match.group(1)), head, body) if match else (None, b"", b"")
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
+    """``GET path`` on 127.0.0.1:``port``: (status, body); (None, b"") without an answer."""
+    answer = b""
+    with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout) as sock:
+        sock.settimeout(timeout)
+        answer = get_over(sock, path)
+    status, _, body = split_answer(answer)
+    return status, body
 
 
 def http_status(port: int, path: str) -> int | None:
@@ -214,6 +260,29 @@ def workspace(prefix: str, keep: bool = False, kept: str = "") -> Iterator[Works
             shutil.rmtree(space.path, ignore_errors=True)
 
 
+T = TypeVar("T")
+
+
+def run_stack(stack: Stack, space: Workspace, work: Callable[[], T]) -> T | int:
+    """``work()`` (start the stack's servers, measure), then every process of ``stack`` stopped
+    whatever happens; on Ctrl-C or a RuntimeError (a server that did not start, a load
+    generator that failed) the exit status (130, 1) after saying why, the work directory kept
+    on an error."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every process", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"\nbench failed: {exc}", file=sys.stderr)
+        space.keep = True
+        return 1
+    finally:
+        stack.close()
+        if left := stack.leftovers():
+            print(f"WARNING: processes left running: {left}", file=sys.stderr)
+
+
 class Stack:
     """The processes of one bench: servers started pinned to the layout's server CPUs with
     their output in ``workdir``/NAME.log, and others (load generators, clients) adopted;
@@ -246,13 +315,16 @@ class Stack:
         process.wait_ready(server, check)
         process.pin_tree(server.proc.pid, self.layout.servers)
 
-    def nginx_server(self, name: str, body: str, **values: object) -> Server:
+    def nginx_server(
+        self, name: str, body: str, env: dict[str, str] | None = None, **values: object
+    ) -> Server:
         """nginx with ``body`` % {"port": a free port, **values}, its files in ``workdir``/NAME
-        (not ready yet)."""
+        (not ready yet); ``env``: its environment (nginx reads OPENSSL_CONF at start-up)."""
         assert self.tools.nginx is not None  # noqa: S101 - only called when nginx exists
         port = process.free_port()
         text = body % {"port": port, **values}
-        return self.start(name, nginx_command(self.tools.nginx, self.workdir / name, text), port)
+        command = nginx_command(self.tools.nginx, self.workdir / name, text)
+        return self.start(name, command, port, env)
 
     def gateway_server(
         self,

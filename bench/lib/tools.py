@@ -89,6 +89,17 @@ def install_missing(names: Sequence[str]) -> list[str]:
     return []
 
 
+def nginx_and_wrk(install: bool, needs: str) -> Tools:
+    """nginx and wrk (apt-get installed first if missing and ``install``), or SystemExit
+    saying what ``needs`` them."""
+    if install and (missing := install_missing(["nginx", "wrk"])):
+        print(f"could not install {', '.join(missing)} (need root and apt-get)", flush=True)
+    found = Tools.found()
+    if found.nginx is None or found.wrk is None:
+        raise SystemExit(needs)
+    return found
+
+
 def first_line(command: list[str]) -> str:
     """The first line ``command`` prints (stdout, then stderr): a version, a commit."""
     try:

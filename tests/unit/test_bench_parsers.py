@@ -1,7 +1,7 @@
 """The benchmark harnesses' output parsers (bench/lib), against real output captured on
 127.0.0.1 and kept in bench/samples/ (bench/samples/README.md says how each was made):
 wrk 4.1 (with and without --latency, socket errors, non-2xx answers, every unit it prints),
-bench/pyloadgen.py, bench/wsclient.py and the gateway's /metrics."""
+bench/pyloadgen.py, bench/wsclient.py, the gateway's /metrics and nginx's TLS log."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.lib import load, servers
+from bench.lib import load, servers, tls
 from bench.lib.load import Echo, Flooded, Load, Opened, Spread
+from bench.lib.tls import TlsLog
 
 SAMPLES = Path(__file__).resolve().parents[2] / "bench" / "samples"
 KIB, MIB, GIB = 1024.0, 1024.0**2, 1024.0**3
@@ -217,6 +218,42 @@ def test_wrk_command() -> None:
     assert load.wrk_command("wrk", url, 4, 2, script=Path("/w/count.lua"), pin=pin) == [
         *pin, "wrk", "-t1", "-c4", "-d2s", "--latency", "-s", "/w/count.lua", url,
     ]  # fmt: skip
+    https = "https://127.0.0.1:8443/api/search/"
+    assert load.wrk_command("wrk", https, 50, 8, headers=["Connection: close"]) == [
+        "wrk", "-t1", "-c50", "-d8s", "--latency", "-H", "Connection: close", https,
+    ]  # fmt: skip
+
+
+def test_wrk_over_https_with_connection_close() -> None:
+    got = load.parse_wrk(sample("wrk-https-close.txt"))
+    assert (got.threads, got.connections, got.requests) == (1, 50, 2820)
+    assert got.rps == pytest.approx(1404.34)
+    assert got.percentiles_ms == pytest.approx({50: 2.10, 75: 2.53, 90: 3.70, 99: 19.54})
+    assert got.socket_errors == NO_ERRORS  # wrk counts no error for the server's close
+    assert got.read_bytes == pytest.approx(564.55 * KIB)
+
+
+# -- nginx's TLS log (bench/https.py) ------------------------------------------------------
+
+
+def test_nginx_tls_log() -> None:
+    got = tls.parse_tls_log(sample("nginx-tls-log.txt"))
+    assert got == TlsLog(
+        requests=10,
+        resumed=6,
+        negotiated={
+            "TLSv1.3 TLS_AES_256_GCM_SHA384 X25519": 8,
+            "TLSv1.2 ECDHE-ECDSA-AES128-GCM-SHA256 X25519": 2,
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "line", ["TLSv1.3 TLS_AES_256_GCM_SHA384 X25519", "- - - -", "TLSv1.3 A X25519 r extra"]
+)
+def test_nginx_tls_log_other_lines(line: str) -> None:
+    with pytest.raises(ValueError, match="TLS log"):
+        tls.parse_tls_log(line)
 
 
 # -- pyloadgen -----------------------------------------------------------------------------
