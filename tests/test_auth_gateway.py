@@ -182,3 +182,23 @@ async def test_a_browser_can_read_a_401_and_its_preflight_needs_no_token(upstrea
         assert r.status == 204
         assert r.headers["Access-Control-Allow-Origin"] == "https://app.daarion.space"
     assert up.seen == []
+
+
+async def test_health_reports_a_jwks_that_cannot_be_fetched(upstream, gateway, client):
+    from .helpers import free_port  # noqa: PLC0415 - only this test needs a dead port
+
+    up = await upstream(NODA1)
+    dead = free_port()
+    text = routes({"city": f"{{port: {up.port}, nodes: [noda1], auth: required}}"}, noda1=NODA1)
+    text += (
+        "auth:\n  providers:\n    sso:\n      algorithms: [ES256]\n"
+        f"      jwks_url: http://127.0.0.1:{dead}/jwks.json\n      jwks_timeout: 0.5\n"
+    )
+    gw = await gateway(text)
+    async with client.get(f"{gw.url}/health") as r:
+        body = await r.json()
+    assert r.status == 200
+    assert body["dependencies"]["jwks:sso"] == "disconnected"
+    assert body["status"] == "degraded"
+    status, _, body = await answer(client, f"{gw.url}/api/city/x", bearer("a.b.c"))
+    assert (status, body["error"]) == (401, "invalid_token")  # no keys: nothing verifies
