@@ -29,6 +29,8 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   arriving (``_next_keepalive_close_time``, on ``BaseProtocol._loop``'s clock), and
   ``answer_early`` queues an answer (431, 408) as aiohttp queues its own for a head its parser
   rejects (``web_protocol._ErrInfo``).
+- ``site_server``: a site's listening server and TLS context (``BaseSite``'s ``_server``,
+  ``_ssl_context``), so that a stop can serve the connections its accept queue holds;
 - ``TlsSite``: a TCP site whose TLS handshakes time out (asyncio's ``ssl_handshake_timeout``,
   which ``TCPSite`` does not pass on): its ``start`` is ``TCPSite.start`` with it, and reads
   what that one reads (``TCPSite``'s ``_host``, ``_port``, ``_reuse_port``, ``_bound_port``;
@@ -72,6 +74,12 @@ _SLOTS = (
     *((web.TCPSite, name) for name in ("_host", "_port", "_bound_port", "_reuse_port")),
     *((web.BaseSite, name) for name in ("_runner", "_ssl_context", "_backlog", "_server")),
 )
+
+
+def site_server(site: web.BaseSite) -> tuple[asyncio.AbstractServer | None, ssl.SSLContext | None]:
+    """A started site's listening server and its TLS context (``BaseSite._server``,
+    ``._ssl_context``), for the stop that serves what its accept queue still holds."""
+    return site._server, site._ssl_context
 
 
 class TlsSite(web.TCPSite):

@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import socket
 import ssl
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -20,7 +23,7 @@ import orjson
 from aiohttp import web
 
 from . import endpoints, logs, pipeline
-from .aiohttp_private import TlsSite, keep_raw_header_bytes
+from .aiohttp_private import TlsSite, keep_raw_header_bytes, site_server
 from .auth import Authenticator
 from .config import Config, ConfigError, load_config
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
@@ -43,7 +46,7 @@ from .workers import Worker
 
 log = logging.getLogger("gateway")
 
-SHUTDOWN_TIMEOUT = 10.0  # seconds requests in flight get to finish at a stop
+ACCEPTED_GRACE = 0.25  # seconds a connection accepted as the listeners close gets for a request
 
 
 class Gateway:
@@ -158,7 +161,11 @@ class Gateway:
             access_log=None,
             **limits,
         )
-        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        runner = web.ServerRunner(
+            server,
+            handle_signals=False,
+            shutdown_timeout=shared.snapshot.config.lifecycle.shutdown_timeout,
+        )
         await runner.setup()
         self._runners.append(runner)
         site: web.TCPSite
@@ -185,12 +192,34 @@ class Gateway:
         return web.Response(body=body, content_type="application/json")
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish (up to 10 s), then close."""
+        """Drain, then close. Phase 1 (``lifecycle.drain_delay``): keep accepting and serving,
+        /health answering 503 and every answer saying ``Connection: close`` (a keep-alive
+        connection ends right after an answer, never under a request a client may be
+        writing). Then WebSocket sessions get ``ws_drain`` seconds to end, and 1001; phase 2:
+        the listeners close, idle connections are closed, requests in flight get
+        ``shutdown_timeout`` to finish."""
         shared = self.shared
+        lifecycle = shared.snapshot.config.lifecycle
         shared.draining = True
+        shared.drain_ends = shared.clock() + lifecycle.drain_delay
+        if lifecycle.drain_delay > 0:
+            log.info(
+                "draining: still serving, every answer closes its connection",
+                extra={"fields": {"seconds": lifecycle.drain_delay}},
+            )
+            await asyncio.sleep(lifecycle.drain_delay)
+        ends = time.monotonic() + lifecycle.ws_drain
+        while shared.sessions and time.monotonic() < ends:  # noqa: ASYNC110 - once, at a stop
+            await asyncio.sleep(0.05)
         await shut_down(shared.sessions)  # 1001 to both legs of every session
-        # Every listener stops accepting at once; requests in flight on any get the same
-        # SHUTDOWN_TIMEOUT.
+        # Every listener stops accepting at once. A connection accepted just before may not
+        # have sent its request yet: it gets ACCEPTED_GRACE for it to arrive (and be answered,
+        # with Connection: close) before idle connections are closed; requests in flight on
+        # any listener then get the same shutdown_timeout.
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await _stop_site(runner, site)
+        await asyncio.sleep(ACCEPTED_GRACE)
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         if self._samples is not None:
             await self._samples.cleanup()
@@ -247,7 +276,14 @@ class Gateway:
         shared = self.shared
         old = shared.snapshot
         new = compile_snapshot(config)
-        restart = ("listen", "upstream_keepalive_timeout", "admin.listen", "tls.listen", "tls.acme")
+        restart = (
+            "listen",
+            "upstream_keepalive_timeout",
+            "admin.listen",
+            "tls.listen",
+            "tls.acme",
+            "lifecycle.shutdown_timeout",
+        )
         for key in restart:
             if _setting(config, key) != _setting(old.config, key):
                 log.warning("a changed %s takes effect only after a restart", key)
@@ -287,6 +323,36 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _stop_site(runner: web.ServerRunner, site: web.BaseSite) -> None:
+    """Stop a site's listener without resetting what its accept queue holds: connections the
+    kernel completed before the close (their clients may have written a request already)
+    are accepted and served, not reset. The socket is held open (a duplicate) while the
+    queue is emptied, and closed at once after, so the window for a reset is microseconds."""
+    server, context = site_server(site)
+    factory = runner.server
+    if factory is None:  # never set up: nothing was accepted
+        await site.stop()
+        return
+    # asyncio.Server and uvloop's have sockets; AbstractServer does not say so.
+    sockets = getattr(server, "sockets", None) or ()
+    held = [socket.socket(fileno=os.dup(s.fileno())) for s in sockets]
+    await site.stop()
+    loop = asyncio.get_running_loop()
+    try:
+        for sock in held:
+            sock.setblocking(False)
+            while True:
+                try:
+                    connection, _ = sock.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await loop.connect_accepted_socket(factory, connection, ssl=context)
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def _setting(config: Config, key: str) -> object:

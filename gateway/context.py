@@ -67,6 +67,7 @@ class Shared:
     clock: Callable[[], float] = time.monotonic
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
+    drain_ends: float = 0.0  # while draining: when the listeners close (clock())
     worker: Worker | None = None  # serve --workers: which worker this process is
     certificates: Certificates | None = None  # what the HTTPS listener serves
     # ACME's http-01 answers: the key authorization for a token, None for an unknown one.

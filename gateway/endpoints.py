@@ -184,6 +184,9 @@ def health_report(shared: Shared, *, admin: bool = False) -> dict[str, object]:
         "dependencies": dependencies,
         "nodes": nodes,
     }
+    if shared.draining:
+        report["draining"] = True
+        report["drain_left"] = max(0.0, round(shared.drain_ends - shared.clock(), 1))
     if admin and shared.certificates is not None:
         report["certificates"] = shared.certificates.report()
         if shared.acme is not None:

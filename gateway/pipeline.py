@@ -76,14 +76,14 @@ async def handle(
             # An unread body, or whatever a client sent after a refused handshake, is not
             # HTTP: do not read on.
             response.force_close()
-        return _secured(ex, response)
+        return _secured(ex, response, shared.draining)
     except ClientFault as fault:
         # The client broke a limit while its body was being forwarded: its answer, and the
         # upstream exchange is over (never counted against the upstream).
         ex.status, ex.error = fault.error.status, fault.error.code
         response = error_response(fault.error, ex.request_id)
         response.force_close()
-        return _secured(ex, response)
+        return _secured(ex, response, shared.draining)
     except ClientGone:
         ex.status, ex.error = CLIENT_CLOSED, "client_closed"
         return web.Response(status=CLIENT_CLOSED)  # nobody will read it; aiohttp expects one
@@ -102,7 +102,7 @@ async def handle(
         return aborted.response
     else:
         ex.status = response.status
-        return _secured(ex, response)
+        return _secured(ex, response, shared.draining)
     finally:
         _finish(shared, ex)
 
@@ -154,12 +154,15 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     return await forward(shared, ex, entry, path_qs, limit_headers)
 
 
-def _secured(ex: Exchange, response: web.StreamResponse) -> web.StreamResponse:
+def _secured(ex: Exchange, response: web.StreamResponse, draining: bool) -> web.StreamResponse:
     """HSTS on an answer over HTTPS (RFC 6797: never over plain HTTP), the gateway's own
-    ones included, and CORS's and the security headers (``Exchange.added``). A relayed
-    answer, sent already, had them from the relay."""
+    ones included, and CORS's and the security headers (``Exchange.added``); while the
+    gateway drains, ``Connection: close``. A relayed answer, sent already, had them from the
+    relay."""
     if response.prepared:
         return response
+    if draining:
+        response.force_close()
     exposure = ex.snapshot.exposure
     if exposure.hsts is not None and ex.listener.tls:
         response.headers[STS] = exposure.hsts

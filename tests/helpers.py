@@ -106,7 +106,9 @@ class RunningGateway:
         return [orjson.loads(line) for line in self.logs.getvalue().splitlines() if line]
 
 
-def routes(services: dict[str, str], probes: bool = False, **nodes: str) -> str:
+def routes(
+    services: dict[str, str], probes: bool = False, quick_stop: bool = True, **nodes: str
+) -> str:
     """A routes.yaml text: ``routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1)``.
     A node is its host, or its whole mapping (``"{host: 127.0.0.2, tls: {ca: ...}}"``).
 
@@ -119,7 +121,9 @@ def routes(services: dict[str, str], probes: bool = False, **nodes: str) -> str:
     )
     service_lines = "\n".join(f"  {name}: {body}" for name, body in services.items())
     health = "" if probes else "health: {enabled: false}\n"
-    return f"{health}nodes:\n{node_lines}\nservices:\n{service_lines}\n"
+    # No drain phase at a stop: the tests that are about draining set lifecycle themselves.
+    lifecycle = "lifecycle: {drain_delay: 0}\n" if quick_stop else ""
+    return f"{health}{lifecycle}nodes:\n{node_lines}\nservices:\n{service_lines}\n"
 
 
 def sample(text: str, series: str) -> float:

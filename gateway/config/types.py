@@ -651,6 +651,26 @@ class Tls:
     enabled: bool = doc("Serve HTTPS at all (lets the environment turn TLS on).", True)
 
 
+@dataclass(frozen=True)
+class Lifecycle:
+    """How the gateway stops (SIGTERM, docker stop): drain first, then close."""
+
+    drain_delay: Annotated[float, Range(min=0, max=300)] = doc(
+        "Seconds the gateway keeps accepting and serving after SIGTERM, /health answering 503 "
+        "and every answer saying Connection: close, so that load balancers and clients move "
+        "away before the listeners close.",
+        5.0,
+    )
+    shutdown_timeout: Annotated[float, Range(min=0, max=600)] = doc(
+        "Seconds requests in flight then get to finish (needs a restart).", 10.0
+    )
+    ws_drain: Annotated[float, Range(min=0, max=3600)] = doc(
+        "Seconds WebSocket sessions get to end on their own before they are closed with "
+        "1001 (0: at once, when the listeners close).",
+        0.0,
+    )
+
+
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
 
 
@@ -677,6 +697,7 @@ class Config:
     listen: Listen = doc("Where the gateway listens (plain HTTP).", Listen())
     tls: Tls | None = doc("HTTPS: TLS termination, certificates, redirect, HSTS.", None)
     admin: Admin = doc("Who reaches /metrics and /gateway/*, and where.", Admin())
+    lifecycle: Lifecycle = doc("How the gateway drains and stops.", Lifecycle())
     timeouts: Timeouts = doc("Default upstream timeouts for every service.", Timeouts())
     redis: RedisSettings | None = doc(
         "Shared rate-limit state; absent: limits are per process.", None

@@ -80,6 +80,7 @@ async def forward(
             return await relay(
                 request, upstream, ex.request_id, extra_headers=extra_headers,
                 streamed=streamed, redirects=redirects, added=ex.added,
+                close=shared.draining,
             )  # fmt: skip
         except UpstreamAborted as aborted:
             if not aborted.by_client:

@@ -196,8 +196,10 @@ async def relay(
     streamed: ClientBody | None,
     redirects: Redirects | None = None,
     added: Added | None = None,
+    close: bool = False,
 ) -> web.StreamResponse:
-    """Stream the upstream's response to the client (and release the upstream connection).
+    """Stream the upstream's response to the client (and release the upstream connection);
+    ``close``: with ``Connection: close`` (the gateway is draining).
     An upstream that answered before the whole body was sent may still lose it to its client
     (``streamed``): ``UpstreamAborted.by_client`` then says so."""
     headers = response_headers(upstream, request_id, extra_headers, redirects, added)
@@ -205,6 +207,8 @@ async def relay(
     # unknown length (a stream, server-sent events) may take long: its headers go out first.
     kind = OneWrite if upstream.content_length is not None else web.StreamResponse
     response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
+    if close:
+        response.force_close()
     try:
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUS:
