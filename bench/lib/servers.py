@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -141,10 +141,14 @@ def warning_messages(log: Path) -> dict[str, int]:
 # -- asking over HTTP ----------------------------------------------------------------------
 
 
-def get_over(sock: socket.socket, path: str, host: str = LOOPBACK) -> bytes:
-    """``GET path`` with ``Connection: close`` on a connected socket (plain or TLS): the whole
-    answer, up to the server's close (what came before an error, if one comes)."""
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+def get_over(
+    sock: socket.socket, path: str, host: str = LOOPBACK, headers: Sequence[str] = ()
+) -> bytes:
+    """``GET path`` with ``Connection: close`` (and ``headers``, "Name: value" lines) on a
+    connected socket (plain or TLS): the whole answer, up to the server's close (what came
+    before an error, if one comes)."""
+    extra = "".join(f"{header}\r\n" for header in headers)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     chunks = []
     with contextlib.suppress(OSError):
         sock.sendall(request.encode())
@@ -160,18 +164,38 @@ def split_answer(answer: bytes) -> tuple[int | None, bytes, bytes]:
     return (int(match.group(1)), head, body) if match else (None, b"", b"")
 
 
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
-    """``GET path`` on 127.0.0.1:``port``: (status, body); (None, b"") without an answer."""
+def header_values(head: bytes, name: str) -> list[str]:
+    """The values of header ``name`` (any case) in an answer's head (its status line first),
+    in order; [] when it has none."""
+    wanted = name.lower().encode()
+    values = []
+    for line in head.split(b"\r\n")[1:]:
+        field, sep, value = line.partition(b":")
+        if sep and field.strip().lower() == wanted:
+            values.append(value.strip().decode("latin-1"))
+    return values
+
+
+def http_answer(
+    port: int, path: str, headers: Sequence[str] = (), timeout: float = 2.0
+) -> tuple[int | None, bytes, bytes]:
+    """``GET path`` with ``headers`` on 127.0.0.1:``port``: (status, head, body); (None, b"",
+    b"") without an answer."""
     answer = b""
     with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout) as sock:
         sock.settimeout(timeout)
-        answer = get_over(sock, path)
-    status, _, body = split_answer(answer)
+        answer = get_over(sock, path, headers=headers)
+    return split_answer(answer)
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, bytes]:
+    """``GET path`` on 127.0.0.1:``port``: (status, body); (None, b"") without an answer."""
+    status, _, body = http_answer(port, path, timeout=timeout)
     return status, body
 
 
-def http_status(port: int, path: str) -> int | None:
-    return http_get(port, path)[0]
+def http_status(port: int, path: str, headers: Sequence[str] = ()) -> int | None:
+    return http_answer(port, path, headers)[0]
 
 
 def http_json(port: int, path: str) -> Any:

@@ -441,3 +441,46 @@ def test_metrics_label_values_with_quotes() -> None:
         servers.Sample("m", {"a": 'x\\"y', "b": "1,2"}, 3.0),
         servers.Sample("m", {}, 4.0),
     ]
+
+
+# -- answers over HTTP (run.py's check before --suite auth loads) --------------------------
+
+# The gateway's 401 to a request with `Origin: https://app.daarion.space` and no token, from
+# bench/variants/auth.yaml on 127.0.0.1 (its request id shortened).
+REFUSED = (
+    b"HTTP/1.1 401 Unauthorized\r\n"
+    b"X-Request-ID: 2accbd2f01382090\r\n"
+    b"Cache-Control: no-store\r\n"
+    b"Server: daarion-gateway\r\n"
+    b'WWW-Authenticate: Bearer realm="daarion"\r\n'
+    b"Content-Type: application/json\r\n"
+    b"Access-Control-Allow-Origin: https://app.daarion.space\r\n"
+    b"Access-Control-Allow-Credentials: true\r\n"
+    b"Access-Control-Expose-Headers: X-Request-ID, RateLimit, RateLimit-Policy, Retry-After\r\n"
+    b"Vary: Origin\r\n"
+    b"Content-Length: 47\r\n"
+    b"Connection: close\r\n\r\n"
+    b'{"error":"missing_token","message":"a bearer token is needed"}'
+)
+
+
+def test_answer_headers() -> None:
+    status, head, body = servers.split_answer(REFUSED)
+    assert status == 401
+    assert body.startswith(b'{"error":"missing_token"')
+    values = servers.header_values
+    assert values(head, "access-control-allow-origin") == ["https://app.daarion.space"]
+    assert values(head, "WWW-Authenticate") == ['Bearer realm="daarion"']
+    assert values(head, "Access-Control-Expose-Headers") == [
+        "X-Request-ID, RateLimit, RateLimit-Policy, Retry-After"
+    ]
+    assert values(head, "Access-Control-Allow-Methods") == []
+    assert values(head, "HTTP/1.1 401 Unauthorized") == []  # the status line is no header
+
+
+def test_answer_headers_repeated_and_spaced() -> None:
+    head = b"HTTP/1.1 200 OK\r\nVary: Origin\r\nvary :Accept-Encoding \r\nX-Empty:\r\nbroken line"
+    assert servers.header_values(head, "Vary") == ["Origin", "Accept-Encoding"]
+    assert servers.header_values(head, "x-empty") == [""]
+    assert servers.header_values(head, "broken line") == []
+    assert servers.header_values(b"", "Vary") == []
