@@ -26,6 +26,7 @@ from . import endpoints, logs, pipeline
 from .aiohttp_private import TlsSite, keep_raw_header_bytes, site_server
 from .auth import Authenticator
 from .config import Config, ConfigError, load_config
+from .config.types import Acme
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
 from .edge.acme import AcmeManager, ChallengeStore
 from .edge.connections import ConnectionTable
@@ -68,6 +69,7 @@ class Gateway:
         self.bound: dict[str, Any] = {}  # each listener's address, by its name
         self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
         self._background: set[asyncio.Task[None]] = set()
+        self._auth_swap = asyncio.Lock()
         self.shared.health.sync(snapshot.routes.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -120,6 +122,7 @@ class Gateway:
                 shared.challenge = challenges.get
                 shared.acme = AcmeManager(tls.acme, shared.metrics, challenges)
                 self._in_background(shared.acme.run())
+            shared.tls_listening = True
             https = await self._listen(
                 HTTPS,
                 tls.listen.host,
@@ -131,6 +134,7 @@ class Gateway:
         if config.admin.listen is not None:
             admin = config.admin.listen
             await self._listen(ADMIN, admin.host, ports.get(ADMIN.name, admin.port), reuse)
+            shared.admin_listening = True
         if worker is not None:
             shared.worker = worker
             self._samples = web.ServerRunner(web.Server(self._own_samples), handle_signals=False)
@@ -213,13 +217,15 @@ class Gateway:
             await asyncio.sleep(0.05)
         await shut_down(shared.sessions)  # 1001 to both legs of every session
         # Every listener stops accepting at once. A connection accepted just before may not
-        # have sent its request yet: it gets ACCEPTED_GRACE for it to arrive (and be answered,
-        # with Connection: close) before idle connections are closed; requests in flight on
-        # any listener then get the same shutdown_timeout.
+        # have sent its request yet: such connections get up to ACCEPTED_GRACE for it to
+        # arrive (and be answered, with Connection: close) before idle connections are
+        # closed; requests in flight on any listener then get the same shutdown_timeout.
         for runner in self._runners:
             for site in list(runner.sites):
                 await _stop_site(runner, site)
-        await asyncio.sleep(ACCEPTED_GRACE)
+        grace_ends = time.monotonic() + ACCEPTED_GRACE
+        while shared.connections.fresh and time.monotonic() < grace_ends:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         if self._samples is not None:
             await self._samples.cleanup()
@@ -291,15 +297,18 @@ class Gateway:
         if (tls is None) != (shared.certificates is None):
             log.warning("turning TLS on or off takes effect only after a restart")
         elif tls is not None and shared.certificates is not None:
-            shared.certificates.configure(tls_sources(config), tls.min_version)
+            # ACME's certificate stays the one the running AcmeManager keeps (a changed
+            # tls.acme needs a restart, as warned above).
+            running = shared.acme.settings if shared.acme is not None else None
+            shared.certificates.configure(tls_sources(config, running), tls.min_version)
         if new.edge.keepalive_timeout != old.edge.keepalive_timeout:
             log.warning("a changed limits.keepalive_timeout takes effect only after a restart")
         shared.snapshot = new
-        if config.auth != old.config.auth:
-            # New providers: keys fetched afresh, the cache of verified tokens emptied.
-            previous_auth = shared.authenticator
-            shared.authenticator = Authenticator(config.auth) if config.auth else None
-            self._in_background(self._swap_authenticator(previous_auth))
+        if _verifying(config) != _verifying(old.config):
+            # Other providers: the new authenticator fetches its keys before it takes over
+            # (the old one verifies meanwhile); identity headers, WebSocket token places and
+            # the realm are read from the snapshot, and need no new one.
+            self._in_background(self._swap_authenticator(config))
         if config.redis != old.config.redis:
             previous = shared.limiter
             shared.limiter = _make_limiter(config, shared.metrics)
@@ -309,11 +318,16 @@ class Gateway:
             shared.metrics.forget_service(name)
         shared.health.sync(new.routes.values())
 
-    async def _swap_authenticator(self, previous: Authenticator | None) -> None:
-        if previous is not None:
-            await previous.close()
-        if self.shared.authenticator is not None:
-            await self.shared.authenticator.start()
+    async def _swap_authenticator(self, config: Config) -> None:
+        async with self._auth_swap:  # one at a time: the last config wins
+            if _verifying(config) != _verifying(self.shared.snapshot.config):
+                return  # a later reload changed it again; its own swap follows
+            new = Authenticator(config.auth) if config.auth is not None else None
+            if new is not None:
+                await new.start()  # keys first (a failure is logged; refreshes go on)
+            previous, self.shared.authenticator = self.shared.authenticator, new
+            if previous is not None:
+                await previous.close()
 
     async def _swap_limiter(self, previous: Limiter) -> None:
         await previous.close()
@@ -355,6 +369,12 @@ async def _stop_site(runner: web.ServerRunner, site: web.BaseSite) -> None:
             sock.close()
 
 
+def _verifying(config: Config) -> object:
+    """What an ``Authenticator`` is built from: the providers and the cache's size."""
+    auth = config.auth
+    return None if auth is None else (auth.providers, auth.cache_size)
+
+
 def _setting(config: Config, key: str) -> object:
     """A setting by its dotted name (None where a section is absent)."""
     value: object = config
@@ -363,14 +383,17 @@ def _setting(config: Config, key: str) -> object:
     return value
 
 
-def tls_sources(config: Config) -> tuple[Source, ...]:
-    """The certificates the HTTPS listener serves, in order: the files, then ACME's."""
+def tls_sources(config: Config, acme: Acme | None = None) -> tuple[Source, ...]:
+    """The certificates the HTTPS listener serves, in order: the files, then ACME's (the
+    running manager's ``acme`` when given, else the config's)."""
     tls = config.tls
     if tls is None:
         return ()
     sources = [Source(files.cert, files.key) for files in tls.certificates]
-    if tls.acme is not None and tls.acme.enabled:
-        sources.append(acme_source(tls.acme))
+    if acme is None and tls.acme is not None and tls.acme.enabled:
+        acme = tls.acme
+    if acme is not None:
+        sources.append(acme_source(acme))
     return tuple(sources)
 
 

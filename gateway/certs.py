@@ -59,14 +59,18 @@ def read_pair(cert_path: str, key_path: str) -> Pair:
     leaf = certificates[0]
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     encoding = serialization.Encoding.DER
-    if leaf.public_key().public_bytes(encoding, public) != key.public_key().public_bytes(
-        encoding, public
-    ):
+    try:
+        matching = leaf.public_key().public_bytes(encoding, public) == key.public_key(
+        ).public_bytes(encoding, public)  # fmt: skip
+        names = names_of(leaf)
+    except (ValueError, UnsupportedAlgorithm) as exc:  # a malformed extension, an odd key
+        raise CertError(f"{cert_path}: the certificate cannot be read ({exc})") from None
+    if not matching:
         raise CertError(f"{key_path}: the key does not match the certificate in {cert_path}")
     return Pair(
         cert_path=cert_path,
         key_path=key_path,
-        names=names_of(leaf),
+        names=names,
         not_after=leaf.not_valid_after_utc.timestamp(),
         not_before=leaf.not_valid_before_utc.timestamp(),
         fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),

@@ -81,9 +81,9 @@ async def not_found(shared: Shared, ex: Exchange) -> web.StreamResponse:
     raise NOT_FOUND
 
 
-def admits(exposure: Exposure, listener: Listener, client: str) -> bool:
+def admits(shared: Shared, exposure: Exposure, listener: Listener, client: str) -> bool:
     """Whether a client on this listener may reach /metrics and /gateway/*."""
-    if exposure.admin_apart and listener is not ADMIN:
+    if exposure.admin_apart and shared.admin_listening and listener is not ADMIN:
         return False
     return exposure.admin.holds(client)
 

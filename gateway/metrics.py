@@ -234,6 +234,7 @@ class Metrics:
         self._request_children: dict[tuple[str, str, str, int], tuple[Counter, Counter]] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._limit_children: dict[tuple[str, str], Counter] = {}
+        self._auth_children: dict[tuple[str, str], Counter] = {}
         self._active_children: dict[str, Gauge] = {}
         self._ws_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.scrapes = ScrapeCache()
@@ -282,6 +283,12 @@ class Metrics:
             )
         return pair
 
+    def count_auth(self, service: str, result: str) -> None:
+        counter = self._auth_children.get((service, result))
+        if counter is None:
+            counter = self._auth_children[service, result] = self.auth.labels(service, result)
+        counter.inc()
+
     def count_limit(self, zone: str, result: str) -> None:
         counter = self._limit_children.get((zone, result))
         if counter is None:
@@ -314,6 +321,7 @@ class Metrics:
                 metric, lambda labels: labels[0] == service or labels[:2] == (GATEWAY, service)
             )
         self._ws_children = {k: v for k, v in self._ws_children.items() if k[0] != service}
+        self._auth_children = {k: v for k, v in self._auth_children.items() if k[0] != service}
         self._request_children = {
             k: v for k, v in self._request_children.items() if k[0] != service
         }

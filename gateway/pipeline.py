@@ -119,12 +119,15 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     own = endpoints.own(target.path)
     if own is not None:
         ex.service = ex.route = GATEWAY
-        if own is not endpoints.health and not endpoints.admits(exposure, listener, ex.client):
+        if own is not endpoints.health and not endpoints.admits(
+            shared, exposure, listener, ex.client
+        ):
             own = endpoints.not_found  # the same answer as for an unknown path
         return await own(shared, ex)
     if listener is ADMIN:
         raise endpoints.NOT_FOUND
-    if listener is HTTP and exposure.redirect:
+    # (Not a request a trusted proxy says came over HTTPS: it ended TLS itself.)
+    if listener is HTTP and exposure.redirect and shared.tls_listening and ex.proto != "https":
         raise endpoints.to_https(shared, request, exposure.redirect_port)
     table = ex.snapshot.table
     host = routetable.request_host(request.headers.get("Host")) if table.by_host else ""

@@ -202,3 +202,41 @@ async def test_health_reports_a_jwks_that_cannot_be_fetched(upstream, gateway, c
     assert body["status"] == "degraded"
     status, _, body = await answer(client, f"{gw.url}/api/city/x", bearer("a.b.c"))
     assert (status, body["error"]) == (401, "invalid_token")  # no keys: nothing verifies
+
+
+def test_a_jwks_url_over_plain_http_is_refused_but_to_loopback():
+    from gateway.config import ConfigError, parse_config  # noqa: PLC0415
+
+    def provider(url: str) -> str:
+        return routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1) + (
+            f"auth: {{providers: {{sso: {{algorithms: [ES256], jwks_url: '{url}'}}}}}}\n"
+        )
+
+    with pytest.raises(ConfigError, match=r"auth.providers.sso.jwks_url.*must be https://"):
+        parse_config(provider("http://sso.daarion.city/jwks.json"))
+    parse_config(provider("https://sso.daarion.city/jwks.json"))
+    parse_config(provider("http://127.0.0.1:9000/jwks.json"))
+
+
+async def test_a_wildcard_cors_is_no_reason_to_open_a_websocket(upstream, gateway, client):
+    up = await upstream(NODA1, handler=echo_ws)
+    text = routes({"city": f"{{port: {up.port}, nodes: [noda1], websocket: true}}"}, noda1=NODA1)
+    gw = await gateway(text + "cors: {origins: ['*']}\n")
+    url = f"ws://127.0.0.1:{gw.port}/ws/city/rooms/1"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with client.ws_connect(url, origin="https://evil.test"):
+            pass
+    assert refused.value.status == 403
+    async with client.ws_connect(url, protocols=("chat",)) as ws:  # no Origin: not a browser
+        await ws.send_str("hi")
+        assert (await ws.receive(timeout=5)).data == "echo hi"
+
+
+async def test_a_role_with_a_comma_never_reaches_the_service_as_two(upstream, gateway, client):
+    up = await upstream(NODA1)
+    gw = await gateway(config(up.port, "required"))
+    good = token(roles=["citizen", "user,admin"], email="olena\udcff@daarion.city")
+    status, _, _ = await answer(client, f"{gw.url}/api/city/x", bearer(good))
+    assert status == 200
+    assert up.seen[-1].header("X-User-Roles") == "citizen"
+    assert up.seen[-1].header("X-User-Email") == "olena@daarion.city"  # no lone surrogate

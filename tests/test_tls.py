@@ -412,3 +412,19 @@ async def test_rate_limits_and_failover_hold_over_https(upstream, gateway, clien
         assert r.status == 429
         assert r.headers["Strict-Transport-Security"] == "max-age=31536000"
         assert (await r.json())["error"] == "rate_limited"
+
+
+async def test_no_redirect_for_what_a_trusted_proxy_says_came_over_https(gateway, ca, tmp_path):
+    files = write_cert(ca, tmp_path, *GATEWAY_NAMES)
+    text = tls_config(1, files, extra="trusted_proxies: [127.0.0.0/8]\n")
+    gw = await gateway(text)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /health/x HTTP/1.1\r\nHost: gateway.test\r\nX-Forwarded-Proto: https\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    head = (await reader.read()).decode("latin-1")
+    writer.close()
+    assert not head.startswith("HTTP/1.1 308")  # TLS ended at the proxy: no 308 loop
+    status, _ = await raw_get(gw.port, "/x", "gateway.test")  # the proxy said nothing: 308
+    assert status == 308

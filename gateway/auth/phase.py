@@ -11,11 +11,12 @@ end it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
 from ..errors import GatewayError
-from .tokens import AuthFailed
+from .tokens import AuthFailed, Identity
 
 if TYPE_CHECKING:
     from ..config.types import Auth
@@ -36,34 +37,51 @@ def authenticate(
     if auth is None or authenticator is None:  # load_config refuses auth without providers
         raise GatewayError(500, "internal_error", "authentication is not configured")
     token, query = _token(ex, auth, query, websocket)
-    count = shared.metrics.auth.labels
+    count = shared.metrics.count_auth
     if token is None:
         if not policy.required:
-            count(ex.service, "anonymous").inc()
+            count(ex.service, "anonymous")
             return query
-        count(ex.service, "missing_token").inc()
+        count(ex.service, "missing_token")
         raise _unauthorized(auth.realm, "missing_token", "a bearer token is needed", None)
     try:
         identity = authenticator.verify(token, policy.providers)
     except AuthFailed as failed:
-        count(ex.service, failed.code).inc()
+        count(ex.service, failed.code)
         raise _unauthorized(auth.realm, failed.code, failed.message, "invalid_token") from None
     if policy.roles is not None and policy.roles.isdisjoint(identity.roles):
-        count(ex.service, "insufficient_scope").inc()
+        count(ex.service, "insufficient_scope")
         raise GatewayError(
             403,
             "insufficient_scope",
             "the token has none of the roles this route needs",
             headers={"WWW-Authenticate": _challenge(auth.realm, "insufficient_scope")},
         )
-    count(ex.service, "ok").inc()
+    count(ex.service, "ok")
     ex.user = identity.subject
-    ex.identity_headers = tuple(
+    ex.identity_headers = _identity_headers(identity, auth.identity_headers)
+    return query
+
+
+# The identity headers of the identities verified lately (a cached token gives the same
+# Identity object each time): built once, not per request. Bounded; keyed by the object.
+_BUILT: dict[int, tuple[Identity, Mapping[str, str], tuple[tuple[str, str], ...]]] = {}
+_BUILT_KEPT: Final = 10_000
+
+
+def _identity_headers(identity: Identity, names: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    built = _BUILT.get(id(identity))
+    if built is not None and built[0] is identity and built[1] is names:
+        return built[2]
+    headers = tuple(
         (header, _header_value(identity.claims[claim]))
-        for claim, header in auth.identity_headers.items()
+        for claim, header in names.items()
         if identity.claims.get(claim) is not None
     )
-    return query
+    if len(_BUILT) >= _BUILT_KEPT:
+        _BUILT.clear()
+    _BUILT[id(identity)] = (identity, names, headers)
+    return headers
 
 
 def _token(ex: Exchange, auth: Auth, query: str, websocket: bool) -> tuple[str | None, str]:
@@ -110,8 +128,14 @@ def _take_param(query: str, name: str) -> tuple[str | None, str]:
 
 
 def _header_value(value: object) -> str:
-    """A claim as a header value: lists joined by commas; never a line break."""
-    text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    """A claim as a header value: a list's items joined by commas (an item holding a comma is
+    left out: a service splitting the list would read it as two), no control characters,
+    nothing that cannot be written as UTF-8 (a lone surrogate in a signed claim)."""
+    if isinstance(value, (list, tuple)):
+        text = ",".join(item for item in map(str, value) if "," not in item)
+    else:
+        text = str(value)
+    text = text.encode("utf-8", "ignore").decode("utf-8")
     return "".join(ch for ch in text if ch >= " " and ch != "\x7f")
 
 

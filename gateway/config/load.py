@@ -4,7 +4,9 @@ the types cannot express, and the JSON Schema of the whole file."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,12 @@ def _usable(
                 problems.append((f"{where}.port", f"{bound.port} is also {other}'s port"))
                 break
     for name, provider in auth.providers.items() if auth is not None else ():
+        if provider.jwks_url is not None and not _trusted_transport(provider.jwks_url):
+            problems.append((
+                f"auth.providers.{name}.jwks_url",
+                "must be https:// (plain http only to loopback): whoever sits on the path "
+                "could hand the gateway keys of their own",
+            ))  # fmt: skip
         shortest = max((HMAC_KEY_BYTES.get(a, 0) for a in provider.algorithms), default=0)
         if provider.secret is not None and len(provider.secret.encode()) < shortest:
             problems.append((
@@ -148,6 +156,20 @@ def _usable(
         elif node.tls.cert is not None and node.tls.key is not None:
             problems += _file_problem(f"{base}.cert", read_pair, node.tls.cert, node.tls.key)
     return problems
+
+
+def _trusted_transport(url: str) -> bool:
+    """An https:// URL, or an http:// one to this machine."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "https":
+        return True
+    host = parsed.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _file_problem(where: str, check: Any, *paths: str) -> list[tuple[str, str]]:

@@ -169,6 +169,11 @@ class AcmeManager:
         self._next_order = 0.0  # not before this (now's clock): the backoff
 
     @property
+    def settings(self) -> Acme:
+        """What this manager orders for (a reload does not change it: a restart does)."""
+        return self._settings
+
+    @property
     def state(self) -> State:
         """valid: a certificate for every domain, not expired, is in ``cert_paths``; failed:
         none is, and this process's last order failed (``last_error``); pending: none is yet

@@ -70,6 +70,7 @@ class ConnectionTable:
         self._per_address: dict[str, int] = {}
         self._idle: OrderedDict[Held, None] = OrderedDict()
         self._heads: OrderedDict[Held, float] = OrderedDict()  # when each head began
+        self._fresh: set[Held] = set()  # admitted, and no byte of a request yet
         # (reason, address) -> when its last line was logged, how many were refused since
         self._refused: dict[tuple[str, str], tuple[float, int]] = {}
 
@@ -82,6 +83,11 @@ class ConnectionTable:
     @property
     def idle_count(self) -> int:
         return len(self._idle)
+
+    @property
+    def fresh(self) -> int:
+        """Connections accepted that have not sent a byte yet (a stop waits for them)."""
+        return len(self._fresh)
 
     @property
     def heads(self) -> int:
@@ -110,6 +116,7 @@ class ConnectionTable:
         self._address[conn] = address
         self._per_address[address] = held + 1
         self._idle[conn] = None
+        self._fresh.add(conn)
         return True
 
     def release(self, conn: Held) -> None:
@@ -124,6 +131,7 @@ class ConnectionTable:
             del self._per_address[address]
         self._idle.pop(conn, None)
         self._heads.pop(conn, None)
+        self._fresh.discard(conn)
 
     # -- between requests and in a head ----------------------------------------------------
 
@@ -135,6 +143,7 @@ class ConnectionTable:
     def busy(self, conn: Held) -> None:
         """A head began (bytes came): no longer idle."""
         self._idle.pop(conn, None)
+        self._fresh.discard(conn)
 
     def head_started(self, conn: Held) -> None:
         """A head spans reads: the header timeout runs from now."""

@@ -81,6 +81,9 @@ def same_origin(origin: str, host: str | None, scheme: str) -> bool:
     return parsed is not None and own is not None and parsed[1:] == own
 
 
+ORIGINS_KEPT: Final = 1024  # Origins whose answer headers are remembered, per policy
+
+
 @dataclass(frozen=True, slots=True)
 class Added:
     """What the gateway adds to one answer: CORS's headers, replacing whatever
@@ -137,6 +140,8 @@ class CorsPolicy:
     allow_methods: str = field(init=False)
     refused: Added = field(init=False)  # no Origin, or one not allowed
     star: Added | None = field(init=False)  # "*" (never with credentials): one answer for all
+    # added() by Origin: a browser app sends the same one on every call (bounded).
+    _by_origin: dict[str, Added] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -144,14 +149,16 @@ class CorsPolicy:
         set_(self, "refused", Added((), self.defaults))
         star = self.any and not self.credentials
         set_(self, "star", Added(self._simple("*"), self.defaults) if star else None)
+        set_(self, "_by_origin", {})
 
-    def allows(self, origin: str) -> bool:
+    def allows(self, origin: str, *, named: bool = False) -> bool:
+        """Whether ``origin`` is allowed; ``named``: by an exact or wildcard entry, not "*"."""
         if origin == "null":
             return self.null
         parsed = parse_origin(origin)
         if parsed is None:
             return False
-        if self.any or parsed in self.exact:
+        if (self.any and not named) or parsed in self.exact:
             return True
         scheme, host, port = parsed
         return any(
@@ -161,11 +168,21 @@ class CorsPolicy:
 
     def added(self, origin: str | None) -> Added:
         """What an answer (not a preflight's) to a request from ``origin`` gets."""
-        if origin is None or not self.allows(origin):
+        if origin is None:
             return self.refused
-        if self.star is not None and origin != "null":
-            return self.star
-        return Added(self._simple(origin), self.defaults)
+        known = self._by_origin.get(origin)
+        if known is not None:
+            return known
+        if not self.allows(origin):
+            added = self.refused
+        elif self.star is not None and origin != "null":
+            added = self.star
+        else:
+            added = Added(self._simple(origin), self.defaults)
+        if len(self._by_origin) >= ORIGINS_KEPT:  # random Origins cannot grow it
+            self._by_origin.clear()
+        self._by_origin[origin] = added
+        return added
 
     def _simple(self, allow_origin: str) -> tuple[tuple[str, str], ...]:
         headers = [(ALLOW_ORIGIN, allow_origin)]

@@ -131,7 +131,10 @@ class Certificates:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.watch_interval)
-            self.refresh(settle=True)
+            try:
+                self.refresh(settle=True)
+            except Exception:  # a bug must not end the checks: logged, tried again next time
+                log.exception("checking the certificate files failed")
 
     def report(self, now: float | None = None) -> dict[str, dict[str, object]]:
         """Each served certificate by its first name: days left, where it comes from."""
@@ -147,8 +150,11 @@ class Certificates:
         }
 
     def degraded(self, now: float | None = None) -> bool:
-        """Whether a placeholder is served, or a certificate ends within a week."""
+        """Whether a placeholder is served, a source serves nothing, or a certificate ends
+        within a week."""
         now = time.time() if now is None else now
+        if len(self._served) < len(self._sources):
+            return True
         return any(s.placeholder or s.not_after - now < EXPIRING_DAYS * 86400 for s in self._served)
 
     # -- internals -----------------------------------------------------------------------
@@ -201,6 +207,8 @@ class Certificates:
             )
             if replacing:
                 self._metrics.tls_reloads.labels("failure").inc()
+            if old is None and source.acme is not None:
+                return self._placeholder(source)  # ACME's files are there but do not load
             return old
         self._refused.pop(source, None)
         if old is not None:

@@ -62,6 +62,13 @@ class Forwarding:
     strip: frozenset[str] = IDENTITY  # identity header names (lower-case, '-'), removed
 
 
+@functools.lru_cache(maxsize=4096)
+def _spoofed(names: tuple[str, ...], trusted_peer: bool, strip: frozenset[str]) -> tuple[str, ...]:
+    """The names of a request's headers that ``spoofable`` removes. Requests of one client
+    send the same names in the same order: one lookup per request, not one per header."""
+    return tuple(name for name in names if spoofable(name, trusted_peer, strip))
+
+
 @functools.lru_cache(maxsize=1024)
 def spoofable(name: str, trusted_peer: bool, strip: frozenset[str]) -> bool:
     """Whether a client's header ``name`` is removed before forwarding: an identity header
@@ -107,12 +114,11 @@ def request_headers(
     if not underscores and "_" in "".join(incoming):
         for name in {name for name in headers if "_" in name}:
             del headers[name]
-    trusted, strip = forwarding.trusted_peer, forwarding.strip
-    for name in [name for name in headers if spoofable(name, trusted, strip)]:
+    for name in _spoofed(tuple(headers), forwarding.trusted_peer, forwarding.strip):
         if name in headers:
             del headers[name]
     peer = request.remote or ""
-    prior = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted else ""
+    prior = ", ".join(incoming.getall("X-Forwarded-For", ())) if forwarding.trusted_peer else ""
     headers["Host"] = f"{target.host}:{target.port}"
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     headers["X-Forwarded-Proto"] = forwarding.proto

@@ -134,7 +134,9 @@ def _origin_allowed(ex: Exchange, route: Route, policy: WsPolicy) -> bool:
     return (
         origin is None
         or same_origin(origin, headers.get("Host"), ex.proto)
-        or (route.cors is not None and route.cors.allows(origin))
+        # A CORS "*" says any page may read credential-less answers; a handshake carries
+        # the visitor's cookies: it needs an origin the CORS section names.
+        or (route.cors is not None and route.cors.allows(origin, named=True))
     )
 
 
