@@ -428,3 +428,16 @@ async def test_no_redirect_for_what_a_trusted_proxy_says_came_over_https(gateway
     assert not head.startswith("HTTP/1.1 308")  # TLS ended at the proxy: no 308 loop
     status, _ = await raw_get(gw.port, "/x", "gateway.test")  # the proxy said nothing: 308
     assert status == 308
+
+
+def test_a_tls_section_needs_certificates_or_acme_and_a_disabled_one_needs_neither():
+    from gateway.config import ConfigError, parse_config  # noqa: PLC0415
+
+    base = routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1)
+    with pytest.raises(ConfigError, match=r"tls .*needs certificates, or acme \(enabled\)"):
+        parse_config(base + "tls: {listen: {port: 8443}}\n")
+    with pytest.raises(ConfigError, match=r"needs certificates, or acme"):
+        parse_config(base + "tls: {acme: {domains: [gateway.test], enabled: false}}\n")
+    config = parse_config(base + "tls: {enabled: false}\n")  # GATEWAY_TLS=false: nothing asked
+    assert config.tls is not None
+    assert not config.tls.enabled
