@@ -264,13 +264,18 @@ class Gateway:
             metrics.config_ok.set(0)
             log.error(  # noqa: TRY400 - a bad file is not a bug: no traceback
                 "config reload rejected; still serving the previous config",
-                extra={"fields": {"config": self.config_path, "problems": problems}},
+                extra={"fields": {"config": self.config_path, "problems": problems, **self._who()}},
             )
             return False
         metrics.config_reloads.labels("success").inc()
         metrics.config_ok.set(1)
-        log.info("config reloaded", extra={"fields": {"config": self.config_path}})
+        log.info("config reloaded", extra={"fields": {"config": self.config_path, **self._who()}})
         return True
+
+    def _who(self) -> dict[str, object]:
+        """Which process a lifecycle line is about (with --workers, several write one)."""
+        worker = self.shared.worker
+        return {"pid": os.getpid(), "worker": worker.index if worker is not None else None}
 
     def reload_certificates(self) -> None:
         """Serve the certificate files as they are now (those that changed and load)."""

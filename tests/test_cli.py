@@ -194,6 +194,8 @@ async def test_serve_reloads_on_sighup_and_keeps_the_last_good_config(serve, ups
     config.write_text(first + "  search: {port: 1, nodes: [noda9]}\n")
     proc.proc.send_signal(signal.SIGHUP)
     rejected = await proc.wait_for("config reload rejected; still serving the previous config")
+    assert rejected["pid"] == proc.proc.pid  # which process said it
+    assert rejected["worker"] is None
     assert rejected["level"] == "ERROR"
     assert any("unknown node 'noda9'" in p for p in rejected["problems"])
     async with client.get(url + "/api/city/b") as r:
