@@ -122,7 +122,6 @@ class Gateway:
                 shared.challenge = challenges.get
                 shared.acme = AcmeManager(tls.acme, shared.metrics, challenges)
                 self._in_background(shared.acme.run())
-            shared.tls_listening = True
             https = await self._listen(
                 HTTPS,
                 tls.listen.host,

@@ -73,10 +73,9 @@ class Shared:
     # ACME's http-01 answers: the key authorization for a token, None for an unknown one.
     challenge: Callable[[str], bytes | None] | None = None
     https_port: int | None = None  # the HTTPS listener's port, for redirects
-    # The listeners this process runs (a reload that adds one takes effect at a restart: until
-    # then the plain listener neither redirects to a missing HTTPS one nor hides the admin
-    # endpoints behind a missing admin one).
-    tls_listening: bool = False
+    # Whether this process runs an admin listener (https_port: an HTTPS one). A reload that
+    # adds one takes effect at a restart: until then the plain listener neither redirects to
+    # a missing HTTPS listener nor hides the admin endpoints behind a missing admin one.
     admin_listening: bool = False
     acme: AcmeManager | None = None  # orders and renews tls.acme's certificate
     authenticator: Authenticator | None = None  # verifies tokens (config.auth)

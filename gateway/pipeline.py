@@ -127,7 +127,12 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     if listener is ADMIN:
         raise endpoints.NOT_FOUND
     # (Not a request a trusted proxy says came over HTTPS: it ended TLS itself.)
-    if listener is HTTP and exposure.redirect and shared.tls_listening and ex.proto != "https":
+    if (
+        listener is HTTP
+        and exposure.redirect
+        and shared.https_port is not None
+        and ex.proto != "https"
+    ):
         raise endpoints.to_https(shared, request, exposure.redirect_port)
     table = ex.snapshot.table
     host = routetable.request_host(request.headers.get("Host")) if table.by_host else ""

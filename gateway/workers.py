@@ -41,8 +41,8 @@ _WAITED: Final = {*_FORWARDED, signal.SIGCHLD}
 RESPAWN_DELAY: Final = 1.0  # after a worker that lived less than this
 _PR_SET_PDEATHSIG: Final = 1
 PEER_TIMEOUT: Final = 1.0
-# A worker's stop takes at most 5 s of WebSocket close handshakes + 10 s of drain: SIGKILL
-# after twice that.
+# A worker's stop takes lifecycle.drain_delay (5 s) + ws_drain (0) + 5 s of WebSocket close
+# handshakes + shutdown_timeout (10 s) with the defaults: SIGKILL after half as much again.
 STOP_GRACE: Final = 30.0  # for another worker's samples at a scrape
 
 

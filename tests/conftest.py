@@ -33,6 +33,7 @@ from .helpers import (
     RunningGateway,
     Seen,
     Upstream,
+    quick_stop,
     redis_answers,
 )
 
@@ -105,8 +106,7 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     async def start(config_text: str, config_path: str | None = None) -> RunningGateway:
         logs = io.StringIO()
         setup_logging(os.environ.get("TEST_LOG_LEVEL", "INFO"), logs)
-        if "lifecycle:" not in config_text:  # no drain phase at the stop of every test
-            config_text += "lifecycle: {drain_delay: 0}\n"
+        config_text = quick_stop(config_text)
         gw = Gateway(parse_config(config_text), config_path=config_path)
         # Every listener on a free port (the HTTPS and admin ones when configured).
         addresses = await gw.start("127.0.0.1", 0, ports={"https": 0, "admin": 0})

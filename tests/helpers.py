@@ -106,9 +106,7 @@ class RunningGateway:
         return [orjson.loads(line) for line in self.logs.getvalue().splitlines() if line]
 
 
-def routes(
-    services: dict[str, str], probes: bool = False, quick_stop: bool = True, **nodes: str
-) -> str:
+def routes(services: dict[str, str], probes: bool = False, **nodes: str) -> str:
     """A routes.yaml text: ``routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1)``.
     A node is its host, or its whole mapping (``"{host: 127.0.0.2, tls: {ca: ...}}"``).
 
@@ -121,9 +119,19 @@ def routes(
     )
     service_lines = "\n".join(f"  {name}: {body}" for name, body in services.items())
     health = "" if probes else "health: {enabled: false}\n"
-    # No drain phase at a stop: the tests that are about draining set lifecycle themselves.
-    lifecycle = "lifecycle: {drain_delay: 0}\n" if quick_stop else ""
-    return f"{health}{lifecycle}nodes:\n{node_lines}\nservices:\n{service_lines}\n"
+    # First, so that texts which get services appended (and reloaded) keep it.
+    return f"{health}{QUICK_STOP}nodes:\n{node_lines}\nservices:\n{service_lines}\n"
+
+
+# No drain phase at a stop: the gateways of the tests stop often. The tests about draining
+# replace it with their own.
+QUICK_STOP = "lifecycle: {drain_delay: 0}\n"
+
+
+def quick_stop(config_text: str) -> str:
+    """A config text (one not made by ``routes``) without a drain phase at its stop, unless it
+    sets lifecycle itself."""
+    return config_text if "lifecycle:" in config_text else QUICK_STOP + config_text
 
 
 def sample(text: str, series: str) -> float:

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from .helpers import BROKEN, NODA1, NODA2, SHIPPED, routes
+from .helpers import BROKEN, NODA1, NODA2, QUICK_STOP, SHIPPED, quick_stop, routes
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -163,7 +163,7 @@ async def serve(tmp_path) -> AsyncIterator[Callable[..., Awaitable[tuple[Process
 
     async def start(config_text: str, *args: str) -> tuple[Process, Path]:
         config = tmp_path / "routes.yaml"
-        config.write_text(config_text)
+        config.write_text(quick_stop(config_text))
         proc = await asyncio.create_subprocess_exec(
             *GATEWAY, "--config", str(config), "--host", "127.0.0.1", "--port", "0", *args,
             stdout=asyncio.subprocess.PIPE,
@@ -276,8 +276,8 @@ async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, l
 
 async def test_sigterm_drains_keep_alive_clients_without_losing_a_request(serve, upstream):
     up = await upstream(NODA1)
-    config = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, quick_stop=False, noda1=NODA1)
-    proc, _ = await serve(config + "lifecycle: {drain_delay: 1.0}\n")
+    config = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1)
+    proc, _ = await serve(config.replace(QUICK_STOP, "lifecycle: {drain_delay: 1.0}\n"))
     port = await proc.port()
     stop = asyncio.Event()
     clients = [asyncio.create_task(keep_alive_client(port, stop)) for _ in range(10)]

@@ -17,15 +17,13 @@ from typing import Any, Final, Literal
 import jwt
 from jwt.types import Options
 
-from ..config.types import HMAC_ALGORITHMS, AuthProvider
+from ..config.types import HMAC_ALGORITHMS, HMAC_KEY_BYTES, AuthProvider
 
 MAX_TOKEN: Final = 8192  # bytes; a longer token is refused before any decoding
 # NumericDates beyond 9999-12-31 are refused: no real token lives that long, and the
 # comparisons stay within floats.
 MAX_DATE: Final = 253402300799
 
-# RFC 7518 3.2: an HMAC key at least as long as the hash output MUST be used.
-_HMAC_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 Code = Literal["invalid_token", "token_expired"]
 
@@ -151,7 +149,7 @@ class Rules:
         self.symmetric = bool(self.algorithms & HMAC_ALGORITHMS)
         self.secret = (provider.secret or "").encode()
         if self.symmetric:
-            short = [a for a in sorted(self.algorithms) if len(self.secret) < _HMAC_BYTES[a]]
+            short = [a for a in sorted(self.algorithms) if len(self.secret) < HMAC_KEY_BYTES[a]]
             if short:
                 raise ValueError(
                     f"auth provider {name}: the secret is too short for {', '.join(short)} "

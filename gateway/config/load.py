@@ -16,6 +16,8 @@ import yaml
 from ..certs import CertError, check_ca, read_pair
 from .schema_export import json_schema
 from .types import (
+    HMAC_ALGORITHMS,
+    HMAC_KEY_BYTES,
     NONE,
     REDIS_SCHEMES,
     RESERVED_SERVICE_NAMES,
@@ -340,10 +342,6 @@ def _redis_problems(redis: Any) -> list[tuple[str, str]]:
     return []
 
 
-HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 3.2: the hash's size
-HMAC = frozenset(HMAC_KEY_BYTES)
-
-
 def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     """Providers that cannot verify what they accept, and services naming what is not there."""
     problems: list[tuple[str, str]] = []
@@ -357,16 +355,16 @@ def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
         algorithms = provider.get("algorithms")
         algorithms = set(algorithms) if isinstance(algorithms, list) else set()
         keyed = [k for k in ("jwks_url", "jwks_file") if provider.get(k) is not None]
-        if algorithms & HMAC and algorithms - HMAC:
+        if algorithms & HMAC_ALGORITHMS and algorithms - HMAC_ALGORITHMS:
             problems.append((f"{base}.algorithms", "HS* and asymmetric algorithms never together "
                              "(one key could then verify the other's tokens)"))  # fmt: skip
-        if algorithms & HMAC and provider.get("secret") is None:
+        if algorithms & HMAC_ALGORITHMS and provider.get("secret") is None:
             problems.append((base, "HS* tokens need a secret"))
-        if algorithms - HMAC and not keyed:
+        if algorithms - HMAC_ALGORITHMS and not keyed:
             problems.append((base, "asymmetric tokens need jwks_url or jwks_file"))
         if len(keyed) > 1:
             problems.append((base, "jwks_url or jwks_file, not both"))
-        if provider.get("secret") is not None and not algorithms & HMAC:
+        if provider.get("secret") is not None and not algorithms & HMAC_ALGORITHMS:
             problems.append((f"{base}.secret", "only HS* algorithms use a secret"))
     for where, rule in _auth_rules(data):
         mode = (

@@ -308,7 +308,9 @@ Algorithm = Literal[
     "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
     "ES256", "ES384", "ES512", "EdDSA",
 ]  # fmt: skip
-HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+# The HS* algorithms and the least secret each takes: its hash's size (RFC 7518 3.2).
+HMAC_KEY_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
+HMAC_ALGORITHMS: Final = frozenset(HMAC_KEY_BYTES)
 
 
 @dataclass(frozen=True)
