@@ -31,10 +31,10 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   rejects (``web_protocol._ErrInfo``).
 - ``site_server``: a site's listening server and TLS context (``BaseSite``'s ``_server``,
   ``_ssl_context``), so that a stop can serve the connections its accept queue holds;
-- ``TlsSite``: a TCP site whose TLS handshakes time out (asyncio's ``ssl_handshake_timeout``,
-  which ``TCPSite`` does not pass on): its ``start`` is ``TCPSite.start`` with it, and reads
-  what that one reads (``TCPSite``'s ``_host``, ``_port``, ``_reuse_port``, ``_bound_port``;
-  ``BaseSite``'s ``_runner``, ``_ssl_context``, ``_backlog``, ``_server``).
+- ``HeldSite``: a site on an inherited listening socket whose TLS handshakes time out
+  (asyncio's ``ssl_handshake_timeout``, which aiohttp's sites do not pass on): its ``start``
+  is ``SockSite.start`` with it, and reads what that one reads (``BaseSite``'s ``_runner``,
+  ``_ssl_context``, ``_backlog``, ``_server``).
 
 The build is locked (``requirements/``), so an aiohttp upgrade is deliberate; ``missing()``
 lists what of the above an installed aiohttp no longer has, and a unit test fails with that
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -71,7 +72,6 @@ _SLOTS = (
     (web.RequestHandler, "_next_keepalive_close_time"),
     (base_protocol.BaseProtocol, "_upgraded"),
     (base_protocol.BaseProtocol, "_loop"),
-    *((web.TCPSite, name) for name in ("_host", "_port", "_bound_port", "_reuse_port")),
     *((web.BaseSite, name) for name in ("_runner", "_ssl_context", "_backlog", "_server")),
 )
 
@@ -82,28 +82,35 @@ def site_server(site: web.BaseSite) -> tuple[asyncio.AbstractServer | None, ssl.
     return site._server, site._ssl_context
 
 
-class TlsSite(web.TCPSite):
-    """aiohttp's TCP site with a TLS handshake timeout of its own (``TCPSite`` leaves
-    asyncio's 60 s): a client that connects and does not finish its handshake in time is
-    closed. Its ``start`` is ``TCPSite.start`` with that one argument more."""
+class HeldSite(web.BaseSite):
+    """A site on a listening socket made elsewhere (the supervisor's, inherited: see
+    ``lifecycle/listeners.py``), with a TLS handshake timeout of its own where it has a TLS
+    context (aiohttp's sites leave asyncio's 60 s): a client that connects and does not
+    finish its handshake in time is closed. Its ``start`` is ``SockSite.start`` with that one
+    argument more; it sets what ``BaseSite`` reads (``_runner``, ``_ssl_context``,
+    ``_backlog``, ``_server``)."""
 
-    __slots__ = ("_handshake_timeout",)
+    __slots__ = ("_handshake_timeout", "_name", "_sock")
 
     def __init__(
         self,
         runner: web.BaseRunner,
-        host: str,
-        port: int,
+        sock: socket.socket,
         *,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | None,
         handshake_timeout: float,
         backlog: int,
-        reuse_port: bool,
     ) -> None:
-        super().__init__(
-            runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port
-        )
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._sock = sock
         self._handshake_timeout = handshake_timeout
+        host, port = sock.getsockname()[:2]
+        scheme = "https" if ssl_context is not None else "http"
+        self._name = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
@@ -112,15 +119,11 @@ class TlsSite(web.TCPSite):
             raise RuntimeError("the runner is not set up")
         self._server = await asyncio.get_running_loop().create_server(
             server,
-            self._host,
-            self._port,
+            sock=self._sock,
             ssl=self._ssl_context,
-            ssl_handshake_timeout=self._handshake_timeout,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
             backlog=self._backlog,
-            reuse_port=self._reuse_port,
         )
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
 def protocol_factory(server: web.Server, cls: Callable[..., H]) -> Callable[[], H]:

@@ -16,27 +16,28 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from . import endpoints, logs, pipeline
-from .aiohttp_private import TlsSite, keep_raw_header_bytes, site_server
+from .aiohttp_private import HeldSite, keep_raw_header_bytes, site_server
 from .auth import Authenticator
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, digest, parse_config
 from .config.types import Acme
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
 from .edge.acme import AcmeManager, ChallengeStore
 from .edge.connections import ConnectionTable
 from .edge.tls import Certificates, Source, acme_source
+from .lifecycle.listeners import BACKLOG, bind
 from .metrics import GATEWAY, Metrics
 from .ratelimit.local import LocalLimiter
 from .ratelimit.shared import RedisLimiter
 from .ratelimit.zones import Limiter
 from .server import SERVER_LIMITS, Server
-from .snapshot import compile_snapshot
+from .snapshot import Snapshot, compile_snapshot
 from .upstream.balancer import Balancer
 from .upstream.health import HealthBook
 from .upstream.http import UpstreamClient
@@ -51,7 +52,14 @@ ACCEPTED_GRACE = 0.25  # seconds a connection accepted as the listeners close ge
 
 
 class Gateway:
-    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        config_text: str | None = None,
+        generation: int = 1,
+    ) -> None:
         self.config_path = config_path
         metrics = Metrics()
         snapshot = compile_snapshot(config)
@@ -65,7 +73,16 @@ class Gateway:
             upstream=UpstreamClient(),
             connections=ConnectionTable(metrics, lambda: self.shared.snapshot.edge),
         )
+        # Which config this process serves: the hash of its text (of its repr when the
+        # config was not read from a text, as in tests that build one).
+        self.shared.generation = generation
+        self.shared.config_hash = digest(config_text if config_text is not None else repr(config))
+        # A reload's config, its hash and its snapshot, from prepare() until commit().
+        self._prepared: tuple[Config, str, Snapshot] | None = None
+        metrics.serving_config(self.shared.config_hash)
+        metrics.generation.set(generation)
         self._runners: list[web.ServerRunner] = []  # one per listener
+        self._waiting: list[web.BaseSite] = []  # sites set up, not yet accepting
         self.bound: dict[str, Any] = {}  # each listener's address, by its name
         self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
         self._background: set[asyncio.Task[None]] = set()
@@ -81,34 +98,47 @@ class Gateway:
         worker: Worker | None = None,
         *,
         ports: Mapping[str, int] | None = None,
+        sockets: Mapping[str, Sequence[socket.socket]] | None = None,
+        accept: bool = True,
     ) -> list[Any]:
-        """Open the upstream client and listen: the plain listener (on ``host`` and ``port``
-        when given), the HTTPS one and the admin one when configured (on ``ports[name]``
-        when given: 0 takes a free port). Returns the plain listener's addresses; ``bound``
-        has every listener's. A ``worker`` shares the ports with the others and serves its
-        metrics to them."""
+        """Open the upstream client, the limiter and the probes, and listen: the plain
+        listener (on ``host`` and ``port`` when given), the HTTPS one and the admin one when
+        configured (on ``ports[name]`` when given: 0 takes a free port). ``sockets``: the
+        listening sockets by listener name, made by the supervisor (a listener missing there
+        is bound here). ``accept=False``: everything but accepting, which ``accept()`` then
+        starts (a new generation accepts only once all of it has started). Returns the plain
+        listener's addresses; ``bound`` has every listener's. A ``worker`` serves its metrics
+        to the other workers."""
         shared = self.shared
         config = shared.snapshot.config
         ports = ports or {}
+        held = sockets or {}
+        reuse = worker is not None and len(worker.sockets) > 1
+
+        def sockets_of(listener: Listener, where: str, at: int) -> Sequence[socket.socket]:
+            found = held.get(listener.name)
+            return found if found else bind(where, at, reuse_port=reuse)
+
         keep_raw_header_bytes()  # obs-text in a header reaches the upstream byte for byte
         shared.upstream.open(config.upstream_keepalive_timeout)
         await shared.limiter.start()
         if config.auth is not None:
             shared.authenticator = Authenticator(config.auth)
             await shared.authenticator.start()
-        prober = Prober(
+        prober = self.prober = Prober(
             lambda: self.shared.snapshot, shared.upstream.session, shared.health, shared.metrics
         )
         self._in_background(prober.run())
         self._in_background(Keepalive(shared).run())
         self._in_background(shared.connections.run())
-        reuse = worker is not None
         listen = config.listen
         plain = await self._listen(
             HTTP,
-            host if host is not None else listen.host,
-            port if port is not None else listen.port,
-            reuse,
+            sockets_of(
+                HTTP,
+                host if host is not None else listen.host,
+                port if port is not None else listen.port,
+            ),
         )
         tls = config.tls
         if tls is not None and tls.enabled:
@@ -116,40 +146,47 @@ class Gateway:
             certificates.configure(tls_sources(config), tls.min_version)
             self._in_background(certificates.watch())
             if tls.acme is not None and tls.acme.enabled:
-                # In every worker (after the fork): the one holding the storage's lock orders,
-                # the others answer challenges from the same files and load what it stores.
+                # In every worker: the one holding the storage's lock orders, the others
+                # answer challenges from the same files and load what it stores.
                 challenges = ChallengeStore(tls.acme.storage)
                 shared.challenge = challenges.get
                 shared.acme = AcmeManager(tls.acme, shared.metrics, challenges)
                 self._in_background(shared.acme.run())
             https = await self._listen(
                 HTTPS,
-                tls.listen.host,
-                ports.get(HTTPS.name, tls.listen.port),
-                reuse,
+                sockets_of(HTTPS, tls.listen.host, ports.get(HTTPS.name, tls.listen.port)),
                 tls=(certificates.context, tls.handshake_timeout),
             )
             shared.https_port = https[0][1]
         if config.admin.listen is not None:
             admin = config.admin.listen
-            await self._listen(ADMIN, admin.host, ports.get(ADMIN.name, admin.port), reuse)
+            await self._listen(
+                ADMIN, sockets_of(ADMIN, admin.host, ports.get(ADMIN.name, admin.port))
+            )
             shared.admin_listening = True
         if worker is not None:
             shared.worker = worker
             self._samples = web.ServerRunner(web.Server(self._own_samples), handle_signals=False)
             await self._samples.setup()
             await web.UnixSite(self._samples, worker.own_socket).start()
+        if accept:
+            await self.accept()
         return plain
+
+    async def accept(self) -> None:
+        """Start accepting on every listener."""
+        waiting, self._waiting = self._waiting, []
+        for site in waiting:
+            await site.start()
 
     async def _listen(
         self,
         listener: Listener,
-        host: str,
-        port: int,
-        reuse_port: bool,
+        sockets: Sequence[socket.socket],
         tls: tuple[ssl.SSLContext, float] | None = None,
     ) -> list[Any]:
-        """Serve ``listener`` on ``host:port`` (``tls``: its context and handshake timeout)."""
+        """Serve ``listener`` on ``sockets`` (``tls``: its context and handshake timeout),
+        from ``accept()`` on."""
         shared = self.shared
         # pipeline.handle bound with a C-level partial: no extra coroutine frame per request.
         handler = functools.partial(pipeline.handle, shared, listener)
@@ -171,21 +208,17 @@ class Gateway:
         )
         await runner.setup()
         self._runners.append(runner)
-        site: web.TCPSite
-        if tls is not None:
-            site = TlsSite(
-                runner,
-                host,
-                port,
-                ssl_context=tls[0],
-                handshake_timeout=tls[1],
-                backlog=1024,
-                reuse_port=reuse_port,
+        for sock in sockets:
+            self._waiting.append(
+                HeldSite(
+                    runner,
+                    sock,
+                    ssl_context=tls[0] if tls is not None else None,
+                    handshake_timeout=tls[1] if tls is not None else 0,
+                    backlog=BACKLOG,
+                )
             )
-        else:
-            site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port)
-        await site.start()
-        addresses = list(runner.addresses)
+        addresses = [sock.getsockname() for sock in sockets]
         self.bound[listener.name] = addresses[0]
         return addresses
 
@@ -194,37 +227,53 @@ class Gateway:
         body = orjson.dumps(self.shared.metrics.families())
         return web.Response(body=body, content_type="application/json")
 
-    async def stop(self) -> None:
+    async def stop(self, *, handover: bool = False) -> None:
         """Drain, then close. Phase 1 (``lifecycle.drain_delay``): keep accepting and serving,
         /health answering 503 and every answer saying ``Connection: close`` (a keep-alive
         connection ends right after an answer, never under a request a client may be
         writing). Then WebSocket sessions get ``ws_drain`` seconds to end, and 1001; phase 2:
         the listeners close, idle connections are closed, requests in flight get
-        ``shutdown_timeout`` to finish."""
+        ``shutdown_timeout`` to finish.
+
+        ``handover``: a newer generation accepts on the same sockets already. This one stops
+        accepting at once, and phase 1 ends as soon as its last connection has closed (each
+        after an answer); /health keeps its status, with ``draining``."""
         shared = self.shared
         lifecycle = shared.snapshot.config.lifecycle
         shared.draining = True
+        shared.handover = handover
         shared.drain_ends = shared.clock() + lifecycle.drain_delay
-        if lifecycle.drain_delay > 0:
+        if handover:
+            log.info(
+                "handing over: a newer generation accepts; this one closes each connection "
+                "after its next answer",
+                extra={"fields": {"seconds": lifecycle.drain_delay, **self.who()}},
+            )
+            await self.stop_accepting()
+            ends = time.monotonic() + lifecycle.drain_delay
+            while len(shared.connections) and time.monotonic() < ends:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        elif lifecycle.drain_delay > 0:
             log.info(
                 "draining: still serving, every answer closes its connection",
-                extra={"fields": {"seconds": lifecycle.drain_delay}},
+                extra={"fields": {"seconds": lifecycle.drain_delay, **self.who()}},
             )
             await asyncio.sleep(lifecycle.drain_delay)
         ends = time.monotonic() + lifecycle.ws_drain
         while shared.sessions and time.monotonic() < ends:  # noqa: ASYNC110 - once, at a stop
             await asyncio.sleep(0.05)
         await shut_down(shared.sessions)  # 1001 to both legs of every session
-        # Every listener stops accepting at once. A connection accepted just before may not
-        # have sent its request yet: such connections get up to ACCEPTED_GRACE for it to
-        # arrive (and be answered, with Connection: close) before idle connections are
-        # closed; requests in flight on any listener then get the same shutdown_timeout.
-        for runner in self._runners:
-            for site in list(runner.sites):
-                await _stop_site(runner, site)
-        grace_ends = time.monotonic() + ACCEPTED_GRACE
-        while shared.connections.fresh and time.monotonic() < grace_ends:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        if not handover:
+            # Every listener stops accepting at once. A connection accepted just before may
+            # not have sent its request yet: such connections get up to ACCEPTED_GRACE for it
+            # to arrive (and be answered, with Connection: close) before idle connections are
+            # closed; requests in flight on any listener then get the same shutdown_timeout.
+            for runner in self._runners:
+                for site in list(runner.sites):
+                    await _stop_site(runner, site)
+            grace_ends = time.monotonic() + ACCEPTED_GRACE
+            while shared.connections.fresh and time.monotonic() < grace_ends:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         if self._samples is not None:
             await self._samples.cleanup()
@@ -239,53 +288,103 @@ class Gateway:
             await shared.authenticator.close()
         logs.flush()
 
+    async def stop_accepting(self) -> None:
+        """Close this process's listening sockets, which another process holds too (the
+        supervisor's, a newer generation's): their queues stay, and are served there."""
+        self._waiting = []  # never started: their sockets close with the process
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+
     # -- configuration -----------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """SIGHUP: load the config file again and swap it in only if it is valid (returns
-        whether it was); read the certificate files again either way."""
-        self.reload_certificates()
+        """SIGHUP without a supervisor: load the config file again and swap it in only if it
+        is valid (returns whether it was); read the certificate files again either way."""
         if self.config_path is None:
+            self.reload_certificates()
             return False
-        metrics = self.shared.metrics
         try:
-            config = load_config(self.config_path)
-            self.apply(config)
-        except (ConfigError, ssl.SSLError, OSError) as exc:
-            # ssl.SSLError, OSError: a node's TLS file changed between the check and the
-            # compile; the previous snapshot is still the one served.
-            problems = (
-                [str(p) for p in exc.problems]
-                if isinstance(exc, ConfigError)
-                else [f"a TLS file changed while the config was loaded: {exc}"]
-            )
-            metrics.config_reloads.labels("failure").inc()
-            metrics.config_ok.set(0)
-            log.error(  # noqa: TRY400 - a bad file is not a bug: no traceback
+            with open(self.config_path, encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems = [f"cannot read the file: {exc}"]
+        else:
+            problems = self.prepare(text)
+        if problems:
+            self.abort()
+            log.error(
                 "config reload rejected; still serving the previous config",
-                extra={"fields": {"config": self.config_path, "problems": problems, **self._who()}},
+                extra={"fields": {"config": self.config_path, "problems": problems, **self.who()}},
             )
             return False
-        metrics.config_reloads.labels("success").inc()
-        metrics.config_ok.set(1)
-        log.info("config reloaded", extra={"fields": {"config": self.config_path, **self._who()}})
+        self.commit()
         return True
 
-    def _who(self) -> dict[str, object]:
+    def prepare(self, text: str) -> list[str]:
+        """A reload's first step: parse and compile ``text``; the problems, none when it can
+        be served (``commit`` then swaps it in, ``abort`` drops it)."""
+        try:
+            config = parse_config(text, self.config_path or "<config>")
+            snapshot = compile_snapshot(config)
+        except ConfigError as exc:
+            return [str(p) for p in exc.problems]
+        except (ssl.SSLError, OSError) as exc:
+            # A node's TLS file changed between the check and the compile.
+            return [f"a TLS file changed while the config was loaded: {exc}"]
+        self._prepared = (config, digest(text), snapshot)
+        return []
+
+    def commit(self) -> None:
+        """Serve the prepared config."""
+        if self._prepared is None:
+            raise RuntimeError("nothing prepared")
+        (config, self.shared.config_hash, snapshot), self._prepared = self._prepared, None
+        self.reload_certificates()
+        metrics = self.shared.metrics
+        self.apply(config, snapshot)
+        metrics.config_reloads.labels("success").inc()
+        metrics.config_ok.set(1)
+        metrics.serving_config(self.shared.config_hash)
+        log.info(
+            "config reloaded",
+            extra={
+                "fields": {
+                    "config": self.config_path,
+                    "hash": self.shared.config_hash,
+                    **self.who(),
+                }
+            },
+        )
+
+    def abort(self) -> None:
+        """A reload that is not served (this process's or another worker's config is
+        invalid): say so in the metrics; read the certificate files again anyway."""
+        self._prepared = None
+        self.reload_certificates()
+        self.shared.metrics.config_reloads.labels("failure").inc()
+        self.shared.metrics.config_ok.set(0)
+
+    def who(self) -> dict[str, object]:
         """Which process a lifecycle line is about (with --workers, several write one)."""
         worker = self.shared.worker
-        return {"pid": os.getpid(), "worker": worker.index if worker is not None else None}
+        return {
+            "pid": os.getpid(),
+            "worker": worker.index if worker is not None else None,
+            "generation": self.shared.generation,
+        }
 
     def reload_certificates(self) -> None:
         """Serve the certificate files as they are now (those that changed and load)."""
         if self.shared.certificates is not None:
             self.shared.certificates.refresh()
 
-    def apply(self, config: Config) -> None:
-        """Swap in a new config. Requests already running keep the snapshot they started with."""
+    def apply(self, config: Config, compiled: Snapshot | None = None) -> None:
+        """Swap in a new config (``compiled``: its snapshot, when made already). Requests
+        already running keep the snapshot they started with."""
         shared = self.shared
         old = shared.snapshot
-        new = compile_snapshot(config)
+        new = compiled if compiled is not None else compile_snapshot(config)
         restart = (
             "listen",
             "upstream_keepalive_timeout",

@@ -9,49 +9,35 @@ editors and CI, so they start with the config types and the standard library alo
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import dataclasses
-import gc
 import logging
 import os
-import resource
-import signal
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .config import Config, ConfigError, config_json_schema, load_config
+from .config import Config, ConfigError, config_json_schema, load_config, parse_config
 
 if TYPE_CHECKING:
-    from .app import Gateway
     from .routetable import Entry
     from .snapshot import Route
-    from .workers import Worker
 
 log = logging.getLogger("gateway")
 
-COMMANDS = ("serve", "check", "schema", "healthcheck")
-# The cyclic garbage collector's thresholds while serving (Python's are 700, 10, 10). Every
-# collection of the oldest generation walks every object of every open connection: with
-# 5,500 held connections that is a pause of about 80 ms, often enough with the defaults to
-# put p99 at 100 ms, and the young collections cost ~12 % of the CPU per request. Collecting
-# the young generation every 50,000 allocations instead of 700 lets most per-request objects
-# die by reference counting first, so fewer reach the old generation and it is collected
-# about once every 100 middle collections (bench/flood.py: p99 13 ms instead of 91 ms under
-# 5,500 held connections, 147 instead of 167 us of CPU per request, the same memory).
-GC_THRESHOLDS = (50_000, 20, 100)
+COMMANDS = ("serve", "check", "schema", "healthcheck", "restart", "worker", "preflight")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="daarion-gateway", description="The public entry of a DAARION node."
     )
-    sub = parser.add_subparsers(dest="command")
+    # worker and preflight are the supervisor's, not for people: left out of the help.
+    sub = parser.add_subparsers(dest="command", metavar="{serve,check,schema,healthcheck,restart}")
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument(
         "--config",
@@ -65,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         default=_positive(os.environ.get("GATEWAY_WORKERS", "1")),
         help="worker processes sharing the port (default: $GATEWAY_WORKERS, else 1)",
+    )
+    serve.add_argument(
+        "--pid-file",
+        help="where to write the pid, for restart (default: lifecycle.pid_file, else "
+        "daarion-gateway-<port>.pid in the temporary directory)",
     )
     serve.add_argument(
         "--log-level",
@@ -81,6 +72,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--port", type=int, help="port to probe (default: listen.port)")
     probe.add_argument("--timeout", type=float, default=5.0)
+    again = sub.add_parser(
+        "restart",
+        parents=[config],
+        help="start a new generation of the running gateway (newly installed code, the "
+        "config file as it is now) on its sockets; the old one drains",
+    )
+    again.add_argument("--pid-file", help="the gateway's pid file (default: from the config)")
+    again.add_argument("--port", type=int, help="its plain port (default: listen.port)")
+    again.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    # What the supervisor runs (not for people): a worker, and a restart's check.
+    worker = sub.add_parser("worker")
+    worker.add_argument("--control", type=int, required=True)
+    worker.add_argument("--log-level", default="INFO", type=str.upper)
+    sub.add_parser("preflight", parents=[config])
     return parser
 
 
@@ -104,7 +109,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode())
         sys.stdout.write("\n")
         return 0
+    if args.command in ("serve", "worker"):
+        from .logs import setup_logging  # noqa: PLC0415 - only these need the gateway loaded
+
+        setup_logging(args.log_level)
+        if args.command == "worker":
+            return _worker(args)
+        return _serve(config_path(args.config), args)
     path = config_path(args.config)
+    if args.command == "preflight":
+        return _preflight(path)
+    if args.command == "restart":
+        return restart(path, args.pid_file, args.port, args.timeout)
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -113,12 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         sys.stdout.write(summary(path, config))
         return 0
-    if args.command == "healthcheck":
-        return healthcheck(config, args.port, args.timeout)
-    from .logs import setup_logging  # noqa: PLC0415 - only serve needs the gateway loaded
-
-    setup_logging(args.log_level)
-    return _serve(config, path, args.host, args.port, args.workers)
+    return healthcheck(config, args.port, args.timeout)
 
 
 def summary(path: str, config: Config) -> str:
@@ -287,96 +298,103 @@ def healthcheck(config: Config, port: int | None, timeout: float) -> int:
     return 0 if status == 200 else 1
 
 
-def _serve(config: Config, path: str, host: str | None, port: int | None, workers: int) -> int:
-    if workers == 1:
-        return _serve_one(config, path, host, port, None)
-    from .workers import supervise  # noqa: PLC0415 - only serve --workers needs it
+def _serve(path: str, args: argparse.Namespace) -> int:
+    """``serve``: the supervisor and its workers (``lifecycle/``)."""
+    from .lifecycle import supervisor  # noqa: PLC0415 - only serve needs it
 
-    raise_open_files_limit()  # for the workers, which inherit it
-    try:
-        return supervise(
-            workers,
-            host if host is not None else config.listen.host,
-            port if port is not None else config.listen.port,
-            lambda worker, bound: _serve_one(_current(path, config), path, host, bound, worker),
-        )
-    except OSError as exc:
-        log.critical("cannot listen", extra={"fields": {"error": str(exc)}})
-        return 1
-
-
-def _current(path: str, started_with: Config) -> Config:
-    """The config file as it is now, for a worker started again after the others may have
-    reloaded it; the supervisor's (the first) when the file has become invalid since."""
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        log.error(  # noqa: TRY400 - a bad file is not a crash: its problems, no traceback
-            "config invalid; this worker serves the config the gateway started with",
-            extra={"fields": {"problems": str(exc).splitlines()}},
-        )
-        return started_with
-
-
-def _serve_one(
-    config: Config, path: str, host: str | None, port: int | None, worker: Worker | None
-) -> int:
-    from .app import Gateway  # noqa: PLC0415 - the whole gateway, for serve only
-
-    try:
-        import uvloop  # noqa: PLC0415 - optional: absent on platforms without it
-    except ImportError:  # pragma: no cover - uvloop is installed wherever it builds
-        runner = asyncio.run
+    state = supervisor.handed_over()
+    if state is not None:  # after a restart's exec: the previous program's options
+        options = supervisor.Options(**state["options"])
+        path = options.path
     else:
-        runner = uvloop.run
+        options = supervisor.Options(
+            path, args.workers, args.host, args.port, args.log_level, args.pid_file
+        )
+    texts = [_read(path)] + ([state["text"]] if state is not None else [])
+    problems: list[str] = []
+    for text in texts:
+        if text is None:
+            continue
+        try:
+            config = parse_config(text, path)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        return supervisor.run(options, text, config, state)
+    sys.stderr.write("\n".join(problems or [f"{path}: cannot read the file"]) + "\n")
+    return 2
+
+
+def _read(path: str) -> str | None:
     try:
-        runner(_run(Gateway(config, config_path=path), host, port, worker))
-    except OSError as exc:
-        log.critical("cannot listen", extra={"fields": {"error": str(exc)}})
-        return 1
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .lifecycle import worker  # noqa: PLC0415 - the whole gateway, for a worker only
+
+    return worker.main(args.control)
+
+
+def _preflight(path: str) -> int:
+    """What a restart runs before it replaces the supervisor's program: can the installed
+    code be imported, and does it accept the config file?"""
+    from .lifecycle import supervisor, worker  # noqa: F401, PLC0415 - importing is the check
+
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
     return 0
 
 
-def raise_open_files_limit() -> tuple[int, int]:
-    """Lift the soft limit on open files to the hard one (each WebSocket session holds two
-    sockets, each HTTP request in flight up to two). Returns (before, after)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            return soft, wanted
-    return soft, soft
+def restart(path: str, pid_file: str | None, port: int | None, timeout: float) -> int:
+    """``restart``: SIGUSR2 to the running gateway, then wait for how the restart ended."""
+    import signal  # noqa: PLC0415 - restart only
+    import time  # noqa: PLC0415
 
+    from .lifecycle.supervisor import pid_file_for  # noqa: PLC0415 - stdlib and config only
 
-async def _run(gateway: Gateway, host: str | None, port: int | None, worker: Worker | None) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-    _, open_files = raise_open_files_limit()
-    gc.set_threshold(*GC_THRESHOLDS)
-    addresses = await gateway.start(host, port, worker)
-    gc.freeze()  # what start-up made lives as long as the process: no collection need scan it
-    log.info(
-        "gateway started",
-        extra={
-            "fields": {
-                "pid": os.getpid(),
-                "worker": worker.index if worker is not None else None,
-                "listen": [f"{a[0]}:{a[1]}" for a in addresses],
-                "listeners": {name: f"{a[0]}:{a[1]}" for name, a in gateway.bound.items()},
-                "config": gateway.config_path,
-                "services": len(gateway.shared.snapshot.routes),
-                "open_files_limit": open_files,
-            }
-        },
-    )
+    if pid_file is None:
+        try:
+            pid_file = pid_file_for(load_config(path), port)
+        except ConfigError as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 2
     try:
-        await stop.wait()
-    finally:
-        log.info("gateway stopping: draining requests in flight")
-        with contextlib.suppress(asyncio.CancelledError):
-            await gateway.stop()
-        log.info("gateway stopped")
+        pid = int(Path(pid_file).read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        sys.stderr.write(f"no running gateway: {pid_file} names no process\n")
+        return 1
+    if b"gateway" not in cmdline:
+        sys.stderr.write(f"no running gateway: process {pid} in {pid_file} is another program\n")
+        return 1
+    before = _state(pid_file).get("restarts", 0)
+    os.kill(pid, signal.SIGUSR2)
+    sys.stdout.write(f"sent SIGUSR2 to the gateway (pid {pid}); waiting for the new generation\n")
+    ends = time.monotonic() + timeout
+    while time.monotonic() < ends:
+        outcome = _state(pid_file).get("last_restart") or {}
+        if outcome.get("n", 0) > before:
+            if outcome.get("ok"):
+                sys.stdout.write(f"restarted: generation {outcome['generation']} serves\n")
+                return 0
+            problems = "".join(f"\n  {p}" for p in outcome.get("problems", ()))
+            sys.stderr.write(f"restart failed, the running generation serves on: "
+                             f"{outcome.get('error')}{problems}\n")  # fmt: skip
+            return 1
+        time.sleep(0.1)
+    sys.stderr.write(f"no outcome within {timeout:g} s: see the gateway's log\n")
+    return 1
+
+
+def _state(pid_file: str) -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = orjson.loads(Path(pid_file + ".json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return state

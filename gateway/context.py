@@ -66,7 +66,10 @@ class Shared:
     sessions: set[Session] = field(default_factory=set)  # open WebSocket sessions
     clock: Callable[[], float] = time.monotonic
     started: float = field(default_factory=time.monotonic)
-    draining: bool = False
+    draining: bool = False  # stopping: every answer closes its connection
+    handover: bool = False  # ... because a newer generation serves (/health stays as it is)
+    generation: int = 1  # the gateway's: 1 at a start, one more at each restart (SIGUSR2)
+    config_hash: str = ""  # which config this process serves (config.digest of its text)
     drain_ends: float = 0.0  # while draining: when the listeners close (clock())
     worker: Worker | None = None  # serve --workers: which worker this process is
     certificates: Certificates | None = None  # what the HTTPS listener serves

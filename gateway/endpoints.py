@@ -49,7 +49,7 @@ async def metrics(shared: Shared, ex: Exchange) -> web.StreamResponse:
     if body is None:
         refresh_metrics(shared)
         every = None
-        if shared.worker is not None:
+        if shared.worker is not None and shared.worker.peers:
             every = await workers.peer_samples(shared.worker.peers)
             every[shared.worker.index] = shared.metrics.families()
         body, content_type = shared.metrics.render(accept, every)
@@ -166,7 +166,7 @@ def health_report(shared: Shared, *, admin: bool = False) -> dict[str, object]:
         dependencies.update(
             {f"jwks:{name}": state for name, state in shared.authenticator.state().items()}
         )
-    if shared.draining:
+    if shared.draining and not shared.handover:
         status = "unhealthy"
     elif (
         not {"disconnected", "stale"}.isdisjoint(dependencies.values())
@@ -181,12 +181,12 @@ def health_report(shared: Shared, *, admin: bool = False) -> dict[str, object]:
         "service": "gateway",
         "version": __version__,
         "uptime": int(shared.clock() - shared.started),
+        "generation": shared.generation,
+        "config_hash": shared.config_hash,
         "dependencies": dependencies,
         "nodes": nodes,
     }
-    if shared.draining:
-        report["draining"] = True
-        report["drain_left"] = max(0.0, round(shared.drain_ends - shared.clock(), 1))
+    report.update(_draining(shared))
     if admin and shared.certificates is not None:
         report["certificates"] = shared.certificates.report()
         if shared.acme is not None:
@@ -212,7 +212,17 @@ def upstreams_report(shared: Shared) -> dict[str, object]:
         }
         for name, route in shared.snapshot.routes.items()
     }
-    return {"services": services, "nodes": nodes}
+    report: dict[str, object] = {"services": services, "nodes": nodes}
+    report.update(_draining(shared))
+    return report
+
+
+def _draining(shared: Shared) -> dict[str, object]:
+    """``draining`` and ``drain_left`` (seconds until the listeners close) while stopping."""
+    if not shared.draining:
+        return {}
+    left = max(0.0, round(shared.drain_ends - shared.clock(), 1))
+    return {"draining": True, "drain_left": left, "handover": shared.handover}
 
 
 def _json(body: object, request_id: str, status: int = 200) -> web.Response:

@@ -122,6 +122,19 @@ class Metrics:
             registry=r,
         )
         self.config_ok.set(1)
+        self.config_info = self._labelled(
+            Gauge,
+            "gateway_config_info",
+            "1 for the config this process serves, by the hash of its text (the first 12 hex "
+            "digits of its SHA-256; /health's config_hash).",
+            ["hash"],
+        )
+        self.generation = Gauge(
+            "gateway_generation",
+            "The generation of the gateway this process belongs to: 1 at a start, one more "
+            "at each restart (SIGUSR2, daarion-gateway restart).",
+            registry=r,
+        )
         self.node_up = self._labelled(
             Gauge,
             "gateway_node_up",
@@ -245,6 +258,11 @@ class Metrics:
         metric = kind(name, documentation, labels, registry=self.registry, **options)
         self._label_names[id(metric)] = tuple(labels)
         return metric
+
+    def serving_config(self, digest: str) -> None:
+        """``gateway_config_info``: this one, and no other."""
+        self.config_info.clear()
+        self.config_info.labels(digest).set(1)
 
     def observe_request(
         self, service: str, route: str, method: str, status: int, seconds: float

@@ -36,6 +36,7 @@ from .helpers import (
     quick_stop,
     redis_answers,
 )
+from .processes import GATEWAY, Process
 
 
 async def _echo(request: web.Request) -> web.StreamResponse:
@@ -205,3 +206,31 @@ def node_process() -> Iterator[Callable[[str, str], NodeProcess]]:
     yield start
     for node in started:
         node.kill()
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[Process, Path]]]]:
+    procs: list[Process] = []
+
+    async def start(
+        config_text: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> tuple[Process, Path]:
+        """``serve`` with this config (and these arguments, this environment besides the
+        tests', in ``cwd``), on a free plain port, its pid file in tmp_path."""
+        env = env or {}
+        config = tmp_path / "routes.yaml"
+        config.write_text(quick_stop(config_text))
+        proc = await asyncio.create_subprocess_exec(
+            *GATEWAY, "--config", str(config), "--host", "127.0.0.1", "--port", "0",
+            "--pid-file", str(tmp_path / "gateway.pid"), *args,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, **env}, cwd=cwd,
+        )  # fmt: skip
+        procs.append(Process(proc, tmp_path / "gateway.pid"))
+        return procs[-1], config
+
+    yield start
+    for p in procs:
+        if p.proc.returncode is None:
+            p.proc.kill()  # workers (serve --workers) follow their supervisor
+        await p.proc.wait()
+        await asyncio.wait_for(p.finished(), 15)  # every process writing to the pipe is gone

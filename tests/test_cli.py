@@ -11,18 +11,14 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 from aiohttp import web
 
-from .helpers import BROKEN, NODA1, NODA2, QUICK_STOP, SHIPPED, quick_stop, routes
-
-GATEWAY = [sys.executable, "-m", "gateway"]
+from .helpers import BROKEN, NODA1, NODA2, QUICK_STOP, SHIPPED, routes
+from .processes import GATEWAY, get_on_new_connections, keep_alive_client
 
 
 def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
@@ -114,71 +110,6 @@ def test_console_script_is_the_same_program():
     assert result.stdout == run("check", "--config", str(SHIPPED)).stdout
 
 
-class Process:
-    """A ``daarion-gateway serve`` child whose JSON log lines are collected as they come."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[dict[str, Any]] = []
-        self._new = asyncio.Condition()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            async with self._new:
-                self.lines.append(orjson.loads(raw))
-                self._new.notify_all()
-
-    async def finished(self) -> None:
-        """The output's end: once every process holding the pipe has exited."""
-        await self._reader
-
-    async def wait_for(self, message: str, timeout: float = 10) -> dict[str, Any]:
-        return (await self.wait_for_all(message, 1, timeout))[0]
-
-    async def wait_for_all(
-        self, message: str, count: int, timeout: float = 10
-    ) -> list[dict[str, Any]]:
-        """The first ``count`` lines with this message, once there are that many."""
-
-        async def find() -> list[dict[str, Any]]:
-            async with self._new:
-                while True:
-                    found = [line for line in self.lines if line["message"] == message]
-                    if len(found) >= count:
-                        return found[:count]
-                    await self._new.wait()
-
-        return await asyncio.wait_for(find(), timeout)
-
-    async def port(self) -> int:
-        started = await self.wait_for("gateway started")
-        return int(started["listen"][0].rsplit(":", 1)[1])
-
-
-@pytest.fixture
-async def serve(tmp_path) -> AsyncIterator[Callable[..., Awaitable[tuple[Process, Path]]]]:
-    procs: list[Process] = []
-
-    async def start(config_text: str, *args: str) -> tuple[Process, Path]:
-        config = tmp_path / "routes.yaml"
-        config.write_text(quick_stop(config_text))
-        proc = await asyncio.create_subprocess_exec(
-            *GATEWAY, "--config", str(config), "--host", "127.0.0.1", "--port", "0", *args,
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        procs.append(Process(proc))
-        return procs[-1], config
-
-    yield start
-    for p in procs:
-        if p.proc.returncode is None:
-            p.proc.kill()  # workers (serve --workers) follow their supervisor
-        await p.proc.wait()
-        await asyncio.wait_for(p.finished(), 15)  # every process writing to the pipe is gone
-
-
 async def test_serve_reloads_on_sighup_and_keeps_the_last_good_config(serve, upstream, client):
     city = await upstream(NODA1)
     search = await upstream(NODA2)
@@ -245,35 +176,6 @@ async def test_sigterm_lets_requests_in_flight_finish(serve, upstream, client):
     await proc.wait_for("gateway stopped")
 
 
-async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, list[int]]:
-    """Requests back to back on keep-alive connections that honour ``Connection: close`` (and
-    then reconnect) until ``stop`` or a refused connection: (written, answered, statuses)."""
-    written = answered = 0
-    statuses: list[int] = []
-    while not stop.is_set():
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return written, answered, statuses  # the listener has closed
-        try:
-            while not stop.is_set():
-                writer.write(b"GET /api/city/x HTTP/1.1\r\nHost: gw\r\n\r\n")
-                written += 1
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return written, answered, statuses  # closed under a request: lost
-                length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
-                await reader.readexactly(length)
-                answered += 1
-                statuses.append(int(head.split()[1]))
-                if re.search(rb"(?i)\r\nconnection: close\r\n", head):
-                    break  # the gateway said so: a new connection for the next request
-        finally:
-            writer.close()
-    return written, answered, statuses
-
-
 async def test_sigterm_drains_keep_alive_clients_without_losing_a_request(serve, upstream):
     up = await upstream(NODA1)
     config = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1)
@@ -311,15 +213,6 @@ async def test_healthcheck_command_follows_the_health_status(gateway, tmp_path):
     gw.gateway.shared.draining = True  # /health answers 503
     draining = await asyncio.to_thread(run, *args)
     assert (draining.returncode, draining.stdout.split()[-1]) == (1, "503")
-
-
-async def get_on_new_connections(url: str, times: int) -> list[int]:
-    """Each GET on a connection of its own: the kernel spreads connections over workers."""
-    statuses = []
-    for _ in range(times):
-        async with aiohttp.ClientSession() as fresh, fresh.get(url) as response:
-            statuses.append(response.status)
-    return statuses
 
 
 async def test_workers_share_one_port_and_any_scrape_counts_them_all(serve, upstream, client):

@@ -49,10 +49,13 @@ async def test_health_follows_the_standards_format_and_rule(upstream, gateway, c
         "service": "gateway",
         "version": body["version"],
         "uptime": body["uptime"],
+        "generation": 1,  # beyond the standards' fields: which restart, which config
+        "config_hash": gw.gateway.shared.config_hash,
         "dependencies": {"city": "unknown", "search": "unknown"},
         "nodes": {"noda1": "online", "noda2": "online"},
     }
     assert isinstance(body["uptime"], int)
+    assert re.fullmatch("[0-9a-f]{12}", body["config_hash"])
 
     async with client.get(gw.url + "/api/city/x") as r:
         assert r.status == 200

@@ -5,7 +5,7 @@ Owns: what a valid config is. May import: the standard library, PyYAML and its o
 no other room of the gateway (everything else reads configs; configs read nothing).
 """
 
-from .load import ConfigError, config_json_schema, load_config, parse_config
+from .load import ConfigError, config_json_schema, digest, load_config, parse_config
 from .types import (
     DEFAULT_EJECTION,
     DEFAULT_HEALTH,
@@ -33,6 +33,7 @@ __all__ = [
     "RedisSettings",
     "Service",
     "config_json_schema",
+    "digest",
     "load_config",
     "parse_config",
     "service_settings",

@@ -4,6 +4,7 @@ the types cannot express, and the JSON Schema of the whole file."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import urllib.parse
@@ -49,6 +50,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [Problem("", f"cannot read the file: {exc}")]) from None
     return parse_config(text, source, env)
+
+
+def digest(text: str) -> str:
+    """Which config a process serves: the first 12 hex digits of its text's SHA-256."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def parse_config(

@@ -655,7 +655,8 @@ class Tls:
 
 @dataclass(frozen=True)
 class Lifecycle:
-    """How the gateway stops (SIGTERM, docker stop): drain first, then close."""
+    """How the gateway stops (SIGTERM, docker stop: drain first, then close) and restarts
+    (SIGUSR2, daarion-gateway restart: a new generation on the same sockets)."""
 
     drain_delay: Annotated[float, Range(min=0, max=300)] = doc(
         "Seconds the gateway keeps accepting and serving after SIGTERM, /health answering 503 "
@@ -670,6 +671,12 @@ class Lifecycle:
         "Seconds WebSocket sessions get to end on their own before they are closed with "
         "1001 (0: at once, when the listeners close).",
         0.0,
+    )
+    pid_file: FilePath | None = doc(
+        "Where serve writes its pid (and, beside it as .json, its generation and how the "
+        "last restart ended), which daarion-gateway restart reads; default: "
+        "daarion-gateway-<port>.pid in the temporary directory.",
+        None,
     )
 
 

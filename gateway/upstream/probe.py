@@ -63,14 +63,26 @@ class Prober:
         self._probing: set[tuple[str, str, str, int]] = set()  # probes under way
         self._running: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
+        self._first: set[asyncio.Task[None]] = set()  # the first round's probes
+        self._first_started = asyncio.Event()
 
     async def run(self) -> None:
         try:
+            first = self._round()
+            self._first = set(self._running)
+            self._first_started.set()
+            await asyncio.sleep(first)
             while True:  # noqa: ASYNC110 - a scheduler: it sleeps until the next probe is due
                 await asyncio.sleep(self._round())
         finally:
             for task in self._running:
                 task.cancel()
+
+    async def first_round(self) -> None:
+        """Until the probes of ``run``'s first round have answered or timed out (each within
+        its ``health.timeout``)."""
+        await self._first_started.wait()
+        await asyncio.gather(*self._first, return_exceptions=True)
 
     def _round(self) -> float:
         """Start the probes that are due; return the seconds until the next one is."""

@@ -144,7 +144,7 @@ def test_the_graph_is_read_as_documented() -> None:
     assert ("gateway.upstream.health", True) not in context  # under TYPE_CHECKING only
     assert ("gateway.upstream.health", False) in context
     cli = {(i.target, i.eager) for i in edges["gateway.cli"]}
-    assert ("gateway.app", False) in cli  # inside serve(), and under TYPE_CHECKING
+    assert ("gateway.lifecycle.supervisor", False) in cli  # inside _serve()
     assert ("gateway.config", True) in cli
     assert "gateway.upstream.failover" in gateway_edges("gateway.upstream.forward")
     assert "gateway.websocket.frames" in gateway_edges("gateway.websocket.session")  # from .frames
@@ -167,9 +167,32 @@ def test_no_import_cycle_among_the_gateways_modules() -> None:
     )
 
 
-def test_nothing_but_the_cli_imports_the_app() -> None:
+def test_nothing_but_a_worker_imports_the_app() -> None:
     importers = sorted(m for m in graph() if "gateway.app" in gateway_edges(m))
-    assert importers == ["gateway.cli"]
+    assert importers == ["gateway.lifecycle.worker"]
+
+
+def reachable(module: str) -> set[str]:
+    """Every module (of the gateway, or another distribution's top level) that importing
+    ``module`` may import, at once or later."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        for found in graph().get(current, ()):
+            if found.target not in seen:
+                seen.add(found.target)
+                todo.append(found.target)
+    return seen
+
+
+def test_the_supervisor_runs_no_gateway_code() -> None:
+    """It outlives every worker's code (a restart replaces it only after a preflight): it
+    stays small, and importing it loads no request code and no aiohttp."""
+    loaded = reachable("gateway.lifecycle.supervisor")
+    assert "gateway.app" not in loaded
+    assert "aiohttp" not in loaded
+    assert "gateway.pipeline" not in loaded
 
 
 def test_the_context_imports_no_phase() -> None:

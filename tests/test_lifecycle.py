@@ -1,0 +1,336 @@
+"""The gateway's processes over their lives, as an operator drives them: SIGTERM under load,
+restarts (SIGUSR2, ``daarion-gateway restart``) and upgrades to other code while clients
+keep sending, reloads with several workers, and new generations that cannot start. Real
+processes, real sockets; the counts are what clients wrote and what was answered."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from .helpers import NODA1, QUICK_STOP, free_port, routes
+from .processes import GATEWAY, Load, Process, health
+
+ROOT = Path(__file__).resolve().parent.parent
+Serve = Callable[..., Awaitable[tuple[Process, Path]]]
+
+
+async def restart(proc: Process, *args: str) -> tuple[int, str, str]:
+    """``daarion-gateway restart`` for this gateway: (exit status, stdout, stderr)."""
+    command = await asyncio.create_subprocess_exec(
+        *GATEWAY, "restart", "--pid-file", str(proc.pid_file), "--timeout", "60", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(command.communicate(), 90)
+    assert command.returncode is not None
+    return command.returncode, out.decode(), err.decode()
+
+
+def city(port: int, lifecycle: str = "{drain_delay: 0.5}") -> str:
+    text = routes({"city": f"{{port: {port}, nodes: [noda1]}}"}, noda1=NODA1)
+    return text.replace(QUICK_STOP, f"lifecycle: {lifecycle}\n")
+
+
+def assert_nothing_lost(kept: tuple[int, int, set[int]], fresh: tuple[int, int, set[int]]) -> None:
+    written, answered, statuses = kept
+    assert answered > 100
+    assert written == answered, ("written and never answered", written - answered)
+    assert statuses == {200}
+    attempts, accepted, fresh_statuses = fresh
+    assert attempts > 10
+    assert attempts == accepted, ("connection attempts not answered", attempts - accepted)
+    assert fresh_statuses == {200}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_restart_loses_no_request_and_refuses_no_connection(
+    serve: Serve, upstream, workers: str
+) -> None:
+    up = await upstream(NODA1)
+    proc, _ = await serve(city(up.port), "--workers", workers)
+    count = int(workers)
+    first = await proc.wait_for_all("gateway started", count)
+    port = await proc.port()
+    load = Load(port)
+    await asyncio.sleep(0.5)
+    code, out, err = await restart(proc)
+    assert (code, err) == (0, ""), out
+    assert "restarted: generation 2 serves" in out
+    await asyncio.sleep(0.5)  # clients go on against the new generation
+    kept, fresh = await load.results()
+    assert_nothing_lost(kept, fresh)
+    started = await proc.wait_for_all("gateway started", 2 * count)
+    new = [line for line in started if line["generation"] == 2]
+    assert sorted(line["worker"] for line in new) == list(range(count))
+    assert {line["pid"] for line in new}.isdisjoint(line["pid"] for line in first)
+    assert (await health(port))["generation"] == 2
+    handing_over = (
+        "handing over: a newer generation accepts; this one closes each connection after its "
+        "next answer"
+    )
+    handed = await proc.wait_for_all(handing_over, count)
+    assert {line["generation"] for line in handed} == {1}
+    stopped = await proc.wait_for_all("gateway stopped", count)
+    assert {line["pid"] for line in stopped} == {line["pid"] for line in first}
+    restarted = await proc.wait_for("restarted: the new generation accepts, the old one hands over")
+    assert restarted["pid"] == proc.proc.pid  # the same supervisor, its program replaced
+    assert restarted["worker"] is None
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_under_load_loses_no_request_written(
+    serve: Serve, upstream, workers: str
+) -> None:
+    up = await upstream(NODA1)
+    proc, _ = await serve(city(up.port, "{drain_delay: 1.0}"), "--workers", workers)
+    await proc.wait_for_all("gateway started", int(workers))
+    port = await proc.port()
+    load = Load(port, fresh=0)
+    await asyncio.sleep(0.5)
+    proc.proc.send_signal(signal.SIGTERM)
+    await proc.wait_for("draining: still serving, every answer closes its connection")
+    async with (
+        aiohttp.ClientSession() as fresh,
+        fresh.get(f"http://127.0.0.1:{port}/gateway/upstreams") as r,
+    ):
+        report = await r.json()
+    assert report["draining"] is True
+    assert 0 < report["drain_left"] <= 1.0
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+    (written, answered, statuses), _ = await load.results()
+    assert answered > 100
+    assert written == answered, ("written and never answered", written - answered)
+    assert statuses == {200}
+
+
+def release(root: Path, version: str) -> Path:
+    """A second copy of the gateway's code, reporting ``version``: what ``pip install -U``
+    or a new checkout puts in place."""
+    shutil.copytree(
+        ROOT / "gateway", root / "gateway", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    init = root / "gateway" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text()))
+    return root
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_an_upgrade_to_other_code_loses_nothing(
+    serve: Serve, upstream, tmp_path: Path, workers: str
+) -> None:
+    """The deploy layout of symlinked releases: ``current`` points at the running code; the
+    upgrade points it at the next one and restarts."""
+    up = await upstream(NODA1)
+    old = release(tmp_path / "release-1", "1.0.0")
+    new = release(tmp_path / "release-2", "2.0.0")
+    current = tmp_path / "current"
+    current.symlink_to(old)
+    env = {"PYTHONPATH": str(current)}
+    # Not from the repository's directory, whose gateway/ python -m would import first.
+    proc, _ = await serve(city(up.port), "--workers", workers, env=env, cwd=tmp_path)
+    await proc.wait_for_all("gateway started", int(workers))
+    port = await proc.port()
+    assert (await health(port))["version"] == "1.0.0"
+    load = Load(port)
+    await asyncio.sleep(0.5)
+    swap = tmp_path / "current.next"
+    swap.symlink_to(new)
+    os.replace(swap, current)  # atomically, as deploy tools do
+    code, out, _ = await restart(proc)
+    assert code == 0, out
+    await asyncio.sleep(0.5)
+    kept, fresh = await load.results()
+    assert_nothing_lost(kept, fresh)
+    after = await health(port)
+    assert (after["version"], after["generation"]) == ("2.0.0", 2)
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
+async def test_websocket_sessions_stay_on_the_old_generation_until_ws_drain(
+    serve: Serve, upstream, client: aiohttp.ClientSession
+) -> None:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str(f"echo {message.data}")
+        return ws
+
+    up = await upstream(NODA1, echo)
+    text = routes({"city": f"{{port: {up.port}, nodes: [noda1], websocket: true}}"}, noda1=NODA1)
+    proc, _ = await serve(text.replace(QUICK_STOP, "lifecycle: {drain_delay: 0.5, ws_drain: 2}\n"))
+    port = await proc.port()
+    ws = await client.ws_connect(f"http://127.0.0.1:{port}/ws/city/rooms/general")
+    await ws.send_str("before")
+    assert (await ws.receive_str(timeout=5)) == "echo before"
+    code, out, _ = await restart(proc)
+    assert code == 0, out
+    handed = await proc.wait_for("gateway stopping: draining requests in flight")
+    assert handed["generation"] == 1
+    for i in range(5):  # the session goes on, on the old generation, through ws_drain
+        await ws.send_str(f"during {i}")
+        assert (await ws.receive_str(timeout=5)) == f"echo during {i}"
+        await asyncio.sleep(0.2)
+    closing = await ws.receive(timeout=10)
+    assert closing.type is WSMsgType.CLOSE
+    assert ws.close_code == 1001  # going away, once ws_drain has run out
+    stopped = await proc.wait_for("gateway stopped")
+    assert stopped["generation"] == 1
+    fresh = await client.ws_connect(f"http://127.0.0.1:{port}/ws/city/rooms/general")
+    await fresh.send_str("after")  # a new session: the new generation's
+    assert (await fresh.receive_str(timeout=5)) == "echo after"
+    await fresh.close()
+
+
+async def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(
+    serve: Serve, upstream, client: aiohttp.ClientSession
+) -> None:
+    up = await upstream(NODA1)
+    good = city(up.port)
+    proc, config = await serve(good)
+    port = await proc.port()
+    url = f"http://127.0.0.1:{port}/api/city/x"
+
+    config.write_text(good + "  search: {port: 1, nodes: [noda9]}\n")  # broken
+    code, _, err = await restart(proc)
+    assert code == 1
+    assert "unknown node 'noda9'" in err
+    failed = await proc.wait_for("restart failed; the running generation keeps serving")
+    assert failed["pid"] == proc.proc.pid
+    assert any("unknown node 'noda9'" in p for p in failed["problems"])
+    async with client.get(url) as r:
+        assert r.status == 200
+    assert (await health(port))["generation"] == 1
+
+    taken = free_port()  # an admin listener on a port another program holds
+    with socket_on(taken):
+        config.write_text(good + f"admin: {{listen: {{host: 127.0.0.1, port: {taken}}}}}\n")
+        code, _, err = await restart(proc)
+    assert code == 1
+    assert "cannot listen" in err
+    async with client.get(url) as r:
+        assert r.status == 200
+    assert (await health(port))["generation"] == 1  # the program was replaced, not the workers
+    assert len([line for line in proc.lines if line["message"] == "gateway started"]) == 1
+
+    config.write_text(good)
+    code, out, _ = await restart(proc)  # and a good one after the failures
+    assert code == 0, out
+    assert (await health(port))["generation"] == 2
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
+class socket_on:
+    """A listening socket on 127.0.0.1:port for the block's length."""
+
+    def __init__(self, port: int) -> None:
+        import socket  # noqa: PLC0415 - only here
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(1)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        self.sock.close()
+
+
+async def scrape(port: int) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        return await response.text()
+
+
+def per_worker(text: str, series: str) -> dict[str, str]:
+    """``series{...,worker="i"} value`` by worker, for a series with no other label but
+    ``hash``: worker -> the hash (gateway_config_info) or the value."""
+    found = {}
+    for labels, value in re.findall(rf"^{series}\{{(.*?)\}} (\S+)$", text, re.MULTILINE):
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        found[fields["worker"]] = fields.get("hash", value)
+    return found
+
+
+async def test_with_workers_a_reload_is_every_worker_or_none_and_a_respawn_serves_it(
+    serve: Serve, upstream
+) -> None:
+    up = await upstream(NODA1)
+    first = "metrics_cache: 0\n" + city(up.port)  # each scrape below must be fresh
+    proc, config = await serve(first, "--workers", "2")
+    started = await proc.wait_for_all("gateway started", 2)
+    port = await proc.port()
+    hashes = per_worker(await scrape(port), "gateway_config_info")
+    assert len(hashes) == 2
+    assert len(set(hashes.values())) == 1
+    original = next(iter(hashes.values()))
+    assert {line["hash"] for line in started} == {original}
+
+    config.write_text(first + "  search: {port: 1, nodes: [noda9]}\n")
+    proc.proc.send_signal(signal.SIGHUP)
+    rejected = await proc.wait_for("config reload rejected; still serving the previous config")
+    assert (rejected["pid"], rejected["worker"]) == (proc.proc.pid, None)  # said once
+    assert "generation" in rejected
+    await asyncio.sleep(0.3)
+    text = await scrape(port)
+    assert per_worker(text, "gateway_config_last_reload_successful") == {"0": "0.0", "1": "0.0"}
+    assert per_worker(text, "gateway_config_info") == {"0": original, "1": original}
+    assert len([line for line in proc.lines if line["message"] == "config reloaded"]) == 0
+    # A worker started after the broken edit serves the config the others serve, and says
+    # the last reload failed, as they do.
+    os.kill(started[1]["pid"], signal.SIGKILL)
+    await proc.wait_for("worker exited; starting another")
+    respawned = (await proc.wait_for_all("gateway started", 3))[2]
+    assert (respawned["worker"], respawned["hash"]) == (1, original)
+    for _ in range(3):
+        text = await scrape(port)
+        assert per_worker(text, "gateway_config_last_reload_successful") == {"0": "0.0", "1": "0.0"}
+
+    second = first + f"  search: {{port: {up.port}, nodes: [noda1]}}\n"
+    config.write_text(second)
+    proc.proc.send_signal(signal.SIGHUP)
+    reloaded = await proc.wait_for_all("config reloaded", 2)
+    assert sorted(line["worker"] for line in reloaded) == [0, 1]
+    assert {line["generation"] for line in reloaded} == {1}
+    new_hash = reloaded[0]["hash"]
+    assert new_hash != original
+    assert reloaded[1]["hash"] == new_hash
+    await proc.wait_for("config reloaded by every worker")
+
+    # The file changes again, unannounced (no SIGHUP): a worker started now serves what the
+    # others serve, not the file as it is.
+    config.write_text(first)
+    victim = started[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    await proc.wait_for_all("worker exited; starting another", 2)
+    replacement = (await proc.wait_for_all("gateway started", 4))[3]
+    assert replacement["worker"] == victim["worker"]
+    assert replacement["hash"] == new_hash
+    for _ in range(3):  # whichever worker answers
+        text = await scrape(port)
+        assert per_worker(text, "gateway_config_info") == {"0": new_hash, "1": new_hash}
+        # every worker serves search now (the replacement too): new connections spread
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/api/search/q") as r,
+        ):
+            assert r.status == 200
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
