@@ -526,12 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(discarded) // 2} disturbed pairs were measured again (--rerun-disturbed): "
             "the table keeps the least disturbed attempt of each"
         )
-    print("\nHeadline (issue 10: flood/quiet >= 0.8, flood p99 < 50 ms):")
-    for line in lines:
-        print(f"  {line}")
-    print("\nEnvironment:")
-    for key, value in env.items():
-        print(f"  {key}: {value}")
+    report.print_headline("issue 10: flood/quiet >= 0.8, flood p99 < 50 ms", lines, env)
     return report.finish(started, opts, env, lines, runs=runs, discarded=discarded)
 
 

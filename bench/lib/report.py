@@ -107,6 +107,16 @@ def print_table(rows: Sequence[Sequence[str]], *, left: int = 1, rule: bool = Tr
         print(line)
 
 
+def print_headline(target: str, lines: Sequence[str], environment: dict[str, Any]) -> None:
+    """The headline (what was aimed at, then its lines) and the environment."""
+    print(f"\nHeadline ({target}):")
+    for line in lines:
+        print(f"  {line}")
+    print("\nEnvironment:")
+    for key, value in environment.items():
+        print(f"  {key}: {value}")
+
+
 def write_results(options: HarnessOptions, **parts: object) -> None:
     """``--json PATH``'s results file, when the ``options`` (a dataclass) have a ``json_path``:
     the options, then ``parts``."""
