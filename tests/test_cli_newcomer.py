@@ -42,3 +42,23 @@ def test_schema_into_head_prints_its_first_lines():
     assert len(result.stdout.splitlines()) == 3
     assert result.stderr == ""
 
+
+def test_check_explains_an_indentation_mistake(tmp_path):
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        "nodes:\n  noda1: {host: 127.0.0.1}\nservices:\n  city:\n    port: 7001\n"
+        "   nodes: [noda1]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{config}: 1 problem(s)",
+        "  services (line 6): invalid YAML at line 6, column 4: this line's indentation lines up "
+        "with no block above it: the keys of services start at column 3, the keys of "
+        "services.city start at column 5 (the parser says: expected <block end>, but found "
+        "'<block mapping start>')",
+    ]

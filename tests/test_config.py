@@ -151,3 +151,50 @@ def test_exported_json_schema_is_valid_and_agrees_with_the_loader():
     assert service["properties"]["port"]["anyOf"][0] == {
         "type": "integer", "minimum": 1, "maximum": 65535,
     }  # fmt: skip
+
+
+INDENTED = """\
+nodes:
+  noda1: {host: 127.0.0.1}
+services:
+  city:
+    port: 7001
+   nodes: [noda1]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            INDENTED,
+            "services (line 6): invalid YAML at line 6, column 4: this line's indentation lines "
+            "up with no block above it: the keys of services start at column 3, the keys of "
+            "services.city start at column 5",
+        ),
+        (
+            INDENTED.replace("   nodes", "      nodes"),
+            "services.city (line 6): invalid YAML at line 6, column 12: a ':' where the parser "
+            "was reading the rest of a value: a line indented deeper than the key above it",
+        ),
+        (
+            "services:\n  city:\n    nodes:\n      - noda1\n     - noda2\n",
+            "services.city (line 5): invalid YAML at line 5, column 6: this line's indentation "
+            "lines up with no block above it: the keys of services.city start at column 5, the "
+            "items of services.city.nodes start at column 7",
+        ),
+        (
+            "nodes:\n\tnoda1: {host: a}\n",
+            "nodes (line 2): invalid YAML at line 2, column 1: a "
+            "tab character: YAML indents with spaces only",
+        ),
+        ('nodes: {a: {host: "x}}\n', "a quoted string that is never closed (opened at line 1)"),
+        ("nodes: [a, b\n", "a [ or { that is never closed (opened at line 1)"),
+    ],
+)
+def test_a_yaml_mistake_is_explained_with_its_line_column_and_path(text, expected):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "r.yaml", env={})
+    assert len(caught.value.problems) == 1
+    assert expected in str(caught.value.problems[0])
+    assert "(the parser says: " in str(caught.value.problems[0])  # its own words, last
