@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, config_json_schema, load_config, parse_config
-from gateway.config.types import NodeRef
+from gateway.config.types import Config, NodeRef, Tls
+from gateway.config.validate import Converter
 from gateway.snapshot import compile_snapshot
 
 from .helpers import BROKEN, SHIPPED, SHIPPED_ENV
@@ -151,6 +152,75 @@ def test_exported_json_schema_is_valid_and_agrees_with_the_loader():
     assert service["properties"]["port"]["anyOf"][0] == {
         "type": "integer", "minimum": 1, "maximum": 65535,
     }  # fmt: skip
+
+
+QUOTED = """\
+listen: {host: 127.0.0.1, port: PORT}
+retries: RETRIES
+timeouts: {connect: CONNECT}
+nodes: {a: {host: x}}
+services: {s: {port: 7001, nodes: [a], websocket: WS}}
+"""
+
+
+def _quoted(port: str, retries: str, connect: str, ws: str, env: dict[str, str]) -> Config:
+    text = QUOTED.replace("PORT", port).replace("RETRIES", retries)
+    return parse_config(text.replace("CONNECT", connect).replace("WS", ws), env=env)
+
+
+@pytest.mark.parametrize(
+    ("port", "retries", "connect", "ws", "env"),
+    [
+        ("9000", "2", "0.25", "true", {}),  # plain
+        ('"9000"', '"2"', '"0.25"', '"true"', {}),  # quoted: read as YAML reads them bare
+        ('"${P}"', '"${R}"', '"${C}"', '"${W}"', {"P": "9000", "R": "2", "C": "0.25", "W": "true"}),
+        ('"${P:-9000}"', '"${R:-2}"', '"${C:-0.25}"', '"${W:-true}"', {}),  # the defaults
+    ],
+)
+def test_a_quoted_number_or_boolean_reads_as_its_substituted_form_does(
+    port, retries, connect, ws, env
+):
+    config = _quoted(port, retries, connect, ws, env)
+    assert config.listen.port == 9000
+    assert config.retries == 2
+    assert config.timeouts.connect == 0.25
+    assert config.services["s"].websocket is True
+
+
+@pytest.mark.parametrize(
+    ("port", "env", "message"),
+    [
+        ('"9000/tcp"', {}, "listen.port (line 1): must be an integer, not the string '9000/tcp'"),
+        ('"${P}"', {"P": "9000/tcp"}, "must be an integer, not the string '9000/tcp'"),
+        ('"70000"', {}, "listen.port (line 1): must be at most 65535, not 70000"),
+        ('"${P:-70000}"', {}, "listen.port (line 1): must be at most 65535, not 70000"),
+        ('""', {}, "must be an integer, not the string ''"),
+        ('"9000.5"', {}, "must be an integer, not a number"),
+    ],
+)
+def test_a_quoted_value_that_is_not_a_number_gets_the_same_answer_either_way(port, env, message):
+    with pytest.raises(ConfigError) as caught:
+        _quoted(port, "1", "0.5", "false", env)
+    assert message in str(caught.value)
+
+
+def test_the_json_schema_takes_quoted_numbers_as_the_loader_does():
+    validator = jsonschema.Draft202012Validator(config_json_schema())
+
+    def errors(port: object) -> int:
+        data = {"nodes": {"a": {"host": "x"}}, "services": {"s": {"port": port, "nodes": ["a"]}}}
+        return len(list(validator.iter_errors(data)))
+
+    assert errors(7001) == errors("7001") == errors("${PORT:-7001}") == 0
+    assert errors("7001/tcp") > 0
+    assert errors(True) > 0
+
+
+def test_a_choice_from_the_environment_keeps_its_text():
+    # "${V:-1.3}" was once read as the number 1.3, which no choice of min_version is.
+    tls = Converter({}, {}).convert(Tls, {"min_version": "${V:-1.3}"}, ("tls",))
+    assert tls.min_version == "1.3"
+    assert Converter({"V": "1.2"}, {}).convert(Tls, {"min_version": "${V}"}).min_version == "1.2"
 
 
 INDENTED = """\

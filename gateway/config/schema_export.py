@@ -21,6 +21,15 @@ def json_schema(hint: Any, description: str | None = None) -> dict[str, Any]:
 
 
 _ENV_STRING: Final[dict[str, Any]] = {"type": "string", "pattern": r"\$\{"}
+# A number or boolean may also be quoted ("7001"): the loader reads its text as YAML would.
+_QUOTED: Final[dict[Any, dict[str, Any]]] = {
+    int: {"type": "string", "pattern": r"^\s*[-+]?[0-9]+\s*$"},
+    float: {
+        "type": "string",
+        "pattern": r"^\s*[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\s*$",
+    },
+    bool: {"type": "string", "pattern": r"^\s*(?:true|false|True|False|TRUE|FALSE)\s*$"},
+}
 
 
 def _schema(hint: Any) -> dict[str, Any]:
@@ -71,7 +80,7 @@ def _schema(hint: Any) -> dict[str, Any]:
     if hint is str:
         return {"type": "string"}
     if hint in simple:
-        return {"anyOf": [{"type": simple[hint]}, _ENV_STRING]}
+        return {"anyOf": [{"type": simple[hint]}, _QUOTED[hint], _ENV_STRING]}
     raise TypeError(f"unsupported type hint {hint!r}")  # pragma: no cover
 
 
