@@ -153,6 +153,11 @@ def test_volumes_are_named_service_data_and_mounted(compose):
     assert 'VOLUME ["/var/lib/daarion-gateway"]' in (ROOT / "Dockerfile").read_text()
     storage = services["gateway"]["environment"]["ACME_STORAGE"]
     assert storage.startswith("/var/lib/daarion-gateway/")
+    for service in services.values():  # every file a bind mount names is in the repository
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), mount
 
 
 def test_only_the_gateway_publishes_ports_and_they_are_80_and_443(compose):
