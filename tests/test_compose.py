@@ -31,8 +31,13 @@ COMPOSE_VAR = re.compile(
     r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_]\w*)"
 )
 ROUTES_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
-# What the gateway's command line reads from the environment besides routes.yaml (cli.py).
-CLI_VARS = {"GATEWAY_CONFIG", "GATEWAY_WORKERS", "GATEWAY_LOG_LEVEL"}
+# What the gateway's code reads from the environment besides routes.yaml (the command line's
+# GATEWAY_CONFIG, GATEWAY_WORKERS, GATEWAY_LOG_LEVEL): found in the source, so that a new one
+# must be added to .env.example too.
+CODE_VAR = re.compile(r"""(?:environ\.get|getenv|environ\[)\(?\s*["']([A-Z][A-Z0-9_]*)["']""")
+CLI_VARS = {
+    name for path in (ROOT / "gateway").rglob("*.py") for name in CODE_VAR.findall(path.read_text())
+}
 
 
 def env_file(path: Path) -> dict[str, str]:
@@ -188,6 +193,7 @@ def test_health_checks_are_the_standards(compose):
 
 
 def test_every_variable_read_is_in_env_example(raw):
+    assert {"GATEWAY_CONFIG", "GATEWAY_WORKERS", "GATEWAY_LOG_LEVEL"} <= CLI_VARS  # found
     example = env_file(ENV_EXAMPLE)
     compose_vars = {m.group(1) or m.group(4) for m in COMPOSE_VAR.finditer(COMPOSE.read_text())}
     compose_vars.discard(None)
