@@ -106,8 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list.insert(0, "serve")
     args = _parser().parse_args(args_list)
     if args.command == "schema":
-        sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode())
-        sys.stdout.write("\n")
+        text = orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode()
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `schema | head`: the reader has gone; stop as cat would
+            # Python would flush stdout again at exit and print a second error: point it at
+            # /dev/null first. 141 is what a shell reports for a tool killed by SIGPIPE.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         return 0
     if args.command in ("serve", "worker"):
         from .logs import setup_logging  # noqa: PLC0415 - only these need the gateway loaded

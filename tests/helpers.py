@@ -192,7 +192,7 @@ services:
     nodes: [noda2, {node: noda9, port: 18897}]
     http_prefix: /search/../admin
   city:
-    port: "7001"
+    port: "7001/tcp"
     nodes: []
     timeouts: {connect: -1, response: soon}
   Bad_Name: {port: 1, nodes: [noda1]}

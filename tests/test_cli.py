@@ -53,7 +53,9 @@ def test_check_summarises_the_shipped_table():
     )
     assert table["/api/auth/login"].endswith("[route auth#0]  [limit: login]")  # no auth
     assert lines[-3].split("->")[0].strip() == "/"  # the web app: matched last
-    assert lines[-2] == "/metrics and /gateway/* answer 127.0.0.0/8, ::1/128, 127.0.0.0/8"
+    assert lines[-2] == (
+        "/metrics and /gateway/* answer 127.0.0.0/8, ::1/128, 127.0.0.0/8 on 127.0.0.1:9101 only"
+    )
     assert lines[-1] == (
         "rate limits api_limit, login, strict are kept through redis://127.0.0.1:6379/0 "
         "(on_error: local)"

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, config_json_schema, load_config, parse_config
-from gateway.config.types import NodeRef
+from gateway.config.types import Config, NodeRef, Tls
+from gateway.config.validate import Converter
 from gateway.snapshot import compile_snapshot
 
 from .helpers import BROKEN, SHIPPED, SHIPPED_ENV
@@ -151,3 +152,160 @@ def test_exported_json_schema_is_valid_and_agrees_with_the_loader():
     assert service["properties"]["port"]["anyOf"][0] == {
         "type": "integer", "minimum": 1, "maximum": 65535,
     }  # fmt: skip
+
+
+QUOTED = """\
+listen: {host: 127.0.0.1, port: PORT}
+retries: RETRIES
+timeouts: {connect: CONNECT}
+nodes: {a: {host: x}}
+services: {s: {port: 7001, nodes: [a], websocket: WS}}
+"""
+
+
+def _quoted(port: str, retries: str, connect: str, ws: str, env: dict[str, str]) -> Config:
+    text = QUOTED.replace("PORT", port).replace("RETRIES", retries)
+    return parse_config(text.replace("CONNECT", connect).replace("WS", ws), env=env)
+
+
+@pytest.mark.parametrize(
+    ("port", "retries", "connect", "ws", "env"),
+    [
+        ("9000", "2", "0.25", "true", {}),  # plain
+        ('"9000"', '"2"', '"0.25"', '"true"', {}),  # quoted: read as YAML reads them bare
+        ('"${P}"', '"${R}"', '"${C}"', '"${W}"', {"P": "9000", "R": "2", "C": "0.25", "W": "true"}),
+        ('"${P:-9000}"', '"${R:-2}"', '"${C:-0.25}"', '"${W:-true}"', {}),  # the defaults
+    ],
+)
+def test_a_quoted_number_or_boolean_reads_as_its_substituted_form_does(
+    port, retries, connect, ws, env
+):
+    config = _quoted(port, retries, connect, ws, env)
+    assert config.listen.port == 9000
+    assert config.retries == 2
+    assert config.timeouts.connect == 0.25
+    assert config.services["s"].websocket is True
+
+
+@pytest.mark.parametrize(
+    ("port", "env", "message"),
+    [
+        ('"9000/tcp"', {}, "listen.port (line 1): must be an integer, not the string '9000/tcp'"),
+        ('"${P}"', {"P": "9000/tcp"}, "must be an integer, not the string '9000/tcp'"),
+        ('"70000"', {}, "listen.port (line 1): must be at most 65535, not 70000"),
+        ('"${P:-70000}"', {}, "listen.port (line 1): must be at most 65535, not 70000"),
+        ('""', {}, "must be an integer, not the string ''"),
+        ('"9000.5"', {}, "must be an integer, not a number"),
+    ],
+)
+def test_a_quoted_value_that_is_not_a_number_gets_the_same_answer_either_way(port, env, message):
+    with pytest.raises(ConfigError) as caught:
+        _quoted(port, "1", "0.5", "false", env)
+    assert message in str(caught.value)
+
+
+def _schema_and_loader_agree(field: str, value: str) -> tuple[bool, bool]:
+    """Whether the JSON Schema and the loader each accept ``value`` (a quoted string) for a
+    port (int), retries (int), timeouts.connect (float) or a service's websocket (bool)."""
+    service: dict[str, object] = {"port": 7001, "nodes": ["a"]}
+    data: dict[str, object] = {"nodes": {"a": {"host": "x"}}, "services": {"s": service}}
+    if field == "connect":
+        data["timeouts"] = {"connect": value}
+    elif field == "websocket":
+        service["websocket"] = value
+    else:
+        service["port"] = value
+    validator = jsonschema.Draft202012Validator(config_json_schema())
+    by_schema = not list(validator.iter_errors(data))
+    try:
+        parse_config(yaml.safe_dump(data), env={})
+    except ConfigError:
+        return by_schema, False
+    return by_schema, True
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("port", "7001", True),
+        ("port", " 7001 ", True),
+        ("port", "+7001", True),
+        ("port", "7_001", True),
+        ("port", "0x1B59", True),  # YAML 1.1, as PyYAML reads a bare 0x1B59
+        ("port", "1:56:41", True),  # YAML 1.1 base 60: 7001
+        ("port", "7001.0", False),  # a number, not an integer
+        ("port", "7001/tcp", False),
+        ("port", "seven", False),
+        ("port", "", False),
+        ("port", "${PORT:-7001}", True),
+        ("connect", "0.25", True),
+        ("connect", "2", True),
+        ("connect", ".5", True),
+        ("connect", "1.5e+1", True),
+        ("connect", "soon", False),
+        ("websocket", "true", True),
+        ("websocket", "False", True),
+        ("websocket", "yes", True),  # YAML 1.1 booleans, as a bare yes
+        ("websocket", "off", True),
+        ("websocket", "1", False),
+        ("websocket", "nope", False),
+    ],
+)
+def test_the_json_schema_takes_quoted_values_as_the_loader_does(field, value, accepted):
+    # The loader reads a quoted number or boolean as YAML reads it bare; the schema takes the
+    # strings PyYAML's own resolvers read so, and an editor then says what the loader says.
+    assert _schema_and_loader_agree(field, value) == (accepted, accepted)
+
+
+def test_a_choice_from_the_environment_keeps_its_text():
+    # "${V:-1.3}" was once read as the number 1.3, which no choice of min_version is.
+    tls = Converter({}, {}).convert(Tls, {"min_version": "${V:-1.3}"}, ("tls",))
+    assert tls.min_version == "1.3"
+    assert Converter({"V": "1.2"}, {}).convert(Tls, {"min_version": "${V}"}).min_version == "1.2"
+
+
+INDENTED = """\
+nodes:
+  noda1: {host: 127.0.0.1}
+services:
+  city:
+    port: 7001
+   nodes: [noda1]
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            INDENTED,
+            "services (line 6): invalid YAML at line 6, column 4: this line's indentation lines "
+            "up with no block above it: the keys of services start at column 3, the keys of "
+            "services.city start at column 5",
+        ),
+        (
+            INDENTED.replace("   nodes", "      nodes"),
+            "services.city (line 6): invalid YAML at line 6, column 12: a ':' where the parser "
+            "was reading the rest of a value: a line indented deeper than the key above it",
+        ),
+        (
+            "services:\n  city:\n    nodes:\n      - noda1\n     - noda2\n",
+            "services.city (line 5): invalid YAML at line 5, column 6: this line's indentation "
+            "lines up with no block above it: the keys of services.city start at column 5, the "
+            "items of services.city.nodes start at column 7",
+        ),
+        (
+            "nodes:\n\tnoda1: {host: a}\n",
+            "nodes (line 2): invalid YAML at line 2, column 1: a "
+            "tab character: YAML indents with spaces only",
+        ),
+        ('nodes: {a: {host: "x}}\n', "a quoted string that is never closed (opened at line 1)"),
+        ("nodes: [a, b\n", "a [ or { that is never closed (opened at line 1)"),
+    ],
+)
+def test_a_yaml_mistake_is_explained_with_its_line_column_and_path(text, expected):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "r.yaml", env={})
+    assert len(caught.value.problems) == 1
+    assert expected in str(caught.value.problems[0])
+    assert "(the parser says: " in str(caught.value.problems[0])  # its own words, last

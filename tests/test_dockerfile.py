@@ -112,6 +112,7 @@ async def test_image_command_serves_and_its_healthcheck_sees_it(tmp_path):
         "GATEWAY_CONFIG": str(ROOT / "routes.yaml"),  # what COPY puts at /etc/daarion
         "GATEWAY_PORT": str(port),
         "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_ADMIN_PORT": str(free_port()),
         "REDIS_URL": "memory://",
     }
     assert await run(healthcheck, env) == 1  # nothing listens yet: unhealthy

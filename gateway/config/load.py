@@ -30,7 +30,7 @@ from .types import (
     Tls,
 )
 from .validate import Problem, validate
-from .yamlsource import LineLoader, load_yaml
+from .yamlsource import LineLoader, explain_yaml_error, load_yaml
 
 
 class ConfigError(Exception):
@@ -64,12 +64,7 @@ def parse_config(
     try:
         data, loader = load_yaml(text)
     except yaml.YAMLError as exc:
-        line = None
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            line = mark.line + 1
-        message = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [Problem("", f"invalid YAML: {message}", line)]) from None
+        raise ConfigError(source, [Problem(*explain_yaml_error(text, exc))]) from None
     if data is None:
         raise ConfigError(source, [Problem("", "the file is empty")])
     config, conv = validate(Config, data, env, loader)

@@ -4,10 +4,13 @@ schema``). Generated from the same type hints the loader validates with."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
+
+import yaml
 
 from .validate import MinItems, Pattern, Range
 
@@ -21,6 +24,29 @@ def json_schema(hint: Any, description: str | None = None) -> dict[str, Any]:
 
 
 _ENV_STRING: Final[dict[str, Any]] = {"type": "string", "pattern": r"\$\{"}
+
+
+# A number or boolean may also be quoted ("7001"): the loader reads the text as YAML reads a
+# bare scalar, so the schema takes the strings PyYAML's own resolvers read as that type (a
+# float field takes an integer too).
+def _yaml_scalar(*tags: str) -> dict[str, Any]:
+    patterns = sorted(
+        {
+            re.sub(r"\s+", "", regex.pattern)  # they are written in re.VERBOSE
+            for resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.values()
+            for tag, regex in resolvers
+            if tag in tags
+        }
+    )
+    alternatives = "|".join(p.removeprefix("^").removesuffix("$") for p in patterns)
+    return {"type": "string", "pattern": rf"^\s*(?:{alternatives})\s*$"}
+
+
+_QUOTED: Final[dict[Any, dict[str, Any]]] = {
+    int: _yaml_scalar("tag:yaml.org,2002:int"),
+    float: _yaml_scalar("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"),
+    bool: _yaml_scalar("tag:yaml.org,2002:bool"),
+}
 
 
 def _schema(hint: Any) -> dict[str, Any]:
@@ -71,7 +97,7 @@ def _schema(hint: Any) -> dict[str, Any]:
     if hint is str:
         return {"type": "string"}
     if hint in simple:
-        return {"anyOf": [{"type": simple[hint]}, _ENV_STRING]}
+        return {"anyOf": [{"type": simple[hint]}, _QUOTED[hint], _ENV_STRING]}
     raise TypeError(f"unsupported type hint {hint!r}")  # pragma: no cover
 
 

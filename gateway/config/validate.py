@@ -149,9 +149,10 @@ class Converter:
             return result
         if origin in (typing.Union, types.UnionType):
             return self._union(hint, value, path, line)
-        scalar = origin is Literal or hint in (int, float, bool)
-        if scalar and isinstance(value, str) and ENV_LIKE.search(value):
-            value = self._env_scalar(value, path, line)
+        if isinstance(value, str) and (
+            hint in (int, float, bool) or (origin is Literal and ENV_LIKE.search(value))
+        ):
+            value = self._env_scalar(value, path, line, as_yaml=origin is not Literal)
             if value is INVALID:
                 return INVALID
         if origin is Literal:
@@ -168,10 +169,16 @@ class Converter:
             return self._dataclass(typing.cast("type[Any]", hint), value, path, line)
         return self._scalar(hint, value, path, line)
 
-    def _env_scalar(self, value: str, path: Path, line: int | None) -> Any:
+    def _env_scalar(self, value: str, path: Path, line: int | None, *, as_yaml: bool) -> Any:
+        """A string where a number, boolean or choice goes, ``${VAR}`` substituted. For a
+        number or a boolean the text is then read as YAML reads it unquoted, whether or not
+        it held a variable: ``port: "7001"`` is ``port: 7001``, as ``port: "${PORT:-7001}"``
+        is. A choice keeps the text (``min_version: "1.3"`` is a string, not 1.3)."""
         text, missing = substitute_env(value, self.env)
         if missing:
             return self.problem(path, _missing_env(missing, path), line)
+        if not as_yaml:
+            return text
         try:
             return yaml.safe_load(text) if text.strip() else text
         except yaml.YAMLError:

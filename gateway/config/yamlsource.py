@@ -88,3 +88,102 @@ def load_yaml(text: str) -> tuple[Any, LineLoader]:
         return loader.get_single_data(), loader
     finally:
         loader.dispose()
+
+
+def explain_yaml_error(text: str, exc: yaml.YAMLError) -> tuple[str, str, int | None]:
+    """``(path, message, line)`` for a YAML syntax error, in words an operator can act on:
+    the line and column, the YAML path of the block it happened in, and what the parser's
+    complaint usually means (PyYAML says "expected <block end>, but found '<block mapping
+    start>'" for a key indented one space too few)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return "", f"invalid YAML: {exc}", None
+    path, blocks = _path_at_error(text)
+    line, column = mark.line + 1, mark.column + 1
+    problem = str(getattr(exc, "problem", "") or exc)
+    context = str(getattr(exc, "context", "") or "")
+    opened = getattr(exc, "context_mark", None)
+    opened_at = f" (opened at line {opened.line + 1})" if opened is not None else ""
+    if "expected <block end>" in problem:
+        around = ", ".join(
+            f"{'the keys' if mapping else 'the items'} of {where or 'the top level'} start at "
+            f"column {col}"
+            for where, mapping, col in blocks
+        )
+        why = "this line's indentation lines up with no block above it" + (
+            f": {around}" if around else ""
+        )
+    elif "mapping values are not allowed" in problem:
+        why = (
+            "a ':' where the parser was reading the rest of a value: a line indented deeper "
+            "than the key above it, or a value holding ': ' that needs quotes"
+        )
+    elif "'\\t'" in problem:
+        why = "a tab character: YAML indents with spaces only"
+    elif "could not find expected ':'" in problem:
+        why = f"a key without its ':'{opened_at.replace('opened', 'the entry')}"
+    elif "quoted scalar" in context:
+        why = f"a quoted string that is never closed{opened_at}"
+    elif "flow" in context and "end" in problem:
+        why = f"a [ or {{ that is never closed{opened_at}"
+    else:
+        why = problem
+    message = f"invalid YAML at line {line}, column {column}: {why} (the parser says: {problem})"
+    return path, message, line
+
+
+# A block on the parser's way: its path, whether it is a mapping, the column of its first entry.
+Block = tuple[str, bool, int]
+
+
+def _path_at_error(text: str) -> tuple[str, list[Block]]:
+    """The YAML path the parser had reached when it failed, and the blocks an indentation
+    error is measured against: the one it failed in, and the one it had just closed."""
+
+    class Frame:
+        def __init__(self, path: str, mapping: bool, column: int) -> None:
+            self.path, self.mapping, self.column = path, mapping, column
+            self.at: Any = None if mapping else -1  # the key being read, or the item index
+            self.want_key = True
+
+        def inner(self) -> str:
+            if self.mapping:
+                return self.path if self.want_key or self.at is None else _join(self.path, self.at)
+            return self.path if self.at < 0 else f"{self.path}[{self.at}]"
+
+    frames: list[Frame] = []
+    closed: Frame | None = None
+
+    def entry() -> Frame | None:
+        """A node starts in the innermost block: a key, a value or an item of it."""
+        top = frames[-1] if frames else None
+        if top is not None and not top.mapping:
+            top.at += 1
+        return top
+
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                top = entry()
+                if top is not None and top.mapping:
+                    if top.want_key:
+                        top.at = getattr(event, "value", None)
+                    top.want_key = not top.want_key
+            elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                top = entry()
+                path = top.inner() if top is not None else ""
+                mapping = isinstance(event, yaml.MappingStartEvent)
+                column = event.start_mark.column + 1 if event.start_mark is not None else 0
+                frames.append(Frame(path, mapping, column))
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                closed = frames.pop()
+                if frames and frames[-1].mapping:
+                    frames[-1].want_key = True
+    except yaml.YAMLError:
+        pass
+    blocks = [(f.path, f.mapping, f.column) for f in ([*frames[-1:], closed]) if f is not None]
+    return (frames[-1].inner() if frames else ""), blocks
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
