@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -360,8 +361,7 @@ def _preflight(path: str) -> int:
 
 def restart(path: str, pid_file: str | None, port: int | None, timeout: float) -> int:
     """``restart``: SIGUSR2 to the running gateway, then wait for how the restart ended."""
-    import signal  # noqa: PLC0415 - restart only
-    import time  # noqa: PLC0415
+    import time  # noqa: PLC0415 - restart only
 
     from .lifecycle.supervisor import pid_file_for  # noqa: PLC0415 - stdlib and config only
 
