@@ -122,8 +122,11 @@ async def test_image_command_serves_and_its_healthcheck_sees_it(tmp_path):
     )  # fmt: skip
     try:
         assert server.stdout is not None
-        started = json.loads(await asyncio.wait_for(server.stdout.readline(), 20))
-        assert started["message"] == "gateway started"
+        messages: list[str] = []  # the worker's "gateway started" and the supervisor's
+        while "gateway started" not in messages:  # "workers started", in either order
+            line = await asyncio.wait_for(server.stdout.readline(), 20)
+            assert line, messages  # the output ended before the gateway started
+            messages.append(json.loads(line)["message"])
         assert await run(healthcheck, env) == 0
     finally:
         server.terminate()
