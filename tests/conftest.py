@@ -231,6 +231,10 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[P
     yield start
     for p in procs:
         if p.proc.returncode is None:
-            p.proc.kill()  # workers (serve --workers) follow their supervisor
+            p.proc.terminate()  # a stop that cleans up (pid file, the workers' sockets)
+            try:
+                await asyncio.wait_for(p.proc.wait(), 15)
+            except TimeoutError:
+                p.proc.kill()  # workers (serve --workers) follow their supervisor
         await p.proc.wait()
         await asyncio.wait_for(p.finished(), 15)  # every process writing to the pipe is gone

@@ -295,7 +295,8 @@ async def test_with_workers_a_reload_is_every_worker_or_none_and_a_respawn_serve
     assert len([line for line in proc.lines if line["message"] == "config reloaded"]) == 0
     # A worker started after the broken edit serves the config the others serve, and says
     # the last reload failed, as they do.
-    os.kill(started[1]["pid"], signal.SIGKILL)
+    by_worker = {line["worker"]: line for line in started}  # the lines come in either order
+    os.kill(by_worker[1]["pid"], signal.SIGKILL)
     await proc.wait_for("worker exited; starting another")
     respawned = (await proc.wait_for_all("gateway started", 3))[2]
     assert (respawned["worker"], respawned["hash"]) == (1, original)
@@ -317,7 +318,7 @@ async def test_with_workers_a_reload_is_every_worker_or_none_and_a_respawn_serve
     # The file changes again, unannounced (no SIGHUP): a worker started now serves what the
     # others serve, not the file as it is.
     config.write_text(first)
-    victim = started[0]
+    victim = by_worker[0]
     os.kill(victim["pid"], signal.SIGKILL)
     await proc.wait_for_all("worker exited; starting another", 2)
     replacement = (await proc.wait_for_all("gateway started", 4))[3]
