@@ -460,10 +460,16 @@ class Supervisor:
                 checked = await asyncio.create_subprocess_exec(
                     *command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
                 )
+            except OSError as exc:
+                self._restart_failed(f"preflight did not run: {exc}", [])
+                return
+            try:
                 async with asyncio.timeout(PREFLIGHT_TIMEOUT):
                     _, errors = await checked.communicate()
-            except (OSError, TimeoutError) as exc:
-                self._restart_failed(f"preflight did not run: {exc!r}", [])
+            except TimeoutError:
+                checked.kill()
+                await checked.wait()
+                self._restart_failed(f"preflight took more than {PREFLIGHT_TIMEOUT:g} s", [])
                 return
             if checked.returncode != 0:
                 lines = errors.decode(errors="replace").strip().splitlines()
