@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
-COMMANDS = ("serve", "check", "schema", "healthcheck")
+COMMANDS = ("serve", "check", "schema", "healthcheck", "demo")
 # The cyclic garbage collector's thresholds while serving (Python's are 700, 10, 10). Every
 # collection of the oldest generation walks every object of every open connection: with
 # 5,500 held connections that is a pause of about 80 ms, often enough with the defaults to
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--port", type=int, help="port to probe (default: listen.port)")
     probe.add_argument("--timeout", type=float, default=5.0)
+    from . import demo  # noqa: PLC0415 - the demo's options (argparse only; the gateway loads later)
+
+    demo.add_arguments(sub.add_parser("demo", help="the gateway in front of stand-in services"))
     return parser
 
 
@@ -104,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode())
         sys.stdout.write("\n")
         return 0
+    if args.command == "demo":
+        from .demo import run  # noqa: PLC0415 - the demo loads the whole gateway, for itself only
+
+        return run(args)
     path = config_path(args.config)
     try:
         config = load_config(path)
