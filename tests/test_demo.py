@@ -60,6 +60,18 @@ async def test_the_standins_run_on_their_nodes_addresses(demo):
     assert f"curl -X POST {running.url}/demo/noda2/offline" in text
 
 
+async def test_the_web_app_page_says_what_to_try(demo, client):
+    running, _ = demo
+    async with client.get(f"{running.url}/") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+        page = await response.text()
+    assert "DAARION gateway demo" in page
+    assert f"curl {running.url}/api/city/rooms" in page
+    async with client.get(f"{running.url}/nowhere") as response:
+        assert response.status == 404  # the web app's own 404, through the gateway
+
+
 async def test_rooms_are_listed_and_created_through_the_gateway(demo, client):
     running, _ = demo
     url = running.url
@@ -209,3 +221,37 @@ async def test_the_demo_command_runs_prints_what_to_try_and_takes_sigusr1(client
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_chat_client_sends_what_is_typed_and_prints_the_room(demo, client):
+    running, _ = demo
+    ws_url = "ws" + running.url[4:]
+    listener = await client.ws_connect(f"{ws_url}/ws/city/rooms/dev")
+    assert (await next_event(listener, "joined"))["user"] == "anonymous"  # itself: no token
+    chat = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.demo.chat", "dev", "--url", ws_url,
+        "--token", running.token("taras"),
+        cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert chat.stdin is not None
+        assert chat.stdout is not None
+        assert (await next_event(listener, "joined"))["user"] == "taras"
+        chat.stdin.write("привіт, dev\n".encode())
+        await chat.stdin.drain()
+        said = await next_event(listener, "message")
+        assert (said["from"], said["text"]) == ("taras", "привіт, dev")
+        await listener.send_str("hello back")
+        while True:  # the chat prints every event of the room: its join, its line, the answer
+            line = orjson.loads(await asyncio.wait_for(chat.stdout.readline(), 5))
+            if line.get("text") == "hello back":
+                break
+        chat.stdin.close()  # Ctrl-D: the client leaves
+        assert await asyncio.wait_for(chat.wait(), 10) == 0
+        assert (await next_event(listener, "left"))["user"] == "taras"
+        await listener.close()
+    finally:
+        if chat.returncode is None:
+            chat.kill()
+            await chat.wait()
