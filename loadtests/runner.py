@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -60,6 +61,38 @@ def wait_healthy(url: str, demo: subprocess.Popen[bytes], seconds: float = 20) -
     return False
 
 
+def seconds(run_time: str) -> int:
+    """locust's --run-time (``90``, ``60s``, ``2m``, ``1h30m``) in seconds."""
+    if run_time.isdigit():
+        return int(run_time)
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", run_time)
+    if parts is None or not any(parts.groups()):
+        raise SystemExit(f"--time {run_time}: use e.g. 90s, 2m, 1h30m")
+    hours, minutes, secs = (int(p or 0) for p in parts.groups())
+    return hours * 3600 + minutes * 60 + secs
+
+
+def run_locust(command: list[str], limit: float) -> int:
+    """Run locust; one that has not ended ``limit`` seconds in gets Ctrl-C (it then writes
+    its reports), then is killed."""
+    locust = subprocess.Popen(command, cwd=HERE)
+    try:
+        return locust.wait(limit)
+    except subprocess.TimeoutExpired:
+        print(f"loadtests: locust still running {limit:g} s in; stopping it", flush=True)
+        locust.send_signal(signal.SIGINT)
+        try:
+            return locust.wait(15)
+        except subprocess.TimeoutExpired:
+            locust.kill()
+            locust.wait()
+            return 1
+    finally:
+        if locust.poll() is None:
+            locust.kill()
+            locust.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="loadtests/run", description=__doc__.split("\n")[0])
     parser.add_argument("scenario", nargs="?", default="http", choices=sorted(SCENARIOS))
@@ -69,6 +102,8 @@ def main() -> int:
     parser.add_argument("--reports", default=str(HERE / "reports"), help="where reports go")
     args = parser.parse_args()
     locustfile, users, spawn_rate, run_time = SCENARIOS[args.scenario]
+    run_time = args.time or run_time
+    limit = seconds(run_time) + 30  # start-up, and the users' last requests
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.reports) / f"{stamp}-{args.scenario}"
     out.mkdir(parents=True, exist_ok=True)
@@ -90,12 +125,12 @@ def main() -> int:
                 "--headless", "--host", url,
                 "--users", str(args.users or users),
                 "--spawn-rate", str(args.spawn_rate or spawn_rate),
-                "--run-time", args.time or run_time,
+                "--run-time", run_time,
                 "--csv", str(out / "stats"), "--html", str(out / "report.html"),
                 "--logfile", str(out / "locust.log"), "--only-summary",
             ]  # fmt: skip
             print(f"loadtests: {args.scenario}: {' '.join(command[3:])}", flush=True)
-            code = subprocess.call(command, cwd=HERE)
+            code = run_locust(command, limit)
         finally:
             demo.send_signal(signal.SIGTERM)
             try:

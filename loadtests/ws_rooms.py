@@ -60,19 +60,34 @@ class RoomMember(DaarionUser):
             self._fire("WS", "join", started, exception=exc)
             return
         self._fire("WS", "join", started)
+        visited = False
         try:
             for _ in range(MESSAGES):
                 if not self._round_trip(ws, room):
                     break
                 time.sleep(random.uniform(0.1, 0.4))
+            visited = True
         finally:
-            started = time.perf_counter()
-            try:
-                ws.close()
-            except (OSError, websocket.WebSocketException) as exc:
-                self._fire("WS", "leave", started, exception=exc)
-            else:
-                self._fire("WS", "leave", started)
+            if visited:
+                self._leave(ws)
+            else:  # stopped mid-visit (the run ended): no close handshake to wait for
+                ws.shutdown()
+
+    def _leave(self, ws: websocket.WebSocket) -> None:
+        """The close handshake: 1000 sent, until the room's close frame comes back. (Not
+        websocket-client's close(), whose bare `except:` would swallow the GreenletExit that
+        locust stops a user with, and leave that user running after the run's end.)"""
+        started = time.perf_counter()
+        try:
+            ws.send_close()
+            while ws.recv_frame().opcode != websocket.ABNF.OPCODE_CLOSE:
+                pass  # the room's last events
+        except (OSError, websocket.WebSocketException) as exc:
+            self._fire("WS", "leave", started, exception=exc)
+        else:
+            self._fire("WS", "leave", started)
+        finally:
+            ws.shutdown()
 
     def _round_trip(self, ws: websocket.WebSocket, room: str) -> bool:
         mark = uuid.uuid4().hex
