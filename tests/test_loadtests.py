@@ -26,6 +26,7 @@ def run(scenario: str, reports: Path, *args: str, env: dict[str, str] | None = N
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=90, env=environment,
     )  # fmt: skip
     assert done.returncode == code, done.stdout + done.stderr
+    assert "locust still running" not in done.stdout  # every user stopped at the run's end
     (folder,) = reports.iterdir()
     assert f"report in {folder}/" in done.stdout
     assert (folder / "report.html").stat().st_size > 0
