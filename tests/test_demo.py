@@ -8,6 +8,7 @@ import asyncio
 import io
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -255,3 +256,25 @@ async def test_the_chat_client_sends_what_is_typed_and_prints_the_room(demo, cli
         if chat.returncode is None:
             chat.kill()
             await chat.wait()
+
+
+async def test_a_node_whose_port_was_taken_meanwhile_stays_offline_with_the_reason(demo, client):
+    running, _ = demo
+    async with client.post(f"{running.url}/demo/noda2/offline") as response:
+        assert response.status == 200
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind((NODA2, search_port(running, "noda2")))
+    squatter.listen()
+    try:
+        async with client.post(f"{running.url}/demo/noda2/online") as response:
+            assert response.status == 503
+            body = await response.json()
+        assert body["error"] == "cannot_listen"
+        assert "the search stand-in cannot listen on 127.0.0.2" in body["message"]
+        async with client.get(f"{running.url}/demo") as response:
+            assert (await response.json())["nodes"]["noda2"] == "offline"
+    finally:
+        squatter.close()
+    async with client.post(f"{running.url}/demo/noda2/online") as response:
+        assert response.status == 200

@@ -214,7 +214,10 @@ class Demo:
             if node == CONTROL_NODE:
                 message = f"{node} runs the demo's controls (and the fallbacks); it stays online"
                 return answer({"error": "node_kept", "message": message}, 409)
-            changed = await self.set_online(node, wanted == "online")
+            try:
+                changed = await self.set_online(node, wanted == "online")
+            except OSError as exc:  # its port was taken meanwhile: it stays offline
+                return answer({"error": "cannot_listen", "message": str(exc)}, 503)
             return answer({"node": node, "state": wanted, "changed": changed})
 
         app.router.add_get("/demo", state)
