@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
-COMMANDS = ("serve", "check", "schema", "healthcheck", "restart", "worker", "preflight")
+COMMANDS = ("serve", "check", "schema", "healthcheck", "restart", "demo", "worker", "preflight")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="daarion-gateway", description="The public entry of a DAARION node."
     )
     # worker and preflight are the supervisor's, not for people: left out of the help.
-    sub = parser.add_subparsers(dest="command", metavar="{serve,check,schema,healthcheck,restart}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{serve,check,schema,healthcheck,restart,demo}"
+    )
     config = argparse.ArgumentParser(add_help=False)
     config.add_argument(
         "--config",
@@ -87,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--control", type=int, required=True)
     worker.add_argument("--log-level", default="INFO", type=str.upper)
     sub.add_parser("preflight", parents=[config])
+    from . import demo  # noqa: PLC0415 - the demo's options (argparse only; the gateway loads later)
+
+    demo.add_arguments(sub.add_parser("demo", help="the gateway in front of stand-in services"))
     return parser
 
 
@@ -124,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return _worker(args)
         return _serve(config_path(args.config), args)
+    if args.command == "demo":
+        from .demo import run  # noqa: PLC0415 - the demo loads the whole gateway, for itself only
+
+        return run(args)
     path = config_path(args.config)
     if args.command == "preflight":
         return _preflight(path)

@@ -60,6 +60,7 @@ def read_lock(name: str) -> dict[str, Pin]:
 
 
 RUNTIME = read_lock("runtime.txt")
+LOAD = read_lock("load.txt")
 DEV = read_lock("dev.txt")
 BUILD = read_lock("build.txt")
 
@@ -105,25 +106,39 @@ def test_dev_lock_satisfies_the_test_extra():
     check_ranges(declared(PYPROJECT["project"]["optional-dependencies"]["test"]), DEV, "dev.txt")
 
 
+def test_load_and_dev_locks_satisfy_the_load_extra():
+    load = declared(PYPROJECT["project"]["optional-dependencies"]["load"])
+    check_ranges(load, LOAD, "load.txt")
+    check_ranges(load, DEV, "dev.txt")  # tests/test_loadtests.py runs locust
+
+
 def test_build_lock_satisfies_the_build_system():
     check_ranges(declared(PYPROJECT["build-system"]["requires"]), BUILD, "build.txt")
     assert "pip" in BUILD
 
 
-def test_dev_lock_runs_the_runtime_versions():
-    """What CI tests is what the image runs."""
-    for name, pin in RUNTIME.items():
-        assert name in DEV, f"dev.txt lacks {name}"
-        assert DEV[name].version == pin.version, name
-        for environment in ENVIRONMENTS:  # dev's marker may be wider: more packages need it
+@pytest.mark.parametrize(
+    ("smaller", "larger", "name"),
+    [(RUNTIME, LOAD, "load.txt"), (RUNTIME, DEV, "dev.txt"), (LOAD, DEV, "dev.txt")],
+    ids=["runtime-in-load", "runtime-in-dev", "load-in-dev"],
+)
+def test_each_lock_runs_the_versions_of_the_one_it_extends(smaller, larger, name):
+    """What CI tests is what the image runs, and what loadtests/run measures. It is also what
+    lets scripts/bootstrap install a larger set over a smaller one."""
+    for package, pin in smaller.items():
+        assert package in larger, f"{name} lacks {package}"
+        assert larger[package].version == pin.version, package
+        for environment in ENVIRONMENTS:  # a larger set's marker may be wider
             if pin.marker is None or pin.marker.evaluate(environment):
-                dev_marker = DEV[name].marker
-                assert dev_marker is None or dev_marker.evaluate(environment), name
-    for name in BUILD.keys() & DEV.keys():
-        assert DEV[name].version == BUILD[name].version, name
+                wider = larger[package].marker
+                assert wider is None or wider.evaluate(environment), package
+    for package in BUILD.keys() & larger.keys():
+        assert larger[package].version == BUILD[package].version, package
 
 
-@pytest.mark.parametrize("lock", [RUNTIME, DEV, BUILD], ids=["runtime", "dev", "build"])
+@pytest.mark.parametrize(
+    "lock", [RUNTIME, LOAD, DEV, BUILD], ids=["runtime", "load", "dev", "build"]
+)
 def test_every_pin_is_hashed(lock):
     for name, pin in lock.items():
         assert pin.hashes >= 1, name
