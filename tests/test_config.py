@@ -102,6 +102,16 @@ def test_misspelt_keys_get_a_suggestion():
         ("nodes: {a: {host: x}}\nservices: {s: {port: 0, nodes: [a]}}\n", "at least 1"),
         ("nodes: {a: {host: x}}\nservices: {s: {port: 1, nodes: [a, a]}}\n", "listed twice"),
         ("nodes: {a: {host: x}}\nservices: {s: {port: true, nodes: [a]}}\n", "integer"),
+        (
+            "nodes: {a: {host: x}}\nservices: {s: {port: 1, nodes: [a], ws_upstream_gone_code: "
+            "1006}}\n",
+            "ws_upstream_gone_code (line 2): must be one of 1011, 1014, 1001, 1012, 1013",
+        ),
+        (
+            "nodes: {a: {host: x}}\nservices: {s: {port: 1, nodes: [a], routes: [{path: /ws/,"
+            " to: /, websocket: true, ws_extensions: 1}]}}\n",
+            "services.s.routes[0].ws_extensions (line 2): must be true or false",
+        ),
     ],
 )
 def test_single_problems_have_clear_messages(text, fragment):
