@@ -1102,3 +1102,20 @@ async def test_a_close_frame_in_the_same_read_as_a_frames_payload_is_payload(ws_
     assert await read_frame(reader) == (0x1, b"still open")
     writer.close()
     await asyncio.wait_for(seen.ended.wait(), 5)
+
+
+async def test_an_invalid_answer_to_a_close_still_closes_both_legs(ws_upstream, gateway):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer, _ = await raw_session(gw.port)
+    assert await read_frame(reader) == (0x1, HELLO)
+    writer.write(frame(0x1, b"close:4000:bye"))  # the service closes first
+    assert await read_frame(reader) == (0x8, close_payload(4000, b"bye"))
+    writer.write(frame(0x8, close_payload(1005)))  # an answer no endpoint may send
+    # It has had its one close frame already: its connection is closed, nothing more sent.
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    await asyncio.wait_for(seen.ended.wait(), 5)  # and the service got an answer
+    (line,) = await logged(gw, lambda line: line.get("status") == 101)
+    assert line["websocket"]["ended_by"] == "upstream"
+    assert line["websocket"]["client_close_code"] is None  # its answer was no valid close

@@ -298,12 +298,12 @@ class Session:
         self.ending(leg.name, code)
         leg.owed = code
         peer = leg.peer
+        if not peer.close_sent and not peer.owed:
+            peer.send_close(code)  # (the answer, if its close was waiting for one)
         if peer.owed or peer.close_got or peer.transport is None:
             self._fail(leg)  # nothing more is coming from the other leg
             if peer.owed:
                 self._fail(peer)
-        elif not peer.close_sent:
-            peer.send_close(code)
         self._settle()
 
     def _fail(self, leg: Leg) -> None:
