@@ -289,9 +289,9 @@ class FrameReader:
     def _check(self, b0: int, opcode: int, length: int, masked: int) -> Violation | None:
         """Whether a frame with this header may be passed on; data frames also count here
         toward their message's size."""
-        reserved = b0 & RESERVED
+        reserved = b0 & 0x70  # RESERVED (a literal: this runs for every frame)
         if reserved and reserved & ~(
-            self._reserved_first if opcode in (TEXT, BINARY) else self._reserved_any
+            self._reserved_first if 0 < opcode < 3 else self._reserved_any  # TEXT, BINARY
         ):
             return Violation(PROTOCOL_ERROR, "reserved bits set that no agreed extension allows")
         if opcode not in _OPCODES:
