@@ -161,3 +161,23 @@ def test_exported_json_schema_is_valid_and_agrees_with_the_loader():
     assert service["properties"]["port"]["anyOf"][0] == {
         "type": "integer", "minimum": 1, "maximum": 65535,
     }  # fmt: skip
+
+
+def test_websocket_extensions_and_gone_code_layer_route_over_service():
+    text = (
+        "nodes: {a: {host: 127.0.0.3}}\n"
+        "services:\n"
+        "  city: {port: 1, nodes: [a], ws_upstream_gone_code: 1014, routes: [\n"
+        "    {path: /ws/live/, to: /live/, websocket: true, name: live, ws_extensions: false,\n"
+        "     ws_upstream_gone_code: 1012},\n"
+        "    {path: /ws/chat/, to: /chat/, websocket: true, name: chat}]}\n"
+        "  plain: {port: 2, nodes: [a], websocket: true}\n"
+    )
+    table = compile_snapshot(parse_config(text, env={})).table
+    policies = {entry.id: entry.policy.ws for entry in table.entries if entry.websocket}
+    found = {
+        name: (ws.extensions, ws.upstream_gone_code)
+        for name, ws in policies.items()
+        if ws is not None
+    }
+    assert found == {"live": (False, 1012), "chat": (True, 1014), "plain": (True, 1011)}

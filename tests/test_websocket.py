@@ -1119,3 +1119,20 @@ async def test_an_invalid_answer_to_a_close_still_closes_both_legs(ws_upstream, 
     (line,) = await logged(gw, lambda line: line.get("status") == 101)
     assert line["websocket"]["ended_by"] == "upstream"
     assert line["websocket"]["client_close_code"] is None  # its answer was no valid close
+
+
+async def test_a_vanishing_clients_last_frames_reach_the_service_before_its_1001(
+    ws_upstream, gateway, client
+):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    member, _ = await open_ws(client, gw)  # in the same room: it gets what the service got
+    reader, writer = await raw_handshake(gw.port)
+    assert await read_frame(reader) == (0x1, HELLO)
+    writer.write(frame(0x1, b"last") + frame(0x1, b"words"))
+    writer.close()  # gone: no close frame
+    assert (await member.receive(timeout=5)).data == "last"
+    assert (await member.receive(timeout=5)).data == "words"
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes == [(1001, "")]
+    await member.close()
