@@ -169,7 +169,7 @@ class FrameReader:
         self._reserved_first, self._reserved_any = reserved  # see ``reserved_bits``
         self._pending = b""  # an incomplete header, or an incomplete pong or close frame
         self._remaining = 0  # payload bytes of the current data frame still to come
-        self._fin = False  # the current data frame ends its message
+        self._fin = 0  # the FIN bit of the data frame whose payload is still coming
         self._in_message = False  # a fragmented message has begun and not ended
         self._message_size = 0
         self.done = False  # after a close frame or a violation: nothing more is read
@@ -186,7 +186,8 @@ class FrameReader:
         """(messages, payload bytes) that have been through the reader whole: a message
         counts once its last byte has been read, the frame in flight by what has come of it."""
         remaining = self._remaining
-        return self.messages - (remaining > 0 and self._fin), self.payload_bytes - remaining
+        in_flight = 1 if remaining and self._fin else 0
+        return self.messages - in_flight, self.payload_bytes - remaining
 
     def feed(self, data: bytes) -> list[Event]:  # noqa: PLR0915 - the relay's hot path: one call per read, not two
         if self.done:
@@ -244,6 +245,7 @@ class FrameReader:
             self._count(b0, length)
             if frame_end > end:  # the payload streams through with the next reads
                 self._remaining = frame_end - end
+                self._fin = b0 & 0x80  # (only such a frame's FIN is ever asked for)
                 pos = end
                 break
             pos = frame_end
@@ -257,11 +259,9 @@ class FrameReader:
         self.payload_bytes += length
         if b0 & 0x80:  # FIN: the message ends with this frame
             self._in_message = False
-            self._fin = True
             self.messages += 1
         else:
             self._in_message = True
-            self._fin = False
 
     def _close_inside(self, data: bytes) -> bool:
         """Whether ``data``, a read that began inside an unfinished frame (its payload, a
@@ -289,8 +289,7 @@ class FrameReader:
     def _check(self, b0: int, opcode: int, length: int, masked: int) -> Violation | None:
         """Whether a frame with this header may be passed on; data frames also count here
         toward their message's size."""
-        reserved = b0 & 0x70  # RESERVED (a literal: this runs for every frame)
-        if reserved and reserved & ~(
+        if b0 & 0x70 and b0 & 0x70 & ~(  # RESERVED, as a literal: this runs for every frame
             self._reserved_first if 0 < opcode < 3 else self._reserved_any  # TEXT, BINARY
         ):
             return Violation(PROTOCOL_ERROR, "reserved bits set that no agreed extension allows")
