@@ -55,6 +55,9 @@ SERVICE: Final = "chat"
 BACKEND_PATH: Final = "/ws/echo"  # what every path below reaches on the backend
 PROXY_PATH: Final = f"/ws/{SERVICE}/echo"  # through nginx and the gateway
 SHAPES: Final = ((8, 16), (1, 1))  # (sessions, messages in flight on each)
+# The compressed runs: 1 KiB JSON-like text, permessage-deflate agreed on both legs.
+DEFLATE: Final = (8, 16)
+DEFLATE_NAME: Final = "8x16+deflate"
 TARGET_RATIO: Final = 0.5  # the issue: gateway/nginx echoed msgs/s
 ANCHORS: Final = {(8, 16): 0.51, (1, 1): 0.73}  # the anchors: aiohttp relay / nginx
 RSS_TARGET_KIB: Final = 20.0  # the issue: gateway RSS per idle session
@@ -312,18 +315,27 @@ def shape_name(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-def echo_client(stack: Stack, target: Target, shape: tuple[int, int], seconds: float) -> WsClient:
+def echo_client(
+    stack: Stack, target: Target, shape: tuple[int, int], seconds: float, *, compress: bool = False
+) -> WsClient:
     conns, window = shape
     return stack.client(
         ["echo", target.url, "--conns", str(conns), "--window", str(window),
-         "--duration", str(seconds), "--warmup", str(CLIENT_WARMUP)]
+         "--duration", str(seconds), "--warmup", str(CLIENT_WARMUP),
+         *(["--compress"] if compress else [])]
     )  # fmt: skip
 
 
 def measure(
-    stack: Stack, target: Target, shape: tuple[int, int], seconds: float, rep: int
+    stack: Stack,
+    target: Target,
+    shape: tuple[int, int],
+    seconds: float,
+    rep: int,
+    *,
+    compress: bool = False,
 ) -> EchoRun:
-    child = echo_client(stack, target, shape, seconds)
+    child = echo_client(stack, target, shape, seconds, compress=compress)
     try:
         child.expect("start")
         before = read_clock(stack, target)
@@ -336,7 +348,7 @@ def measure(
     cpu, rate, echoed = used.cpu, echo.rate, max(echo.echoed, 1)
     return EchoRun(
         rep=rep,
-        shape=shape_name(shape),
+        shape=DEFLATE_NAME if compress else shape_name(shape),
         target=target.name,
         msgs_per_s=rate,
         echoed=echo.echoed,
@@ -377,6 +389,9 @@ def throughput(stack: Stack, opts: Options) -> list[EchoRun]:
             for target in stack.targets:
                 runs.append(measure(stack, target, shape, opts.duration, rep))
                 print(progress(runs[-1]), flush=True)
+        for target in stack.targets:
+            runs.append(measure(stack, target, DEFLATE, opts.duration, rep, compress=True))
+            print(progress(runs[-1]), flush=True)
     return runs
 
 
@@ -450,17 +465,21 @@ def print_rows(rows: list[Row], reps: int) -> None:
              fmt(r.proxy_writes, ".2f"), f"{r.backend_us:.1f}", f"{r.client_cpu:.2f}",
              f"{r.rtt_us:.0f}", f"{r.other_cpu:.2f}", f"{r.steal_pct:.1f}", str(r.errors)]
         )  # fmt: skip
-    print(f"\nThroughput (1 KiB binary echo; median of {reps} reps; ratios paired per rep):")
+    print(
+        f"\nThroughput (1 KiB binary echo; {DEFLATE_NAME}: 1 KiB JSON-like text, "
+        f"permessage-deflate on both legs; median of {reps} reps; ratios paired per rep):"
+    )
     report.print_table(table, left=2)
 
 
-def _row(rows: list[Row], shape: tuple[int, int], target: str) -> Row | None:
-    return next((r for r in rows if (r.shape, r.target) == (shape_name(shape), target)), None)
+def _row(rows: list[Row], shape: tuple[int, int] | str, target: str) -> Row | None:
+    name = shape if isinstance(shape, str) else shape_name(shape)
+    return next((r for r in rows if (r.shape, r.target) == (name, target)), None)
 
 
 def throughput_headline(rows: list[Row], runs: list[EchoRun]) -> list[str]:
     lines = []
-    for shape in SHAPES:
+    for shape in (*SHAPES, DEFLATE_NAME):
         gw, ng = _row(rows, shape, GATEWAY), _row(rows, shape, NGINX)
         if gw is None:
             continue
@@ -473,10 +492,11 @@ def throughput_headline(rows: list[Row], runs: list[EchoRun]) -> list[str]:
                 f"= {gw.proxy_us / ng.proxy_us:.1f}x"
             )
         spread = f" (reps {fmt(gw.x_nginx_low, '.2f')}-{fmt(gw.x_nginx_high, '.2f')})"
+        anchor = f"; anchor: aiohttp relay {ANCHORS[shape]}" if shape in ANCHORS else ""
+        name = shape if isinstance(shape, str) else shape_name(shape)
         lines.append(
-            f"gateway/nginx msgs/s at {shape_name(shape)} = {fmt(ratio, '.2f')}{spread} "
-            f"({verdict}: target >= {TARGET_RATIO}; anchor: aiohttp relay "
-            f"{ANCHORS[shape]}){cpu}"
+            f"gateway/nginx msgs/s at {name} = {fmt(ratio, '.2f')}{spread} "
+            f"({verdict}: target >= {TARGET_RATIO}{anchor}){cpu}"
         )
     disturbed = report.disturbance(
         [r.other_cpu for r in runs], "throughput runs", "noisy; rerun when idle"

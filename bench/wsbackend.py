@@ -61,8 +61,9 @@ BOOK = Book()
 
 async def session(request: web.Request) -> web.StreamResponse:
     """Echo data messages, answer and count pings, count pongs; until the peer closes."""
+    # compress: permessage-deflate when the client offers it (the compressed runs), else none
     ws: web.WebSocketResponse[Literal[False]] = web.WebSocketResponse(
-        autoping=False, compress=False, max_msg_size=0, decode_text=False
+        autoping=False, compress=True, max_msg_size=0, decode_text=False
     )
     await ws.prepare(request)
     leg = Leg()

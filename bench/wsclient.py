@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ import orjson
 import uvloop
 from aiohttp import WSMsgType
 
-Socket = aiohttp.ClientWebSocketResponse[Literal[True]]  # text would be decoded (none comes)
+Socket = aiohttp.ClientWebSocketResponse[Literal[True]]  # text is decoded (--compress sends it)
 CLOSE_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 30.0
 
@@ -74,16 +75,32 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
 
 
-async def echo_leg(ws: Socket, window: int, payload: bytes, tally: Tally) -> None:
-    """Keep ``window`` messages in flight on ``ws`` while ``tally.sending``; then drain."""
-    send, receive = ws.send_bytes, ws.receive
+def json_like(size: int) -> str:
+    """Text shaped like chat traffic (keys repeat, values vary), ``size`` characters."""
+    rng = random.Random(size)  # noqa: S311 - message text, not secrets
+    parts: list[str] = []
+    while sum(map(len, parts)) < size:
+        parts.append(
+            f'{{"user":"u{rng.randint(1, 99_999)}","room":"general","seq":{len(parts)},'
+            f'"text":"{rng.choice(("hi", "ok", "see you", "on my way"))}"}}'
+        )
+    return "".join(parts)[:size]
+
+
+async def echo_leg(ws: Socket, window: int, payload: bytes | str, tally: Tally) -> None:
+    """Keep ``window`` messages in flight on ``ws`` while ``tally.sending``; then drain.
+    A ``str`` payload goes as text messages (their echoes are decoded), bytes as binary."""
+    text = isinstance(payload, str)
+    send: Any = ws.send_str if text else ws.send_bytes
+    expected = WSMsgType.TEXT if text else WSMsgType.BINARY
+    receive = ws.receive
     in_flight = window
     try:
         for _ in range(window):
             await send(payload)
         while in_flight:
             msg = await receive()
-            if msg.type is not WSMsgType.BINARY:
+            if msg.type is not expected:
                 tally.errors[f"unexpected {msg.type.name}"] += 1
                 return
             tally.echoed += 1
@@ -96,13 +113,16 @@ async def echo_leg(ws: Socket, window: int, payload: bytes, tally: Tally) -> Non
 
 
 async def echo(args: argparse.Namespace) -> None:
-    payload = os.urandom(args.size)
+    # --compress: JSON-like text, permessage-deflate offered (level 15: aiohttp's full window)
+    payload: bytes | str = json_like(args.size) if args.compress else os.urandom(args.size)
     tally = Tally()
     async with new_session() as session:
         legs: list[Socket] = [
-            await session.ws_connect(args.url, compress=0, max_msg_size=0)
+            await session.ws_connect(args.url, compress=15 if args.compress else 0, max_msg_size=0)
             for _ in range(args.conns)
         ]
+        if args.compress and not all(ws.compress for ws in legs):
+            tally.errors["compression not agreed"] += 1
         tasks = [asyncio.create_task(echo_leg(ws, args.window, payload, tally)) for ws in legs]
         await asyncio.sleep(args.warmup)
         count0, time0, cpu0 = tally.echoed, time.perf_counter(), time.process_time()
@@ -271,6 +291,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     one.add_argument("--size", type=int, default=1024, help="bytes per message")
     one.add_argument("--warmup", type=float, default=1.0)
     one.add_argument("--duration", type=float, default=5.0)
+    one.add_argument(
+        "--compress", action="store_true", help="JSON-like text messages, permessage-deflate"
+    )
     two = sub.add_parser("hold", help="capacity: idle sessions, driven by stdin commands")
     two.add_argument("url")
     two.add_argument("--concurrency", type=int, default=200, help="handshakes at a time")

@@ -88,6 +88,8 @@ class WsPolicy:
     max_message: int
     ping_interval: float
     idle_timeout: float | None
+    extensions: bool  # the client's extension offer goes to the upstream
+    upstream_gone_code: int  # to the client when the upstream's connection just ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +381,8 @@ def _ws(service: Service, rule: RouteRule | None = None) -> WsPolicy:
         max_message=pick("ws_max_message"),
         ping_interval=pick("ws_ping_interval"),
         idle_timeout=pick("ws_idle_timeout"),
+        extensions=pick("ws_extensions"),
+        upstream_gone_code=pick("ws_upstream_gone_code"),
     )
 
 

@@ -273,9 +273,11 @@ def canned(data: bytes) -> RawHandler:
 # -- WebSocket frames --------------------------------------------------------------------------
 
 
-def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
-    """A frame as a peer would send it (any length)."""
-    first = (0x80 if fin else 0) | opcode
+def frame(
+    opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0
+) -> bytes:
+    """A frame as a peer would send it (any length); ``rsv``: its reserved bits (0x40 RSV1)."""
+    first = (0x80 if fin else 0) | rsv | opcode
     n = len(payload)
     if n < 126:
         head = bytes((first, n | (0x80 if masked else 0)))

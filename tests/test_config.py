@@ -103,6 +103,16 @@ def test_misspelt_keys_get_a_suggestion():
         ("nodes: {a: {host: x}}\nservices: {s: {port: 0, nodes: [a]}}\n", "at least 1"),
         ("nodes: {a: {host: x}}\nservices: {s: {port: 1, nodes: [a, a]}}\n", "listed twice"),
         ("nodes: {a: {host: x}}\nservices: {s: {port: true, nodes: [a]}}\n", "integer"),
+        (
+            "nodes: {a: {host: x}}\nservices: {s: {port: 1, nodes: [a], ws_upstream_gone_code: "
+            "1006}}\n",
+            "ws_upstream_gone_code (line 2): must be one of 1011, 1014, 1001, 1012, 1013",
+        ),
+        (
+            "nodes: {a: {host: x}}\nservices: {s: {port: 1, nodes: [a], routes: [{path: /ws/,"
+            " to: /, websocket: true, ws_extensions: 1}]}}\n",
+            "services.s.routes[0].ws_extensions (line 2): must be true or false",
+        ),
     ],
 )
 def test_single_problems_have_clear_messages(text, fragment):
@@ -309,3 +319,23 @@ def test_a_yaml_mistake_is_explained_with_its_line_column_and_path(text, expecte
     assert len(caught.value.problems) == 1
     assert expected in str(caught.value.problems[0])
     assert "(the parser says: " in str(caught.value.problems[0])  # its own words, last
+
+
+def test_websocket_extensions_and_gone_code_layer_route_over_service():
+    text = (
+        "nodes: {a: {host: 127.0.0.3}}\n"
+        "services:\n"
+        "  city: {port: 1, nodes: [a], ws_upstream_gone_code: 1014, routes: [\n"
+        "    {path: /ws/live/, to: /live/, websocket: true, name: live, ws_extensions: false,\n"
+        "     ws_upstream_gone_code: 1012},\n"
+        "    {path: /ws/chat/, to: /chat/, websocket: true, name: chat}]}\n"
+        "  plain: {port: 2, nodes: [a], websocket: true}\n"
+    )
+    table = compile_snapshot(parse_config(text, env={})).table
+    policies = {entry.id: entry.policy.ws for entry in table.entries if entry.websocket}
+    found = {
+        name: (ws.extensions, ws.upstream_gone_code)
+        for name, ws in policies.items()
+        if ws is not None
+    }
+    assert found == {"live": (False, 1012), "chat": (True, 1014), "plain": (True, 1011)}

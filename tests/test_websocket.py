@@ -250,15 +250,21 @@ async def test_close_codes_and_reasons_are_relayed_both_ways(ws_upstream, gatewa
     assert 'http_request_duration_seconds_count{service="city"}' not in text  # not latencies
 
 
-async def test_upstream_dying_mid_session_closes_the_client_with_1014(ws_upstream, gateway, client):
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [("", 1011), (", ws_upstream_gone_code: 1014", 1014)],
+    ids=["default", "1014"],
+)
+async def test_upstream_dying_mid_session_closes_the_client_with_the_gone_code(
+    ws_upstream, gateway, client, extra, code
+):
     _, port = await ws_upstream(NODA1, "noda1")
-    gw = await gateway(city(port))
+    gw = await gateway(city(port, extra))
     ws, _ = await open_ws(client, gw)
     started = time.monotonic()
     await ws.send_str("die")
     msg = await ws.receive(timeout=5)
-    assert msg.type is WSMsgType.CLOSE
-    assert msg.data == 1014
+    assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, code, "the upstream went away")
     assert time.monotonic() - started < 1.0
     await ws.close()
     (line,) = await logged(gw, lambda line: line.get("status") == 101)
@@ -628,3 +634,505 @@ async def test_frames_that_come_with_the_upstreams_101_reach_the_client(gateway,
         assert (await ws.receive(timeout=5)).data == "first"
         msg = await ws.receive(timeout=5)
         assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 4004, "bye")
+
+
+# -- extensions: permessage-deflate end to end ---------------------------------------------------
+
+import zlib  # noqa: E402 - kept with the tests that use it
+
+import websockets  # noqa: E402
+from multidict import CIMultiDict  # noqa: E402
+from websockets.extensions.permessage_deflate import (  # noqa: E402
+    ClientPerMessageDeflateFactory,
+    ServerPerMessageDeflateFactory,
+)
+
+from gateway.websocket.frames import RSV1  # noqa: E402
+
+
+@dataclass
+class Tap:
+    """A TCP relay in front of a port that keeps what went through each way."""
+
+    port: int
+    up: bytearray = field(default_factory=bytearray)  # toward the tapped port
+    down: bytearray = field(default_factory=bytearray)
+
+    def frames(self, direction: str) -> list[tuple[int, int, bool, int]]:
+        """The frames after the HTTP head: (reserved bits, opcode, FIN, payload length)."""
+        stream = bytes(self.up if direction == "up" else self.down)
+        pos = stream.index(b"\r\n\r\n") + 4
+        found = []
+        while pos + 2 <= len(stream):
+            b0, b1 = stream[pos], stream[pos + 1]
+            n, head = b1 & 0x7F, 2
+            if n == 126:
+                n, head = int.from_bytes(stream[pos + 2 : pos + 4], "big"), 4
+            elif n == 127:
+                n, head = int.from_bytes(stream[pos + 2 : pos + 10], "big"), 10
+            head += 4 if b1 & 0x80 else 0
+            found.append((b0 & 0x70, b0 & 0x0F, bool(b0 & 0x80), n))
+            pos += head + n
+        return found
+
+    def header(self, direction: str, name: str) -> str | None:
+        head = bytes(self.up if direction == "up" else self.down).split(b"\r\n\r\n")[0]
+        for line in head.decode().split("\r\n")[1:]:
+            key, _, value = line.partition(":")
+            if key.strip().lower() == name.lower():
+                return value.strip()
+        return None
+
+
+@pytest.fixture
+async def tap():
+    servers: list[asyncio.Server] = []
+
+    async def start(host: str, port: int) -> Tap:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            target_reader, target_writer = await asyncio.open_connection(host, port)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, log: bytearray):
+                with contextlib.suppress(ConnectionError):
+                    while data := await src.read(65536):
+                        log += data
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(
+                pipe(reader, target_writer, seen.up), pipe(target_reader, writer, seen.down)
+            )
+
+        server = await asyncio.start_server(on_connect, host, 0)
+        servers.append(server)
+        seen = Tap(server.sockets[0].getsockname()[1])
+        return seen
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def compressed_messages(frames: list[tuple[int, int, bool, int]]) -> list[bool]:
+    """Per data message on the wire: whether its first frame carries RSV1 (and no frame of it
+    carries another reserved bit, nor a continuation or control frame any)."""
+    marks = []
+    for rsv, opcode, _, _ in frames:
+        if opcode in (0x1, 0x2):
+            marks.append(rsv == RSV1)
+        else:
+            assert rsv == 0, "a reserved bit on a continuation or control frame"
+    return marks
+
+
+def json_like(size: int, rng: random.Random) -> str:
+    """Text that compresses as chat traffic does: keys repeat, values vary."""
+    parts: list[str] = []
+    while sum(map(len, parts)) < size:
+        parts.append(f'{{"user":"u{rng.randint(1, 999)}","room":"general","n":{len(parts)}}}')
+    return "".join(parts)[:size]
+
+
+SIZES = (0, 1, 125, 126, 1000, 65_535, 65_536, 300_000)
+
+
+async def test_permessage_deflate_with_aiohttp_on_both_legs_stays_compressed(
+    ws_upstream, gateway, client, tap
+):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    upstream_leg = await tap(NODA1, port)
+    gw = await gateway(city(upstream_leg.port))
+    client_leg = await tap("127.0.0.1", gw.port)
+    ws = await client.ws_connect(
+        f"http://127.0.0.1:{client_leg.port}/ws/city/rooms/general", compress=15
+    )
+    assert ws.compress == 15  # agreed with the upstream, through the gateway
+    assert (await ws.receive(timeout=5)).data == "hello from noda1"
+    rng = random.Random(7)
+    sent: list[str | bytes] = []
+    for size in SIZES:
+        sent += [json_like(size, rng), os.urandom(size)]
+    for message in sent:
+        await (ws.send_str(message) if isinstance(message, str) else ws.send_bytes(message))
+        assert (await ws.receive(timeout=5)).data == message
+    await ws.close()
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    # The offer went up as the client wrote it, the answer came back as the upstream wrote it.
+    offer = client_leg.header("up", "Sec-WebSocket-Extensions")
+    assert offer is not None
+    assert "permessage-deflate" in offer
+    assert seen.handshakes[0]["Sec-WebSocket-Extensions"] == offer
+    answer = upstream_leg.header("down", "Sec-WebSocket-Extensions")
+    assert answer is not None
+    assert answer.startswith("permessage-deflate")
+    assert client_leg.header("down", "Sec-WebSocket-Extensions") == answer
+    for leg in (client_leg, upstream_leg):  # every message compressed, both ways, both legs
+        assert compressed_messages(leg.frames("up")) == [True] * len(sent)
+        assert compressed_messages(leg.frames("down")) == [True] * (len(sent) + 1)
+    (line,) = await logged(gw, lambda line: line.get("status") == 101)
+    # The log line counts the payload bytes that crossed: compressed ones.
+    on_the_wire = sum(n for _, opcode, _, n in upstream_leg.frames("up") if opcode < 8)
+    assert line["websocket"]["bytes_up"] == on_the_wire
+    assert on_the_wire < sum(map(len, sent))
+
+
+async def test_ws_max_message_counts_the_compressed_size(ws_upstream, gateway, client):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port, ", ws_max_message: 16384"))
+    ws, _ = await open_ws(client, gw, compress=15)
+    text = json_like(100_000, random.Random(1))  # ~12 KB compressed
+    await ws.send_str(text)
+    assert (await ws.receive(timeout=5)).data == text
+    await ws.send_bytes(os.urandom(20_000))  # does not compress
+    msg = await ws.receive(timeout=5)
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1009)
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes == [(1009, "")]
+
+
+@dataclass
+class WsLibUpstream:
+    """A ``websockets`` service: the handshakes it saw; echoes, or sends a fragmented
+    message when asked."""
+
+    port: int
+    requests: list[CIMultiDict[str]]
+
+
+@pytest.fixture
+async def websockets_upstream():
+    servers = []
+
+    async def start(**kwargs: Any) -> WsLibUpstream:
+        requests: list[CIMultiDict[str]] = []
+
+        async def handler(ws: Any) -> None:
+            requests.append(CIMultiDict(ws.request.headers.raw_items()))
+            async for message in ws:
+                if message == "fragments please":
+                    await ws.send(["frag-1 ", "frag-2 " * 500, "frag-3"])
+                else:
+                    await ws.send(message)
+
+        server = await websockets.serve(handler, NODA1, 0, **kwargs)
+        servers.append(server)
+        return WsLibUpstream(server.sockets[0].getsockname()[1], requests)
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_permessage_deflate_with_websockets_passes_parameters_and_fragments(
+    websockets_upstream, gateway, tap
+):
+    service = await websockets_upstream(
+        extensions=[ServerPerMessageDeflateFactory(server_max_window_bits=11)]
+    )
+    upstream_leg = await tap(NODA1, service.port)
+    gw = await gateway(city(upstream_leg.port))
+    offer = ClientPerMessageDeflateFactory(
+        client_no_context_takeover=True, server_max_window_bits=11
+    )
+    async with websockets.connect(
+        f"ws://127.0.0.1:{gw.port}/ws/city/rooms/general", extensions=[offer]
+    ) as ws:
+        for size in SIZES:
+            text = json_like(size, random.Random(size))
+            await ws.send(text)
+            assert await ws.recv() == text
+        fragments = ["part one, ", "part two " * 1000, "part three"]
+        await ws.send(fragments)  # one message in three frames
+        assert await ws.recv() == "".join(fragments)
+        await ws.send("fragments please")
+        assert await ws.recv() == "frag-1 " + "frag-2 " * 500 + "frag-3"
+        assert ws.response is not None
+        answer = ws.response.headers["Sec-WebSocket-Extensions"]
+    (request,) = service.requests
+    sent_offer = request["Sec-WebSocket-Extensions"]
+    assert "client_no_context_takeover" in sent_offer
+    assert "server_max_window_bits=11" in sent_offer
+    assert upstream_leg.header("down", "Sec-WebSocket-Extensions") == answer
+    assert "client_no_context_takeover" in answer
+    assert "server_max_window_bits=11" in answer
+    up, down = upstream_leg.frames("up"), upstream_leg.frames("down")
+    messages = len(SIZES) + 2
+    assert compressed_messages(up) == [True] * messages
+    assert compressed_messages(down) == [True] * messages
+    # The fragmented ones: RSV1 on the first frame, continuations (checked above) without.
+    for frames in (up, down):
+        assert (RSV1, 0x1, False) in [(rsv, opcode, fin) for rsv, opcode, fin, _ in frames]
+        assert len([opcode for _, opcode, _, _ in frames if opcode == 0x0]) >= 2
+
+
+async def test_a_service_that_declines_compression_gets_uncompressed_sessions(
+    websockets_upstream, gateway, client, tap
+):
+    service = await websockets_upstream(compression=None)
+    upstream_leg = await tap(NODA1, service.port)
+    gw = await gateway(city(upstream_leg.port))
+    ws = await client.ws_connect(gw.url + "/ws/city/rooms/general", compress=15)
+    assert ws.compress == 0
+    assert "Sec-WebSocket-Extensions" not in ws._response.headers
+    await ws.send_str("plain " * 100)
+    assert (await ws.receive(timeout=5)).data == "plain " * 100
+    await ws.close()
+    assert "permessage-deflate" in service.requests[0]["Sec-WebSocket-Extensions"]  # offered
+    assert compressed_messages(upstream_leg.frames("up")) == [False]
+    assert compressed_messages(upstream_leg.frames("down")) == [False]
+
+
+async def test_ws_extensions_false_strips_the_offer(websockets_upstream, gateway, client):
+    service = await websockets_upstream()  # would accept permessage-deflate
+    gw = await gateway(city(service.port, ", ws_extensions: false"))
+    ws = await client.ws_connect(gw.url + "/ws/city/rooms/general", compress=15)
+    assert ws.compress == 0
+    await ws.send_str("plain")
+    assert (await ws.receive(timeout=5)).data == "plain"
+    await ws.close()
+    assert "Sec-WebSocket-Extensions" not in service.requests[0]
+
+
+async def test_an_extension_the_client_did_not_offer_is_502(gateway, client):
+    async def pushy(reader, writer, accept: str) -> None:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+        )
+        await reader.read()
+
+    server, port = await upgrading_upstream(pushy)
+    async with server:
+        gw = await gateway(city(port))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect(gw.url + "/ws/city/rooms/general")  # offers nothing
+        assert refused.value.status == 502
+
+
+def deflated(text: bytes) -> bytes:
+    """A message's payload as permessage-deflate sends it (RFC 7692 7.2.1)."""
+    compressor = zlib.compressobj(wbits=-15)
+    return (compressor.compress(text) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+# -- order at a violation: what was in flight arrives before the close -------------------------
+
+IN_FLIGHT = b"in flight"
+HELLO = b"hello from noda1"
+
+
+async def raw_session(
+    port: int, extensions: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    offer = f"Sec-WebSocket-Extensions: {extensions}\r\n".encode() if extensions else b""
+    writer.write(HANDSHAKE + offer + b"\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer, head
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(0x1, b"x", masked=False), 1002),  # a client must mask
+        (frame(0x1, b"x", rsv=0x40), 1002),  # RSV1 without an extension
+        (frame(0x3, b"x"), 1002),  # a reserved opcode
+        (frame(0x9, b"x" * 126), 1002),  # an oversized control frame
+        (frame(0x9, b"x", fin=False), 1002),  # a fragmented one
+        (frame(0x0, b"x"), 1002),  # a continuation of nothing
+        (frame(0x8, close_payload(1005)), 1002),  # a close code that may not be sent
+        (frame(0x2, b"x" * 101), 1009),  # over ws_max_message
+    ],
+    ids=["unmasked", "rsv1", "opcode", "big ping", "fragmented ping", "continuation",
+         "close 1005", "too big"],
+)  # fmt: skip
+async def test_the_echo_of_a_message_in_flight_arrives_before_the_close(
+    ws_upstream, gateway, bad, code
+):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port, ", ws_max_message: 100"))
+    reader, writer, _ = await raw_session(gw.port)
+    assert await read_frame(reader) == (0x1, HELLO)
+    writer.write(frame(0x1, IN_FLIGHT) + bad)  # one write: the violation is read with it
+    assert await read_frame(reader) == (0x1, IN_FLIGHT)  # the service's echo, first
+    assert await read_frame(reader) == (0x8, close_payload(code))
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then the gateway hangs up
+    writer.close()
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes == [(code, "")]
+    (line,) = await logged(gw, lambda line: line.get("status") == 101)
+    summary = line["websocket"]
+    assert (summary["messages_up"], summary["bytes_up"]) == (1, len(IN_FLIGHT))
+    assert (summary["messages_down"], summary["bytes_down"]) == (2, len(HELLO + IN_FLIGHT))
+    assert (summary["ended_by"], summary["close_code"]) == ("client", code)
+
+
+async def read_raw_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One unmasked frame from the gateway: (its first byte, payload)."""
+    b0 = (await reader.readexactly(1))[0]
+    n = (await reader.readexactly(1))[0] & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    return b0, await reader.readexactly(n)
+
+
+def inflated(payload: bytes) -> bytes:
+    return zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        frame(0x9, b"p", rsv=0x40),
+        frame(0x1, deflated(b"two "), fin=False, rsv=0x40) + frame(0x0, deflated(b""), rsv=0x40),
+        frame(0x1, deflated(b"x"), rsv=0x60),
+    ],
+    ids=["rsv1 on a ping", "rsv1 on a continuation", "rsv2"],
+)
+async def test_with_permessage_deflate_only_first_frames_may_carry_rsv1(ws_upstream, gateway, bad):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer, head = await raw_session(gw.port, "permessage-deflate")
+    assert b"permessage-deflate" in head
+    b0, payload = await read_raw_frame(reader)
+    assert (b0, inflated(payload)) == (0xC1, HELLO)  # FIN, RSV1, text: compressed
+    writer.write(frame(0x1, deflated(IN_FLIGHT), rsv=0x40) + bad)
+    b0, payload = await read_raw_frame(reader)
+    assert (b0, inflated(payload)) == (0xC1, IN_FLIGHT)  # its echo, compressed, first
+    assert await read_frame(reader) == (0x8, close_payload(1002))
+    writer.close()
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes == [(1002, "")]
+
+
+async def test_an_upstreams_violation_comes_after_its_good_frames(gateway, client):
+    async def breaking(reader, writer, accept: str) -> None:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+            + frame(0x1, b"first", masked=False) + frame(0x2, b"second", masked=False)
+            + frame(0x1, b"masked")  # a server must not mask
+        )  # fmt: skip
+        await reader.read()
+
+    server, port = await upgrading_upstream(breaking)
+    async with server:
+        gw = await gateway(city(port))
+        ws = await client.ws_connect(gw.url + "/ws/city/rooms/general")
+        assert (await ws.receive(timeout=5)).data == "first"
+        assert (await ws.receive(timeout=5)).data == b"second"
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1002)
+        (line,) = await logged(gw, lambda line: line.get("status") == 101)
+        summary = line["websocket"]
+        assert (summary["messages_down"], summary["bytes_down"]) == (2, 11)
+        assert (summary["ended_by"], summary["close_code"]) == ("upstream", 1002)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [("", 1011), (", ws_upstream_gone_code: 1014", 1014)],
+    ids=["default", "1014"],
+)
+async def test_a_vanishing_upstreams_last_frames_arrive_before_the_close(
+    gateway, client, extra, code
+):
+    async def last_words(reader, writer, accept: str) -> None:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+            + frame(0x1, b"last", masked=False) + frame(0x1, b"words", masked=False)
+        )  # fmt: skip
+        await writer.drain()  # and the connection ends: no close frame
+
+    server, port = await upgrading_upstream(last_words)
+    async with server:
+        gw = await gateway(city(port, extra))
+        ws = await client.ws_connect(gw.url + "/ws/city/rooms/general")
+        assert (await ws.receive(timeout=5)).data == "last"
+        assert (await ws.receive(timeout=5)).data == "words"
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, code, "the upstream went away")
+        (line,) = await logged(gw, lambda line: line.get("status") == 101)
+        summary = line["websocket"]
+        assert (summary["messages_down"], summary["ended_by"], summary["close_code"]) == (
+            2,
+            "upstream",
+            code,
+        )
+
+
+async def test_a_close_frame_inside_a_half_read_frame_is_the_senders_violation(
+    ws_upstream, gateway
+):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer, _ = await raw_session(gw.port)
+    assert await read_frame(reader) == (0x1, HELLO)
+    writer.write(frame(0x2, b"z" * 1000)[:60])  # a frame of 1000 bytes, 54 of them sent
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the close comes in a read of its own
+    writer.write(frame(0x8, close_payload(1000)))  # gave up on the frame: closes
+    assert await read_frame(reader) == (0x8, close_payload(1002))
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes[0][0] != 1000  # its frame was cut: it cannot have closed normally
+    (line,) = await logged(gw, lambda line: line.get("status") == 101)
+    assert (line["websocket"]["ended_by"], line["websocket"]["close_code"]) == ("client", 1002)
+
+
+async def test_a_close_frame_in_the_same_read_as_a_frames_payload_is_payload(ws_upstream, gateway):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer, _ = await raw_session(gw.port)
+    assert await read_frame(reader) == (0x1, HELLO)
+    close = frame(0x8, close_payload(1000))
+    payload = b"x" * 10 + close
+    # A frame masked with a zero key: the close's bytes go on the wire as they are.
+    writer.write(bytes((0x82, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+    assert await read_frame(reader) == (0x2, payload)  # the service got it as payload
+    writer.write(frame(0x1, b"still open"))
+    assert await read_frame(reader) == (0x1, b"still open")
+    writer.close()
+    await asyncio.wait_for(seen.ended.wait(), 5)
+
+
+async def test_an_invalid_answer_to_a_close_still_closes_both_legs(ws_upstream, gateway):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    reader, writer, _ = await raw_session(gw.port)
+    assert await read_frame(reader) == (0x1, HELLO)
+    writer.write(frame(0x1, b"close:4000:bye"))  # the service closes first
+    assert await read_frame(reader) == (0x8, close_payload(4000, b"bye"))
+    writer.write(frame(0x8, close_payload(1005)))  # an answer no endpoint may send
+    # It has had its one close frame already: its connection is closed, nothing more sent.
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    await asyncio.wait_for(seen.ended.wait(), 5)  # and the service got an answer
+    (line,) = await logged(gw, lambda line: line.get("status") == 101)
+    assert line["websocket"]["ended_by"] == "upstream"
+    assert line["websocket"]["client_close_code"] is None  # its answer was no valid close
+
+
+async def test_a_vanishing_clients_last_frames_reach_the_service_before_its_1001(
+    ws_upstream, gateway, client
+):
+    seen, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port))
+    member, _ = await open_ws(client, gw)  # in the same room: it gets what the service got
+    reader, writer = await raw_handshake(gw.port)
+    assert await read_frame(reader) == (0x1, HELLO)
+    writer.write(frame(0x1, b"last") + frame(0x1, b"words"))
+    writer.close()  # gone: no close frame
+    assert (await member.receive(timeout=5)).data == "last"
+    assert (await member.receive(timeout=5)).data == "words"
+    await asyncio.wait_for(seen.ended.wait(), 5)
+    assert seen.closes == [(1001, "")]
+    await member.close()

@@ -15,6 +15,7 @@ from gateway.websocket.frames import (
     PING,
     PONG,
     PROTOCOL_ERROR,
+    RSV1,
     TEXT,
     Control,
     FrameReader,
@@ -22,6 +23,7 @@ from gateway.websocket.frames import (
     close_payload,
     control_frame,
     parse_close,
+    reserved_bits,
 )
 
 from .helpers import frame
@@ -156,3 +158,96 @@ def test_the_gateways_own_frames_read_back() -> None:
 )
 def test_close_payloads(payload: bytes, parsed: object) -> None:
     assert parse_close(payload) == parsed
+
+
+DEFLATE_BITS = reserved_bits("permessage-deflate; client_max_window_bits=10")
+
+
+def test_reserved_bits_follow_the_agreed_extensions() -> None:
+    assert reserved_bits(None) == (0, 0)
+    assert DEFLATE_BITS == (RSV1, 0)  # on a message's first frame only
+    assert reserved_bits("x-unknown, permessage-deflate") == (0x70, 0x70)  # not checked
+
+
+def test_with_permessage_deflate_rsv1_opens_a_message_and_nothing_else() -> None:
+    stream = (
+        frame(TEXT, b"c1", rsv=RSV1)
+        + frame(BINARY, b"c2", fin=False, rsv=RSV1)
+        + frame(PING, b"p")
+        + frame(CONTINUATION, b"c3")
+        + frame(TEXT, b"plain")  # uncompressed messages stay allowed
+    )
+    reader = FrameReader(masked=True, max_message=100, reserved=DEFLATE_BITS)
+    assert feed_in_pieces(reader, stream, random.Random(3)) == [stream]
+    assert reader.passed() == (3, 11)
+
+
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [
+        (HELLO, frame(PING, b"p", rsv=RSV1)),  # a control frame is never compressed
+        (frame(TEXT, b"a", fin=False, rsv=RSV1), frame(CONTINUATION, b"b", rsv=RSV1)),
+        (HELLO, frame(TEXT, b"x", rsv=0x20)),  # RSV2 and RSV3 belong to no extension here
+        (HELLO, frame(TEXT, b"x", rsv=0x10)),
+        (HELLO, frame(TEXT, b"x", rsv=0x50)),
+    ],
+    ids=["ping", "continuation", "rsv2", "rsv3", "rsv1+3"],
+)
+def test_with_permessage_deflate_other_reserved_bits_are_violations(
+    good: bytes, bad: bytes
+) -> None:
+    reader = FrameReader(masked=True, max_message=100, reserved=DEFLATE_BITS)
+    events = reader.feed(good + bad)
+    assert events[0] == good
+    assert events[1] == Violation(
+        PROTOCOL_ERROR, "reserved bits set that no agreed extension allows"
+    )
+
+
+def test_passed_counts_a_message_once_its_last_byte_has_come() -> None:
+    reader = FrameReader(masked=False, max_message=1 << 20)
+    whole = frame(BINARY, b"z" * 1000, masked=False)
+    reader.feed(frame(TEXT, b"abc", masked=False) + whole[:500])
+    assert reader.passed() == (1, 3 + 500 - 4)  # the header of 4 bytes is no payload
+    assert (reader.messages, reader.payload_bytes) == (2, 1003)  # what the headers announced
+    reader.feed(whole[500:])
+    assert reader.passed() == (2, 1003)
+
+
+CLOSE_1000 = close_payload(1000)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["from a client", "from an upstream"])
+@pytest.mark.parametrize(
+    "unfinished",
+    [
+        frame(BINARY, b"d" * 1000),  # a data frame's payload half read
+        frame(PONG, b"p" * 100),  # a held control frame
+    ],
+    ids=["data frame", "pong"],
+)
+def test_a_close_frame_read_inside_an_unfinished_frame_is_a_violation(
+    masked: bool, unfinished: bytes
+) -> None:
+    unfinished = frame(unfinished[0] & 0x0F, b"d" * (len(unfinished) - 6), masked=masked)
+    reader = FrameReader(masked=masked, max_message=1 << 20)
+    assert reader.feed(unfinished[:50]) in ([unfinished[:50]], [])
+    assert reader.feed(frame(CLOSE, CLOSE_1000, masked=masked)) == [
+        Violation(PROTOCOL_ERROR, "a close frame inside an unfinished frame")
+    ]
+    assert reader.done
+
+
+def test_a_close_frame_in_the_same_read_as_the_frames_bytes_is_payload() -> None:
+    close = frame(CLOSE, CLOSE_1000)
+    reader = FrameReader(masked=True, max_message=1 << 20)
+    head = frame(BINARY, b"x" * (10 + len(close)))[:6]  # its header: 10 bytes, then the close
+    stream = head + b"x" * 10 + close  # as the frame's payload (masking aside), in one read
+    assert reader.feed(stream) == [stream]
+    assert reader.passed() == (1, 10 + len(close))
+    # And a read that only looks like a close at its start, but is longer, is payload too.
+    reader = FrameReader(masked=True, max_message=1 << 20)
+    big = frame(BINARY, b"y" * 1000)
+    assert reader.feed(big[:100]) == [big[:100]]
+    assert reader.feed(close + b"more") == [close + b"more"]
+    assert not reader.done

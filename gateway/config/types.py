@@ -22,6 +22,9 @@ NAME_RE = r"[a-z0-9][a-z0-9_-]{0,62}"
 Name = Annotated[str, Pattern(NAME_RE, "a name (lowercase letters, digits, '-', '_')")]
 Port = Annotated[int, Range(min=1, max=65535)]
 Seconds = Annotated[float, Range(gt=0, max=86400)]
+# Close codes for "the upstream went away": 1011 first (every client knows it; 1014 is not in
+# RFC 6455's own list, and some clients fail the connection on it).
+UpstreamGoneCode = Literal[1011, 1014, 1001, 1012, 1013]
 Host = Annotated[
     str,
     Pattern(
@@ -490,6 +493,10 @@ class RouteRule:
     )
     ws_ping_interval: Seconds | None = doc("ws_ping_interval instead of the service's.", None)
     ws_idle_timeout: Seconds | None = doc("ws_idle_timeout instead of the service's.", None)
+    ws_extensions: bool | None = doc("ws_extensions instead of the service's.", None)
+    ws_upstream_gone_code: UpstreamGoneCode | None = doc(
+        "ws_upstream_gone_code instead of the service's.", None
+    )
     cookie_path: bool = doc(
         "Rewrite Set-Cookie Path= from the upstream path (to) to the public one (path).", False
     )
@@ -553,6 +560,18 @@ class Service:
     )
     ws_idle_timeout: Seconds | None = doc(
         "Close sessions without any message for this many seconds (default: never).", None
+    )
+    ws_extensions: bool = doc(
+        "Pass the client's WebSocket extension offer (permessage-deflate) to the upstream and "
+        "the one it accepts back; frames stay compressed through the gateway, so "
+        "ws_max_message counts compressed bytes. false: offer none (uncompressed sessions).",
+        True,
+    )
+    ws_upstream_gone_code: UpstreamGoneCode = doc(
+        "Close code the client gets when the upstream's connection ends without a close "
+        "frame: 1011 (understood by every client), or 1014 (bad gateway; RFC 6455's first "
+        "list lacks it), 1001, 1012 or 1013.",
+        1011,
     )
     health: HealthCheck = doc("Active health checks for this service.", HealthCheck())
     retries: Retries | None = doc(

@@ -11,6 +11,10 @@ expects). ``FrameReader.feed`` turns the bytes one leg sent into what to do with
 - ``Violation``: the leg broke the protocol (1002) or sent a message over the size limit
   (1009); the reader reads nothing more.
 
+Extensions: the reserved bits a frame may carry are the agreed extensions' (``reserved_bits``).
+With ``permessage-deflate`` (RFC 7692) RSV1 marks a compressed message on its first frame and
+nowhere else; the payloads stay compressed through the relay, so sizes are compressed sizes.
+
 A frame's payload streams through as it arrives, so a session holds no more than a header
 and a control frame of its own, whatever the message size; only pongs and close frames are
 held until they are whole (at most 131 bytes).
@@ -33,6 +37,9 @@ PROTOCOL_ERROR: Final = 1002
 MESSAGE_TOO_BIG: Final = 1009
 MAX_CONTROL_PAYLOAD: Final = 125
 MAX_REASON: Final = MAX_CONTROL_PAYLOAD - 2  # a close frame's reason, after its code
+RSV1: Final = 0x40
+RESERVED: Final = 0x70  # RSV1, RSV2, RSV3
+DEFLATE: Final = "permessage-deflate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,7 @@ class Violation:
 
 
 Event = bytes | Control | Violation
+CLOSE_INSIDE: Final = Violation(PROTOCOL_ERROR, "a close frame inside an unfinished frame")
 
 
 def unmask(payload: bytes, key: bytes) -> bytes:
@@ -94,6 +102,26 @@ def parse_close(payload: bytes) -> tuple[int | None, bytes] | None:
     return code, payload[2:]
 
 
+def extension_names(value: str | None) -> list[str]:
+    """The extension names in a ``Sec-WebSocket-Extensions`` value (parameters left out)."""
+    if not value:
+        return []
+    return [n for e in value.split(",") if (n := e.split(";", 1)[0].strip().lower())]
+
+
+def reserved_bits(extensions: str | None) -> tuple[int, int]:
+    """The reserved bits a session's frames may carry with the ``extensions`` the upstream
+    accepted: (on the first frame of a data message, on any frame). ``permessage-deflate``
+    sets RSV1 on first frames only; an extension the gateway does not know may use any bit
+    anywhere (it cannot check what it does not know; nothing else is relaxed)."""
+    names = set(extension_names(extensions))
+    if not names:
+        return 0, 0
+    if names == {DEFLATE}:
+        return RSV1, 0
+    return RESERVED, RESERVED
+
+
 def _header(data: bytes, pos: int, end: int) -> tuple[int, int, int] | None:
     """(payload length, header length, mask bit) of the frame at ``pos``; None when the
     header has not all arrived."""
@@ -119,26 +147,33 @@ class FrameReader:
     that leg sends (a client's are masked, a server's are not)."""
 
     __slots__ = (
+        "_fin",
         "_in_message",
         "_masked",
         "_max_message",
         "_message_size",
         "_pending",
         "_remaining",
+        "_reserved_any",
+        "_reserved_first",
         "done",
         "messages",
         "payload_bytes",
     )
 
-    def __init__(self, *, masked: bool, max_message: int) -> None:
+    def __init__(
+        self, *, masked: bool, max_message: int, reserved: tuple[int, int] = (0, 0)
+    ) -> None:
         self._masked = 0x80 if masked else 0
         self._max_message = max_message
+        self._reserved_first, self._reserved_any = reserved  # see ``reserved_bits``
         self._pending = b""  # an incomplete header, or an incomplete pong or close frame
         self._remaining = 0  # payload bytes of the current data frame still to come
+        self._fin = 0  # the FIN bit of the data frame whose payload is still coming
         self._in_message = False  # a fragmented message has begun and not ended
         self._message_size = 0
         self.done = False  # after a close frame or a violation: nothing more is read
-        self.messages = 0  # data messages whose last frame has been read
+        self.messages = 0  # data messages whose last frame's header has been read
         self.payload_bytes = 0  # data payload bytes announced by the headers read
 
     @property
@@ -147,9 +182,24 @@ class FrameReader:
         may be written to the other leg until it has."""
         return self._remaining > 0
 
-    def feed(self, data: bytes) -> list[Event]:
+    def passed(self) -> tuple[int, int]:
+        """(messages, payload bytes) that have been through the reader whole: a message
+        counts once its last byte has been read, the frame in flight by what has come of it."""
+        remaining = self._remaining
+        in_flight = 1 if remaining and self._fin else 0
+        return self.messages - in_flight, self.payload_bytes - remaining
+
+    def feed(self, data: bytes) -> list[Event]:  # noqa: PLR0915 - the relay's hot path: one call per read, not two
         if self.done:
             return []
+        if (
+            data
+            and data[0] == 0x88
+            and (self._remaining or self._pending)
+            and self._close_inside(data)
+        ):
+            self.done = True  # the leg gave up on its frame, and closes
+            return [CLOSE_INSIDE]
         if self._pending:
             data, self._pending = self._pending + data, b""
         end = len(data)
@@ -195,6 +245,7 @@ class FrameReader:
             self._count(b0, length)
             if frame_end > end:  # the payload streams through with the next reads
                 self._remaining = frame_end - end
+                self._fin = b0 & 0x80  # (only such a frame's FIN is ever asked for)
                 pos = end
                 break
             pos = frame_end
@@ -212,11 +263,36 @@ class FrameReader:
         else:
             self._in_message = True
 
+    def _close_inside(self, data: bytes) -> bool:
+        """Whether ``data``, a read that began inside an unfinished frame (its payload, a
+        held control frame or a header), is exactly one well-formed close frame from this
+        leg. By the bytes alone those are the frame's; but a peer whose frame had more to
+        come does not stop on a read boundary with a valid close frame unless it closes.
+        (A close that comes in the same read as the frame's last bytes cannot be told from
+        payload, and is read as payload; a read that continues a header split between reads
+        is that header's.)"""
+        pending = self._pending
+        if len(data) < 2 or (
+            pending and (len(pending) < 2 or _header(pending, 0, len(pending)) is None)
+        ):
+            return False
+        b1 = data[1]
+        length, masked = b1 & 0x7F, b1 & 0x80
+        head = 6 if masked else 2
+        if masked != self._masked or length > MAX_CONTROL_PAYLOAD or len(data) != head + length:
+            return False
+        payload = data[head:]
+        if masked:
+            payload = unmask(payload, data[2:6])
+        return parse_close(payload) is not None
+
     def _check(self, b0: int, opcode: int, length: int, masked: int) -> Violation | None:
         """Whether a frame with this header may be passed on; data frames also count here
         toward their message's size."""
-        if b0 & 0x70:
-            return Violation(PROTOCOL_ERROR, "reserved bits set (no extension was agreed)")
+        if b0 & 0x70 and b0 & 0x70 & ~(  # RESERVED, as a literal: this runs for every frame
+            self._reserved_first if 0 < opcode < 3 else self._reserved_any  # TEXT, BINARY
+        ):
+            return Violation(PROTOCOL_ERROR, "reserved bits set that no agreed extension allows")
         if opcode not in _OPCODES:
             return Violation(PROTOCOL_ERROR, "unknown opcode")
         if masked != self._masked:

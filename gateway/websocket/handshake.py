@@ -29,6 +29,7 @@ from .upstream import (
     UpstreamInvalid,
     UpstreamRefused,
     accept_key,
+    accepted,
     head_bytes,
     open_upstream,
 )
@@ -162,6 +163,8 @@ def _switching(request: web.BaseRequest, upstream: Upgraded, request_id: str) ->
     headers["Sec-WebSocket-Accept"] = accept_key(request.headers["Sec-WebSocket-Key"])
     if upstream.subprotocol:
         headers["Sec-WebSocket-Protocol"] = upstream.subprotocol
+    if upstream.extensions:  # as the upstream wrote it: its parameters are the client's too
+        headers["Sec-WebSocket-Extensions"] = upstream.extensions
     return head_bytes("HTTP/1.1 101 Switching Protocols", headers.items())
 
 
@@ -179,6 +182,9 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
         for p in value.split(",")
         if p.strip() and p.strip() != ex.token_subprotocol  # a token is not a subprotocol
     ]
+    # The client's offer as it came (ws_extensions: false strips it): the frames are relayed
+    # untouched, so the client and the upstream agree on them as on a direct connection.
+    extensions = accepted(request.headers) if route.ws is not None and route.ws.extensions else None
 
     async def send(target: Target) -> Upgraded | UpstreamRefused:
         headers = request_headers(
@@ -189,7 +195,7 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
             async with asyncio.timeout(route.connect_timeout + HANDSHAKE_TIMEOUT):
                 return await open_upstream(
                     target.host, target.port, path_qs, headers, protocols,
-                    connect_timeout=route.connect_timeout, tls=target.tls,
+                    extensions=extensions, connect_timeout=route.connect_timeout, tls=target.tls,
                 )  # fmt: skip
         except UpstreamRefused as refused:
             if refused.status < 500:

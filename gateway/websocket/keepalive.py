@@ -4,10 +4,11 @@ dead peers, idle sessions, close handshakes that do not finish, the session coun
 
 A leg that sent nothing for ``ws_ping_interval`` gets a ping (with the gateway's own payload,
 whose pong is not passed on); a leg that then stays silent for half an interval is dead: its
-connection is dropped, and the other leg gets 1001 (the client died) or 1014 (the upstream
-did). Sweeps run every quarter interval (at most every second), so a dead peer is found
-within two intervals. A session whose close handshake has not finished ``CLOSE_TIMEOUT``
-after it began is cut. One task and a few numbers per session, instead of timers per leg.
+connection is dropped, and the other leg gets 1001 (the client died) or
+``ws_upstream_gone_code`` (the upstream did: 1011 by default). Sweeps run every quarter
+interval (at most every second), so a dead peer is found within two intervals. A session
+whose close handshake has not finished ``CLOSE_TIMEOUT`` after it began is cut. One task and
+a few numbers per session, instead of timers per leg.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .session import BAD_GATEWAY, CLOSE_TIMEOUT, GOING_AWAY, Session, close_all
+from .session import CLOSE_TIMEOUT, GOING_AWAY, Session, close_all
 
 if TYPE_CHECKING:
     from ..context import Shared
@@ -68,7 +69,8 @@ def _check(session: Session, now: float) -> None:
         if pinged and leg.seen >= pinged:
             leg.pinged = pinged = 0.0  # it answered (or spoke)
         if pinged and now - pinged >= interval / 2:
-            session.ending(f"dead {leg.name}", GOING_AWAY if leg.is_client else BAD_GATEWAY)
+            gone = GOING_AWAY if leg.is_client else session.policy.upstream_gone_code
+            session.ending(f"dead {leg.name}", gone)
             if leg.transport is not None:
                 leg.transport.abort()  # its loss closes the other leg
             return

@@ -8,9 +8,17 @@ the other leg is not read until it drains.
 
 Close frames are relayed with their codes and reasons (1005/1006/1015 never go on the wire)
 and the peer's answer is relayed back; then both connections are closed. A leg that ends
-without a close frame gets the other one closed: 1014 to the client when the upstream died,
-1001 to the upstream when the client vanished. Keepalive pings, dead peers, idle sessions and
-close handshakes that never finish are ``keepalive.py``'s.
+without a close frame gets the other one closed: ``ws_upstream_gone_code`` (1011 by default)
+to the client when the upstream died, 1001 to the upstream when the client vanished.
+
+A leg that breaks the protocol (or sends too big a message) is owed a close frame with the
+code (1002, 1009), but the other leg is told first and its frames keep flowing to the
+offender until it answers: what the other side sent before it knew (an echo of the last good
+message, say) arrives before the close, as it would on a direct connection. The counters and
+the log line count what was written to the other side, not what was read.
+
+Keepalive pings, dead peers, idle sessions and close handshakes that never finish are
+``keepalive.py``'s.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from .frames import (
     close_payload,
     control_frame,
     parse_close,
+    reserved_bits,
 )
 
 if TYPE_CHECKING:
@@ -42,7 +51,7 @@ CLOSE_TIMEOUT: Final = 5.0  # for the peer's answer to a close frame
 NORMAL: Final = 1000
 GOING_AWAY: Final = 1001
 PROTOCOL_ERROR: Final = 1002
-BAD_GATEWAY: Final = 1014
+UPSTREAM_GONE: Final = b"the upstream went away"  # the reason with ws_upstream_gone_code
 # The payload of the gateway's own keepalive pings: their pongs are not passed on.
 KEEPALIVE: Final = b"gw-keepalive-" + os.urandom(6).hex().encode()
 
@@ -65,8 +74,10 @@ class Leg(asyncio.Protocol):
         "close_code",
         "close_got",
         "close_sent",
+        "counted",
         "is_client",
         "name",
+        "owed",
         "paused",
         "peer",
         "pinged",
@@ -84,7 +95,13 @@ class Leg(asyncio.Protocol):
         self.peer: Leg = self  # the other leg, set once both exist
         self.transport: asyncio.Transport | None = transport
         # A client's frames are masked, an upstream's are not.
-        self.reader = FrameReader(masked=is_client, max_message=session.policy.max_message)
+        self.reader = FrameReader(
+            masked=is_client, max_message=session.policy.max_message, reserved=session.reserved
+        )
+        # What it sent that was written to the other leg, fixed once nothing more can be;
+        # until then, what the reader passed (see ``delivered``).
+        self.counted: tuple[int, int] | None = None
+        self.owed = 0  # a violation's close code, sent once the other leg has had its say
         self.reported = (0, 0)  # messages and payload bytes already added to the counters
         self.seen = time.monotonic()  # when it last sent anything
         self.pinged = 0.0  # when the gateway's keepalive ping went out, unanswered so far
@@ -125,10 +142,21 @@ class Leg(asyncio.Protocol):
     def send_close(self, code: int, reason: bytes = b"") -> None:
         if self.send_control(CLOSE, close_payload(code, reason)):
             self.close_sent = True
+            self.peer.freeze()  # nothing more goes to this leg
         elif self.transport is not None:
             self.close_sent = True
+            self.peer.freeze()
             self.transport.close()  # mid-frame: a close frame now would be read as payload
         self.session.closing()
+
+    def freeze(self) -> None:
+        """The other leg takes nothing more: what this one sent so far is what it got."""
+        if self.counted is None:
+            self.counted = self.reader.passed()
+
+    def delivered(self) -> tuple[int, int]:
+        """(messages, payload bytes) from this leg written to the other one."""
+        return self.reader.passed() if self.counted is None else self.counted
 
     def ping(self) -> bool:
         return self.send_control(PING, KEEPALIVE)
@@ -154,6 +182,7 @@ class Leg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.peer.freeze()
         self.session.lost(self)
 
 
@@ -174,6 +203,7 @@ class Session:
         "policy",
         "relayed",
         "request_id",
+        "reserved",
         "service",
         "started",
         "upstream",
@@ -195,6 +225,7 @@ class Session:
         self.request_id = request_id
         self.service = service
         self.policy = policy
+        self.reserved = reserved_bits(upstream.extensions)  # what RSV bits frames may carry
         self.client = Leg(self, True, client)
         self.upstream = Leg(self, False, upstream.transport)
         self.client.peer, self.upstream.peer = self.upstream, self.client
@@ -252,19 +283,35 @@ class Session:
         leg.close_got, leg.close_code = True, code
         self.ending(leg.name, code)
         peer = leg.peer
-        if not peer.close_sent:
+        if peer.owed:  # the offender's turn: everything the other leg sent has gone to it
+            self._fail(peer)
+        elif not peer.close_sent:
             peer.send_close(code or NORMAL, reason)  # parse_close let only sendable codes by
         self._settle()
 
     def violation(self, leg: Leg, code: int) -> None:
-        """``leg`` broke the protocol (1002) or sent too big a message (1009): it gets a close
-        frame and its connection is closed at once (RFC 6455 7.1.7: its answer, if any, is
-        not read); the other leg gets the same code and closes as usual."""
+        """``leg`` broke the protocol (1002) or sent too big a message (1009). The other leg
+        gets the code first and what it sends until its answer still goes to ``leg``; then
+        ``leg`` gets its close frame and its connection is closed at once (RFC 6455 7.1.7: its
+        answer, if any, is not read). Nothing is read from ``leg`` meanwhile (its reader is
+        done)."""
         self.ending(leg.name, code)
-        leg.send_close(code)
+        leg.owed = code
+        peer = leg.peer
+        if not peer.close_sent and not peer.owed:
+            peer.send_close(code)  # (the answer, if its close was waiting for one)
+        if peer.owed or peer.close_got or peer.transport is None:
+            self._fail(leg)  # nothing more is coming from the other leg
+            if peer.owed:
+                self._fail(peer)
+        self._settle()
+
+    def _fail(self, leg: Leg) -> None:
+        """Send ``leg`` the close frame its violation earned, and close its connection."""
+        if not leg.close_sent:
+            leg.send_close(leg.owed)
         if leg.transport is not None:
             leg.transport.close()  # after the close frame has been written
-        self.close_both(code)
 
     def close_both(self, code: int) -> None:
         for leg in self.legs:
@@ -282,19 +329,28 @@ class Session:
         session ends when both are closed."""
         peer = leg.peer
         peer.pause(False)  # it may have been paused while this leg's buffer was full
-        if not leg.close_got:  # it ended without a close frame
-            code = GOING_AWAY if leg.is_client else BAD_GATEWAY
+        if peer.owed:  # the other leg broke the protocol: this one had its say
+            self._fail(peer)
+        elif not leg.close_got:  # it ended without a close frame
+            code = GOING_AWAY if leg.is_client else self.policy.upstream_gone_code
             self.ending(leg.name, code)
-            if not peer.close_sent:  # (the answer, if the peer's close is waiting for one)
-                peer.send_close(peer.close_code or code)
+            if not peer.close_sent:  # its own code back if its close waits for an answer
+                gone = b"" if leg.is_client else UPSTREAM_GONE
+                peer.send_close(peer.close_code or code, b"" if peer.close_code else gone)
         self._settle()
         if peer.transport is None:
             self._finish()
 
     def cut(self) -> None:
-        """Drop both connections at once (a close handshake that did not finish in time)."""
+        """Drop both connections at once (a close handshake that did not finish in time); an
+        offender still owed its close frame gets it first, and its connection is closed (the
+        next cut, if there is one, drops it)."""
         for leg in self.legs:
-            if leg.transport is not None:
+            if leg.transport is None:
+                continue
+            if leg.owed and not leg.close_sent:
+                self._fail(leg)
+            else:
                 leg.transport.abort()
 
     def _finish(self) -> None:
@@ -320,11 +376,15 @@ class Session:
         self.log_fields = None
         client, upstream = self.client, self.upstream
         fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 2)
+        (messages_up, bytes_up), (messages_down, bytes_down) = (
+            client.delivered(),
+            upstream.delivered(),
+        )
         fields["websocket"] = {
-            "messages_up": client.reader.messages,
-            "messages_down": upstream.reader.messages,
-            "bytes_up": client.reader.payload_bytes,
-            "bytes_down": upstream.reader.payload_bytes,
+            "messages_up": messages_up,
+            "messages_down": messages_down,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
             "close_code": self.close_code,
             "ended_by": self.ended_by,
             "client_close_code": client.close_code,
@@ -342,10 +402,10 @@ class Session:
         # A direction is named by the leg it reads: "up" is what the client sent.
         for leg, direction in ((self.client, "up"), (self.upstream, "down")):
             messages, sizes = self.metrics.ws_counters(self.service, direction)
-            reader, (sent_messages, sent_bytes) = leg.reader, leg.reported
-            messages.inc(reader.messages - sent_messages)
-            sizes.inc(reader.payload_bytes - sent_bytes)
-            leg.reported = (reader.messages, reader.payload_bytes)
+            (now_messages, now_bytes), (sent_messages, sent_bytes) = leg.delivered(), leg.reported
+            messages.inc(now_messages - sent_messages)
+            sizes.inc(now_bytes - sent_bytes)
+            leg.reported = (now_messages, now_bytes)
 
 
 def close_all(sessions: set[Session], code: int = GOING_AWAY) -> None:

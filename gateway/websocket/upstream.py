@@ -1,7 +1,8 @@
 """The WebSocket handshake with an upstream, on a connection of our own (RFC 6455 section 4).
 
 The gateway opens the TCP connection, sends the upgrade request and reads the response head;
-on 101 it checks ``Sec-WebSocket-Accept`` and the subprotocol, stops reading and hands the
+on 101 it checks ``Sec-WebSocket-Accept``, the subprotocol and the extensions (only ones
+the client offered; the offer goes up as the client sent it), stops reading and hands the
 connection (and any frames that came with the head) to the relay. Everything else is an
 ``UpstreamRefused`` (another status) or an ``UpstreamInvalid`` (a 101 that is not a valid
 WebSocket answer). Also the client side's 101, which the gateway writes itself.
@@ -18,7 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, cast
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
+
+from .frames import extension_names
 
 if TYPE_CHECKING:
     from ..upstream.tls import UpstreamTls
@@ -58,6 +61,7 @@ class Upgraded:
 
     transport: asyncio.Transport
     subprotocol: str | None
+    extensions: str | None  # the 101's Sec-WebSocket-Extensions, as it came
     headers: CIMultiDict[str]  # the 101's headers
     tail: bytes  # frames that came with the head
     handshake: _Handshake
@@ -126,8 +130,9 @@ def parse_head(head: bytes) -> tuple[int, CIMultiDict[str]]:
     return int(status[1]), headers
 
 
-def _switched(head: bytes, key: str) -> CIMultiDict[str]:
-    """The headers of a valid 101 answer to the handshake with ``key``."""
+def _switched(head: bytes, key: str, offer: str | None) -> CIMultiDict[str]:
+    """The headers of a valid 101 answer to the handshake with ``key`` and the extensions
+    ``offer``."""
     status, answer = parse_head(head)
     if status != 101:
         raise UpstreamRefused(status)
@@ -138,9 +143,16 @@ def _switched(head: bytes, key: str) -> CIMultiDict[str]:
         raise UpstreamInvalid("101 without Connection: Upgrade")
     if answer.get("Sec-WebSocket-Accept") != accept_key(key):
         raise UpstreamInvalid("wrong Sec-WebSocket-Accept")
-    if "Sec-WebSocket-Extensions" in answer:
-        raise UpstreamInvalid("an extension none was offered for")
+    offered = set(extension_names(offer))
+    if any(name not in offered for name in extension_names(accepted(answer))):
+        raise UpstreamInvalid("an extension the client did not offer")
     return answer
+
+
+def accepted(headers: MultiMapping[str]) -> str | None:
+    """The extensions a handshake header set names, its lines joined (None: none)."""
+    values = headers.getall("Sec-WebSocket-Extensions", ())
+    return ", ".join(values) if values else None
 
 
 async def open_upstream(
@@ -150,10 +162,12 @@ async def open_upstream(
     headers: CIMultiDict[str],
     protocols: list[str],
     *,
+    extensions: str | None = None,
     connect_timeout: float,
     tls: UpstreamTls | None = None,
 ) -> Upgraded:
-    """Connect (over TLS with ``tls``: WSS) and shake hands; raises OSError (connect;
+    """Connect (over TLS with ``tls``: WSS) and shake hands, offering the ``extensions`` (a
+    ``Sec-WebSocket-Extensions`` value); raises OSError (connect;
     ``ssl.SSLError`` when TLS failed), TimeoutError (connect, TLS handshake included, as
     ``ConnectTimeout``), ``UpstreamRefused`` or ``UpstreamInvalid``. The caller bounds the
     whole handshake's time; the connection is closed on any failure or cancellation."""
@@ -180,8 +194,10 @@ async def open_upstream(
         ]
         if protocols:
             sent.append(("Sec-WebSocket-Protocol", ", ".join(protocols)))
+        if extensions:
+            sent.append(("Sec-WebSocket-Extensions", extensions))
         transport.write(head_bytes(f"GET {path_qs} HTTP/1.1", sent))
-        answer = _switched(await handshake.head, key)
+        answer = _switched(await handshake.head, key, extensions)
         chosen = answer.get("Sec-WebSocket-Protocol")
         if chosen is not None and chosen not in protocols:
             raise UpstreamInvalid("a subprotocol the client did not offer")  # noqa: TRY301 - the except closes the connection for every failure alike
@@ -189,7 +205,7 @@ async def open_upstream(
         transport.abort()
         raise
     tail, handshake.buffer = handshake.buffer, b""
-    return Upgraded(transport, chosen, answer, tail, handshake)
+    return Upgraded(transport, chosen, accepted(answer), answer, tail, handshake)
 
 
 class ConnectTimeout(TimeoutError):
