@@ -36,7 +36,10 @@ ROUTES_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 # must be added to .env.example too.
 CODE_VAR = re.compile(r"""(?:environ\.get|getenv|environ\[)\(?\s*["']([A-Z][A-Z0-9_]*)["']""")
 CLI_VARS = {
-    name for path in (ROOT / "gateway").rglob("*.py") for name in CODE_VAR.findall(path.read_text())
+    name
+    for path in (ROOT / "gateway").rglob("*.py")
+    if "demo" not in path.relative_to(ROOT / "gateway").parts  # the demo's own, not the stack's
+    for name in CODE_VAR.findall(path.read_text())
 }
 
 
