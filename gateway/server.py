@@ -22,7 +22,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -171,7 +171,9 @@ class Protocol(web.RequestHandler):
         tail = self._edge_tail
         end = head_end(tail, data)
         if (head + end if end >= 0 else head + len(data)) > self._edge_limit:
-            self._edge_answer(HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes")
+            self._edge_answer(
+                HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes", linger=True
+            )
             return
         if not data:  # aiohttp parsing again what it had paused on
             self._edge_feed(data, tail)
@@ -230,16 +232,28 @@ class Protocol(web.RequestHandler):
         rest = len(data) - (last + 4 if last >= 0 else max(head_end(tail, data), 0))
         if rest > 0:
             if rest > self._edge_limit:
-                self._edge_answer(HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes")
+                self._edge_answer(
+                    HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes", linger=True
+                )
                 return
             self._edge_head, self._edge_tail = rest, data[-3:]
             self._table.head_started(self)
 
-    def _edge_answer(self, error: GatewayError, detail: str) -> None:
+    def _edge_answer(self, error: GatewayError, detail: str, *, linger: bool = False) -> None:
+        """Answer ``error`` and close; ``linger``: the client is still sending (a head too
+        large), so let it finish first (``Lingering``). A head that times out is closed at
+        once: its client is slow on purpose, and gets no more time."""
         self._edge_over = True
         self._edge_held = None
         self._table.busy(self)
         self._table.head_done(self)
+        transport = self.transport
+        # TCP only: a TLS connection cannot half-close (it is closed at once, as before).
+        if linger and transport is not None and transport.can_write_eof():
+            # Duck-typed: aiohttp only calls the transport's methods, which Lingering passes on.
+            self.transport = cast(
+                asyncio.Transport, Lingering(transport, SERVER_LIMITS["lingering_time"])
+            )
         answer_early(self, error.status, EarlyAnswer(error, detail))
 
     async def finish_response(
@@ -305,6 +319,33 @@ class Protocol(web.RequestHandler):
         if hsts is not None:
             response.headers["Strict-Transport-Security"] = hsts
         return response
+
+
+class Lingering:
+    """A client connection answered early (431, 408) while its client may still be sending:
+    closing it at once would reset it (the kernel answers bytes that arrive for a closed
+    socket with RST, and the client's kernel then drops the answer it has not read yet). Its
+    ``close()`` ends the answer with a FIN instead and lets the client finish for up to
+    ``seconds`` (what it sends is dropped), then closes: nginx's ``lingering_close``.
+    Everything else is the transport's."""
+
+    __slots__ = ("_ended", "_seconds", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, seconds: float) -> None:
+        self._transport = transport
+        self._seconds = seconds
+        self._ended = False
+
+    def close(self) -> None:
+        transport = self._transport
+        if self._ended or transport.is_closing():
+            return
+        self._ended = True
+        transport.write_eof()  # after the answer: the client reads all of it, then EOF
+        asyncio.get_running_loop().call_later(self._seconds, transport.close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 HEAD_TOO_LARGE: Final = GatewayError(

@@ -207,6 +207,27 @@ async def test_the_785_kib_head_of_the_issue_is_refused_after_the_buffer(backend
     assert backend.seen == []
 
 
+async def test_a_client_still_sending_when_its_head_is_refused_reads_the_whole_answer(
+    backend, gateway, connect
+):
+    """The answer ends with a FIN and the gateway reads (and drops) what the client still
+    sends (nginx's lingering close): closing at once would make the kernel answer those bytes
+    with a reset, and the client's kernel would then drop the 431 it had not read yet."""
+    gw = await gateway(config(backend.port))
+    client = await connect(gw.port, ATTACKER)
+    client.send(padded_head(8 * 1024))  # over the 4 KiB buffer: answered at once
+    await asyncio.sleep(0.2)  # the answer has arrived, unread; the gateway has "closed"
+    for _ in range(20):  # the client goes on sending what it had (a big upload, say)
+        client.send(b"x" * 16384)
+        await client.writer.drain()
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # had the gateway closed, its reset would have arrived by now
+    answer = await client.response()
+    assert answer.status == 431
+    assert await client.closed()
+    assert backend.seen == []
+
+
 async def test_a_head_of_exactly_the_limit_passes_however_it_is_cut(backend, gateway, connect):
     gw = await gateway(config(backend.port))
     # With a body in the same reads, so that the count passes the limit and the head's end
