@@ -241,11 +241,10 @@ class Metrics:
             "certificate failed verification, or the handshake failed; by node.",
             ["node"],
         )
-        self.trace_spans = self._labelled(
-            Counter,
+        self.trace_spans = Counter(
             "gateway_trace_spans_exported",
             "Spans the collector accepted (tracing.otlp_endpoint).",
-            [],
+            registry=r,
         )
         self.trace_spans_dropped = self._labelled(
             Counter,

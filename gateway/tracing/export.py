@@ -17,6 +17,7 @@ is every span of a batch the collector refused or did not take within ``export_t
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -50,7 +51,7 @@ class _Counting(SpanExporter):
 
     def __init__(self, inner: SpanExporter, metrics: Metrics, bounded: _Bounded) -> None:
         self._inner = inner
-        self._exported = metrics.trace_spans.labels()
+        self._exported = metrics.trace_spans
         self._failed = metrics.trace_spans_dropped.labels("export_failed")
         self._bounded = bounded
 
@@ -134,6 +135,9 @@ class Tracer:
         )
         self._provider.add_span_processor(bounded)
         self._tracer = self._provider.get_tracer("daarion-gateway", __version__)
+        # The exporter logs each retry as a warning; a failed batch (an error line) and the
+        # drop counters say enough.
+        logging.getLogger("opentelemetry.exporter").setLevel(logging.ERROR)
         self._timeout = settings.export_timeout
 
     def start(self, parent: Parent | None, trusted: bool, tracestate: Sequence[str]) -> Trace:
@@ -182,6 +186,10 @@ class Tracer:
         if status >= 500:
             span.set_status(api.Status(api.StatusCode.ERROR))
         span.end()
+
+    def force_flush(self) -> bool:
+        """Export what is queued now; blocking: run it in a thread."""
+        return self._provider.force_flush(int(self._timeout * 1000))
 
     def shutdown(self) -> None:
         """Export what is queued, within ``export_timeout``; blocking: run it in a thread."""
