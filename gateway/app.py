@@ -400,6 +400,7 @@ class Gateway:
             "tls.listen",
             "tls.acme",
             "lifecycle.shutdown_timeout",
+            "tracing",
         )
         for key in restart:
             if _setting(config, key) != _setting(old.config, key):

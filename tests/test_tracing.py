@@ -409,3 +409,17 @@ def test_check_shows_the_tracing_settings(tmp_path, capsys):
         "sample_ratio 0.05, a parent's sampled flag followed from trusted_proxies"
     ) in out.splitlines()
     assert "secret" not in out
+
+
+async def test_a_reload_that_changes_tracing_says_it_needs_a_restart(upstream, gateway, client):
+    up = await upstream(NODA1)
+    gw = await gateway(city(up.port))
+    changed = tracing(f"http://127.0.0.1:{free_port()}/v1/traces") + city(up.port)
+    gw.gateway.apply(parse_config(changed))
+    warned = [line for line in gw.log_lines() if line.get("level") == "WARNING"]
+    assert [line["message"] for line in warned] == [
+        "a changed tracing takes effect only after a restart"
+    ]
+    assert gw.gateway.shared.tracer is None  # and nothing was started meanwhile
+    async with client.get(gw.url + "/api/city/x") as response:
+        assert response.status == 200
