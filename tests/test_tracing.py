@@ -345,27 +345,28 @@ async def test_a_dead_collector_changes_no_answer_and_its_drops_are_counted(
     up = await upstream(NODA1)
     closed = f"http://127.0.0.1:{free_port()}/v1/traces"
     gw = await gateway(tracing(closed, ", sample_ratio: 1, export_timeout: 1") + city(up.port))
-    started = time.monotonic()
+    slowest = 0.0
     for _ in range(20):
+        started = time.monotonic()
         async with client.get(gw.url + "/api/city/x") as response:
             assert response.status == 200
             assert await response.json() == {"path": "/city/x", "method": "GET"}
-    elapsed = time.monotonic() - started
+        slowest = max(slowest, time.monotonic() - started)
     await flushed(gw)
     metrics = await (await client.get(gw.url + "/metrics")).text()
     dropped = sample(metrics, 'gateway_trace_spans_dropped_total{reason="export_failed"}')
     assert dropped == 20
     assert sample(metrics, "gateway_trace_spans_exported_total") == 0
-    assert elapsed < 2.0  # 20 local requests: no export time is in them
+    assert slowest < 0.5  # one that waited for an export would have taken 1 s
 
 
 async def test_a_slow_collector_never_makes_a_request_wait(upstream, gateway, client, collector):
-    """The collector takes 2 s per export; the queue holds 4 spans: the rest are dropped and
-    counted at once, and no answer waits on the export."""
-    otlp = await collector(delay=2.0)
+    """The collector takes 3 s to answer an export, which gives up after 1.5 s; the queue
+    holds 4 spans: the rest are dropped and counted at once, and no answer waits."""
+    otlp = await collector(delay=3.0)
     up = await upstream(NODA1)
     gw = await gateway(
-        tracing(otlp.url, ", sample_ratio: 1, queue_size: 4, export_timeout: 0.5") + city(up.port)
+        tracing(otlp.url, ", sample_ratio: 1, queue_size: 4, export_timeout: 1.5") + city(up.port)
     )
     slowest = 0.0
     for _ in range(40):
@@ -373,15 +374,15 @@ async def test_a_slow_collector_never_makes_a_request_wait(upstream, gateway, cl
         async with client.get(gw.url + "/api/city/x") as response:
             assert response.status == 200
         slowest = max(slowest, time.monotonic() - started)
-    assert slowest < 0.25
+    assert slowest < 0.5  # one that waited for an export would have taken 1.5 s
     await flushed(gw)
     metrics = await (await client.get(gw.url + "/metrics")).text()
     full = sample(metrics, 'gateway_trace_spans_dropped_total{reason="queue_full"}')
     failed = sample(metrics, 'gateway_trace_spans_dropped_total{reason="export_failed"}')
     exported = sample(metrics, "gateway_trace_spans_exported_total")
-    assert full >= 30  # at most 4 queued and a batch of 4 in export at a time
-    assert full + failed + exported == 40
-    assert otlp.posts >= 1
+    assert exported == 0  # no export finished in time
+    assert 0 < failed <= otlp.posts * 4  # the spans of each timed-out export (batches of 4)
+    assert full == 40 - failed > 0  # every other span found the queue full: dropped at once
 
 
 async def test_tracing_settings_are_checked():
@@ -423,3 +424,20 @@ async def test_a_reload_that_changes_tracing_says_it_needs_a_restart(upstream, g
     assert gw.gateway.shared.tracer is None  # and nothing was started meanwhile
     async with client.get(gw.url + "/api/city/x") as response:
         assert response.status == 200
+
+
+async def test_a_malformed_tracestate_is_passed_on_and_logs_nothing(
+    upstream, gateway, client, collector
+):
+    otlp, up, gw = await traced_city(
+        upstream, gateway, collector, ", sample_ratio: 0, sampled_from: anyone"
+    )
+    headers = {"traceparent": SAMPLED, "tracestate": "not a=valid,,==list"}
+    async with client.get(gw.url + "/api/city/x", headers=headers) as response:
+        assert response.status == 200
+    assert up.seen[-1].header("tracestate") == "not a=valid,,==list"  # not the gateway's to fix
+    await flushed(gw)
+    [span] = otlp.spans
+    assert span.trace_id.hex() == TRACE
+    assert span.trace_state == ""
+    assert [line for line in gw.log_lines() if line["level"] != "INFO"] == []

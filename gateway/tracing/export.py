@@ -136,8 +136,10 @@ class Tracer:
         self._provider.add_span_processor(bounded)
         self._tracer = self._provider.get_tracer("daarion-gateway", __version__)
         # The exporter logs each retry as a warning; a failed batch (an error line) and the
-        # drop counters say enough.
-        logging.getLogger("opentelemetry.exporter").setLevel(logging.ERROR)
+        # drop counters say enough. The API warns of each malformed tracestate a client sends
+        # (its span then has none; the upstream gets the header as it came): not a line each.
+        for name in ("opentelemetry.exporter", "opentelemetry.trace"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         self._timeout = settings.export_timeout
 
     def start(self, parent: Parent | None, trusted: bool, tracestate: Sequence[str]) -> Trace:
