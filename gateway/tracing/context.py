@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -26,9 +25,8 @@ _FIELDS: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a
 _SAMPLED: Final = 0x01
 
 
-@dataclass(frozen=True, slots=True)
-class Parent:
-    """A valid incoming ``traceparent``."""
+class Parent(NamedTuple):
+    """A valid incoming ``traceparent`` (a tuple: made on every request that has one)."""
 
     trace_id: str  # 32 lowercase hex digits, not all zero
     span_id: str  # the caller's span: 16 lowercase hex digits, not all zero
