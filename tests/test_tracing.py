@@ -293,6 +293,7 @@ async def test_a_websocket_handshake_carries_the_trace(upstream, gateway, client
     ) as ws:
         await ws.send_str("hello")
         assert (await ws.receive(timeout=5)).data == "hello"
+        session_open = time.time_ns()
     sent = parse_traceparent(sent_traceparent(up))
     assert sent is not None
     assert (sent.trace_id, sent.sampled) == (TRACE, True)
@@ -308,6 +309,7 @@ async def test_a_websocket_handshake_carries_the_trace(upstream, gateway, client
     assert got["http.response.status_code"] == 101
     assert got["daarion.upstream.node"] == "noda1"
     assert got["daarion.websocket"] == 1
+    assert span.end_time_unix_nano < session_open  # the handshake's span, not the session's
 
 
 async def test_a_failover_is_one_span_with_a_retry_event(upstream, gateway, client, collector):
@@ -330,6 +332,7 @@ async def test_a_failover_is_one_span_with_a_retry_event(upstream, gateway, clie
     await flushed(gw)
     [span] = otlp.spans
     assert span.span_id.hex() == sent.span_id
+    assert span.parent_span_id.hex() == CLIENT_SPAN  # the client's trace, continued
     assert attributes(span.attributes)["daarion.upstream.node"] == "noda1"
     events = [(event.name, attributes(event.attributes)) for event in span.events]
     assert events == [
