@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -20,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from gateway.cli import main
-from gateway.config import ConfigError, parse_config
+from gateway.config import ConfigError, config_json_schema, parse_config
 from gateway.tracing.context import parse_traceparent
 
 from .helpers import NODA1, NODA2, free_port, routes, sample
@@ -444,3 +445,15 @@ async def test_a_malformed_tracestate_is_passed_on_and_logs_nothing(
     assert span.trace_id.hex() == TRACE
     assert span.trace_state == ""
     assert [line for line in gw.log_lines() if line["level"] != "INFO"] == []
+
+
+def test_the_json_schema_describes_tracing():
+    schema = config_json_schema()
+    section = next(s for s in schema["properties"]["tracing"]["anyOf"] if s.get("type"))
+    assert section["required"] == ["otlp_endpoint"]
+    assert section["properties"]["sampled_from"]["enum"] == ["trusted_proxies", "anyone"]
+    assert section["properties"]["sample_ratio"]["default"] == 0.01
+    good = {"nodes": {}, "services": {}, "tracing": {"otlp_endpoint": "http://c:4318/v1/traces"}}
+    jsonschema.validate(good, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**good, "tracing": {"otlp_endpoint": "c:4318"}}, schema)
