@@ -57,6 +57,10 @@ IDLE_WAIT: Final = 120.0  # --rerun-disturbed: longest wait for the machine to b
 DIRECT: Final = "direct"
 NGINX: Final = "nginx-proxy"
 REDIS_HELPER: Final = 'redis-server --port {port} --bind 127.0.0.1 --save "" --appendonly no'
+# The tracing suite's collector stand-in (bench/otlpsink.py), run by this interpreter.
+COLLECTOR_HELPER: Final = (
+    f"{sys.executable} {Path(__file__).parent / 'otlpsink.py'} --port {{port}}"
+)
 ISSUER: Final = "daarion-auth"  # bench/variants/auth.yaml's provider, as routes.yaml's
 ORIGIN: Final = "https://app.daarion.space"  # in bench/variants/auth.yaml's cors.origins
 
@@ -119,6 +123,16 @@ SUITES: Final = {
         log_levels="INFO",
         criteria=Criteria(min_ratio=0.9),
         bearer_origin=ORIGIN,
+    ),
+    "tracing": Suite(
+        about="what tracing costs: spans for 1 request in 100 (sample_ratio 0.01) exported "
+        "over OTLP/HTTP to a collector stand-in the harness starts pinned with the proxy, "
+        "against the same gateway with tracing off (add --code base=PROGRAM, a build without "
+        "tracing, for what tracing off costs)",
+        variants=(("plain", "variants/plain.yaml"), ("tracing", "variants/tracing.yaml")),
+        helpers=(("collector", COLLECTOR_HELPER),),
+        log_levels="INFO",
+        criteria=Criteria(min_ratio=0.95),
     ),
 }
 
@@ -245,8 +259,8 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     if args.rerun_disturbed < 0:
         parser.error("--rerun-disturbed must be 0 or more")
     suite = SUITES[args.suite] if args.suite else None
-    if suite is not None and (args.variant or args.helper or args.code):
-        parser.error("--suite brings its own variants and helpers: no --variant, --helper, --code")
+    if suite is not None and (args.variant or args.helper):
+        parser.error("--suite brings its own variants and helpers: no --variant, --helper")
     log_levels = args.log_levels or (suite.log_levels if suite else "INFO,WARNING")
     levels = [level.strip().upper() for level in log_levels.split(",") if level.strip()]
     if not levels:
@@ -422,6 +436,17 @@ class Stack(servers.Stack):
                 body = servers.http_json(target.port, "/health")
                 answers[target.name] = body.get("dependencies") if isinstance(body, dict) else None
         return answers
+
+    def gateway_trace_spans(self) -> dict[str, dict[str, float]]:
+        """Each gateway's /metrics spans so far: exported, and dropped by reason."""
+        found = {}
+        for target in self.targets:
+            if target.kind == "gateway":
+                samples = servers.parse_metrics(servers.http_text(target.port, "/metrics"))
+                spans = servers.total_by(samples, "gateway_trace_spans_dropped_total", "reason")
+                exported = servers.total_by(samples, "gateway_trace_spans_exported_total", "x")
+                found[target.name] = {"exported": exported.get("", 0.0), **spans}
+        return found
 
     def gateway_auth_results(self) -> dict[str, dict[str, float]]:
         """Each gateway's /metrics token checks so far, by result (ok, invalid_token, ...)."""
@@ -831,6 +856,12 @@ def suite_verdict(
             f"gateway_auth by result): {counted or 'none'}; its kept runs had {loaded} "
             "requests (warm-up, checks and dropped reruns add to the counts)"
         )
+    if (spans := env.get("gateway_trace_spans", {}).get(name)) is not None:
+        counted = ", ".join(f"{kind} {n:.0f}" for kind, n in sorted(spans.items()))
+        lines.append(
+            f"suite {opts.suite}: {name}'s spans over the whole bench (/metrics "
+            f"gateway_trace_spans_*): {counted}"
+        )
     refused = sum(v.non2xx for _, _, v in pairs)
     if refused:
         lines.append(f"WARNING: {name} answered {refused} non-2xx (refusals?) in its runs")
@@ -1037,6 +1068,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             env["gateway_dependencies"] = stack.gateway_dependencies()
             env["gateway_log_lines"] = stack.gateway_log_lines()
             env["gateway_warnings"] = stack.gateway_warnings()
+            if opts.suite == "tracing":
+                env["gateway_trace_spans"] = stack.gateway_trace_spans()
             if stack.headers:
                 env["gateway_auth_results"] = stack.gateway_auth_results()
                 env["gateway_auth_measured_requests"] = {

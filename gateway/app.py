@@ -125,6 +125,10 @@ class Gateway:
         if config.auth is not None:
             shared.authenticator = Authenticator(config.auth)
             await shared.authenticator.start()
+        if config.tracing is not None:
+            from .tracing.export import Tracer  # noqa: PLC0415 - the SDK only when tracing is on
+
+            shared.tracer = Tracer(config.tracing, shared.metrics)
         prober = self.prober = Prober(
             lambda: self.shared.snapshot, shared.upstream.session, shared.health, shared.metrics
         )
@@ -286,6 +290,10 @@ class Gateway:
         await shared.limiter.close()
         if shared.authenticator is not None:
             await shared.authenticator.close()
+        if shared.tracer is not None:
+            # Exports what is queued (each export bounded by tracing.export_timeout), in a
+            # thread: the loop goes on meanwhile.
+            await asyncio.to_thread(shared.tracer.shutdown)
         logs.flush()
 
     async def stop_accepting(self) -> None:
@@ -392,6 +400,7 @@ class Gateway:
             "tls.listen",
             "tls.acme",
             "lifecycle.shutdown_timeout",
+            "tracing",
         )
         for key in restart:
             if _setting(config, key) != _setting(old.config, key):

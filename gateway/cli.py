@@ -176,6 +176,12 @@ def summary(path: str, config: Config) -> str:
         if config.redis is not None and not config.redis.url.startswith("memory://"):
             where = f"through {_redact(config.redis.url)} (on_error: {config.redis.on_error})"
         lines.append(f"rate limits {', '.join(config.rate_limits)} are kept {where}")
+    if config.tracing is not None:
+        t = config.tracing
+        lines.append(
+            f"tracing: spans to {_redact(t.otlp_endpoint)} as {t.service_name}, sample_ratio "
+            f"{t.sample_ratio:g}, a parent's sampled flag followed from {t.sampled_from}"
+        )
     return "\n".join(lines) + "\n"
 
 

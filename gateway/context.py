@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .metrics import UNMATCHED
+from .tracing.context import UNTRACED, Trace
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .ratelimit.zones import Limiter
     from .snapshot import Snapshot, Target
+    from .tracing.export import Tracer
     from .upstream.balancer import Balancer
     from .upstream.health import HealthBook
     from .upstream.http import UpstreamClient
@@ -82,6 +84,7 @@ class Shared:
     admin_listening: bool = False
     acme: AcmeManager | None = None  # orders and renews tls.acme's certificate
     authenticator: Authenticator | None = None  # verifies tokens (config.auth)
+    tracer: Tracer | None = None  # records and exports sampled requests' spans (config.tracing)
 
 
 @dataclass(slots=True)
@@ -110,3 +113,5 @@ class Exchange:
     # What the answer gets besides its own headers (edge/cors.py), once routed; before (and
     # then None), the snapshot's Exposure.added.
     added: Added | None = None
+    # The request's W3C trace (tracing/context.py); pipeline.handle sets it before any phase.
+    trace: Trace = UNTRACED

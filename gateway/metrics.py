@@ -241,6 +241,19 @@ class Metrics:
             "certificate failed verification, or the handshake failed; by node.",
             ["node"],
         )
+        self.trace_spans = Counter(
+            "gateway_trace_spans_exported",
+            "Spans the collector accepted (tracing.otlp_endpoint).",
+            registry=r,
+        )
+        self.trace_spans_dropped = self._labelled(
+            Counter,
+            "gateway_trace_spans_dropped",
+            "Sampled spans never delivered, by reason: queue_full (the export queue was full: "
+            "the collector is slow or down) or export_failed (the collector refused or did not "
+            "answer in time).",
+            ["reason"],
+        )
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         # Cached label children: labels() costs a lock and a dict lookup we can skip.

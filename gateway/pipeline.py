@@ -39,12 +39,14 @@ from .errors import (
 from .logs import REQUEST_ID, request_id_from
 from .metrics import GATEWAY, UNMATCHED
 from .ratelimit.phase import limit
+from .tracing.context import TRACEPARENT, TRACESTATE, Trace, incoming
 from .upstream.forward import forward
 from .websocket.handshake import is_upgrade, open_session
 
 if TYPE_CHECKING:
     from .context import Shared
     from .snapshot import Route
+    from .tracing.export import Tracer
 
 CLIENT_CLOSED: Final = 499  # nginx's code for "client closed the request"
 _MAX_LOGGED_PATH: Final = 512
@@ -64,6 +66,13 @@ async def handle(
     ex = Exchange(request, listener, snapshot, request_id, shared.clock(), client, proto)
     if snapshot.trusted:  # its X-Forwarded-* are kept (and extended); anyone else's removed
         ex.peer_trusted = snapshot.trusted.holds(request.remote or "")
+    parent = incoming(headers.getall(TRACEPARENT, ()))
+    tracer = shared.tracer
+    ex.trace = (
+        Trace.of(parent)
+        if tracer is None
+        else tracer.start(parent, ex.peer_trusted, headers.getall(TRACESTATE, ()))
+    )
     REQUEST_ID.set(request_id)  # each request runs in its own task: this stays per request
     try:
         response = await _phases(shared, ex)
@@ -217,6 +226,8 @@ def _finish(shared: Shared, ex: Exchange) -> None:
     seconds = shared.clock() - ex.started
     status = ex.status or 500
     shared.metrics.observe_request(ex.service, ex.route, request.method, status, seconds)
+    if ex.trace.span is not None and shared.tracer is not None:
+        _end_span(shared.tracer, ex, status)
     if not logs.access_enabled():
         return
     fields: dict[str, object] = {
@@ -226,6 +237,7 @@ def _finish(shared: Shared, ex: Exchange) -> None:
         "duration_ms": round(seconds * 1000, 2),
         "client": ex.client,
         "route": ex.route,
+        "trace_id": ex.trace.trace_id,
     }
     if ex.target is not None:
         fields["upstream"] = ex.target.label
@@ -241,3 +253,29 @@ def _finish(shared: Shared, ex: Exchange) -> None:
         ex.session.handshake_logged(fields)
     else:
         logs.access("request", fields)
+
+
+def _end_span(tracer: Tracer, ex: Exchange, status: int) -> None:
+    """A sampled request's span: named by method and route, as OpenTelemetry's HTTP server
+    spans are (never by the raw path, which would make every span name unique)."""
+    request = ex.request
+    attributes: dict[str, str | int] = {
+        "http.request.method": request.method,
+        "url.path": request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH],
+        "http.response.status_code": status,
+        "client.address": ex.client,
+        "daarion.service": ex.service,
+        "daarion.route": ex.route,
+        "daarion.request_id": ex.request_id,
+        "daarion.listener": ex.listener.name,
+    }
+    if ex.target is not None:
+        attributes["daarion.upstream.node"] = ex.target.node
+        attributes["daarion.upstream.target"] = ex.target.label
+        attributes["server.address"] = ex.target.host
+        attributes["server.port"] = ex.target.port
+    if ex.error is not None:
+        attributes["error.type"] = ex.error
+    if ex.session is not None:
+        attributes["daarion.websocket"] = 1
+    tracer.finish(ex.trace, f"{request.method} {ex.route}", status, attributes)

@@ -223,6 +223,7 @@ async def test_gateway_adds_no_client_headers_of_its_own(upstream, gateway):
         "x-forwarded-host",
         "x-real-ip",
         "x-request-id",
+        "traceparent",  # W3C Trace Context: the gateway's span is the upstream's parent
     }
 
 

@@ -699,6 +699,40 @@ class Lifecycle:
     )
 
 
+@dataclass(frozen=True)
+class Tracing:
+    """Distributed tracing: one OpenTelemetry span per sampled request, exported over OTLP/HTTP
+    (protobuf) to a collector (Jaeger, Tempo, the OpenTelemetry Collector). Without this
+    section the gateway still passes W3C Trace Context on (traceparent, tracestate) and logs
+    each request's trace_id, but records nothing. Changes need a restart."""
+
+    otlp_endpoint: Annotated[str, Pattern(r"https?://\S+", "an http(s):// URL")] = doc(
+        "The collector's OTLP/HTTP traces URL, path included, e.g. http://tempo:4318/v1/traces."
+    )
+    sample_ratio: Annotated[float, Range(min=0, max=1)] = doc(
+        "Share of requests traced when no trusted parent decides (0 to 1).", 0.01
+    )
+    sampled_from: Literal["trusted_proxies", "anyone"] = doc(
+        "Whose sampled flag in an incoming traceparent is followed: trusted_proxies' only "
+        "(a client's trace id is continued, but sample_ratio decides, so a client cannot "
+        "make every request traced), or anyone's.",
+        "trusted_proxies",
+    )
+    service_name: Annotated[str, Pattern(r"\S{1,128}", "a name without spaces")] = doc(
+        "The service.name the spans carry.", "daarion-gateway"
+    )
+    queue_size: Annotated[int, Range(min=1, max=1_000_000)] = doc(
+        "Spans held for export at most; more are dropped and counted "
+        "(gateway_trace_spans_dropped_total), never waited for.",
+        2048,
+    )
+    export_timeout: Annotated[float, Range(gt=0, max=60)] = doc(
+        "Seconds one export to the collector may take, retries included; its spans are "
+        "dropped and counted after that.",
+        5.0,
+    )
+
+
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
 
 
@@ -761,6 +795,11 @@ class Config:
         "Seconds a /metrics scrape is answered with the text rendered for the previous one; "
         "0: render every scrape.",
         1.0,
+    )
+    tracing: Tracing | None = doc(
+        "OpenTelemetry spans exported over OTLP/HTTP; absent: trace context is passed on, "
+        "nothing is recorded.",
+        None,
     )
 
 

@@ -160,6 +160,9 @@ async def attempt(
             if failed.answer is not None and failed.discard is not None:
                 failed.discard(failed.answer)
             shared.metrics.retries.labels(route.service, failed.kind).inc()
+            ex.trace.event(
+                "retry", {"failure": failed.kind, "from": target.label, "to": following.label}
+            )
             await asyncio.sleep(BACKOFF * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
             target = following
         else:
@@ -167,6 +170,7 @@ async def attempt(
             break
     if target.tier > 0:
         shared.metrics.failovers.labels(route.service, target.node).inc()
+        ex.trace.event("failover", {"node": target.node, "tier": target.tier})
     return answer, target
 
 

@@ -45,7 +45,7 @@ async def forward(
     try:
         forwarding = Forwarding(
             ex.client, ex.proto, ex.request_id, ex.peer_trusted, ex.identity_headers,
-            ex.snapshot.identity_strip,
+            ex.snapshot.identity_strip, ex.trace.traceparent(), ex.trace.continued,
         )  # fmt: skip
         client = shared.upstream
 

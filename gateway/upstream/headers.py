@@ -43,6 +43,7 @@ _REPLACED: Final = frozenset(
         "x-forwarded-host",
         "x-real-ip",
         "x-request-id",
+        "traceparent",
         "forwarded",
         "expect",
     }
@@ -60,6 +61,8 @@ class Forwarding:
     trusted_peer: bool = False  # the peer is a trusted proxy: its X-Forwarded-* are kept
     identity: tuple[tuple[str, str], ...] = ()  # headers from the verified token
     strip: frozenset[str] = IDENTITY  # identity header names (lower-case, '-'), removed
+    traceparent: str | None = None  # the gateway span's (W3C Trace Context), replacing any
+    keep_tracestate: bool = True  # False when the client's traceparent was not continued
 
 
 @functools.lru_cache(maxsize=4096)
@@ -126,6 +129,10 @@ def request_headers(
         headers["X-Forwarded-Host"] = incoming["Host"]
     headers["X-Real-IP"] = forwarding.client
     headers["X-Request-ID"] = forwarding.request_id
+    if forwarding.traceparent is not None:
+        headers["traceparent"] = forwarding.traceparent
+    if not forwarding.keep_tracestate and "tracestate" in headers:
+        del headers["tracestate"]  # W3C: an invalid traceparent's tracestate is not passed on
     for name, value in forwarding.identity:
         headers[name] = value
     return headers

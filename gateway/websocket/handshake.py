@@ -174,7 +174,7 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
     first = first_target(shared, route)
     forwarding = Forwarding(
         ex.client, ex.proto, ex.request_id, ex.peer_trusted, ex.identity_headers,
-        ex.snapshot.identity_strip,
+        ex.snapshot.identity_strip, ex.trace.traceparent(), ex.trace.continued,
     )  # fmt: skip
     protocols = [
         p.strip()

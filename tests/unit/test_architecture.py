@@ -226,6 +226,7 @@ NEVER = [
     ("gateway.edge", "a phase", PHASES | {"gateway.upstream", "gateway.websocket"}),
     ("gateway.snapshot", "a phase", PHASES),
     ("gateway.auth", "any room but config, context (the phase) and the leaves", None),
+    ("gateway.tracing", "any room but config and the leaves", None),
 ]  # fmt: skip
 
 
@@ -242,6 +243,7 @@ LEAVES_FOR = {
         "gateway.context",
         "gateway.snapshot",
     ),  # context, snapshot: the phase's types (phase.py), as ratelimit/phase.py has them
+    "gateway.tracing": ("gateway.config", "gateway.logs", "gateway.errors", "gateway.metrics"),
 }
 
 
@@ -297,7 +299,25 @@ def test_the_frame_reader_and_the_decisions_are_pure() -> None:
         "gateway.routing",
         "gateway.auth.tokens",
         "gateway.auth.cache",
+        "gateway.tracing.context",
     ):
         direct = {i.target for i in graph()[module] if not i.target.startswith("gateway")}
         assert direct.isdisjoint(io), (module, sorted(direct & io))
     assert "aiohttp" not in eager_closure("gateway.snapshot")  # "no aiohttp"
+
+
+def test_only_the_exporter_imports_opentelemetry_and_only_when_tracing_is_on() -> None:
+    """The SDK is loaded by ``tracing/export.py`` alone, which nothing imports eagerly (the
+    app imports it when ``tracing`` is configured): with tracing off no SDK code runs."""
+    users = {
+        m for m, imports in graph().items() if any(i.target == "opentelemetry" for i in imports)
+    }
+    assert users == {"gateway.tracing.export"}
+    eager = {
+        m
+        for m, imports in graph().items()
+        for i in imports
+        if i.eager and i.target == "gateway.tracing.export"
+    }
+    assert eager == set()
+    assert "opentelemetry" not in eager_closure("gateway.pipeline")
