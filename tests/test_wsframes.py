@@ -251,3 +251,43 @@ def test_a_close_frame_in_the_same_read_as_the_frames_bytes_is_payload() -> None
     assert reader.feed(big[:100]) == [big[:100]]
     assert reader.feed(close + b"more") == [close + b"more"]
     assert not reader.done
+
+
+def wire_frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
+    """A frame as it is on the wire; a masked one with the key 0, so that its payload bytes on
+    the wire are ``payload`` itself."""
+    size = len(payload)
+    head = bytes([0x80 | opcode])
+    mask = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([mask | size])
+    else:
+        head += bytes([mask | 126]) + size.to_bytes(2, "big")
+    return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["from a client", "from an upstream"])
+@pytest.mark.parametrize("opcode", [BINARY, PONG], ids=["data frame", "held pong"])
+def test_a_last_read_that_finishes_a_frame_is_its_payload_even_when_it_looks_like_a_close(
+    masked: bool, opcode: int
+) -> None:
+    """A frame's last bytes arrive in a read of their own and happen to be a valid close frame
+    (``88 00`` from an upstream, ``88 80`` and a zero mask from a client): they finish the
+    frame, so they are its payload, and the session goes on."""
+    close = wire_frame(CLOSE, b"", masked=masked)
+    size = 3000 if opcode == BINARY else 100
+    whole = wire_frame(opcode, b"d" * (size - len(close)) + close, masked=masked)
+    reader = FrameReader(masked=masked, max_message=1 << 20)
+    cut = len(whole) - len(close)
+    events = reader.feed(whole[:cut]) + reader.feed(whole[cut:])
+    assert not [event for event in events if isinstance(event, Violation)]
+    assert not reader.done
+    if opcode == BINARY:
+        assert b"".join(events) == whole  # relayed whole, its last read too
+        assert reader.passed() == (1, size)
+    # And the same bytes one read earlier, before the frame can end, are its close.
+    reader = FrameReader(masked=masked, max_message=1 << 20)
+    reader.feed(whole[: cut - 10])
+    assert reader.feed(close) == [
+        Violation(PROTOCOL_ERROR, "a close frame inside an unfinished frame")
+    ]

@@ -266,15 +266,22 @@ class FrameReader:
     def _close_inside(self, data: bytes) -> bool:
         """Whether ``data``, a read that began inside an unfinished frame (its payload, a
         held control frame or a header), is exactly one well-formed close frame from this
-        leg. By the bytes alone those are the frame's; but a peer whose frame had more to
-        come does not stop on a read boundary with a valid close frame unless it closes.
-        (A close that comes in the same read as the frame's last bytes cannot be told from
-        payload, and is read as payload; a read that continues a header split between reads
-        is that header's.)"""
+        leg that cannot finish that frame. By the bytes alone those are the frame's; but a
+        peer whose frame had more to come does not stop on a read boundary with a valid
+        close frame unless it closes. (A read that finishes the frame, or a close that comes
+        in the same read as the frame's last bytes, cannot be told from payload, and is read
+        as payload; a read that continues a header split between reads is that header's.)"""
         pending = self._pending
-        if len(data) < 2 or (
-            pending and (len(pending) < 2 or _header(pending, 0, len(pending)) is None)
-        ):
+        if len(data) < 2:
+            return False
+        if pending:
+            held = _header(pending, 0, len(pending)) if len(pending) >= 2 else None
+            if held is None:
+                return False
+            outstanding = held[0] + held[1] - len(pending)  # the held frame's bytes to come
+        else:
+            outstanding = self._remaining
+        if len(data) >= outstanding:  # these bytes can finish the frame: they are its own
             return False
         b1 = data[1]
         length, masked = b1 & 0x7F, b1 & 0x80
