@@ -283,7 +283,9 @@ def test_a_last_read_that_finishes_a_frame_is_its_payload_even_when_it_looks_lik
     assert not [event for event in events if isinstance(event, Violation)]
     assert not reader.done
     if opcode == BINARY:
-        assert b"".join(events) == whole  # relayed whole, its last read too
+        assert (
+            b"".join(e for e in events if isinstance(e, bytes)) == whole
+        )  # relayed whole, its last read too
         assert reader.passed() == (1, size)
     # And the same bytes one read earlier, before the frame can end, are its close.
     reader = FrameReader(masked=masked, max_message=1 << 20)
