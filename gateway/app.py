@@ -231,7 +231,7 @@ class Gateway:
         body = orjson.dumps(self.shared.metrics.families())
         return web.Response(body=body, content_type="application/json")
 
-    async def stop(self, *, handover: bool = False) -> None:
+    async def stop(self, *, handover: bool = False, accepted: bool = True) -> None:
         """Drain, then close. Phase 1 (``lifecycle.drain_delay``): keep accepting and serving,
         /health answering 503 and every answer saying ``Connection: close`` (a keep-alive
         connection ends right after an answer, never under a request a client may be
@@ -241,7 +241,8 @@ class Gateway:
 
         ``handover``: a newer generation accepts on the same sockets already. This one stops
         accepting at once, and phase 1 ends as soon as its last connection has closed (each
-        after an answer); /health keeps its status, with ``draining``."""
+        after an answer); /health keeps its status, with ``draining``. ``accepted=False``: it
+        never accepted (a new generation that did not start), so nothing is drained."""
         shared = self.shared
         lifecycle = shared.snapshot.config.lifecycle
         shared.draining = True
@@ -257,7 +258,7 @@ class Gateway:
             ends = time.monotonic() + lifecycle.drain_delay
             while len(shared.connections) and time.monotonic() < ends:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-        elif lifecycle.drain_delay > 0:
+        elif lifecycle.drain_delay > 0 and accepted:
             log.info(
                 "draining: still serving, every answer closes its connection",
                 extra={"fields": {"seconds": lifecycle.drain_delay, **self.who()}},

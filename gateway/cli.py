@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--pid-file",
         help="where to write the pid, for restart (default: lifecycle.pid_file, else "
-        "daarion-gateway-<port>.pid in the temporary directory)",
+        "gateway-<port>.pid in the user's runtime directory)",
     )
     serve.add_argument(
         "--log-level",
@@ -384,20 +384,22 @@ def restart(path: str, pid_file: str | None, port: int | None, timeout: float) -
         try:
             pid_file = pid_file_for(load_config(path), port)
         except ConfigError as exc:
-            sys.stderr.write(f"{exc}\n")
+            sys.stderr.write(f"{exc}\n(give --pid-file, which needs no config)\n")
             return 2
-    try:
-        pid = int(Path(pid_file).read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
-        sys.stderr.write(f"no running gateway: {pid_file} names no process\n")
-        return 1
-    if b"gateway" not in cmdline:
-        sys.stderr.write(f"no running gateway: process {pid} in {pid_file} is another program\n")
+        except OSError as exc:
+            sys.stderr.write(f"no pid file: {exc}\n")
+            return 1
+    found = _supervisor(pid_file)
+    if isinstance(found, str):
+        sys.stderr.write(f"no running gateway: {found}\n")
         return 1
     before = _state(pid_file).get("restarts", 0)
-    os.kill(pid, signal.SIGUSR2)
-    sys.stdout.write(f"sent SIGUSR2 to the gateway (pid {pid}); waiting for the new generation\n")
+    try:
+        os.kill(found, signal.SIGUSR2)
+    except OSError as exc:
+        sys.stderr.write(f"cannot signal the gateway (pid {found}): {exc}\n")
+        return 1
+    sys.stdout.write(f"sent SIGUSR2 to the gateway (pid {found}); waiting for the new generation\n")
     ends = time.monotonic() + timeout
     while time.monotonic() < ends:
         outcome = _state(pid_file).get("last_restart") or {}
@@ -412,6 +414,26 @@ def restart(path: str, pid_file: str | None, port: int | None, timeout: float) -
         time.sleep(0.1)
     sys.stderr.write(f"no outcome within {timeout:g} s: see the gateway's log\n")
     return 1
+
+
+def _supervisor(pid_file: str) -> int | str:
+    """The pid of the gateway supervisor ``pid_file`` names, or why there is none: the file
+    must be this user's (or root's), its state file must name the same pid, and that process
+    must be a ``gateway serve`` (a stale file's pid may belong to another program now)."""
+    try:
+        info = os.stat(pid_file)
+        pid = int(Path(pid_file).read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return f"{pid_file} names no process"
+    if info.st_uid not in (os.getuid(), 0):
+        return f"{pid_file} belongs to another user"
+    if _state(pid_file).get("pid") != pid:
+        return f"{pid_file} and its state file disagree (a stale file?)"
+    others = {c.encode() for c in COMMANDS if c != "serve"}  # serve is also the default
+    if not any(b"gateway" in arg for arg in argv) or others & set(argv):
+        return f"process {pid} in {pid_file} is not a gateway's supervisor"
+    return pid
 
 
 def _state(pid_file: str) -> dict[str, Any]:

@@ -335,3 +335,49 @@ async def test_with_workers_a_reload_is_every_worker_or_none_and_a_respawn_serve
             assert r.status == 200
     proc.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
+async def test_two_restarts_in_a_row_both_happen_even_with_a_large_config(
+    serve: Serve, upstream
+) -> None:
+    """The second SIGUSR2 comes while the first restart runs: it is carried across the exec
+    and done after it. The config is larger than one environment string may be (128 KiB)."""
+    up = await upstream(NODA1)
+    text = city(up.port) + "".join(f"# {'x' * 90} {i}\n" for i in range(1600))
+    assert len(text) > 150_000
+    proc, _ = await serve(text)
+    port = await proc.port()
+    first = asyncio.create_task(restart(proc))
+    await asyncio.sleep(0.3)
+    second = asyncio.create_task(restart(proc))
+    assert (await first)[0] == 0
+    assert (await second)[0] == 0
+    for _ in range(100):  # the carried restart may still be under way when both have said
+        if (await health(port))["generation"] == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert (await health(port))["generation"] == 3
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
+async def test_restart_signals_only_a_gateway_supervisor(tmp_path: Path) -> None:
+    """A stale pid file whose pid now belongs to another program: restart refuses, and the
+    program is not signalled (SIGUSR2 would kill it)."""
+    other = await asyncio.create_subprocess_exec("sleep", "30")
+    try:
+        pid_file = tmp_path / "gateway.pid"
+        pid_file.write_text(f"{other.pid}\n")
+        (tmp_path / "gateway.pid.json").write_text(f'{{"pid": {other.pid}}}')
+        command = await asyncio.create_subprocess_exec(
+            *GATEWAY, "restart", "--pid-file", str(pid_file), "--timeout", "2",
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await command.communicate()
+        assert command.returncode == 1
+        assert b"is not a gateway's supervisor" in err
+        await asyncio.sleep(0.2)
+        assert other.returncode is None  # still running: never signalled
+    finally:
+        other.kill()
+        await other.wait()

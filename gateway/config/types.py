@@ -694,7 +694,8 @@ class Lifecycle:
     pid_file: FilePath | None = doc(
         "Where serve writes its pid (and, beside it as .json, its generation and how the "
         "last restart ended), which daarion-gateway restart reads; default: "
-        "daarion-gateway-<port>.pid in the temporary directory.",
+        "gateway-<port>.pid in $XDG_RUNTIME_DIR, else in a private daarion-gateway-<uid> "
+        "directory in the temporary directory.",
         None,
     )
 

@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -105,12 +106,27 @@ class Options:
 
 
 def pid_file_for(config: Config, port: int | None) -> str:
-    """Where a gateway writes its pid: ``lifecycle.pid_file``, else one per plain port in the
-    temporary directory (``daarion-gateway restart`` looks there)."""
+    """Where a gateway writes its pid: ``lifecycle.pid_file``, else one per plain port in
+    the user's runtime directory (``daarion-gateway restart`` looks there)."""
     if config.lifecycle.pid_file is not None:
         return config.lifecycle.pid_file
     port = config.listen.port if port is None else port
-    return os.path.join(tempfile.gettempdir(), f"daarion-gateway-{port}.pid")
+    return os.path.join(runtime_dir(), f"gateway-{port}.pid")
+
+
+def runtime_dir() -> str:
+    """``$XDG_RUNTIME_DIR``, else ``daarion-gateway-<uid>`` in the temporary directory: made
+    0700 and checked to be this user's own directory (not a link another user planted)."""
+    given = os.environ.get("XDG_RUNTIME_DIR")
+    if given and os.path.isdir(given):
+        return given
+    path = os.path.join(tempfile.gettempdir(), f"daarion-gateway-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(f"{path} is not a private directory of this user")
+    return path
 
 
 class Supervisor:
@@ -131,6 +147,9 @@ class Supervisor:
         self.busy = asyncio.Lock()  # one reload, restart or respawn at a time
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Reloads and restarts asked for and not yet begun (carried across a restart's exec).
+        self.queued = {"reload": 0, "restart": 0}
+        self.carried: dict[str, int] = {}
 
     # -- running -----------------------------------------------------------------------------
 
@@ -141,7 +160,7 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # blocked across an exec
         if resumed is not None:
             await self._resume(resumed)
-            self._later(self._restart_after_exec(resumed))
+            self._later(self._restart_after_exec())
         else:
             try:
                 self.listening = self._bind(self.config)
@@ -151,7 +170,8 @@ class Supervisor:
                 return 1
             self._write_pid_file()
             try:
-                children = await self._start_generation(self.generation, self.text)
+                async with self.busy:  # a SIGHUP or SIGUSR2 meanwhile waits for the start
+                    children = await self._start_generation(self.generation, self.text)
             except StartFailed as exc:
                 log.critical("gateway could not start", extra={"fields": self._who(str(exc))})
                 await self._stop_all()
@@ -177,8 +197,10 @@ class Supervisor:
                 log.info("stopping: every worker drains", extra={"fields": self._who()})
             self.stopping.set()
         elif signum == signal.SIGHUP:
+            self.queued["reload"] += 1
             self._later(self._reload())
         elif signum == signal.SIGUSR2:
+            self.queued["restart"] += 1
             self._later(self._restart())
 
     def _later(self, work: Any) -> None:
@@ -199,14 +221,8 @@ class Supervisor:
         waiting = [child.exited for child in self.children]
         if waiting:
             _, late = await asyncio.wait(waiting, timeout=self._grace())
-            for child in self.children:
-                if not child.exited.done():
-                    log.error(
-                        "worker still running after the grace period; killing it",
-                        extra={"fields": {**self._who(), "worker": child.index, "pid": child.pid}},
-                    )
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, signal.SIGKILL)
+            for child in list(self.children):
+                self._kill_if_running(child)
             if late:
                 await asyncio.wait(late, timeout=5)
         with contextlib.suppress(OSError):
@@ -216,6 +232,19 @@ class Supervisor:
             os.unlink(self.pid_file + ".json")
         shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("workers stopped", extra={"fields": self._who()})
+
+    def _kill_after_grace(self, child: Child) -> None:
+        """SIGKILL a worker told to stop that is still there after its grace."""
+        asyncio.get_running_loop().call_later(self._grace(), self._kill_if_running, child)
+
+    def _kill_if_running(self, child: Child) -> None:
+        if not child.exited.done():
+            log.error(
+                "worker still running after the grace period; killing it",
+                extra={"fields": {**self._who(), "worker": child.index, "pid": child.pid}},
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
 
     def _grace(self) -> float:
         lifecycle = self.config.lifecycle
@@ -293,6 +322,9 @@ class Supervisor:
         try:
             # posix_spawn returns once the child exists (vfork + exec): no wait on the loop.
             pid = os.posix_spawn(sys.executable, argv, env)  # noqa: ASYNC221
+        except OSError:
+            ours.close()
+            raise
         finally:
             for fd in passed[1:]:
                 os.set_inheritable(fd, False)
@@ -399,6 +431,7 @@ class Supervisor:
     async def _reload(self) -> None:
         """SIGHUP: every worker serves the file as it is now, or none does."""
         async with self.busy:
+            self.queued["reload"] = max(0, self.queued["reload"] - 1)
             path = self.options.path
             try:
                 text = _read(path)
@@ -451,6 +484,7 @@ class Supervisor:
     async def _restart(self) -> None:
         """SIGUSR2: check the installed code and the config with it, then become it."""
         async with self.busy:
+            self.queued["restart"] = max(0, self.queued["restart"] - 1)
             self.restarts += 1
             self._write_state()
             command = [sys.executable, "-m", "gateway", "preflight", "--config", self.options.path]
@@ -475,10 +509,20 @@ class Supervisor:
                 lines = errors.decode(errors="replace").strip().splitlines()
                 self._restart_failed("the new code or config did not pass preflight", lines[-30:])
                 return
+            # Signals wait (blocked; the mask is kept across exec) until the new program has
+            # its handlers. Those delivered already run first: a stop asked for meanwhile
+            # is done by this program, not lost in the exec.
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if self.stopping.is_set():
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                return
             self._exec()
 
     def _exec(self) -> None:
-        """Replace this program with the installed one, handing it the state."""
+        """Replace this program with the installed one, handing it the state (in a file of
+        the private run directory: a config may be larger than an environment string)."""
         state = {
             "options": {
                 "path": self.options.path,
@@ -496,26 +540,25 @@ class Supervisor:
             "pid_file": self.pid_file,
             "listening": [_listening_state(held) for held in self.listening.values()],
             "children": [_child_state(child) for child in self.children],
+            "queued": self.queued,  # signals whose work waited for this restart
         }
-        for listening in self.listening.values():
-            for slot in listening.slots:
-                for sock in slot:
-                    os.set_inheritable(sock.fileno(), True)
-        for child in self.children:
-            os.set_inheritable(child.end.fileno(), True)
+        handed = [sock.fileno() for held in self.listening.values() for slot in held.slots
+                  for sock in slot] + [child.end.fileno() for child in self.children]  # fmt: skip
         log.info("restart: starting the installed code", extra={"fields": self._who()})
         logs.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        # Signals wait (blocked, the mask is kept across exec) until the new program has its
-        # handlers: none may kill it while it starts.
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        env = {**os.environ, STATE_ENV: orjson.dumps(state).decode()}
+        state_file = os.path.join(self.run_dir, "handover.json")
         argv = [sys.executable, "-m", "gateway", "serve", "--config", self.options.path]
         argv += ["--workers", str(self.options.workers), "--log-level", self.options.log_level]
         try:
-            os.execve(sys.executable, argv, env)  # noqa: S606 - the same interpreter, no shell
-        except OSError as exc:  # this program goes on
+            _replace(state_file, orjson.dumps(state).decode())
+            for fd in handed:
+                os.set_inheritable(fd, True)
+            os.execve(sys.executable, argv, {**os.environ, STATE_ENV: state_file})  # noqa: S606 - the same interpreter, no shell
+        except OSError as exc:  # this program goes on, its descriptors its own again
+            for fd in handed:
+                os.set_inheritable(fd, False)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             self._restart_failed(f"cannot start the installed code: {exc}", [])
 
@@ -525,6 +568,7 @@ class Supervisor:
         self.generation = state["generation"]
         self.restarts = state["restarts"]
         self.reload_ok = state["reload_ok"]
+        self.carried = state.get("queued", {})  # asked for during the restart: done after it
         shutil.rmtree(self.run_dir, ignore_errors=True)  # the one made in __init__
         self.run_dir = state["run_dir"]
         self.pid_file = state["pid_file"]
@@ -546,24 +590,35 @@ class Supervisor:
             )  # fmt: skip
             self._watch(child)
 
-    async def _restart_after_exec(self, state: dict[str, Any]) -> None:
+    async def _restart_after_exec(self) -> None:
         """The new program's half of a restart: a new generation, then the old one's
-        handover; or, when it cannot start, the old one goes on."""
+        handover; or, when it cannot start, the old one goes on. Then what was asked for
+        while the previous program restarted (a reload, another restart)."""
+        try:
+            await self._restart_in_new_program()
+        finally:
+            if self.carried.get("reload"):
+                self._signalled(signal.SIGHUP)
+            if self.carried.get("restart"):
+                self._signalled(signal.SIGUSR2)
+            self.carried = {}
+
+    async def _restart_in_new_program(self) -> None:
         async with self.busy:
             path = self.options.path
             try:
                 text = _read(path)
                 config = parse_config(text, path)
             except (OSError, UnicodeDecodeError) as exc:
-                self._restart_failed(f"cannot read the config: {exc}", [])
+                await self._failed_after_exec(f"cannot read the config: {exc}", [])
                 return
             except ConfigError as exc:
-                self._restart_failed("config invalid", [str(p) for p in exc.problems])
+                await self._failed_after_exec("config invalid", [str(p) for p in exc.problems])
                 return
             try:
                 listening = self._bind(config, self.listening)
             except OSError as exc:
-                self._restart_failed(f"cannot listen: {exc}", [])
+                await self._failed_after_exec(f"cannot listen: {exc}", [])
                 return
             previous, self.listening = self.listening, listening
             old = self._serving()
@@ -575,17 +630,19 @@ class Supervisor:
                     if previous.get(name) is not sockets:
                         sockets.close()
                 self.listening = previous
-                self._restart_failed(str(exc), [])
+                await self._failed_after_exec(str(exc), [])
                 return
             self.generation, self.text, self.config = generation, text, config
             for child in old:
                 child.retired = True
                 with contextlib.suppress(Closed):
                     await child.channel.send("handover")
+                self._kill_after_grace(child)
             for name, sockets in previous.items():
                 if listening.get(name) is not sockets:
                     sockets.close()  # changed: the old generation's last copies go with it
             self.last_restart = {"n": self.restarts, "ok": True, "generation": generation}
+            self._move_pid_file()
             self._write_state()
             log.info(
                 "restarted: the new generation accepts, the old one hands over",
@@ -598,6 +655,36 @@ class Supervisor:
                     }
                 },
             )
+
+    async def _fill(self) -> None:
+        """Start a worker in every slot of the serving generation that has none (one that
+        died while a restart replaced this program: its respawn was the old program's). The
+        caller holds ``busy``."""
+        live = {c.index for c in self._serving()}
+        missing = [i for i in range(self.options.workers) if i not in live]
+        if not missing or self.stopping.is_set():
+            return
+        try:
+            await self._start_workers(missing, self.generation, self.text)
+        except StartFailed as exc:
+            log.error(  # noqa: TRY400 - the worker logged its own traceback
+                "a missing worker did not start; trying again",
+                extra={"fields": self._who(str(exc))},
+            )
+            self._later(self._fill_later())
+
+    async def _fill_later(self) -> None:
+        await asyncio.sleep(RESPAWN_DELAY)
+        async with self.busy:
+            await self._fill()
+
+    async def _failed_after_exec(self, error: str, problems: list[str]) -> None:
+        """A restart that failed in the new program: the old generation serves on, with
+        every slot filled, and this program's view of its config is the one it serves."""
+        self._restart_failed(error, problems)
+        with contextlib.suppress(ConfigError):
+            self.config = parse_config(self.text, self.options.path)
+        await self._fill()
 
     def _restart_failed(self, error: str, problems: list[str]) -> None:
         self.last_restart = {"n": self.restarts, "ok": False, "error": error, "problems": problems}
@@ -612,18 +699,30 @@ class Supervisor:
     def _write_pid_file(self) -> None:
         """The pid (``restart`` signals it) and, beside it, the state as JSON."""
         chosen = self.options.pid_file
-        if chosen is None:
-            port = address(self.listening["http"].slots[0][0])[1]
-            chosen = pid_file_for(self.config, port)
-        self.pid_file = chosen
         try:
+            if chosen is None:
+                port = address(self.listening["http"].slots[0][0])[1]
+                chosen = pid_file_for(self.config, port)
+            self.pid_file = chosen
             _replace(chosen, f"{os.getpid()}\n")
         except OSError as exc:
             log.warning("cannot write the pid file; restart needs the pid",
                         extra={"fields": {**self._who(str(exc)), "pid_file": chosen}})  # fmt: skip
         self._write_state()
 
+    def _move_pid_file(self) -> None:
+        """After a restart: the pid file where the config (a new port, a new pid_file) says
+        restart will look for it now."""
+        before = self.pid_file
+        self._write_pid_file()
+        if before and before != self.pid_file:
+            for stale in (before, before + ".json"):
+                with contextlib.suppress(OSError):
+                    os.unlink(stale)
+
     def _write_state(self) -> None:
+        if not self.pid_file:
+            return
         state = {
             "pid": os.getpid(),
             "generation": self.generation,
@@ -641,9 +740,12 @@ class Supervisor:
 async def _expect(child: Child, op: str) -> dict[str, Any]:
     """The child's next message, which should be ``op``."""
     receiving = asyncio.ensure_future(child.channel.receive())
-    done, _ = await asyncio.wait((receiving, child.exited), return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait((receiving, child.exited), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # a timeout around the call, too: no read may be left waiting on the channel
+        if not receiving.done():
+            receiving.cancel()
     if receiving not in done:
-        receiving.cancel()
         raise StartFailed(f"worker {child.index} exited with status {child.exited.result()}")
     try:
         message = receiving.result()
@@ -681,17 +783,28 @@ def _read(path: str) -> str:
 
 
 def _replace(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole (a reader never sees half of it)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
+    """Write ``text`` to ``path`` whole (a reader never sees half of it), through a new file
+    of its own (O_EXCL: no link is followed) renamed over it."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".gateway-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def handed_over() -> dict[str, Any] | None:
     """The state a restart's exec handed to this program (None at a plain start)."""
-    state = os.environ.pop(STATE_ENV, None)
-    return orjson.loads(state) if state else None
+    path = os.environ.pop(STATE_ENV, None)
+    if not path:
+        return None
+    with open(path, "rb") as file:
+        state: dict[str, Any] = orjson.loads(file.read())
+    os.unlink(path)
+    return state
 
 
 def run(options: Options, text: str, config: Config, resumed: dict[str, Any] | None) -> int:

@@ -85,9 +85,10 @@ async def _work(control: socket.socket) -> int:
         await _failed(channel, f"{type(exc).__name__}: {exc}", [])
         return 1
     handover = False
+    serving: list[bool] = []  # one entry once it accepts
     try:
         await channel.send("ready")
-        orders = asyncio.ensure_future(_orders(channel, gateway, addresses, open_files))
+        orders = asyncio.ensure_future(_orders(channel, gateway, addresses, open_files, serving))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait((orders, stopped), return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -100,14 +101,14 @@ async def _work(control: socket.socket) -> int:
     finally:
         log.info("gateway stopping: draining requests in flight", extra={"fields": gateway.who()})
         with contextlib.suppress(asyncio.CancelledError):
-            await gateway.stop(handover=handover)
+            await gateway.stop(handover=handover, accepted=bool(serving))
         log.info("gateway stopped", extra={"fields": gateway.who()})
         channel.close()
     return 0
 
 
 async def _orders(
-    channel: Channel, gateway: Gateway, addresses: list[Any], open_files: int
+    channel: Channel, gateway: Gateway, addresses: list[Any], open_files: int, serving: list[bool]
 ) -> bool:
     """Do what the supervisor says until a handover (True) or its end (False)."""
     while True:
@@ -118,6 +119,7 @@ async def _orders(
         op = message["op"]
         if op == "serve":
             await gateway.accept()
+            serving.append(True)
             gc.freeze()  # what start-up made lives as long as the process: no collection scans it
             _started(gateway, addresses, open_files)
             await channel.send("serving")
