@@ -37,7 +37,7 @@ from .errors import (
     own_headers,
 )
 from .logs import REQUEST_ID, request_id_from
-from .metrics import GATEWAY, UNMATCHED
+from .metrics import GATEWAY, UNMATCHED, method_label
 from .ratelimit.phase import limit
 from .tracing.context import TRACEPARENT, TRACESTATE, Trace, incoming
 from .upstream.forward import forward
@@ -259,8 +259,12 @@ def _end_span(tracer: Tracer, ex: Exchange, status: int) -> None:
     """A sampled request's span: named by method and route, as OpenTelemetry's HTTP server
     spans are (never by the raw path, which would make every span name unique)."""
     request = ex.request
+    # A method outside the known ones is _OTHER, as OpenTelemetry's conventions have it (a
+    # client's made-up methods must not name spans), and kept as http.request.method_original.
+    method = method_label(request.method)
+    method = "_OTHER" if method == "OTHER" else method
     attributes: dict[str, str | int] = {
-        "http.request.method": request.method,
+        "http.request.method": method,
         "url.path": request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH],
         "http.response.status_code": status,
         "client.address": ex.client,
@@ -278,4 +282,6 @@ def _end_span(tracer: Tracer, ex: Exchange, status: int) -> None:
         attributes["error.type"] = ex.error
     if ex.session is not None:
         attributes["daarion.websocket"] = 1
-    tracer.finish(ex.trace, f"{request.method} {ex.route}", status, attributes)
+    if method == "_OTHER":
+        attributes["http.request.method_original"] = request.method[:32]
+    tracer.finish(ex.trace, f"{method} {ex.route}", status, attributes)

@@ -130,8 +130,10 @@ async def test_a_valid_traceparent_is_continued_with_tracing_off(upstream, gatew
     parent = parse_traceparent(sent_traceparent(up))
     assert parent is not None
     assert parent.trace_id == TRACE  # the client's trace
-    assert parent.span_id != CLIENT_SPAN  # the gateway's span is the upstream's parent
-    assert parent.sampled  # not recording, the gateway passes the caller's decision on
+    # Recording nothing, the gateway passes the caller's span on as the upstream's parent
+    # (a span id of its own would name a parent no one exports), and its decision.
+    assert parent.span_id == CLIENT_SPAN
+    assert parent.sampled
     assert up.seen[-1].header("tracestate") == "vendor=abc,other=1"
     line = next(line for line in gw.log_lines() if line.get("message") == "request")
     assert line["trace_id"] == TRACE

@@ -91,12 +91,14 @@ class Trace:
 
     @classmethod
     def of(cls, parent: Parent | None) -> Trace:
-        """The request's trace without a recording span: the parent's trace continued (and
-        its sampled flag passed on), or a new one, not sampled."""
-        ids = os.urandom(24).hex()
+        """The request's trace without a recording span: the parent's passed on as it came
+        (its span stays the upstream's parent, since the gateway records none: a new span id
+        here would name a parent no one exports, and cut the upstream's spans off the
+        caller's), or a new one, not sampled."""
         if parent is None:
+            ids = os.urandom(24).hex()
             return cls(ids[:32], ids[32:], None, sampled=False)
-        return cls(parent.trace_id, ids[32:], parent.span_id, parent.sampled)
+        return cls(parent.trace_id, parent.span_id, parent.span_id, parent.sampled)
 
     def traceparent(self) -> str:
         """The ``traceparent`` an upstream gets: the gateway's span as its parent."""

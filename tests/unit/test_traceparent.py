@@ -58,13 +58,14 @@ def test_more_than_one_traceparent_is_invalid() -> None:
     assert incoming([]) is None
 
 
-def test_a_continued_trace_keeps_its_id_and_gets_a_span_of_its_own() -> None:
+def test_a_continued_trace_without_a_recording_span_passes_the_parent_on() -> None:
+    """No span recorded: the caller's span stays the upstream's parent (a recorded one gets
+    an id of its own: tests/test_tracing.py)."""
     trace = Trace.of(Parent(TRACE, SPAN, sampled=True))
     assert (trace.trace_id, trace.parent_id, trace.continued, trace.sampled) == (
         TRACE, SPAN, True, True,
     )  # fmt: skip
-    assert trace.span_id != SPAN
-    assert parse_traceparent(trace.traceparent()) == Parent(TRACE, trace.span_id, sampled=True)
+    assert parse_traceparent(trace.traceparent()) == Parent(TRACE, SPAN, sampled=True)
 
 
 def test_a_new_trace_has_fresh_valid_ids() -> None:
