@@ -381,3 +381,26 @@ async def test_restart_signals_only_a_gateway_supervisor(tmp_path: Path) -> None
     finally:
         other.kill()
         await other.wait()
+
+
+async def test_a_sighup_during_the_first_start_waits_for_it(serve: Serve, upstream) -> None:
+    """The first start waits for its health probes; a reload asked for meanwhile runs once the
+    workers serve, instead of reading their start-up messages (which broke the start)."""
+
+    async def slow_health(request: web.Request) -> web.StreamResponse:
+        if request.path == "/health":
+            await asyncio.sleep(0.8)
+        return web.json_response({"status": "healthy"})
+
+    up = await upstream(NODA1, slow_health)
+    text = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, probes=True, noda1=NODA1)
+    proc, _ = await serve(text.replace(QUICK_STOP, "lifecycle: {drain_delay: 0}\n"))
+    await asyncio.sleep(0.3)  # the worker is waiting for its first probe's answer
+    proc.proc.send_signal(signal.SIGHUP)
+    started = await proc.wait_for("gateway started")
+    reloaded = await proc.wait_for("config reloaded by every worker")
+    assert reloaded["pid"] == proc.proc.pid
+    assert started["generation"] == 1
+    assert (await health(await proc.port()))["status"] in ("healthy", "degraded")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
