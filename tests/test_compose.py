@@ -35,12 +35,15 @@ ROUTES_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 # GATEWAY_CONFIG, GATEWAY_WORKERS, GATEWAY_LOG_LEVEL): found in the source, so that a new one
 # must be added to .env.example too.
 CODE_VAR = re.compile(r"""(?:environ\.get|getenv|environ\[)\(?\s*["']([A-Z][A-Z0-9_]*)["']""")
+# Read by the code but set by the operating system, not by the stack: the user's runtime
+# directory (where the pid file goes by default).
+PLATFORM_VARS = {"XDG_RUNTIME_DIR"}
 CLI_VARS = {
     name
     for path in (ROOT / "gateway").rglob("*.py")
     if "demo" not in path.relative_to(ROOT / "gateway").parts  # the demo's own, not the stack's
     for name in CODE_VAR.findall(path.read_text())
-}
+} - PLATFORM_VARS
 
 
 def env_file(path: Path) -> dict[str, str]:
