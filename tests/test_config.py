@@ -339,3 +339,17 @@ def test_websocket_extensions_and_gone_code_layer_route_over_service():
         if ws is not None
     }
     assert found == {"live": (False, 1012), "chat": (True, 1014), "plain": (True, 1011)}
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(".nan", "nan"), ('".nan"', "nan"), (".inf", "inf"), ("-.inf", "-inf")]
+)
+def test_a_number_that_is_not_finite_is_refused(value, shown):
+    """NaN passes every comparison, so a range check alone let ``.nan`` through."""
+    text = f"nodes: {{a: {{host: x}}}}\ntimeouts: {{connect: {value}}}\n"
+    text += "services: {s: {port: 1, nodes: [a]}}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env={})
+    assert [str(p) for p in caught.value.problems] == [
+        f"timeouts.connect (line 2): must be a finite number, not {shown}"
+    ]

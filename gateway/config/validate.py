@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -284,6 +285,8 @@ class Converter:
 
 def _check(constraint: Any, value: Any) -> str | None:
     if isinstance(constraint, Range):
+        if isinstance(value, float) and not math.isfinite(value):  # .nan passes every bound
+            return f"must be a finite number, not {value}"
         if constraint.min is not None and value < constraint.min:
             return f"must be at least {constraint.min:g}, not {value}"
         if constraint.max is not None and value > constraint.max:
