@@ -2,8 +2,9 @@
 and the trace a request belongs to. Pure and cheap: no OpenTelemetry object is made here.
 
 A valid incoming ``traceparent`` is continued (same trace id, its parent id as the gateway
-span's parent); an absent or invalid one starts a new trace. Either way the gateway's span
-has an id of its own, which upstreams get as their parent in the ``traceparent`` sent to them.
+span's parent); an absent or invalid one starts a new trace. A recorded span (export.py) has
+an id of its own, which upstreams get as their parent; without one the caller's span stays
+their parent, so their spans join the caller's.
 """
 
 from __future__ import annotations
