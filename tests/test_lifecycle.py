@@ -6,11 +6,13 @@ processes, real sockets; the counts are what clients wrote and what was answered
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -234,21 +236,13 @@ async def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(
     assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
 
 
-class socket_on:
+@contextlib.contextmanager
+def socket_on(port: int) -> Iterator[None]:
     """A listening socket on 127.0.0.1:port for the block's length."""
-
-    def __init__(self, port: int) -> None:
-        import socket  # noqa: PLC0415 - only here
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(1)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        self.sock.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1)
+        yield
 
 
 async def scrape(port: int) -> str:
