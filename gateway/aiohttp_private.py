@@ -9,9 +9,6 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   (``web.Server``'s ``_loop`` and ``_kwargs``);
 - ``OneWrite``: hold a response's headers back until its first body bytes, as aiohttp's own
   ``web.Response`` does (``StreamResponse._send_headers_immediately``);
-- ``without_resend``: switch off the silent resend of an idempotent request on a dropped
-  connection, so that the failover loop alone decides retries (``ClientSession
-  ._retry_connection``, the switch aiohttp's own test client uses);
 - ``answer_in_http11``: write a response's status line as HTTP/1.1 whatever version its
   request named (a 505 to ``HTTP/2.0``; aiohttp echoes the request's version), by setting the
   request's cached ``version`` (``BaseRequest._cache``, where ``reify`` keeps it);
@@ -50,7 +47,6 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-import aiohttp
 from aiohttp import HttpVersion11, base_protocol, http_writer, web, web_protocol
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict
@@ -64,7 +60,6 @@ _SLOTS = (
     (web.RequestHandler, "_keepalive_handle"),
     (web.RequestHandler, "_manager"),
     (base_protocol.BaseProtocol, "_buffer_paused"),
-    (aiohttp.ClientSession, "_retry_connection"),
     (web.BaseRequest, "_cache"),
     (web.RequestHandler, "_request_count"),
     (web.RequestHandler, "_messages"),
@@ -210,12 +205,6 @@ class OneWrite(web.StreamResponse):
     so a small answer goes out in one write instead of two."""
 
     _send_headers_immediately = False
-
-
-def without_resend(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
-    """``session`` with aiohttp's own resend of a request on a dropped connection off."""
-    session._retry_connection = False
-    return session
 
 
 def answer_in_http11(request: web.BaseRequest) -> None:

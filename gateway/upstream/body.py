@@ -18,8 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 import aiohttp
-from aiohttp import payload, web
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp import web
 
 from ..errors import ClientGone, GatewayError
 from ..snapshot import BodyPolicy
@@ -95,19 +94,9 @@ class ClientBody:
         return b"".join(chunks)
 
 
-class HeadFirst(payload.AsyncIterablePayload):
-    """A streamed body whose request head goes out before the first body byte (aiohttp would
-    hold it back until then)."""
-
-    async def write_with_length(
-        self, writer: AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        writer.send_headers()
-        await writer.drain()
-        await super().write_with_length(writer, content_length)
-
-
-Body = bytes | HeadFirst | None
+# What the upstream client sends: nothing, the whole body, or the client's as it arrives
+# (the request head goes out at once, not with the first body byte).
+Body = bytes | ClientBody | None
 
 
 async def read_body(
@@ -133,4 +122,4 @@ async def read_body(
     body = ClientBody(request.content, policy)
     if length is not None and length <= buffer_up_to:
         return await body.read_all(), None
-    return HeadFirst(body), body
+    return body, body

@@ -7,10 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import aiohttp
-
 from ..errors import GatewayError, UpstreamAborted
 from .body import read_body
+from .client import Response
 from .failover import REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
 from .headers import Forwarding
 from .http import relay
@@ -49,7 +48,7 @@ async def forward(
         )  # fmt: skip
         client = shared.upstream
 
-        async def send(target: Target) -> aiohttp.ClientResponse:
+        async def send(target: Target) -> Response:
             try:
                 upstream = await client.send(
                     request, target=target, path_qs=path_qs, body=body, streamed=streamed,
@@ -67,7 +66,7 @@ async def forward(
                         502, "upstream_status", f"the upstream answered {upstream.status}"
                     ),
                     answer=upstream,  # passed on when no other target is tried
-                    discard=aiohttp.ClientResponse.release,
+                    discard=Response.close,  # its body unread: the connection is not reused
                 )
             return upstream
 

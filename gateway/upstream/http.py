@@ -1,9 +1,10 @@
 """HTTP forwarding: the one seam between a routed request and an upstream.
 
-``UpstreamClient`` is the HTTP client every upstream request (and health probe) goes through:
-aiohttp's ``ClientSession`` today, with keep-alive pools, no cookies, no decompression and no
-silent resend. ``send()`` sends the client's request to one target and returns once the
-response headers are in; ``relay()`` streams that response back. Bodies are streamed both ways
+``UpstreamClient`` is the HTTP client every upstream request goes through: the gateway's own
+HTTP/1.1 client (``client.py``: keep-alive pools, llhttp parsing, no silent resend: the
+failover loop decides every retry); health probes use aiohttp's. ``send()`` sends the
+client's request to one target and returns once the response headers are in; ``relay()``
+streams that response back. Bodies are streamed both ways
 with backpressure (only bodies small enough to replay on a retry are read whole); hop-by-hop
 headers are dropped both ways; forwarding headers are set (``headers.py``). A target on a node
 with ``tls`` is reached over HTTPS with that node's context and name (``tls.py``). Failures before
@@ -14,23 +15,16 @@ started aborts the client connection, so a truncated body never looks complete.
 from __future__ import annotations
 
 import contextlib
-import functools
 import socket
 import struct
-import weakref
 from collections.abc import Mapping
-from contextvars import ContextVar
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 from aiohttp import web
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
 from multidict import CIMultiDict
-from yarl import URL
 
-from ..aiohttp_private import OneWrite, without_resend
+from ..aiohttp_private import OneWrite
 from ..edge.cors import Added
 from ..errors import (
     SERVER,
@@ -38,47 +32,26 @@ from ..errors import (
     ClientGone,
     GatewayError,
     UpstreamAborted,
-    upstream_error,
-    upstream_failure,
 )
 from ..snapshot import Target
 from .body import Body, ClientBody
+from .client import BodyError, Pool, Response, request_head
 from .headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
 from .redirects import Redirects
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 _MAY_POINT_HOME: Final = ("Location", "Content-Location", "Refresh", "Set-Cookie")
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
-# Whether the connection the current request got from the pool had served a request before
-# (set by _Connector.connect in the request's own task).
-_REUSED: ContextVar[bool] = ContextVar("reused", default=False)
-
-
-class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, noting for each request whether its connection is a reused one:
-    an upstream that closed a kept-alive connection just as a request was written on it is a
-    stale connection, not a failing upstream."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._served: weakref.WeakSet[object] = weakref.WeakSet()
-
-    async def connect(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
-    ) -> Connection:
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        _REUSED.set(protocol in self._served)
-        if protocol is not None:
-            self._served.add(protocol)
-        return connection
 
 
 class UpstreamClient:
-    """The upstream HTTP client, opened when the gateway starts and closed when it stops."""
+    """The upstream HTTP client, opened when the gateway starts and closed when it stops:
+    requests go through the gateway's own HTTP/1.1 client (``client.py``), health probes
+    through aiohttp's (``session``), off the hot path."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -89,24 +62,22 @@ class UpstreamClient:
     def open(self, keepalive_timeout: float) -> None:
         """``keepalive_timeout``: seconds an idle pooled connection is kept (below the
         upstreams' own, so that they rarely close one the gateway is about to use)."""
-        self._session = without_resend(  # the failover loop decides every retry
-            aiohttp.ClientSession(
-                connector=_Connector(
-                    limit=0,  # bounded per service by Slots instead
-                    limit_per_host=0,
-                    ttl_dns_cache=10,
-                    keepalive_timeout=keepalive_timeout,
-                ),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,  # bodies pass through byte for byte
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                trust_env=False,
-                raise_for_status=False,
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
+        self._pool = Pool(keepalive_timeout)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=0, ttl_dns_cache=10, keepalive_timeout=keepalive_timeout
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+            raise_for_status=False,
+            timeout=aiohttp.ClientTimeout(total=None),
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -122,51 +93,38 @@ class UpstreamClient:
         response_timeout: float,
         forwarding: Forwarding,
         underscores: bool = False,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send the request to ``target``; return once the upstream's response headers are in.
         Raises ``GatewayError`` for an upstream failure (kind ``stale`` when a reused
         connection was closed under the request), ``ClientGone`` or ``ClientFault`` when the
         client (``streamed``, its body) was at fault. ``underscores``: forward header names
         holding ``_`` (else dropped)."""
-        tls = target.tls
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("the upstream client is not open")
+        method = request.method
+        headers = request_headers(request, target, forwarding, underscores=underscores)
+        head, chunked = request_head(method, path_qs, headers, body)
         try:
-            return await self.session.request(
-                request.method,
-                URL(target.origin + path_qs, encoded=True),
-                headers=request_headers(request, target, forwarding, underscores=underscores),
-                data=body,
-                allow_redirects=False,
-                timeout=_timeouts(connect_timeout, response_timeout),
-                # The pool is keyed by these too: a TLS target never gets a plain connection,
-                # nor one made with another snapshot's context.
-                ssl=True if tls is None else tls.context,
-                server_hostname=None if tls is None else tls.server_hostname,
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            connection = await pool.connect(target, connect_timeout)
+            return await connection.exchange(
+                head, body, chunked=chunked, head_only=method == "HEAD",
+                timeout=response_timeout,
+            )  # fmt: skip
+        except GatewayError as failure:
             if streamed is not None and streamed.fault is not None:
-                raise client_fault(streamed.fault) from exc
+                raise client_fault(streamed.fault) from failure
             if _client_gone(request):
-                raise ClientGone from exc
-            failure = upstream_error(exc)
-            if failure.kind == "disconnect" and _REUSED.get():
-                raise upstream_failure("stale") from exc
-            raise failure from exc
+                raise ClientGone from failure
+            raise
 
 
 def client_fault(fault: GatewayError | ClientGone) -> ClientFault | ClientGone:
     return fault if isinstance(fault, ClientGone) else ClientFault(fault)
 
 
-@functools.lru_cache(maxsize=256)
-def _timeouts(connect: float, response: float) -> aiohttp.ClientTimeout:
-    """aiohttp's form of a route's timeouts (routes share a few pairs: cached). ``sock_read``
-    starts once the request is sent and restarts with each read: it bounds the wait for the
-    response headers and every pause inside the response body."""
-    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=response)
-
-
 def response_headers(
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     request_id: str,
     extra: Mapping[str, str] | None,
     redirects: Redirects | None = None,
@@ -189,7 +147,7 @@ def response_headers(
 
 async def relay(
     request: web.BaseRequest,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     request_id: str,
     *,
     extra_headers: Mapping[str, str] | None,
@@ -212,7 +170,7 @@ async def relay(
     try:
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUS:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read():
                 await response.write(chunk)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
@@ -220,7 +178,7 @@ async def relay(
             upstream.close()
             raise ClientGone from exc
         raise
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except BodyError as exc:
         # The upstream failed mid-body. Reset the client connection: closing it cleanly
         # would make a truncated body look complete to a client reading until EOF.
         upstream.close()

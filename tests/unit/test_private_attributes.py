@@ -27,7 +27,7 @@ from aiohttp import base_protocol, http_writer, web
 from aiohttp.test_utils import make_mocked_request
 
 from gateway import aiohttp_private
-from gateway.aiohttp_private import OneWrite, missing, protocol_factory, without_resend
+from gateway.aiohttp_private import OneWrite, missing, protocol_factory
 
 from ..helpers import PACKAGE, ROOT, gateway_modules
 
@@ -145,13 +145,9 @@ async def test_protocol_factory_builds_the_given_class_as_server_would() -> None
     assert made == [(server, {"loop": asyncio.get_running_loop(), "keepalive_timeout": 12.5})]
 
 
-async def test_one_write_and_without_resend() -> None:
+def test_one_write() -> None:
     assert OneWrite._send_headers_immediately is False
     assert web.StreamResponse._send_headers_immediately is True  # what OneWrite changes
-    async with aiohttp.ClientSession() as session:
-        assert session._retry_connection is True  # aiohttp's default, which the gateway turns off
-        assert without_resend(session) is session
-        assert session._retry_connection is False
 
 
 # -- the static scan ---------------------------------------------------------------------------
@@ -404,7 +400,7 @@ def test_the_scan_knows_the_libraries_private_names() -> None:
     relied_on = {"_send_headers_immediately", "_kwargs", "_loop"}
     relied_on |= {name for _, name in aiohttp_private._SLOTS}
     assert relied_on <= aiohttp_names
-    assert {"_message_tail", "_retry_connection", "_force_close"} <= relied_on
+    assert {"_message_tail", "_force_close"} <= relied_on
     assert {"_metrics", "_lock", "_value", "_labelnames"} <= library_private_names(
         "prometheus_client"
     )
@@ -442,7 +438,6 @@ def test_the_scan_finds_what_the_aiohttp_door_uses() -> None:
         "protocol._keepalive_handle",
         "protocol._manager",
         "protocol._buffer_paused",
-        "session._retry_connection",
         "server._loop",
         "server._kwargs",
         "OneWrite._send_headers_immediately =",
