@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import re
 from collections.abc import AsyncIterator
@@ -382,6 +383,96 @@ async def test_silent_upstream_is_504_at_its_response_timeout(raw_upstream, gate
     async with client.get(gw.url + "/api/city/slow") as response:
         assert response.status == 504
         assert (await response.json())["error"] == "upstream_timeout"
+
+
+def timed_out_at(port: int, seconds: float) -> str:
+    return routes(
+        {"city": f"{{port: {port}, nodes: [noda1], timeouts: {{response: {seconds}}}}}"},
+        noda1=NODA1,
+    )
+
+
+async def test_a_client_slow_to_send_its_body_is_not_an_upstream_timeout(upstream, gateway):
+    # A streamed body (over 64 KiB) that pauses for twice the response timeout: the upstream
+    # waits on the gateway, which waits on the client; nobody's fault but the client's, who
+    # is within its body timeout.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=str(len(await request.read())))
+
+    up = await upstream(NODA1, handler, record_body=False)
+    gw = await gateway(timed_out_at(up.port, 0.3))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    size = 200_000
+    writer.write(
+        f"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n".encode()
+        + b"x" * (size // 2)
+    )
+    await writer.drain()
+    await asyncio.sleep(0.7)
+    writer.write(b"x" * (size - size // 2))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert await reader.readexactly(len(str(size))) == str(size).encode()
+    writer.close()
+
+
+async def test_a_client_slow_to_read_the_answer_is_not_an_upstream_timeout(upstream, gateway):
+    # The client stops reading a big answer for twice the response timeout: the gateway
+    # stops reading from the upstream meanwhile, which is no stall of the upstream's.
+    size = 64 * 1024 * 1024  # far more than the sockets' buffers hold
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"z" * size)
+
+    up = await upstream(NODA1, handler)
+    gw = await gateway(timed_out_at(up.port, 0.3))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /api/city/big HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    await asyncio.sleep(0.8)
+    body = await asyncio.wait_for(reader.readexactly(size), 10)
+    assert body == b"z" * size
+    writer.close()
+
+
+async def test_an_upstream_that_stops_taking_the_body_is_504_at_its_timeout(raw_upstream, gateway):
+    # The upstream reads the head and then nothing: the gateway's writes stall, and after
+    # the response timeout the client gets 504 (not a wait for ever).
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    port = await raw_upstream(respond)
+    gw = await gateway(
+        routes(
+            {
+                "city": f"{{port: {port}, nodes: [noda1], timeouts: {{response: 0.5}}, "
+                "limits: {client_max_body_size: 0}}"
+            },
+            noda1=NODA1,
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    size = 256 * 1024 * 1024
+    writer.write(
+        f"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n".encode()
+    )
+
+    async def push() -> None:
+        chunk = b"y" * 65536
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+
+    pushing = asyncio.create_task(push())
+    started = asyncio.get_running_loop().time()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    waited = asyncio.get_running_loop().time() - started
+    pushing.cancel()
+    assert head.startswith(b"HTTP/1.1 504 "), head
+    assert 0.4 < waited < 3, waited
+    writer.close()
 
 
 @pytest.mark.parametrize(

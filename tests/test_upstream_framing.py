@@ -601,7 +601,10 @@ async def test_a_body_sent_with_a_head_answer_is_never_the_next_answer(through, 
     assert await up.closed(1)
 
 
-async def test_a_head_answer_without_a_body_keeps_its_connection(through):
+async def test_a_head_answer_closes_its_connection(through):
+    """A HEAD answer's connection is never pooled (client.py: whether a body follows it
+    cannot be told, so none can reach the next request); the next request gets a new one."""
+
     async def script(request: Received, conn: Conn) -> None:
         if request.method == b"HEAD":
             await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
@@ -611,7 +614,8 @@ async def test_a_head_answer_without_a_body_keeps_its_connection(through):
     up, _, client = await through(script)
     assert (await client.ask(get("x", "HEAD"), head=True)).header("Content-Length") == "5"
     assert (await client.ask(get("next"))).body == b"GET /city/next"
-    assert up.conns(b"/city/next") == [1]  # the control: a clean HEAD answer is reused
+    assert up.conns(b"/city/next") == [2]
+    assert await up.closed(1)
 
 
 # -- 5, 6: informational answers ---------------------------------------------------------------
@@ -978,6 +982,7 @@ async def test_a_transfer_coding_but_chunked_alone_is_502(through, coding):
         b"HTTP/1.1 2000 OK",
         b"HTTP/1.1 20 OK",
         b"HTTP/1.1 099 OK",
+        b"HTTP/1.1 600 OK",
         b"HTTP/1.1  200 OK",
         b"HTTP/1.1 200 O\x01K",
         b"HTTP/1.1\t200 OK",
@@ -985,7 +990,7 @@ async def test_a_transfer_coding_but_chunked_alone_is_502(through, coding):
         b"200 OK",
     ],
     ids=["abc", "icy", "http2", "http2.0", "http1.2", "http0.9", "lowercase", "2000", "20",
-         "099", "two-spaces", "ctl-in-reason", "tab", "leading-space", "no-version"],
+         "099", "600", "two-spaces", "ctl-in-reason", "tab", "leading-space", "no-version"],
 )  # fmt: skip
 async def test_a_garbage_status_line_is_502(through, status_line):
     await refused_then_fresh(
@@ -998,8 +1003,9 @@ async def test_a_garbage_status_line_is_502(through, status_line):
     [
         b"X-Big: " + b"a" * 200 * 1024 + b"\r\n",
         b"".join(b"X-Field-%05d: %s\r\n" % (i, b"v" * 90) for i in range(2000)),
+        b"".join(b"X-F%03d: v\r\n" % i for i in range(300)),  # 3.6 KiB, but 300 lines
     ],
-    ids=["one-200k-field", "2000-fields"],
+    ids=["one-200k-field", "2000-fields", "300-short-fields"],
 )
 async def test_a_huge_header_section_is_a_quick_502(through, fields):
     loop = asyncio.get_running_loop()

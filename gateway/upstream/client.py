@@ -158,7 +158,7 @@ class Response:
 
 
 class Connection(asyncio.Protocol):
-    """One upstream connection: at most one exchange at a time (``exchange``)."""
+    """One upstream connection: at most one exchange at a time (``start``)."""
 
     def __init__(self, pool: Pool, key: PoolKey) -> None:
         self._pool = pool
@@ -173,7 +173,6 @@ class Connection(asyncio.Protocol):
         self._head_only = False  # the request is a HEAD: the answer has no body
         self._head: asyncio.Future[Response] | None = None
         self._response: Response | None = None
-        self._status = 0
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
@@ -271,7 +270,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if not 100 <= status <= 999 or _BAD_REASON(self._reason) is not None:
+        if not 100 <= status <= 599 or _BAD_REASON(self._reason) is not None:
             raise _Stop(upstream_failure("protocol"))
         if self._parser.get_http_version() not in _VERSIONS:
             raise _Stop(upstream_failure("protocol"))  # HTTP/2.0, 0.9...: not an HTTP/1.x answer
@@ -332,12 +331,14 @@ class Connection(asyncio.Protocol):
             and not transport.is_closing()
         )
 
-    async def exchange(
+    def start(
         self, head: bytes, body: bytes | ClientBody | None, *, chunked: bool, head_only: bool,
         timeout: float,
-    ) -> Response:  # fmt: skip
+    ) -> asyncio.Future[Response]:  # fmt: skip
         """Write the request (``head`` and ``body``: bytes in the same write; a stream as it
-        comes, chunked if ``chunked``) and return once the response head is in."""
+        comes, chunked if ``chunked``); the future is the response, once its head is in.
+        (Not a coroutine: one frame less on every resumption of the request's task.) A
+        caller that stops waiting for it must ``abort``."""
         transport = self._transport
         assert transport is not None  # noqa: S101 - made connected by Pool.connect
         self._state = _HEAD
@@ -358,13 +359,7 @@ class Connection(asyncio.Protocol):
             self._sent = False
             transport.write(head)  # at once: an upstream never waits on a silent client
             self._body_task = self._loop.create_task(self._stream(body, chunked))
-        try:
-            return await future
-        except BaseException:
-            self.abort()
-            raise
-        finally:
-            self._head = None
+        return future
 
     async def _stream(self, body: ClientBody, chunked: bool) -> None:
         transport = self._transport
@@ -476,9 +471,12 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def abort(self) -> None:
-        """Close the connection at once (a reset, not a FIN: nothing more is to be sent)."""
+        """Close the connection at once, dropping whatever is still buffered to be sent."""
         self._reusable = False
         self._stop_timer()
+        head = self._head
+        if head is not None and not head.done():
+            head.cancel()  # nobody waits for it any more: no "exception never retrieved"
         if self._state != _CLOSED:
             if self._state == _IDLE:
                 self._state = _DONE  # not taken from the pool meanwhile
@@ -509,16 +507,20 @@ class Pool:
             return (target.host, target.port, None, None)
         return (target.host, target.port, tls.context, tls.server_hostname)
 
-    async def connect(self, target: Target, timeout: float) -> Connection:
-        """An idle pooled connection to ``target``, else a new one (within ``timeout``).
-        Raises ``GatewayError`` (kind ``connect`` or ``connect_timeout``)."""
-        key = self.key(target)
-        idle = self._idle.get(key)
+    def take(self, target: Target) -> Connection | None:
+        """An idle pooled connection to ``target``, the most recently used, if any."""
+        idle = self._idle.get(self.key(target))
         while idle:
             connection = idle.pop()
             if connection.usable:
                 return connection
             connection.abort()
+        return None
+
+    async def connect(self, target: Target, timeout: float) -> Connection:
+        """A new connection to ``target`` (within ``timeout``). Raises ``GatewayError``
+        (kind ``connect`` or ``connect_timeout``)."""
+        key = self.key(target)
         loop = asyncio.get_running_loop()
         tls = target.tls
         factory: Callable[[], Connection] = lambda: Connection(self, key)  # noqa: E731

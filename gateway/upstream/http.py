@@ -106,11 +106,16 @@ class UpstreamClient:
         headers = request_headers(request, target, forwarding, underscores=underscores)
         head, chunked = request_head(method, path_qs, headers, body)
         try:
-            connection = await pool.connect(target, connect_timeout)
-            return await connection.exchange(
+            connection = pool.take(target) or await pool.connect(target, connect_timeout)
+            answer = connection.start(
                 head, body, chunked=chunked, head_only=method == "HEAD",
                 timeout=response_timeout,
             )  # fmt: skip
+            try:
+                return await answer
+            except BaseException:
+                connection.abort()
+                raise
         except GatewayError as failure:
             if streamed is not None and streamed.fault is not None:
                 raise client_fault(streamed.fault) from failure
@@ -169,10 +174,14 @@ async def relay(
         response.force_close()
     try:
         await response.prepare(request)
-        if request.method != "HEAD" and upstream.status not in _NO_BODY_STATUS:
+        if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
+            await response.write_eof()
+        elif upstream.complete:  # the whole body came with the head: one write for both
+            await response.write_eof(await upstream.read())
+        else:
             while chunk := await upstream.read():
                 await response.write(chunk)
-        await response.write_eof()
+            await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
         if _client_gone(request):
             upstream.close()
