@@ -1342,9 +1342,10 @@ def profile_all(stack: Stack, opts: Options, pyspy: str) -> dict[str, list[str]]
         summary = profiler.summarize(profiler.parse_raw(out.read_text()), run.proxy_us)
         found[target.name] = [
             f"{shape.name} c{conns}, {opts.profile_seconds} s: {run.rps:.0f} req/s and "
-            f"{fmt(run.proxy_us, '.0f')} us of CPU per request while sampled (/proc), against "
-            f"{alone.rps:.0f} req/s and {fmt(alone.proxy_us, '.0f')} us just before, alone; "
-            f"errors {run.non2xx}/{run.socket_errors}; raw samples {out}",
+            f"{fmt(run.proxy_us, '.0f')} us of CPU per request while sampled (/proc; steal "
+            f"{run.steal_pct:.0f} %), against {alone.rps:.0f} req/s and "
+            f"{fmt(alone.proxy_us, '.0f')} us just before, alone (steal {alone.steal_pct:.0f} "
+            f"%); errors {run.non2xx}/{run.socket_errors}; raw samples {out}",
             *summary,
         ]
         print(f"  profiled {target.name}: {run.rps:.0f} req/s", flush=True)

@@ -4,14 +4,15 @@ Redis client, socket writes, the event loop) and by function (``summarize``).
 
 py-spy samples the Python stacks of a process from outside, stopping it for each sample (its
 default; ``--nonblocking`` leaves it running but tears stacks: callers from one moment under a
-leaf from another). At 250 samples per second that costs the gateway ~10 % of its speed, which
-the harness reports. It sees no C frames (``--native`` would, at ~40 %): time in C is charged
-to the Python line that called it. That is how socket writes are found (the sampled line of
-the innermost frame calls a ``.write(``, ``.writelines(`` or ``.sendall(``), and a sample with
-no frame below the event loop's runner is the loop's own C code (uvloop: epoll, recv,
-callbacks; the C HTTP parsers). Samples are taken while the process is not idle in epoll: with
-the backend on its CPU this includes time it waited to be scheduled, mostly right after a write
-that woke another process, so writes are overstated; /proc's CPU time per request is exact."""
+leaf from another). At 100 samples per second that costs the gateway a few % of its speed (the
+harness reports the sampled run beside one alone; the VM's noise is often bigger). It sees no
+C frames (``--native`` would, at ~40 %): time in C is charged to the Python line that called
+it. That is how socket writes are found (the sampled line of the innermost frame calls a
+``.write(``, ``.writelines(`` or ``.sendall(``), and a sample with no frame below the event
+loop's runner is the loop's own C code (uvloop: epoll, recv, callbacks; the C HTTP parsers).
+Samples are taken while the process is not idle in epoll: with the backend on its CPU this
+includes time it waited to be scheduled, mostly right after a write that woke another process,
+so writes are overstated; /proc's CPU time per request is exact."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Final
 
 from . import process
 
-RATE: Final = 250  # samples per second
+RATE: Final = 100  # samples per second
 
 
 def record_command(pyspy: str, pid: int, out: Path, rate: int = RATE) -> list[str]:
