@@ -36,20 +36,23 @@ import re
 import secrets
 import shlex
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import jwt
 from lib import load, process, report, servers, tools
+from lib import profile as profiler
 from lib.process import BUSY_CORES, LOOPBACK, Layout, Server
 from lib.report import fmt, median
 from lib.tools import BENCH_DIR, Tools
 
 REQUEST_PATH: Final = "/api/bench/"
+BACKEND_ANSWER: Final = b'{"ok":true}'  # what the backend answers on each of its paths
 WARMUP_SECONDS: Final = 2
 ANCHOR_RATIO: Final = 0.15  # the anchors: aiohttp 1 proc / nginx 1 worker, pin, c50, c200
 P99_TARGET_MS: Final = 1000.0
@@ -63,6 +66,58 @@ COLLECTOR_HELPER: Final = (
 )
 ISSUER: Final = "daarion-auth"  # bench/variants/auth.yaml's provider, as routes.yaml's
 ORIGIN: Final = "https://app.daarion.space"  # in bench/variants/auth.yaml's cors.origins
+CHECK_HEADER: Final = "X-Bench-Check"  # the backend logs the bodies of requests that have it
+FAIR_P99_OVER_P50: Final = 10.0  # --suite lean's fairness: p99 <= 10 x p50 ...
+FAIR_MAX_MS: Final = 1000.0  # ... and no request over 1 s (nor any wrk timeout)
+
+
+# -- request shapes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What every request of a run is: method, path on the backend, body, answer's framing."""
+
+    name: str
+    path: str  # the backend's path; the proxies get REQUEST_PATH + path
+    about: str
+    script: str | None = None  # a wrk Lua script under bench/wrk/ (the method and body)
+    body: int = 0  # bytes of request body the script sends (a POST)
+    chunked: bool = False  # the backend answers with Transfer-Encoding: chunked
+
+    def url_path(self, direct: bool) -> str:
+        """The path to ask a target for: the backend's own when ``direct``."""
+        return ("/" if direct else REQUEST_PATH) + self.path
+
+
+SHAPES: Final = {
+    shape.name: shape
+    for shape in (
+        Shape("get", "", "GET, an 11-byte answer with its Content-Length"),
+        Shape(
+            "post16k",
+            "upload",
+            "POST with a 16 KiB body (buffered by the gateway: <= REPLAY_LIMIT), the backend "
+            "reads it whole, then answers the 11 bytes",
+            script="post-16k.lua",
+            body=16 * 1024,
+        ),
+        Shape(
+            "post1m",
+            "upload",
+            "POST with a 1 MiB body (streamed by the gateway: > REPLAY_LIMIT), the backend "
+            "reads it whole, then answers the 11 bytes",
+            script="post-1m.lua",
+            body=1024 * 1024,
+        ),
+        Shape(
+            "chunked",
+            "chunked",
+            "GET, the same 11 bytes answered with Transfer-Encoding: chunked",
+            chunked=True,
+        ),
+    )
+}
 
 
 # -- options -------------------------------------------------------------------------------
@@ -103,6 +158,9 @@ class Suite:
     # harness mints at start (HS256, its secret in BENCH_JWT_SECRET) and this Origin; before
     # loading, the second variant must take the token (200) and refuse a bad one (401).
     bearer_origin: str | None = None
+    shapes: tuple[str, ...] = ("get",)  # unless --shapes is given
+    nginx_target: float | None = None  # each gateway's req/s / nginx's at every GET conns
+    fairness: bool = False  # p99/p50 and the longest request at the last conns, with a verdict
 
 
 SUITES: Final = {
@@ -134,6 +192,19 @@ SUITES: Final = {
         log_levels="INFO",
         criteria=Criteria(min_ratio=0.95),
     ),
+    "lean": Suite(
+        about="issue 17's measurement: the gateway with every feature on (the shared rate "
+        "limiter through a Redis the harness starts pinned with the proxy, metrics, INFO "
+        "logs) against nginx, for small GETs, POSTs of 16 KiB and 1 MiB, and a chunked "
+        "answer, with the fairness of each at the highest --conns (--code NAME=PROGRAM "
+        "builds get the same config)",
+        variants=(("gateway", "variants/limiter.yaml"),),
+        helpers=(("redis", REDIS_HELPER),),
+        log_levels="INFO",
+        shapes=("get", "post16k", "post1m", "chunked"),
+        nginx_target=0.33,
+        fairness=True,
+    ),
 }
 
 
@@ -149,6 +220,15 @@ class Options:
     install: bool
     suite: str | None = None
     rerun_disturbed: int = 0
+    shapes: tuple[str, ...] = ("get",)
+    shape_conns: tuple[int, ...] = (50,)  # for the shapes other than get
+    profile: bool = False
+    profile_only: bool = False
+    profile_seconds: int = 10
+    keep: bool = False
+
+    def conns_of(self, shape: str) -> tuple[int, ...]:
+        return self.conns if shape == "get" else self.shape_conns
 
 
 def _name_value(text: str, what: str) -> tuple[str, str]:
@@ -168,6 +248,16 @@ def _code_arg(text: str) -> tuple[str, str]:
 
 def _helper_arg(text: str) -> tuple[str, str]:
     return _name_value(text, "--helper")
+
+
+def _shapes_arg(text: str) -> tuple[str, ...]:
+    shapes = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in shapes if name not in SHAPES]
+    if not shapes or unknown or len(set(shapes)) != len(shapes):
+        raise argparse.ArgumentTypeError(
+            f"--shapes takes distinct names of {', '.join(SHAPES)}: {text!r}"
+        )
+    return shapes
 
 
 def _conns_arg(text: str) -> tuple[int, ...]:
@@ -231,6 +321,37 @@ def _parser() -> argparse.ArgumentParser:
         "BENCH_<NAME>_PORT; its CPU per request is reported",
     )
     parser.add_argument(
+        "--shapes",
+        type=_shapes_arg,
+        help="the requests to load each target with, in turn: "
+        + "; ".join(f"{s.name}: {s.about}" for s in SHAPES.values())
+        + " (default: get, or the suite's)",
+    )
+    parser.add_argument(
+        "--shape-conns",
+        type=_conns_arg,
+        help="connection counts for the shapes other than get (default: the first of --conns)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the runs, load each gateway once more (get, the first --conns) while "
+        "py-spy samples it: a summary of where its time goes, by package and function",
+    )
+    parser.add_argument(
+        "--profile-only",
+        action="store_true",
+        help="the checks, the warm-up and --profile, no measured runs",
+    )
+    parser.add_argument(
+        "--profile-seconds", type=int, default=10, help="length of a profiled run (default 10)"
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory (configs, logs, py-spy's raw samples)",
+    )
+    parser.add_argument(
         "--python-tools",
         action="store_true",
         help="use the Python load generator and backend even if wrk and nginx exist",
@@ -270,11 +391,15 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     configs: list[tuple[str, Path | None]] = [
         (name, (BENCH_DIR / path if suite else Path(path)).resolve()) for name, path in pairs
     ] or [("gateway", None)]
+    # Another build runs with the suite's base config (for every suite but lean the same as
+    # the harness's own routes.yaml), so that it does the same work as the variant it is
+    # compared with; without a suite, with the harness's own.
+    code_config = configs[0][1] if suite else None
     variants = tuple(
         Variant(name if i == 0 else f"{name}@{level}", config, level, program)
         for name, config, program in [
             *((name, config, None) for name, config in configs),
-            *((name, None, program) for name, program in args.code),
+            *((name, code_config, program) for name, program in args.code),
         ]
         for i, level in enumerate(levels)
     )
@@ -287,6 +412,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     for _, program in args.code:
         if not os.access(program, os.X_OK):
             parser.error(f"--code: not an executable: {program}")
+    shapes = args.shapes or (suite.shapes if suite else ("get",))
+    if args.profile_seconds < 1:
+        parser.error("--profile-seconds must be at least 1")
     return Options(
         duration=2 if args.quick else args.duration,
         conns=args.conns,
@@ -298,6 +426,12 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         install=not args.no_install,
         suite=args.suite,
         rerun_disturbed=args.rerun_disturbed,
+        shapes=shapes,
+        shape_conns=args.shape_conns or args.conns[:1],
+        profile=args.profile or args.profile_only,
+        profile_only=args.profile_only,
+        profile_seconds=args.profile_seconds,
+        keep=args.keep,
     )
 
 
@@ -327,7 +461,44 @@ def ensure_tools(opts: Options) -> Tools:
 
 # -- configs -------------------------------------------------------------------------------
 
-BACKEND_BODY: Final = servers.NGINX_BACKEND
+# The backend: the other benches' (``return 200 '{"ok":true}'`` for any path), plus a path for
+# each shape that needs more:
+# - ``/upload`` reads the whole request body (in memory) before it answers, as an application
+#   does: ``mirror_request_body`` makes nginx read it before the content phase (a ``return``
+#   would answer first and discard the body after). The answer comes from the static file
+#   ``ok.json`` (nginx answers a POST on a static file with 405, turned into a 200 with the
+#   same 11 bytes). Requests carrying X-Bench-Check are logged with their body's length:
+#   the check before loading (what reached the backend through each proxy).
+# - ``/chunked`` answers ``ok.json`` through SSI, which drops the Content-Length: nginx sends
+#   it chunked (one chunk and the last).
+BACKEND_BODY: Final = """\
+    log_format bench_check '$http_x_bench_check $request_method $request_uri $status '
+                           '$content_length $http_transfer_encoding $request_length';
+    server {
+        listen 127.0.0.1:%(port)d backlog=1024;
+        default_type application/json;
+        client_max_body_size 0;
+        location / { return 200 '{"ok":true}'; }
+        location = /upload {
+            root %(files)s;
+            try_files /ok.json =404;
+            client_body_buffer_size 2m;
+            mirror /_read_body;
+            mirror_request_body on;
+            error_page 405 =200 @read;
+        }
+        location = /_read_body { internal; return 204; }
+        location @read {
+            access_log %(files)s/checked.log bench_check if=$http_x_bench_check;
+            return 200 '{"ok":true}';
+        }
+        location = /chunked {
+            root %(files)s;
+            try_files /ok.json =404;
+            ssi on;
+            ssi_types *;
+        }
+    }"""
 PROXY_BODY: Final = servers.NGINX_PROXY
 
 GATEWAY_CONFIG: Final = """\
@@ -369,9 +540,16 @@ class Stack(servers.Stack):
     def _bport(self) -> int:
         return self.backend.port if self.backend is not None else 0
 
+    @property
+    def backend_files(self) -> Path:
+        """The backend's static file and its log of checked bodies."""
+        return self.workdir / "backend-files"
+
     def start_backend(self) -> None:
         if self.tools.nginx is not None:
-            self.backend = self.nginx_server("backend", BACKEND_BODY)
+            self.backend_files.mkdir(mode=0o755)
+            (self.backend_files / "ok.json").write_bytes(BACKEND_ANSWER)
+            self.backend = self.nginx_server("backend", BACKEND_BODY, files=self.backend_files)
         else:
             port = process.free_port()
             self.backend = self.start("backend", load.pyloadgen_backend(port), port)
@@ -448,6 +626,22 @@ class Stack(servers.Stack):
                 found[target.name] = {"exported": exported.get("", 0.0), **spans}
         return found
 
+    def gateway_counts(self) -> dict[str, dict[str, Any]]:
+        """Each gateway's /metrics so far: requests answered, rate-limit decisions by result,
+        whether the limiter is degraded (Redis failing: the fallback decides)."""
+        found = {}
+        for target in self.targets:
+            if target.kind == "gateway":
+                samples = servers.parse_metrics(servers.http_text(target.port, "/metrics"))
+                found[target.name] = {
+                    "requests": servers.total(samples, "http_requests_total") or 0.0,
+                    "decisions": servers.total_by(
+                        samples, "gateway_rate_limit_decisions_total", "result"
+                    ),
+                    "degraded": servers.total(samples, "gateway_rate_limit_degraded"),
+                }
+        return found
+
     def gateway_auth_results(self) -> dict[str, dict[str, float]]:
         """Each gateway's /metrics token checks so far, by result (ok, invalid_token, ...)."""
         return {
@@ -511,6 +705,83 @@ def check_auth(stack: Stack, suite: Suite, token: str) -> list[str]:
     return seen
 
 
+# -- every shape's check before loading ----------------------------------------------------
+
+
+def check_shapes(stack: Stack, shapes: Sequence[Shape]) -> list[str]:
+    """Before loading: every target answers each shape's request (with wrk's headers) with a
+    200 and the backend's body, the backend answers ``chunked`` chunked, and a POST's body
+    reaches the backend whole through every target (the backend's log of checked requests).
+    What was found, or RuntimeError."""
+    seen = []
+    for shape in shapes:
+        log = stack.backend_files / "checked.log"
+        offset = log.stat().st_size if log.exists() else 0
+        answers = []
+        for target in stack.targets:
+            direct = target.kind == "direct"
+            body = b"x" * shape.body if shape.body else None
+            status, head, got = servers.http_answer(
+                target.port,
+                shape.url_path(direct),
+                [*stack.headers, f"{CHECK_HEADER}: {target.name}"],
+                timeout=10.0,
+                method="GET" if body is None else "POST",
+                body=body,
+            )
+            framing = [v.lower() for v in servers.header_values(head, "Transfer-Encoding")]
+            chunked = framing == ["chunked"]
+            whole = servers.dechunk(got) if chunked else got
+            if status != 200 or whole != BACKEND_ANSWER:
+                raise RuntimeError(
+                    f"{shape.name}: {target.name} answered {status} {got[:200]!r}, not 200 "
+                    f"{BACKEND_ANSWER!r}"
+                )
+            if direct and shape.chunked != chunked:
+                raise RuntimeError(
+                    f"{shape.name}: the backend answered with Transfer-Encoding {framing}"
+                )
+            answers.append(f"{target.name} {'chunked' if chunked else 'Content-Length'}")
+        seen.append(f"{shape.name}: 200 and the backend's body from {', '.join(answers)}")
+        if shape.body:
+            seen.append(f"{shape.name}: " + check_bodies(stack, shape, log, offset))
+    return seen
+
+
+def check_bodies(stack: Stack, shape: Shape, log: Path, offset: int) -> str:
+    """What the backend logged of the checked POSTs after ``offset``: each target's body
+    reached it whole (RuntimeError if not)."""
+    deadline = time.monotonic() + 3.0
+    while True:  # nginx logs a request after answering it: wait a little for the last line
+        with contextlib.suppress(OSError), log.open("rb") as lines:
+            lines.seek(offset)
+            found = {
+                fields[0]: fields[1:]
+                for line in lines.read().decode(errors="replace").splitlines()
+                if len(fields := line.split()) == 7
+            }
+        if all(t.name in found for t in stack.targets) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    seen = []
+    for target in stack.targets:
+        method, uri, status, length, framing, request_length = found.get(target.name, ["?"] * 6)
+        whole = (
+            length == str(shape.body)
+            if framing == "-"
+            else framing == "chunked" and int(request_length) > shape.body
+        )
+        if (method, uri, status) != ("POST", f"/{shape.path}", "200") or not whole:
+            raise RuntimeError(
+                f"{shape.name}: the backend logged {method} {uri} {status} Content-Length "
+                f"{length} Transfer-Encoding {framing} ({request_length} bytes) for "
+                f"{target.name}'s {shape.body}-byte body"
+            )
+        sent = f"Content-Length {length}" if framing == "-" else f"chunked, {request_length} B"
+        seen.append(f"{target.name} ({sent})")
+    return f"the backend read every body whole, sent by {', '.join(seen)}"
+
+
 # -- load ----------------------------------------------------------------------------------
 
 
@@ -522,15 +793,22 @@ def run_load(
     seconds: int,
     *,
     headers: Sequence[str] = (),
+    shape: Shape = SHAPES["get"],
+    direct: bool = False,
 ) -> load.Load:
-    """One load run of ``seconds`` on 127.0.0.1:``port``: wrk (sending ``headers``), or
-    pyloadgen without it (which sends none: a suite with headers needs wrk)."""
+    """One load run of ``seconds`` on 127.0.0.1:``port``: wrk (sending ``headers``, with the
+    shape's script), or pyloadgen without it (GETs with no headers: a suite with headers or
+    another shape needs wrk). A ``direct`` target (the backend) gets the shape's own path."""
     pin = process.pin_prefix(found.taskset, layout.load)
+    path = shape.url_path(direct)
     if found.wrk is not None:
-        url = f"http://{LOOPBACK}:{port}{REQUEST_PATH}"
-        command = load.wrk_command(found.wrk, url, conns, seconds, pin=pin, headers=headers)
+        url = f"http://{LOOPBACK}:{port}{path}"
+        script = BENCH_DIR / "wrk" / shape.script if shape.script else None
+        command = load.wrk_command(
+            found.wrk, url, conns, seconds, pin=pin, headers=headers, script=script
+        )
         return load.parse_wrk(process.output(command, seconds + 60))
-    command = [*pin, *load.pyloadgen_command(port, REQUEST_PATH, conns, seconds)]
+    command = [*pin, *load.pyloadgen_command(port, path, conns, seconds)]
     return load.parse_pyloadgen(process.output(command, seconds + 60))
 
 
@@ -543,6 +821,7 @@ class Run:
     conns: int
     target: str
     kind: str
+    shape: str
     rps: float
     requests: int
     p50_ms: float
@@ -557,6 +836,13 @@ class Run:
     other_cpu: float  # cores used by everything else on the machine (other users' work)
     steal_pct: float
     log_warnings: int = 0  # WARNING+ lines the target gateway logged during the run
+    max_ms: float | None = None  # the longest request wrk timed (None: pyloadgen)
+    timeouts: int = 0  # requests wrk gave up on (its 2 s timeout): none of them is in max_ms
+
+    @property
+    def tail_ratio(self) -> float | None:
+        """p99 / p50 of the run."""
+        return self.p99_ms / self.p50_ms if self.p50_ms > 0 else None
 
 
 def _clock(stack: Stack, target: Target) -> process.CpuClock:
@@ -586,10 +872,21 @@ def _log_size(target: Target) -> int:
     return 0
 
 
-def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) -> Run:
+def measure(
+    stack: Stack, target: Target, conns: int, seconds: int, rep: int, *, shape: Shape
+) -> Run:
     log_offset = _log_size(target)
     before = _clock(stack, target)
-    done = run_load(stack.tools, stack.layout, target.port, conns, seconds, headers=stack.headers)
+    done = run_load(
+        stack.tools,
+        stack.layout,
+        target.port,
+        conns,
+        seconds,
+        headers=stack.headers,
+        shape=shape,
+        direct=target.kind == "direct",
+    )
     used = _clock(stack, target) - before
     log = target.gateway_log
     return Run(
@@ -597,6 +894,7 @@ def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) ->
         conns=conns,
         target=target.name,
         kind=target.kind,
+        shape=shape.name,
         **vars(load.figures(done)),
         socket_error_kinds=done.socket_errors,
         proxy_us=_us_per_request(used["proxy"], done.requests) if target.proxy else None,
@@ -606,6 +904,8 @@ def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) ->
         other_cpu=used.other_cores(done.seconds),
         steal_pct=used.steal_pct,
         log_warnings=servers.count_warnings(log, log_offset) if log is not None else 0,
+        max_ms=done.latency_ms.max if done.latency_ms is not None else None,
+        timeouts=done.socket_errors.get("timeout", 0),
     )
 
 
@@ -614,10 +914,12 @@ def measure(stack: Stack, target: Target, conns: int, seconds: int, rep: int) ->
 
 @dataclass
 class Row:
-    """One (target, conns): medians over reps, errors summed, ratios as medians of pairs."""
+    """One (shape, target, conns): medians over reps, errors summed, ratios as medians of
+    pairs (with their range over reps)."""
 
     target: str
     kind: str
+    shape: str
     conns: int
     rps: float
     p50_ms: float
@@ -636,6 +938,12 @@ class Row:
     x_first: float | None  # vs the first gateway variant
     p99_vs_first_ms: float | None  # p99 minus the first gateway's, paired
     proxy_us_vs_first: float | None  # proxy CPU per request minus the first gateway's, paired
+    x_nginx_range: tuple[float, float] | None = None  # the per-rep ratios' lowest and highest
+    proxy_us_range: tuple[float, float] | None = None
+    tail_ratio: float | None = None  # p99 / p50: median over reps
+    tail_ratio_worst: float | None = None  # ... and the highest of a rep
+    max_ms: float | None = None  # the longest request of any rep (wrk)
+    timeouts: int = 0  # requests wrk gave up on, all reps
 
 
 def _ratio(run: Run, base: Run) -> float | None:
@@ -652,30 +960,44 @@ def _cpu_difference(run: Run, base: Run) -> float | None:
     return run.proxy_us - base.proxy_us
 
 
-def _paired(
+def _same_load(run: Run) -> tuple[str, int, int]:
+    return run.shape, run.conns, run.rep
+
+
+def _per_rep(
     runs: list[Run],
     mine: list[Run],
     other: str | None,
     compare: Callable[[Run, Run], float | None] = _ratio,
-) -> float | None:
-    """Median over reps of ``compare(run, base)``, base being ``other``'s run at the same
+) -> list[float]:
+    """``compare(run, base)`` for each rep, base being ``other``'s run at the same shape,
     connection count and rep (by default the req/s ratio)."""
     if other is None:
-        return None
-    return median(report.paired(mine, runs, other, lambda r: (r.conns, r.rep), compare))
+        return []
+    return report.paired(mine, runs, other, _same_load, compare)
+
+
+def _span(values: Iterable[float | None]) -> tuple[float, float] | None:
+    present = [v for v in values if v is not None]
+    return (min(present), max(present)) if present else None
 
 
 def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
     rows = []
-    keys = dict.fromkeys((r.conns, r.target) for r in runs)  # keeps the run order
-    for conns, target in sorted(keys, key=lambda k: k[0]):
-        mine = [r for r in runs if (r.conns, r.target) == (conns, target)]
+    keys = dict.fromkeys((r.shape, r.conns, r.target) for r in runs)  # keeps the run order
+    shapes = list(dict.fromkeys(r.shape for r in runs))
+    for shape, conns, target in sorted(keys, key=lambda k: (shapes.index(k[0]), k[1])):
+        mine = [r for r in runs if (r.shape, r.conns, r.target) == (shape, conns, target)]
         kind = mine[0].kind
         vs_first = kind == "gateway" and first_gateway not in (None, target)
+        x_nginx = _per_rep(runs, mine, NGINX) if kind == "gateway" else []
+        first = first_gateway if vs_first else None
+        tails = [r.tail_ratio for r in mine]
         rows.append(
             Row(
                 target=target,
                 kind=kind,
+                shape=shape,
                 conns=conns,
                 rps=statistics.median(r.rps for r in mine),
                 p50_ms=statistics.median(r.p50_ms for r in mine),
@@ -689,22 +1011,27 @@ def summarize(runs: list[Run], first_gateway: str | None) -> list[Row]:
                 non2xx=sum(r.non2xx for r in mine),
                 socket_errors=sum(r.socket_errors for r in mine),
                 log_warnings=sum(r.log_warnings for r in mine),
-                x_nginx=_paired(runs, mine, NGINX) if kind == "gateway" else None,
-                x_direct=_paired(runs, mine, DIRECT) if kind != "direct" else None,
-                x_first=_paired(runs, mine, first_gateway) if vs_first else None,
-                p99_vs_first_ms=_paired(runs, mine, first_gateway, _p99_difference)
-                if vs_first
-                else None,
-                proxy_us_vs_first=_paired(runs, mine, first_gateway, _cpu_difference)
-                if vs_first
-                else None,
+                x_nginx=median(x_nginx),
+                x_direct=median(_per_rep(runs, mine, DIRECT)) if kind != "direct" else None,
+                x_first=median(_per_rep(runs, mine, first)),
+                p99_vs_first_ms=median(_per_rep(runs, mine, first, _p99_difference)),
+                proxy_us_vs_first=median(_per_rep(runs, mine, first, _cpu_difference)),
+                x_nginx_range=_span(x_nginx),
+                proxy_us_range=_span(r.proxy_us for r in mine),
+                tail_ratio=median(tails),
+                tail_ratio_worst=max((t for t in tails if t is not None), default=None),
+                max_ms=max((r.max_ms for r in mine if r.max_ms is not None), default=None),
+                timeouts=sum(r.timeouts for r in mine),
             )
         )
     return rows
 
 
 def print_rows(rows: list[Row], reps: int, with_helpers: bool) -> None:
-    head = ["target", "conns", "req/s", "p50 ms", "p99 ms", "proxy us/req", "backend us/req"]
+    shapes = len({row.shape for row in rows}) > 1
+    head = ["shape"] if shapes else []
+    head += ["target", "conns", "req/s", "p50 ms", "p99 ms", "max ms"]
+    head += ["proxy us/req", "backend us/req"]
     head += ["helper us/req"] if with_helpers else []
     head += [
         "load CPU",
@@ -718,12 +1045,14 @@ def print_rows(rows: list[Row], reps: int, with_helpers: bool) -> None:
     ]
     table = [head]
     for row in rows:
-        cells = [
+        cells = [row.shape] if shapes else []
+        cells += [
             row.target,
             str(row.conns),
             f"{row.rps:.0f}",
             f"{row.p50_ms:.2f}",
             f"{row.p99_ms:.2f}",
+            fmt(row.max_ms, ".0f"),
             fmt(row.proxy_us),
             fmt(row.backend_us),
         ]
@@ -741,7 +1070,7 @@ def print_rows(rows: list[Row], reps: int, with_helpers: bool) -> None:
         table.append(cells)
     print(
         f"\nResults ({'median of ' + str(reps) + ' reps' if reps > 1 else '1 rep'}; ratios are "
-        "paired req/s at the same conns):"
+        "paired req/s at the same shape and conns; max ms: the longest request of any rep):"
     )
     report.print_table(table)
 
@@ -749,8 +1078,8 @@ def print_rows(rows: list[Row], reps: int, with_helpers: bool) -> None:
 # -- headline ------------------------------------------------------------------------------
 
 
-def _row(rows: list[Row], target: str, conns: int) -> Row | None:
-    return next((r for r in rows if (r.target, r.conns) == (target, conns)), None)
+def _row(rows: list[Row], target: str, conns: int, shape: str = "get") -> Row | None:
+    return next((r for r in rows if (r.target, r.conns, r.shape) == (target, conns, shape)), None)
 
 
 def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) -> list[str]:
@@ -793,6 +1122,112 @@ def headline(rows: list[Row], opts: Options, env: dict[str, Any] | None = None) 
     suite = SUITES[opts.suite] if opts.suite else None
     if suite is not None and suite.criteria is not None:
         lines += suite_verdict(rows, opts, suite, suite.criteria, env or {})
+    if suite is not None and suite.nginx_target is not None:
+        lines += nginx_verdict(rows, opts, suite.nginx_target)
+    if suite is not None and suite.fairness:
+        lines += fairness(rows, opts)
+    if suite is not None and suite.helpers and suite.criteria is None:
+        lines += features_in_use(rows, opts, env or {})
+    return lines
+
+
+def _range(span: tuple[float, float] | None, spec: str = ".2f") -> str:
+    return "" if span is None else f" ({format(span[0], spec)}-{format(span[1], spec)})"
+
+
+def nginx_verdict(rows: list[Row], opts: Options, target: float) -> list[str]:
+    """Each gateway's req/s against nginx's, paired, for every shape and conns (the target
+    applies to get), and their CPU per request."""
+    lines = [
+        f"suite {opts.suite}: gateway/nginx req/s, median of the per-rep ratios (their range); "
+        f"target >= {target:.2f} for get at every conns:"
+    ]
+    for variant in opts.variants:
+        for shape in opts.shapes:
+            mine = [r for c in opts.conns_of(shape) if (r := _row(rows, variant.name, c, shape))]
+            if not mine:
+                continue
+            figures = ", ".join(
+                f"c{r.conns} = {fmt(r.x_nginx, '.2f')}{_range(r.x_nginx_range)}"
+                + (
+                    f" {report.verdict(None if r.x_nginx is None else r.x_nginx >= target)}"
+                    if shape == "get"
+                    else ""
+                )
+                for r in mine
+            )
+            cpu = ", ".join(
+                f"c{r.conns} {fmt(r.proxy_us, '.0f')}/{fmt(n.proxy_us, '.0f')} us"
+                + (f" = {r.proxy_us / n.proxy_us:.1f}x" if r.proxy_us and n.proxy_us else "")
+                for r in mine
+                if (n := _row(rows, NGINX, r.conns, shape)) is not None
+            )
+            lines.append(f"  {variant.name} {shape}: {figures}; CPU/req vs nginx's: {cpu}")
+    return lines
+
+
+def fairness(rows: list[Row], opts: Options) -> list[str]:
+    """At each shape's highest conns, for nginx and each gateway: p50, p99, p99/p50 and the
+    longest request, with the verdict p99 <= 10 x p50 and nothing over 1 s (in every rep)."""
+    lines = [
+        f"suite {opts.suite}: fairness under saturation, each shape at its highest conns "
+        f"(ok: p99 <= {FAIR_P99_OVER_P50:g} x p50 in every rep, no request over "
+        f"{FAIR_MAX_MS / 1000:g} s and no wrk timeout, in any rep):"
+    ]
+    names = [NGINX, *(v.name for v in opts.variants)]
+    for shape in opts.shapes:
+        conns = max(opts.conns_of(shape))
+        for name in names:
+            if (r := _row(rows, name, conns, shape)) is None:
+                continue
+            ok = (
+                r.tail_ratio_worst is not None
+                and r.tail_ratio_worst <= FAIR_P99_OVER_P50
+                and r.max_ms is not None
+                and r.max_ms <= FAIR_MAX_MS
+                and r.timeouts == 0
+            )
+            lines.append(
+                f"  {shape} c{conns} {name}: p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, "
+                f"p99/p50 {fmt(r.tail_ratio, '.1f')} (worst rep {fmt(r.tail_ratio_worst, '.1f')})"
+                f", max {fmt(r.max_ms, '.0f')} ms, wrk timeouts {r.timeouts}: "
+                + ("ok" if ok else "MISS")
+            )
+    return lines
+
+
+def features_in_use(rows: list[Row], opts: Options, env: dict[str, Any]) -> list[str]:
+    """That each gateway ran with its features doing their work: what its /metrics counted
+    over the whole bench, the helpers' CPU per request, /health, WARNING lines."""
+    lines = []
+    measured = env.get("measured_requests", {})
+    for variant in opts.variants:
+        name = variant.name
+        counts = env.get("gateway_counts", {}).get(name, {})
+        decisions = ", ".join(
+            f"{result} {n:.0f}" for result, n in sorted(counts.get("decisions", {}).items())
+        )
+        lines.append(
+            f"suite {opts.suite}: {name}'s /metrics over the whole bench: requests "
+            f"{counts.get('requests', 0):.0f} (its kept runs had {measured.get(name, 0)}), "
+            f"rate-limit decisions: {decisions or 'none'}, degraded "
+            f"{counts.get('degraded', '?')}; /health dependencies "
+            f"{env.get('gateway_dependencies', {}).get(name)}; WARNING+ log lines: "
+            f"{env.get('gateway_warnings', {}).get(name) or 'none'}"
+        )
+        if env.get("gateway_warnings", {}).get(name) or counts.get("degraded"):
+            lines.append(
+                f"WARNING: {name} fell back or warned during the bench: part of its runs may "
+                "not have measured what the suite intends"
+            )
+        helper = ", ".join(
+            f"{r.shape} c{r.conns} {fmt(r.helper_us)} us"
+            for r in rows
+            if r.target == name and r.helper_us is not None
+        )
+        if helper:
+            helpers = ", ".join(h.name for h in opts.helpers)
+            lines.append(f"  helpers' ({helpers}) CPU per request of {name}: {helper}")
     return lines
 
 
@@ -879,6 +1314,51 @@ def suite_verdict(
     return lines
 
 
+# -- profile -------------------------------------------------------------------------------
+
+
+def profile_all(stack: Stack, opts: Options, pyspy: str) -> dict[str, list[str]]:
+    """Each gateway loaded twice more (get, the first --conns, --profile-seconds each): alone,
+    then while py-spy samples it from the load's CPU: the summary of each (lib/profile.py),
+    with what the sampling cost it."""
+    shape = SHAPES["get" if "get" in opts.shapes else opts.shapes[0]]
+    conns = opts.conns_of(shape.name)[0]
+    found = {}
+    for target in stack.targets:
+        if target.kind != "gateway" or target.proxy is None:
+            continue
+        alone = measure(stack, target, conns, opts.profile_seconds, 0, shape=shape)
+        out = stack.workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', target.name)}.pyspy.txt"
+        command = profiler.record_command(pyspy, target.proxy.proc.pid, out)
+        spy = process.spawn([*stack.prefix(stack.layout.load), *command], stdout=subprocess.PIPE)
+        stack.adopt(spy)
+        time.sleep(0.5)  # py-spy attaches
+        run = measure(stack, target, conns, opts.profile_seconds, 0, shape=shape)
+        status = profiler.finish(spy)
+        said = spy.stdout.read().decode(errors="replace") if spy.stdout else ""
+        if not out.exists():
+            found[target.name] = [f"py-spy failed ({status}): {said.strip()[-400:]}"]
+            continue
+        summary = profiler.summarize(profiler.parse_raw(out.read_text()), run.proxy_us)
+        found[target.name] = [
+            f"{shape.name} c{conns}, {opts.profile_seconds} s: {run.rps:.0f} req/s and "
+            f"{fmt(run.proxy_us, '.0f')} us of CPU per request while sampled (/proc; steal "
+            f"{run.steal_pct:.0f} %), against {alone.rps:.0f} req/s and "
+            f"{fmt(alone.proxy_us, '.0f')} us just before, alone (steal {alone.steal_pct:.0f} "
+            f"%); errors {run.non2xx}/{run.socket_errors}; raw samples {out}",
+            *summary,
+        ]
+        print(f"  profiled {target.name}: {run.rps:.0f} req/s", flush=True)
+    return found
+
+
+def print_profiles(profiles: dict[str, list[str]]) -> None:
+    for name, lines in profiles.items():
+        print(f"\nWhere {name}'s time goes (py-spy; shares of samples, lib/profile.py):")
+        for line in lines:
+            print(f"  {line}")
+
+
 # -- environment report --------------------------------------------------------------------
 
 
@@ -928,8 +1408,10 @@ def print_environment(env: dict[str, Any]) -> None:
 # -- main ----------------------------------------------------------------------------------
 
 
-def plan_seconds(opts: Options, targets: int) -> float:
-    return targets * (WARMUP_SECONDS + 0.5 + len(opts.conns) * opts.reps * (opts.duration + 0.5))
+def plan_seconds(opts: Options, targets: int, gateways: int) -> float:
+    groups = 0 if opts.profile_only else sum(len(opts.conns_of(s)) for s in opts.shapes)
+    profiled = gateways * 2 * (opts.profile_seconds + 1) if opts.profile else 0
+    return targets * (WARMUP_SECONDS + 0.5 + groups * opts.reps * (opts.duration + 0.5)) + profiled
 
 
 def start_stack(stack: Stack, opts: Options) -> list[str]:
@@ -943,20 +1425,25 @@ def start_stack(stack: Stack, opts: Options) -> list[str]:
         env["BENCH_JWT_SECRET"] = secret = secrets.token_urlsafe(32)
         token = mint_token(secret, time.time())
         stack.headers = (f"Authorization: Bearer {token}", f"Origin: {suite.bearer_origin}")
+    if opts.shapes != ("get",) and (stack.tools.wrk is None or stack.tools.nginx is None):
+        raise RuntimeError("--shapes other than get need wrk and nginx (the backend's paths)")
     stack.start_backend()
     stack.start_nginx_proxy()
     for helper in opts.helpers:
         env.update(stack.start_helper(helper))
     for variant in opts.variants:
         stack.start_gateway(variant, env)
-    return check_auth(stack, suite, token) if suite is not None and token is not None else []
+    checked = check_auth(stack, suite, token) if suite is not None and token is not None else []
+    if stack.tools.nginx is not None and stack.tools.wrk is not None:
+        checked += check_shapes(stack, [SHAPES[name] for name in opts.shapes])
+    return checked
 
 
-def measure_group(stack: Stack, opts: Options, rep: int, conns: int) -> list[Run]:
-    """Every target in turn at one rep and connection count."""
+def measure_group(stack: Stack, opts: Options, rep: int, shape: Shape, conns: int) -> list[Run]:
+    """Every target in turn at one rep, shape and connection count."""
     group = []
     for target in stack.targets:
-        run = measure(stack, target, conns, opts.duration, rep)
+        run = measure(stack, target, conns, opts.duration, rep, shape=shape)
         group.append(run)
         print(progress_line(run), flush=True)
     return group
@@ -978,20 +1465,23 @@ def run_all(stack: Stack, opts: Options, discarded: list[Run]) -> list[Run]:
             WARMUP_SECONDS,
             headers=stack.headers,
         )
-    runs = []
+    runs: list[Run] = []
+    if opts.profile_only:
+        return runs
     for rep in range(1, opts.reps + 1):
-        for conns in opts.conns:
-            group = functools.partial(measure_group, stack, opts, rep, conns)
-            label = f"rep {rep} c{conns}"
-            runs += process.least_disturbed(
-                group, label, opts.rerun_disturbed, discarded, IDLE_WAIT
-            )
+        for shape in (SHAPES[name] for name in opts.shapes):
+            for conns in opts.conns_of(shape.name):
+                group = functools.partial(measure_group, stack, opts, rep, shape, conns)
+                label = f"rep {rep} {shape.name} c{conns}"
+                runs += process.least_disturbed(
+                    group, label, opts.rerun_disturbed, discarded, IDLE_WAIT
+                )
     return runs
 
 
 def progress_line(run: Run) -> str:
     return (
-        f"  rep {run.rep} c{run.conns:<4} {run.target:<24} {run.rps:9.0f} req/s  "
+        f"  rep {run.rep} {run.shape:<8} c{run.conns:<4} {run.target:<20} {run.rps:9.0f} req/s  "
         f"p99 {run.p99_ms:8.2f} ms  proxy {fmt(run.proxy_us):>6} us/req  "
         f"errors {run.non2xx}/{run.socket_errors}  other CPU {run.other_cpu:.2f}"
         + (f"  log warnings {run.log_warnings}" if run.log_warnings else "")
@@ -1001,20 +1491,24 @@ def progress_line(run: Run) -> str:
 def print_report(runs: list[Run], opts: Options, env: dict[str, Any], started: float) -> None:
     gateways = [v.name for v in opts.variants]
     rows = summarize(runs, gateways[0])
-    print_rows(rows, opts.reps, bool(opts.helpers))
-    print("\nHeadline (gateway = first variant, logging every request at INFO to a file):")
-    lines = headline(rows, opts, env)
-    warning = report.disturbance([r.other_cpu for r in runs])
-    if warning is not None:
-        lines.append(warning)
+    lines: list[str] = []
+    if runs:
+        print_rows(rows, opts.reps, bool(opts.helpers))
+        print("\nHeadline (gateway = first variant, logging every request at INFO to a file):")
+        lines = headline(rows, opts, env)
+        warning = report.disturbance([r.other_cpu for r in runs])
+        if warning is not None:
+            lines.append(warning)
     if discarded := env.get("discarded_runs"):
-        groups = len({(r["rep"], r["conns"]) for r in discarded})
+        groups = len({(r["rep"], r["shape"], r["conns"]) for r in discarded})
         lines.append(
-            f"{groups} disturbed rep/conns groups were measured again (--rerun-disturbed): "
-            f"the table keeps the least disturbed attempt of each ({len(discarded)} runs dropped)"
+            f"{groups} disturbed rep/shape/conns groups were measured again "
+            "(--rerun-disturbed): the table keeps the least disturbed attempt of each "
+            f"({len(discarded)} runs dropped)"
         )
     for line in lines:
         print(f"  {line}")
+    print_profiles(env.get("profiles", {}))
     print_environment(env)
     elapsed = time.monotonic() - started
     if opts.json_path is not None:
@@ -1033,6 +1527,14 @@ def print_report(runs: list[Run], opts: Options, env: dict[str, Any], started: f
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     opts = parse_options(argv)
+    pyspy = tools.find_pyspy() if opts.profile else None
+    if opts.profile and pyspy is None:
+        print(
+            "--profile needs py-spy: .venv/bin/python -m pip install py-spy (into the venv "
+            "only, not the lock), or put it on PATH",
+            file=sys.stderr,
+        )
+        return 2
     process.stop_on_signals()
     found = ensure_tools(opts)
     layout = process.choose_layout()
@@ -1044,7 +1546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "processes): results will be noisy",
             flush=True,
         )
-    with servers.workspace("daarion-bench-") as space:
+    with servers.workspace("daarion-bench-", opts.keep) as space:
         stack = Stack(found, layout, space.path)
         try:
             checked = start_stack(stack, opts)
@@ -1052,19 +1554,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"Targets on {LOOPBACK}: " + ", ".join(f"{t.name}:{t.port}" for t in stack.targets)
             )
             print(
-                f"Layout: {layout.note}. About {plan_seconds(opts, len(stack.targets)):.0f} s of "
-                "load."
+                f"Layout: {layout.note}. About "
+                f"{plan_seconds(opts, len(stack.targets), len(opts.variants)):.0f} s of load."
             )
             if opts.suite:
                 print(f"Suite {opts.suite}: {SUITES[opts.suite].about}")
             if checked:
-                print("Checked before loading, with wrk's headers: " + "; ".join(checked))
+                print("Checked before loading, with wrk's headers:")
+                for line in checked:
+                    print(f"  {line}")
                 env["checked_before_loading"] = checked
             for note in found.notes:
                 print(f"NOTE: {note}")
             discarded: list[Run] = []
             runs = run_all(stack, opts, discarded)
+            if pyspy is not None:
+                print(f"\nProfiling each gateway with {pyspy}", flush=True)
+                env["profiles"] = profile_all(stack, opts, pyspy)
             env["discarded_runs"] = [asdict(r) for r in discarded]
+            env["gateway_counts"] = stack.gateway_counts()
+            env["measured_requests"] = {
+                t.name: sum(r.requests for r in runs if r.target == t.name) for t in stack.targets
+            }
             env["gateway_dependencies"] = stack.gateway_dependencies()
             env["gateway_log_lines"] = stack.gateway_log_lines()
             env["gateway_warnings"] = stack.gateway_warnings()

@@ -52,6 +52,11 @@ NGINX_BACKEND: Final = """\
 
 # nginx as the reverse proxy the gateway is compared with (bench/run.py's): upstream keepalive,
 # HTTP/1.1 upstream, X-Forwarded-For; ``/api/bench/X`` goes to ``/X`` on the backend.
+# Request bodies as the gateway takes them: up to 100 MiB (its client_max_body_size default),
+# held in memory up to 64 KiB (its REPLAY_LIMIT) and passed on as they arrive
+# (proxy_request_buffering off): nginx never writes one to a temporary file, which the gateway
+# never does either. (The gateway reads a body of up to 64 KiB whole before sending it; nginx
+# sends what it has read, which for a body that comes with its head is the same one write.)
 NGINX_UPSTREAM: Final = """\
     upstream backend {
         server 127.0.0.1:%(backend)d;
@@ -63,6 +68,9 @@ NGINX_PROXY_LOCATION: Final = """\
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            client_max_body_size 100m;
+            client_body_buffer_size 64k;
+            proxy_request_buffering off;
         }"""
 NGINX_PROXY: Final = f"""\
 {NGINX_UPSTREAM}
@@ -147,11 +155,27 @@ def get_over(
     """``GET path`` with ``Connection: close`` (and ``headers``, "Name: value" lines) on a
     connected socket (plain or TLS): the whole answer, up to the server's close (what came
     before an error, if one comes)."""
+    return request_over(sock, "GET", path, host=host, headers=headers)
+
+
+def request_over(
+    sock: socket.socket,
+    method: str,
+    path: str,
+    *,
+    host: str = LOOPBACK,
+    headers: Sequence[str] = (),
+    body: bytes | None = None,
+) -> bytes:
+    """``method path`` with ``Connection: close``, ``headers`` and ``body`` (sent with its
+    Content-Length) on a connected socket: the whole answer, up to the server's close."""
     extra = "".join(f"{header}\r\n" for header in headers)
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+    if body is not None:
+        extra += f"Content-Length: {len(body)}\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     chunks = []
     with contextlib.suppress(OSError):
-        sock.sendall(request.encode())
+        sock.sendall(head.encode() + (body or b""))
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
@@ -176,15 +200,42 @@ def header_values(head: bytes, name: str) -> list[str]:
     return values
 
 
+def dechunk(body: bytes) -> bytes | None:
+    """A body sent with ``Transfer-Encoding: chunked``, its chunks joined (extensions and
+    trailers dropped); None when it is not whole, well-formed chunked framing."""
+    chunks: list[bytes] = []
+    at = 0
+    while True:
+        end = body.find(b"\r\n", at)
+        if end < 0:
+            return None
+        size_text = body[at:end].split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
+            return None
+        size, at = int(size_text, 16), end + 2
+        if size == 0:
+            return b"".join(chunks) if body.endswith(b"\r\n", at) else None
+        if body[at + size : at + size + 2] != b"\r\n":
+            return None
+        chunks.append(body[at : at + size])
+        at += size + 2
+
+
 def http_answer(
-    port: int, path: str, headers: Sequence[str] = (), timeout: float = 2.0
+    port: int,
+    path: str,
+    headers: Sequence[str] = (),
+    timeout: float = 2.0,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
 ) -> tuple[int | None, bytes, bytes]:
-    """``GET path`` with ``headers`` on 127.0.0.1:``port``: (status, head, body); (None, b"",
-    b"") without an answer."""
+    """``method path`` with ``headers`` (and ``body``) on 127.0.0.1:``port``: (status, head,
+    body); (None, b"", b"") without an answer."""
     answer = b""
     with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout) as sock:
         sock.settimeout(timeout)
-        answer = get_over(sock, path, headers=headers)
+        answer = request_over(sock, method, path, headers=headers, body=body)
     return split_answer(answer)
 
 

@@ -47,7 +47,10 @@ def find_program(name: str) -> str | None:
 
 
 def find_pyspy() -> str | None:
-    return shutil.which("py-spy") or next((p for p in PYSPY_PLACES if Path(p).is_file()), None)
+    """py-spy on PATH, in the venv (``.venv/bin/python -m pip install py-spy``: not in the
+    lock) or in /tmp/pyspy (``pip install --target``)."""
+    places = (*PYSPY_PLACES, str(VENV_BIN / "py-spy"))
+    return shutil.which("py-spy") or next((p for p in places if Path(p).is_file()), None)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -484,3 +486,38 @@ def test_answer_headers_repeated_and_spaced() -> None:
     assert servers.header_values(head, "x-empty") == [""]
     assert servers.header_values(head, "broken line") == []
     assert servers.header_values(b"", "Vary") == []
+
+
+# -- bodies (run.py's check of every shape before loading) ---------------------------------
+
+
+def test_dechunk() -> None:
+    # nginx's chunked answer (bench/run.py's backend, /chunked: SSI drops its Content-Length).
+    assert servers.dechunk(b'b\r\n{"ok":true}\r\n0\r\n\r\n') == b'{"ok":true}'
+    assert servers.dechunk(b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n") == b"abcde"
+    assert servers.dechunk(b"0\r\n\r\n") == b""
+    assert servers.dechunk(b"A\r\n0123456789\r\n0\r\n\r\n") == b"0123456789"
+    for broken in (b"", b"b\r\n{}", b"3\r\nabcd\r\n0\r\n\r\n", b"zz\r\nab\r\n", b"3\r\nabc\r\n"):
+        assert servers.dechunk(broken) is None
+
+
+def test_request_over_sends_the_body_with_its_length() -> None:
+    ours, theirs = socket.socketpair()
+    got = bytearray()
+
+    def server() -> None:
+        with theirs:
+            while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < 5:
+                got.extend(theirs.recv(65536))
+            theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    thread = threading.Thread(target=server)
+    thread.start()
+    with ours:
+        answer = servers.request_over(ours, "POST", "/up", headers=["X-A: 1"], body=b"hello")
+    thread.join(5)
+    assert bytes(got) == (
+        b"POST /up HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: 1\r\nContent-Length: 5\r\n"
+        b"Connection: close\r\n\r\nhello"
+    )
+    assert servers.split_answer(answer) == (200, b"HTTP/1.1 200 OK\r\nContent-Length: 2", b"ok")
