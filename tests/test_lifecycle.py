@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -398,3 +399,38 @@ async def test_a_sighup_during_the_first_start_waits_for_it(serve: Serve, upstre
     assert (await health(await proc.port()))["status"] in ("healthy", "degraded")
     proc.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
+async def test_workers_run_the_installed_gateway_whatever_the_current_directory(
+    tmp_path: Path, upstream
+) -> None:
+    # A "gateway" folder in the directory serve starts from (a checkout, another release):
+    # "python -m gateway" would import it first; the workers must run what is installed.
+    up = await upstream(NODA1)
+    here = tmp_path / "elsewhere"
+    decoy = here / "gateway"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    (decoy / "__main__.py").write_text("raise SystemExit('the decoy ran')\n")
+    config = tmp_path / "routes.yaml"
+    config.write_text(city(up.port))
+    program = Path(sys.executable).parent / "daarion-gateway"  # the console script, as deployed
+    proc = await asyncio.create_subprocess_exec(
+        str(program), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0",
+        "--pid-file", str(tmp_path / "gateway.pid"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=here,
+    )  # fmt: skip
+    served = Process(proc, tmp_path / "gateway.pid")
+    try:
+        await served.wait_for("gateway started")
+        port = await served.port()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/api/city/x") as response,
+        ):
+            assert response.status == 200
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        stderr = await proc.stderr.read() if proc.stderr is not None else b""
+        assert b"the decoy ran" not in stderr

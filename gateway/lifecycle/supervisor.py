@@ -47,6 +47,10 @@ from .listeners import address, bind
 log = logging.getLogger("gateway")
 
 STATE_ENV: Final = "GATEWAY_SUPERVISOR_STATE"  # what a supervisor hands to its exec'd program
+# How workers, the preflight and a restart run the installed gateway. -P (Python 3.11's safe
+# path): without it "-m" puts the current directory first on sys.path, so a "gateway" folder
+# there (a checkout, another release) would be what the workers run, not what is installed.
+INSTALLED: Final = (sys.executable, "-P", "-m", "gateway")
 SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 RESPAWN_DELAY: Final = 1.0  # before a worker that lived less than a second starts again
 START_TIMEOUT: Final = 60.0  # for a worker to say ready (config, Redis, first probes)
@@ -313,7 +317,7 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         descriptors = {name: held.descriptors(index) for name, held in self.listening.items()}
         passed = [theirs.fileno(), *(fd for fds in descriptors.values() for fd in fds)]
-        argv = [sys.executable, "-m", "gateway", "worker", "--control", str(theirs.fileno())]
+        argv = [*INSTALLED, "worker", "--control", str(theirs.fileno())]
         argv += ["--log-level", self.options.log_level]
         env = {k: v for k, v in os.environ.items() if k != STATE_ENV}
         sys.stdout.flush()
@@ -487,7 +491,7 @@ class Supervisor:
             self.queued["restart"] = max(0, self.queued["restart"] - 1)
             self.restarts += 1
             self._write_state()
-            command = [sys.executable, "-m", "gateway", "preflight", "--config", self.options.path]
+            command = [*INSTALLED, "preflight", "--config", self.options.path]
             log.info("restart: checking the installed code and the config",
                      extra={"fields": self._who()})  # fmt: skip
             try:
@@ -549,7 +553,7 @@ class Supervisor:
         sys.stdout.flush()
         sys.stderr.flush()
         state_file = os.path.join(self.run_dir, "handover.json")
-        argv = [sys.executable, "-m", "gateway", "serve", "--config", self.options.path]
+        argv = [*INSTALLED, "serve", "--config", self.options.path]
         argv += ["--workers", str(self.options.workers), "--log-level", self.options.log_level]
         try:
             _replace(state_file, orjson.dumps(state).decode())
