@@ -1,5 +1,6 @@
-"""The one error type the gateway answers with, the one mapping from upstream client
-exceptions, and the two ways an exchange ends without an answer of the gateway's own.
+"""The one error type the gateway answers with, the table of upstream failures (and why a
+connection failed in TLS), and the two ways an exchange ends without an answer of the
+gateway's own.
 
 Every answer the gateway produces itself is JSON ``{"error", "message", "request_id"}``.
 ``kind`` is a fixed, small vocabulary used as a metric label (``gateway_upstream_errors_total``)
@@ -9,7 +10,6 @@ A leaf: every module may import it; it imports no module of the gateway.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Mapping
 from typing import Final
@@ -121,23 +121,6 @@ def tls_reason(exc: BaseException) -> str | None:
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {(exc.reason or str(exc)).lower().replace('_', ' ')}"
     return None
-
-
-def upstream_error(exc: BaseException) -> GatewayError:
-    """Translate an exception raised before the upstream's response headers arrived."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return upstream_failure("connect_timeout")
-    if isinstance(exc, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
-        return upstream_failure("timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):  # a TLS failure too: never sent
-        return upstream_failure("connect", tls_reason(exc))
-    if isinstance(exc, aiohttp.ClientResponseError):
-        # aiohttp reports an unparsable upstream response as a ClientResponseError carrying
-        # status 400: that is the upstream's fault, never the client's.
-        return upstream_failure("protocol")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return upstream_failure("disconnect")
-    return upstream_failure("io")
 
 
 SERVER: Final = "daarion-gateway"  # instead of aiohttp's, which names its version

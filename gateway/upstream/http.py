@@ -4,12 +4,12 @@
 HTTP/1.1 client (``client.py``: keep-alive pools, llhttp parsing, no silent resend: the
 failover loop decides every retry); health probes use aiohttp's. ``send()`` sends the
 client's request to one target and returns once the response headers are in; ``relay()``
-streams that response back. Bodies are streamed both ways
-with backpressure (only bodies small enough to replay on a retry are read whole); hop-by-hop
-headers are dropped both ways; forwarding headers are set (``headers.py``). A target on a node
-with ``tls`` is reached over HTTPS with that node's context and name (``tls.py``). Failures before
-the upstream's headers arrive become a ``GatewayError``; a failure after the response has
-started aborts the client connection, so a truncated body never looks complete.
+streams that response back. Bodies are streamed both ways with backpressure (only bodies small
+enough to replay on a retry are read whole); hop-by-hop headers are dropped both ways;
+forwarding headers are set (``headers.py``). A target on a node with ``tls`` is reached over
+HTTPS with that node's context and name (``tls.py``). Failures before the upstream's headers
+arrive become a ``GatewayError``; a failure after the response has started aborts the client
+connection, so a truncated body never looks complete.
 """
 
 from __future__ import annotations
