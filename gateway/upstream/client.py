@@ -59,7 +59,8 @@ PoolKey = tuple[str, int, ssl.SSLContext | None, str | None]
 
 
 class BodyError(Exception):
-    """The upstream failed after its response head: the body is cut short (``reason``)."""
+    """The upstream failed after its response head: the body is cut short (the message says
+    why)."""
 
 
 class _Stop(Exception):
