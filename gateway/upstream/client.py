@@ -25,9 +25,7 @@ sending response bytes (so it bounds the wait for the head and every pause in th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
@@ -179,6 +177,7 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._received = False  # a byte of the answer arrived
         self._informational = False  # the message being parsed is a 1xx
+        self._until_close = False  # the answer's body runs until the connection closes
         self._sent = False  # the request was written whole
         self._body_task: asyncio.Task[None] | None = None
         self._paused_reading = False
@@ -209,7 +208,7 @@ class Connection(asyncio.Protocol):
         elif state == _BODY:
             response = self._response
             if response is not None:
-                if exc is None and self._until_close():
+                if exc is None and self._until_close:
                     response._end()  # a body delimited by the connection's end
                 else:
                     response._end(BodyError("the upstream closed the connection mid-body"))
@@ -293,6 +292,8 @@ class Connection(asyncio.Protocol):
         if not self._parser.should_keep_alive():
             self._reusable = False
         response = self._response = Response(self, status, self._reason.decode("latin-1"), headers)
+        # Decided here, from the head as it came: the relay may change response.headers.
+        self._until_close = response.content_length is None and not codings
         self._state = _BODY
         head = self._head
         if head is not None and not head.done():
@@ -411,15 +412,6 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _until_close(self) -> bool:
-        """The body runs until the connection closes (neither a length nor chunked)."""
-        response = self._response
-        return (
-            response is not None
-            and response.content_length is None
-            and "chunked" not in response.headers.get("Transfer-Encoding", "").lower()
-        )
-
     def _fail_head(self, error: GatewayError) -> None:
         head = self._head
         if head is not None and not head.done():
@@ -536,9 +528,8 @@ class Pool:
                     )  # fmt: skip
         except TimeoutError:
             raise upstream_failure("connect_timeout") from None
-        except (OSError, ssl.CertificateError) as exc:
+        except OSError as exc:  # a TLS failure too (ssl's errors are OSErrors)
             raise upstream_failure("connect", tls_reason(exc)) from exc
-        _no_delay(connection)
         if self._sweeper is None and not self._closed:
             self._sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
         return connection
@@ -551,7 +542,7 @@ class Pool:
         if len(idle) >= MAX_IDLE:
             connection.close_idle()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection._loop.time()
         idle.append(connection)
 
     def forget(self, connection: Connection) -> None:
@@ -585,22 +576,12 @@ class Pool:
         self._idle.clear()
 
 
-def _no_delay(connection: Connection) -> None:
-    transport = connection._transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def request_head(
     method: str, target: str, headers: CIMultiDict[str], body: bytes | ClientBody | None
 ) -> tuple[bytes, bool]:
     """The request's head as bytes (its framing headers set for ``body``), and whether the
-    body is sent chunked. A header value holding CR or LF (a token's claim, say) is refused
-    rather than written: it would split the head."""
+    body is sent chunked. A header value holding CR or LF is refused rather than written: it
+    would split the head."""
     chunked = False
     if isinstance(body, bytes):
         headers["Content-Length"] = str(len(body))

@@ -36,7 +36,7 @@ from ..errors import (
 from ..snapshot import Target
 from .body import Body, ClientBody
 from .client import BodyError, Pool, Response, request_head
-from .headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
+from .headers import HOP_BY_HOP, Forwarding, only_end_to_end, request_headers
 from .redirects import Redirects
 
 _NO_BODY_STATUS: Final = frozenset({204, 304})
@@ -137,7 +137,7 @@ def response_headers(
 ) -> CIMultiDict[str]:
     """The client's answer's headers: the upstream's end-to-end ones, redirects made public,
     ``extra`` set over them, ``added`` (CORS, the security headers) applied."""
-    headers = end_to_end(upstream.headers, HOP_BY_HOP)
+    headers = only_end_to_end(upstream.headers, HOP_BY_HOP)  # made for this answer alone: no copy
     if redirects is not None and any(name in headers for name in _MAY_POINT_HOME):
         redirects.apply(headers)
     if extra:
