@@ -15,9 +15,11 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
 - ``keep_raw_header_bytes``: header bytes outside UTF-8 (obs-text, e.g. a Latin-1 ``\xe9``)
   written out as they came in. aiohttp's parsers decode header bytes as UTF-8 with
   ``surrogateescape``, and its C serializer silently drops the surrogates, so ``caf\xe9``
-  reached the upstream as ``caf``. The serializer both the client and the server use
-  (``http_writer._serialize_headers``) is wrapped: all-ASCII heads (nearly all) still take
-  the C one; others are encoded with ``surrogateescape``, which gives back the bytes read.
+  in an upstream's answer reached the client as ``caf``. The serializer aiohttp's server
+  writes answers with (``http_writer._serialize_headers``) is wrapped: all-ASCII heads
+  (nearly all) still take the C one; others are encoded with ``surrogateescape``, which gives
+  back the bytes read. (The upstream client, ``upstream/client.py``, encodes its request heads
+  the same way itself.)
 - the request-head limits (``server.Protocol``, ``edge/connections.py``): ``parsed`` and
   ``last_payload`` tell when the parser completed a head and whether a body follows
   (``RequestHandler``'s ``_request_count``, ``_messages``), ``upgraded`` that what follows is

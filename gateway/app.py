@@ -119,7 +119,7 @@ class Gateway:
             found = held.get(listener.name)
             return found if found else bind(where, at, reuse_port=reuse)
 
-        keep_raw_header_bytes()  # obs-text in a header reaches the upstream byte for byte
+        keep_raw_header_bytes()  # obs-text in an upstream's header reaches the client as it came
         shared.upstream.open(config.upstream_keepalive_timeout)
         await shared.limiter.start()
         if config.auth is not None:

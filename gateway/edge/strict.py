@@ -19,7 +19,7 @@ itself and lets the rest through:
 Every answer here closes the connection, and goes out with an HTTP/1.1 status line whatever
 version the request named. Header *values* need no check of their own: llhttp refuses every
 CTL but HTAB in a request header (0x00-0x08, 0x0A-0x1F, 0x7F); obs-text (0x80-0xFF) is
-allowed and reaches the upstream byte for byte (``aiohttp_private.keep_raw_header_bytes``).
+allowed and reaches the upstream byte for byte (``upstream/client.request_head``).
 """
 
 from __future__ import annotations
