@@ -477,6 +477,13 @@ class Connection(asyncio.Protocol):
             if transport is not None:
                 transport.abort()
 
+    def now(self) -> float:
+        return self._loop.time()
+
+    def idle_for(self) -> float:
+        """Seconds since it went back to the pool."""
+        return self._loop.time() - self.idle_since
+
     def close_idle(self) -> None:
         self._reusable = False
         if self._transport is not None:
@@ -505,7 +512,10 @@ class Pool:
         idle = self._idle.get(self.key(target))
         while idle:
             connection = idle.pop()
-            if connection.usable:
+            # The sweep closes connections past their time once a second; none is reused
+            # meanwhile, so that the idle time stays below the upstream's own.
+            fresh = connection.idle_for() < self._keepalive
+            if fresh and connection.usable:
                 return connection
             connection.abort()
         return None
@@ -542,7 +552,7 @@ class Pool:
         if len(idle) >= MAX_IDLE:
             connection.close_idle()
             return
-        connection.idle_since = connection._loop.time()
+        connection.idle_since = connection.now()
         idle.append(connection)
 
     def forget(self, connection: Connection) -> None:
