@@ -18,6 +18,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from .aiohttp_private import Whole
+
 
 class GatewayError(Exception):
     """An answer the gateway gives instead of an upstream's.
@@ -131,11 +133,9 @@ def own_headers(request_id: str) -> dict[str, str]:
     return {"X-Request-ID": request_id, "Cache-Control": "no-store", "Server": SERVER}
 
 
-def error_response(err: GatewayError, request_id: str) -> web.Response:
+def error_response(err: GatewayError, request_id: str) -> web.StreamResponse:
     body = {"error": err.code, "message": err.message, "request_id": request_id}
-    return web.Response(
-        status=err.status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={**own_headers(request_id), **(err.headers or {})},
-    )
+    headers = {**own_headers(request_id), "Content-Type": "application/json"}
+    if err.headers:
+        headers.update(err.headers)
+    return Whole(status=err.status, headers=headers, body=orjson.dumps(body))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from . import endpoints, logs, routetable, routing
+from .aiohttp_private import Whole
 from .auth.phase import authenticate
 from .context import ADMIN, HTTP, Exchange, Listener
 from .edge import cors, strict
@@ -203,7 +204,7 @@ def _preflight(
     answer = policy.preflight(headers["Origin"], headers)
     if isinstance(answer, cors.Refused):
         raise GatewayError(403, "cors_refused", answer.message)
-    return web.Response(status=204, headers={**own_headers(ex.request_id), **answer})
+    return Whole(status=204, headers={**own_headers(ex.request_id), **answer})
 
 
 def _unrouted(

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..aiohttp_private import OneWrite
+from ..aiohttp_private import OneWrite, Whole
 from ..edge.cors import Added
 from ..errors import (
     SERVER,
@@ -166,19 +166,24 @@ async def relay(
     An upstream that answered before the whole body was sent may still lose it to its client
     (``streamed``): ``UpstreamAborted.by_client`` then says so."""
     headers = response_headers(upstream, request_id, extra_headers, redirects, added)
-    # A body of known length follows its headers at once: send both in one write. A body of
-    # unknown length (a stream, server-sent events) may take long: its headers go out first.
-    kind = OneWrite if upstream.content_length is not None else web.StreamResponse
-    response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
-    if close:
-        response.force_close()
+    status, reason, length = upstream.status, upstream.reason, upstream.content_length
+    response: web.StreamResponse
     try:
-        await response.prepare(request)
-        if request.method == "HEAD" or upstream.status in _NO_BODY_STATUS:
-            await response.write_eof()
-        elif upstream.complete:  # the whole body came with the head: one write for both
-            await response.write_eof(await upstream.read())
+        if request.method == "HEAD" or status in _NO_BODY_STATUS:
+            response = Whole(status=status, reason=reason, headers=headers)
+        elif upstream.complete and length is not None:
+            # The whole body came with the head (``read`` returns it at once): one write.
+            body = await upstream.read()
+            response = Whole(status=status, reason=reason, headers=headers, body=body)
         else:
+            # A body of known length follows its headers at once: both in one write. A body of
+            # unknown length (a stream, server-sent events) may take long: its headers first.
+            kind = OneWrite if length is not None else web.StreamResponse
+            response = kind(status=status, reason=reason, headers=headers)
+        if close:
+            response.force_close()
+        await response.prepare(request)
+        if not isinstance(response, Whole):
             while chunk := await upstream.read():
                 await response.write(chunk)
             await response.write_eof()

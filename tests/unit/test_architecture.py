@@ -234,6 +234,8 @@ NEVER = [
 # certificate files a config names with the certs leaf; auth reads the config's types.
 LEAVES_FOR = {
     "gateway.config": ("gateway.certs",),
+    # errors answers with aiohttp_private's Whole; that module imports nothing of the gateway.
+    "gateway.errors": ("gateway.aiohttp_private",),
     "gateway.auth": (
         "gateway.config",
         "gateway.certs",

@@ -1,0 +1,141 @@
+"""The heads of answers written whole (``aiohttp_private.Whole``: the gateway's own answers and
+relayed ones that came whole with their head), in raw bytes: framing that lets the next
+pipelined answer on the connection be read right, HEAD, the empty statuses, HTTP/1.0
+keep-alive, and ``Connection: close`` exactly when the connection closes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from .helpers import NODA1, RawResponse, RunningGateway, Upstream, parse_response, routes
+
+
+def city(port: int) -> str:
+    return routes({"city": f"{{port: {port}, nodes: [noda1]}}"}, noda1=NODA1)
+
+
+def split_answers(raw: bytes, methods: list[str]) -> list[RawResponse]:
+    """The answers in ``raw``, one per request of ``methods``, framed by their heads alone
+    (Content-Length; none for HEAD, 1xx, 204, 304) as a client reads them."""
+    answers = []
+    for method in methods:
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        assert sep, f"an answer is missing or cut short: {raw!r}"
+        answer = parse_response(head + sep)
+        length = answer.header("Content-Length")
+        empty = method == "HEAD" or answer.status in (204, 304) or answer.status < 200
+        size = 0 if empty else int(length or 0)
+        assert empty or length is not None, f"no framing for a body: {head!r}"
+        answers.append(parse_response(head + sep + rest[:size]))
+        raw = rest[size:]
+    assert raw == b"", f"bytes after the last answer: {raw!r}"
+    return answers
+
+
+async def exchange(port: int, data: bytes) -> tuple[bytes, bool]:
+    """Send ``data``, read until the gateway closes or 1 s of silence; and whether it closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = b""
+    closed = False
+    try:
+        writer.write(data)
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), 1.0)
+            except TimeoutError:
+                break
+            if not chunk:
+                closed = True
+                break
+            received += chunk
+    finally:
+        writer.close()
+    return received, closed
+
+
+async def through_city(
+    upstream: Any, gateway: Any, data: bytes, handler: Any = None
+) -> tuple[Upstream, RunningGateway, bytes, bool]:
+    """A gateway in front of an upstream for ``city`` on NODA1, ``data`` sent to it raw: the
+    upstream, the gateway, what came back and whether the gateway closed."""
+    up = await upstream(NODA1, handler=handler)
+    gw = await gateway(city(up.port))
+    return (up, gw, *await exchange(gw.port, data))
+
+
+async def test_pipelined_whole_answers_are_framed_for_the_next(upstream, gateway):
+    up, _, raw, closed = await through_city(
+        upstream,
+        gateway,
+        b"HEAD /nope HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /api/city/x HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"HEAD /api/city/y HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    head404, relayed, head_relayed, get404 = split_answers(raw, ["HEAD", "GET", "HEAD", "GET"])
+    assert closed
+    assert (head404.status, get404.status) == (404, 404)
+    assert head404.body == b""
+    # HEAD's Content-Length is that of the body GET gets (its request id differs, not its size).
+    assert head404.header("Content-Length") == str(len(get404.body))
+    assert get404.json()["error"] == "not_found"
+    assert get404.header("Content-Type") == "application/json"
+    assert relayed.status == 200
+    assert relayed.json() == {"path": "/city/x", "method": "GET"}
+    assert relayed.header("Content-Length") == str(len(relayed.body))
+    assert head_relayed.status == 200
+    assert head_relayed.body == b""
+    for answer in (head404, relayed, head_relayed, get404):
+        assert answer.raw.startswith(b"HTTP/1.1 ")
+        assert answer.header("Date") is not None
+        assert answer.header("X-Request-ID") is not None
+    assert [a.header("Connection") for a in (head404, relayed, head_relayed)] == [None] * 3
+    assert get404.header("Connection") == "close"
+    assert [s.method for s in up.seen] == ["GET", "HEAD"]
+
+
+async def test_http_1_0_keep_alive_is_answered_in_kind(upstream, gateway):
+    _, gw, raw, closed = await through_city(
+        upstream,
+        gateway,
+        b"GET /api/city/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        b"GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    )
+    relayed, own = split_answers(raw, ["GET", "GET"])
+    assert not closed  # both asked to be kept alive
+    for answer in (relayed, own):
+        assert answer.raw.startswith(b"HTTP/1.0 ")
+        assert answer.header("Connection") == "keep-alive"
+    assert (relayed.status, own.status) == (200, 404)
+    # Without keep-alive, HTTP/1.0 closes after the answer (and says nothing of it).
+    raw, closed = await exchange(gw.port, b"GET /api/city/x HTTP/1.0\r\n\r\n")
+    (answer,) = split_answers(raw, ["GET"])
+    assert closed
+    assert answer.status == 200
+    assert answer.header("Connection") is None
+
+
+async def test_empty_statuses_from_an_upstream_carry_no_body(upstream, gateway):
+    async def empty(request: web.Request) -> web.StreamResponse:
+        status = int(request.path.rsplit("/", 1)[1])
+        return web.Response(status=status, headers={"ETag": '"v1"'})
+
+    *_, raw, _ = await through_city(
+        upstream,
+        gateway,
+        b"GET /api/city/204 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /api/city/304 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /api/city/200 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        handler=empty,
+    )
+    no_content, not_modified, ok = split_answers(raw, ["GET", "GET", "GET"])
+    assert (no_content.status, not_modified.status, ok.status) == (204, 304, 200)
+    for answer in (no_content, not_modified):
+        assert answer.header("Content-Length") is None
+        assert answer.header("Transfer-Encoding") is None
+        assert answer.header("ETag") == '"v1"'
+    assert ok.header("Content-Length") == "0"
+    assert ok.body == b""
