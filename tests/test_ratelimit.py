@@ -76,6 +76,43 @@ async def test_separate_keys_are_separate_buckets(limiter):
     assert sum(d.allowed for d in b) == 21
 
 
+async def test_a_call_with_keys_repeated_and_interleaved_steps_each_request_in_turn(
+    limiter, shared_redis_url, redis_prefix
+):
+    # One batch (one EVALSHA: asked in one tick), three buckets of two zones interleaved,
+    # refusals among them. The script reads a repeated key once and writes it once: the
+    # answers and the state left must be those of nginx's steps, request by request.
+    redis_limiter = await limiter()
+    tight = compile_zone("tight", RateLimit(rate="1r/m", burst=2))  # nothing drains here
+    asks = [(API_LIMIT, "a"), (tight, "t"), (API_LIMIT, "a"), (tight, "t"), (API_LIMIT, "b")]
+    asks += [(tight, "t"), (tight, "t"), (API_LIMIT, "a"), (tight, "t"), (API_LIMIT, "b")]
+    decisions = await asyncio.gather(*(redis_limiter.decide(z, k) for z, k in asks))
+    states: dict[str, tuple[int, int] | None] = {}
+    expected = []
+    for zone, key in asks:
+        decision, new = step(zone, states.get(key), 0)  # one clock reading for the call
+        expected.append((decision.allowed, decision.excess))
+        if new is not None:
+            states[key] = new
+    assert [(d.allowed, d.excess) for d in decisions] == expected
+    assert [allowed for allowed, _ in expected].count(False) == 2  # the script refused too
+    inspector = redis.asyncio.from_url(shared_redis_url)
+    try:
+        lasts = set()
+        for key, state in states.items():
+            name = f"{redis_prefix}{{{key}}}"
+            excess, last = await inspector.hmget(name, "e", "l")
+            assert state is not None
+            assert excess is not None
+            assert last is not None
+            assert int(excess) == state[0]
+            lasts.add(int(last))
+            assert await inspector.pttl(name) > 0
+        assert len(lasts) == 1  # one clock reading for all of them
+    finally:
+        await inspector.aclose()
+
+
 async def test_keys_expire_once_drained(limiter, shared_redis_url, redis_prefix):
     redis_limiter = await limiter()
     zone = compile_zone("short", RateLimit(rate="10r/s", burst=2))

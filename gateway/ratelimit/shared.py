@@ -1,8 +1,9 @@
 """The shared limiter: nginx's limit_req arithmetic as one atomic Redis step.
 
 Decisions that arrive in the same event-loop tick are sent together as one EVALSHA of ``LUA``
-that decides every key in turn (atomic per key, and the script as a whole), reading the clock
-with Redis ``TIME`` so that gateways on machines with skewed clocks share one clock. At most
+that decides every key in turn (atomic per key, and the script as a whole; a key asked for
+more than once is read and written once), reading the clock with Redis ``TIME`` so that
+gateways on machines with skewed clocks share one clock. At most
 ``MAX_IN_FLIGHT`` calls run at once; decisions arriving meanwhile wait for the next call, so
 batches grow with load instead of connections.
 
@@ -35,37 +36,55 @@ PROBE_INTERVAL: Final = 0.25
 PROBE_TIMEOUT: Final = 0.5
 
 # KEYS: bucket keys. ARGV: (rate, burst, ttl) per key, in milli-requests/s, milli-requests, ms.
-# Returns, per key: 1/0 (allowed) and the excess with that request counted.
+# Returns, per key: 1/0 (allowed) and the excess with that request counted. A key asked for
+# more than once in one call (a client's concurrent requests) is read once, carried from one
+# request to the next in ``held``, and written once after the last: the same steps in the same
+# order as one call per request, with 3 Redis commands per key instead of 3 per request.
 LUA: Final = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
+local held = {}
+local ttls = {}
+local order = {}
 for i, key in ipairs(KEYS) do
   local rate = tonumber(ARGV[i * 3 - 2])
   local burst = tonumber(ARGV[i * 3 - 1])
   local ttl = tonumber(ARGV[i * 3])
-  local state = redis.call('HMGET', key, 'e', 'l')
+  local state = held[key]
+  if state == nil then
+    local stored = redis.call('HMGET', key, 'e', 'l')
+    state = stored[1] and {tonumber(stored[1]), tonumber(stored[2])} or false
+  end
   local allowed, excess = 1, 0
-  if state[1] then
-    local last = tonumber(state[2])
+  if state then
+    local last = state[2]
     local ms = now - last
     if ms < -60000 then ms = 1 elseif ms < 0 then ms = 0 end
-    excess = tonumber(state[1]) - math.floor(rate * ms / 1000) + 1000
+    excess = state[1] - math.floor(rate * ms / 1000) + 1000
     if excess < 0 then excess = 0 end
     if excess > burst then
       allowed = 0
+      held[key] = state
     else
       if ms ~= 0 then last = now end
-      redis.call('HSET', key, 'e', excess, 'l', last)
-      redis.call('PEXPIRE', key, ttl)
+      held[key] = {excess, last}
     end
   else
-    redis.call('HSET', key, 'e', 0, 'l', now)
-    redis.call('PEXPIRE', key, ttl)
+    held[key] = {0, now}
+  end
+  if allowed == 1 then
+    if not ttls[key] then order[#order + 1] = key end
+    ttls[key] = ttl
   end
   out[i * 2 - 1] = allowed
   out[i * 2] = excess
+end
+for _, key in ipairs(order) do
+  local state = held[key]
+  redis.call('HSET', key, 'e', state[1], 'l', state[2])
+  redis.call('PEXPIRE', key, ttls[key])
 end
 return out
 """
