@@ -206,7 +206,6 @@ def answer_early(protocol: web.RequestHandler, status: int, exc: BaseException) 
 
 
 _EMPTY_STATUS: Final = frozenset((204, 304, *range(100, 200)))  # aiohttp's, RFC 9110
-_WHOLE_DRAIN: Final = 64 * 1024  # a longer answer waits for the client to take it
 
 
 class Whole(web.StreamResponse):
@@ -289,8 +288,10 @@ class Whole(web.StreamResponse):
         status_line = f"HTTP/{version[0]}.{version[1]} {status} {self.reason}"
         head = http_writer._serialize_headers(status_line, headers)
         transport.write(head + body if body else head)
-        if body is not None and len(body) > _WHOLE_DRAIN:
-            await request.writer.drain()
+        # As aiohttp's write_eof: while the client does not take what it was sent, the next
+        # request on the connection waits (else a client that pipelines requests and reads
+        # nothing would make the gateway hold every answer).
+        await request.writer.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
         if not self._whole_sent or data:

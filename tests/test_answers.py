@@ -10,7 +10,15 @@ from typing import Any
 
 from aiohttp import web
 
-from .helpers import NODA1, RawResponse, RunningGateway, Upstream, parse_response, routes
+from .helpers import (
+    NODA1,
+    RawResponse,
+    RunningGateway,
+    Upstream,
+    parse_response,
+    routes,
+    stalled,
+)
 
 
 def city(port: int) -> str:
@@ -139,3 +147,31 @@ async def test_empty_statuses_from_an_upstream_carry_no_body(upstream, gateway):
         assert answer.header("ETag") == '"v1"'
     assert ok.header("Content-Length") == "0"
     assert ok.body == b""
+
+
+async def test_a_client_that_pipelines_and_reads_nothing_is_pushed_back_on(upstream, gateway):
+    # Each answer comes whole with its head (one write); the handling of the next request
+    # waits while the connection's buffer is full, as for a streamed body: a client that only
+    # sends requests cannot make the gateway hold its answers.
+    body = b"x" * 16384
+
+    async def sized(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body)
+
+    up = await upstream(NODA1, handler=sized)
+    gw = await gateway(city(up.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    requests = b"GET /api/city/x HTTP/1.1\r\nHost: a\r\n\r\n" * 20_000  # 320 MiB of answers
+
+    async def send() -> None:
+        writer.write(requests)
+        await writer.drain()  # waits once the gateway stops reading
+
+    sending = asyncio.create_task(send())
+    try:
+        plateau = await stalled(lambda: len(up.seen))
+        assert plateau < 2_000, f"{plateau} answers ({plateau * 16} KiB) for a client reading none"
+        await reader.readexactly(len(body))  # it is served, once it reads
+    finally:
+        sending.cancel()
+        writer.close()
