@@ -183,7 +183,11 @@ async def relay(
         if close:
             response.force_close()
         await response.prepare(request)
-        if not isinstance(response, Whole):
+        if isinstance(response, Whole):
+            pass
+        elif upstream.complete:  # chunked, and all in: the body and its last chunk in one write
+            await response.write_eof(await upstream.read())
+        else:
             while chunk := await upstream.read():
                 await response.write(chunk)
             await response.write_eof()
