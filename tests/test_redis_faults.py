@@ -65,7 +65,7 @@ async def behind_redis(own_redis, upstream, gateway):
     async def start(on_error: str = "local") -> tuple[RedisServer, RunningGateway, str]:
         server = own_redis()
         up = await upstream(NODA1)
-        text = limited(up.port, server.url, "t:").replace(
+        text = limited(up.port, server.url, "t:", redis_timeout=0.05).replace(
             "prefix: 't:',", f"prefix: 't:', on_error: {on_error},"
         )
         gw = await gateway(text)
@@ -145,7 +145,7 @@ async def test_redis_absent_at_start_then_arriving(own_redis, upstream, gateway,
     server = own_redis()
     server.kill()
     up = await upstream(NODA1)
-    gw = await gateway(limited(up.port, server.url, "t:"))
+    gw = await gateway(limited(up.port, server.url, "t:", redis_timeout=0.05))
     assert (await health(client, gw))["dependencies"]["redis"] == "disconnected"
     assert statuses(await burst(gw.url + "/api/city/x", 25)) == {200: 21, 429: 4}
     server.start()
