@@ -234,8 +234,9 @@ class Whole(web.StreamResponse):
         body: bytes | None = None,
         reason: str | None = None,
     ) -> None:
-        """``body``: None when there is none to send and its length is not known (a relayed
-        answer to HEAD keeps the upstream's ``Content-Length``, if any)."""
+        """``body``: None when there is none and its length is not known: a relayed answer
+        to HEAD keeps the upstream's ``Content-Length``, if any (to another method, None is
+        an empty body, ``Content-Length: 0``)."""
         super().__init__(status=status, reason=reason, headers=headers)
         self._whole_body = body
         self._whole_keep: bool | None = None
@@ -265,6 +266,8 @@ class Whole(web.StreamResponse):
             keep = self._whole_keep = request.keep_alive
         version = request.version
         headers = self.headers
+        if body is None and method != "HEAD":
+            body = b""  # framed, never left to the connection's end
         if status in _EMPTY_STATUS:
             body = None
             headers.popall("Content-Length", None)
@@ -287,7 +290,11 @@ class Whole(web.StreamResponse):
                 headers["Connection"] = "close"
         status_line = f"HTTP/{version[0]}.{version[1]} {status} {self.reason}"
         head = http_writer._serialize_headers(status_line, headers)
-        transport.write(head + body if body else head)
+        data = head + body if body else head
+        transport.write(data)
+        # Counted as aiohttp's writer counts what it sends: an error raised after this answer
+        # went out must drop the connection (``handle_error``), never write a second answer.
+        request.writer.output_size += len(data)
         # As aiohttp's write_eof: while the client does not take what it was sent, the next
         # request on the connection waits (else a client that pipelines requests and reads
         # nothing would make the gateway hold every answer).

@@ -10,6 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.aiohttp_private import Whole
+from gateway.server import Server
+
 from .helpers import (
     NODA1,
     RawResponse,
@@ -96,6 +99,10 @@ async def test_pipelined_whole_answers_are_framed_for_the_next(upstream, gateway
     assert relayed.header("Content-Length") == str(len(relayed.body))
     assert head_relayed.status == 200
     assert head_relayed.body == b""
+    # The upstream's Content-Length for HEAD (its GET's body) is kept, not made 0.
+    assert head_relayed.header("Content-Length") == str(
+        len(b'{"path": "/city/y", "method": "HEAD"}')
+    )
     for answer in (head404, relayed, head_relayed, get404):
         assert answer.raw.startswith(b"HTTP/1.1 ")
         assert answer.header("Date") is not None
@@ -175,3 +182,53 @@ async def test_a_client_that_pipelines_and_reads_nothing_is_pushed_back_on(upstr
     finally:
         sending.cancel()
         writer.close()
+
+
+async def test_empty_statuses_lose_an_upstreams_content_length(raw_upstream, gateway):
+    # RFC 9110: 204 has no Content-Length; aiohttp's rule, kept, drops it from 304 too.
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nETag: "v1"\r\n\r\n')
+        await writer.drain()
+
+    port = await raw_upstream(answer)
+    gw = await gateway(city(port))
+    raw, _ = await exchange(
+        gw.port,
+        b"GET /api/city/a HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    not_modified, after = split_answers(raw, ["GET", "GET"])
+    assert not_modified.status == 304
+    assert not_modified.header("Content-Length") is None
+    assert not_modified.header("ETag") == '"v1"'
+    assert after.status == 404  # framed right: the next answer is read as one
+
+
+async def test_an_error_after_a_whole_answer_drops_the_connection(gateway):
+    # A failure after the answer went out (in the log line, the metrics, a release) must not
+    # become a second answer on the connection: a pipelining client would take that 500 for
+    # its next request's answer.
+    gw = await gateway(city(1))
+    shared = gw.gateway.shared
+
+    async def answered_then_failed(request: web.BaseRequest) -> web.StreamResponse:
+        answer = Whole(status=200, headers={"Server": "test"}, body=b"hello")
+        await answer.prepare(request)
+        raise RuntimeError("after the answer")
+
+    server = Server(answered_then_failed, shared.metrics, shared.connections, access_log=None)
+    runner = web.ServerRunner(server, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        raw, closed = await exchange(
+            port, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        (only,) = split_answers(raw, ["GET"])
+        assert only.status == 200
+        assert only.body == b"hello"
+        assert closed
+    finally:
+        await runner.cleanup()
