@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -45,10 +44,16 @@ def feed_in_pieces(reader: FrameReader, stream: bytes, rng: random.Random) -> li
 
 
 def conversation(rng: random.Random, masked: bool) -> tuple[bytes, int, int]:
-    """A stream of messages (some fragmented, some large) with pings between frames."""
+    """A stream of messages (some fragmented, some large) with pings between frames.
+
+    Every byte comes from ``rng``: a seed is one stream, split the same way at every run.
+    (Random payload bytes from elsewhere made it flaky: unmasked, a 2-byte read of payload is
+    now and then ``88 00``, a valid close frame at a read boundary inside an unfinished
+    frame, which the reader takes for the leg giving up on its frame: the one false alarm
+    the README's "A close frame inside an unfinished frame" documents.)"""
     stream, messages, size = b"", 0, 0
     for _ in range(60):
-        payload = os.urandom(rng.choice((0, 1, 125, 126, 1000, 65_535, 65_536, 200_000)))
+        payload = rng.randbytes(rng.choice((0, 1, 125, 126, 1000, 65_535, 65_536, 200_000)))
         cut = sorted(rng.sample(range(len(payload) + 1), k=min(2, len(payload) + 1)))
         parts = [payload[: cut[0]], payload[cut[0] : cut[-1]], payload[cut[-1] :]]
         if rng.random() < 0.5:
@@ -57,7 +62,7 @@ def conversation(rng: random.Random, masked: bool) -> tuple[bytes, int, int]:
             opcode = (TEXT if rng.random() < 0.5 else BINARY) if i == 0 else CONTINUATION
             stream += frame(opcode, part, fin=i == len(parts) - 1, masked=masked)
             if rng.random() < 0.3:
-                stream += frame(PING, os.urandom(rng.randint(0, 125)), masked=masked)
+                stream += frame(PING, rng.randbytes(rng.randint(0, 125)), masked=masked)
         messages += 1
         size += len(payload)
     return stream, messages, size
