@@ -5,7 +5,8 @@ gateway's own.
 Every answer the gateway produces itself is JSON ``{"error", "message", "request_id"}``.
 ``kind`` is a fixed, small vocabulary used as a metric label (``gateway_upstream_errors_total``)
 and by the failover decision (``upstream/failover.py``) to tell what may be retried.
-A leaf: every module may import it; it imports no module of the gateway.
+A leaf: every module may import it; of the gateway it imports only the leaf
+``aiohttp_private`` (its answers are ``Whole`` ones, written in one write).
 """
 
 from __future__ import annotations

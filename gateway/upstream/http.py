@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..aiohttp_private import OneWrite, Whole
+from ..aiohttp_private import EMPTY_STATUS, OneWrite, Whole
 from ..edge.cors import Added
 from ..errors import (
     SERVER,
@@ -39,7 +39,6 @@ from .client import BodyError, Pool, Response, request_head
 from .headers import HOP_BY_HOP, Forwarding, only_end_to_end, request_headers
 from .redirects import Redirects
 
-_NO_BODY_STATUS: Final = frozenset({204, 304})
 _MAY_POINT_HOME: Final = ("Location", "Content-Location", "Refresh", "Set-Cookie")
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
@@ -167,13 +166,14 @@ async def relay(
     (``streamed``): ``UpstreamAborted.by_client`` then says so."""
     headers = response_headers(upstream, request_id, extra_headers, redirects, added)
     status, reason, length = upstream.status, upstream.reason, upstream.content_length
+    no_body = request.method == "HEAD" or status in EMPTY_STATUS
+    whole = no_body or (upstream.complete and length is not None)
     response: web.StreamResponse
     try:
-        if request.method == "HEAD" or status in _NO_BODY_STATUS:
-            response = Whole(status=status, reason=reason, headers=headers)
-        elif upstream.complete and length is not None:
-            # The whole body came with the head (``read`` returns it at once): one write.
-            body = await upstream.read()
+        if whole:
+            # No body, or all of it came with the head (``read`` returns it at once): the
+            # answer in one write.
+            body = None if no_body else await upstream.read()
             response = Whole(status=status, reason=reason, headers=headers, body=body)
         else:
             # A body of known length follows its headers at once: both in one write. A body of
@@ -183,9 +183,9 @@ async def relay(
         if close:
             response.force_close()
         await response.prepare(request)
-        if isinstance(response, Whole):
-            pass
-        elif upstream.complete:  # chunked, and all in: the body and its last chunk in one write
+        if whole:
+            return response
+        if upstream.complete:  # chunked, and all in: the body and its last chunk in one write
             await response.write_eof(await upstream.read())
         else:
             while chunk := await upstream.read():
