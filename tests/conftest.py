@@ -28,6 +28,7 @@ from .helpers import (
     SHIPPED_ENV,
     Handler,
     NodeProcess,
+    RawClient,
     RawHandler,
     RedisServer,
     RunningGateway,
@@ -125,6 +126,20 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[RunningGateway | int], Awaitable[RawClient]]]:
+    """``await connect(gw)`` (or a port): a ``RawClient`` connected to it, closed at the end."""
+    opened: list[RawClient] = []
+
+    async def open_one(to: RunningGateway | int) -> RawClient:
+        opened.append(await RawClient.connect(to if isinstance(to, int) else to.port))
+        return opened[-1]
+
+    yield open_one
+    for client in opened:
+        client.close()
 
 
 @pytest.fixture

@@ -233,6 +233,103 @@ def parse_response(raw: bytes) -> RawResponse:
     return RawResponse(int(status), " ".join(reason), headers, body, raw)
 
 
+class Silent(AssertionError):
+    """The server sent nothing more within ``RawClient.WAIT`` (a hang, to the client)."""
+
+
+class RawClient:
+    """One raw connection to a server (the gateway), its answers read one at a time by their
+    framing, each step within ``WAIT`` seconds (else ``Silent``)."""
+
+    WAIT = 2.0
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.seen = b""  # every byte read so far
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def ask(self, data: bytes, *, head: bool = False) -> RawResponse:
+        self.writer.write(data)
+        return await self.response(head=head)
+
+    async def _read(self, what: Awaitable[bytes]) -> bytes:
+        try:
+            async with asyncio.timeout(self.WAIT):
+                data = await what
+        except TimeoutError:
+            raise Silent(f"nothing more within {self.WAIT} s after {self.seen!r}") from None
+        self.seen += data
+        return data
+
+    async def head(self) -> RawResponse:
+        """The next final response's head (informational ones are skipped), body unread."""
+        while True:
+            answer = parse_response(await self._read(self.reader.readuntil(b"\r\n\r\n")))
+            if not 100 <= answer.status < 200 or answer.status == 101:
+                return answer
+
+    async def response(self, *, head: bool = False) -> RawResponse:
+        """The next final response, its body read by its framing (none for ``head``)."""
+        answer = await self.head()
+        if head or answer.status in (101, 204, 304):
+            return answer
+        return await self.body(answer)
+
+    async def body(self, answer: RawResponse) -> RawResponse:
+        """``answer`` (a head just read) with its body read by its framing."""
+        if (answer.header("Transfer-Encoding") or "").lower() == "chunked":
+            chunks = []
+            while size := int((await self._read(self.reader.readuntil(b"\r\n"))).strip(), 16):
+                chunks.append(await self._read(self.reader.readexactly(size)))
+                assert await self._read(self.reader.readexactly(2)) == b"\r\n"
+            while await self._read(self.reader.readuntil(b"\r\n")) != b"\r\n":
+                pass  # trailer fields
+            answer.body = b"".join(chunks)
+        elif (length := answer.header("Content-Length")) is not None:
+            answer.body = await self._read(self.reader.readexactly(int(length)))
+        else:
+            answer.body = await self._read(self.reader.read())
+        return answer
+
+    async def until(self, data: bytes) -> None:
+        """Read until ``data`` has been seen."""
+        while data not in self.seen:
+            chunk = await self._read(self.reader.read(65536))
+            assert chunk, (data, self.seen)
+
+    async def closed(self) -> bool:
+        """True when the server closes the connection before sending another byte; False when
+        it keeps it open (nothing within ``WAIT``). A byte instead fails the test."""
+        try:
+            data = await self._read(self.reader.read(65536))
+        except Silent:
+            return False
+        except ConnectionResetError:
+            return True
+        assert data == b"", f"more than the answers: {self.seen!r}"
+        return True
+
+    async def end(self) -> str:
+        """Read on to the end of the response under way: ``reset`` (the connection was reset),
+        ``close`` (closed cleanly), ``complete`` (a chunked body's terminator came) or
+        ``hang`` (nothing of these within ``WAIT``)."""
+        try:
+            while not self.seen.endswith(b"\r\n0\r\n\r\n"):
+                if not await self._read(self.reader.read(65536)):
+                    return "close"
+        except ConnectionResetError:
+            return "reset"
+        except Silent:
+            return "hang"
+        return "complete"
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 async def stalled(count: Callable[[], int]) -> int:
     """What ``count()`` stops at while nothing reads the other end: read 1 s in, then checked
     unchanged 0.5 s later (backpressure reached the writer)."""

@@ -6,88 +6,61 @@ keep-alive, and ``Connection: close`` exactly when the connection closes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from gateway.aiohttp_private import Whole
-from gateway.server import Server
+from gateway.server import Handler, Server
 
-from .helpers import (
-    NODA1,
-    RawResponse,
-    RunningGateway,
-    Upstream,
-    parse_response,
-    routes,
-    stalled,
-)
+from .helpers import NODA1, RawClient, RawResponse, Upstream, routes, stalled
 
 
 def city(port: int) -> str:
     return routes({"city": f"{{port: {port}, nodes: [noda1]}}"}, noda1=NODA1)
 
 
-def split_answers(raw: bytes, methods: list[str]) -> list[RawResponse]:
-    """The answers in ``raw``, one per request of ``methods``, framed by their heads alone
-    (Content-Length; none for HEAD, 1xx, 204, 304) as a client reads them."""
-    answers = []
+async def answers(client: RawClient, *methods: str) -> list[RawResponse]:
+    """The next answers on ``client``, one per request of ``methods``, each read by its head's
+    framing: a body by its Content-Length (an answer written whole is never chunked, nor
+    ended by a close), none for HEAD, 204 and 304."""
+    got = []
     for method in methods:
-        head, sep, rest = raw.partition(b"\r\n\r\n")
-        assert sep, f"an answer is missing or cut short: {raw!r}"
-        answer = parse_response(head + sep)
-        length = answer.header("Content-Length")
-        empty = method == "HEAD" or answer.status in (204, 304) or answer.status < 200
-        size = 0 if empty else int(length or 0)
-        assert empty or length is not None, f"no framing for a body: {head!r}"
-        answers.append(parse_response(head + sep + rest[:size]))
-        raw = rest[size:]
-    assert raw == b"", f"bytes after the last answer: {raw!r}"
-    return answers
-
-
-async def exchange(port: int, data: bytes) -> tuple[bytes, bool]:
-    """Send ``data``, read until the gateway closes or 1 s of silence; and whether it closed."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    received = b""
-    closed = False
-    try:
-        writer.write(data)
-        while True:
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), 1.0)
-            except TimeoutError:
-                break
-            if not chunk:
-                closed = True
-                break
-            received += chunk
-    finally:
-        writer.close()
-    return received, closed
+        answer = await client.head()
+        if method != "HEAD" and answer.status not in (204, 304):
+            assert answer.header("Content-Length") is not None, answer.raw
+            assert answer.header("Transfer-Encoding") is None, answer.raw
+            answer = await client.body(answer)
+        got.append(answer)
+    return got
 
 
 async def through_city(
-    upstream: Any, gateway: Any, data: bytes, handler: Any = None
-) -> tuple[Upstream, RunningGateway, bytes, bool]:
-    """A gateway in front of an upstream for ``city`` on NODA1, ``data`` sent to it raw: the
-    upstream, the gateway, what came back and whether the gateway closed."""
+    upstream: Any, gateway: Any, connect: Any, data: bytes, handler: Any = None
+) -> tuple[Upstream, RawClient]:
+    """A gateway in front of an upstream for ``city`` on NODA1, and a raw client that has sent
+    it ``data``."""
     up = await upstream(NODA1, handler=handler)
     gw = await gateway(city(up.port))
-    return (up, gw, *await exchange(gw.port, data))
+    client = await connect(gw)
+    client.writer.write(data)
+    return up, client
 
 
-async def test_pipelined_whole_answers_are_framed_for_the_next(upstream, gateway):
-    up, _, raw, closed = await through_city(
+async def test_pipelined_whole_answers_are_framed_for_the_next(upstream, gateway, connect):
+    up, client = await through_city(
         upstream,
         gateway,
+        connect,
         b"HEAD /nope HTTP/1.1\r\nHost: a\r\n\r\n"
         b"GET /api/city/x HTTP/1.1\r\nHost: a\r\n\r\n"
         b"HEAD /api/city/y HTTP/1.1\r\nHost: a\r\n\r\n"
         b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
-    head404, relayed, head_relayed, get404 = split_answers(raw, ["HEAD", "GET", "HEAD", "GET"])
-    assert closed
+    head404, relayed, head_relayed, get404 = await answers(client, "HEAD", "GET", "HEAD", "GET")
+    assert await client.closed()
     assert (head404.status, get404.status) == (404, 404)
     assert head404.body == b""
     # HEAD's Content-Length is that of the body GET gets (its request id differs, not its size).
@@ -112,41 +85,44 @@ async def test_pipelined_whole_answers_are_framed_for_the_next(upstream, gateway
     assert [s.method for s in up.seen] == ["GET", "HEAD"]
 
 
-async def test_http_1_0_keep_alive_is_answered_in_kind(upstream, gateway):
-    _, gw, raw, closed = await through_city(
+async def test_http_1_0_keep_alive_is_answered_in_kind(upstream, gateway, connect):
+    _, client = await through_city(
         upstream,
         gateway,
+        connect,
         b"GET /api/city/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
         b"GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     )
-    relayed, own = split_answers(raw, ["GET", "GET"])
-    assert not closed  # both asked to be kept alive
+    relayed, own = await answers(client, "GET", "GET")
     for answer in (relayed, own):
         assert answer.raw.startswith(b"HTTP/1.0 ")
         assert answer.header("Connection") == "keep-alive"
     assert (relayed.status, own.status) == (200, 404)
+    # Both asked to be kept alive: the connection still serves.
+    client.writer.write(b"GET /api/city/z HTTP/1.0\r\n\r\n")
+    (again,) = await answers(client, "GET")
+    assert again.status == 200
     # Without keep-alive, HTTP/1.0 closes after the answer (and says nothing of it).
-    raw, closed = await exchange(gw.port, b"GET /api/city/x HTTP/1.0\r\n\r\n")
-    (answer,) = split_answers(raw, ["GET"])
-    assert closed
-    assert answer.status == 200
-    assert answer.header("Connection") is None
+    assert await client.closed()
+    assert again.header("Connection") is None
 
 
-async def test_empty_statuses_from_an_upstream_carry_no_body(upstream, gateway):
+async def test_empty_statuses_from_an_upstream_carry_no_body(upstream, gateway, connect):
     async def empty(request: web.Request) -> web.StreamResponse:
         status = int(request.path.rsplit("/", 1)[1])
         return web.Response(status=status, headers={"ETag": '"v1"'})
 
-    *_, raw, _ = await through_city(
+    _, client = await through_city(
         upstream,
         gateway,
+        connect,
         b"GET /api/city/204 HTTP/1.1\r\nHost: a\r\n\r\n"
         b"GET /api/city/304 HTTP/1.1\r\nHost: a\r\n\r\n"
         b"GET /api/city/200 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         handler=empty,
     )
-    no_content, not_modified, ok = split_answers(raw, ["GET", "GET", "GET"])
+    no_content, not_modified, ok = await answers(client, "GET", "GET", "GET")
+    assert await client.closed()
     assert (no_content.status, not_modified.status, ok.status) == (204, 304, 200)
     for answer in (no_content, not_modified):
         assert answer.header("Content-Length") is None
@@ -184,7 +160,7 @@ async def test_a_client_that_pipelines_and_reads_nothing_is_pushed_back_on(upstr
         writer.close()
 
 
-async def test_empty_statuses_lose_an_upstreams_content_length(raw_upstream, gateway):
+async def test_empty_statuses_lose_an_upstreams_content_length(raw_upstream, gateway, connect):
     # RFC 9110: 204 has no Content-Length; aiohttp's rule, kept, drops it from 304 too.
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b'HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nETag: "v1"\r\n\r\n')
@@ -192,43 +168,64 @@ async def test_empty_statuses_lose_an_upstreams_content_length(raw_upstream, gat
 
     port = await raw_upstream(answer)
     gw = await gateway(city(port))
-    raw, _ = await exchange(
-        gw.port,
+    client = await connect(gw)
+    client.writer.write(
         b"GET /api/city/a HTTP/1.1\r\nHost: a\r\n\r\n"
-        b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
-    not_modified, after = split_answers(raw, ["GET", "GET"])
+    not_modified, after = await answers(client, "GET", "GET")
+    assert await client.closed()
     assert not_modified.status == 304
     assert not_modified.header("Content-Length") is None
     assert not_modified.header("ETag") == '"v1"'
     assert after.status == 404  # framed right: the next answer is read as one
 
 
-async def test_an_error_after_a_whole_answer_drops_the_connection(gateway):
+@pytest.fixture
+async def served(gateway) -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
+    """``await served(handler)``: the gateway's own ``server.Server`` (its protocol, limits
+    and error answers) running ``handler`` instead of the pipeline; its port."""
+    gw = await gateway(city(1))
+    shared = gw.gateway.shared
+    runners: list[web.ServerRunner] = []
+
+    async def start(handler: Handler) -> int:
+        server = Server(handler, shared.metrics, shared.connections, access_log=None)
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return int(runner.addresses[0][1])
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_an_error_after_a_whole_answer_drops_the_connection(served, connect):
     # A failure after the answer went out (in the log line, the metrics, a release) must not
     # become a second answer on the connection: a pipelining client would take that 500 for
     # its next request's answer.
-    gw = await gateway(city(1))
-    shared = gw.gateway.shared
-
     async def answered_then_failed(request: web.BaseRequest) -> web.StreamResponse:
         answer = Whole(status=200, headers={"Server": "test"}, body=b"hello")
         await answer.prepare(request)
         raise RuntimeError("after the answer")
 
-    server = Server(answered_then_failed, shared.metrics, shared.connections, access_log=None)
-    runner = web.ServerRunner(server, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        raw, closed = await exchange(
-            port, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n"
-        )
-        (only,) = split_answers(raw, ["GET"])
-        assert only.status == 200
-        assert only.body == b"hello"
-        assert closed
-    finally:
-        await runner.cleanup()
+    client = await connect(await served(answered_then_failed))
+    client.writer.write(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    (only,) = await answers(client, "GET")
+    assert only.status == 200
+    assert only.body == b"hello"
+    assert await client.closed()  # and nothing after the answer: no 500, no answer to /b
+
+
+async def test_a_whole_answer_without_a_body_is_framed_as_empty(served, connect):
+    # No body given, to a GET: Content-Length 0, never a body left to the connection's end.
+    async def bodiless(request: web.BaseRequest) -> web.StreamResponse:
+        return Whole(status=200, headers={"Server": "test"})
+
+    client = await connect(await served(bodiless))
+    client.writer.write(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    first, second = await answers(client, "GET", "GET")
+    assert (first.header("Content-Length"), first.body) == ("0", b"")
+    assert second.status == 200  # the connection stayed usable

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import orjson
 import pytest
 
-from .helpers import NODA1, NODA2, RawResponse, RunningGateway, parse_response, routes
+from .helpers import NODA1, NODA2, RawClient, RawResponse, RunningGateway, routes
 
 WAIT = 2.0  # seconds any one step may take before the test fails instead of hanging
 
@@ -250,102 +250,7 @@ def get(path: str, method: str = "GET", headers: str = "", body: bytes | None = 
     return (head + "\r\n").encode() + (body or b"")
 
 
-class Silent(AssertionError):
-    """The gateway sent nothing more within ``WAIT`` (a hang, to the client)."""
-
-
-class Client:
-    """One raw connection to the gateway, read one response at a time."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.seen = b""  # every byte read so far
-
-    @classmethod
-    async def connect(cls, gw: RunningGateway) -> Client:
-        return cls(*await asyncio.open_connection("127.0.0.1", gw.port))
-
-    async def ask(self, data: bytes, *, head: bool = False) -> RawResponse:
-        self.writer.write(data)
-        return await self.response(head=head)
-
-    async def _read(self, what: Awaitable[bytes]) -> bytes:
-        try:
-            async with asyncio.timeout(WAIT):
-                data = await what
-        except TimeoutError:
-            raise Silent(f"nothing more within {WAIT} s after {self.seen!r}") from None
-        self.seen += data
-        return data
-
-    async def head(self) -> RawResponse:
-        """The next final response's head (informational ones are skipped), body unread."""
-        while True:
-            answer = parse_response(await self._read(self.reader.readuntil(b"\r\n\r\n")))
-            if not 100 <= answer.status < 200 or answer.status == 101:
-                return answer
-
-    async def response(self, *, head: bool = False) -> RawResponse:
-        """The next final response, its body read by its framing (none for ``head``)."""
-        answer = await self.head()
-        if head or answer.status in (101, 204, 304):
-            return answer
-        return await self.body(answer)
-
-    async def body(self, answer: RawResponse) -> RawResponse:
-        """``answer`` (a head just read) with its body read by its framing."""
-        if (answer.header("Transfer-Encoding") or "").lower() == "chunked":
-            chunks = []
-            while size := int((await self._read(self.reader.readuntil(b"\r\n"))).strip(), 16):
-                chunks.append(await self._read(self.reader.readexactly(size)))
-                assert await self._read(self.reader.readexactly(2)) == b"\r\n"
-            while await self._read(self.reader.readuntil(b"\r\n")) != b"\r\n":
-                pass  # trailer fields
-            answer.body = b"".join(chunks)
-        elif (length := answer.header("Content-Length")) is not None:
-            answer.body = await self._read(self.reader.readexactly(int(length)))
-        else:
-            answer.body = await self._read(self.reader.read())
-        return answer
-
-    async def until(self, data: bytes) -> None:
-        """Read until ``data`` has been seen."""
-        while data not in self.seen:
-            chunk = await self._read(self.reader.read(65536))
-            assert chunk, (data, self.seen)
-
-    async def end(self) -> str:
-        """Read on to the end of the response under way: ``reset`` (the connection was reset),
-        ``close`` (closed cleanly), ``complete`` (a chunked body's terminator came) or
-        ``hang`` (nothing of these within ``WAIT``)."""
-        try:
-            while not self.seen.endswith(b"\r\n0\r\n\r\n"):
-                if not await self._read(self.reader.read(65536)):
-                    return "close"
-        except ConnectionResetError:
-            return "reset"
-        except Silent:
-            return "hang"
-        return "complete"
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Callable[[RunningGateway], Awaitable[Client]]]:
-    opened: list[Client] = []
-
-    async def open_one(gw: RunningGateway) -> Client:
-        opened.append(await Client.connect(gw))
-        return opened[-1]
-
-    yield open_one
-    for client in opened:
-        client.close()
-
-
-Started = tuple[RawUpstream, RunningGateway, Client]
+Started = tuple[RawUpstream, RunningGateway, RawClient]
 
 
 @pytest.fixture
@@ -374,7 +279,7 @@ def assert_refused(
     assert answer.header("X-Echo") is None  # nothing of the upstream's answer
 
 
-async def assert_fresh_next(client: Client, up: RawUpstream, bad: bytes = b"/city/bad") -> None:
+async def assert_fresh_next(client: RawClient, up: RawUpstream, bad: bytes = b"/city/bad") -> None:
     """The next request is answered with its own answer, on a connection no request for
     ``bad`` used, and every connection ``bad`` used was closed by the gateway."""
     answer = await client.ask(get("next"))
@@ -395,7 +300,7 @@ async def refused_then_fresh(through, answer: bytes) -> None:
     await assert_fresh_next(client, up)
 
 
-async def assert_aborted(client: Client) -> None:
+async def assert_aborted(client: RawClient) -> None:
     """What a client gets of a response that failed after its head went out: a reset, never
     a clean end (a chunked terminator, or a close that would end a body read to its close)."""
     end = await client.end()
