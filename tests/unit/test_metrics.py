@@ -1,0 +1,125 @@
+"""The per-request series (``metrics.PerRequest``, plain numbers made into families at scrape
+time) against prometheus_client's own Counter, Histogram and Gauge fed the same requests:
+the same scrape, line for line, in both formats."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from gateway.metrics import BUCKETS, Metrics, method_label
+
+FAMILIES = (
+    "http_requests",
+    "gateway_route_requests",
+    "http_request_duration_seconds",
+    "active_connections",
+)
+
+
+class Oracle:
+    """The four series as the gateway kept them before, in prometheus_client's objects."""
+
+    def __init__(self, gateway: Metrics) -> None:
+        docs = {family.name: family.documentation for family in gateway.per_request.describe()}
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "http_requests", docs["http_requests"], ["service", "method", "status"], registry=r
+        )
+        self.routes = Counter(
+            "gateway_route_requests",
+            docs["gateway_route_requests"],
+            ["service", "route", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            docs["http_request_duration_seconds"],
+            ["service"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge(
+            "active_connections", docs["active_connections"], ["service"], registry=r
+        )
+
+    def observe(self, service: str, route: str, method: str, status: int, seconds: float) -> None:
+        method = method_label(method)
+        self.requests.labels(service, method, str(status)).inc()
+        self.routes.labels(service, route, str(status)).inc()
+        if status != 101:
+            self.duration.labels(service).observe(seconds)
+
+    def forget(self, service: str) -> None:
+        for metric in (self.requests, self.routes, self.duration, self.active):
+            for family in metric.collect():
+                # A sample's labels are the metric's in order, then a histogram's le.
+                for labels in {
+                    tuple(v for k, v in s.labels.items() if k != "le") for s in family.samples
+                }:
+                    if labels[0] == service:
+                        metric.remove(*labels)
+
+
+def scrape(registry: CollectorRegistry, accept: str, only: tuple[str, ...] = FAMILIES) -> str:
+    """The lines of ``only`` these families' scrape, sorted (the order of series within a
+    family is not the format's), with every _created value (a clock's) as T."""
+    text = choose_encoder(accept)[0](registry).decode().removesuffix("# EOF\n")
+    blocks = re.split(r"(?m)^(?=# HELP )", text)
+    kept = [b for b in blocks if re.match(rf"# HELP ({'|'.join(only)})(_total|_created)? ", b)]
+    lines = sorted(line for block in kept for line in block.splitlines())
+    return re.sub(r"(?m)^(\S*_created(?:\{[^}]*\})?) \S+$", r"\1 T", "\n".join(lines))
+
+
+def test_the_per_request_series_scrape_as_prometheus_clients_own() -> None:
+    rng = random.Random(7)
+    metrics = Metrics()
+    oracle = Oracle(metrics)
+    services = ["city", "agents", "unmatched", "gateway"]
+    # Every bucket bound exactly, either side of it, and beyond the last one.
+    latencies = [b for bound in BUCKETS for b in (bound, bound * 0.999, bound * 1.001)]
+    latencies += [0.0, 100.0, 1e-9]
+    for i in range(3000):
+        service = rng.choice(services)
+        route = rng.choice([service, f"{service}#1", f"{service}#2"])
+        method = rng.choice(["GET", "POST", "HEAD", "BREW", "get"])
+        status = rng.choice([200, 200, 404, 101, 502, 499])
+        seconds = latencies[i % len(latencies)] if i < 3 * len(latencies) else rng.random()
+        metrics.observe_request(service, route, method, status, seconds)
+        oracle.observe(service, route, method, status, seconds)
+    held = metrics.active_for("city")
+    for service, n in (("city", 3), ("agents", 2)):
+        for _ in range(n):
+            metrics.active_for(service).inc()
+            oracle.active.labels(service).inc()
+    metrics.active_for("agents").dec()
+    oracle.active.labels("agents").dec()
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        got = scrape(metrics.registry, accept)
+        assert 'http_request_duration_seconds_bucket{le="0.005",service="city"}' in got
+        assert got == scrape(oracle.registry, accept)
+    metrics.forget_service("city")
+    oracle.forget("city")
+    held.dec()  # a request in flight across the reload ends: the forgotten series stays gone
+    got = scrape(metrics.registry, "")
+    assert 'service="city"' not in got
+    assert 'service="agents"' in got
+    assert got == scrape(oracle.registry, "")
+    metrics.active_for("city").inc()  # the service is back: its series starts again
+    assert 'active_connections{service="city"} 1.0' in scrape(metrics.registry, "")
+
+
+def test_the_per_request_series_are_in_each_workers_families() -> None:
+    metrics = Metrics()
+    metrics.observe_request("city", "city", "GET", 200, 0.02)
+    names = [family["name"] for family in metrics.families()]
+    assert names[:4] == list(FAMILIES)  # where the prometheus_client objects had them
+    (requests,) = (f for f in metrics.families() if f["name"] == "http_requests")
+    assert requests["type"] == "counter"
+    assert [(n, labels, v) for n, labels, v in requests["samples"] if n.endswith("_total")] == [
+        ("http_requests_total", {"service": "city", "method": "GET", "status": "200"}, 1)
+    ]
