@@ -66,10 +66,30 @@ class Metrics:
         # collect() (``remove_series``).
         self._label_names: dict[int, tuple[str, ...]] = {}
         # The series every request updates are plain numbers, made into families only when
-        # scraped (``PerRequest``): prometheus_client's children take a lock and several calls
-        # per update, about 5 us of every request's CPU for these four.
-        self.per_request = PerRequest()
-        r.register(self.per_request)
+        # scraped (``Tally``, ``Latencies``, ``Levels``): prometheus_client's children take a
+        # lock and several calls per update, about 5 us of every request's CPU for these.
+        self.requests = self._tally(
+            "http_requests",
+            "Requests answered, by service, method and status.",
+            ("service", "method", "status"),
+        )
+        self.route_requests = self._tally(
+            "gateway_route_requests",
+            "Requests answered, by service, route (its name, or the service's for a service's "
+            "own two rules) and status.",
+            ("service", "route", "status"),
+        )
+        self.duration = Latencies(
+            "http_request_duration_seconds",
+            "Time from request start to the end of the response, by service "
+            "(WebSocket sessions are not observed here).",
+        )
+        r.register(self.duration)
+        self.active = Levels(
+            "active_connections",
+            "Requests in flight (and, for WebSockets, open sessions), by service.",
+        )
+        r.register(self.active)
         self.health = self._labelled(
             Gauge,
             "service_health",
@@ -183,12 +203,11 @@ class Metrics:
             "WebSocket payload bytes relayed, by direction (up: to the service).",
             ["service", "direction"],
         )
-        self.rate_limit_decisions = self._labelled(
-            Counter,
+        self.rate_limit_decisions = self._tally(
             "gateway_rate_limit_decisions",
             "Rate-limit decisions by zone and result (allowed, delayed, rejected, "
             "dry_run_rejected).",
-            ["zone", "result"],
+            ("zone", "result"),
         )
         self.rate_limit_degraded = Gauge(
             "gateway_rate_limit_degraded",
@@ -214,12 +233,11 @@ class Metrics:
             "ACME certificate orders (first ones and renewals), by result (success, failure).",
             ["result"],
         )
-        self.auth = self._labelled(
-            Counter,
+        self.auth = self._tally(
             "gateway_auth",
             "Token checks on routes with auth, by service and result (ok, anonymous, "
             "missing_token, invalid_token, token_expired, insufficient_scope).",
-            ["service", "result"],
+            ("service", "result"),
         )
         self.upstream_tls_failures = self._labelled(
             Counter,
@@ -244,8 +262,6 @@ class Metrics:
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         # Cached label children: labels() costs a lock and a dict lookup we can skip.
-        self._limit_children: dict[tuple[str, str], Counter] = {}
-        self._auth_children: dict[tuple[str, str], Counter] = {}
         self._ws_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.scrapes = ScrapeCache()
 
@@ -256,6 +272,11 @@ class Metrics:
         self._label_names[id(metric)] = tuple(labels)
         return metric
 
+    def _tally(self, name: str, documentation: str, labels: tuple[str, ...]) -> Tally:
+        tally = Tally(name, documentation, labels)
+        self.registry.register(tally)
+        return tally
+
     def serving_config(self, digest: str) -> None:
         """``gateway_config_info``: this one, and no other."""
         self.config_info.clear()
@@ -264,12 +285,15 @@ class Metrics:
     def observe_request(
         self, service: str, route: str, method: str, status: int, seconds: float
     ) -> None:
-        self.per_request.observe(service, route, method_label(method), status, seconds)
+        self.requests.add((service, method_label(method), status))
+        self.route_requests.add((service, route, status))
+        if status != 101:  # a WebSocket session's length is not a request latency
+            self.duration.observe(service, seconds)
 
     def active_for(self, service: str) -> Level:
         """The service's ``active_connections``: whoever increments it keeps this one to
         decrement (a reload may have dropped the service's series meanwhile)."""
-        return self.per_request.active(service)
+        return self.active.of(service)
 
     def ws_counters(self, service: str, direction: str) -> tuple[Counter, Counter]:
         """(messages, bytes) children for one direction of a service's sessions."""
@@ -283,22 +307,17 @@ class Metrics:
         return pair
 
     def count_auth(self, service: str, result: str) -> None:
-        counter = self._auth_children.get((service, result))
-        if counter is None:
-            counter = self._auth_children[service, result] = self.auth.labels(service, result)
-        counter.inc()
+        self.auth.add((service, result))
 
     def count_limit(self, zone: str, result: str) -> None:
-        counter = self._limit_children.get((zone, result))
-        if counter is None:
-            counter = self._limit_children[zone, result] = self.rate_limit_decisions.labels(
-                zone, result
-            )
-        counter.inc()
+        self.rate_limit_decisions.add((zone, result))
 
     def forget_service(self, service: str) -> None:
         """Drop the series of a service that a config reload removed."""
-        self.per_request.forget(service)
+        for per_request in (self.requests, self.route_requests, self.auth):
+            per_request.forget(service)
+        self.duration.forget(service)
+        self.active.forget(service)
         for metric in (
             self.upstream_errors,
             self.health,
@@ -311,13 +330,11 @@ class Metrics:
             self.ws_closed,
             self.ws_messages,
             self.ws_bytes,
-            self.auth,
         ):
             self.remove_series(
                 metric, lambda labels: labels[0] == service or labels[:2] == (GATEWAY, service)
             )
         self._ws_children = {k: v for k, v in self._ws_children.items() if k[0] != service}
-        self._auth_children = {k: v for k, v in self._auth_children.items() if k[0] != service}
 
     def remove_series(
         self, metric: MetricWrapperBase, drop: Callable[[tuple[str, ...]], bool]
@@ -368,8 +385,89 @@ class Metrics:
         ]
 
 
+# As prometheus_client decides whether its own counters and histograms have _created series.
+_DISABLE_CREATED: Final = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False")
+_CREATED: Final = _DISABLE_CREATED.lower() not in {"true", "1", "t"}
+_BOUNDS: Final = (*(str(bound) for bound in BUCKETS), "+Inf")  # as prometheus_client writes le
+
+# The families below are counted as plain numbers and made into metric families when the
+# registry is collected (a scrape, ``Metrics.families``), with the names, labels, buckets and
+# _created series prometheus_client's own would have. Only the event loop's thread updates
+# or reads them: no lock. The first label of each is what ``forget`` drops.
+
+
+class Tally:
+    """A counter family: a count per tuple of label values (written with ``str``)."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self._name, self._documentation, self._labels = name, documentation, labels
+        self._counts: dict[tuple[str | int, ...], list[float]] = {}  # [count, created]
+
+    def add(self, key: tuple[str | int, ...]) -> None:
+        counted = self._counts.get(key)
+        if counted is None:
+            counted = self._counts[key] = [0, time.time()]
+        counted[0] += 1
+
+    def forget(self, first: str) -> None:
+        self._counts = {k: v for k, v in self._counts.items() if k[0] != first}
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation, labels=self._labels)]
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for key, (count, created) in self._counts.items():
+            family.add_metric([str(v) for v in key], count, created if _CREATED else None)
+        return [family]
+
+
+class _Buckets:
+    """One service's latencies: a count per bucket (the last one +Inf), not cumulative until
+    scraped, and their sum."""
+
+    __slots__ = ("counts", "created", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.created = time.time()
+
+
+class Latencies:
+    """A histogram family of ``BUCKETS``, by service."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name, self._documentation = name, documentation
+        self._services: dict[str, _Buckets] = {}
+
+    def observe(self, service: str, seconds: float) -> None:
+        buckets = self._services.get(service)
+        if buckets is None:
+            buckets = self._services[service] = _Buckets()
+        buckets.counts[bisect_left(BUCKETS, seconds)] += 1  # as prometheus_client: le is <=
+        buckets.total += seconds
+
+    def forget(self, service: str) -> None:
+        self._services.pop(service, None)
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=["service"])]
+
+    def collect(self) -> list[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=["service"])
+        for service, buckets in self._services.items():
+            cumulative = itertools.accumulate(buckets.counts)
+            family.add_metric([service], list(zip(_BOUNDS, cumulative, strict=True)), buckets.total)
+            if _CREATED:
+                family.samples.append(
+                    Sample(f"{self._name}_created", {"service": service}, buckets.created)
+                )
+        return [family]
+
+
 class Level:
-    """A gauge kept as a plain number (``active_connections`` of one service)."""
+    """A gauge kept as a plain number (one service's ``active_connections``)."""
 
     __slots__ = ("value",)
 
@@ -383,134 +481,30 @@ class Level:
         self.value -= 1
 
 
-class _Latencies:
-    """One service's ``http_request_duration_seconds``: a count per bucket (the last one
-    +Inf), not cumulative until scraped."""
+class Levels:
+    """A gauge family of ``Level``s, by service."""
 
-    __slots__ = ("counts", "created", "total")
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name, self._documentation = name, documentation
+        self._services: dict[str, Level] = {}
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
-        self.created = time.time()
-
-
-# As prometheus_client decides whether its own counters and histograms have _created series.
-_DISABLE_CREATED: Final = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False")
-_CREATED: Final = _DISABLE_CREATED.lower() not in {"true", "1", "t"}
-_BOUNDS: Final = (*(str(bound) for bound in BUCKETS), "+Inf")  # as prometheus_client writes le
-
-
-class PerRequest:
-    """The series that every request updates, as plain numbers in dicts, made into metric
-    families when the registry is collected (a scrape, or ``Metrics.families``):
-    ``http_requests``, ``gateway_route_requests``, ``http_request_duration_seconds`` and
-    ``active_connections``, the same names, labels, buckets and ``_created`` series as
-    prometheus_client's own would have. Only the event loop's thread updates or reads
-    them, so no lock. One count per (service, route, method, status): both request counters
-    are sums of it."""
-
-    def __init__(self) -> None:
-        self._requests: dict[tuple[str, str, str, int], list[float]] = {}  # [count, created]
-        self._latencies: dict[str, _Latencies] = {}
-        self._active: dict[str, Level] = {}
-
-    def observe(self, service: str, route: str, method: str, status: int, seconds: float) -> None:
-        key = (service, route, method, status)
-        counted = self._requests.get(key)
-        if counted is None:
-            counted = self._requests[key] = [0, time.time()]
-        counted[0] += 1
-        if status == 101:
-            return  # a WebSocket session's length is not a request latency
-        latencies = self._latencies.get(service)
-        if latencies is None:
-            latencies = self._latencies[service] = _Latencies()
-        latencies.counts[bisect_left(BUCKETS, seconds)] += 1  # as prometheus_client: le is <=
-        latencies.total += seconds
-
-    def active(self, service: str) -> Level:
-        level = self._active.get(service)
+    def of(self, service: str) -> Level:
+        level = self._services.get(service)
         if level is None:
-            level = self._active[service] = Level()
+            level = self._services[service] = Level()
         return level
 
     def forget(self, service: str) -> None:
-        self._requests = {k: v for k, v in self._requests.items() if k[0] != service}
-        self._latencies.pop(service, None)
-        self._active.pop(service, None)
+        self._services.pop(service, None)
 
     def describe(self) -> list[Metric]:
-        return [_requests_family(), _routes_family(), _latency_family(), _active_family()]
+        return [GaugeMetricFamily(self._name, self._documentation, labels=["service"])]
 
     def collect(self) -> list[Metric]:
-        by_method: dict[tuple[str, str, str], list[float]] = {}
-        by_route: dict[tuple[str, str, str], list[float]] = {}
-        for (service, route, method, status), (count, created) in self._requests.items():
-            code = str(status)
-            for table, key in (
-                (by_method, (service, method, code)),
-                (by_route, (service, route, code)),
-            ):
-                summed = table.get(key)
-                if summed is None:
-                    table[key] = [count, created]
-                else:
-                    summed[0] += count
-                    summed[1] = min(summed[1], created)
-        families = []
-        for family, table in ((_requests_family(), by_method), (_routes_family(), by_route)):
-            for labels, (count, created) in table.items():
-                family.add_metric(labels, count, created if _CREATED else None)
-            families.append(family)
-        latency = _latency_family()
-        for service, latencies in self._latencies.items():
-            cumulative = list(itertools.accumulate(latencies.counts))
-            latency.add_metric(
-                [service], list(zip(_BOUNDS, cumulative, strict=True)), latencies.total
-            )
-            if _CREATED:
-                latency.samples.append(
-                    Sample(f"{latency.name}_created", {"service": service}, latencies.created)
-                )
-        active = _active_family()
-        for service, level in self._active.items():
-            active.add_metric([service], level.value)
-        return [*families, latency, active]
-
-
-def _requests_family() -> CounterMetricFamily:
-    return CounterMetricFamily(
-        "http_requests",
-        "Requests answered, by service, method and status.",
-        labels=["service", "method", "status"],
-    )
-
-
-def _routes_family() -> CounterMetricFamily:
-    return CounterMetricFamily(
-        "gateway_route_requests",
-        "Requests answered, by service, route (its name, or the service's for a service's own "
-        "two rules) and status.",
-        labels=["service", "route", "status"],
-    )
-
-
-def _latency_family() -> HistogramMetricFamily:
-    return HistogramMetricFamily(
-        "http_request_duration_seconds",
-        "Time from request start to the end of the response, by service (WebSocket sessions "
-        "are not observed here).",
-        labels=["service"],
-    )
-
-
-def _active_family() -> GaugeMetricFamily:
-    return GaugeMetricFamily(
-        "active_connections",
-        "Requests in flight (and, for WebSockets, open sessions), by service.",
-        labels=["service"],
-    )
+        family = GaugeMetricFamily(self._name, self._documentation, labels=["service"])
+        for service, level in self._services.items():
+            family.add_metric([service], level.value)
+        return [family]
 
 
 class ScrapeCache:
