@@ -8,7 +8,6 @@ unknown service counts as ``unmatched``, an unusual method as ``OTHER``.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
@@ -385,15 +384,13 @@ class Metrics:
         ]
 
 
-# As prometheus_client decides whether its own counters and histograms have _created series.
-_DISABLE_CREATED: Final = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False")
-_CREATED: Final = _DISABLE_CREATED.lower() not in {"true", "1", "t"}
 _BOUNDS: Final = (*(str(bound) for bound in BUCKETS), "+Inf")  # as prometheus_client writes le
 
 # The families below are counted as plain numbers and made into metric families when the
 # registry is collected (a scrape, ``Metrics.families``), with the names, labels, buckets and
-# _created series prometheus_client's own would have. Only the event loop's thread updates
-# or reads them: no lock. The first label of each is what ``forget`` drops.
+# _created series prometheus_client's own would have (always: the gateway never turns them
+# off). Only the event loop's thread updates or reads them: no lock. The first label of each
+# is what ``forget`` drops.
 
 
 class Tally:
@@ -418,7 +415,7 @@ class Tally:
     def collect(self) -> list[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
         for key, (count, created) in self._counts.items():
-            family.add_metric([str(v) for v in key], count, created if _CREATED else None)
+            family.add_metric([str(v) for v in key], count, created)
         return [family]
 
 
@@ -459,10 +456,9 @@ class Latencies:
         for service, buckets in self._services.items():
             cumulative = itertools.accumulate(buckets.counts)
             family.add_metric([service], list(zip(_BOUNDS, cumulative, strict=True)), buckets.total)
-            if _CREATED:
-                family.samples.append(
-                    Sample(f"{self._name}_created", {"service": service}, buckets.created)
-                )
+            family.samples.append(
+                Sample(f"{self._name}_created", {"service": service}, buckets.created)
+            )
         return [family]
 
 
