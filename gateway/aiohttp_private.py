@@ -32,10 +32,10 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   rejects (``web_protocol._ErrInfo``).
 - ``site_server``: a site's listening server and TLS context (``BaseSite``'s ``_server``,
   ``_ssl_context``), so that a stop can serve the connections its accept queue holds;
-- ``HeldSite``: a site on an inherited listening socket whose TLS handshakes time out
-  (asyncio's ``ssl_handshake_timeout``, which aiohttp's sites do not pass on): its ``start``
-  is ``SockSite.start`` with it, and reads what that one reads (``BaseSite``'s ``_runner``,
-  ``_ssl_context``, ``_backlog``, ``_server``).
+- ``HeldSite``: a site on an inherited listening socket, served by a server the gateway
+  makes (``edge/accept.py``'s, which accepts in batches and times TLS handshakes out, which
+  aiohttp's sites do not): its ``start`` is ``SockSite.start`` with that server, and sets
+  what ``BaseSite`` reads (``_runner``, ``_ssl_context``, ``_backlog``, ``_server``).
 
 The build is locked (``requirements/``), so an aiohttp upgrade is deliberate; ``missing()``
 lists what of the above an installed aiohttp no longer has, and a unit test fails with that
@@ -49,7 +49,7 @@ import re
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from aiohttp import HttpVersion10, HttpVersion11, base_protocol, http_writer, web, web_protocol
 from aiohttp.helpers import rfc822_formatted_time
@@ -82,15 +82,28 @@ def site_server(site: web.BaseSite) -> tuple[asyncio.AbstractServer | None, ssl.
     return site._server, site._ssl_context
 
 
+class Serve(Protocol):
+    """What makes the server of a ``HeldSite``: ``edge.accept.Acceptor``."""
+
+    def __call__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float | None,
+    ) -> asyncio.AbstractServer: ...
+
+
 class HeldSite(web.BaseSite):
     """A site on a listening socket made elsewhere (the supervisor's, inherited: see
-    ``lifecycle/listeners.py``), with a TLS handshake timeout of its own where it has a TLS
-    context (aiohttp's sites leave asyncio's 60 s): a client that connects and does not
-    finish its handshake in time is closed. Its ``start`` is ``SockSite.start`` with that one
-    argument more; it sets what ``BaseSite`` reads (``_runner``, ``_ssl_context``,
-    ``_backlog``, ``_server``)."""
+    ``lifecycle/listeners.py``), served by ``serve``'s server, with a TLS handshake timeout
+    of its own where it has a TLS context (aiohttp's sites leave asyncio's 60 s): a client
+    that connects and does not finish its handshake in time is closed. Its ``start`` is
+    ``SockSite.start`` with that server; it sets what ``BaseSite`` reads (``_runner``,
+    ``_ssl_context``, ``_backlog``, ``_server``)."""
 
-    __slots__ = ("_handshake_timeout", "_name", "_sock")
+    __slots__ = ("_handshake_timeout", "_name", "_serve", "_sock")
 
     def __init__(
         self,
@@ -100,9 +113,11 @@ class HeldSite(web.BaseSite):
         ssl_context: ssl.SSLContext | None,
         handshake_timeout: float,
         backlog: int,
+        serve: Serve,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._sock = sock
+        self._serve = serve
         self._handshake_timeout = handshake_timeout
         host, port = sock.getsockname()[:2]
         scheme = "https" if ssl_context is not None else "http"
@@ -117,13 +132,13 @@ class HeldSite(web.BaseSite):
         server = self._runner.server
         if server is None:
             raise RuntimeError("the runner is not set up")
-        self._server = await asyncio.get_running_loop().create_server(
+        self._server = self._serve(
+            self._sock,
             server,
-            sock=self._sock,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
-            backlog=self._backlog,
+            ssl_context=self._ssl_context,
+            handshake_timeout=self._handshake_timeout if self._ssl_context else None,
         )
+        await self._server.start_serving()
 
 
 def protocol_factory(server: web.Server, cls: Callable[..., H]) -> Callable[[], H]:

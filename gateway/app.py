@@ -28,6 +28,7 @@ from .auth import Authenticator
 from .config import Config, ConfigError, digest, parse_config
 from .config.types import Acme
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
+from .edge.accept import Acceptor
 from .edge.acme import AcmeManager, ChallengeStore
 from .edge.connections import ConnectionTable
 from .edge.tls import Certificates, Source, acme_source
@@ -220,6 +221,7 @@ class Gateway:
                     ssl_context=tls[0] if tls is not None else None,
                     handshake_timeout=tls[1] if tls is not None else 0,
                     backlog=BACKLOG,
+                    serve=Acceptor,
                 )
             )
         addresses = [sock.getsockname() for sock in sockets]
