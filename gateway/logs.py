@@ -54,8 +54,12 @@ def new_request_id() -> str:
     return f"{_Ids.prefix}{next(_Ids.counter):016x}"
 
 
+_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
 class _Clock:
-    """Formats UTC timestamps, reusing the seconds part within the same second."""
+    """Formats UTC timestamps, reusing the seconds part within the same second (and the
+    milliseconds' text from a table: a request's line is formatted at every request)."""
 
     def __init__(self) -> None:
         self._second = -1
@@ -66,7 +70,7 @@ class _Clock:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
+        return self._prefix + _MILLIS[int((created - second) * 1000)]
 
 
 def _line(clock: _Clock, created: float, level: str, message: str) -> dict[str, Any]:
