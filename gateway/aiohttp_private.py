@@ -30,12 +30,12 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   arriving (``_next_keepalive_close_time``, on ``BaseProtocol._loop``'s clock), and
   ``answer_early`` queues an answer (431, 408) as aiohttp queues its own for a head its parser
   rejects (``web_protocol._ErrInfo``).
-- ``site_server``: a site's listening server and TLS context (``BaseSite``'s ``_server``,
-  ``_ssl_context``), so that a stop can serve the connections its accept queue holds;
+- ``site_server``: a site's listening server (``BaseSite._server``), so that a stop can serve
+  the connections its accept queue holds;
 - ``HeldSite``: a site on an inherited listening socket, served by a server the gateway
   makes (``edge/accept.py``'s, which accepts in batches and times TLS handshakes out, which
   aiohttp's sites do not): its ``start`` is ``SockSite.start`` with that server, and sets
-  what ``BaseSite`` reads (``_runner``, ``_ssl_context``, ``_backlog``, ``_server``).
+  what ``BaseSite`` reads (``_runner``, ``_ssl_context``, ``_server``).
 
 The build is locked (``requirements/``), so an aiohttp upgrade is deliberate; ``missing()``
 lists what of the above an installed aiohttp no longer has, and a unit test fails with that
@@ -72,14 +72,14 @@ _SLOTS = (
     (web.RequestHandler, "_next_keepalive_close_time"),
     (base_protocol.BaseProtocol, "_upgraded"),
     (base_protocol.BaseProtocol, "_loop"),
-    *((web.BaseSite, name) for name in ("_runner", "_ssl_context", "_backlog", "_server")),
+    *((web.BaseSite, name) for name in ("_runner", "_ssl_context", "_server")),
 )
 
 
-def site_server(site: web.BaseSite) -> tuple[asyncio.AbstractServer | None, ssl.SSLContext | None]:
-    """A started site's listening server and its TLS context (``BaseSite._server``,
-    ``._ssl_context``), for the stop that serves what its accept queue still holds."""
-    return site._server, site._ssl_context
+def site_server(site: web.BaseSite) -> asyncio.AbstractServer | None:
+    """A started site's listening server (``BaseSite._server``), for the stop that serves the
+    connections its accept queue holds."""
+    return site._server
 
 
 class Serve(Protocol):
@@ -101,7 +101,7 @@ class HeldSite(web.BaseSite):
     of its own where it has a TLS context (aiohttp's sites leave asyncio's 60 s): a client
     that connects and does not finish its handshake in time is closed. Its ``start`` is
     ``SockSite.start`` with that server; it sets what ``BaseSite`` reads (``_runner``,
-    ``_ssl_context``, ``_backlog``, ``_server``)."""
+    ``_ssl_context``, ``_server``; ``_backlog`` is not used: the socket listens already)."""
 
     __slots__ = ("_handshake_timeout", "_name", "_serve", "_sock")
 

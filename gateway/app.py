@@ -277,7 +277,7 @@ class Gateway:
             # closed; requests in flight on any listener then get the same shutdown_timeout.
             for runner in self._runners:
                 for site in list(runner.sites):
-                    await _stop_site(runner, site)
+                    await _stop_site(site)
             grace_ends = time.monotonic() + ACCEPTED_GRACE
             while shared.connections.fresh and time.monotonic() < grace_ends:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
@@ -305,7 +305,10 @@ class Gateway:
         self._waiting = []  # never started: their sockets close with the process
         for runner in self._runners:
             for site in list(runner.sites):
+                server = site_server(site)
                 await site.stop()
+                if server is not None:  # what it took already is this process's to serve
+                    await server.wait_closed()
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -454,34 +457,17 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
 
-async def _stop_site(runner: web.ServerRunner, site: web.BaseSite) -> None:
+async def _stop_site(site: web.BaseSite) -> None:
     """Stop a site's listener without resetting what its accept queue holds: connections the
     kernel completed before the close (their clients may have written a request already)
-    are accepted and served, not reset. The socket is held open (a duplicate) while the
-    queue is emptied, and closed at once after, so the window for a reset is microseconds."""
-    server, context = site_server(site)
-    factory = runner.server
-    if factory is None:  # never set up: nothing was accepted
-        await site.stop()
-        return
-    # asyncio.Server and uvloop's have sockets; AbstractServer does not say so.
-    sockets = getattr(server, "sockets", None) or ()
-    held = [socket.socket(fileno=os.dup(s.fileno())) for s in sockets]
+    are taken and served, not reset (``Acceptor.close(take_queue=True)``; the window for a
+    reset is the microseconds between the last accept and the close), and each is the
+    server's before this returns, so that the shutdown that follows sees it."""
+    server = site_server(site)
+    if isinstance(server, Acceptor):
+        server.close(take_queue=True)
+        await server.wait_closed()
     await site.stop()
-    loop = asyncio.get_running_loop()
-    try:
-        for sock in held:
-            sock.setblocking(False)
-            while True:
-                try:
-                    connection, _ = sock.accept()
-                except OSError:  # BlockingIOError: the queue is empty
-                    break
-                with contextlib.suppress(OSError, ssl.SSLError):
-                    await loop.connect_accepted_socket(factory, connection, ssl=context)
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def _verifying(config: Config) -> object:

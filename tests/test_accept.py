@@ -1,14 +1,17 @@
 """Accepting client connections (``edge/accept.py``): a burst waiting in the kernel's queue is
 taken at once, not one connection per loop iteration as uvloop's own server does; out of
 file descriptors, accepting pauses and the waiting connections are served afterwards, none
-reset. Real sockets on loopback, on uvloop (as every test here)."""
+reset; a stop serves what the queue holds. Real sockets on loopback, on uvloop (as every test
+here); errors of accept(2) that a test cannot make happen come from a socket subclass."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import socket
+import ssl
 from typing import cast
 
 import pytest
@@ -114,14 +117,13 @@ async def test_out_of_descriptors_it_pauses_then_serves_every_waiting_connection
                 await server.start_serving()
                 await iterations(6)  # accept() fails with EMFILE: nothing taken, no crash
                 assert made == []
-                assert not server.is_serving()
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             await asyncio.sleep(0.3)  # the pause ends: the queue is taken whole
         assert len(made) == 5
-        assert server.is_serving()
         lines = [r for r in caplog.records if r.getMessage() == "cannot accept connections"]
         assert len(lines) == 1
+        assert lines[0].levelno == logging.WARNING
         assert "Too many open files" in lines[0].fields["error"]  # type: ignore[attr-defined]
         for client in waiting:  # each one is served: none was reset while it waited
             assert await answered(client) == b"ok"
@@ -131,23 +133,88 @@ async def test_out_of_descriptors_it_pauses_then_serves_every_waiting_connection
             client.close()
 
 
-async def test_a_connection_reset_in_the_queue_costs_only_itself():
-    sock = listening()
+class Failing(socket.socket):
+    """A listening socket whose accept() first raises the errors it is given."""
+
+    def __init__(self, *errors: int) -> None:
+        super().__init__()
+        self.errors = list(errors)
+        self.calls = 0
+        self.bind(("127.0.0.1", 0))
+        self.listen(1024)
+        self.setblocking(False)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.calls += 1
+        if self.errors:
+            code = self.errors.pop(0)
+            raise OSError(code, errno.errorcode[code])
+        return super().accept()
+
+
+async def test_an_error_of_one_connection_costs_only_that_one():
+    sock = Failing(errno.ECONNABORTED, errno.EPROTO)
     made, protocol = factory()
-    port = sock.getsockname()[1]
-    reset = socket.create_connection(("127.0.0.1", port))
-    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    reset.close()  # RST while it waits to be accepted
-    waiting = clients(port, 3)
+    waiting = clients(sock.getsockname()[1], 3)
     server = Acceptor(sock, protocol)
     try:
         await server.start_serving()
-        await asyncio.sleep(0.1)
-        assert server.is_serving()
+        await iterations(6)
+        assert len(made) == 3  # taken in the same round as the two errors
         for client in waiting:
             assert await answered(client) == b"ok"
-        assert 3 <= len(made) <= 4  # the reset one may have been accepted before its RST
     finally:
         server.close()
         for client in waiting:
             client.close()
+
+
+async def test_an_error_of_the_socket_pauses_accepting_with_one_line_not_a_busy_loop(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(accept, "ACCEPT_PAUSE", 0.2)
+    sock = Failing(errno.EINVAL, errno.EINVAL)
+    made, protocol = factory()
+    waiting = clients(sock.getsockname()[1], 2)
+    server = Acceptor(sock, protocol)
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway"):
+            await server.start_serving()
+            await iterations(20)
+            assert sock.calls == 1  # then paused: not 100 failing calls per iteration
+            await asyncio.sleep(0.25)  # tried again: EINVAL again, still one line
+            assert sock.calls == 2
+            await asyncio.sleep(0.25)  # and then it works
+        assert len(made) == 2
+        lines = [r for r in caplog.records if r.getMessage() == "cannot accept connections"]
+        assert [r.levelno for r in lines] == [logging.ERROR]
+    finally:
+        server.close()
+        for client in waiting:
+            client.close()
+
+
+async def test_a_stop_serves_what_the_queue_holds_before_it_returns():
+    sock = listening()
+    made, protocol = factory()
+    waiting = clients(sock.getsockname()[1], 8)
+    server = Acceptor(sock, protocol)  # never started: all 8 wait in the queue
+    try:
+        server.close(take_queue=True)
+        assert sock.fileno() == -1
+        assert made == []  # taken, not yet the server's
+        await server.wait_closed()
+        assert len(made) == 8  # every one is, before wait_closed returns
+        for client in waiting:
+            assert await answered(client) == b"ok"
+    finally:
+        for connection in made:
+            connection.transport.close()
+        for client in waiting:
+            client.close()
+
+
+async def test_a_tls_handshake_timeout_must_be_positive():
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with listening() as sock, pytest.raises(ValueError, match="positive"):
+        Acceptor(sock, Counting, ssl_context=context, handshake_timeout=0)

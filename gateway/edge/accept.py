@@ -11,10 +11,18 @@ its p50). asyncio's own loop accepts up to its backlog per readiness; nginx acce
 event, but its iterations are microseconds. Taken in a batch, the same 200 are all accepted
 within 90 ms.
 
-Out of file descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), accepting pauses for
-``ACCEPT_PAUSE`` seconds, with one log line: the connections wait in the queue (nothing is
-reset) and are taken when descriptors free up. A connection that fails its TLS handshake, or
-that its client reset before it was served, ends alone and quietly, as under uvloop's server.
+When ``accept`` fails for the process rather than for one connection (out of descriptors or
+memory: EMFILE, ENFILE, ENOBUFS, ENOMEM; or any error that is not one connection's), accepting
+pauses for ``ACCEPT_PAUSE`` seconds and is tried again, with one log line until it succeeds:
+the connections wait in the queue (nothing is reset) and are taken when it works again. A
+connection that failed before it was taken (ECONNABORTED...), or that fails its TLS
+handshake, ends alone and quietly, as under uvloop's server.
+
+A stop (``close(take_queue=True)``, then ``wait_closed``) takes what the queue still holds
+first: connections the kernel completed before the close, whose clients may have written a
+request already, are served rather than reset; ``wait_closed`` returns once every connection
+taken is the server's (its ``connection_made`` ran; a TLS one's after its handshake, bounded
+by the handshake timeout), so that a shutdown that follows sees all of them.
 """
 
 from __future__ import annotations
@@ -32,10 +40,16 @@ log = logging.getLogger("gateway")
 ACCEPT_BATCH: Final = 100  # connections taken per readiness of the socket (asyncio: its backlog)
 ACCEPT_PAUSE: Final = 0.5  # seconds without accepting when the process is out of resources
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2)'s errors that concern the one connection it would have returned (Linux passes on
+# the new socket's pending network errors): the next one is taken.
+_ONE_CONNECTIONS: Final = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+})  # fmt: skip
 
 
 class Acceptor(asyncio.AbstractServer):
-    """A listening socket served with ``factory``'s protocols (TLS with ``ssl``, whose
+    """A listening socket served with ``factory``'s protocols (TLS with ``ssl_context``, whose
     handshake gets ``handshake_timeout`` seconds). ``close`` stops accepting and closes the
     socket, as ``asyncio.Server.close`` does; connections already accepted go on."""
 
@@ -47,12 +61,15 @@ class Acceptor(asyncio.AbstractServer):
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float | None = None,
     ) -> None:
+        if ssl_context is not None and not (handshake_timeout is None or handshake_timeout > 0):
+            raise ValueError("a TLS handshake timeout must be positive")  # at start, not later
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = sock
         self._factory = factory
         self._ssl = ssl_context
         self._handshake_timeout = handshake_timeout if ssl_context is not None else None
         self._reading = False
+        self._failing = False  # accept fails for the process: logged once, until it works
         self._pause: asyncio.TimerHandle | None = None
         self._connecting: set[asyncio.Task[None]] = set()
         sock.setblocking(False)
@@ -65,15 +82,21 @@ class Acceptor(asyncio.AbstractServer):
         return self._loop
 
     def is_serving(self) -> bool:
-        return self._reading
+        return self._sock is not None
 
     async def start_serving(self) -> None:
         self._read()
 
-    def close(self) -> None:
-        sock, self._sock = self._sock, None
+    def close(self, *, take_queue: bool = False) -> None:
+        """Stop accepting and close the socket; ``take_queue``: take every connection its
+        queue holds first (a stop; not a handover, where another process goes on accepting
+        from the same queue)."""
+        sock = self._sock
         if sock is None:
             return
+        while take_queue and self._take(sock) == ACCEPT_BATCH:
+            pass
+        self._sock = None
         self._unread(sock)
         if self._pause is not None:
             self._pause.cancel()
@@ -81,7 +104,10 @@ class Acceptor(asyncio.AbstractServer):
         sock.close()
 
     async def wait_closed(self) -> None:
-        """Nothing to wait for: the connections are the runner's (aiohttp shuts them down)."""
+        """Until every connection taken is the server's (its protocol's ``connection_made``
+        ran, or it failed). The connections are then the runner's: aiohttp shuts them down."""
+        while self._connecting:
+            await asyncio.wait(set(self._connecting))
 
     async def serve_forever(self) -> None:
         """As ``asyncio.Server``'s: serve until cancelled, then close."""
@@ -103,28 +129,41 @@ class Acceptor(asyncio.AbstractServer):
             self._reading = False
 
     def _accept(self) -> None:
-        sock = self._sock
-        for _ in range(ACCEPT_BATCH):
-            if sock is None:
-                return
+        if self._sock is not None:
+            self._take(self._sock)
+
+    def _take(self, sock: socket.socket) -> int:
+        """Take up to ACCEPT_BATCH connections off the queue; how many it tried to."""
+        for tried in range(ACCEPT_BATCH):
             try:
                 connection, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return  # the queue is empty
+                return tried  # the queue is empty
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    log.warning(
-                        "cannot accept connections",
-                        extra={"fields": {"error": str(exc), "paused_s": ACCEPT_PAUSE}},
-                    )
-                    self._unread(sock)
-                    self._pause = self._loop.call_later(ACCEPT_PAUSE, self._read)
-                    return
-                continue  # that one connection is gone already (ECONNABORTED, EPROTO...)
+                if exc.errno in _ONE_CONNECTIONS:
+                    continue  # that one connection is gone already
+                self._failed(sock, exc)
+                return tried
+            self._failing = False
             connection.setblocking(False)
             task = self._loop.create_task(self._serve(connection))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
+        return ACCEPT_BATCH
+
+    def _failed(self, sock: socket.socket, exc: OSError) -> None:
+        """accept failed for the process, not for one connection: pause, then try again."""
+        if not self._failing:
+            self._failing = True
+            out_of = exc.errno in _OUT_OF_RESOURCES
+            log.log(
+                logging.WARNING if out_of else logging.ERROR,
+                "cannot accept connections",
+                extra={"fields": {"error": str(exc), "paused_s": ACCEPT_PAUSE}},
+            )
+        self._unread(sock)
+        if self._pause is None and self._sock is not None:
+            self._pause = self._loop.call_later(ACCEPT_PAUSE, self._read)
 
     async def _serve(self, connection: socket.socket) -> None:
         # The transport owns the socket from here: it closes it (and detaches the object)
