@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -74,18 +75,36 @@ class Oracle:
                         metric.remove(*labels)
 
 
-def scrape(registry: CollectorRegistry, accept: str, only: tuple[str, ...] = FAMILIES) -> str:
-    """The lines of ``only`` these families' scrape, sorted (the order of series within a
-    family is not the format's), with every _created value (a clock's) as T."""
+def blocks(registry: CollectorRegistry, accept: str) -> dict[str, str]:
+    """Each of FAMILIES' text in the scrape (its HELP, TYPE and samples, as written), by
+    name."""
     text = choose_encoder(accept)[0](registry).decode().removesuffix("# EOF\n")
-    blocks = re.split(r"(?m)^(?=# HELP )", text)
-    kept = [b for b in blocks if re.match(rf"# HELP ({'|'.join(only)})(_total|_created)? ", b)]
-    lines = sorted(line for block in kept for line in block.splitlines())
-    return re.sub(r"(?m)^(\S*_created(?:\{[^}]*\})?) \S+$", r"\1 T", "\n".join(lines))
+    found: dict[str, str] = {}
+    for block in re.split(r"(?m)^(?=# HELP )", text):
+        named = re.match(rf"# HELP ({'|'.join(FAMILIES)})(_total|_created)? ", block)
+        if named is not None:
+            found[named.group(0)] = block
+    return found
+
+
+CREATED = re.compile(r"(?m)^(\S*_created(?:\{[^}]*\})?) (\S+)$")
+
+
+def scrape(registry: CollectorRegistry, accept: str) -> str:
+    """FAMILIES' scrape, line for line in the order written, every _created value (a clock's)
+    as T."""
+    return CREATED.sub(r"\1 T", "".join(sorted(blocks(registry, accept).values())))
+
+
+def created(registry: CollectorRegistry) -> dict[str, float]:
+    """Every _created series' value, by series."""
+    text = "".join(blocks(registry, "").values())
+    return {series: float(value) for series, value in CREATED.findall(text)}
 
 
 def test_the_per_request_series_scrape_as_prometheus_clients_own() -> None:
     rng = random.Random(7)
+    started = time.time()
     metrics = Metrics()
     oracle = Oracle(metrics)
     services = ["city", "agents", "unmatched", "gateway"]
@@ -117,6 +136,11 @@ def test_the_per_request_series_scrape_as_prometheus_clients_own() -> None:
         got = scrape(metrics.registry, accept)
         assert 'http_request_duration_seconds_bucket{le="0.005",service="city"}' in got
         assert got == scrape(oracle.registry, accept)
+    # A series is created at its first count (each gateway count came just before the
+    # oracle's), and keeps that time.
+    ours, theirs = created(metrics.registry), created(oracle.registry)
+    assert ours.keys() == theirs.keys()
+    assert all(started <= ours[k] <= theirs[k] for k in ours)
     metrics.forget_service("city")
     oracle.forget("city")
     held.dec()  # a request in flight across the reload ends: the forgotten series stays gone
