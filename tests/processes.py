@@ -54,6 +54,13 @@ class Process:
 
         return await asyncio.wait_for(find(), timeout)
 
+    async def handling_signals(self, timeout: float = 10) -> None:
+        """Once the supervisor handles signals: it writes its pid file after installing its
+        handlers, and a signal before them ends it (their default action)."""
+        async with asyncio.timeout(timeout):
+            while not self.pid_file.exists():  # noqa: ASYNC110 - another process writes it
+                await asyncio.sleep(0.01)
+
     async def port(self) -> int:
         started = await self.wait_for("gateway started")
         return int(started["listen"][0].rsplit(":", 1)[1])

@@ -390,6 +390,7 @@ async def test_a_sighup_during_the_first_start_waits_for_it(serve: Serve, upstre
     up = await upstream(NODA1, slow_health)
     text = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, probes=True, noda1=NODA1)
     proc, _ = await serve(text.replace(QUICK_STOP, "lifecycle: {drain_delay: 0}\n"))
+    await proc.handling_signals()  # (a SIGHUP before that ends it: flaky when start is slow)
     await asyncio.sleep(0.3)  # the worker is waiting for its first probe's answer
     proc.proc.send_signal(signal.SIGHUP)
     started = await proc.wait_for("gateway started")
