@@ -390,7 +390,8 @@ _BOUNDS: Final = (*(str(bound) for bound in BUCKETS), "+Inf")  # as prometheus_c
 # registry is collected (a scrape, ``Metrics.families``), with the names, labels, buckets and
 # _created series prometheus_client's own would have (always: the gateway never turns them
 # off). Only the event loop's thread updates or reads them: no lock. The first label of each
-# is what ``forget`` drops.
+# is what ``forget`` drops. No ``describe``: the registry (auto_describe) collects them once
+# for their names, while they are empty.
 
 
 class Tally:
@@ -408,9 +409,6 @@ class Tally:
 
     def forget(self, first: str) -> None:
         self._counts = {k: v for k, v in self._counts.items() if k[0] != first}
-
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self._name, self._documentation, labels=self._labels)]
 
     def collect(self) -> list[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
@@ -447,9 +445,6 @@ class Latencies:
 
     def forget(self, service: str) -> None:
         self._services.pop(service, None)
-
-    def describe(self) -> list[Metric]:
-        return [HistogramMetricFamily(self._name, self._documentation, labels=["service"])]
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=["service"])
@@ -492,9 +487,6 @@ class Levels:
 
     def forget(self, service: str) -> None:
         self._services.pop(service, None)
-
-    def describe(self) -> list[Metric]:
-        return [GaugeMetricFamily(self._name, self._documentation, labels=["service"])]
 
     def collect(self) -> list[Metric]:
         family = GaugeMetricFamily(self._name, self._documentation, labels=["service"])
