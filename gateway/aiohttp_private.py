@@ -101,7 +101,7 @@ class HeldSite(web.BaseSite):
     of its own where it has a TLS context (aiohttp's sites leave asyncio's 60 s): a client
     that connects and does not finish its handshake in time is closed. Its ``start`` is
     ``SockSite.start`` with that server; it sets what ``BaseSite`` reads (``_runner``,
-    ``_ssl_context``, ``_server``; ``_backlog`` is not used: the socket listens already)."""
+    ``_ssl_context``, ``_server``; no backlog: the socket listens already)."""
 
     __slots__ = ("_handshake_timeout", "_name", "_serve", "_sock")
 
@@ -112,10 +112,9 @@ class HeldSite(web.BaseSite):
         *,
         ssl_context: ssl.SSLContext | None,
         handshake_timeout: float,
-        backlog: int,
         serve: Serve,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        super().__init__(runner, ssl_context=ssl_context)
         self._sock = sock
         self._serve = serve
         self._handshake_timeout = handshake_timeout

@@ -32,7 +32,7 @@ from .edge.accept import Acceptor
 from .edge.acme import AcmeManager, ChallengeStore
 from .edge.connections import ConnectionTable
 from .edge.tls import Certificates, Source, acme_source
-from .lifecycle.listeners import BACKLOG, bind
+from .lifecycle.listeners import bind
 from .metrics import GATEWAY, Metrics
 from .ratelimit.local import LocalLimiter
 from .ratelimit.shared import RedisLimiter
@@ -220,7 +220,6 @@ class Gateway:
                     sock,
                     ssl_context=tls[0] if tls is not None else None,
                     handshake_timeout=tls[1] if tls is not None else 0,
-                    backlog=BACKLOG,
                     serve=Acceptor,
                 )
             )
