@@ -7,11 +7,14 @@ here); errors of accept(2) that a test cannot make happen come from a socket sub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import resource
 import socket
 import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
@@ -23,7 +26,7 @@ BURST = 60
 
 
 class Counting(asyncio.Protocol):
-    """Answers each read with b"ok", and counts the connections made."""
+    """Answers each read with b"ok"; adds itself to ``made`` when it is given a connection."""
 
     made: list[Counting]
 
@@ -43,19 +46,46 @@ def listening() -> socket.socket:
     return sock
 
 
-def factory() -> tuple[list[Counting], type[Counting]]:
-    made: list[Counting] = []
-    return made, type("Protocol", (Counting,), {"made": made})
+@dataclass
+class Queued:
+    """A listening socket with ``clients`` connections the kernel has completed, waiting in
+    its queue; ``made``: the connections its server's protocol has been given."""
+
+    sock: socket.socket
+    clients: list[socket.socket]
+    made: list[Counting] = field(default_factory=list)
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+
+    def protocol(self) -> Counting:
+        connection = Counting()
+        connection.made = self.made
+        return connection
+
+    def acceptor(self) -> Acceptor:
+        server = Acceptor(self.sock, self.protocol)
+        self.servers.append(server)
+        return server
 
 
-def clients(port: int, n: int) -> list[socket.socket]:
-    """``n`` connections the kernel has completed: they wait in the listener's queue."""
-    opened = []
-    for _ in range(n):
-        client = socket.create_connection(("127.0.0.1", port))
+@contextlib.contextmanager
+def queued(n: int, sock: socket.socket | None = None) -> Iterator[Queued]:
+    """``n`` connections waiting on ``sock`` (a new listening socket by default); its servers,
+    the clients and what was made of them are closed at the end."""
+    sock = sock if sock is not None else listening()
+    port = sock.getsockname()[1]
+    waiting = Queued(sock, [socket.create_connection(("127.0.0.1", port)) for _ in range(n)])
+    for client in waiting.clients:
         client.setblocking(False)
-        opened.append(client)
-    return opened
+    try:
+        yield waiting
+    finally:
+        for server in waiting.servers:
+            server.close()
+        for connection in waiting.made:
+            connection.transport.close()
+        for client in waiting.clients:
+            client.close()
+        sock.close()
 
 
 async def answered(client: socket.socket) -> bytes:
@@ -70,67 +100,46 @@ async def iterations(n: int) -> None:
 
 
 async def test_a_burst_of_connections_is_accepted_within_a_few_loop_iterations():
-    loop = asyncio.get_running_loop()
-    sock = listening()
-    made, protocol = factory()
-    waiting = clients(sock.getsockname()[1], BURST)
-    server = Acceptor(sock, protocol)
-    try:
-        await server.start_serving()
+    with queued(BURST) as waiting:
+        await waiting.acceptor().start_serving()
         await iterations(6)
-        assert len(made) == BURST
-    finally:
-        server.close()
-        for client in waiting:
-            client.close()
-    assert sock.fileno() == -1  # closed with the server, as asyncio.Server.close does
+        assert len(waiting.made) == BURST
+        waiting.servers[0].close()
+        assert waiting.sock.fileno() == -1  # closed with the server, as asyncio.Server.close
     # uvloop's own server, on the same burst and the same iterations: a few only.
-    sock = listening()
-    made, protocol = factory()
-    waiting = clients(sock.getsockname()[1], BURST)
-    theirs = await loop.create_server(protocol, sock=sock)
-    try:
+    with queued(BURST) as waiting:
+        loop = asyncio.get_running_loop()
+        waiting.servers.append(await loop.create_server(waiting.protocol, sock=waiting.sock))
         await iterations(6)
-        assert len(made) < BURST / 4  # why Acceptor exists (libuv accepts one per poll)
-    finally:
-        theirs.close()
-        for client in waiting:
-            client.close()
+        assert len(waiting.made) < BURST / 4  # why Acceptor exists (libuv: one per poll)
 
 
 async def test_out_of_descriptors_it_pauses_then_serves_every_waiting_connection(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(accept, "ACCEPT_PAUSE", 0.2)
-    sock = listening()
-    made, protocol = factory()
-    waiting = clients(sock.getsockname()[1], 5)
-    server = Acceptor(sock, protocol)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    probe = socket.socket()
-    lowest_free = probe.fileno()  # every descriptor below it is taken
-    probe.close()
-    try:
+    with queued(5) as waiting:
+        server = waiting.acceptor()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        probe = socket.socket()
+        lowest_free = probe.fileno()  # every descriptor below it is taken
+        probe.close()
         with caplog.at_level(logging.WARNING, logger="gateway"):
             resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
             try:
                 await server.start_serving()
                 await iterations(6)  # accept() fails with EMFILE: nothing taken, no crash
-                assert made == []
+                assert waiting.made == []
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             await asyncio.sleep(0.3)  # the pause ends: the queue is taken whole
-        assert len(made) == 5
+        assert len(waiting.made) == 5
         lines = [r for r in caplog.records if r.getMessage() == "cannot accept connections"]
         assert len(lines) == 1
         assert lines[0].levelno == logging.WARNING
         assert "Too many open files" in lines[0].fields["error"]  # type: ignore[attr-defined]
-        for client in waiting:  # each one is served: none was reset while it waited
+        for client in waiting.clients:  # each one is served: none was reset while it waited
             assert await answered(client) == b"ok"
-    finally:
-        server.close()
-        for client in waiting:
-            client.close()
 
 
 class Failing(socket.socket):
@@ -153,20 +162,12 @@ class Failing(socket.socket):
 
 
 async def test_an_error_of_one_connection_costs_only_that_one():
-    sock = Failing(errno.ECONNABORTED, errno.EPROTO)
-    made, protocol = factory()
-    waiting = clients(sock.getsockname()[1], 3)
-    server = Acceptor(sock, protocol)
-    try:
-        await server.start_serving()
+    with queued(3, Failing(errno.ECONNABORTED, errno.EPROTO)) as waiting:
+        await waiting.acceptor().start_serving()
         await iterations(6)
-        assert len(made) == 3  # taken in the same round as the two errors
-        for client in waiting:
+        assert len(waiting.made) == 3  # taken in the same round as the two errors
+        for client in waiting.clients:
             assert await answered(client) == b"ok"
-    finally:
-        server.close()
-        for client in waiting:
-            client.close()
 
 
 async def test_an_error_of_the_socket_pauses_accepting_with_one_line_not_a_busy_loop(
@@ -174,44 +175,28 @@ async def test_an_error_of_the_socket_pauses_accepting_with_one_line_not_a_busy_
 ):
     monkeypatch.setattr(accept, "ACCEPT_PAUSE", 0.2)
     sock = Failing(errno.EINVAL, errno.EINVAL)
-    made, protocol = factory()
-    waiting = clients(sock.getsockname()[1], 2)
-    server = Acceptor(sock, protocol)
-    try:
-        with caplog.at_level(logging.WARNING, logger="gateway"):
-            await server.start_serving()
-            await iterations(20)
-            assert sock.calls == 1  # then paused: not 100 failing calls per iteration
-            await asyncio.sleep(0.25)  # tried again: EINVAL again, still one line
-            assert sock.calls == 2
-            await asyncio.sleep(0.25)  # and then it works
-        assert len(made) == 2
-        lines = [r for r in caplog.records if r.getMessage() == "cannot accept connections"]
-        assert [r.levelno for r in lines] == [logging.ERROR]
-    finally:
-        server.close()
-        for client in waiting:
-            client.close()
+    with queued(2, sock) as waiting, caplog.at_level(logging.WARNING, logger="gateway"):
+        await waiting.acceptor().start_serving()
+        await iterations(20)
+        assert sock.calls == 1  # then paused: not 100 failing calls per iteration
+        await asyncio.sleep(0.25)  # tried again: EINVAL again, still one line
+        assert sock.calls == 2
+        await asyncio.sleep(0.25)  # and then it works
+        assert len(waiting.made) == 2
+    lines = [r for r in caplog.records if r.getMessage() == "cannot accept connections"]
+    assert [r.levelno for r in lines] == [logging.ERROR]
 
 
 async def test_a_stop_serves_what_the_queue_holds_before_it_returns():
-    sock = listening()
-    made, protocol = factory()
-    waiting = clients(sock.getsockname()[1], 8)
-    server = Acceptor(sock, protocol)  # never started: all 8 wait in the queue
-    try:
+    with queued(8) as waiting:
+        server = waiting.acceptor()  # never started: all 8 wait in the queue
         server.close(take_queue=True)
-        assert sock.fileno() == -1
-        assert made == []  # taken, not yet the server's
+        assert waiting.sock.fileno() == -1
+        assert waiting.made == []  # taken, not yet the server's
         await server.wait_closed()
-        assert len(made) == 8  # every one is, before wait_closed returns
-        for client in waiting:
+        assert len(waiting.made) == 8  # every one is, before wait_closed returns
+        for client in waiting.clients:
             assert await answered(client) == b"ok"
-    finally:
-        for connection in made:
-            connection.transport.close()
-        for client in waiting:
-            client.close()
 
 
 async def test_a_tls_handshake_timeout_must_be_positive():
