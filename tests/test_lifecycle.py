@@ -102,7 +102,10 @@ async def test_sigterm_under_load_loses_no_request_written(
     load = Load(port, fresh=0)
     await asyncio.sleep(0.5)
     proc.proc.send_signal(signal.SIGTERM)
-    await proc.wait_for("draining: still serving, every answer closes its connection")
+    # Every worker's line: the kernel may give the request below to any of them.
+    await proc.wait_for_all(
+        "draining: still serving, every answer closes its connection", int(workers)
+    )
     async with (
         aiohttp.ClientSession() as fresh,
         fresh.get(f"http://127.0.0.1:{port}/gateway/upstreams") as r,
