@@ -1327,7 +1327,11 @@ def profile_all(stack: Stack, opts: Options, pyspy: str) -> dict[str, list[str]]
     for target in stack.targets:
         if target.kind != "gateway" or target.proxy is None:
             continue
+        pid = target.proxy.proc.pid
+        kernel, preempted = process.kernel_side(pid), process.preemptions(pid)
         alone = measure(stack, target, conns, opts.profile_seconds, 0, shape=shape)
+        kernel_after, preempted_after = process.kernel_side(pid), process.preemptions(pid)
+        system, writes = kernel_after[0] - kernel[0], kernel_after[1] - kernel[1]
         out = stack.workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', target.name)}.pyspy.txt"
         command = profiler.record_command(pyspy, target.proxy.proc.pid, out)
         spy = process.spawn([*stack.prefix(stack.layout.load), *command], stdout=subprocess.PIPE)
@@ -1346,10 +1350,32 @@ def profile_all(stack: Stack, opts: Options, pyspy: str) -> dict[str, list[str]]
             f"{run.steal_pct:.0f} %), against {alone.rps:.0f} req/s and "
             f"{fmt(alone.proxy_us, '.0f')} us just before, alone (steal {alone.steal_pct:.0f} "
             f"%); errors {run.non2xx}/{run.socket_errors}; raw samples {out}",
+            _kernel_line(alone, system, writes, preempted_after - preempted),
             *summary,
         ]
         print(f"  profiled {target.name}: {run.rps:.0f} req/s", flush=True)
     return found
+
+
+def _kernel_line(alone: Run, system: float, writes: int, preempted: int) -> str:
+    """What /proc says of the run alone: the kernel's part of the CPU, write()s and
+    involuntary context switches per request, and how to read the writes' share with them."""
+    requests = max(alone.requests, 1)
+    line = (
+        f"alone, from /proc: system (kernel) CPU {fmt(_us_per_request(system, requests), '.0f')} "
+        f"of the {fmt(alone.proxy_us, '.0f')} us per request; per request "
+        f"{writes / requests:.2f} write()s and {preempted / requests:.2f} involuntary "
+        "context switches"
+    )
+    if preempted >= requests / 10:
+        # The pin layout puts the backend on the gateway's CPU: a write that wakes it may
+        # hand it that CPU at once, a wait py-spy counts in the frame that wrote.
+        line += (
+            ": the gateway often waits for its CPU after a write (the backend it woke runs "
+            "on it), and py-spy counts that wait in the frame that wrote, so the share of "
+            "socket writes below is an upper bound"
+        )
+    return line
 
 
 def print_profiles(profiles: dict[str, list[str]]) -> None:

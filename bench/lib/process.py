@@ -129,6 +129,23 @@ def kernel_side(root: int) -> tuple[float, int]:
     return sum(ticks for ticks, _ in found) / TICKS_PER_SECOND, sum(w for _, w in found)
 
 
+def _preempted(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            status = (task / "status").read_text()
+            found = re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", status, re.MULTILINE)
+            total += int(found.group(1)) if found else 0
+    return total
+
+
+def preemptions(root: int) -> int:
+    """Involuntary context switches so far of every thread of ``root`` and its descendants:
+    how often the scheduler took the CPU from them while they could still run (on a CPU
+    shared with the backend: mostly the backend, woken by a write, running at once)."""
+    return sum(_each(root, _preempted))
+
+
 def children_cpu() -> float:
     """CPU seconds of this process's reaped children (the load generators that finished)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
