@@ -11,6 +11,10 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   server would write for it, by the serializer it uses (``http_writer._serialize_headers``);
 - ``OneWrite``: hold a response's headers back until its first body bytes, as aiohttp's own
   ``web.Response`` does (``StreamResponse._send_headers_immediately``);
+- ``Relayed`` (and ``OneWrite``, ``Whole``): a relayed answer without ``Content-Type`` stays
+  without one: aiohttp's ``StreamResponse._prepare_headers`` adds
+  ``application/octet-stream`` to a body that has none, which would tell the client a type
+  the upstream never claimed (and keep it from sniffing one, as RFC 9110 lets it);
 - ``answer_in_http11``: write a response's status line as HTTP/1.1 whatever version its
   request named (a 505 to ``HTTP/2.0``; aiohttp echoes the request's version), by setting the
   request's cached ``version`` (``BaseRequest._cache``, where ``reify`` keeps it);
@@ -233,8 +237,9 @@ class Whole(web.StreamResponse):
 
     The head is what aiohttp's ``_prepare_headers`` makes of the same answer
     (``Content-Length``, ``Date``, ``Connection``, the version of the request line, no body
-    for HEAD, 1xx, 204 and 304, ``Content-Type`` when there is a body), but no ``Server`` of
-    aiohttp's (the gateway's answers name their own). It is written with the serializer
+    for HEAD, 1xx, 204 and 304), but no ``Server`` of aiohttp's (the gateway's answers name
+    their own) and no ``Content-Type`` it was not given (see ``Relayed``; the gateway's own
+    answers with a body name theirs). It is written with the serializer
     aiohttp's server uses (``http_writer._serialize_headers``, which refuses CR and LF in
     values and keeps header bytes that are not UTF-8: ``keep_raw_header_bytes``). Its
     keep-alive decision is its own (``keep_alive``, ``force_close``); aiohttp's protocol
@@ -290,8 +295,6 @@ class Whole(web.StreamResponse):
             headers.popall("Transfer-Encoding", None)
         elif body is not None:
             headers["Content-Length"] = str(len(body))  # for HEAD too: what GET would get
-            if body and "Content-Type" not in headers:
-                headers["Content-Type"] = "application/octet-stream"
             if method == "HEAD":
                 body = None
         elif method == "HEAD":
@@ -321,9 +324,20 @@ class Whole(web.StreamResponse):
             raise RuntimeError("a Whole answer is written by prepare(), all at once")
 
 
-class OneWrite(web.StreamResponse):
-    """A response of known length: its headers wait for the first body bytes (or the end),
-    so a small answer goes out in one write instead of two."""
+class Relayed(web.StreamResponse):
+    """A relayed answer streamed through aiohttp's writer, with the upstream's headers as
+    they came: no ``Content-Type`` of aiohttp's when the upstream sent none."""
+
+    async def _prepare_headers(self) -> None:
+        typed = "Content-Type" in self.headers
+        await super()._prepare_headers()
+        if not typed:
+            self.headers.popall("Content-Type", None)
+
+
+class OneWrite(Relayed):
+    """A relayed response of known length: its headers wait for the first body bytes (or
+    the end), so a small answer goes out in one write instead of two."""
 
     _send_headers_immediately = False
 
@@ -375,8 +389,9 @@ def missing() -> list[str]:
             gone.append(f"{cls.__name__}.{name}")
     if not callable(getattr(http_writer, "_serialize_headers", None)):
         gone.append("http_writer._serialize_headers")
-    if "_send_headers_immediately" not in vars(web.StreamResponse):
-        gone.append("StreamResponse._send_headers_immediately")
+    for name in ("_send_headers_immediately", "_prepare_headers"):
+        if name not in vars(web.StreamResponse):
+            gone.append(f"StreamResponse.{name}")
     if not _err_info_fits():
         gone.append("web_protocol._ErrInfo")
     loop = asyncio.new_event_loop()

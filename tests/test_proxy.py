@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .helpers import NODA1, NODA2, canned, raw_exchange, routes, stalled
+from .helpers import NODA1, NODA2, RawHandler, canned, raw_exchange, routes, stalled
 
 
 async def test_path_and_query_reach_the_upstream_byte_for_byte(upstream, gateway, client):
@@ -196,6 +196,63 @@ async def test_head_and_no_content_answers_have_no_body(raw_upstream, gateway):
     assert response.status == 200
     assert response.header("Content-Length") == "1234"
     assert response.body == b""
+
+
+def later(head: bytes, body: bytes) -> RawHandler:
+    """A raw upstream answer whose body follows its head after a pause (streamed)."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(head)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(body)
+        await writer.drain()
+
+    return respond
+
+
+TYPED = b"Content-Type: text/x-odd\r\n"
+CHUNKED_HELLO = b"5\r\nhello\r\n0\r\n\r\n"
+ANSWERS = [
+    # (the upstream's answer, the Content-Type the client should see), by how it is relayed:
+    # whole (came with its head), a length streamed, chunked, delimited by the close
+    pytest.param(canned(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"), [], id="whole"),
+    pytest.param(later(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"), [], id="length"),
+    pytest.param(
+        later(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", CHUNKED_HELLO),
+        [],
+        id="chunked",
+    ),
+    pytest.param(
+        later(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"hello"), [], id="to-close"
+    ),
+    pytest.param(
+        canned(b"HTTP/1.1 200 OK\r\n" + TYPED + b"Content-Length: 5\r\n\r\nhello"),
+        ["text/x-odd"],
+        id="whole-typed",
+    ),
+    pytest.param(
+        later(
+            b"HTTP/1.1 200 OK\r\n" + TYPED + b"Transfer-Encoding: chunked\r\n\r\n", CHUNKED_HELLO
+        ),
+        ["text/x-odd"],
+        id="chunked-typed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "types"), ANSWERS)
+async def test_a_content_type_reaches_the_client_as_the_upstream_sent_it_or_not_at_all(
+    raw_upstream, gateway, client, answer: RawHandler, types: list[str]
+) -> None:
+    """As nginx does: a body the upstream gave no type gets none on its way (aiohttp's
+    writer would add application/octet-stream, which keeps a client from sniffing one)."""
+    port = await raw_upstream(answer)
+    gw = await gateway(routes({"city": f"{{port: {port}, nodes: [noda1]}}"}, noda1=NODA1))
+    async with client.get(f"{gw.url}/api/city/x") as response:
+        assert response.status == 200
+        assert await response.read() == b"hello"
+        assert response.headers.getall("Content-Type", []) == types
 
 
 async def test_compressed_bodies_are_not_touched(upstream, gateway, client):

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..aiohttp_private import EMPTY_STATUS, OneWrite, Whole
+from ..aiohttp_private import EMPTY_STATUS, OneWrite, Relayed, Whole
 from ..edge.cors import Added
 from ..errors import (
     SERVER,
@@ -178,7 +178,7 @@ async def relay(
         else:
             # A body of known length follows its headers at once: both in one write. A body of
             # unknown length (a stream, server-sent events) may take long: its headers first.
-            kind = OneWrite if length is not None else web.StreamResponse
+            kind = OneWrite if length is not None else Relayed
             response = kind(status=status, reason=reason, headers=headers)
         if close:
             response.force_close()

@@ -80,8 +80,9 @@ async def really_missing(server: web.Server | None = None) -> list[str]:
                 await instance.close()
     if "_serialize_headers" not in vars(http_writer):
         gone.append("http_writer._serialize_headers")
-    if "_send_headers_immediately" not in vars(web.StreamResponse):
-        gone.append("StreamResponse._send_headers_immediately")
+    for name in ("_send_headers_immediately", "_prepare_headers"):
+        if name not in vars(web.StreamResponse):
+            gone.append(f"StreamResponse.{name}")
     fresh = web.Server(_never_called)
     gone += [f"Server.{name}" for name in ("_loop", "_kwargs") if not hasattr(fresh, name)]
     return gone
@@ -106,6 +107,7 @@ async def test_missing_names_what_an_upgrade_took_away(monkeypatch: pytest.Monke
         (*aiohttp_private._SLOTS, (web.RequestHandler, "_gone_in_a_later_aiohttp")),
     )
     monkeypatch.delattr(web.StreamResponse, "_send_headers_immediately")
+    monkeypatch.delattr(web.StreamResponse, "_prepare_headers")
 
     def bare_init(self: web.Server, handler: object, **kwargs: object) -> None:
         pass  # a Server that keeps neither its loop nor its keyword arguments
@@ -114,6 +116,7 @@ async def test_missing_names_what_an_upgrade_took_away(monkeypatch: pytest.Monke
     taken = [
         "RequestHandler._gone_in_a_later_aiohttp",
         "StreamResponse._send_headers_immediately",
+        "StreamResponse._prepare_headers",
         "Server._loop",
         "Server._kwargs",
     ]
@@ -293,6 +296,7 @@ def reaches(source: str, skip: frozenset[str] = frozenset()) -> list[Reach]:
     imported from the library."""
     tree = ast.parse(source)
     bound = aliases(tree)
+    local = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     found: list[Reach] = []
 
     def check_name(name: str, line: int, what: str) -> None:
@@ -339,24 +343,37 @@ def reaches(source: str, skip: frozenset[str] = frozenset()) -> list[Reach]:
                 ):
                     found.append(Reach(library, node.lineno, f"import {alias.name}"))
         elif isinstance(node, ast.ClassDef):
-            found += subclass_reaches(node, bound, skip)
+            found += subclass_reaches(node, bound, skip, local)
     return sorted(found, key=lambda r: (r.line, r.what))
 
 
-def subclass_reaches(
-    node: ast.ClassDef, bound: dict[str, str], skip: frozenset[str]
-) -> list[Reach]:
-    found = []
+def library_bases(
+    node: ast.ClassDef, bound: dict[str, str], local: dict[str, ast.ClassDef]
+) -> Iterator[type]:
+    """The library classes ``node`` derives from: its bases imported from a library, and
+    theirs of its bases defined in the same module (``class B(A)`` with ``class
+    A(web.StreamResponse)``)."""
     for base in node.bases:
         dotted = dotted_name(base)
         if dotted is None:
             continue
-        head, _, rest = dotted.partition(".")
-        if head not in bound:
+        if dotted in local and local[dotted] is not node:
+            yield from library_bases(local[dotted], bound, local)
             continue
-        cls = resolve(bound[head] + (f".{rest}" if rest else ""))
+        head, _, rest = dotted.partition(".")
+        if head in bound:
+            cls = resolve(bound[head] + (f".{rest}" if rest else ""))
+            if isinstance(cls, type):
+                yield cls
+
+
+def subclass_reaches(
+    node: ast.ClassDef, bound: dict[str, str], skip: frozenset[str], local: dict[str, ast.ClassDef]
+) -> list[Reach]:
+    found = []
+    for cls in library_bases(node, bound, local):
         library = library_of(cls)
-        if not isinstance(cls, type) or library is None or library in skip:
+        if library is None or library in skip:
             continue
         inherited = class_private_names(cls)
         for item in ast.walk(node):
@@ -397,7 +414,7 @@ def all_reaches() -> Iterator[tuple[Path, list[Reach]]]:
 
 def test_the_scan_knows_the_libraries_private_names() -> None:
     aiohttp_names = library_private_names("aiohttp")
-    relied_on = {"_send_headers_immediately", "_kwargs", "_loop"}
+    relied_on = {"_send_headers_immediately", "_prepare_headers", "_kwargs", "_loop"}
     relied_on |= {name for _, name in aiohttp_private._SLOTS}
     assert relied_on <= aiohttp_names
     assert {"_message_tail", "_force_close"} <= relied_on
@@ -441,6 +458,7 @@ def test_the_scan_finds_what_the_aiohttp_door_uses() -> None:
         "server._loop",
         "server._kwargs",
         "OneWrite._send_headers_immediately =",
+        "Relayed._prepare_headers()",
     ):
         assert what in found, what
 
@@ -458,6 +476,10 @@ SCANNED = [  # (the lines of a module, what the scan reports)
      ["line 3: R._send_headers_immediately = (aiohttp)"]),
     ([WEB, "class P(web.RequestHandler):", "    def f(self):", "        self._force_close = 1"],
      ["line 4: P: self._force_close (aiohttp)"]),
+    # A subclass of a subclass defined beside it reaches its library class all the same.
+    ([WEB, "class A(web.StreamResponse):", "    pass", "class B(A):",
+      "    _send_headers_immediately = False"],
+     ["line 5: B._send_headers_immediately = (aiohttp)"]),
     # The gateway's own private names on its own objects, or on subclasses whose library
     # class has no such name, are no business of the scan; nor are other libraries'.
     (["class Book:", "    def f(self):", "        return self._metrics"], []),
