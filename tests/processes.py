@@ -66,33 +66,44 @@ class Process:
         return int(started["listen"][0].rsplit(":", 1)[1])
 
 
-async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, list[int]]:
+async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, list[int], bool]:
     """Requests back to back on keep-alive connections that honour ``Connection: close`` (and
-    then reconnect) until ``stop`` or a refused connection: (written, answered, statuses)."""
+    then reconnect) until ``stop`` or a refused connection: (written, answered, statuses,
+    whether the one request lost, if any, was the first on a new connection).
+
+    Such a first request can be lost with no fault of the server's: the kernel completes a
+    client's handshake on a listening socket until the socket closes, and a connection it
+    queued after the server took its queue for the last time is reset with the socket (the
+    client may send it again: it reached no server). A request lost on a connection that was
+    answered before is always the server's fault."""
     written = answered = 0
     statuses: list[int] = []
     while not stop.is_set():
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
-            return written, answered, statuses  # the listener has closed
+            return written, answered, statuses, False  # the listener has closed
+        first = True
         try:
             while not stop.is_set():
                 writer.write(b"GET /api/city/x HTTP/1.1\r\nHost: gw\r\n\r\n")
                 written += 1
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return written, answered, statuses  # closed under a request: lost
+                except asyncio.IncompleteReadError as exc:
+                    return written, answered, statuses, first and not exc.partial  # lost
+                except ConnectionError:
+                    return written, answered, statuses, first  # closed under a request: lost
                 length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
                 await reader.readexactly(length)
                 answered += 1
+                first = False
                 statuses.append(int(head.split()[1]))
                 if re.search(rb"(?i)\r\nconnection: close\r\n", head):
                     break  # the gateway said so: a new connection for the next request
         finally:
             writer.close()
-    return written, answered, statuses
+    return written, answered, statuses, False
 
 
 async def get_on_new_connections(url: str, times: int) -> list[int]:
