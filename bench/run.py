@@ -1350,7 +1350,8 @@ def profile_all(stack: Stack, opts: Options, pyspy: str) -> dict[str, list[str]]
             f"{run.steal_pct:.0f} %), against {alone.rps:.0f} req/s and "
             f"{fmt(alone.proxy_us, '.0f')} us just before, alone (steal {alone.steal_pct:.0f} "
             f"%); errors {run.non2xx}/{run.socket_errors}; raw samples {out}",
-            _kernel_line(alone, system, writes, preempted_after - preempted),
+            # (Threads that end during the run take their counts along: at least 0.)
+            _kernel_line(alone, system, writes, max(preempted_after - preempted, 0)),
             *summary,
         ]
         print(f"  profiled {target.name}: {run.rps:.0f} req/s", flush=True)
@@ -1372,8 +1373,8 @@ def _kernel_line(alone: Run, system: float, writes: int, preempted: int) -> str:
         # hand it that CPU at once, a wait py-spy counts in the frame that wrote.
         line += (
             ": the gateway often waits for its CPU after a write (the backend it woke runs "
-            "on it), and py-spy counts that wait in the frame that wrote, so the share of "
-            "socket writes below is an upper bound"
+            "on it); py-spy counts such waits in the frame that wrote (in the sampled run "
+            "likewise), so the share of socket writes below is an upper bound"
         )
     return line
 

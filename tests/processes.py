@@ -74,8 +74,10 @@ async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, l
     Such a first request can be lost with no fault of the server's: the kernel completes a
     client's handshake on a listening socket until the socket closes, and a connection it
     queued after the server took its queue for the last time is reset with the socket (the
-    client may send it again: it reached no server). A request lost on a connection that was
-    answered before is always the server's fault."""
+    client may send it again: it reached no server). It counts as that only when the
+    connection was reset and a new one right after is refused (the listener is gone); a
+    clean close, or a reset while the listener still accepts, is the server's fault, as is a
+    request lost on a connection that was answered before."""
     written = answered = 0
     statuses: list[int] = []
     while not stop.is_set():
@@ -90,10 +92,10 @@ async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, l
                 written += 1
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError as exc:
-                    return written, answered, statuses, first and not exc.partial  # lost
+                except asyncio.IncompleteReadError:
+                    return written, answered, statuses, False  # closed under a request: lost
                 except ConnectionError:
-                    return written, answered, statuses, first  # closed under a request: lost
+                    return written, answered, statuses, first and await _refused(port)
                 length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
                 await reader.readexactly(length)
                 answered += 1
@@ -104,6 +106,16 @@ async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, l
         finally:
             writer.close()
     return written, answered, statuses, False
+
+
+async def _refused(port: int) -> bool:
+    """Whether a new connection to ``port`` is refused (nothing listens there any more)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    return False
 
 
 async def get_on_new_connections(url: str, times: int) -> list[int]:

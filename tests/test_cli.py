@@ -200,8 +200,8 @@ async def test_sigterm_drains_keep_alive_clients_without_losing_a_request(serve,
     assert answered > 100
     # Each client's last request may be one it wrote to a listener already closed (refused,
     # so never written), or the first on a connection the kernel queued as the listener
-    # closed (reset: see keep_alive_client) -- but nothing written on a connection the
-    # gateway answered before went unanswered.
+    # closed (reset, and the port refuses connections right after: see keep_alive_client)
+    # -- but nothing else written went unanswered.
     reset_first = sum(r[3] for r in results)
     assert written - answered == reset_first, (written, answered, reset_first)
     assert {s for r in results for s in r[2]} == {200}

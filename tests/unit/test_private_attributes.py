@@ -348,7 +348,10 @@ def reaches(source: str, skip: frozenset[str] = frozenset()) -> list[Reach]:
 
 
 def library_bases(
-    node: ast.ClassDef, bound: dict[str, str], local: dict[str, ast.ClassDef]
+    node: ast.ClassDef,
+    bound: dict[str, str],
+    local: dict[str, ast.ClassDef],
+    seen: frozenset[str] = frozenset(),
 ) -> Iterator[type]:
     """The library classes ``node`` derives from: its bases imported from a library, and
     theirs of its bases defined in the same module (``class B(A)`` with ``class
@@ -357,8 +360,9 @@ def library_bases(
         dotted = dotted_name(base)
         if dotted is None:
             continue
-        if dotted in local and local[dotted] is not node:
-            yield from library_bases(local[dotted], bound, local)
+        if dotted in local:
+            if dotted not in seen and dotted != node.name:  # (a cycle is not Python anyway)
+                yield from library_bases(local[dotted], bound, local, seen | {node.name})
             continue
         head, _, rest = dotted.partition(".")
         if head in bound:
