@@ -1333,7 +1333,7 @@ def profile_all(stack: Stack, opts: Options, pyspy: str) -> dict[str, list[str]]
         kernel_after, preempted_after = process.kernel_side(pid), process.preemptions(pid)
         system, writes = kernel_after[0] - kernel[0], kernel_after[1] - kernel[1]
         out = stack.workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', target.name)}.pyspy.txt"
-        command = profiler.record_command(pyspy, target.proxy.proc.pid, out)
+        command = profiler.record_command(pyspy, pid, out)
         spy = process.spawn([*stack.prefix(stack.layout.load), *command], stdout=subprocess.PIPE)
         stack.adopt(spy)
         time.sleep(0.5)  # py-spy attaches
@@ -1368,9 +1368,7 @@ def _kernel_line(alone: Run, system: float, writes: int, preempted: int) -> str:
         f"{writes / requests:.2f} write()s and {preempted / requests:.2f} involuntary "
         "context switches"
     )
-    if preempted >= requests / 10:
-        # The pin layout puts the backend on the gateway's CPU: a write that wakes it may
-        # hand it that CPU at once, a wait py-spy counts in the frame that wrote.
+    if preempted >= requests / 10:  # (the pin layout puts the backend on the gateway's CPU)
         line += (
             ": the gateway often waits for its CPU after a write (the backend it woke runs "
             "on it); py-spy counts such waits in the frame that wrote (in the sampled run "

@@ -357,12 +357,16 @@ async def raw_exchange(
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def canned(data: bytes) -> RawHandler:
-    """A raw upstream answer: write ``data`` and close."""
+def canned(*parts: bytes, pause: float = 0.05) -> RawHandler:
+    """A raw upstream answer: write ``parts`` (``pause`` seconds apart: a body after its
+    head is streamed, not whole) and close."""
 
     async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(data)
-        await writer.drain()
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(pause)
+            writer.write(part)
+            await writer.drain()
 
     return respond
 

@@ -198,33 +198,22 @@ async def test_head_and_no_content_answers_have_no_body(raw_upstream, gateway):
     assert response.body == b""
 
 
-def later(head: bytes, body: bytes) -> RawHandler:
-    """A raw upstream answer whose body follows its head after a pause (streamed)."""
-
-    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(head)
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(body)
-        await writer.drain()
-
-    return respond
-
-
 TYPED = b"Content-Type: text/x-odd\r\n"
 CHUNKED_HELLO = b"5\r\nhello\r\n0\r\n\r\n"
 ANSWERS = [
     # (the upstream's answer, the Content-Type the client should see), by how it is relayed:
     # whole (came with its head), a length streamed, chunked, delimited by the close
     pytest.param(canned(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"), [], id="whole"),
-    pytest.param(later(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"), [], id="length"),
     pytest.param(
-        later(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", CHUNKED_HELLO),
+        canned(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"), [], id="length"
+    ),
+    pytest.param(
+        canned(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", CHUNKED_HELLO),
         [],
         id="chunked",
     ),
     pytest.param(
-        later(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"hello"), [], id="to-close"
+        canned(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"hello"), [], id="to-close"
     ),
     pytest.param(
         canned(b"HTTP/1.1 200 OK\r\n" + TYPED + b"Content-Length: 5\r\n\r\nhello"),
@@ -232,7 +221,7 @@ ANSWERS = [
         id="whole-typed",
     ),
     pytest.param(
-        later(
+        canned(
             b"HTTP/1.1 200 OK\r\n" + TYPED + b"Transfer-Encoding: chunked\r\n\r\n", CHUNKED_HELLO
         ),
         ["text/x-odd"],

@@ -356,13 +356,14 @@ def library_bases(
     """The library classes ``node`` derives from: its bases imported from a library, and
     theirs of its bases defined in the same module (``class B(A)`` with ``class
     A(web.StreamResponse)``)."""
+    seen |= {node.name}  # (a cycle is not Python anyway)
     for base in node.bases:
         dotted = dotted_name(base)
         if dotted is None:
             continue
         if dotted in local:
-            if dotted not in seen and dotted != node.name:  # (a cycle is not Python anyway)
-                yield from library_bases(local[dotted], bound, local, seen | {node.name})
+            if dotted not in seen:
+                yield from library_bases(local[dotted], bound, local, seen)
             continue
         head, _, rest = dotted.partition(".")
         if head in bound:
