@@ -30,6 +30,7 @@ from .helpers import (
     NodeProcess,
     RawClient,
     RawHandler,
+    RawServers,
     RedisServer,
     RunningGateway,
     Seen,
@@ -148,7 +149,7 @@ async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[int]]]:
 
     ``fn(reader, writer)`` is called per connection after the request head has been read.
     """
-    servers: list[asyncio.Server] = []
+    servers = RawServers()
 
     async def start(respond: RawHandler, host: str = NODA1) -> int:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -160,14 +161,10 @@ async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[int]]]:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(on_connect, host, 0)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
+        return await servers.start(on_connect, host)
 
     yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    await servers.close()
 
 
 # -- Redis -------------------------------------------------------------------------------------

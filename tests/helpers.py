@@ -357,6 +357,41 @@ async def raw_exchange(
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+class RawServers:
+    """TCP servers on port 0 for a test's raw upstreams, and the end of them: ``close`` stops
+    listening, cancels the connection handlers still running and waits for them, then for
+    the servers. (A handler blocked on a read would otherwise outlive its test, and from
+    Python 3.12 on ``Server.wait_closed`` waits for every handler: the teardown would hang.)"""
+
+    def __init__(self) -> None:
+        self._servers: list[asyncio.Server] = []
+        self._handlers: set[asyncio.Task[object]] = set()
+
+    async def start(self, handler: RawHandler, host: str) -> int:
+        """Serve ``handler(reader, writer)`` per connection on ``host``; return the port."""
+
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            await handler(reader, writer)
+
+        server = await asyncio.start_server(tracked, host, 0)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+
+
 def canned(*parts: bytes, pause: float = 0.05) -> RawHandler:
     """A raw upstream answer: write ``parts`` (``pause`` seconds apart: a body after its
     head is streamed, not whole) and close."""

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.edge import strict
 
-from .helpers import NODA1, RawResponse, RunningGateway, raw_exchange, routes
+from .helpers import NODA1, RawResponse, RawServers, RunningGateway, raw_exchange, routes
 
 CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"
 
@@ -36,7 +36,7 @@ class Heads:
 async def heads() -> AsyncIterator[Callable[[bytes], Awaitable[Heads]]]:
     """``await heads(answer)``: a TCP server on NODA1 that records each request head, answers
     ``answer`` and closes."""
-    servers: list[asyncio.Server] = []
+    servers = RawServers()
 
     async def start(answer: bytes) -> Heads:
         recorder = Heads(0)
@@ -51,15 +51,11 @@ async def heads() -> AsyncIterator[Callable[[bytes], Awaitable[Heads]]]:
             finally:
                 writer.close()
 
-        server = await asyncio.start_server(on_connect, NODA1, 0)
-        servers.append(server)
-        recorder.port = int(server.sockets[0].getsockname()[1])
+        recorder.port = await servers.start(on_connect, NODA1)
         return recorder
 
     yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    await servers.close()
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"

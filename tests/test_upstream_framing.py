@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import orjson
 import pytest
 
-from .helpers import NODA1, NODA2, RawClient, RawResponse, RunningGateway, routes
+from .helpers import NODA1, NODA2, RawClient, RawResponse, RawServers, RunningGateway, routes
 
 WAIT = 2.0  # seconds any one step may take before the test fails instead of hanging
 
@@ -173,29 +173,15 @@ async def _read_request(number: int, reader: asyncio.StreamReader) -> Received:
 @pytest.fixture
 async def scripted() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]]:
     """``await scripted(script, host=NODA1)``: a started ``RawUpstream``."""
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task[object]] = set()
+    servers = RawServers()
 
     async def start(script: Script, host: str = NODA1) -> RawUpstream:
         up = RawUpstream(script, host)
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            await up.serve(reader, writer)
-
-        server = await asyncio.start_server(on_connect, host, 0)
-        servers.append(server)
-        up.port = int(server.sockets[0].getsockname()[1])
+        up.port = await servers.start(up.serve, host)
         return up
 
     yield start
-    for server in servers:
-        server.close()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await servers.close()
 
 
 def ok(body: bytes, headers: bytes = b"") -> bytes:
@@ -283,7 +269,7 @@ async def assert_fresh_next(client: RawClient, up: RawUpstream, bad: bytes = b"/
     """The next request is answered with its own answer, on a connection no request for
     ``bad`` used, and every connection ``bad`` used was closed by the gateway."""
     answer = await client.ask(get("next"))
-    assert answer.status == 200, answer.raw
+    assert answer.status == 200, (answer.raw, answer.body, up.received)
     assert answer.body == b"GET /city/next"
     used = set(up.conns(bad))
     assert used
@@ -477,7 +463,9 @@ async def test_bytes_past_content_length_never_answer_another_request(
         await asyncio.sleep(0.05)  # the late bytes reach the gateway's idle connection first
     second = client if same_client else await connect(gw)
     answer = await second.ask(get("next"))
-    assert answer.body == b"GET /city/next"
+    # (It failed once in a full run with the gateway's own 502/503, "u...": not reproduced in
+    # 384 runs since; the whole answer and what the upstream saw say which, if it comes back.)
+    assert answer.body == b"GET /city/next", (answer.raw, answer.body, up.received)
     assert b"SMUGGLED" not in client.seen + second.seen
     assert up.conns(b"/city/next") == [2]
     assert await up.closed(1)
