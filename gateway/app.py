@@ -459,8 +459,8 @@ class Gateway:
 async def _stop_site(site: web.BaseSite) -> None:
     """Stop a site's listener without resetting what its accept queue holds: connections the
     kernel completed before the close (their clients may have written a request already)
-    are taken and served, not reset (``Acceptor.close(take_queue=True)``; the window for a
-    reset is the microseconds between the last accept and the close), and each is the
+    are taken and served, not reset (``Acceptor.close(take_queue=True)``, which first has the
+    kernel complete no new handshake on it: ``accept.refuse_new``), and each is the
     server's before this returns, so that the shutdown that follows sees it."""
     server = site_server(site)
     if isinstance(server, Acceptor):

@@ -199,6 +199,42 @@ async def test_a_stop_serves_what_the_queue_holds_before_it_returns():
             assert await answered(client) == b"ok"
 
 
+async def connects(port: int) -> bool:
+    """Whether a new connection to ``port`` completes within 0.5 s (its SYN answered)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
+    except (TimeoutError, OSError):
+        return False
+    writer.close()
+    return True
+
+
+async def test_a_stop_completes_no_new_handshake_while_another_process_holds_the_socket():
+    # The supervisor holds every listening socket too (here: a second descriptor of it), so a
+    # worker's close leaves it listening: a connection completed after the worker's last
+    # accept would wait in the queue and be reset when the supervisor exits, after its
+    # client was told it was connected and had written its request. After a stop none is
+    # completed; one that replaces the stopped worker on that socket accepts again.
+    supervisor = listening()
+    port = supervisor.getsockname()[1]
+    with contextlib.closing(supervisor), queued(3, supervisor.dup()) as waiting:
+        assert await connects(port)  # the 4th: in the queue with the three
+        server = waiting.acceptor()
+        server.close(take_queue=True)
+        await server.wait_closed()
+        assert len(waiting.made) == 4
+        for client in waiting.clients:
+            assert await answered(client) == b"ok"
+        assert not await connects(port)  # its SYN dropped: not queued to be reset
+        replacement = Acceptor(supervisor, waiting.protocol)
+        waiting.servers.append(replacement)
+        await replacement.start_serving()
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        writer.write(b"hi")
+        assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+        writer.close()
+
+
 async def test_a_tls_handshake_timeout_must_be_positive():
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     with listening() as sock, pytest.raises(ValueError, match="positive"):

@@ -315,6 +315,24 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_them_all(serve, upstr
             os.kill(pid, 0)
 
 
+async def test_a_worker_stopped_on_its_own_is_replaced_by_one_that_accepts(serve, upstream):
+    # A worker that stops (SIGTERM to it alone) has the kernel complete no new handshake on
+    # its listening socket, which the supervisor holds too: the worker that replaces it on
+    # that socket must take that back, or the port would take no connection again.
+    up = await upstream(NODA1)
+    proc, _ = await serve(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
+    (first,) = await proc.wait_for_all("gateway started", 1)
+    os.kill(first["pid"], signal.SIGTERM)
+    await proc.wait_for("worker exited; starting another")
+    replacement = (await proc.wait_for_all("gateway started", 2))[1]
+    assert replacement["pid"] != first["pid"]
+    url = f"http://127.0.0.1:{await proc.port()}"
+    statuses = await asyncio.wait_for(get_on_new_connections(url + "/api/city/q", 5), 10)
+    assert statuses == [200] * 5
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 15) == 0
+
+
 def test_check_explains_a_missing_jwt_secret():
     env = {k: v for k, v in os.environ.items() if k != "JWT_SECRET"}
     result = subprocess.run(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -109,6 +110,13 @@ class RawUpstream:
     connections: list[Conn] = field(default_factory=list)
     closed_by_gateway: set[int] = field(default_factory=set)
     _closes: dict[int, asyncio.Event] = field(default_factory=dict)
+    gateway_log: io.StringIO | None = None  # the log of the gateway in front (``through``)
+
+    def story(self) -> tuple[list[Received], list[str]]:
+        """What this upstream received, and the log lines of the gateway in front: a failed
+        assertion's message."""
+        log = self.gateway_log.getvalue().splitlines() if self.gateway_log is not None else []
+        return self.received, log[-20:]
 
     def conns(self, target: bytes) -> list[int]:
         """The connections requests for ``target`` came on, in order."""
@@ -248,6 +256,7 @@ def through(scripted, gateway, connect) -> Callable[..., Awaitable[Started]]:
     async def start(script: Script, extra: str = "") -> Started:
         up = await scripted(script)
         gw = await gateway(city(up.port, extra))
+        up.gateway_log = gw.logs
         return up, gw, await connect(gw)
 
     return start
@@ -269,11 +278,11 @@ async def assert_fresh_next(client: RawClient, up: RawUpstream, bad: bytes = b"/
     """The next request is answered with its own answer, on a connection no request for
     ``bad`` used, and every connection ``bad`` used was closed by the gateway."""
     answer = await client.ask(get("next"))
-    assert answer.status == 200, (answer.raw, answer.body, up.received)
+    assert answer.status == 200, (answer.raw, answer.body, up.story())
     assert answer.body == b"GET /city/next"
     used = set(up.conns(bad))
     assert used
-    assert not used & set(up.conns(b"/city/next")), up.received
+    assert not used & set(up.conns(b"/city/next")), up.story()
     for conn in used:
         assert await up.closed(conn), f"connection {conn} was left open"
     assert [c.stray for c in up.connections] == [b""] * len(up.connections)
@@ -465,7 +474,7 @@ async def test_bytes_past_content_length_never_answer_another_request(
     answer = await second.ask(get("next"))
     # (It failed once in a full run with the gateway's own 502/503, "u...": not reproduced in
     # 384 runs since; the whole answer and what the upstream saw say which, if it comes back.)
-    assert answer.body == b"GET /city/next", (answer.raw, answer.body, up.received)
+    assert answer.body == b"GET /city/next", (answer.raw, answer.body, up.story())
     assert b"SMUGGLED" not in client.seen + second.seen
     assert up.conns(b"/city/next") == [2]
     assert await up.closed(1)

@@ -22,16 +22,28 @@ A stop (``close(take_queue=True)``, then ``wait_closed``) takes what the queue s
 first: connections the kernel completed before the close, whose clients may have written a
 request already, are served rather than reset; ``wait_closed`` returns once every connection
 taken is the server's (its ``connection_made`` ran; a TLS one's after its handshake, bounded
-by the handshake timeout), so that a shutdown that follows sees all of them.
+by the handshake timeout), so that a shutdown that follows sees all of them. Before it takes
+the queue for the last time, a socket filter that drops every packet goes on the listening
+socket (``refuse_new``): the kernel completes no new handshake, so no connection can join the
+queue between that last accept and the close, to be reset with the socket after its client
+was told it was connected (nginx's stop has that window). A client whose SYN is dropped sends
+it again ~1 s later and then finds the port closed (refused: it may try elsewhere) or, with
+several workers on the port, another worker's socket. (The supervisor holds every listening
+socket too: a worker that starts accepting takes such a filter off, ``accept_new``, so that
+one that replaces a stopped worker is not left refusing.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import errno
 import logging
 import socket
 import ssl
+import struct
+import sys
 from collections.abc import Callable
 from typing import Final
 
@@ -46,6 +58,39 @@ _ONE_CONNECTIONS: Final = frozenset({
     errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
     errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
 })  # fmt: skip
+
+
+# Linux's SO_ATTACH_FILTER (asm-generic/socket.h), which Python's socket module does not name,
+# and a classic BPF program of one instruction: BPF_RET | BPF_K with 0, "keep 0 bytes" (drop).
+_SO_ATTACH_FILTER: Final = 26
+_SO_DETACH_FILTER: Final = 27
+_DROP_ALL: Final = struct.pack("=HBBI", 0x06, 0, 0, 0)
+
+
+def refuse_new(sock: socket.socket) -> bool:
+    """From now on the kernel drops every packet that reaches the listening ``sock``: it
+    completes no new handshake, and what its queue holds can still be taken. (Connections
+    taken before are sockets of their own: untouched.) False where there are no socket
+    filters (not Linux) or the kernel refused this one."""
+    if not sys.platform.startswith("linux"):
+        return False
+    program = ctypes.create_string_buffer(_DROP_ALL, len(_DROP_ALL))
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, natively aligned;
+    # the kernel copies the program during the call.
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True
+
+
+def accept_new(sock: socket.socket) -> None:
+    """Undo ``refuse_new``, if it was done: the supervisor holds every listening socket too, and
+    a worker that stopped left its filter on the socket its replacement then serves."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):  # ENOENT: there was none
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
 
 
 class Acceptor(asyncio.AbstractServer):
@@ -85,6 +130,8 @@ class Acceptor(asyncio.AbstractServer):
         return self._sock is not None
 
     async def start_serving(self) -> None:
+        if self._sock is not None:
+            accept_new(self._sock)
         self._read()
 
     def close(self, *, take_queue: bool = False) -> None:
@@ -94,6 +141,8 @@ class Acceptor(asyncio.AbstractServer):
         sock = self._sock
         if sock is None:
             return
+        if take_queue:
+            refuse_new(sock)  # no handshake completes between the last accept and the close
         while take_queue and self._take(sock) == ACCEPT_BATCH:
             pass
         self._sock = None
