@@ -66,56 +66,33 @@ class Process:
         return int(started["listen"][0].rsplit(":", 1)[1])
 
 
-async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, list[int], bool]:
+async def keep_alive_client(port: int, stop: asyncio.Event) -> tuple[int, int, list[int]]:
     """Requests back to back on keep-alive connections that honour ``Connection: close`` (and
-    then reconnect) until ``stop`` or a refused connection: (written, answered, statuses,
-    whether the one request lost, if any, was the first on a new connection).
-
-    Such a first request can be lost with no fault of the server's: the kernel completes a
-    client's handshake on a listening socket until the socket closes, and a connection it
-    queued after the server took its queue for the last time is reset with the socket (the
-    client may send it again: it reached no server). It counts as that only when the
-    connection was reset and a new one right after is refused (the listener is gone); a
-    clean close, or a reset while the listener still accepts, is the server's fault, as is a
-    request lost on a connection that was answered before."""
+    then reconnect) until ``stop`` or a refused connection: (written, answered, statuses)."""
     written = answered = 0
     statuses: list[int] = []
     while not stop.is_set():
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
-            return written, answered, statuses, False  # the listener has closed
-        first = True
+            return written, answered, statuses  # the listener has closed
         try:
             while not stop.is_set():
                 writer.write(b"GET /api/city/x HTTP/1.1\r\nHost: gw\r\n\r\n")
                 written += 1
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    return written, answered, statuses, False  # closed under a request: lost
-                except ConnectionError:
-                    return written, answered, statuses, first and await _refused(port)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return written, answered, statuses  # closed under a request: lost
                 length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
                 await reader.readexactly(length)
                 answered += 1
-                first = False
                 statuses.append(int(head.split()[1]))
                 if re.search(rb"(?i)\r\nconnection: close\r\n", head):
                     break  # the gateway said so: a new connection for the next request
         finally:
             writer.close()
-    return written, answered, statuses, False
-
-
-async def _refused(port: int) -> bool:
-    """Whether a new connection to ``port`` is refused (nothing listens there any more)."""
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return True
-    writer.close()
-    return False
+    return written, answered, statuses
 
 
 async def get_on_new_connections(url: str, times: int) -> list[int]:

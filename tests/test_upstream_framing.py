@@ -472,8 +472,7 @@ async def test_bytes_past_content_length_never_answer_another_request(
         await asyncio.sleep(0.05)  # the late bytes reach the gateway's idle connection first
     second = client if same_client else await connect(gw)
     answer = await second.ask(get("next"))
-    # (It failed once in a full run with the gateway's own 502/503, "u...": not reproduced in
-    # 384 runs since; the whole answer and what the upstream saw say which, if it comes back.)
+    # (The message says what failed: the answer, what the upstream received, the gateway's log.)
     assert answer.body == b"GET /city/next", (answer.raw, answer.body, up.story())
     assert b"SMUGGLED" not in client.seen + second.seen
     assert up.conns(b"/city/next") == [2]

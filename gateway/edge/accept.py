@@ -67,22 +67,20 @@ _SO_DETACH_FILTER: Final = 27
 _DROP_ALL: Final = struct.pack("=HBBI", 0x06, 0, 0, 0)
 
 
-def refuse_new(sock: socket.socket) -> bool:
+def refuse_new(sock: socket.socket) -> None:
     """From now on the kernel drops every packet that reaches the listening ``sock``: it
     completes no new handshake, and what its queue holds can still be taken. (Connections
-    taken before are sockets of their own: untouched.) False where there are no socket
-    filters (not Linux) or the kernel refused this one."""
+    taken before are sockets of their own: untouched.) Where there are no socket filters
+    (not Linux), or the kernel refuses this one, a stop keeps the old window: the moment
+    between its last accept and the close."""
     if not sys.platform.startswith("linux"):
-        return False
+        return
     program = ctypes.create_string_buffer(_DROP_ALL, len(_DROP_ALL))
     # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, natively aligned;
     # the kernel copies the program during the call.
     fprog = struct.pack("@HP", 1, ctypes.addressof(program))
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
-    except OSError:
-        return False
-    return True
 
 
 def accept_new(sock: socket.socket) -> None:
