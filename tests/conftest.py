@@ -11,7 +11,7 @@ import logging
 import os
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -101,9 +101,28 @@ async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
         await up.stop()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Each phase's report kept on its test (``item.stash[FAILED]``: whether the test itself
+    failed), for fixtures that add to a failure's report."""
+    report: pytest.TestReport = yield
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+    return report
+
+
+FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
-    """Start the gateway on 127.0.0.1:0 from a routes.yaml text: ``await gateway(yaml)``."""
+async def gateway(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    """Start the gateway on 127.0.0.1:0 from a routes.yaml text: ``await gateway(yaml)``. When
+    the test fails, each gateway's log goes to the report ("Captured stdout teardown"): a
+    502 says there which upstream failure it was."""
     started: list[RunningGateway] = []
 
     async def start(config_text: str, config_path: str | None = None) -> RunningGateway:
@@ -121,6 +140,10 @@ async def gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     for running in started:
         await running.gateway.stop()
     logging.getLogger().handlers.clear()
+    if request.node.stash.get(FAILED, False):
+        for running in started:
+            print(f"-- the log of the gateway on port {running.port} --")
+            print(running.logs.getvalue()[-20_000:])
 
 
 @pytest.fixture
