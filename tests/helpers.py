@@ -5,6 +5,7 @@ test modules import from here, never from ``conftest`` or from one another."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import io
 import os
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,27 @@ async def raw_exchange(
     finally:
         writer.close()
     return parse_response(raw)
+
+
+@contextlib.contextmanager
+def unanswered_port(host: str) -> Iterator[int]:
+    """A port on ``host`` whose SYNs are dropped: a listening socket that never accepts, its
+    tiny backlog full. On loopback that is what a powered-off node looks like (connects time
+    out)."""
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(listener.getsockname())
+        yield listener.getsockname()[1]
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

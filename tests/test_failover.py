@@ -4,7 +4,6 @@ preferred node of the multimodal services) and NODA1 (127.0.0.3, the fallback)."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from aiohttp import web
 from gateway.config import parse_config
 from gateway.upstream.probe import judge
 
-from .helpers import NODA1, NODA2, Seen, routes
+from .helpers import NODA1, NODA2, Seen, routes, unanswered_port
 
 FAST = "health: {interval: 0.2, timeout: 0.5, rise: 2, fall: 3}"
 
@@ -208,30 +207,13 @@ async def test_all_nodes_down_is_a_quick_503_never_a_hang(node_process, gateway,
 
 
 async def test_unanswered_connects_to_both_nodes_stay_within_the_bound(gateway, client):
-    # A listening socket that never accepts, with its tiny backlog full, drops new SYNs:
-    # on loopback that is what a powered-off node looks like (connect timeouts).
-    holes = []
-    for host in (NODA2, NODA1):
-        hole = socket.socket()
-        hole.bind((host, 0))
-        hole.listen(0)
-        fillers = [socket.socket() for _ in range(3)]
-        for filler in fillers:
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(hole.getsockname())
-        holes.append((hole, fillers))
-    ports = [hole.getsockname()[1] for hole, _ in holes]
-    gw = await gateway(search(ports[0], ports[1], "health: {enabled: false}"))
-    started = time.monotonic()
-    async with client.get(gw.url + "/api/search/q") as response:
-        assert response.status == 502
-        assert (await response.json())["error"] == "upstream_connect_timeout"
-    assert time.monotonic() - started <= 1.5  # 2 attempts x 0.5 s connect + back-off
-    for hole, fillers in holes:
-        for filler in fillers:
-            filler.close()
-        hole.close()
+    with unanswered_port(NODA2) as port2, unanswered_port(NODA1) as port1:
+        gw = await gateway(search(port2, port1, "health: {enabled: false}"))
+        started = time.monotonic()
+        async with client.get(gw.url + "/api/search/q") as response:
+            assert response.status == 502
+            assert (await response.json())["error"] == "upstream_connect_timeout"
+        assert time.monotonic() - started <= 1.5  # 2 attempts x 0.5 s connect + back-off
 
 
 async def test_targets_of_one_tier_share_the_load(upstream, gateway, client):

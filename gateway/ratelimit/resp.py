@@ -17,6 +17,8 @@ from typing import Any
 
 import hiredis
 
+from ..dial import open_connection
+
 
 class ResponseError(Exception):
     """Redis answered with an error (``-ERR ...``, ``-NOSCRIPT ...``)."""
@@ -115,22 +117,26 @@ class RespClient:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._connect_timeout):
-            if self._unix is not None:
+        deadline = loop.time() + self._connect_timeout
+        if self._unix is not None:
+            async with asyncio.timeout_at(deadline):
                 _, connection = await loop.create_unix_connection(_Connection, self._unix)
-            else:
-                _, connection = await loop.create_connection(_Connection, self._host, self._port)
-            setup = []
-            if self._password is not None:
-                auth = (self._user, self._password) if self._user else (self._password,)
-                setup.append(connection.call(("AUTH", *auth)))
-            if self._db:
-                setup.append(connection.call(("SELECT", self._db)))
-            try:
+        else:
+            _, connection = await open_connection(
+                _Connection, self._host, self._port, self._connect_timeout
+            )
+        setup = []
+        if self._password is not None:
+            auth = (self._user, self._password) if self._user else (self._password,)
+            setup.append(connection.call(("AUTH", *auth)))
+        if self._db:
+            setup.append(connection.call(("SELECT", self._db)))
+        try:
+            async with asyncio.timeout_at(deadline):
                 await asyncio.gather(*setup)
-            except BaseException:
-                connection.close()
-                raise
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     async def aclose(self) -> None:

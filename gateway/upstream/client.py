@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 from multidict import CIMultiDict
 
+from ..dial import open_connection
 from ..errors import GatewayError, tls_reason, upstream_failure
 
 if TYPE_CHECKING:
@@ -524,22 +525,19 @@ class Pool:
         """A new connection to ``target`` (within ``timeout``). Raises ``GatewayError``
         (kind ``connect`` or ``connect_timeout``)."""
         key = self.key(target)
-        loop = asyncio.get_running_loop()
         tls = target.tls
         factory: Callable[[], Connection] = lambda: Connection(self, key)  # noqa: E731
         try:
-            async with asyncio.timeout(timeout):
-                if tls is None:
-                    _, connection = await loop.create_connection(factory, target.host, target.port)
-                else:
-                    _, connection = await loop.create_connection(
-                        factory, target.host, target.port, ssl=tls.context,
-                        server_hostname=tls.server_hostname,
-                    )  # fmt: skip
+            _, connection = await open_connection(
+                factory, target.host, target.port, timeout,
+                ssl=None if tls is None else tls.context,
+                server_hostname=None if tls is None else tls.server_hostname,
+            )  # fmt: skip
         except TimeoutError:
             raise upstream_failure("connect_timeout") from None
         except OSError as exc:  # a TLS failure too (ssl's errors are OSErrors)
             raise upstream_failure("connect", tls_reason(exc)) from exc
+        loop = asyncio.get_running_loop()
         if self._sweeper is None and not self._closed:
             self._sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
         return connection

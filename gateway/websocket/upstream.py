@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from multidict import CIMultiDict, MultiMapping
 
+from ..dial import open_connection
 from .frames import extension_names
 
 if TYPE_CHECKING:
@@ -173,14 +174,14 @@ async def open_upstream(
     whole handshake's time; the connection is closed on any failure or cancellation."""
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(connect_timeout):
-            transport, handshake = await loop.create_connection(
-                lambda: _Handshake(loop),
-                host,
-                port,
-                ssl=None if tls is None else tls.context,
-                server_hostname=None if tls is None else tls.server_hostname,
-            )
+        transport, handshake = await open_connection(
+            lambda: _Handshake(loop),
+            host,
+            port,
+            connect_timeout,
+            ssl=None if tls is None else tls.context,
+            server_hostname=None if tls is None else tls.server_hostname,
+        )
     except TimeoutError:
         raise ConnectTimeout from None
     try:

@@ -1,0 +1,142 @@
+"""Outgoing connects (``gateway.dial``): a connect timeout is judged by the kernel, not by
+when the event loop got round to looking. The stall here is a real one (the loop is held
+with ``time.sleep`` right after the SYN went out), as a CPU-starved gateway sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from gateway.dial import open_connection
+from gateway.errors import GatewayError
+from gateway.snapshot import Target
+from gateway.upstream.client import Pool
+
+from .helpers import NODA1, RawServers, unanswered_port
+
+STALL = 0.3  # the loop is held this long...
+TIMEOUT = 0.1  # ...past a connect timeout this short
+
+
+class Accepted:
+    """A real server on NODA1 that counts its connections and the bytes they sent."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.received = bytearray()
+        self.accepted = asyncio.Event()
+        self.got = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.accepted.set()
+        try:
+            self.received += await reader.read(100)
+            self.got.set()
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def accepted() -> AsyncIterator[tuple[Accepted, int]]:
+    state, servers = Accepted(), RawServers()
+    yield state, await servers.start(state.handle, NODA1)
+    await servers.close()
+
+
+@pytest.fixture
+def hole() -> Iterator[int]:
+    with unanswered_port(NODA1) as port:
+        yield port
+
+
+def stall_the_loop() -> None:
+    """Hold the loop for ``STALL`` seconds once the caller's connect has sent its SYN."""
+    asyncio.get_running_loop().call_soon(time.sleep, STALL)
+
+
+async def test_a_connect_made_while_the_loop_was_held_past_the_deadline_is_kept(
+    accepted: tuple[Accepted, int],
+) -> None:
+    server, port = accepted
+    stall_the_loop()
+    started = time.monotonic()
+    transport, _ = await open_connection(asyncio.Protocol, NODA1, port, TIMEOUT)
+    assert time.monotonic() - started >= STALL  # the deadline passed while the loop was held
+    transport.write(b"ping")
+    await asyncio.wait_for(server.got.wait(), 2)
+    transport.close()
+    assert (server.connections, bytes(server.received)) == (1, b"ping")
+
+
+async def test_the_upstream_pool_keeps_such_a_connection(accepted: tuple[Accepted, int]) -> None:
+    # What a forwarded request goes through: before, it was answered 502
+    # upstream_connect_timeout although its upstream had accepted the connection.
+    server, port = accepted
+    pool = Pool(keepalive_timeout=10)
+    stall_the_loop()
+    connection = await pool.connect(Target("city", "noda1", NODA1, port, 0), TIMEOUT)
+    try:
+        await asyncio.wait_for(server.accepted.wait(), 2)
+    finally:
+        connection.abort()
+        pool.close()
+    assert server.connections == 1
+
+
+async def test_a_connect_never_answered_still_times_out(hole: int) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await open_connection(asyncio.Protocol, NODA1, hole, TIMEOUT)
+    # (the loop's clock is uvloop's, cached to the millisecond: it may fire a hair early)
+    assert TIMEOUT - 0.005 <= time.monotonic() - started < TIMEOUT + 0.5
+
+
+async def test_a_connect_never_answered_times_out_after_a_stall_too(hole: int) -> None:
+    stall_the_loop()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await open_connection(asyncio.Protocol, NODA1, hole, TIMEOUT)
+    assert STALL <= time.monotonic() - started < STALL + 0.5
+
+
+async def test_the_pool_reports_a_timeout_as_connect_timeout(hole: int) -> None:
+    pool = Pool(keepalive_timeout=10)
+    with pytest.raises(GatewayError) as failure:
+        await pool.connect(Target("city", "noda1", NODA1, hole, 0), TIMEOUT)
+    pool.close()
+    assert failure.value.kind == "connect_timeout"
+
+
+async def test_a_refused_connect_fails_at_once() -> None:
+    closed = socket.socket()
+    closed.bind((NODA1, 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        await open_connection(asyncio.Protocol, NODA1, port, 5)
+    assert time.monotonic() - started < 1
+
+
+async def test_a_name_is_resolved_and_each_address_tried() -> None:
+    # "localhost" may resolve to ::1 first; the server listens on 127.0.0.1 only, so a
+    # refused first address must not end the attempt.
+    got = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.set()
+        writer.close()
+
+    servers = RawServers()
+    port = await servers.start(handle, "127.0.0.1")
+    transport, _ = await open_connection(asyncio.Protocol, "localhost", port, 2)
+    try:
+        await asyncio.wait_for(got.wait(), 2)
+    finally:
+        transport.close()
+        await servers.close()
