@@ -28,7 +28,7 @@ from .auth import Authenticator
 from .config import Config, ConfigError, digest, parse_config
 from .config.types import Acme
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
-from .edge.accept import Acceptor
+from .edge.accept import Acceptor, handshakes_done
 from .edge.acme import AcmeManager, ChallengeStore
 from .edge.connections import ConnectionTable
 from .edge.tls import Certificates, Source, acme_source
@@ -270,10 +270,21 @@ class Gateway:
             await asyncio.sleep(0.05)
         await shut_down(shared.sessions)  # 1001 to both legs of every session
         if not handover:
-            # Every listener stops accepting at once. A connection accepted just before may
-            # not have sent its request yet: such connections get up to ACCEPTED_GRACE for it
-            # to arrive (and be answered, with Connection: close) before idle connections are
-            # closed; requests in flight on any listener then get the same shutdown_timeout.
+            # Every listener stops accepting at once: first no new handshake starts on any,
+            # and those under way complete and are accepted (their clients count themselves
+            # connected). A connection accepted just before may not have sent its request
+            # yet: such connections get up to ACCEPTED_GRACE for it to arrive (and be
+            # answered, with Connection: close) before idle connections are closed; requests
+            # in flight on any listener then get the same shutdown_timeout.
+            acceptors = [
+                server
+                for runner in self._runners
+                for site in runner.sites
+                if isinstance(server := site_server(site), Acceptor)
+            ]
+            for acceptor in acceptors:
+                acceptor.refuse_new()
+            await handshakes_done({a.port for a in acceptors if a.port is not None})
             for runner in self._runners:
                 for site in list(runner.sites):
                     await _stop_site(site)
@@ -460,7 +471,7 @@ async def _stop_site(site: web.BaseSite) -> None:
     """Stop a site's listener without resetting what its accept queue holds: connections the
     kernel completed before the close (their clients may have written a request already)
     are taken and served, not reset (``Acceptor.close(take_queue=True)``, which first has the
-    kernel complete no new handshake on it: ``accept.refuse_new``), and each is the
+    kernel start no new handshake on it: ``accept.refuse_new``), and each is the
     server's before this returns, so that the shutdown that follows sees it."""
     server = site_server(site)
     if isinstance(server, Acceptor):

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import resource
 import socket
 import ssl
+import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import cast
@@ -233,6 +236,65 @@ async def test_a_stop_completes_no_new_handshake_while_another_process_holds_the
         writer.write(b"hi")
         assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
         writer.close()
+
+
+def hold_back_acks(sock: socket.socket) -> None:
+    """A socket filter on the listening ``sock`` that keeps SYNs alone: a client's handshake
+    stays under way (its ACK, and what it writes, dropped) while it counts itself connected,
+    as one a round trip away is when a stop begins. A filter put on later replaces it."""
+    program = b"".join(
+        struct.pack("=HBBI", *instruction)
+        for instruction in ((0x30, 0, 0, 13), (0x45, 0, 1, 0x02), (0x06, 0, 0, 0xFFFFFFFF),
+                            (0x06, 0, 0, 0))
+    )  # fmt: skip
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+
+
+async def half_connected(waiting: Queued, port: int) -> socket.socket:
+    """A client whose handshake is under way and which has written b"hi"."""
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    waiting.clients.append(client)
+    await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", port)), 2)  # SYN-ACK in
+    await loop.sock_sendall(client, b"hi")
+    return client
+
+
+async def test_a_stop_completes_the_handshakes_under_way_and_serves_them():
+    # A client sent the SYN-ACK before the stop counts itself connected and writes its
+    # request: a stop that dropped its ACK (or closed before it came) would reset it.
+    with queued(0) as waiting:
+        port = waiting.sock.getsockname()[1]
+        server = waiting.acceptor()
+        await server.start_serving()
+        hold_back_acks(waiting.sock)
+        client = await half_connected(waiting, port)
+        assert accept.handshakes_under_way({port}) == 1
+        assert waiting.made == []
+        server.refuse_new()
+        assert not await connects(port)  # a new one is refused meanwhile
+        await accept.handshakes_done({port})
+        assert accept.handshakes_under_way({port}) == 0
+        server.close(take_queue=True)
+        await server.wait_closed()
+        assert len(waiting.made) == 1
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.sock_recv(client, 2), 5) == b"ok"
+
+
+async def test_a_stop_waits_for_handshakes_under_way_no_longer_than_its_grace():
+    with queued(0) as waiting:
+        port = waiting.sock.getsockname()[1]
+        hold_back_acks(waiting.sock)  # and kept on: this handshake never completes
+        await half_connected(waiting, port)
+        started = time.monotonic()
+        await accept.handshakes_done({port}, grace=0.3)
+        assert 0.3 <= time.monotonic() - started < 0.6
+        assert accept.handshakes_under_way({port}) == 1
+        assert accept.handshakes_under_way({port + 1}) == 0  # another port's are not counted
 
 
 async def test_a_tls_handshake_timeout_must_be_positive():

@@ -18,19 +18,22 @@ the connections wait in the queue (nothing is reset) and are taken when it works
 connection that failed before it was taken (ECONNABORTED...), or that fails its TLS
 handshake, ends alone and quietly, as under uvloop's server.
 
-A stop (``close(take_queue=True)``, then ``wait_closed``) takes what the queue still holds
-first: connections the kernel completed before the close, whose clients may have written a
-request already, are served rather than reset; ``wait_closed`` returns once every connection
-taken is the server's (its ``connection_made`` ran; a TLS one's after its handshake, bounded
-by the handshake timeout), so that a shutdown that follows sees all of them. Before it takes
-the queue for the last time, a socket filter that drops every packet goes on the listening
-socket (``refuse_new``): the kernel completes no new handshake, so no connection can join the
-queue between that last accept and the close, to be reset with the socket after its client
-was told it was connected (nginx's stop has that window). A client whose SYN is dropped sends
-it again ~1 s later and then finds the port closed (refused: it may try elsewhere) or, with
-several workers on the port, another worker's socket. (The supervisor holds every listening
-socket too: a worker that starts accepting takes such a filter off, ``accept_new``, so that
-one that replaces a stopped worker is not left refusing.)
+A stop takes what the queue still holds before it closes the socket: connections the kernel
+completed, whose clients may have written a request already, are served rather than reset.
+First a socket filter goes on the listening socket (``refuse_new``) that drops every SYN:
+new clients get no handshake (one whose SYN is dropped sends it again ~1 s later and then
+finds the port closed, refused, so it may try elsewhere; or, with several workers on the
+port, another worker's socket). Every other packet passes, so a handshake already under way
+completes: its client was sent the SYN-ACK, counts itself connected and may be writing its
+request. The stop then waits for those (``handshakes_done``: until the kernel lists none of
+them, at most ``HANDSHAKE_GRACE``), accepting as usual, before its last accept
+(``close(take_queue=True)``); ``wait_closed`` returns once every connection taken is the
+server's (its ``connection_made`` ran; a TLS one's after its handshake, bounded by the
+handshake timeout), so that a shutdown that follows sees all of them. nginx's stop resets
+both: what completes between its last accept and the close, and the handshakes under way.
+(The supervisor holds every listening socket too, so a worker's close leaves it listening:
+a worker that starts accepting takes such a filter off, ``accept_new``, so that one that
+replaces a stopped worker is not left refusing.)
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ import socket
 import ssl
 import struct
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from typing import Final
 
 log = logging.getLogger("gateway")
@@ -61,24 +65,35 @@ _ONE_CONNECTIONS: Final = frozenset({
 
 
 # Linux's SO_ATTACH_FILTER (asm-generic/socket.h), which Python's socket module does not name,
-# and a classic BPF program of one instruction: BPF_RET | BPF_K with 0, "keep 0 bytes" (drop).
+# and a classic BPF program that drops a packet with the SYN flag and keeps every other. A
+# socket filter sees a TCP segment from its TCP header on: byte 13 holds the flags.
 _SO_ATTACH_FILTER: Final = 26
 _SO_DETACH_FILTER: Final = 27
-_DROP_ALL: Final = struct.pack("=HBBI", 0x06, 0, 0, 0)
+_DROP_SYN: Final = b"".join(
+    struct.pack("=HBBI", code, jump_true, jump_false, k)
+    for code, jump_true, jump_false, k in (
+        (0x30, 0, 0, 13),  # BPF_LD | BPF_B | BPF_ABS: the flags byte
+        (0x45, 0, 1, 0x02),  # BPF_JMP | BPF_JSET | BPF_K: SYN set? next, else skip one
+        (0x06, 0, 0, 0),  # BPF_RET | BPF_K: keep 0 bytes (drop)
+        (0x06, 0, 0, 0xFFFFFFFF),  # BPF_RET | BPF_K: keep it whole
+    )
+)
+HANDSHAKE_GRACE: Final = 1.0  # seconds a stop waits at most for handshakes under way
+_SYN_RECV: Final = b"03"  # the state column of /proc/net/tcp for a handshake under way
 
 
 def refuse_new(sock: socket.socket) -> None:
-    """From now on the kernel drops every packet that reaches the listening ``sock``: it
-    completes no new handshake, and what its queue holds can still be taken. (Connections
-    taken before are sockets of their own: untouched.) Where there are no socket filters
-    (not Linux), or the kernel refuses this one, a stop keeps the old window: the moment
-    between its last accept and the close."""
+    """From now on the kernel drops every SYN that reaches the listening ``sock``: it starts
+    no new handshake, completes those under way, and what its queue holds can still be
+    taken. (Connections taken before are sockets of their own: untouched.) Where there are
+    no socket filters (not Linux), or the kernel refuses this one, a stop keeps the old
+    window: the moment between its last accept and the close."""
     if not sys.platform.startswith("linux"):
         return
-    program = ctypes.create_string_buffer(_DROP_ALL, len(_DROP_ALL))
+    program = ctypes.create_string_buffer(_DROP_SYN, len(_DROP_SYN))
     # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, natively aligned;
     # the kernel copies the program during the call.
-    fprog = struct.pack("@HP", 1, ctypes.addressof(program))
+    fprog = struct.pack("@HP", len(_DROP_SYN) // 8, ctypes.addressof(program))
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
@@ -89,6 +104,34 @@ def accept_new(sock: socket.socket) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):  # ENOENT: there was none
             sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+
+
+def handshakes_under_way(ports: Collection[int]) -> int:
+    """How many handshakes to local ``ports`` the kernel has under way (SYN received, SYN-ACK
+    sent, the client's ACK not in yet), from ``/proc/net/tcp`` and ``tcp6``; 0 where those
+    tables are not (not Linux). The tables list every socket of the network namespace: read
+    at a stop only."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as rows:
+                lines = rows.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(None, 4)  # sl, local address, remote address, state, ...
+            if len(fields) > 3 and fields[3] == _SYN_RECV:
+                port = int(fields[1].rpartition(b":")[2], 16)
+                count += port in ports
+    return count
+
+
+async def handshakes_done(ports: Collection[int], grace: float = HANDSHAKE_GRACE) -> None:
+    """Until the kernel has no handshake to ``ports`` under way, at most ``grace`` seconds: a
+    stop that refused new ones (``refuse_new``) lets those complete and be accepted."""
+    ends = time.monotonic() + grace
+    while handshakes_under_way(ports) and time.monotonic() < ends:  # noqa: ASYNC110 - at a stop
+        await asyncio.sleep(0.01)
 
 
 class Acceptor(asyncio.AbstractServer):
@@ -127,6 +170,19 @@ class Acceptor(asyncio.AbstractServer):
     def is_serving(self) -> bool:
         return self._sock is not None
 
+    @property
+    def port(self) -> int | None:
+        """The TCP port it listens on (None once closed)."""
+        if self._sock is None or self._sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return int(self._sock.getsockname()[1])
+
+    def refuse_new(self) -> None:
+        """Start no new handshake; go on accepting (``refuse_new``, the function): a stop's
+        first step, before ``handshakes_done`` and ``close(take_queue=True)``."""
+        if self._sock is not None:
+            refuse_new(self._sock)
+
     async def start_serving(self) -> None:
         if self._sock is not None:
             accept_new(self._sock)
@@ -140,7 +196,7 @@ class Acceptor(asyncio.AbstractServer):
         if sock is None:
             return
         if take_queue:
-            refuse_new(sock)  # no handshake completes between the last accept and the close
+            refuse_new(sock)  # no handshake starts between the last accept and the close
         while take_queue and self._take(sock) == ACCEPT_BATCH:
             pass
         self._sock = None
