@@ -1,25 +1,35 @@
-"""Outgoing TCP connections with a connect timeout that a stalled event loop cannot fake.
+"""Outgoing connections with timeouts that a stalled event loop cannot fake.
 
-``asyncio.timeout`` around ``loop.create_connection`` is judged by the loop, not by the
-network: when the loop is held up past the deadline (a CPU-starved process, a long garbage
-collection), the timer and the finished connect are seen in the same pass, and the timer
-wins on both uvloop and asyncio: a connection the kernel made in a millisecond is thrown away
-and the request answered 502 ``upstream_connect_timeout``. Here the deadline asks the kernel
-instead: a socket connected by then is used (``getpeername`` answers only once the
-handshake is done), and only one still connecting is a timeout. The upstream pool, the
-WebSocket relay and the Redis client all connect through ``open_connection``.
+``asyncio.timeout`` is judged by the loop, not by the network: when the loop is held up past
+a deadline (a CPU-starved process, a long garbage collection), the timer and the I/O that
+came in time are seen in the same pass, and the timer wins on both uvloop and asyncio. A
+connection the kernel made in a millisecond is thrown away and the request answered 502
+``upstream_connect_timeout``; a Redis answer that came back in time becomes the limiter's
+fallback. Here a deadline asks the kernel instead:
+
+- ``open_connection``: a socket connected by the deadline is used (``getpeername`` answers
+  only once the handshake is done); only one still connecting is a timeout. The upstream
+  pool, the WebSocket relay and the Redis client connect through it.
+- ``read_timeout``: at the deadline, while the socket holds bytes the loop has not read yet
+  (``unread``), the loop gets ``READ_GRACE`` more to read them, a few times at most; only a
+  wait with nothing come in is a timeout. The limiter's Redis calls wait this way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import ssl as tls
 from collections.abc import Callable
-from typing import TypeVar
+from types import TracebackType
+from typing import Final, TypeVar
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+READ_GRACE: Final = 0.01  # seconds more for the loop to read what came in time
+MAX_GRACES: Final = 3  # at most this many: a socket kept readable cannot stretch a deadline
 
 
 async def open_connection(
@@ -125,3 +135,54 @@ def _connected(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+class read_timeout:  # lowercase: used as asyncio.timeout is, async with read_timeout(...)
+    """``asyncio.timeout(seconds)`` around a wait for an answer on a socket, judged by the
+    kernel: when the deadline comes while ``unread()`` says the socket holds bytes the loop
+    has not read yet, the answer came in time and the loop was late. It then gets
+    ``READ_GRACE`` more (a timer fires only after the loop has polled its sockets again),
+    at most ``MAX_GRACES`` times, before the timeout is judged again. (A class rather than
+    a generator-based context manager: it runs once per Redis call.)"""
+
+    __slots__ = ("_graces", "_loop", "_seconds", "_timeout", "_timer", "_unread")
+
+    def __init__(self, seconds: float, unread: Callable[[], bool]) -> None:
+        self._seconds = seconds
+        self._unread = unread
+        self._graces = 0
+
+    async def __aenter__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._timer = self._loop.call_later(self._seconds, self._expire)
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        await self._timeout.__aexit__(kind, exc, traceback)  # raises TimeoutError if it expired
+
+    def _expire(self) -> None:
+        if self._graces < MAX_GRACES and self._unread():
+            self._graces += 1
+            self._timer = self._loop.call_later(READ_GRACE, self._expire)
+        else:
+            self._timeout.reschedule(self._loop.time())  # expires now: the wait is cancelled
+
+
+def unread(transport: asyncio.BaseTransport | None) -> bool:
+    """Whether the kernel holds bytes (or an end) on ``transport``'s socket that the loop has
+    not read yet."""
+    sock = (
+        None if transport is None or transport.is_closing() else transport.get_extra_info("socket")
+    )
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from gateway.dial import open_connection
+from gateway.dial import MAX_GRACES, READ_GRACE, open_connection, read_timeout, unread
 from gateway.errors import GatewayError
 from gateway.snapshot import Target
 from gateway.upstream.client import Pool
@@ -140,3 +140,33 @@ async def test_a_name_is_resolved_and_each_address_tried() -> None:
     finally:
         transport.close()
         await servers.close()
+
+
+@pytest.mark.parametrize("readable", [False, True])
+async def test_a_read_timeout_is_stretched_only_while_bytes_wait_and_only_a_little(
+    readable: bool,
+) -> None:
+    # ``unread`` says what the kernel holds: nothing (a timeout at the deadline) or bytes
+    # that never complete the answer (a few short graces, then the timeout all the same).
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with read_timeout(TIMEOUT, lambda: readable):
+            await asyncio.sleep(5)
+    late = time.monotonic() - started - TIMEOUT
+    grace = MAX_GRACES * READ_GRACE if readable else 0.0
+    assert grace - 0.005 <= late < grace + 0.1
+
+
+async def test_unread_sees_what_the_loop_has_not_read(accepted: tuple[Accepted, int]) -> None:
+    server, port = accepted
+    transport, _ = await open_connection(asyncio.Protocol, NODA1, port, 2)
+    try:
+        assert not unread(transport)
+        transport.pause_reading()  # the loop leaves what arrives in the kernel
+        transport.write(b"ping")
+        await asyncio.wait_for(server.got.wait(), 2)  # the server read it and closed: an end
+        await asyncio.sleep(0.05)
+        assert unread(transport)
+    finally:
+        transport.close()
+    assert not unread(transport)  # closing: nothing to wait for

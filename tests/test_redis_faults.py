@@ -124,6 +124,39 @@ async def test_paused_redis_adds_at_most_its_timeout_and_keeps_the_pool_small(be
     assert (await health(client, gw))["dependencies"]["redis"] == "connected"
 
 
+# A script that keeps Redis busy for ARGV[1] microseconds (its TIME, polled).
+BUSY = (
+    "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] "
+    "repeat local n = redis.call('TIME') until n[1] * 1000000 + n[2] - s >= tonumber(ARGV[1])"
+)
+
+
+def resp(*args: str) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args)
+
+
+async def test_an_answer_in_time_is_not_lost_to_a_loop_held_past_the_timeout(own_redis):
+    # Redis answers after 30 ms, within the 50 ms timeout, while the gateway's loop is held
+    # from 10 ms to 310 ms (CPU starvation): at the deadline the answer waits in the socket,
+    # unread. Judged by the timer alone it was a timeout: on_error deny refused the request.
+    server = own_redis()
+    limiter = RedisLimiter(RedisSettings(url=server.url, timeout=0.05, on_error="deny"))
+    try:
+        await limiter.start()
+        assert (await limiter.decide(ZONE, "k")).allowed  # connected, the script loaded
+        with socket.create_connection(("127.0.0.1", server.port)) as busy:
+            busy.sendall(resp("EVAL", BUSY, "0", "30000"))  # ahead of the limiter's call
+            asyncio.get_running_loop().call_later(0.01, time.sleep, 0.3)
+            started = time.monotonic()
+            decision = await limiter.decide(ZONE, "k")
+            assert time.monotonic() - started >= 0.3  # the deadline passed meanwhile
+            assert busy.recv(100)  # the busy script's answer: it ran first
+        assert decision.allowed
+        assert limiter.state == "connected"
+    finally:
+        await limiter.close()
+
+
 async def test_flushed_scripts_are_reloaded_without_falling_back(behind_redis):
     server, gw, url = await behind_redis()
     assert statuses(await burst(url, 10)) == {200: 10}

@@ -3,7 +3,7 @@
 ``redis://`` and ``unix://`` URLs use the lean pipelined client in ``resp.py``; Sentinel,
 Cluster and TLS (``rediss://``) URLs use redis-py, which knows how to find a master, route
 slots and speak TLS. Both are behind one small interface: ``run`` the script, ``ping``,
-``aclose``; ``cluster`` says whether a batch must be split by slot.
+``unread``, ``aclose``; ``cluster`` says whether a batch must be split by slot.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class LeanRunner:
     async def ping(self) -> None:
         await self._client.execute("PING")
 
+    def unread(self) -> bool:
+        """Whether an answer came in that the loop has not read yet (see ``dial``)."""
+        return self._client.unread()
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -57,6 +61,10 @@ class RedisPyRunner:
 
     async def run(self, keys: list[str], args: list[int]) -> Any:
         return await self._script(keys=keys, args=args)
+
+    def unread(self) -> bool:
+        """Not known: redis-py's connections are its own (its timeouts go by the timer)."""
+        return False
 
     async def ping(self) -> None:
         await self._client.ping()

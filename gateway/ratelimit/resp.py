@@ -17,7 +17,7 @@ from typing import Any
 
 import hiredis
 
-from ..dial import open_connection
+from ..dial import open_connection, unread
 
 
 class ResponseError(Exception):
@@ -87,6 +87,11 @@ class RespClient:
         self._connect_timeout = connect_timeout
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
+
+    def unread(self) -> bool:
+        """Whether its connection's socket holds bytes the loop has not read yet."""
+        connection = self._connection
+        return connection is not None and unread(connection.transport)
 
     async def execute(self, *args: Any) -> Any:
         connection = await self._connected()

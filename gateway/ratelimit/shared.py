@@ -24,6 +24,7 @@ from typing import Final
 from redis.crc import key_slot
 
 from ..config import RedisSettings
+from ..dial import read_timeout
 from .local import LocalLimiter
 from .redisclients import runner_for
 from .zones import Decision, Zone
@@ -142,7 +143,8 @@ class RedisLimiter:
 
     async def _run(self, batch: list[Pending]) -> None:
         try:
-            async with asyncio.timeout(self.settings.timeout):
+            # A late loop does not turn an answer that came in time into a fallback.
+            async with read_timeout(self.settings.timeout, self._runner.unread):
                 results = await self._call(batch)
         except Exception as exc:  # noqa: BLE001 - any failure of Redis means: fall back
             self._disconnected(exc)
