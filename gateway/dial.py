@@ -8,8 +8,10 @@ connection the kernel made in a millisecond is thrown away and the request answe
 fallback. Here a deadline asks the kernel instead:
 
 - ``open_connection``: a socket connected by the deadline is used (``getpeername`` answers
-  only once the handshake is done); only one still connecting is a timeout. The upstream
-  pool, the WebSocket relay and the Redis client connect through it.
+  only once the handshake is done); only one still connecting is a timeout. A TLS handshake
+  then has the rest of the time as a ``read_timeout``: a flight of the peer's that came in
+  time is read. The upstream pool, the WebSocket relay and the Redis client connect
+  through it.
 - ``read_timeout``: at the deadline, while the socket holds bytes the loop has not read yet
   (``unread``), the loop gets ``READ_GRACE`` more to read them, a few times at most; only a
   wait with nothing come in is a timeout. The limiter's Redis calls wait this way.
@@ -51,8 +53,8 @@ async def open_connection(
     try:
         if ssl is None:  # no I/O to wait for: the socket is connected
             transport, protocol = await loop.create_connection(factory, sock=sock)
-        else:
-            async with asyncio.timeout_at(deadline):
+        else:  # the handshake's flights: a late loop gets its graces for what came in time
+            async with read_timeout(max(deadline - loop.time(), 0.0), lambda: _readable(sock)):
                 transport, protocol = await loop.create_connection(
                     factory, sock=sock, ssl=ssl, server_hostname=server_hostname
                 )
@@ -181,8 +183,13 @@ def unread(transport: asyncio.BaseTransport | None) -> bool:
     sock = (
         None if transport is None or transport.is_closing() else transport.get_extra_info("socket")
     )
-    if sock is None:
+    return sock is not None and _readable(sock)
+
+
+def _readable(sock: socket.socket) -> bool:
+    fd = sock.fileno()
+    if fd < 0:  # closed (or handed over and detached)
         return False
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))

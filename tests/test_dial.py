@@ -5,18 +5,22 @@ with ``time.sleep`` right after the SYN went out), as a CPU-starved gateway sees
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import trustme
 
 from gateway.dial import MAX_GRACES, READ_GRACE, open_connection, read_timeout, unread
 from gateway.errors import GatewayError
 from gateway.snapshot import Target
 from gateway.upstream.client import Pool
 
-from .helpers import NODA1, RawServers, unanswered_port
+from .helpers import NODA1, RawServers, trusting, unanswered_port
 
 STALL = 0.3  # the loop is held this long...
 TIMEOUT = 0.1  # ...past a connect timeout this short
@@ -170,3 +174,67 @@ async def test_unread_sees_what_the_loop_has_not_read(accepted: tuple[Accepted, 
     finally:
         transport.close()
     assert not unread(transport)  # closing: nothing to wait for
+
+
+@contextlib.contextmanager
+def tls_echo_in_a_thread(ca: trustme.CA, delay: float) -> Iterator[int]:
+    """A TLS echo server on NODA1 in a thread of its own, so that it answers while the
+    loop is held: it waits ``delay`` after each accept before its handshake."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("node.test").configure_cert(context)
+    listener = socket.socket()
+    listener.bind((NODA1, 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            connection.settimeout(1)
+            time.sleep(delay)
+            with contextlib.suppress(OSError), context.wrap_socket(connection, True) as tls:
+                while data := tls.recv(100):
+                    tls.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+async def test_a_tls_handshake_answered_in_time_completes_after_a_held_loop() -> None:
+    # The ClientHello goes out at once; the server's flight comes at ~50 ms, while the loop
+    # is held from 20 to 320 ms, past the 100 ms deadline: it waits in the socket, unread.
+    ca = trustme.CA()
+    client = trusting(ca)  # (loading the system's CAs takes tens of ms: not in the timing)
+    with tls_echo_in_a_thread(ca, delay=0.05) as port:
+        await asyncio.sleep(0)  # the loop's clock, cached, is read anew after the setup
+        asyncio.get_running_loop().call_later(0.02, time.sleep, STALL)
+        reader = asyncio.StreamReader()
+        transport, _ = await open_connection(
+            lambda: asyncio.StreamReaderProtocol(reader), NODA1, port, TIMEOUT,
+            ssl=client, server_hostname="node.test",
+        )  # fmt: skip
+        try:
+            transport.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        finally:
+            transport.close()
+
+
+async def test_a_tls_handshake_never_answered_times_out() -> None:
+    ca = trustme.CA()
+    client = trusting(ca)
+    with tls_echo_in_a_thread(ca, delay=0.5) as port:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await open_connection(
+                asyncio.Protocol, NODA1, port, TIMEOUT, ssl=client, server_hostname="node.test"
+            )
+        assert time.monotonic() - started < TIMEOUT + 0.5
