@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
 import resource
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -242,14 +240,9 @@ def hold_back_acks(sock: socket.socket) -> None:
     """A socket filter on the listening ``sock`` that keeps SYNs alone: a client's handshake
     stays under way (its ACK, and what it writes, dropped) while it counts itself connected,
     as one a round trip away is when a stop begins. A filter put on later replaces it."""
-    program = b"".join(
-        struct.pack("=HBBI", *instruction)
-        for instruction in ((0x30, 0, 0, 13), (0x45, 0, 1, 0x02), (0x06, 0, 0, 0xFFFFFFFF),
-                            (0x06, 0, 0, 0))
-    )  # fmt: skip
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))
-    sock.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+    accept.attach_filter(
+        sock, (accept.BPF_LOAD_FLAGS, accept.BPF_IF_SYN, accept.BPF_KEEP, accept.BPF_DROP)
+    )
 
 
 async def half_connected(waiting: Queued, port: int) -> socket.socket:

@@ -65,21 +65,28 @@ _ONE_CONNECTIONS: Final = frozenset({
 
 
 # Linux's SO_ATTACH_FILTER (asm-generic/socket.h), which Python's socket module does not name,
-# and a classic BPF program that drops a packet with the SYN flag and keeps every other. A
-# socket filter sees a TCP segment from its TCP header on: byte 13 holds the flags.
+# and classic BPF: a socket filter sees a TCP segment from its TCP header on (byte 13 holds
+# the flags); each instruction is (code, jump if true, jump if false, k).
 _SO_ATTACH_FILTER: Final = 26
 _SO_DETACH_FILTER: Final = 27
-_DROP_SYN: Final = b"".join(
-    struct.pack("=HBBI", code, jump_true, jump_false, k)
-    for code, jump_true, jump_false, k in (
-        (0x30, 0, 0, 13),  # BPF_LD | BPF_B | BPF_ABS: the flags byte
-        (0x45, 0, 1, 0x02),  # BPF_JMP | BPF_JSET | BPF_K: SYN set? next, else skip one
-        (0x06, 0, 0, 0),  # BPF_RET | BPF_K: keep 0 bytes (drop)
-        (0x06, 0, 0, 0xFFFFFFFF),  # BPF_RET | BPF_K: keep it whole
-    )
-)
+BPF_LOAD_FLAGS: Final = (0x30, 0, 0, 13)  # BPF_LD | BPF_B | BPF_ABS: the flags byte
+BPF_IF_SYN: Final = (0x45, 0, 1, 0x02)  # BPF_JMP | BPF_JSET | BPF_K: SYN? next, else skip one
+BPF_DROP: Final = (0x06, 0, 0, 0)  # BPF_RET | BPF_K: keep 0 bytes
+BPF_KEEP: Final = (0x06, 0, 0, 0xFFFFFFFF)  # BPF_RET | BPF_K: keep it whole
+_DROP_SYN: Final = (BPF_LOAD_FLAGS, BPF_IF_SYN, BPF_DROP, BPF_KEEP)
 HANDSHAKE_GRACE: Final = 1.0  # seconds a stop waits at most for handshakes under way
 _SYN_RECV: Final = b"03"  # the state column of /proc/net/tcp for a handshake under way
+
+
+def attach_filter(sock: socket.socket, program: tuple[tuple[int, int, int, int], ...]) -> None:
+    """Put the classic BPF ``program`` on ``sock`` (Linux), replacing any filter it had.
+    Raises ``OSError`` when the kernel refuses it."""
+    code = b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, natively aligned;
+    # the kernel copies the program during the call.
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
 def refuse_new(sock: socket.socket) -> None:
@@ -88,14 +95,9 @@ def refuse_new(sock: socket.socket) -> None:
     taken. (Connections taken before are sockets of their own: untouched.) Where there are
     no socket filters (not Linux), or the kernel refuses this one, a stop keeps the old
     window: the moment between its last accept and the close."""
-    if not sys.platform.startswith("linux"):
-        return
-    program = ctypes.create_string_buffer(_DROP_SYN, len(_DROP_SYN))
-    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, natively aligned;
-    # the kernel copies the program during the call.
-    fprog = struct.pack("@HP", len(_DROP_SYN) // 8, ctypes.addressof(program))
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            attach_filter(sock, _DROP_SYN)
 
 
 def accept_new(sock: socket.socket) -> None:
