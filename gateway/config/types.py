@@ -223,7 +223,11 @@ class RedisSettings:
         "redis+cluster://host:port[,host:port], or memory:// for per-process limits.",
         "redis://127.0.0.1:6379/0",
     )
-    timeout: Seconds = doc("Longest wait for any Redis call.", 0.05)
+    timeout: Seconds = doc(
+        "Longest wait for any Redis call (an answer already waiting unread in the socket "
+        "then gets up to 30 ms more to be read: a late event loop, not a slow Redis).",
+        0.05,
+    )
     on_error: Literal["local", "allow", "deny"] = doc(
         "While Redis fails: enforce the same limits per process (local), let everything "
         "through (allow) or refuse everything limited (deny).",
