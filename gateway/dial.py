@@ -24,7 +24,7 @@ import os
 import select
 import socket
 import ssl as tls
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final, TypeVar
 
@@ -65,15 +65,26 @@ async def open_connection(
 
 
 async def dial(host: str, port: int, deadline: float) -> socket.socket:
-    """A non-blocking socket connected to ``host``:``port`` by ``deadline`` (loop time),
-    trying each address of a name in turn as ``create_connection`` does. An IP address is
-    used as is, without the resolver."""
-    loop = asyncio.get_running_loop()
+    """A non-blocking socket connected to ``host``:``port`` by ``deadline`` (loop time). An IP
+    address is used as is, without the resolver; a name's addresses are tried in turn."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     except socket.gaierror:  # a name
         async with asyncio.timeout_at(deadline):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+    return await connect_first(infos, deadline)
+
+
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[object, ...]]
+
+
+async def connect_first(infos: Sequence[AddrInfo], deadline: float) -> socket.socket:
+    """The first of ``infos`` (as ``getaddrinfo`` gives them) that connects by ``deadline``,
+    each tried in turn as ``create_connection`` does: a refused one does not end the
+    attempt, a timeout does (the deadline is spent)."""
+    loop = asyncio.get_running_loop()
     errors: list[OSError] = []
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
@@ -94,7 +105,7 @@ async def dial(host: str, port: int, deadline: float) -> socket.socket:
         return sock
     if len(errors) == 1:
         raise errors[0]
-    raise OSError(f"connect to {host}:{port} failed: " + "; ".join(map(str, errors)))
+    raise OSError("every address failed: " + "; ".join(map(str, errors)))
 
 
 async def _connect(

@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trustme
 
-from gateway.dial import MAX_GRACES, READ_GRACE, open_connection, read_timeout, unread
+from gateway.dial import (
+    MAX_GRACES,
+    READ_GRACE,
+    connect_first,
+    open_connection,
+    read_timeout,
+    unread,
+)
 from gateway.errors import GatewayError
 from gateway.snapshot import Target
 from gateway.upstream.client import Pool
@@ -56,6 +63,14 @@ async def accepted() -> AsyncIterator[tuple[Accepted, int]]:
 def hole() -> Iterator[int]:
     with unanswered_port(NODA1) as port:
         yield port
+
+
+def closed_port() -> int:
+    closed = socket.socket()
+    closed.bind((NODA1, 0))
+    port: int = closed.getsockname()[1]
+    closed.close()
+    return port
 
 
 def stall_the_loop() -> None:
@@ -117,19 +132,13 @@ async def test_the_pool_reports_a_timeout_as_connect_timeout(hole: int) -> None:
 
 
 async def test_a_refused_connect_fails_at_once() -> None:
-    closed = socket.socket()
-    closed.bind((NODA1, 0))
-    port = closed.getsockname()[1]
-    closed.close()
     started = time.monotonic()
     with pytest.raises(ConnectionRefusedError):
-        await open_connection(asyncio.Protocol, NODA1, port, 5)
+        await open_connection(asyncio.Protocol, NODA1, closed_port(), 5)
     assert time.monotonic() - started < 1
 
 
-async def test_a_name_is_resolved_and_each_address_tried() -> None:
-    # "localhost" may resolve to ::1 first; the server listens on 127.0.0.1 only, so a
-    # refused first address must not end the attempt.
+async def test_a_name_is_resolved() -> None:
     got = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -144,6 +153,22 @@ async def test_a_name_is_resolved_and_each_address_tried() -> None:
     finally:
         transport.close()
         await servers.close()
+
+
+async def test_a_refused_address_does_not_end_the_attempt(accepted: tuple[Accepted, int]) -> None:
+    # A name with several addresses (IPv6 and IPv4, say): the first refuses, the next one
+    # listens. Real addresses in getaddrinfo's form, the first a closed port.
+    _, port = accepted
+    infos = [
+        *socket.getaddrinfo(NODA1, closed_port(), type=socket.SOCK_STREAM),
+        *socket.getaddrinfo(NODA1, port, type=socket.SOCK_STREAM),
+    ]
+    loop = asyncio.get_running_loop()
+    sock = await connect_first(infos, loop.time() + 2)
+    with sock:
+        assert sock.getpeername() == (NODA1, port)
+    with pytest.raises(OSError, match="every address failed"):
+        await connect_first([infos[0], infos[0]], loop.time() + 2)
 
 
 @pytest.mark.parametrize("readable", [False, True])
