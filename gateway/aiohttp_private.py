@@ -2,11 +2,6 @@
 
 The gateway leans on a few internals where aiohttp has no public way to do what it needs:
 
-- ``detach``: let go of a client connection after the gateway wrote a WebSocket 101 itself,
-  so that a relay of two small protocols can own the transport (``RequestHandler``'s
-  ``_message_tail``, ``_force_close``, ``_keepalive_handle``, ``_manager``, ``_buffer_paused``);
-- ``protocol_factory``: build the server's connections from a ``RequestHandler`` subclass
-  (``web.Server``'s ``_loop`` and ``_kwargs``);
 - ``Whole``: an answer known whole written in one transport write, with the head aiohttp's
   server would write for it, by the serializer it uses (``http_writer._serialize_headers``);
 - ``OneWrite``: hold a response's headers back until its first body bytes, as aiohttp's own
@@ -15,9 +10,6 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   without one: aiohttp's ``StreamResponse._prepare_headers`` adds
   ``application/octet-stream`` to a body that has none, which would tell the client a type
   the upstream never claimed (and keep it from sniffing one, as RFC 9110 lets it);
-- ``answer_in_http11``: write a response's status line as HTTP/1.1 whatever version its
-  request named (a 505 to ``HTTP/2.0``; aiohttp echoes the request's version), by setting the
-  request's cached ``version`` (``BaseRequest._cache``, where ``reify`` keeps it);
 - ``keep_raw_header_bytes``: header bytes outside UTF-8 (obs-text, e.g. a Latin-1 ``\xe9``)
   written out as they came in. aiohttp's parsers decode header bytes as UTF-8 with
   ``surrogateescape``, and its C serializer silently drops the surrogates, so ``caf\xe9``
@@ -26,14 +18,13 @@ The gateway leans on a few internals where aiohttp has no public way to do what 
   (nearly all) still take the C one; others are encoded with ``surrogateescape``, which gives
   back the bytes read. (The upstream client, ``upstream/client.py``, encodes its request heads
   the same way itself.)
-- the request-head limits (``server.Protocol``, ``edge/connections.py``): ``parsed`` and
-  ``last_payload`` tell when the parser completed a head and whether a body follows
-  (``RequestHandler``'s ``_request_count``, ``_messages``), ``upgraded`` that what follows is
-  no more HTTP (``BaseProtocol._upgraded``), ``waiting`` that no request is being handled
-  (``_waiter``), ``hold_keepalive`` keeps aiohttp's idle close off a head that is still
-  arriving (``_next_keepalive_close_time``, on ``BaseProtocol._loop``'s clock), and
-  ``answer_early`` queues an answer (431, 408) as aiohttp queues its own for a head its parser
-  rejects (``web_protocol._ErrInfo``).
+- ``ParsingProtocol``, the base of the gateway's own client protocol (``server.Connection``):
+  an aiohttp ``BaseProtocol`` (what aiohttp's ``StreamWriter``, ``StreamReader`` and C parser
+  expect of a protocol) on aiohttp's request parser. It reads its ``_loop``, ``_parser`` and
+  ``_buffer_paused``, sets ``_upgraded`` (which keeps ``pause_reading`` off the parser once
+  a handshake's bytes follow), and holds the transport with ``_pause_reading_for_buffer`` /
+  ``_resume_reading_for_buffer`` while the pipelined queue or a handshake's tail is full; of
+  the parser it calls ``message_consumed`` and ``set_upgraded``.
 - ``site_server``: a site's listening server (``BaseSite._server``), so that a stop can serve
   the connections its accept queue holds;
 - ``HeldSite``: a site on an inherited listening socket, served by a server the gateway
@@ -53,29 +44,35 @@ import re
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
-from aiohttp import HttpVersion10, HttpVersion11, base_protocol, http_writer, web, web_protocol
+from aiohttp import (
+    HttpVersion10,
+    HttpVersion11,
+    base_protocol,
+    http_parser,
+    http_writer,
+    web,
+    web_protocol,
+)
 from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict
-
-H = TypeVar("H", bound=web.RequestHandler)
 
 # (class, attribute) pairs relied on above; checked by ``missing()``.
 _SLOTS = (
-    (web.RequestHandler, "_message_tail"),
-    (web.RequestHandler, "_force_close"),
-    (web.RequestHandler, "_keepalive_handle"),
-    (web.RequestHandler, "_manager"),
-    (base_protocol.BaseProtocol, "_buffer_paused"),
-    (web.BaseRequest, "_cache"),
-    (web.RequestHandler, "_request_count"),
-    (web.RequestHandler, "_messages"),
-    (web.RequestHandler, "_waiter"),
-    (web.RequestHandler, "_next_keepalive_close_time"),
-    (base_protocol.BaseProtocol, "_upgraded"),
-    (base_protocol.BaseProtocol, "_loop"),
+    *(
+        (base_protocol.BaseProtocol, name)
+        for name in (
+            "_loop",
+            "_parser",
+            "_upgraded",
+            "_buffer_paused",
+            "_pause_reading_for_buffer",
+            "_resume_reading_for_buffer",
+        )
+    ),
+    (http_parser.HttpRequestParser, "message_consumed"),
+    (http_parser.HttpRequestParser, "set_upgraded"),
     *((web.BaseSite, name) for name in ("_runner", "_ssl_context", "_server")),
 )
 
@@ -144,83 +141,81 @@ class HeldSite(web.BaseSite):
         await self._server.start_serving()
 
 
-def protocol_factory(server: web.Server, cls: Callable[..., H]) -> Callable[[], H]:
-    """What ``web.Server.__call__`` does, with ``cls`` in place of ``RequestHandler``."""
+class ParsingProtocol(base_protocol.BaseProtocol):
+    """A client connection's protocol on aiohttp's C request parser (llhttp), with the
+    parser's limits given; ``server.Connection`` is one. Its bodies are ``StreamReader`` s
+    that pause and resume reading through it (``BaseProtocol``), and never decompressed: a
+    body goes upstream as the client sent it (aiohttp's server decompressed a gzip body and
+    let the gateway forward the result still labelled gzip)."""
 
-    def make() -> H:
-        return cls(server, loop=server._loop, **server._kwargs)
+    __slots__ = ()
 
-    return make
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        read_bufsize: int,
+        max_line_size: int,
+        max_field_size: int,
+        max_headers: int,
+        max_queued: int,
+    ) -> None:
+        parser = http_parser.HttpRequestParser(
+            self,
+            loop,
+            read_bufsize,
+            max_line_size=max_line_size,
+            max_field_size=max_field_size,
+            max_headers=max_headers,
+            payload_exception=web_protocol.RequestPayloadError,
+            auto_decompress=False,
+            max_msg_queue_size=max_queued,
+        )
+        super().__init__(loop, parser)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
-def detach(protocol: web.RequestHandler) -> tuple[asyncio.Transport, bytes] | None:
-    """Make aiohttp let go of ``protocol``'s connection and return it with what the client
-    sent after its request: aiohttp stops reading it, forgets it and never closes it. None
-    when the client has gone already."""
-    transport = protocol.transport
-    if transport is None or transport.is_closing():
-        return None
-    tail, protocol._message_tail = protocol._message_tail, b""
-    protocol._force_close = True  # start() leaves its loop without closing the transport
-    protocol.transport = None
-    if protocol._keepalive_handle is not None:
-        protocol._keepalive_handle.cancel()
-        protocol._keepalive_handle = None
-    if protocol._manager is not None:
-        protocol._manager.connection_lost(protocol, None)  # not among the server's connections
-    if protocol._buffer_paused:
-        transport.resume_reading()
-    return transport, tail
+    def parse(self, data: bytes) -> tuple[Any, bool, bytes]:
+        """The parser's ``feed_data``: the (message, body) pairs ``data`` completed, whether
+        a handshake's bytes follow, and those bytes. Raises ``HttpProcessingError``."""
+        parser = self._parser
+        if parser is None:
+            return (), False, b""
+        messages, upgraded, tail = parser.feed_data(data)
+        if upgraded:
+            self._upgraded = True
+        return messages, upgraded, tail
 
+    def consumed(self) -> None:
+        """A parsed request started: the parser may complete one more ahead of it."""
+        parser = self._parser
+        if parser is not None:
+            parser.message_consumed()
 
-def parsed(protocol: web.RequestHandler) -> int:
-    """How many requests the parser has completed on this connection (it counts each head
-    as it completes, before the request is handled)."""
-    return protocol._request_count
+    @property
+    def upgraded(self) -> bool:
+        """The last request was a handshake: what follows it is not HTTP (yet)."""
+        return self._upgraded
 
+    def http_again(self) -> None:
+        """The handshake was refused: parse what follows as HTTP."""
+        self._upgraded = False
+        parser = self._parser
+        if parser is not None:
+            parser.set_upgraded(False)
 
-def last_payload(protocol: web.RequestHandler) -> StreamReader | None:
-    """The body of the request parsed last, while it waits to be handled (right after the
-    parser completed its head): at EOF already when there is none."""
-    messages = protocol._messages
-    return messages[-1][1] if messages else None
+    @property
+    def reading_held(self) -> bool:
+        return self._buffer_paused
 
+    def hold_reading(self) -> None:
+        """Stop reading the socket: a buffer of the connection's own is full."""
+        self._pause_reading_for_buffer()
 
-def queued(protocol: web.RequestHandler) -> int:
-    """Requests parsed and not yet being handled (pipelined)."""
-    return len(protocol._messages)
-
-
-def upgraded(protocol: web.RequestHandler) -> bool:
-    """The parser saw an upgrade (a WebSocket handshake): what follows is not HTTP."""
-    return protocol._upgraded
-
-
-def waiting(protocol: web.RequestHandler) -> bool:
-    """The connection waits for its next request: none is being handled, none is queued
-    (aiohttp's own test for an idle connection)."""
-    waiter = protocol._waiter
-    return waiter is not None and not waiter.done()
-
-
-def hold_keepalive(protocol: web.RequestHandler, seconds: float) -> None:
-    """Keep aiohttp's idle close (keepalive_timeout) off the connection for ``seconds`` from
-    now: a head is arriving, and the header timeout is what ends it."""
-    until = protocol._loop.time() + seconds
-    # (its timer, when it fires early, re-arms itself for this time)
-    protocol._next_keepalive_close_time = max(protocol._next_keepalive_close_time, until)
-
-
-def answer_early(protocol: web.RequestHandler, status: int, exc: BaseException) -> None:
-    """Queue an error for the connection as aiohttp queues one for a head its parser rejects:
-    the protocol's ``handle_error(request, status, exc)`` answers it, in turn after any
-    request parsed before, and the connection closes after that answer."""
-    error = web_protocol._ErrInfo(status=status, exc=exc, message=str(exc))
-    protocol._request_count += 1
-    protocol._messages.append((error, EMPTY_PAYLOAD))
-    waiter = protocol._waiter
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
+    def release_reading(self) -> None:
+        self._resume_reading_for_buffer()
 
 
 # The statuses whose answers have no body (aiohttp's set, RFC 9110): 1xx, 204, 304.
@@ -342,12 +337,6 @@ class OneWrite(Relayed):
     _send_headers_immediately = False
 
 
-def answer_in_http11(request: web.BaseRequest) -> None:
-    """Make the response to ``request`` start ``HTTP/1.1`` (and follow HTTP/1.1's rules for
-    ``Connection``) whatever version the request line named."""
-    request._cache["version"] = HttpVersion11
-
-
 # The control bytes no header may hold (RFC 9110 §5.5), as aiohttp's own serializers refuse.
 _FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 Serializer = Callable[[str, CIMultiDict[str]], bytes]
@@ -392,26 +381,4 @@ def missing() -> list[str]:
     for name in ("_send_headers_immediately", "_prepare_headers"):
         if name not in vars(web.StreamResponse):
             gone.append(f"StreamResponse.{name}")
-    if not _err_info_fits():
-        gone.append("web_protocol._ErrInfo")
-    loop = asyncio.new_event_loop()
-    try:
-        server = web.Server(_never_called, loop=loop)
-        gone += [f"Server.{name}" for name in ("_loop", "_kwargs") if not hasattr(server, name)]
-    finally:
-        loop.close()
     return gone
-
-
-def _err_info_fits() -> bool:
-    """aiohttp's queued parser error still exists, with the fields ``answer_early`` sets."""
-    cls = getattr(web_protocol, "_ErrInfo", None)
-    try:
-        cls(status=400, exc=ValueError(), message="")  # type: ignore[misc]
-    except TypeError:
-        return False
-    return True
-
-
-async def _never_called(request: web.BaseRequest) -> web.StreamResponse:
-    raise NotImplementedError  # pragma: no cover - missing() only builds a Server

@@ -37,7 +37,7 @@ from .metrics import GATEWAY, Metrics
 from .ratelimit.local import LocalLimiter
 from .ratelimit.shared import RedisLimiter
 from .ratelimit.zones import Limiter
-from .server import SERVER_LIMITS, Server
+from .server import Server
 from .snapshot import Snapshot, compile_snapshot
 from .upstream.balancer import Balancer
 from .upstream.health import HealthBook
@@ -195,16 +195,13 @@ class Gateway:
         shared = self.shared
         # pipeline.handle bound with a C-level partial: no extra coroutine frame per request.
         handler = functools.partial(pipeline.handle, shared, listener)
-        # keepalive_timeout is aiohttp's, fixed per server: a reload cannot change it.
-        limits = {**SERVER_LIMITS, "keepalive_timeout": shared.snapshot.edge.keepalive_timeout}
+        # keepalive_timeout is fixed per server: a reload cannot change it.
         server = Server(
             handler,
             shared.metrics,
             shared.connections,
             hsts=(lambda: self.shared.snapshot.exposure.hsts) if listener.tls else None,
-            handler_cancellation=True,
-            access_log=None,
-            **limits,
+            keepalive_timeout=shared.snapshot.edge.keepalive_timeout,
         )
         runner = web.ServerRunner(
             server,

@@ -18,8 +18,6 @@ from .metrics import UNMATCHED
 from .tracing.context import UNTRACED, Trace
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .auth import Authenticator
     from .edge.acme import AcmeManager
     from .edge.connections import ConnectionTable
@@ -27,6 +25,7 @@ if TYPE_CHECKING:
     from .edge.tls import Certificates
     from .metrics import Metrics
     from .ratelimit.zones import Limiter
+    from .request import Request
     from .snapshot import Snapshot, Target
     from .tracing.export import Tracer
     from .upstream.balancer import Balancer
@@ -91,7 +90,7 @@ class Shared:
 class Exchange:
     """What is known about one request so far; read by the final log line and metrics."""
 
-    request: web.BaseRequest
+    request: Request
     listener: Listener
     snapshot: Snapshot  # read once: a reload never changes a request half way through
     request_id: str

@@ -24,6 +24,7 @@ from .websocket.keepalive import report
 
 if TYPE_CHECKING:
     from .context import Exchange, Shared
+    from .request import Request
     from .snapshot import Exposure
 
 Endpoint = Callable[["Shared", "Exchange"], Awaitable[web.StreamResponse]]
@@ -114,7 +115,7 @@ _HOST: Final = re.compile(
 )
 
 
-def to_https(shared: Shared, request: web.BaseRequest, port: int | None) -> GatewayError:
+def to_https(shared: Shared, request: Request, port: int | None) -> GatewayError:
     """The plain listener's 308 to the same path and query over HTTPS. The host is the
     request's Host (without its port), which must be a host name or address: anything else
     gets 400, never a redirect to something that is not a host."""
@@ -234,6 +235,6 @@ def _json(body: object, request_id: str, status: int = 200) -> web.Response:
     )
 
 
-def _only_get(request: web.BaseRequest) -> None:
+def _only_get(request: Request) -> None:
     if request.method not in ("GET", "HEAD"):
         raise GatewayError(405, "method_not_allowed", "use GET", headers={"Allow": "GET, HEAD"})

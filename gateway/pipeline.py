@@ -46,6 +46,7 @@ from .websocket.handshake import is_upgrade, open_session
 
 if TYPE_CHECKING:
     from .context import Shared
+    from .request import Request
     from .snapshot import Route
     from .tracing.export import Tracer
 
@@ -56,9 +57,7 @@ _MAX_LOGGED_PATH: Final = 512
 STS: Final = "Strict-Transport-Security"
 
 
-async def handle(
-    shared: Shared, listener: Listener, request: web.BaseRequest
-) -> web.StreamResponse:
+async def handle(shared: Shared, listener: Listener, request: Request) -> web.StreamResponse:
     snapshot = shared.snapshot
     headers = request.headers
     client = snapshot.trusted.client(request.remote, headers.getall("X-Forwarded-For", []))

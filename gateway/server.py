@@ -1,19 +1,37 @@
-"""The HTTP server the clients connect to: aiohttp's low-level ``web.Server`` with a protocol
-class of the gateway's own.
+"""The HTTP server the clients connect to: a protocol of the gateway's own per connection
+(``Connection``), aiohttp's C parser (llhttp) for the request heads and bodies, and aiohttp's
+``web.Server`` only as the registry its runner and sites stop.
 
-Why ``web.Server`` and not ``web.Application``: the gateway has exactly one catch-all handler
-(``pipeline.handle``), so the router and middleware chain would only add work on the hot
-path; and owning the protocol class lets requests that the HTTP parser itself rejects get the
-same JSON error body, request id and single log line as every other error, counts client
-connections, and lets a WebSocket relay take a connection over (``detach``). The aiohttp
-internals this needs are all in ``aiohttp_private.py``.
+Why its own: aiohttp's server (``RequestHandler``) was ~30 % of a small GET's CPU (issue 17,
+``bench/lean_anchor``): per request it wakes the connection's task, starts a task for the
+handler and wakes the first again, and makes a ``BaseRequest`` with a URL and a cache. Here
+the parser's message starts one task per request at once, which runs ``pipeline.handle`` on a
+``request.Request`` and writes its answer; the connection waits for nothing between requests.
+What aiohttp's server did that the gateway relies on is kept, each in one place below:
 
-The protocol also keeps the connection limits of ``limits`` (``edge/connections.py`` holds the
-table of all connections): a new connection over a cap is closed at once; a request head
-(request line and headers together) over ``client_header_buffer`` gets 431 before the parser
-holds more of it, and one not complete ``client_header_timeout`` after its first byte gets 408
-(the table's sweep). Only bytes that can belong to a head are counted: not those of a body
-being received, nor what follows a WebSocket handshake.
+- requests answered in the order they came (pipelining): a request parsed while another is
+  handled waits in ``_queue``; past ``MAX_QUEUED`` the connection stops reading;
+- idle keep-alive connections closed after ``keepalive_timeout`` (one timer per connection,
+  moved forward, not re-made, per request);
+- an answer's keep-alive decision (its ``keep_alive``: the request's version and
+  ``Connection``, the response's ``force_close()``), and an unread body drained for up to
+  ``lingering_time`` before the next request, the connection closed if it does not end;
+- a client that goes away cancels its request's task (aiohttp's ``handler_cancellation``),
+  and a body being read raises ``ConnectionResetError``;
+- a WebSocket handshake the relay takes over (``detach``), and one it refuses: what came
+  after it is parsed as HTTP again;
+- a stop (``web.ServerRunner.cleanup``): idle connections closed at once, requests in flight
+  given ``shutdown_timeout``, then cancelled.
+
+Requests that the parser rejects get the same JSON error body, request id and single log line
+as every other error (``handle_error``), and client connections are counted.
+
+The connection also keeps the limits of ``limits`` (``edge/connections.py`` holds the table of
+all connections): a new connection over a cap is closed at once; a request head (request line
+and headers together) over ``client_header_buffer`` gets 431 before the parser holds more of
+it, and one not complete ``client_header_timeout`` after its first byte gets 408 (the table's
+sweep). Only bytes that can belong to a head are counted: not those of a body being received,
+nor what follows a WebSocket handshake.
 """
 
 from __future__ import annotations
@@ -21,32 +39,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.tcp_helpers import tcp_keepalive
+from aiohttp.web_exceptions import HTTPException
+from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import logs
-from .aiohttp_private import (
-    answer_early,
-    answer_in_http11,
-    detach,
-    hold_keepalive,
-    last_payload,
-    parsed,
-    protocol_factory,
-    queued,
-    upgraded,
-    waiting,
-)
+from .aiohttp_private import ParsingProtocol
 from .edge import strict
 from .edge.connections import TERMINATOR, ConnectionTable, head_end
 from .edge.trusted import canonical
 from .errors import GatewayError, error_response
 from .logs import REQUEST_ID, new_request_id
 from .metrics import UNMATCHED, Metrics
+from .request import Request, answer_in_http11, for_aiohttp
 
 log = logging.getLogger("gateway")
 
@@ -54,21 +68,26 @@ log = logging.getLogger("gateway")
 # aiohttp's LineTooLong carries only the limit it hit, which tells 414 from 431.
 MAX_REQUEST_LINE: Final = 8190
 MAX_HEADER_FIELD: Final = 8192
-SERVER_LIMITS: Final[dict[str, Any]] = {
-    "keepalive_timeout": 75.0,  # idle keep-alive connections are closed after this (the
-    # gateway passes limits.keepalive_timeout instead)
-    "max_line_size": MAX_REQUEST_LINE,  # beyond it: 414
-    "max_field_size": MAX_HEADER_FIELD,  # one header name or value; beyond it: 431
-    "max_headers": 100,
-    "lingering_time": 2.0,  # how long an unread request body is drained after an early answer
-}
+MAX_HEADERS: Final = 100
+LINGERING_TIME: Final = 2.0  # how long an unread request body is drained after an answer
+MAX_QUEUED: Final = 32  # pipelined requests parsed ahead (aiohttp's MAX_MSG_QUEUE_SIZE)
+READ_BUFSIZE: Final = 2**16  # a body's buffer before reading pauses; what follows a handshake
+STOP_CANCEL_GRACE: Final = 1.0  # a request cancelled at a stop gets this long to unwind
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# The parser stops when MAX_QUEUED requests it completed have not started (it holds the rest
+# of what it was given), counting, within one read, the one that then starts at once: the
+# socket is not read while the queue is at this length.
+_FULL: Final = MAX_QUEUED - 1
+Handler = Callable[[Request], Awaitable[web.StreamResponse]]
+_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
+_GONE: Final = PayloadAccessError()  # a body read after its request was answered
 
 
 class Server(web.Server):
-    """Makes ``Protocol`` connections that hand every request to ``handler``; ``table`` is
-    the table of them all (caps, idle ones, unfinished heads)."""
+    """Makes ``Connection`` s that hand every request to ``handler``; ``table`` is the table
+    of them all (caps, idle ones, unfinished heads). For ``web.ServerRunner`` and the sites,
+    it is aiohttp's low-level server: they call it for protocols, ``pre_shutdown`` and
+    ``shutdown`` at a stop."""
 
     def __init__(
         self,
@@ -77,16 +96,37 @@ class Server(web.Server):
         connections: ConnectionTable,
         *,
         hsts: Callable[[], str | None] | None = None,
-        **kwargs: Any,
+        keepalive_timeout: float = 75.0,
+        lingering_time: float = LINGERING_TIME,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(_never_called)
+        self.handler = handler
         self.metrics = metrics
         self.table = connections
         self.hsts = hsts  # the HTTPS listener's: its unparsable requests' answers get HSTS too
-        self._make = protocol_factory(self, Protocol)
+        self.keepalive_timeout = keepalive_timeout
+        self.lingering_time = lingering_time
+        self.live: dict[Connection, None] = {}  # open, or with a request still running
 
-    def __call__(self) -> web.RequestHandler:
-        return self._make()
+    def __call__(self) -> Connection:  # type: ignore[override]  # its own protocol, not a RequestHandler
+        return Connection(self)
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` is closed, or taken over: a stop no longer waits for it (once its request,
+        if one runs, has ended)."""
+        task = conn.task
+        if task is None or task.done():
+            self.live.pop(conn, None)
+        else:
+            task.add_done_callback(lambda _: self.live.pop(conn, None))
+
+    def pre_shutdown(self) -> None:
+        for conn in list(self.live):
+            conn.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await asyncio.gather(*(conn.shutdown(timeout) for conn in list(self.live)))
+        self.live.clear()
 
 
 class EarlyAnswer(Exception):
@@ -97,179 +137,417 @@ class EarlyAnswer(Exception):
         self.error = error
 
 
-class Protocol(web.RequestHandler):
-    """aiohttp's HTTP protocol, with the gateway's JSON answer for unparsable requests and
-    the connection limits."""
+class Refused:
+    """A head the parser refused, or one answered early, in the queue as a request is."""
+
+    __slots__ = ("exc", "status")
+
+    def __init__(self, status: int, exc: BaseException) -> None:
+        self.status = status
+        self.exc = exc
+
+
+Queued = tuple[Any, StreamReader]  # (the parser's message, or a Refused; its body)
+
+
+class Connection(ParsingProtocol):
+    """One client connection: parses its requests, runs each in a task of its own, writes
+    the answers in order, and keeps the connection limits."""
 
     __slots__ = (
-        "_edge_admitted",
-        "_edge_body",
-        "_edge_head",
-        "_edge_held",
-        "_edge_limit",
-        "_edge_over",
-        "_edge_tail",
-        "_edge_upgraded",
-        "_hsts",
-        "_metrics",
+        "_admitted",
+        "_body",
+        "_close_at",
+        "_closing",
+        "_detached",
+        "_head",
+        "_held",
+        "_keepalive",
+        "_limit",
+        "_over",
+        "_queue",
+        "_remote",
+        "_scheme",
+        "_server",
         "_table",
+        "_tail",
+        "_upgrade_tail",
+        "request",
+        "task",
     )
 
-    def __init__(self, manager: Server, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._metrics = manager.metrics
-        self._table = manager.table
-        self._hsts = manager.hsts
-        self._edge_admitted = False  # counted in the table (else closed at once, never served)
-        self._edge_limit = sys.maxsize  # client_header_buffer (0: none), when admitted
-        self._edge_head = 0  # bytes of the head arriving; 0: none begun
-        self._edge_tail = b""  # the last bytes of it (its end may straddle two reads)
-        self._edge_held: bytearray | None = None  # its header lines, until its end comes
-        self._edge_body: StreamReader | None = None  # a body arriving: its bytes are no head's
-        self._edge_upgraded = False  # a WebSocket handshake: what follows is no head
-        self._edge_over = False  # answered early (431, 408): what comes is dropped
+    def __init__(self, server: Server) -> None:
+        super().__init__(
+            asyncio.get_running_loop(),
+            read_bufsize=READ_BUFSIZE,
+            max_line_size=MAX_REQUEST_LINE,
+            max_field_size=MAX_HEADER_FIELD,
+            max_headers=MAX_HEADERS,
+            max_queued=MAX_QUEUED,
+        )
+        self._server = server
+        self._table = server.table
+        self._admitted = False  # counted in the table (else closed at once, never served)
+        self._limit = sys.maxsize  # client_header_buffer (0: none), when admitted
+        self._head = 0  # bytes of the head arriving; 0: none begun
+        self._tail = b""  # the last bytes of it (its end may straddle two reads)
+        self._held: bytearray | None = None  # its header lines, until its end comes
+        self._body: StreamReader | None = None  # a body arriving: its bytes are no head's
+        self._upgrade_tail = b""  # what came after a WebSocket handshake, for the relay
+        self._over = False  # answered early (431, 408) or refused: what comes is dropped
+        self._closing = False  # no request after the one running: close after its answer
+        self._detached = False  # a WebSocket relay took the transport
+        self._queue: deque[Queued] = deque()
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._close_at = 0.0  # when an idle connection is closed (the timer may fire early)
+        self._remote: str | None = None
+        self._scheme = "http"
+        self.request: Request | None = None  # the one being handled
+        self.task: asyncio.Task[None] | None = None  # its task
+
+    # -- the connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        address = canonical(peer[0] if isinstance(peer, tuple) else None)
-        if not self._table.admit(self, address):
-            self._edge_over = True
-            transport.close()  # before aiohttp hears of it: nothing runs for it
+        remote = str(peer[0]) if isinstance(peer, (tuple, list)) else None
+        if not self._table.admit(self, canonical(remote)):
+            self._over = True
+            transport.close()  # before anything runs for it
             return
-        self._edge_admitted = True
-        self._edge_limit = self._table.policy().header_buffer or sys.maxsize
+        self._admitted = True
+        self._limit = self._table.policy().header_buffer or sys.maxsize
         super().connection_made(transport)
-        self._metrics.client_connections.inc()
+        tcp_keepalive(cast(asyncio.Transport, transport))
+        self._remote = remote
+        if transport.get_extra_info("sslcontext") is not None:
+            self._scheme = "https"
+        self._server.live[self] = None
+        self._server.metrics.client_connections.inc()
+        self._idle_from_now()  # a connection that never sends a request is closed too
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if not self._edge_admitted:
+        if not self._admitted or self._detached:
             return
+        self._over = True
         super().connection_lost(exc)
-        self._metrics.client_connections.dec()
+        self._server.metrics.client_connections.dec()
         self._table.release(self)
+        self._server.forget(self)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        request = self.request
+        if request is not None and not request.content.is_eof():
+            request.content.set_exception(ConnectionResetError("Connection lost"))
+        for _, payload in self._queue:
+            if not payload.is_eof():
+                payload.set_exception(ConnectionResetError("Connection lost"))
+        self._queue.clear()
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()  # the client left: its request stops (aiohttp's handler_cancellation)
+
+    def eof_received(self) -> None:
+        """The client closed its side: the transport closes (asyncio's default)."""
+
+    def close(self) -> None:
+        """No request after the one being handled, if any; an idle connection closes now."""
+        self._closing = True
+        if self.task is None and not self._queue:
+            self.force_close()
+
+    def force_close(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            self.transport = None
+            transport.close()
+
+    async def shutdown(self, timeout: float | None) -> None:
+        """The stop's last step: the request in flight gets ``timeout`` to end, then it is
+        cancelled; the connection closes."""
+        self._closing = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        task = self.task
+        if task is not None and not task.done():
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task}, timeout=STOP_CANCEL_GRACE)
+        self.force_close()
+
+    # -- bytes in ----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._edge_over:
+        if self._over:
             return
-        body = self._edge_body
+        body = self._body
         if body is not None:
             if not body.is_eof():  # a body's bytes (a pipelined head after it: not counted)
-                before = parsed(self)
-                super().data_received(data)
-                if parsed(self) != before:
-                    self._edge_parsed(data, b"")
+                payload = self._feed(data)
+                if payload is not None:
+                    self._parsed(data, b"", payload)
                 elif body.is_eof():
-                    self._edge_body = None
+                    self._body = None
                 return
-            self._edge_body = None
-        if self._edge_upgraded:
-            if upgraded(self):
-                super().data_received(data)
-                return
-            self._edge_upgraded = False  # the handshake was refused: HTTP again
-        head = self._edge_head
-        tail = self._edge_tail
-        end = head_end(tail, data)
-        if (head + end if end >= 0 else head + len(data)) > self._edge_limit:
-            self._edge_answer(
-                HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes", linger=True
-            )
+            self._body = None
+        if self.upgraded:
+            if data:
+                self._upgrade_tail += data
+                if len(self._upgrade_tail) >= READ_BUFSIZE and not self.reading_held:
+                    self.hold_reading()
             return
-        if not data:  # aiohttp parsing again what it had paused on
-            self._edge_feed(data, tail)
+        head = self._head
+        tail = self._tail
+        end = head_end(tail, data)
+        if (head + end if end >= 0 else head + len(data)) > self._limit:
+            self._answer_early(HEAD_TOO_LARGE, f"the head passed {self._limit} bytes", linger=True)
+            return
+        if not data:  # parsing again what the parser had paused on
+            payload = self._feed(data)
+            if payload is not None:
+                self._parsed(data, tail, payload)
             return
         if not head:
             self._table.busy(self)
-        held = self._edge_held
+        held = self._held
         if end >= 0:  # the head ends in this read: the parser gets all of it at once
             if held is not None:
-                self._edge_held = None
+                self._held = None
                 if held:
-                    super().data_received(bytes(held))
-            if self._edge_feed(data, tail):
+                    self._feed(bytes(held))  # header lines: no head ends in them
+            if self._over:
+                return
+            payload = self._feed(data)
+            if payload is not None:
+                self._parsed(data, tail, payload)
                 return
         elif held is not None:
             held += data  # header lines: held until the head is whole
         else:
             # The request line is parsed as it comes (a client that does not speak HTTP is
             # answered at once); what follows it is held. The parser keeps its header lines
-            # as bytes and as text, twice the head; the gateway holds them once.
+            # as bytes and as text, twice the head; the connection holds them once.
             line_end = data.find(b"\n") + 1
-            if self._edge_feed(data[:line_end] if line_end else data, tail):
+            self._feed(data[:line_end] if line_end else data)  # no head ends in it
+            if self._over:
                 return
             if line_end:
-                self._edge_held = bytearray(data[line_end:])
-        self._edge_head = head + len(data)
-        self._edge_tail = data[-3:] if len(data) >= 3 else (tail + data)[-3:]
+                self._held = bytearray(data[line_end:])
+        self._head = head + len(data)
+        self._tail = data[-3:] if len(data) >= 3 else (tail + data)[-3:]
         if not head:  # the head spans reads: the header timeout runs
             self._table.head_started(self)
-            hold_keepalive(self, self._table.policy().header_timeout + 1)
 
-    def _edge_feed(self, data: bytes, tail: bytes) -> bool:
-        """Give the parser ``data``; True when that completed a request (or an error)."""
-        before = parsed(self)
-        super().data_received(data)
-        if parsed(self) == before:
-            return False
-        self._edge_parsed(data, tail)
-        return True
+    def _feed(self, data: bytes) -> StreamReader | None:
+        """Give the parser ``data``; the body of the last head that completed (None: none
+        did; a head it refused has none)."""
+        try:
+            messages, upgraded, tail = self.parse(data)
+        except HttpProcessingError as exc:
+            self._over = True  # the parser is done with this connection
+            self._held = None
+            self._enqueue(Refused(400, exc), EMPTY_PAYLOAD)
+            return EMPTY_PAYLOAD
+        last = None
+        for message, payload in messages:
+            self._enqueue(message, payload)
+            last = payload
+        if upgraded:
+            self._upgrade_tail += tail
+        return last
 
-    def _edge_parsed(self, data: bytes, tail: bytes) -> None:
-        """The parser completed a head (or more) with ``data``."""
-        if self._edge_head:
+    def _parsed(self, data: bytes, tail: bytes, payload: StreamReader) -> None:
+        """The parser completed a head (or more) with ``data``; ``payload``: the last one's
+        body."""
+        if self._head:
             self._table.head_done(self)
-        self._edge_head, self._edge_tail = 0, b""
-        if upgraded(self):
-            self._edge_upgraded = True
+        self._head, self._tail = 0, b""
+        if self.upgraded or self._over:
             return
-        payload = last_payload(self)
-        if payload is None or payload is not EMPTY_PAYLOAD:
-            if payload is not None and not payload.is_eof():
-                self._edge_body = payload
+        if payload is not EMPTY_PAYLOAD:
+            if not payload.is_eof():
+                self._body = payload
             return  # a body ended in this read: what follows it is not measured
         # No body: what follows the last head in this read is the beginning of the next.
         last = data.rfind(TERMINATOR)
         rest = len(data) - (last + 4 if last >= 0 else max(head_end(tail, data), 0))
         if rest > 0:
-            if rest > self._edge_limit:
-                self._edge_answer(
-                    HEAD_TOO_LARGE, f"the head passed {self._edge_limit} bytes", linger=True
+            if rest > self._limit:
+                self._answer_early(
+                    HEAD_TOO_LARGE, f"the head passed {self._limit} bytes", linger=True
                 )
                 return
-            self._edge_head, self._edge_tail = rest, data[-3:]
+            self._head, self._tail = rest, data[-3:]
             self._table.head_started(self)
 
-    def _edge_answer(self, error: GatewayError, detail: str, *, linger: bool = False) -> None:
-        """Answer ``error`` and close; ``linger``: the client is still sending (a head too
-        large), so let it finish first (``Lingering``). A head that times out is closed at
-        once: its client is slow on purpose, and gets no more time."""
-        self._edge_over = True
-        self._edge_held = None
+    def _answer_early(self, error: GatewayError, detail: str, *, linger: bool = False) -> None:
+        """Answer ``error`` (after any request parsed before) and close; ``linger``: the
+        client is still sending (a head too large), so let it finish first (``Lingering``).
+        A head that times out is closed at once: its client is slow on purpose, and gets no
+        more time."""
+        self._over = True
+        self._held = None
         self._table.busy(self)
         self._table.head_done(self)
         transport = self.transport
         # TCP only: a TLS connection cannot half-close (it is closed at once, as before).
         if linger and transport is not None and transport.can_write_eof():
-            # Duck-typed: aiohttp only calls the transport's methods, which Lingering passes on.
+            # Duck-typed: the connection only calls the transport's methods, which Lingering
+            # passes on.
             self.transport = cast(
-                asyncio.Transport, Lingering(transport, SERVER_LIMITS["lingering_time"])
+                asyncio.Transport, Lingering(transport, self._server.lingering_time)
             )
-        answer_early(self, error.status, EarlyAnswer(error, detail))
+        self._enqueue(Refused(error.status, EarlyAnswer(error, detail)), EMPTY_PAYLOAD)
 
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        done = await super().finish_response(request, resp, start_time)
-        body = self._edge_body
-        if (
-            not self._edge_head
-            and not self._edge_over
-            and not self._edge_upgraded
-            and (body is None or body.is_eof())
-            and not queued(self)
-        ):
+    # -- requests ----------------------------------------------------------------------------
+
+    def _enqueue(self, message: Any, payload: StreamReader) -> None:
+        if self.task is None and not self._queue:
+            self._start(message, payload)
+            return
+        self._queue.append((message, payload))
+        if len(self._queue) >= _FULL and not self.reading_held:
+            self.hold_reading()
+
+    def _start(self, message: Any, payload: StreamReader) -> None:
+        if self._closing:
+            return
+        if not isinstance(message, Refused):
+            self.consumed()
+        self.task = self.loop.create_task(self._serve(message, payload))
+
+    async def _serve(self, message: Any, payload: StreamReader) -> None:
+        """One request, from its message to its answer written; then the next, if queued."""
+        try:
+            keep = await self._one(message, payload)
+            self.task = None
+            if not keep or self._closing or self.transport is None:
+                if not self._detached:
+                    self.force_close()
+                return
+            self._next()
+        except Exception:
+            log.exception("client connection failed")
+            self.force_close()
+
+    async def _one(self, message: Any, payload: StreamReader) -> bool:
+        """Handle ``message``; whether the connection may serve another request."""
+        writer = StreamWriter(self, self.loop)
+        if isinstance(message, Refused):
+            request = Request(
+                "GET", "/", _NO_HEADERS, HttpVersion11, False, False, payload,
+                self, self.transport, writer, self._remote, self._scheme,
+            )  # fmt: skip
+        else:
+            request = Request(
+                message.method, message.path, message.headers, message.version,
+                not message.should_close, message.upgrade, payload,
+                self, self.transport, writer, self._remote, self._scheme,
+            )  # fmt: skip
+        request.task = self.task
+        self.request = request
+        try:
+            keep = await self._answer(request, message)
+        finally:
+            self.request = None
+        if keep and not payload.is_eof():
+            keep = await self._linger(payload)
+        if payload is not EMPTY_PAYLOAD:
+            payload.set_exception(_GONE)
+        return keep and not self._detached
+
+    def _next(self) -> None:
+        """After an answer on a connection kept alive: a handshake the gateway refused has
+        what came after it parsed as HTTP; the next request queued starts; else idle."""
+        if self.upgraded:
+            self.http_again()
+            tail, self._upgrade_tail = self._upgrade_tail, b""
+            if self.reading_held and not self._queue:
+                self.release_reading()
+            if tail:
+                self.data_received(tail)
+            if self.task is not None:  # it held a request, which runs now
+                return
+        if self._queue:
+            message, payload = self._queue.popleft()
+            self._start(message, payload)
+            if self.reading_held and len(self._queue) <= MAX_QUEUED // 2:
+                # What the parser held back while the queue was full first; the socket is
+                # read again only if that left room (else more would arrive that the paused
+                # parser cannot take, and count as one endless head).
+                self.data_received(b"")
+                if len(self._queue) < _FULL:
+                    self.release_reading()
+            return
+        if not self._head and self._body is None and not self._over:
             self._table.idle(self)
-        return done
+        self._idle_from_now()
+
+    async def _answer(self, request: Request, message: Any) -> bool:
+        """Run the handler and write its answer; whether the connection may serve another."""
+        try:
+            if isinstance(message, Refused):
+                response = self.handle_error(request, message.status, message.exc)
+            else:
+                try:
+                    response = await self._server.handler(request)
+                except asyncio.CancelledError:
+                    raise
+                except HTTPException as exc:  # pragma: no cover - the phases raise none
+                    response = exc
+                except TimeoutError:
+                    response = self.handle_error(request, 504)
+                except Exception as exc:  # noqa: BLE001 - every error is answered, and logged
+                    response = self.handle_error(request, 500, exc)
+            await response.prepare(for_aiohttp(request))
+            await response.write_eof()
+        except ConnectionError:  # the client left, or an error came after the answer began
+            return False
+        return bool(response.keep_alive)
+
+    async def _linger(self, payload: StreamReader) -> bool:
+        """An answer went out before its body was read: drain it for up to
+        ``lingering_time`` (the client may be sending it still); whether it ended."""
+        seconds = self._server.lingering_time
+        if seconds <= 0:
+            return False
+        try:
+            async with asyncio.timeout(seconds):
+                while not payload.is_eof():
+                    await payload.readany()
+        except (
+            TimeoutError,
+            ConnectionError,
+            RequestPayloadError,
+            PayloadAccessError,
+            BadHttpMessage,
+        ):
+            return False
+        return True
+
+    # -- idle keep-alive ---------------------------------------------------------------------
+
+    def _idle_from_now(self) -> None:
+        timeout = self._server.keepalive_timeout
+        if timeout <= 0:
+            return
+        self._close_at = self.loop.time() + timeout
+        if self._keepalive is None:
+            self._keepalive = self.loop.call_at(self._close_at, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        self._keepalive = None
+        if self.transport is None or self._detached:
+            return
+        if self.loop.time() < self._close_at:  # a request came since: not idle as long
+            self._keepalive = self.loop.call_at(self._close_at, self._idle_timer)
+            return
+        if self.task is None and not self._queue and not self._head and self._body is None:
+            self.force_close()
+        # else: busy; the timer is set again after its answer (a head arriving: the table's
+        # header timeout ends it if it never completes)
 
     # -- what the table asks of a connection (``edge.connections.Held``) -----------------
 
@@ -277,9 +555,9 @@ class Protocol(web.RequestHandler):
         self.force_close()
 
     def head_timed_out(self) -> bool:
-        if self._edge_over or not waiting(self):
+        if self._over or self.task is not None or self._queue:
             return False
-        self._edge_answer(HEAD_TIMEOUT, "the head did not complete in client_header_timeout")
+        self._answer_early(HEAD_TIMEOUT, "the head did not complete in client_header_timeout")
         return True
 
     def detach(self) -> tuple[asyncio.Transport, bytes] | None:
@@ -287,16 +565,23 @@ class Protocol(web.RequestHandler):
         the client sent after its handshake. None when the client has gone already. (The
         relay's session decrements ``gateway_client_connections`` when it ends; the table
         forgets the connection now.)"""
-        detached = detach(self)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return None
+        tail, self._upgrade_tail = self._upgrade_tail, b""
+        self._detached = True
+        self.transport = None
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         self._table.release(self)
-        return detached
+        self._server.forget(self)
+        if self.reading_held:
+            transport.resume_reading()
+        return transport, tail
 
     def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
+        self, request: Request, status: int = 500, exc: BaseException | None = None
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("the response has started; the connection is dropped")
@@ -308,17 +593,21 @@ class Protocol(web.RequestHandler):
             log.error("unhandled error", exc_info=exc, extra={"fields": fields})
         else:
             # A client that cannot speak HTTP (or TLS sent to a plain port): one line, no
-            # traceback, only the first line of aiohttp's description.
-            fields["detail"] = (message or str(exc or "")).strip().partition("\n")[0][:200]
+            # traceback, only the first line of the parser's description.
+            fields["detail"] = str(exc or "").strip().partition("\n")[0][:200]
             logs.access("bad request", fields)
-        self._metrics.observe_request(UNMATCHED, UNMATCHED, "OTHER", err.status, 0.0)
-        answer_in_http11(request)  # not aiohttp's HTTP/1.0; and so with Connection: close
+        self._server.metrics.observe_request(UNMATCHED, UNMATCHED, "OTHER", err.status, 0.0)
+        answer_in_http11(request)  # not HTTP/1.0; and so with Connection: close
         response = error_response(err, request_id)
         response.force_close()
-        hsts = self._hsts() if self._hsts is not None else None
+        hsts = self._server.hsts() if self._server.hsts is not None else None
         if hsts is not None:
             response.headers["Strict-Transport-Security"] = hsts
         return response
+
+
+async def _never_called(request: web.BaseRequest) -> web.StreamResponse:
+    raise NotImplementedError  # pragma: no cover - the connections call Server.handler
 
 
 class Lingering:

@@ -6,6 +6,7 @@ keep-alive, and ``Connection: close`` exactly when the connection closes."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.aiohttp_private import Whole
+from gateway.request import Request
 from gateway.server import Handler, Server
 
 from .helpers import NODA1, RawClient, RawResponse, Upstream, routes, stalled
@@ -190,7 +192,7 @@ async def served(gateway) -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
     runners: list[web.ServerRunner] = []
 
     async def start(handler: Handler) -> int:
-        server = Server(handler, shared.metrics, shared.connections, access_log=None)
+        server = Server(handler, shared.metrics, shared.connections)
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         runners.append(runner)
@@ -229,3 +231,39 @@ async def test_a_whole_answer_without_a_body_is_framed_as_empty(served, connect)
     first, second = await answers(client, "GET", "GET")
     assert (first.header("Content-Length"), first.body) == ("0", b"")
     assert second.status == 200  # the connection stayed usable
+
+
+async def test_pipelined_requests_split_at_random_are_answered_in_order(served, connect):
+    # The connection's queue of pipelined requests, the parser's pause when it is full and
+    # the reads that resume it: 300 requests, every third with a body, written in pieces of
+    # 1-700 bytes, each answer with what its request carried.
+    async def echo(request: Request) -> web.StreamResponse:
+        body = await request.content.read()
+        return Whole(status=200, headers={"Server": "test"}, body=request.raw_path.encode() + body)
+
+    count = 300
+    data = b"".join(
+        b"POST /p%d HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc" % i
+        if i % 3 == 0
+        else b"GET /g%d HTTP/1.1\r\nHost: a\r\n\r\n" % i
+        for i in range(count)
+    )
+    client = await connect(await served(echo))
+    rng = random.Random(3)
+
+    async def send() -> None:
+        at = 0
+        while at < len(data):
+            size = rng.randint(1, 700)
+            client.writer.write(data[at : at + size])
+            at += size
+            await client.writer.drain()
+            if rng.random() < 0.3:
+                await asyncio.sleep(0.001)
+
+    sending = asyncio.ensure_future(send())
+    got = await answers(client, *(["GET"] * count))
+    await sending
+    assert [a.body for a in got] == [
+        b"/p%dabc" % i if i % 3 == 0 else b"/g%d" % i for i in range(count)
+    ]

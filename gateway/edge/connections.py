@@ -43,7 +43,7 @@ TERMINATOR: Final = b"\r\n\r\n"
 
 
 class Held(Protocol):
-    """A client connection as the table sees it (``server.Protocol``)."""
+    """A client connection as the table sees it (``server.Connection``)."""
 
     def evict(self) -> None:
         """Close it without an answer: it is idle, and its slot is wanted."""

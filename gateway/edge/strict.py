@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine
 
-from ..aiohttp_private import answer_in_http11
 from ..errors import GatewayError
+from ..request import answer_in_http11
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    from ..request import Request
 
 _VERSIONS: Final = frozenset({HttpVersion10, HttpVersion11})
 # 5xx answers that describe the client's request, not a failure of the gateway: logged as a
@@ -67,7 +67,7 @@ def bad_header() -> GatewayError:
     )  # fmt: skip
 
 
-def check(request: web.BaseRequest) -> None:
+def check(request: Request) -> None:
     """Refuse (``GatewayError``) a request the parser took that the gateway does not serve."""
     version = request.version
     if version not in _VERSIONS:

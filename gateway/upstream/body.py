@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
-from aiohttp import web
 
 from ..errors import ClientGone, GatewayError
 from ..snapshot import BodyPolicy
+
+if TYPE_CHECKING:
+    from ..request import Request
+
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -100,7 +103,7 @@ Body = bytes | ClientBody | None
 
 
 async def read_body(
-    request: web.BaseRequest, policy: BodyPolicy, buffer_up_to: int
+    request: Request, policy: BodyPolicy, buffer_up_to: int
 ) -> tuple[Body, ClientBody | None]:
     """The request body as the upstream call takes it, and the ``ClientBody`` that reads it
     (to ask, after a failure, whether the client was at fault): ``None`` without a body;

@@ -15,8 +15,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ..edge.trusted import CLIENT_ADDRESS, IDENTITY, OVERRIDES
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
+    from ..request import Request
     from ..snapshot import Target
 
 HOP_BY_HOP: Final = frozenset(
@@ -107,7 +106,7 @@ def only_end_to_end(headers: CIMultiDict[str], drop: frozenset[str]) -> CIMultiD
 
 
 def request_headers(
-    request: web.BaseRequest,
+    request: Request,
     target: Target,
     forwarding: Forwarding,
     also_drop: frozenset[str] = frozenset(),

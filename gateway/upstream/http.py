@@ -18,7 +18,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
@@ -33,11 +33,16 @@ from ..errors import (
     GatewayError,
     UpstreamAborted,
 )
+from ..request import for_aiohttp
 from ..snapshot import Target
 from .body import Body, ClientBody
 from .client import BodyError, Pool, Response, request_head
 from .headers import HOP_BY_HOP, Forwarding, only_end_to_end, request_headers
 from .redirects import Redirects
+
+if TYPE_CHECKING:
+    from ..request import Request
+
 
 _MAY_POINT_HOME: Final = ("Location", "Content-Location", "Refresh", "Set-Cookie")
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -82,7 +87,7 @@ class UpstreamClient:
 
     async def send(
         self,
-        request: web.BaseRequest,
+        request: Request,
         *,
         target: Target,
         path_qs: str,
@@ -150,7 +155,7 @@ def response_headers(
 
 
 async def relay(
-    request: web.BaseRequest,
+    request: Request,
     upstream: Response,
     request_id: str,
     *,
@@ -182,7 +187,7 @@ async def relay(
             response = kind(status=status, reason=reason, headers=headers)
         if close:
             response.force_close()
-        await response.prepare(request)
+        await response.prepare(for_aiohttp(request))
         if whole:
             return response
         if upstream.complete:  # chunked, and all in: the body and its last chunk in one write
@@ -208,7 +213,7 @@ async def relay(
     return response
 
 
-def reset(request: web.BaseRequest) -> None:
+def reset(request: Request) -> None:
     """Close the client connection with a TCP reset (SO_LINGER 0), not a FIN."""
     transport = request.transport
     if transport is None:
@@ -220,6 +225,6 @@ def reset(request: web.BaseRequest) -> None:
     transport.abort()
 
 
-def _client_gone(request: web.BaseRequest) -> bool:
+def _client_gone(request: Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()

@@ -13,6 +13,7 @@ handshake is a GET without a body). Then aiohttp lets go of the client's connect
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
@@ -36,6 +37,7 @@ from .upstream import (
 
 if TYPE_CHECKING:
     from ..context import Exchange, Shared
+    from ..request import Request
     from ..snapshot import Route, Target, WsPolicy
 
 log = logging.getLogger("gateway.websocket")
@@ -54,12 +56,12 @@ _HANDSHAKE: Final = frozenset(
 _NOT_PASSED_BACK: Final = HOP_BY_HOP | _HANDSHAKE | {"date", "server", "content-type"}
 
 
-def is_upgrade(request: web.BaseRequest) -> bool:
+def is_upgrade(request: Request) -> bool:
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 class Detachable(Protocol):
-    """The client connection's protocol (``server.Protocol``), which can let go of it."""
+    """The client connection's protocol (``server.Connection``), which can let go of it."""
 
     def detach(self) -> tuple[asyncio.Transport, bytes] | None: ...
 
@@ -92,7 +94,7 @@ async def open_session(
             426, "upgrade_required", "use a WebSocket handshake here",
             headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )  # fmt: skip
-    if not web.WebSocketResponse().can_prepare(request).ok or _has_body(request):
+    if not _valid_handshake(request) or _has_body(request):
         # Checked before any upstream. A body would be read by the upstream as its first
         # frames, or waited for: the two sides would disagree on where frames begin.
         raise GatewayError(400, "bad_handshake", "the WebSocket handshake is not valid")
@@ -141,7 +143,23 @@ def _origin_allowed(ex: Exchange, route: Route, policy: WsPolicy) -> bool:
     )
 
 
-def _has_body(request: web.BaseRequest) -> bool:
+def _valid_handshake(request: Request) -> bool:
+    """RFC 6455 §4.2.1, as aiohttp's ``WebSocketResponse`` checks it: ``Upgrade: websocket``,
+    ``Connection: upgrade``, a version the relay speaks (13; 8 and 7, its drafts, frame
+    alike) and a key of 16 bytes in base64."""
+    headers = request.headers
+    if headers.get("Upgrade", "").lower().strip() != "websocket" or not request.upgrade:
+        return False
+    if headers.get("Sec-WebSocket-Version", "") not in {"13", "8", "7"}:
+        return False
+    key = headers.get("Sec-WebSocket-Key")
+    try:
+        return key is not None and len(base64.b64decode(key)) == 16
+    except ValueError:  # not base64; or not ASCII (a header's obs-text)
+        return False
+
+
+def _has_body(request: Request) -> bool:
     headers = request.headers
     return "Transfer-Encoding" in headers or headers.get("Content-Length", "0") != "0"
 
@@ -154,7 +172,7 @@ def _refuse_while_draining(shared: Shared) -> None:
         )  # fmt: skip
 
 
-def _switching(request: web.BaseRequest, upstream: Upgraded, request_id: str) -> bytes:
+def _switching(request: Request, upstream: Upgraded, request_id: str) -> bytes:
     """The client's 101, with the upstream's end-to-end headers (cookies, say)."""
     headers = end_to_end(upstream.headers, _NOT_PASSED_BACK)
     headers["X-Request-ID"] = request_id

@@ -357,7 +357,7 @@ class Session:
         metrics = self.metrics
         self.open.discard(self)
         self.ending("gateway", GOING_AWAY)
-        metrics.client_connections.dec()  # the client's connection, counted by server.Protocol
+        metrics.client_connections.dec()  # the client's connection, counted by server.Connection
         for gauge in self.gauges:
             gauge.dec()
         metrics.ws_closed.labels(self.service, code_label(self.close_code)).inc()

@@ -4,9 +4,7 @@ reserve, eviction order, the header-timeout sweep, refusal lines; and ``head_end
 from __future__ import annotations
 
 import pytest
-from aiohttp import web_protocol
 
-from gateway import aiohttp_private
 from gateway.edge.connections import RESERVED, ConnectionTable, head_end
 from gateway.metrics import Metrics
 from gateway.snapshot import EdgePolicy
@@ -134,9 +132,3 @@ def test_the_sweep_times_out_heads_oldest_first_and_skips_busy_ones() -> None:
 )
 def test_head_end(tail: bytes, data: bytes, end: int) -> None:
     assert head_end(tail, data) == end
-
-
-def test_missing_names_errinfo_when_aiohttp_changes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert "web_protocol._ErrInfo" not in aiohttp_private.missing()
-    monkeypatch.delattr(web_protocol, "_ErrInfo")
-    assert "web_protocol._ErrInfo" in aiohttp_private.missing()
