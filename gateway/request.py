@@ -13,8 +13,8 @@ aiohttp's responses (``web.Response``, ``StreamResponse`` and the gateway's subc
 are still what the phases answer with. They read of a request only ``version``,
 ``keep_alive``, ``method``, ``headers``, ``task`` and ``_payload_writer`` (``_start``,
 ``_prepare_headers``, ``_write_headers`` in aiohttp 3.14), and await ``_prepare_hook``;
-``Request`` has them, and ``for_aiohttp`` hands it to them (a test prepares each kind of
-answer through it).
+``Request`` has them, and ``for_aiohttp`` hands it to them (the suite's answers of every kind,
+the gateway's own, ``web.Response`` from the endpoints and the streamed relays, go through it).
 """
 
 from __future__ import annotations

@@ -48,7 +48,6 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.tcp_helpers import tcp_keepalive
-from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import PayloadAccessError, RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -495,8 +494,6 @@ class Connection(ParsingProtocol):
                     response = await self._server.handler(request)
                 except asyncio.CancelledError:
                     raise
-                except HTTPException as exc:  # pragma: no cover - the phases raise none
-                    response = exc
                 except TimeoutError:
                     response = self.handle_error(request, 504)
                 except Exception as exc:  # noqa: BLE001 - every error is answered, and logged

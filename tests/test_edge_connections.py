@@ -337,6 +337,16 @@ async def test_idle_keepalive_connections_close_silently_and_a_head_outlives_kee
     began = time.monotonic()
     assert await idle.closed(timeout=3)  # nothing sent: no 408
     assert 0.9 <= time.monotonic() - began < 2.0
+    # The same after a request whose body came after its head (read whole, the connection
+    # is idle again).
+    posted = await connect(gw.port, ATTACKER)
+    posted.send(b"POST /api/city/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+    await asyncio.sleep(0.05)  # the body in a read of its own
+    posted.send(b"hello")
+    assert (await posted.response()).status == 200
+    began = time.monotonic()
+    assert await posted.closed(timeout=3)
+    assert 0.9 <= time.monotonic() - began < 2.0
     # A head begun before the keepalive time ends gets its full header timeout, then 408.
     slow = await connect(gw.port, ATTACKER)
     slow.send(get())

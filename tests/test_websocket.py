@@ -466,6 +466,20 @@ async def test_an_invalid_handshake_is_400_before_any_upstream(ws_upstream, gate
     )
     assert response.status == 400
     assert response.json()["error"] == "bad_handshake"
+    start = b"GET /ws/city/rooms/general HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+    for rest in (
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 12\r\nSec-WebSocket-Key: "
+        b"dGhlIHNhbXBsZSBub25jZQ==\r\n",  # a version the relay does not speak
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a2V5\r\n",
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: !!!!\r\n",
+        # obs-text in the key: aiohttp's check raised on it (a 500)
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: \xe9\xe9\r\n",
+        b"Connection: keep-alive\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+        b"dGhlIHNhbXBsZSBub25jZQ==\r\n",  # no Connection: upgrade
+    ):
+        response = await raw_exchange(gw.port, start + rest + b"\r\n")
+        assert response.status == 400, rest
+        assert response.json()["error"] == "bad_handshake"
     assert seen.handshakes == []
 
 
