@@ -305,7 +305,10 @@ class Whole(web.StreamResponse):
         status_line = f"HTTP/{version[0]}.{version[1]} {status} {self.reason}"
         head = http_writer._serialize_headers(status_line, headers)
         data = head + body if body else head
-        transport.write(data)
+        # The gateway's connections write it at the end of the loop's turn (server.py,
+        # ``write_soon``); another protocol (aiohttp's, in bench/lean_anchor.py) at once.
+        write = getattr(request.protocol, "write_soon", None)
+        (transport.write if write is None else write)(data)
         # Counted as aiohttp's writer counts what it sends: an error raised after this answer
         # went out must drop the connection (``handle_error``), never write a second answer.
         request.writer.output_size += len(data)

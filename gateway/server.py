@@ -23,6 +23,15 @@ What aiohttp's server did that the gateway relies on is kept, each in one place 
 - a stop (``web.ServerRunner.cleanup``): idle connections closed at once, requests in flight
   given ``shutdown_timeout``, then cancelled.
 
+One thing aiohttp's server did not do: an answer written whole (``Whole``, every small relayed
+answer and the gateway's own) goes out at the end of the event loop's turn, with the other
+connections' answers of that turn (``write_soon``), not in the middle of it. Each write to a
+client whose process sleeps wakes it, on another CPU an interrupt that costs more than the
+write (on a VM, an exit to the hypervisor); answers written back to back wake it once. Measured
+on issue 17's bench: ~10 % less CPU per small GET; the wait is the rest of the loop's turn,
+work that was ready anyway. The bytes are handed to the transport before anything else is
+done with the connection (the next request started, the connection closed or detached).
+
 Requests that the parser rejects get the same JSON error body, request id and single log line
 as every other error (``handle_error``), and client connections are counted.
 
@@ -106,6 +115,18 @@ class Server(web.Server):
         self.keepalive_timeout = keepalive_timeout
         self.lingering_time = lingering_time
         self.live: dict[Connection, None] = {}  # open, or with a request still running
+        self._outgoing: list[Connection] = []  # answers to write at the end of this turn
+
+    def write_soon(self, conn: Connection) -> None:
+        """``conn`` holds an answer: write it with the others at the end of this turn."""
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._write_all)
+        self._outgoing.append(conn)
+
+    def _write_all(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        for conn in outgoing:
+            conn.flush()
 
     def __call__(self) -> Connection:  # type: ignore[override]  # its own protocol, not a RequestHandler
         return Connection(self)
@@ -163,6 +184,7 @@ class Connection(ParsingProtocol):
         "_held",
         "_keepalive",
         "_limit",
+        "_out",
         "_over",
         "_queue",
         "_remote",
@@ -196,6 +218,7 @@ class Connection(ParsingProtocol):
         self._over = False  # answered early (431, 408) or refused: what comes is dropped
         self._closing = False  # no request after the one running: close after its answer
         self._detached = False  # a WebSocket relay took the transport
+        self._out: bytes | None = None  # an answer written at the end of the turn (write_soon)
         self._queue: deque[Queued] = deque()
         self._keepalive: asyncio.TimerHandle | None = None
         self._close_at = 0.0  # when an idle connection is closed (the timer may fire early)
@@ -228,6 +251,7 @@ class Connection(ParsingProtocol):
         if not self._admitted or self._detached:
             return
         self._over = True
+        self._out = None
         super().connection_lost(exc)
         self._server.metrics.client_connections.dec()
         self._table.release(self)
@@ -255,7 +279,28 @@ class Connection(ParsingProtocol):
         if self.task is None and not self._queue:
             self.force_close()
 
+    def write_soon(self, data: bytes) -> None:
+        """Write ``data`` (a whole answer) at the end of this turn of the loop, with the other
+        connections' answers (see the module's docstring), or before anything else is done
+        with the connection."""
+        if self._out is None:
+            self._out = data
+            self._server.write_soon(self)
+        else:
+            self._out += data
+
+    def flush(self) -> None:
+        """Hand what ``write_soon`` holds to the transport."""
+        data = self._out
+        if data is None:
+            return
+        self._out = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
     def force_close(self) -> None:
+        self.flush()
         transport = self.transport
         if transport is not None:
             self.transport = None
@@ -413,6 +458,7 @@ class Connection(ParsingProtocol):
     def _start(self, message: Any, payload: StreamReader) -> None:
         if self._closing:
             return
+        self.flush()  # the answer before: the next one may be written straight to the transport
         if not isinstance(message, Refused):
             self.consumed()
         self.task = self.loop.create_task(self._serve(message, payload))
@@ -562,6 +608,7 @@ class Connection(ParsingProtocol):
         the client sent after its handshake. None when the client has gone already. (The
         relay's session decrements ``gateway_client_connections`` when it ends; the table
         forgets the connection now.)"""
+        self.flush()
         transport = self.transport
         if transport is None or transport.is_closing():
             return None

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.aiohttp_private import Whole
-from gateway.request import Request
+from gateway.request import Request, for_aiohttp
 from gateway.server import Handler, Server
 
 from .helpers import NODA1, RawClient, RawResponse, Upstream, routes, stalled
@@ -267,3 +267,42 @@ async def test_pipelined_requests_split_at_random_are_answered_in_order(served, 
     assert [a.body for a in got] == [
         b"/p%dabc" % i if i % 3 == 0 else b"/g%d" % i for i in range(count)
     ]
+
+
+async def test_answers_written_at_the_turns_end_keep_their_order_and_connection(served, connect):
+    # Whole answers wait for the end of the loop's turn (server.write_soon); streamed ones are
+    # written as they come. 20 clients pipelining 12 requests each, alternating the two kinds:
+    # every client gets its own answers, in its order, the last one before the close.
+    async def mixed(request: Request) -> web.StreamResponse:
+        tag = request.raw_path.encode()
+        if request.raw_path.endswith("s"):
+            streamed = web.StreamResponse(headers={"Server": "test"})
+            streamed.enable_chunked_encoding()
+            await streamed.prepare(for_aiohttp(request))
+            await streamed.write(tag)
+            await streamed.write_eof()
+            return streamed
+        return Whole(status=200, headers={"Server": "test"}, body=tag)
+
+    port = await served(mixed)
+    clients = [await connect(port) for _ in range(20)]
+    for n, client in enumerate(clients):
+        paths = [f"/c{n}r{i}{'s' if i % 2 else 'w'}" for i in range(12)]
+        client.writer.write(
+            b"".join(f"GET {p} HTTP/1.1\r\nHost: a\r\n\r\n".encode() for p in paths[:-1])
+            + f"GET {paths[-1]} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+        )
+
+    async def read_all(n: int, client: RawClient) -> list[bytes]:
+        got = []
+        for i in range(12):
+            answer = await client.head()
+            framing = answer.header("Transfer-Encoding") or answer.header("Content-Length")
+            assert framing == ("chunked" if i % 2 else str(len(f"/c{n}r{i}w"))), answer.raw
+            got.append((await client.body(answer)).body)
+        assert await client.closed()
+        return got
+
+    results = await asyncio.gather(*(read_all(n, c) for n, c in enumerate(clients)))
+    for n, got in enumerate(results):
+        assert got == [f"/c{n}r{i}{'s' if i % 2 else 'w'}".encode() for i in range(12)]
