@@ -240,7 +240,7 @@ class Whole(web.StreamResponse):
     keep-alive decision is its own (``keep_alive``, ``force_close``); aiohttp's protocol
     reads it after the answer as it reads any response's."""
 
-    __slots__ = ("_whole_body", "_whole_keep", "_whole_sent")
+    __slots__ = ("_whole_body", "_whole_chunked", "_whole_keep", "_whole_sent")
 
     def __init__(
         self,
@@ -249,12 +249,16 @@ class Whole(web.StreamResponse):
         headers: CIMultiDict[str] | dict[str, str],
         body: bytes | None = None,
         reason: str | None = None,
+        chunked: bool = False,
     ) -> None:
         """``body``: None when there is none and its length is not known: a relayed answer
         to HEAD keeps the upstream's ``Content-Length``, if any (to another method, None is
-        an empty body, ``Content-Length: 0``)."""
+        an empty body, ``Content-Length: 0``). ``chunked``: the body framed as one chunk and
+        the last, not by a length (a relayed chunked answer that came whole, to an HTTP/1.1
+        client: chunked as aiohttp's writer would send it, in one write)."""
         super().__init__(status=status, reason=reason, headers=headers)
         self._whole_body = body
+        self._whole_chunked = chunked
         self._whole_keep: bool | None = None
         self._whole_sent = False
 
@@ -288,6 +292,12 @@ class Whole(web.StreamResponse):
             body = None
             headers.popall("Content-Length", None)
             headers.popall("Transfer-Encoding", None)
+        elif body is not None and self._whole_chunked:
+            headers.popall("Content-Length", None)
+            headers["Transfer-Encoding"] = "chunked"
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+            if method == "HEAD":
+                body = None
         elif body is not None:
             headers["Content-Length"] = str(len(body))  # for HEAD too: what GET would get
             if method == "HEAD":

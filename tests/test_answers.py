@@ -17,7 +17,7 @@ from gateway.aiohttp_private import Whole
 from gateway.request import Request, for_aiohttp
 from gateway.server import Handler, Server
 
-from .helpers import NODA1, RawClient, RawResponse, Upstream, routes, stalled
+from .helpers import NODA1, RawClient, RawResponse, Upstream, canned, routes, stalled
 
 
 def city(port: int) -> str:
@@ -306,3 +306,67 @@ async def test_answers_written_at_the_turns_end_keep_their_order_and_connection(
     results = await asyncio.gather(*(read_all(n, c) for n, c in enumerate(clients)))
     for n, got in enumerate(results):
         assert got == [f"/c{n}r{i}{'s' if i % 2 else 'w'}".encode() for i in range(12)]
+
+
+UNKNOWN_LENGTH = [
+    # (what follows the upstream's status line, the body, its chunks as an HTTP/1.1 client
+    # gets them)
+    pytest.param(
+        (
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"hello",
+            b"5\r\nhello\r\n0\r\n\r\n",
+        ),
+        id="chunked",
+    ),
+    pytest.param((b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"", b"0\r\n\r\n"), id="empty"),
+    pytest.param(
+        (b"Connection: close\r\n\r\nhello", b"hello", b"5\r\nhello\r\n0\r\n\r\n"), id="close"
+    ),
+]
+
+
+async def unknown_length(
+    raw_upstream: Any, gateway: Any, connect: Any, answer: bytes, data: bytes
+) -> tuple[RawClient, RawResponse]:
+    """A raw upstream on NODA1 whose answer is its status line and ``answer``, a gateway in
+    front, and a raw client that has sent it ``data``: the client and the first answer's head.
+    """
+    port = await raw_upstream(canned(b"HTTP/1.1 200 OK\r\n" + answer))
+    client = await connect(await gateway(city(port)))
+    client.writer.write(data)
+    return client, await client.head()
+
+
+@pytest.mark.parametrize("case", UNKNOWN_LENGTH)
+async def test_an_answer_of_unknown_length_is_chunked_or_ended_by_the_close(
+    raw_upstream, gateway, connect, case: tuple[bytes, bytes, bytes]
+) -> None:
+    answer, body, chunks = case
+    # To HTTP/1.1: chunked (one that came whole with its head is written whole: one chunk and
+    # the last); the next pipelined answer is read right after it.
+    client, relayed = await unknown_length(
+        raw_upstream, gateway, connect, answer,
+        b"GET /api/city/a HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )  # fmt: skip
+    assert relayed.status == 200
+    assert relayed.header("Transfer-Encoding") == "chunked", relayed.raw
+    assert relayed.header("Content-Length") is None
+    assert relayed.header("Connection") is None
+    assert (await client.body(relayed)).body == body
+    assert client.seen.endswith(b"\r\n\r\n" + chunks)
+    (after,) = await answers(client, "GET")
+    assert after.status == 404
+    assert await client.closed()
+    # To HTTP/1.0, even when the client asked for keep-alive: no chunks in HTTP/1.0, the body
+    # ends with the connection. (The build before kept it open: the client could never tell
+    # where the body ended.)
+    client, relayed = await unknown_length(
+        raw_upstream, gateway, connect, answer,
+        b"GET /api/city/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    )  # fmt: skip
+    assert relayed.raw.startswith(b"HTTP/1.0 200 ")
+    assert relayed.header("Transfer-Encoding") is None
+    assert relayed.header("Content-Length") is None
+    assert (await client.body(relayed)).body == body  # read up to the close

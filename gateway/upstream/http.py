@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from ..aiohttp_private import EMPTY_STATUS, OneWrite, Relayed, Whole
@@ -172,30 +172,37 @@ async def relay(
     headers = response_headers(upstream, request_id, extra_headers, redirects, added)
     status, reason, length = upstream.status, upstream.reason, upstream.content_length
     no_body = request.method == "HEAD" or status in EMPTY_STATUS
-    whole = no_body or (upstream.complete and length is not None)
+    # All of a body of unknown length in (chunked, or up to a close that came), to an
+    # HTTP/1.1 client: chunked again, in one write. (An HTTP/1.0 one gets it up to a close.)
+    chunked = length is None and upstream.complete and request.version == HttpVersion11
+    whole = no_body or (upstream.complete and length is not None) or chunked
     response: web.StreamResponse
     try:
         if whole:
             # No body, or all of it came with the head (``read`` returns it at once): the
             # answer in one write.
             body = None if no_body else await upstream.read()
-            response = Whole(status=status, reason=reason, headers=headers, body=body)
+            response = Whole(
+                status=status, reason=reason, headers=headers, body=body,
+                chunked=chunked and not no_body,
+            )  # fmt: skip
         else:
             # A body of known length follows its headers at once: both in one write. A body of
             # unknown length (a stream, server-sent events) may take long: its headers first.
             kind = OneWrite if length is not None else Relayed
             response = kind(status=status, reason=reason, headers=headers)
-        if close:
+        if close or (length is None and not whole and request.version != HttpVersion11):
+            # A body of unknown length to an HTTP/1.0 client ends with the connection: there
+            # are no chunks in HTTP/1.0. (aiohttp's writer decides so too, but keeps the
+            # decision to itself: the keep_alive it reports after the answer is the
+            # request's, and the connection stayed open with the body's end unknowable.)
             response.force_close()
         await response.prepare(for_aiohttp(request))
         if whole:
             return response
-        if upstream.complete:  # chunked, and all in: the body and its last chunk in one write
-            await response.write_eof(await upstream.read())
-        else:
-            while chunk := await upstream.read():
-                await response.write(chunk)
-            await response.write_eof()
+        while chunk := await upstream.read():
+            await response.write(chunk)
+        await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
         if _client_gone(request):
             upstream.close()
