@@ -126,7 +126,12 @@ class Server(web.Server):
     def _write_all(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
         for conn in outgoing:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:  # one connection's failure must not hold the others' answers
+                log.exception("client connection failed")
+                if conn.transport is not None:
+                    conn.transport.abort()
 
     def __call__(self) -> Connection:  # type: ignore[override]  # its own protocol, not a RequestHandler
         return Connection(self)
