@@ -225,10 +225,11 @@ EMPTY_STATUS: Final = frozenset((204, 304, *range(100, 200)))
 class Whole(web.StreamResponse):
     """An answer whose body is all known before it is sent (the gateway's own, and relayed
     ones that came whole with their head): status line, headers and body in one transport
-    write, with none of the work of aiohttp's streaming ``prepare``/``write_eof`` (a writer
-    state machine, two passes over the headers, the body as a payload): measured, ~10 % of
-    the CPU of a 404 the gateway answers itself; a few % of a small proxied GET's, within
-    the noise of the benchmark's side-by-side runs.
+    write (by the gateway's connections at the end of the loop's turn: ``server.py``,
+    ``write_soon``), with none of the work of aiohttp's streaming ``prepare``/``write_eof``
+    (a writer state machine, two passes over the headers, the body as a payload): measured,
+    ~10 % of the CPU of a 404 the gateway answers itself; a few % of a small proxied GET's,
+    within the noise of the benchmark's side-by-side runs.
 
     The head is what aiohttp's ``_prepare_headers`` makes of the same answer
     (``Content-Length``, ``Date``, ``Connection``, the version of the request line, no body
