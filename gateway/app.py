@@ -195,13 +195,12 @@ class Gateway:
         shared = self.shared
         # pipeline.handle bound with a C-level partial: no extra coroutine frame per request.
         handler = functools.partial(pipeline.handle, shared, listener)
-        # keepalive_timeout is fixed per server: a reload cannot change it.
         server = Server(
             handler,
             shared.metrics,
             shared.connections,
             hsts=(lambda: self.shared.snapshot.exposure.hsts) if listener.tls else None,
-            keepalive_timeout=shared.snapshot.edge.keepalive_timeout,
+            keepalive_timeout=lambda: self.shared.snapshot.edge.keepalive_timeout,
         )
         runner = web.ServerRunner(
             server,
@@ -426,8 +425,6 @@ class Gateway:
             # tls.acme needs a restart, as warned above).
             running = shared.acme.settings if shared.acme is not None else None
             shared.certificates.configure(tls_sources(config, running), tls.min_version)
-        if new.edge.keepalive_timeout != old.edge.keepalive_timeout:
-            log.warning("a changed limits.keepalive_timeout takes effect only after a restart")
         shared.snapshot = new
         if _verifying(config) != _verifying(old.config):
             # Other providers: the new authenticator fetches its keys before it takes over

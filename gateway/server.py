@@ -12,7 +12,8 @@ What aiohttp's server did that the gateway relies on is kept, each in one place 
 - requests answered in the order they came (pipelining): a request parsed while another is
   handled waits in ``_queue``; past ``MAX_QUEUED`` the connection stops reading;
 - idle keep-alive connections closed after ``keepalive_timeout`` (one timer per connection,
-  moved forward, not re-made, per request);
+  moved forward, not re-made, per request; read at every answer, so a reload's new value
+  holds from each connection's next answer on);
 - an answer's keep-alive decision (its ``keep_alive``: the request's version and
   ``Connection``, the response's ``force_close()``), and an unread body drained for up to
   ``lingering_time`` before the next request, the connection closed if it does not end;
@@ -105,7 +106,7 @@ class Server(web.Server):
         connections: ConnectionTable,
         *,
         hsts: Callable[[], str | None] | None = None,
-        keepalive_timeout: float = 75.0,
+        keepalive_timeout: Callable[[], float] = lambda: 75.0,
         lingering_time: float = LINGERING_TIME,
     ) -> None:
         super().__init__(_never_called)
@@ -113,7 +114,7 @@ class Server(web.Server):
         self.metrics = metrics
         self.table = connections
         self.hsts = hsts  # the HTTPS listener's: its unparsable requests' answers get HSTS too
-        self.keepalive_timeout = keepalive_timeout
+        self.keepalive_timeout = keepalive_timeout  # the snapshot's: a reload changes it
         self.lingering_time = lingering_time
         self.live: dict[Connection, None] = {}  # open, or with a request still running
         self._outgoing: list[Connection] = []  # answers to write at the end of this turn
@@ -579,11 +580,11 @@ class Connection(ParsingProtocol):
     # -- idle keep-alive ---------------------------------------------------------------------
 
     def _idle_from_now(self) -> None:
-        timeout = self._server.keepalive_timeout
-        if timeout <= 0:
-            return
-        self._close_at = self.loop.time() + timeout
-        if self._keepalive is None:
+        self._close_at = self.loop.time() + self._server.keepalive_timeout()
+        keepalive = self._keepalive
+        if keepalive is None or keepalive.when() > self._close_at:  # none, or a longer one's
+            if keepalive is not None:
+                keepalive.cancel()
             self._keepalive = self.loop.call_at(self._close_at, self._idle_timer)
 
     def _idle_timer(self) -> None:

@@ -499,6 +499,31 @@ async def test_the_caps_follow_a_reload_for_new_connections(backend, gateway, co
         assert (await client.response()).status == 200
 
 
+async def test_keepalive_timeout_follows_a_reload_from_each_connections_next_answer(
+    backend, gateway, connect
+):
+    # Shortened: a connection idle under the old 30 s is closed 1 s after its next answer
+    # (its timer, set for the old deadline, is made again for the nearer one).
+    gw = await gateway(config(backend.port, "{keepalive_timeout: 30}"))
+    kept = await connect(gw.port, ATTACKER)
+    kept.send(get())
+    assert (await kept.response()).status == 200
+    gw.gateway.apply(parse_config(config(backend.port, "{keepalive_timeout: 1}"), env={}))
+    kept.send(get())
+    assert (await kept.response()).status == 200
+    began = time.monotonic()
+    assert await kept.closed(timeout=3)
+    assert 0.9 <= time.monotonic() - began < 2.0
+    # Lengthened again: a connection answered after it stays open past the 1 s.
+    gw.gateway.apply(parse_config(config(backend.port, "{keepalive_timeout: 30}"), env={}))
+    longer = await connect(gw.port, ATTACKER)
+    longer.send(get())
+    assert (await longer.response()).status == 200
+    assert not await longer.closed(timeout=2)
+    longer.send(get())
+    assert (await longer.response()).status == 200
+
+
 # -- WebSocket sessions ----------------------------------------------------------------------
 
 HANDSHAKE = (

@@ -283,7 +283,8 @@ class Limits(RequestLimits):
         fallback="32k",
     )
     keepalive_timeout: Seconds | None = doc(
-        "Seconds an idle keep-alive client connection is kept open (needs a restart).",
+        "Seconds an idle keep-alive client connection is kept open (a reload applies from each "
+        "connection's next answer on).",
         None,
         fallback=75.0,
     )
