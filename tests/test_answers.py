@@ -319,6 +319,14 @@ UNKNOWN_LENGTH = [
         ),
         id="chunked",
     ),
+    pytest.param(
+        (
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\n\r\n",
+            b"hello",
+            b"5\r\nhello\r\n0\r\n\r\n",  # the upstream's chunks and extensions are not kept
+        ),
+        id="two-chunks",
+    ),
     pytest.param((b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"", b"0\r\n\r\n"), id="empty"),
     pytest.param(
         (b"Connection: close\r\n\r\nhello", b"hello", b"5\r\nhello\r\n0\r\n\r\n"), id="close"
