@@ -87,7 +87,17 @@ class ClientBody:
         return _Fault(fault)
 
     async def read_all(self) -> bytes:
-        """The whole body (a small one, read before the first attempt): its fault raised."""
+        """The whole body (a small one, read before the first attempt): its fault raised.
+        One that is in already (it came with its head, as a small POST's usually does) is
+        taken at once: no wait, no timer (two ``asyncio.timeout`` s were ~10 % of a 16 KiB
+        POST's CPU)."""
+        content = self._content
+        if content.is_eof() and content.exception() is None:
+            # Its Content-Length, which the parser holds it to, was checked against the
+            # limit before (read_body).
+            data = content.read_nowait()
+            self.received += len(data)
+            return data
         chunks = []
         try:
             async for chunk in self:
