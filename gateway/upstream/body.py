@@ -69,8 +69,12 @@ class ClientBody:
         content, limit, timeout = self._content, self._policy.max_size, self._policy.timeout
         while True:
             try:
-                async with asyncio.timeout(timeout):
-                    chunk = await content.readany()
+                # What is in already is taken without a wait or a timer (a streamed body
+                # usually is: the client sends faster than the upstream takes it).
+                chunk = content.read_nowait()
+                if not chunk and not content.at_eof():
+                    async with asyncio.timeout(timeout):
+                        chunk = await content.readany()
             except TimeoutError:
                 raise self._fault(too_slow(timeout)) from None
             except (aiohttp.ClientError, OSError) as exc:  # the client went away mid-body
