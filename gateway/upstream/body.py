@@ -69,8 +69,8 @@ class ClientBody:
         content, limit, timeout = self._content, self._policy.max_size, self._policy.timeout
         while True:
             try:
-                # What is in already is taken without a wait or a timer (a streamed body
-                # usually is: the client sends faster than the upstream takes it).
+                # What is in already (all that the socket's last reads brought) is taken
+                # without a wait or a timer; the timeout bounds each wait for more.
                 chunk = content.read_nowait()
                 if not chunk and not content.at_eof():
                     async with asyncio.timeout(timeout):
