@@ -55,6 +55,7 @@ from aiohttp import (
     web,
     web_protocol,
 )
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from multidict import CIMultiDict
 
@@ -293,14 +294,14 @@ class Whole(web.StreamResponse):
             body = None
             headers.popall("Content-Length", None)
             headers.popall("Transfer-Encoding", None)
-        elif body is not None and self._whole_chunked:
-            headers.popall("Content-Length", None)
-            headers["Transfer-Encoding"] = "chunked"
-            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
-            if method == "HEAD":
-                body = None
         elif body is not None:
-            headers["Content-Length"] = str(len(body))  # for HEAD too: what GET would get
+            # The framing GET would get, for HEAD too.
+            if self._whole_chunked:
+                headers.popall("Content-Length", None)
+                headers["Transfer-Encoding"] = "chunked"
+                body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+            else:
+                headers["Content-Length"] = str(len(body))
             if method == "HEAD":
                 body = None
         elif method == "HEAD":
@@ -335,7 +336,16 @@ class Whole(web.StreamResponse):
 
 class Relayed(web.StreamResponse):
     """A relayed answer streamed through aiohttp's writer, with the upstream's headers as
-    they came: no ``Content-Type`` of aiohttp's when the upstream sent none."""
+    they came: no ``Content-Type`` of aiohttp's when the upstream sent none. A body of
+    unknown length to an HTTP/1.0 client ends with the connection (there are no chunks in
+    HTTP/1.0): aiohttp's writer frames it so, but keeps that decision to itself, and the
+    ``keep_alive`` it reports after the answer is the request's, which left the connection
+    open with the body's end unknowable."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if request.version != HttpVersion11 and self.content_length is None:
+            self.force_close()
+        return await super().prepare(request)
 
     async def _prepare_headers(self) -> None:
         typed = "Content-Type" in self.headers

@@ -184,18 +184,14 @@ async def relay(
             body = None if no_body else await upstream.read()
             response = Whole(
                 status=status, reason=reason, headers=headers, body=body,
-                chunked=chunked and not no_body,
+                chunked=chunked,
             )  # fmt: skip
         else:
             # A body of known length follows its headers at once: both in one write. A body of
             # unknown length (a stream, server-sent events) may take long: its headers first.
             kind = OneWrite if length is not None else Relayed
             response = kind(status=status, reason=reason, headers=headers)
-        if close or (length is None and not whole and request.version != HttpVersion11):
-            # A body of unknown length to an HTTP/1.0 client ends with the connection: there
-            # are no chunks in HTTP/1.0. (aiohttp's writer decides so too, but keeps the
-            # decision to itself: the keep_alive it reports after the answer is the
-            # request's, and the connection stayed open with the body's end unknowable.)
+        if close:
             response.force_close()
         await response.prepare(for_aiohttp(request))
         if whole:
