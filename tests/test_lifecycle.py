@@ -335,6 +335,36 @@ async def test_with_workers_a_reload_is_every_worker_or_none_and_a_respawn_serve
     assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
 
 
+async def test_without_pidfd_the_supervisor_still_sees_a_worker_die_and_replaces_it(
+    serve: Serve, upstream, tmp_path: Path
+) -> None:
+    """A Python without ``os.pidfd_open`` (built where the kernel had none), or a kernel or
+    sandbox that refuses it (Linux before 5.3, gVisor, valgrind: ENOSYS), still starts,
+    replaces a worker that died, and stops. ``sitecustomize`` takes the call away in the
+    supervisor, as such a Python would not have it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    marker = tmp_path / "no-pidfd"
+    (hook / "sitecustomize.py").write_text(
+        f"import os\ndel os.pidfd_open\nopen({str(marker)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+    )
+    up = await upstream(NODA1)
+    proc, _ = await serve(city(up.port), env={"PYTHONPATH": str(hook)})
+    first = await proc.wait_for("gateway started")
+    assert str(proc.proc.pid) in marker.read_text().split()  # the supervisor had no pidfd
+    port = await proc.port()
+    assert (await health(port))["status"] in ("healthy", "degraded")
+    os.kill(first["pid"], signal.SIGKILL)
+    died = await proc.wait_for("worker exited; starting another")
+    assert (died["pid"], died["status"]) == (first["pid"], -signal.SIGKILL)
+    second = (await proc.wait_for_all("gateway started", 2))[1]
+    assert second["pid"] != first["pid"]
+    assert (await health(port))["status"] in ("healthy", "degraded")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+    assert "Traceback" not in "".join(str(line) for line in proc.lines)
+
+
 async def test_two_restarts_in_a_row_both_happen_even_with_a_large_config(
     serve: Serve, upstream
 ) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -353,24 +354,35 @@ class Supervisor:
 
     def _watch(self, child: Child) -> None:
         """Note the child's exit (a pidfd that turns readable), and start it again when it
-        was not asked to stop."""
+        was not asked to stop. Where there is no pidfd (a kernel before Linux 5.3, a Python
+        built without the call, a sandbox that refuses it: gVisor, valgrind, an older
+        seccomp profile), a thread waits for the exit instead."""
         self.children.add(child)
         loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(child.pid)
+        try:
+            pidfd = os.pidfd_open(child.pid)
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            waited = loop.run_in_executor(None, os.waitpid, child.pid, 0)
+            waited.add_done_callback(lambda done: self._exited(child, done.result()[1]))
+            return
 
-        def exited() -> None:
+        def readable() -> None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            _, status = os.waitpid(child.pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            child.exited.set_result(code)
-            child.channel.close()
-            self.children.discard(child)
-            if not child.retired and not self.stopping.is_set():
-                lived = time.time() - child.started
-                self._later(self._respawn(child, code, RESPAWN_DELAY if lived < 1 else 0))
+            self._exited(child, os.waitpid(child.pid, 0)[1])
 
-        loop.add_reader(pidfd, exited)
+        loop.add_reader(pidfd, readable)
+
+    def _exited(self, child: Child, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        child.exited.set_result(code)
+        child.channel.close()
+        self.children.discard(child)
+        if not child.retired and not self.stopping.is_set():
+            lived = time.time() - child.started
+            self._later(self._respawn(child, code, RESPAWN_DELAY if lived < 1 else 0))
 
     async def _respawn(self, dead: Child, code: int, delay: float) -> None:
         """Start a worker in the place of one that died (after ``delay``)."""
