@@ -185,7 +185,11 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._timeout = 0.0
+        # One timer per connection, not per exchange: left armed when an exchange ends, it
+        # fires at most once idle (and does nothing); a new exchange re-arms it only when
+        # its deadline is nearer than the armed one (``_on_timer`` re-arms from progress).
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._progress = 0.0  # loop time of the last progress (bytes in, or writes resumed)
 
     # -- asyncio's side --
@@ -304,7 +308,6 @@ class Connection(asyncio.Protocol):
             # and close the connection after (any body it sent goes with it).
             self._reusable = False
             self._state = _DONE
-            self._stop_timer()
             response._end()
             raise _Stop(None)
 
@@ -318,7 +321,6 @@ class Connection(asyncio.Protocol):
             self._informational = False
             return
         self._state = _DONE
-        self._stop_timer()
         if self._response is not None:
             self._response._end()
 
@@ -353,8 +355,9 @@ class Connection(asyncio.Protocol):
         future: asyncio.Future[Response] = self._loop.create_future()
         self._head = future
         self._timeout = timeout
-        self._progress = self._loop.time()
-        self._timer = self._loop.call_at(self._progress + timeout, self._on_timer)
+        now = self._progress = self._loop.time()
+        if self._timer is None or self._timer_at > now + timeout:
+            self._arm(now + timeout)
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)
             self._sent = True
@@ -404,9 +407,14 @@ class Connection(asyncio.Protocol):
         if held_back or self._loop.time() < deadline:
             if held_back:
                 deadline = self._loop.time() + self._timeout
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._arm(deadline)
             return
         self._fail(upstream_failure("timeout"))
+
+    def _arm(self, deadline: float) -> None:
+        self._stop_timer()
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer_at = deadline
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
