@@ -98,7 +98,8 @@ async def handle(shared: Shared, listener: Listener, request: Request) -> web.St
         return web.Response(status=CLIENT_CLOSED)  # nobody will read it; aiohttp expects one
     except asyncio.CancelledError:
         if not ex.status:  # a WebSocket session that ran to its end keeps its 101
-            ex.status, ex.error = CLIENT_CLOSED, "client_closed"
+            ex.status = CLIENT_CLOSED
+            ex.error = "send_timeout" if request.send_timed_out else "client_closed"
         raise
     except UpstreamAborted as aborted:
         # The status line went out; the connection is already reset. Returning the response

@@ -44,6 +44,7 @@ class Request:
         "raw_path",
         "remote",
         "scheme",
+        "send_timed_out",
         "task",
         "transport",
         "upgrade",
@@ -78,6 +79,7 @@ class Request:
         self.writer = self._payload_writer = writer
         self.remote = remote  # the peer's address (None when the transport has none)
         self.scheme = scheme  # "https" on a TLS listener, else "http"
+        self.send_timed_out = False  # the client took none of the answer for send_timeout
         self.task: asyncio.Task[None] | None = None
 
     @property

@@ -196,6 +196,7 @@ class Connection(ParsingProtocol):
         "_queue",
         "_remote",
         "_scheme",
+        "_send_timer",
         "_server",
         "_table",
         "_tail",
@@ -229,6 +230,7 @@ class Connection(ParsingProtocol):
         self._queue: deque[Queued] = deque()
         self._keepalive: asyncio.TimerHandle | None = None
         self._close_at = 0.0  # when an idle connection is closed (the timer may fire early)
+        self._send_timer: asyncio.TimerHandle | None = None  # while the client takes nothing
         self._remote: str | None = None
         self._scheme = "http"
         self.request: Request | None = None  # the one being handled
@@ -266,6 +268,7 @@ class Connection(ParsingProtocol):
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        self._stop_send_timer()
         request = self.request
         if request is not None and not request.content.is_eof():
             request.content.set_exception(ConnectionResetError("Connection lost"))
@@ -276,6 +279,40 @@ class Connection(ParsingProtocol):
         task = self.task
         if task is not None and not task.done():
             task.cancel()  # the client left: its request stops (aiohttp's handler_cancellation)
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark for the client: from now on the
+        client has ``send_timeout`` to take enough of it (nginx's ``send_timeout``), else
+        the connection is closed. A client that never reads would otherwise hold its
+        request, and the upstream connection and service slot behind it, forever."""
+        super().pause_writing()
+        seconds = self._table.policy().send_timeout
+        if seconds > 0 and self._send_timer is None and not self._detached:
+            self._send_timer = self.loop.call_later(seconds, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_send_timer()
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or self._detached:
+            return
+        request = self.request
+        if request is not None:
+            request.send_timed_out = True  # its access line says so
+        else:  # answers written whole, waiting for a client that does not read them
+            logs.access(
+                "client connection closed: it took no answer bytes for send_timeout",
+                {"error": "send_timeout", "client": self._remote},
+            )
+        transport.abort()  # close() would wait for the buffer to be taken: never
 
     def eof_received(self) -> None:
         """The client closed its side: the transport closes (asyncio's default)."""
@@ -625,6 +662,7 @@ class Connection(ParsingProtocol):
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        self._stop_send_timer()
         self._table.release(self)
         self._server.forget(self)
         if self.reading_held:

@@ -107,6 +107,7 @@ class EdgePolicy:
     header_timeout: float
     header_buffer: int  # bytes of a whole request head
     keepalive_timeout: float
+    send_timeout: float  # seconds a client may take none of its answer; 0: no limit
     per_client: int  # open connections per client address
     max_clients: int  # open client connections in all
 
@@ -195,6 +196,7 @@ def compile_snapshot(config: Config) -> Snapshot:
             header_timeout=_set(limits.client_header_timeout),
             header_buffer=_size(limits.client_header_buffer),
             keepalive_timeout=_set(limits.keepalive_timeout),
+            send_timeout=_set(limits.send_timeout),
             per_client=_set(limits.max_connections_per_client),
             max_clients=_set(limits.max_client_connections),
         ),

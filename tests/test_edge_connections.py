@@ -8,6 +8,7 @@ up) so that they are different clients from the admin peer 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -55,6 +56,8 @@ class Backend:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path.startswith("/ws/"):
             return await self.echo(request)
+        if "/big/" in request.path:  # /big/<MiB>
+            return await self.big(request, int(request.path.rpartition("/")[2]))
         body = await request.read()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
         self.seen.append(Seen(request.method, request.raw_path, headers, body))
@@ -65,6 +68,15 @@ class Backend:
             finally:
                 self.waiting -= 1
         return web.json_response({"got": len(body)})
+
+    async def big(self, request: web.BaseRequest, mib: int) -> web.StreamResponse:
+        """``mib`` MiB of b"x", streamed (chunked) as fast as the gateway takes them."""
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(mib * 16):
+            await response.write(b"x" * 65536)
+        await response.write_eof()
+        return response
 
     async def echo(self, request: web.BaseRequest) -> web.StreamResponse:
         ws = web.WebSocketResponse()
@@ -525,6 +537,99 @@ async def test_keepalive_timeout_follows_a_reload_from_each_connections_next_ans
     assert not await longer.closed(timeout=2)
     longer.send(get())
     assert (await longer.response()).status == 200
+
+
+# -- clients that do not read ----------------------------------------------------------------
+
+
+def held_slot_config(port: int, limits: str) -> str:
+    """One upstream slot for the service: whoever holds it makes everyone else's 503."""
+    city = f"{{port: {port}, nodes: [noda1], max_connections: 1}}"
+    return routes({"city": city}, noda1=NODA1) + f"limits: {limits}\nmetrics_cache: 0\n"
+
+
+async def unread(port: int, path: str) -> socket.socket:
+    """A client that asks for ``path`` and never reads (a small receive buffer, so that the
+    gateway's writes back up soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind((ATTACKER, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    sock.send(get(path))
+    return sock
+
+
+async def test_a_client_that_takes_none_of_its_answer_is_closed_after_send_timeout(
+    backend, gateway, connect
+):
+    gw = await gateway(held_slot_config(backend.port, "{send_timeout: 1}"))
+    began = time.monotonic()
+    sock = await unread(gw.port, "/api/city/big/64")
+    try:
+        await asyncio.sleep(0.5)  # its answer streams until the buffers fill, in the slot
+        control = await connect(gw.port, CONTROL)
+        control.send(get())
+        busy = await control.response()
+        assert busy.status == 503
+        assert busy.json()["error"] == "upstream_busy"
+        # send_timeout after the buffers filled, the gateway gives up on it: the slot is
+        # free again.
+        while True:
+            control = await connect(gw.port, CONTROL)
+            control.send(get())
+            answer = await control.response()
+            if answer.status == 200:
+                break
+            assert time.monotonic() - began < 4, "the slot was never released"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - began > 1
+        # The client finds its connection ended (reset) after what the buffers held.
+        assert await ended(sock)
+    finally:
+        sock.close()
+    lines = [line for line in gw.log_lines() if line.get("path") == "/api/city/big/64"]
+    assert [(line["status"], line["error"]) for line in lines] == [(499, "send_timeout")]
+
+
+async def ended(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """Whether the connection ends (EOF or a reset) within ``timeout``, reading on."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            while await loop.sock_recv(sock, 1 << 20):
+                pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_a_slow_reader_that_keeps_taking_its_answer_gets_all_of_it(backend, gateway, connect):
+    # send_timeout bounds a pause of the client, not the whole answer: 16 MiB taken 2 MiB
+    # every 0.4 s take over 3 s, three times the timeout. (A client must take enough for
+    # the kernel to call the socket writable again, about a third of what it holds, within
+    # send_timeout: nginx's wait for a write event is the same.)
+    gw = await gateway(held_slot_config(backend.port, "{send_timeout: 1}"))
+    began = time.monotonic()
+    sock = await unread(gw.port, "/api/city/big/16")
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    try:
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            await asyncio.sleep(0.4)
+            step = len(received) + (2 << 20)
+            while len(received) < step and not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, step - len(received)), 5)
+                assert chunk, "the gateway closed the connection"
+                received += chunk
+    finally:
+        sock.close()
+    assert time.monotonic() - began > 3
+    assert received.startswith(b"HTTP/1.1 200")
+    assert received.partition(b"\r\n\r\n")[2].count(b"x") == 16 << 20
+    assert not [line for line in gw.log_lines() if line.get("error") == "send_timeout"]
 
 
 # -- WebSocket sessions ----------------------------------------------------------------------

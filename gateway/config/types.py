@@ -288,6 +288,12 @@ class Limits(RequestLimits):
         None,
         fallback=75.0,
     )
+    send_timeout: Seconds | None = doc(
+        "Seconds a client may take none of its answer while the gateway has more for it "
+        "(nginx's send_timeout); longer and the connection is closed (0: no limit).",
+        None,
+        fallback=60.0,
+    )
     max_connections_per_client: Annotated[int, Range(min=1, max=1_000_000)] | None = doc(
         "Open connections per client address (nginx's limit_conn); more are closed at once.",
         None,

@@ -28,7 +28,7 @@ class Conn:
 
 def table(per_client: int = 2, max_clients: int = 3) -> tuple[ConnectionTable, FakeClock, Metrics]:
     policy = EdgePolicy(
-        header_timeout=10, header_buffer=4096, keepalive_timeout=75,
+        header_timeout=10, header_buffer=4096, keepalive_timeout=75, send_timeout=60,
         per_client=per_client, max_clients=max_clients,
     )  # fmt: skip
     clock, metrics = FakeClock(), Metrics()
