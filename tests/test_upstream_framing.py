@@ -942,3 +942,39 @@ async def test_a_huge_header_section_is_a_quick_502(through, fields):
     assert_refused(await client.ask(get("bad")))
     assert loop.time() - started < 1.0
     await assert_fresh_next(client, up)
+
+
+@pytest.mark.parametrize(
+    ("first", "more"),
+    [
+        (b"0\r\nX-Trailer: ", b"a" * 65536),  # one trailer field that never ends
+        (b"0\r\n", b"X-Trailer: t\r\n" * 4096),  # trailer fields that never end
+        (b"5;ext=", b"e" * 65536),  # a chunk extension that never ends
+    ],
+    ids=["endless-trailer-field", "endless-trailers", "endless-extension"],
+)
+async def test_framing_without_end_after_the_body_began_is_cut_at_the_head_limit(
+    through, connect, first, more
+):
+    # After a first chunk, bytes that are no body bytes keep coming (the parser holds a
+    # field's value whole, and nothing of it is body): the gateway stops reading them at
+    # the head's 64 KiB bound, resets the client and closes the connection, instead of
+    # holding what comes until the upstream stops.
+    async def script(request: Received, conn: Conn) -> None:
+        if request.target != b"/city/bad":
+            await conn.send(echo(request))
+            return
+        await conn.send(CHUNKED_HEAD + b"6\r\nfirst-\r\n" + first)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB, unless the gateway closes the connection first
+                await conn.send(more)
+        await conn.hold()
+
+    up, gw, client = await through(script)
+    client.writer.write(get("bad"))
+    answer = await client.head()
+    assert answer.status == 200, answer.raw
+    await assert_aborted(client)
+    assert await up.closed(1)
+    assert up.connections[0].stray == b""
+    await assert_fresh_next(await connect(gw), up)

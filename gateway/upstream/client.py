@@ -12,9 +12,10 @@ address and TLS context and server name: a TLS target never gets a plain connect
 made with another snapshot's context.
 
 Framing, strict (llhttp's defaults, plus): ``Content-Length`` with ``Transfer-Encoding``,
-differing lengths, a bad chunk, bare LF line ends, obs-fold, a head over ``MAX_HEAD`` bytes, a
-``101`` to a request that asked no upgrade: all ``upstream_invalid`` (502) before the head went
-to the client, an aborted client connection after. ``1xx`` answers before the final one are
+differing lengths, a bad chunk, bare LF line ends, obs-fold, a head over ``MAX_HEAD`` bytes
+(and as many bytes in a row of a body's chunk framing, extensions or trailers), a ``101`` to a
+request that asked no upgrade: all ``upstream_invalid`` (502) before the head went to the
+client, an aborted client connection after. ``1xx`` answers before the final one are
 skipped.
 
 Timeouts: ``connect`` bounds the TCP connect and the TLS handshake; ``response`` bounds every
@@ -176,6 +177,9 @@ class Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        # Bytes read in the body since the last body bytes: chunk framing, extensions and
+        # trailers, none of which the parser bounds (MAX_HEAD bounds them as it does a head).
+        self._framing = 0
         self._received = False  # a byte of the answer arrived
         self._informational = False  # the message being parsed is a 1xx
         self._until_close = False  # the answer's body runs until the connection closes
@@ -238,6 +242,8 @@ class Connection(asyncio.Protocol):
         if state == _HEAD:
             self._received = True
             self._head_bytes += len(data)
+        elif state == _BODY:
+            self._framing += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -251,7 +257,10 @@ class Connection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._fail(upstream_failure("protocol"))
             return
-        if self._state == _HEAD and self._head_bytes > MAX_HEAD:
+        state = self._state
+        if (state == _HEAD and self._head_bytes > MAX_HEAD) or (
+            state == _BODY and self._framing > MAX_HEAD
+        ):
             self._fail(upstream_failure("protocol"))
 
     # -- llhttp's callbacks --
@@ -312,6 +321,7 @@ class Connection(asyncio.Protocol):
             raise _Stop(None)
 
     def on_body(self, body: bytes) -> None:
+        self._framing = 0
         response = self._response
         if response is not None:
             response._feed(body)
@@ -351,6 +361,7 @@ class Connection(asyncio.Protocol):
         self._received = False
         self._informational = False
         self._head_bytes = 0
+        self._framing = 0
         self._response = None
         future: asyncio.Future[Response] = self._loop.create_future()
         self._head = future
