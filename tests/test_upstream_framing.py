@@ -215,6 +215,22 @@ def bad_for(answer: bytes, path: bytes = b"/city/bad") -> Script:
     return script
 
 
+def bad_in_two(first: bytes, after: asyncio.Event, then: bytes) -> Script:
+    """Answer requests for ``/city/bad`` with ``first``, then (if any) ``then`` once the test
+    sets ``after``; answer every other request with its ``echo``."""
+
+    async def script(request: Received, conn: Conn) -> None:
+        if request.target != b"/city/bad":
+            await conn.send(echo(request))
+            return
+        await conn.send(first)
+        if then:
+            await asyncio.wait_for(after.wait(), WAIT)
+            await conn.send(then)
+
+    return script
+
+
 def closes_on(nth: int) -> Script:
     """Answer each request with its ``echo``, but close each connection on its ``nth``
     request without answering it: what an upstream closing an idle kept-alive connection just
@@ -388,16 +404,9 @@ async def test_a_bad_chunk_midway_resets_the_client(through, connect, chunks):
     # The head and a first chunk reach the client; then the bad chunk: its connection is
     # reset, never ended as if the body were whole.
     client_has_it = asyncio.Event()
-
-    async def script(request: Received, conn: Conn) -> None:
-        if request.target != b"/city/bad":
-            await conn.send(echo(request))
-            return
-        await conn.send(CHUNKED_HEAD + b"6\r\nfirst-\r\n")
-        await asyncio.wait_for(client_has_it.wait(), WAIT)
-        await conn.send(chunks)
-
-    up, gw, client = await through(script)
+    up, gw, client = await through(
+        bad_in_two(CHUNKED_HEAD + b"6\r\nfirst-\r\n", client_has_it, chunks)
+    )
     client.writer.write(get("bad"))
     answer = await client.head()
     assert answer.status == 200, answer.raw
@@ -517,6 +526,40 @@ async def test_a_head_answer_closes_its_connection(through):
     assert (await client.ask(get("next"))).body == b"GET /city/next"
     assert up.conns(b"/city/next") == [2]
     assert await up.closed(1)
+
+
+@pytest.mark.parametrize(
+    ("head", "late", "reused"),
+    [
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n", b"SMUGGLED", False),
+        (b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n", SMUGGLED, False),
+        (b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n", SMUGGLED, False),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n", b"", True),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 8\r\n", b"", True),
+    ],
+    ids=["204-length", "204-chunked", "304-chunked", "204-length-0", "304-length"],
+)
+async def test_a_body_announced_with_204_or_304_never_answers_the_next_request(
+    through, connect, head, late, reused
+):
+    # 204 and 304 have no body, whatever their head says; a body that one announced and
+    # sends a moment later (once the answer was relayed, the connection back in the pool)
+    # must not be the next request's answer: such a connection is closed. A 304's
+    # Content-Length (the validated representation's) announces nothing: pooled.
+    relayed = asyncio.Event()
+    up, gw, client = await through(bad_in_two(head + b"X-Echo: 1\r\n\r\n", relayed, late))
+    answer = await client.ask(get("bad"), head=True)
+    assert answer.status in (204, 304), answer.raw
+    assert answer.body == b""
+    second = await connect(gw)
+    second.writer.write(get("next"))  # on its way while the late bytes are
+    relayed.set()
+    answer = await second.response()
+    assert answer.body == b"GET /city/next", (answer.raw, answer.body, up.story())
+    assert b"SMUGGLED" not in client.seen + second.seen
+    assert up.conns(b"/city/next") == ([1] if reused else [2])
+    if not reused:
+        assert await up.closed(1)
 
 
 # -- 5, 6: informational answers ---------------------------------------------------------------

@@ -305,6 +305,14 @@ class Connection(asyncio.Protocol):
             raise _Stop(upstream_failure("protocol"))
         if not self._parser.should_keep_alive():
             self._reusable = False
+        elif (status == 204 and (codings or headers.get("Content-Length", "0") != "0")) or (
+            status == 304 and codings
+        ):
+            # A 204 (or 304) has no body whatever it says, and llhttp reads none; but one
+            # that announces a body may send it: arriving later, on a pooled connection, it
+            # would be parsed as the next request's answer. (A 304's Content-Length is the
+            # length of what it validates, RFC 9110 8.6: no body follows, it stays pooled.)
+            self._reusable = False
         response = self._response = Response(self, status, self._reason.decode("latin-1"), headers)
         # Decided here, from the head as it came: the relay may change response.headers.
         self._until_close = response.content_length is None and not codings
