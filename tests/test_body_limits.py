@@ -224,3 +224,29 @@ async def test_trickled_small_bodies_hold_no_upstream_slot(upstream, gateway, cl
     assert [s.raw_path for s in up.seen] == ["/city/control"]  # no trickler reached it yet
     for writer in writers:
         writer.close()
+
+
+async def test_an_upload_longer_than_the_response_timeout_leaves_the_upstream_all_of_it(
+    upstream, gateway
+):
+    # timeouts.response bounds each wait for the upstream; a body the client sends for
+    # longer than it is the client's time, not the upstream's: the upstream still gets the
+    # whole timeout after the body's last byte (nginx's proxy_read_timeout counts so too).
+    async def slow_answer(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        await asyncio.sleep(0.6)
+        return web.json_response({"got": len(body)})
+
+    up: Upstream = await upstream(NODA1, slow_answer, record_body=False)
+    gw = await gateway(city(up.port, ", timeouts: {response: 1}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    piece = b"x" * 20000  # 10 pieces, 200 kB: streamed (over the 64 KiB replay buffer)
+    writer.write(b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n")
+    for _ in range(10):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.2)  # 2 s in all: twice the response timeout
+    raw = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 "), raw
+    assert orjson.loads(raw.partition(b"\r\n\r\n")[2]) == {"got": 200000}

@@ -397,10 +397,14 @@ class Connection(asyncio.Protocol):
                     transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
                     transport.write(chunk)
+                # Progress: the response timeout counts from the last byte written, so an
+                # upload longer than it leaves the upstream all of it to answer.
+                self._progress = self._loop.time()
                 if self._write_paused:
                     await self._drain()
             if chunked:
                 transport.write(_LAST_CHUNK)
+            self._progress = self._loop.time()
             self._sent = True
         except asyncio.CancelledError:
             raise
