@@ -47,6 +47,7 @@ class Target:
     # where a service runs, and its context is new at every reload.
     tls: UpstreamTls | None = field(default=None, compare=False)
     key: tuple[str, str, str, int] = field(init=False, compare=False)
+    authority: str = field(init=False, compare=False)  # host:port, an IPv6 host in brackets
     origin: str = field(init=False, compare=False)  # http://host:port, or https://
     label: str = field(init=False, compare=False)  # "node host:port", for log lines
 
@@ -57,6 +58,7 @@ class Target:
             host = f"[{host}]"
         scheme = "http" if self.tls is None else "https"
         object.__setattr__(self, "key", (self.service, self.node, self.host, self.port))
+        object.__setattr__(self, "authority", f"{host}:{self.port}")
         object.__setattr__(self, "origin", f"{scheme}://{host}:{self.port}")
         object.__setattr__(self, "label", f"{self.node} {self.host}:{self.port}")
 

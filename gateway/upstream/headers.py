@@ -128,7 +128,7 @@ def request_headers(
             del headers[name]
     peer = request.remote or ""
     prior = ", ".join(incoming.getall("X-Forwarded-For", ())) if forwarding.trusted_peer else ""
-    headers["Host"] = f"{target.host}:{target.port}"
+    headers["Host"] = target.authority  # an IPv6 node's address in brackets (RFC 3986)
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     headers["X-Forwarded-Proto"] = forwarding.proto
     if "Host" in incoming:
