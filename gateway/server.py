@@ -530,9 +530,16 @@ class Connection(ParsingProtocol):
                 self, self.transport, writer, self._remote, self._scheme,
             )  # fmt: skip
         else:
+            keep_alive = not message.should_close
+            if message.upgrade and not self.upgraded:
+                # An upgrade the parser does not switch to (h2c, TLS/1.0: not WebSocket, not
+                # CONNECT): it dropped what followed this request in the read, so the
+                # connection ends with this answer, and later bytes are not parsed.
+                keep_alive = False
+                self._over = self._closing = True
             request = Request(
                 message.method, message.path, message.headers, message.version,
-                not message.should_close, message.upgrade, payload,
+                keep_alive, message.upgrade, payload,
                 self, self.transport, writer, self._remote, self._scheme,
             )  # fmt: skip
         request.task = self.task

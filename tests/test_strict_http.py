@@ -12,7 +12,15 @@ import pytest
 
 from gateway.edge import strict
 
-from .helpers import NODA1, RawResponse, RawServers, RunningGateway, raw_exchange, routes
+from .helpers import (
+    NODA1,
+    RawResponse,
+    RawServers,
+    RunningGateway,
+    parse_response,
+    raw_exchange,
+    routes,
+)
 
 CHUNKED_BODY = b"3\r\nabc\r\n0\r\n\r\n"
 
@@ -202,6 +210,39 @@ async def test_http_1_0_still_passes(upstream, gateway):
     response = await raw_exchange(gw.port, b"GET /api/city/x HTTP/1.0\r\nHost: a\r\n\r\n")
     assert response.raw.startswith(b"HTTP/1.0 200 ")
     assert [s.raw_path for s in up.seen] == ["/city/x"]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /api/city/a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        b"POST /api/city/a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: TLS/1.0\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+    ],
+    ids=["h2c", "tls-with-a-body"],
+)
+async def test_an_upgrade_the_gateway_does_not_make_ends_the_connection_after_its_answer(
+    upstream, gateway, first
+):
+    # The request is served as a plain one (Upgrade is hop-by-hop), and the connection ends
+    # with its answer: the parser does not read on past an upgrade it does not make, and a
+    # request pipelined behind it used to wait, unanswered, until keepalive_timeout.
+    up = await upstream(NODA1)
+    gw = await gateway(city(up.port))
+    then = b"GET /api/city/b HTTP/1.1\r\nHost: a\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(first + then)
+        raw = await asyncio.wait_for(reader.read(), 2)
+    finally:
+        writer.close()
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    answer = parse_response(raw)
+    assert answer.status == 200, raw
+    assert answer.header("Connection") == "close"
+    assert [s.raw_path for s in up.seen] == ["/city/a"]
+    assert up.seen[0].header("Upgrade") is None
 
 
 # -- header bytes ------------------------------------------------------------------------------
