@@ -413,20 +413,30 @@ class Connection(ParsingProtocol):
                 return
         elif held is not None:
             held += data  # header lines: held until the head is whole
-        else:
-            # The request line is parsed as it comes (a client that does not speak HTTP is
-            # answered at once); what follows it is held. The parser keeps its header lines
-            # as bytes and as text, twice the head; the connection holds them once.
-            line_end = data.find(b"\n") + 1
-            self._feed(data[:line_end] if line_end else data)  # no head ends in it
-            if self._over:
-                return
-            if line_end:
-                self._held = bytearray(data[line_end:])
+        elif not self._head_begins(data):
+            return
         self._head = head + len(data)
         self._tail = data[-3:] if len(data) >= 3 else (tail + data)[-3:]
         if not head:  # the head spans reads: the header timeout runs
             self._table.head_started(self)
+
+    def _head_begins(self, data: bytes) -> bool:
+        """The first part of a head that does not end in this read; False when the parser
+        refused it. The request line is parsed as it comes (a client that does not speak
+        HTTP is answered at once); what follows it is held: the parser keeps header lines as
+        bytes and as text, twice the head, the connection holds them once. With no limit on
+        the whole head, the parser takes it all as it comes: its own limits (a line's length,
+        100 fields) hold it to about 800 KiB."""
+        if self._limit == sys.maxsize:
+            self._feed(data)
+            return not self._over
+        line_end = data.find(b"\n") + 1
+        self._feed(data[:line_end] if line_end else data)  # no head ends in it
+        if self._over:
+            return False
+        if line_end:
+            self._held = bytearray(data[line_end:])
+        return True
 
     def _feed(self, data: bytes) -> StreamReader | None:
         """Give the parser ``data``; the body of the last head that completed (None: none
@@ -436,10 +446,19 @@ class Connection(ParsingProtocol):
         except HttpProcessingError as exc:
             self._over = True  # the parser is done with this connection
             self._held = None
+            self._close_lingering()  # the client may be sending still (endless fields)
             self._enqueue(Refused(400, exc), EMPTY_PAYLOAD)
             return EMPTY_PAYLOAD
         last = None
+        # A read bigger than the limit may hold a whole head over it after the first head's
+        # end (what data_received measures) or after a body: each head is measured then.
+        measure = len(data) > self._limit
         for message, payload in messages:
+            if measure and _head_size(message) > self._limit:
+                self._answer_early(
+                    HEAD_TOO_LARGE, f"the head passed {self._limit} bytes", linger=True
+                )
+                return EMPTY_PAYLOAD
             self._enqueue(message, payload)
             last = payload
         if upgraded:
@@ -479,15 +498,24 @@ class Connection(ParsingProtocol):
         self._held = None
         self._table.busy(self)
         self._table.head_done(self)
+        if linger:
+            self._close_lingering()
+        self._enqueue(Refused(error.status, EarlyAnswer(error, detail)), EMPTY_PAYLOAD)
+
+    def _close_lingering(self) -> None:
+        """Close the connection, once answered, as ``Lingering`` does."""
         transport = self.transport
         # TCP only: a TLS connection cannot half-close (it is closed at once, as before).
-        if linger and transport is not None and transport.can_write_eof():
+        if (
+            transport is not None
+            and not isinstance(transport, Lingering)
+            and transport.can_write_eof()
+        ):
             # Duck-typed: the connection only calls the transport's methods, which Lingering
             # passes on.
             self.transport = cast(
                 asyncio.Transport, Lingering(transport, self._server.lingering_time)
             )
-        self._enqueue(Refused(error.status, EarlyAnswer(error, detail)), EMPTY_PAYLOAD)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -690,7 +718,8 @@ class Connection(ParsingProtocol):
         else:
             # A client that cannot speak HTTP (or TLS sent to a plain port): one line, no
             # traceback, only the first line of the parser's description.
-            fields["detail"] = str(exc or "").strip().partition("\n")[0][:200]
+            said = exc.message if isinstance(exc, HttpProcessingError) else exc
+            fields["detail"] = str(said or "").strip().partition("\n")[0][:200]
             logs.access("bad request", fields)
         self._server.metrics.observe_request(UNMATCHED, UNMATCHED, "OTHER", err.status, 0.0)
         answer_in_http11(request)  # not HTTP/1.0; and so with Connection: close
@@ -739,6 +768,16 @@ HEAD_TOO_LARGE: Final = GatewayError(
 HEAD_TIMEOUT: Final = GatewayError(408, "header_timeout", "the request head took too long")
 
 
+def _head_size(message: Any) -> int:
+    """The bytes of ``message``'s head as the parser holds it (the request line, each field
+    as ``name: value`` and its CRLF, the empty line); whitespace around values aside, what
+    the client sent."""
+    size = len(message.method) + len(message.path) + 14
+    for name, value in message.raw_headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
 def _parse_error(status: int, exc: BaseException | None) -> GatewayError:
     if isinstance(exc, EarlyAnswer):
         return exc.error
@@ -749,6 +788,8 @@ def _parse_error(status: int, exc: BaseException | None) -> GatewayError:
         if exc.args[1:2] == (MAX_REQUEST_LINE,):
             return GatewayError(414, "uri_too_long", "the request line is too long")
         return GatewayError(431, "headers_too_large", "a request header is too long")
+    if isinstance(exc, BadHttpMessage) and exc.message.startswith("Too many headers"):
+        return GatewayError(431, "headers_too_large", f"more than {MAX_HEADERS} request headers")
     if isinstance(exc, BadHttpMessage) or status == 400:
         return GatewayError(400, "bad_request", "the request is not valid HTTP/1.1")
     if status == 504:

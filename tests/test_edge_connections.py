@@ -8,6 +8,7 @@ up) so that they are different clients from the admin peer 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -217,6 +218,53 @@ async def test_the_785_kib_head_of_the_issue_is_refused_after_the_buffer(backend
     assert answer.status == 431
     assert await client.closed()
     assert backend.seen == []
+
+
+POST_5 = b"POST /api/city/p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize(
+    ("before", "answered"),
+    [(b"\r\n\r\n", 0), (get(), 1), (POST_5, 1)],
+    ids=["after-empty-lines", "after-a-head", "after-a-body"],
+)
+async def test_a_head_over_the_buffer_is_431_whatever_comes_before_it_in_a_read(
+    backend, gateway, connect, before, answered
+):
+    # One write: the big head is whole in the read, behind an end of a head (empty lines,
+    # or a whole request) or a body's end; its size is measured all the same. (Each of its
+    # lines is within the parser's own limits: only the whole-head limit refuses it.)
+    gw = await gateway(config(backend.port))
+    client = await connect(gw.port, ATTACKER)
+    client.send(before + padded_head(40 * 1024))
+    for _ in range(answered):
+        assert (await client.response()).status == 200
+    answer = await client.response()
+    assert answer.status == 431, answer.raw
+    assert await client.closed()
+    assert len(backend.seen) == answered
+
+
+async def test_without_a_head_limit_the_parsers_own_limits_still_hold(backend, gateway, connect):
+    # client_header_buffer: 0 lifts the whole-head limit, not the parser's: 100 fields (and a
+    # line of 8 KiB), so an endless head is refused at once instead of held until the
+    # header timeout.
+    gw = await gateway(config(backend.port, "{client_header_buffer: 0, client_header_timeout: 5}"))
+    client = await connect(gw.port, ATTACKER)
+    client.send(b"GET /api/city/x HTTP/1.1\r\nHost: a\r\n")
+    began = time.monotonic()
+    with contextlib.suppress(ConnectionError):  # the gateway may close while this sends
+        for _ in range(200):
+            client.send(b"X-Pad: " + b"p" * 1000 + b"\r\n")
+            await client.writer.drain()
+    answer = await client.response()
+    assert answer.status == 431, answer.raw
+    assert time.monotonic() - began < 2
+    assert backend.seen == []
+    # A big head within the parser's limits still passes, as the setting says.
+    other = await connect(gw.port, CONTROL)
+    other.send(padded_head(60 * 1024))
+    assert (await other.response()).status == 200
 
 
 async def test_a_client_still_sending_when_its_head_is_refused_reads_the_whole_answer(
