@@ -447,6 +447,11 @@ class Connection(ParsingProtocol):
             self._over = True  # the parser is done with this connection
             self._held = None
             self._close_lingering()  # the client may be sending still (endless fields)
+            body = self._body
+            if body is not None and not body.is_eof():
+                # A body's framing broke in a later read (a bad chunk): its reader learns
+                # it now, as the parser tells it when the error is in the body's first read.
+                body.set_exception(RequestPayloadError(exc.message))
             self._enqueue(Refused(400, exc), EMPTY_PAYLOAD)
             return EMPTY_PAYLOAD
         last = None

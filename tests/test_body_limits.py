@@ -7,6 +7,7 @@ import asyncio
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from .helpers import NODA1, RunningGateway, Upstream, raw_exchange, routes
@@ -250,3 +251,32 @@ async def test_an_upload_longer_than_the_response_timeout_leaves_the_upstream_al
     writer.close()
     assert raw.startswith(b"HTTP/1.1 200 "), raw
     assert orjson.loads(raw.partition(b"\r\n\r\n")[2]) == {"got": 200000}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["same-read", "later-read"])
+async def test_a_chunked_body_whose_framing_breaks_is_400_at_once(upstream, gateway, split):
+    # A bad chunk size after a good chunk: refused when it comes, whether in the read that
+    # began the body or in a later one (that one waited for client_body_timeout, 60 s, in
+    # the upstream's slot, and then answered 408).
+    waiting = Waiting()
+    up: Upstream = await upstream(NODA1, waiting, record_body=False)
+    gw = await gateway(city(up.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    head = b"POST /api/city/up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    good, bad = b"5\r\nhello\r\n", b"zz\r\nxx\r\n0\r\n\r\n"
+    writer.write(head + good + (b"" if split else bad))
+    if split:
+        await asyncio.wait_for(waiting.arrived.wait(), 2)  # the body is being forwarded
+        writer.write(bad)
+    raw = await asyncio.wait_for(reader.read(), 2)
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 400 "), raw
+    assert orjson.loads(raw.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
+    await asyncio.sleep(0.2)
+    assert waiting.bodies == []  # the upstream never took it as whole
+    # The client's fault, not the upstream's: no upstream error, one line saying so.
+    async with aiohttp.ClientSession() as client:
+        text = await metrics_text(client, gw)
+    assert 'kind="' not in "".join(line for line in text.splitlines() if "upstream_errors" in line)
+    lines = [line for line in gw.log_lines() if line.get("status") == 400]
+    assert [line["error"] for line in lines] == ["bad_request"]

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..errors import ClientGone, GatewayError
 from ..snapshot import BodyPolicy
@@ -39,6 +40,11 @@ def too_slow(timeout: float) -> GatewayError:
     return GatewayError(
         408, "body_timeout", f"the request body paused for over {timeout:g} s", close=True
     )
+
+
+BAD_BODY: Final = GatewayError(
+    400, "bad_request", "the request body is not valid HTTP/1.1 (its chunks)", close=True
+)
 
 
 class _Fault(Exception):
@@ -81,6 +87,8 @@ class ClientBody:
                 raise self._fault(too_slow(timeout)) from None
             except (aiohttp.ClientError, OSError) as exc:  # the client went away mid-body
                 raise self._fault(ClientGone()) from exc
+            except RequestPayloadError as exc:  # its framing broke (a bad chunk)
+                raise self._fault(BAD_BODY) from exc
             if not chunk:
                 return
             self.received += len(chunk)
