@@ -188,6 +188,7 @@ class Connection(ParsingProtocol):
         "_closing",
         "_detached",
         "_head",
+        "_head_waiter",
         "_held",
         "_keepalive",
         "_limit",
@@ -231,6 +232,7 @@ class Connection(ParsingProtocol):
         self._keepalive: asyncio.TimerHandle | None = None
         self._close_at = 0.0  # when an idle connection is closed (the timer may fire early)
         self._send_timer: asyncio.TimerHandle | None = None  # while the client takes nothing
+        self._head_waiter: asyncio.Future[None] | None = None  # a stop waiting for a head
         self._remote: str | None = None
         self._scheme = "http"
         self.request: Request | None = None  # the one being handled
@@ -269,6 +271,7 @@ class Connection(ParsingProtocol):
             self._keepalive.cancel()
             self._keepalive = None
         self._stop_send_timer()
+        self._head_done()
         request = self.request
         if request is not None and not request.content.is_eof():
             request.content.set_exception(ConnectionResetError("Connection lost"))
@@ -318,10 +321,23 @@ class Connection(ParsingProtocol):
         """The client closed its side: the transport closes (asyncio's default)."""
 
     def close(self) -> None:
-        """No request after the one being handled, if any; an idle connection closes now."""
+        """No request after the one being handled, if any; an idle connection closes now.
+        One whose next head is arriving is left to ``shutdown``, which serves its request
+        if the head completes in time."""
+        if self.task is None and not self._queue and self._head_arriving():
+            return
         self._closing = True
         if self.task is None and not self._queue:
             self.force_close()
+
+    def _head_arriving(self) -> bool:
+        return bool(self._head) and not self._over and self.transport is not None
+
+    def _head_done(self) -> None:
+        """The head ``shutdown`` waits for completed (or the client left)."""
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def write_soon(self, data: bytes) -> None:
         """Write ``data`` (a whole answer) at the end of this turn of the loop, with the other
@@ -352,14 +368,26 @@ class Connection(ParsingProtocol):
 
     async def shutdown(self, timeout: float | None) -> None:
         """The stop's last step: the request in flight gets ``timeout`` to end, then it is
-        cancelled; the connection closes."""
-        self._closing = True
+        cancelled; the connection closes. A head that was arriving (its client wrote during
+        ``drain_delay``) gets the same ``timeout`` to complete, and its request is served
+        (with ``Connection: close``: the gateway is draining)."""
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        deadline = self.loop.time() + (timeout or 0.0)
+        if self.task is None and self._head_arriving():
+            waiter = self._head_waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                self._head_waiter = None
+        self._closing = True
         task = self.task
         if task is not None and not task.done():
-            done, _ = await asyncio.wait({task}, timeout=timeout)
+            left = None if timeout is None else max(0.0, deadline - self.loop.time())
+            done, _ = await asyncio.wait({task}, timeout=left)
             if not done:
                 task.cancel()
                 await asyncio.wait({task}, timeout=STOP_CANCEL_GRACE)
@@ -539,6 +567,7 @@ class Connection(ParsingProtocol):
         if not isinstance(message, Refused):
             self.consumed()
         self.task = self.loop.create_task(self._serve(message, payload))
+        self._head_done()
 
     async def _serve(self, message: Any, payload: StreamReader) -> None:
         """One request, from its message to its answer written; then the next, if queued."""

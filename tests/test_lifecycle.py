@@ -120,6 +120,30 @@ async def test_sigterm_under_load_loses_no_request_written(
     assert statuses == {200}
 
 
+async def test_a_head_begun_during_drain_delay_is_answered_after_it(serve: Serve, upstream) -> None:
+    """A client that begins its request during drain_delay and finishes it once the stop
+    closes connections gets its answer (Connection: close), as the drain promises, instead of
+    a close under a half-written head."""
+    up = await upstream(NODA1)
+    proc, _ = await serve(city(up.port, "{drain_delay: 0.5, shutdown_timeout: 5}"))
+    port = await proc.port()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        proc.proc.send_signal(signal.SIGTERM)
+        await proc.wait_for("draining: still serving, every answer closes its connection")
+        await asyncio.sleep(0.3)
+        writer.write(b"GET /api/city/late HTTP/1.1\r\nHost: a\r\n")
+        await asyncio.sleep(0.5)  # drain_delay is over: the stop is closing connections
+        writer.write(b"X-Late: 1\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 "), raw
+    assert b"\r\nConnection: close\r\n" in raw
+    assert [s.raw_path for s in up.seen] == ["/city/late"]
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
 def release(root: Path, version: str) -> Path:
     """A second copy of the gateway's code, reporting ``version``: what ``pip install -U``
     or a new checkout puts in place."""
