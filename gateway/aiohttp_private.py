@@ -383,12 +383,18 @@ def raw_serializer(fast: Serializer) -> Serializer:
     return serialize
 
 
+# A head as the gateway writes it (its request heads to upstreams too): aiohttp's C serializer
+# where the head is ASCII, the bytes as they came where it is not; ValueError for CR, LF and
+# the other control bytes no header may hold.
+serialize_head: Final = raw_serializer(http_writer._serialize_headers)
+
+
 def keep_raw_header_bytes() -> None:
     """From now on (in this process), write header bytes the parsers read as they were read.
     Idempotent."""
     current: Any = http_writer._serialize_headers
     if not getattr(current, "keeps_raw_bytes", False):
-        http_writer._serialize_headers = raw_serializer(current)  # type: ignore[assignment]
+        http_writer._serialize_headers = serialize_head  # type: ignore[assignment]
 
 
 def missing() -> list[str]:

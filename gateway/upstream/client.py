@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 from multidict import CIMultiDict
 
+from ..aiohttp_private import serialize_head
 from ..dial import open_connection
 from ..errors import GatewayError, tls_reason, upstream_failure
 
@@ -619,8 +620,8 @@ def request_head(
     method: str, target: str, headers: CIMultiDict[str], body: bytes | ClientBody | None
 ) -> tuple[bytes, bool]:
     """The request's head as bytes (its framing headers set for ``body``), and whether the
-    body is sent chunked. A header value holding CR or LF is refused rather than written: it
-    would split the head."""
+    body is sent chunked. A header value holding CR, LF or another control byte is refused
+    rather than written: it would split the head."""
     chunked = False
     if isinstance(body, bytes):
         headers["Content-Length"] = str(len(body))
@@ -630,12 +631,13 @@ def request_head(
     elif "Content-Length" not in headers:
         headers["Transfer-Encoding"] = "chunked"
         chunked = True
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
-    lines.append("\r\n")
-    text = "\r\n".join(lines)
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+    try:
+        # The response heads' serializer (C for an ASCII head: ~1.5 us less than joining
+        # lines here); bytes that are not UTF-8 go as they came.
+        return serialize_head(f"{method} {target} HTTP/1.1", headers), chunked
+    except ValueError:
         # Never from a client (its parser refuses them) nor a claim (auth/phase.py drops
         # control characters): the gateway's own failure if it happens.
-        raise GatewayError(500, "internal_error", "a header for the upstream holds a line break")
-    return text.encode("utf-8", "surrogateescape"), chunked
+        raise GatewayError(
+            500, "internal_error", "a header for the upstream holds a control byte"
+        ) from None
