@@ -1,9 +1,14 @@
 """Request target checks and the upstream path. Pure functions, no I/O (the route table that
 picks a route is ``routetable.py``).
 
-The raw request target is checked once and the *same* raw string is used both to pick the
-service and to build the upstream path, so that nothing the check saw can differ from what the
-upstream receives. The path is never percent-decoded and re-encoded: bytes pass unchanged.
+The raw request target is checked once, and the *same* path is used both to pick the route
+and to build the upstream path, so that nothing the check and the route saw can differ from
+what the upstream receives. Two normalizations make that path the one an upstream reads:
+escapes of unreserved characters are decoded (``%61dmin`` is ``admin``, RFC 3986 6.2.2.2; an
+upstream decodes them, so a route for ``/api/city/admin/`` must see them decoded too), and
+runs of slashes are merged (nginx's ``merge_slashes``: ``/api/city//admin`` is
+``/api/city/admin``). Nothing else is decoded or re-encoded: other escapes (``%20``, ``%3B``)
+pass as sent, and so does the query.
 
 Refused with 400 (nothing is forwarded):
 - a target that is not origin-form (absolute-form ``http://...``, ``*``, or starting ``//``);
@@ -31,6 +36,16 @@ _FORBIDDEN_RAW: Final = re.compile(r"[\x00-\x20\\\x7f-\U0010ffff]")
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _FORBIDDEN_DECODED: Final = re.compile(rb"[\x00-\x1f\x7f/\\]")
 _DOUBLE_ENCODED: Final = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
+# An escape of an unreserved character (ALPHA, DIGIT, "-", ".", "_", "~"): the same URI as the
+# character itself (RFC 3986 6.2.2.2), so decoded before routing.
+_UNRESERVED_ESCAPE: Final = re.compile(
+    r"%(?:3[0-9]|4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|2[DdEe]|5[Ff]|7[Ee])"
+)
+_SLASHES: Final = re.compile(r"//+")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return chr(int(match[0][1:], 16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +70,10 @@ def check_target(raw: str) -> RequestTarget:
     path, sep, query = raw.partition("?")
     if not (_PLAIN_PATH.fullmatch(path) and "/." not in path):
         _check_segments(path)
+        if "%" in path:
+            path = _UNRESERVED_ESCAPE.sub(_unescape, path)
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
     return RequestTarget(path, sep + query)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import posixpath
 import random
 import re
+import string
 from urllib.parse import unquote
 
 import pytest
@@ -94,6 +95,33 @@ async def test_path_attacks_get_400_and_reach_no_upstream(upstream, gateway, tar
     assert "traceback" not in lines[0]
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/city/admin/x",
+        "/api/city/%61dmin/x",
+        "/api/city/adm%69n/x",
+        "/api/city/%61%64%6D%69%6E/x",
+        "/api/city//admin/x",
+        "/api//city///admin//x",
+    ],
+)
+async def test_a_route_sees_the_path_its_upstream_will(upstream, gateway, target):
+    # What guards /api/city/admin/ (its auth, its rate limit) cannot be walked around by
+    # spelling the path another way: an upstream decodes %61 to "a" (and many merge "//"),
+    # so the route is picked on the path so normalized, and that path is what is sent.
+    up = await upstream(NODA1)
+    written = "[{path: /api/city/admin/, to: /guarded/}, {path: /api/city/, to: /city/}]"
+    gw = await gateway(
+        routes({"city": f"{{port: {up.port}, nodes: [noda1], routes: {written}}}"}, noda1=NODA1)
+    )
+    response = await raw_exchange(
+        gw.port, f"GET {target}?q=%61 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert response.status == 200, response.raw[:200]
+    assert [s.raw_path for s in up.seen] == ["/guarded/x?q=%61"]  # the query as it came
+
+
 async def test_random_paths_never_leave_the_prefix(upstream, gateway):
     """A seeded fuzz through the real gateway: what arrives always stays under /city/."""
     up = await upstream(NODA1)
@@ -126,10 +154,28 @@ async def test_random_paths_never_leave_the_prefix(upstream, gateway):
         assert response.status in (200, 400), target
         if response.status == 200:
             sent.append(target)
-    assert [s.raw_path for s in up.seen] == [t.replace("/api/city", "/city", 1) for t in sent]
+    assert [s.raw_path for s in up.seen] == [
+        normalized(t).replace("/api/city", "/city", 1) for t in sent
+    ]
     for seen in up.seen:
         assert _stays_under(seen.raw_path, "/city")
     assert len(sent) > 30  # the fuzz is not all rejected
+
+
+UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
+def normalized(path: str) -> str:
+    """What the gateway makes of a path it accepts (RFC 3986 6.2.2.2 and nginx's
+    merge_slashes), written out independently of routing.py: each escape of an unreserved
+    character decoded, every run of slashes one slash; the query untouched."""
+    path, question, query = path.partition("?")
+    decoded = re.sub(
+        r"%([0-9A-Fa-f]{2})",
+        lambda m: chr(int(m[1], 16)) if chr(int(m[1], 16)) in UNRESERVED else m[0],
+        path,
+    )
+    return re.sub("/+", "/", decoded) + question + query
 
 
 def _resolve(path: str) -> str:
@@ -226,8 +272,9 @@ def test_mapping_is_safe_and_byte_exact(target: str, form: tuple[str, str]) -> N
     checked, mapped = outcome
     without_fragment = target.partition("#")[0]
     path, question, query = without_fragment.partition("?")
-    # Byte exact: the upstream path is `to` plus the client's bytes after the route's path.
-    assert mapped == (prefix + path[len(route_path) :] or "/")
+    # Byte exact but for the two normalizations: the upstream path is `to` plus the client's
+    # bytes after the route's path, with unreserved escapes decoded and slashes merged.
+    assert mapped == (prefix + normalized(path)[len(route_path) :] or "/")
     assert checked.query == question + query
     # Safe: however leniently the upstream decodes it, it stays under the prefix.
     assert not mapped.startswith("//")  # would read as //host to a URL parser

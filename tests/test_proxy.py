@@ -16,14 +16,18 @@ from .helpers import NODA1, NODA2, RawHandler, canned, raw_exchange, routes, sta
 
 
 async def test_path_and_query_reach_the_upstream_byte_for_byte(upstream, gateway, client):
+    # Byte for byte but the unreserved escape (%41 is "A", RFC 3986 6.2.2.2, decoded so that
+    # routes see what the upstream does): other escapes keep their case, the query is whole.
     up = await upstream(NODA1)
     gw = await gateway(routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1))
-    target = "/api/city/rooms/caf%C3%a9/%41b?x=1&y=%2F&z=a+b&e=&e=2"
+    target = "/api/city/rooms/caf%C3%a9/%41b%20c?x=1&y=%2F&z=a+b&e=&e=2&w=%41"
     response = await raw_exchange(
         gw.port, f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
     )
     assert response.status == 200
-    assert [s.raw_path for s in up.seen] == ["/city/rooms/caf%C3%a9/%41b?x=1&y=%2F&z=a+b&e=&e=2"]
+    assert [s.raw_path for s in up.seen] == [
+        "/city/rooms/caf%C3%a9/Ab%20c?x=1&y=%2F&z=a+b&e=&e=2&w=%41"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -34,7 +38,7 @@ async def test_path_and_query_reach_the_upstream_byte_for_byte(upstream, gateway
         ('"/rooms"', "/api/city/general?a=b", "/rooms/general?a=b"),
         ('""', "/api/city", "/"),
         ('""', "/api/city/x/y", "/x/y"),
-        (None, "/api/city/a//b", "/city/a//b"),
+        (None, "/api/city/a//b", "/city/a/b"),  # slashes merged, as nginx's merge_slashes
         (None, "/api/city/.well-known/x", "/city/.well-known/x"),
         (None, "/api/city/x#fragment", "/city/x"),
     ],
