@@ -353,3 +353,28 @@ def test_a_number_that_is_not_finite_is_refused(value, shown):
     assert [str(p) for p in caught.value.problems] == [
         f"timeouts.connect (line 2): must be a finite number, not {shown}"
     ]
+
+
+CROSS_BASE = "nodes: {noda1: {host: 127.0.0.3}}\nservices: {city: {port: 7001, nodes: [noda1]}}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "path", "said"),
+    [
+        # The literal forms the raw-text checks always saw...
+        ('cors: {origins: ["*"], credentials: true}\n', {}, "cors.origins", "'*' cannot go"),
+        # ...and the same values through ${VAR}, which they did not (each passed `check`).
+        ('cors: {origins: ["${ORIGIN}"], credentials: true}\n', {"ORIGIN": "*"},
+         "cors.origins", "'*' cannot go"),
+        ('cors: {origins: ["*"], credentials: "${CREDENTIALS}"}\n', {"CREDENTIALS": "true"},
+         "cors.origins", "'*' cannot go"),
+        ('auth: {providers: {daarion: {algorithms: ["${JWT_ALG:-HS256}"], '
+         'jwks_file: keys.json}}}\n', {}, "auth.providers.daarion", "HS* tokens need a secret"),
+    ],
+    ids=["literal-star", "star-from-env", "credentials-from-env", "algorithm-from-env"],
+)  # fmt: skip
+def test_cross_checks_see_the_values_after_substitution(text, env, path, said):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(CROSS_BASE + text, "routes.yaml", env=env)
+    found = [p for p in caught.value.problems if p.path == path and said in p.message]
+    assert len(found) == 1, caught.value.problems  # reported, and once

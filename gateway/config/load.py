@@ -25,8 +25,10 @@ from .types import (
     Admin,
     Auth,
     Config,
+    Cors,
     Listen,
     Node,
+    ServiceAuth,
     Tls,
 )
 from .validate import Problem, validate
@@ -81,6 +83,17 @@ def parse_config(
     problems += [
         Problem(path, message, conv.path_lines.get(path)) for path, message in _usable(*sections)
     ]
+    if config is not None:
+        # The same cross-checks on the values after ${VAR} and their conversion: on the raw
+        # text, `credentials: "${CORS_CREDENTIALS}"` or `algorithms: ["${JWT_ALG}"]` passed
+        # unseen (and `origins: ["${ORIGIN}"]` with ORIGIN=* let any site read credentialed
+        # answers).
+        seen = {(p.path, p.message) for p in problems}
+        problems += [
+            Problem(path, message, conv.path_lines.get(path))
+            for path, message in [*_auth_problems(_plain(config)), *_cors_problems(_plain(config))]
+            if (path, message) not in seen
+        ]
     if config is None or problems:
         problems.sort(key=lambda p: (p.line or 0, p.path))
         raise ConfigError(source, problems)
@@ -378,6 +391,51 @@ def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
             if isinstance(provider, str) and known and provider not in known:
                 problems.append((f"{where}.providers[{i}]", _unknown("provider", provider, known)))
     return problems
+
+
+def _plain(config: Config) -> dict[str, Any]:
+    """What ``_auth_problems`` and ``_cors_problems`` read, from a converted config, in the
+    shape of the raw data they read it from."""
+
+    def cors(value: Cors | str | None) -> Any:
+        if isinstance(value, Cors):
+            return {"origins": list(value.origins), "credentials": value.credentials}
+        return value
+
+    def auth(value: ServiceAuth | None) -> Any:
+        if value is None:
+            return None
+        named = None if value.providers is None else list(value.providers)
+        return {"mode": value.mode, "providers": named}
+
+    providers = config.auth.providers if config.auth is not None else {}
+    return {
+        "cors": cors(config.cors),
+        "auth": {
+            "providers": {
+                name: {
+                    "algorithms": list(p.algorithms),
+                    "secret": p.secret,
+                    "jwks_url": p.jwks_url,
+                    "jwks_file": p.jwks_file,
+                }
+                for name, p in providers.items()
+            }
+        }
+        if config.auth is not None
+        else None,
+        "services": {
+            name: {
+                "cors": cors(service.cors),
+                "auth": auth(service.auth),
+                "routes": [
+                    {"cors": cors(rule.cors), "auth": auth(rule.auth)}
+                    for rule in service.routes or ()
+                ],
+            }
+            for name, service in config.services.items()
+        },
+    }
 
 
 def _auth_rules(data: dict[str, Any]) -> list[tuple[str, Any]]:
