@@ -126,10 +126,12 @@ def _prefixes(path: str) -> Iterator[str]:
 
 
 def request_host(host_header: str | None) -> str:
-    """The host name a request is for: its Host header, lowercase, without the port."""
+    """The host name a request is for: its Host header, lowercase, without the port and
+    without the trailing dot of a fully qualified name (``app.example.`` is ``app.example``,
+    as nginx reads it)."""
     if not host_header:
         return ""
     host = host_header.lower()
     if host.startswith("["):
         return host.partition("]")[0] + "]"
-    return host.partition(":")[0]
+    return host.partition(":")[0].removesuffix(".")

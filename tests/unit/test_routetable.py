@@ -117,6 +117,10 @@ def test_match_order_is_longest_first_and_exact_before_prefix() -> None:
         ("App.Daarion.Space:443", "app.daarion.space"),
         ("gateway.daarion.city", "gateway.daarion.city"),
         ("[::1]:8080", "[::1]"),
+        # The fully qualified form names the same host (nginx strips the dot too): a route
+        # narrowed to app.example must not be walked around with "app.example.".
+        ("app.example.", "app.example"),
+        ("App.Example.:8443", "app.example"),
         (None, ""),
         ("", ""),
     ],
