@@ -716,11 +716,13 @@ class Connection(ParsingProtocol):
         self._answer_early(HEAD_TIMEOUT, "the head did not complete in client_header_timeout")
         return True
 
-    def detach(self) -> tuple[asyncio.Transport, bytes] | None:
-        """Let go of the connection for a WebSocket relay, which takes the transport and what
-        the client sent after its handshake. None when the client has gone already. (The
-        relay's session decrements ``gateway_client_connections`` when it ends; the table
-        forgets the connection now.)"""
+    def detach(self) -> tuple[asyncio.Transport, bytes, bool] | None:
+        """Let go of the connection for a WebSocket relay, which takes the transport, what
+        the client sent after its handshake, and whether the transport holds more than its
+        high-water mark for the client (it then calls its new protocol's ``resume_writing``
+        when that drains, never ``pause_writing`` first). None when the client has gone
+        already. (The relay's session decrements ``gateway_client_connections`` when it ends;
+        the table forgets the connection now.)"""
         self.flush()
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -736,7 +738,7 @@ class Connection(ParsingProtocol):
         self._server.forget(self)
         if self.reading_held:
             transport.resume_reading()
-        return transport, tail
+        return transport, tail, self.writing_paused
 
     def handle_error(
         self, request: Request, status: int = 500, exc: BaseException | None = None

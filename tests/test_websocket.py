@@ -1150,3 +1150,136 @@ async def test_a_vanishing_clients_last_frames_reach_the_service_before_its_1001
     await asyncio.wait_for(seen.ended.wait(), 5)
     assert seen.closes == [(1001, "")]
     await member.close()
+
+
+# -- clients that freeze, or stream one long frame ------------------------------------------
+
+
+async def test_a_client_that_takes_nothing_mid_frame_is_dropped_as_dead(gateway):
+    # A frozen client (or a half-open connection) while the upstream streams: it cannot be
+    # pinged while a frame to it is half written, and the upstream is not read meanwhile, so
+    # the session lived on forever; now taking nothing for two intervals is being dead.
+    ended = asyncio.Event()
+
+    async def streams(reader, writer, accept: str) -> None:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+        )
+        frame = bytes([0x82, 127]) + (200_000).to_bytes(8, "big") + b"x" * 200_000
+        try:
+            for _ in range(1000):  # 200 MB: more than any buffer on the way
+                writer.write(frame)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            ended.set()
+
+    server, port = await upgrading_upstream(streams)
+    async with server:
+        gw = await gateway(city(port, ", ws_ping_interval: 0.5"))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+        await loop.sock_sendall(sock, HANDSHAKE + b"\r\n")
+        assert (await loop.sock_recv(sock, 12)) == b"HTTP/1.1 101"
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(ended.wait(), 5)  # this client reads nothing more
+        finally:
+            sock.close()
+        assert time.monotonic() - began < 3  # two intervals, a sweep, the buffers filling
+        lines = await logged(gw, lambda line: line.get("status") == 101)
+        assert lines[0]["websocket"]["ended_by"] == "dead client"
+
+
+async def test_a_session_streaming_one_long_frame_is_not_idle(ws_upstream, gateway):
+    # ws_idle_timeout counts what moves, not frame headers: one 600 kB message sent over
+    # ~3 s (three idle timeouts) reaches the upstream, which echoes it back.
+    _, port = await ws_upstream(NODA1, "noda1")
+    gw = await gateway(city(port, ", ws_idle_timeout: 1"))
+    reader, writer = await raw_handshake(gw.port)
+    assert (await read_frame(reader))[1] == b"hello from noda1"
+    payload, mask = b"s" * 600_000, b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    writer.write(bytes([0x82, 0xFF]) + len(payload).to_bytes(8, "big") + mask)
+    for at in range(0, len(masked), 20_000):
+        writer.write(masked[at : at + 20_000])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+    opcode, echoed = await asyncio.wait_for(read_frame(reader), 5)
+    writer.close()
+    assert (opcode, echoed) == (0x2, payload)
+
+
+# -- backpressure across the handover --------------------------------------------------------
+
+from gateway.metrics import Metrics  # noqa: E402 - kept with the tests that use it
+from gateway.snapshot import WsPolicy  # noqa: E402
+from gateway.websocket.session import Session  # noqa: E402
+from gateway.websocket.upstream import Upgraded, _Handshake  # noqa: E402
+
+
+def binary_frame(size: int) -> bytes:
+    return bytes([0x82, 127]) + size.to_bytes(8, "big") + b"u" * size
+
+
+async def upstream_writes(sock: socket.socket, seconds: float) -> int:
+    """How many bytes an upstream that writes frames as fast as it can gets rid of."""
+    loop, written, frame = asyncio.get_running_loop(), 0, binary_frame(65536)
+    deadline = loop.time() + seconds
+    with contextlib.suppress(TimeoutError):
+        while loop.time() < deadline:
+            await asyncio.wait_for(loop.sock_sendall(sock, frame), deadline - loop.time())
+            written += len(frame)
+    return written
+
+
+@pytest.mark.parametrize(
+    "full_before", [False, True], ids=["filled-by-the-tail", "full-at-handover"]
+)
+async def test_a_client_full_at_the_handover_holds_the_upstream_back(full_before):
+    # Real sockets, the gateway's end of the client's with a 4 KiB kernel buffer: what the
+    # relay writes to it stays in the transport, past its high-water mark. Either the frames
+    # that came with the 101 fill it (the session paused the upstream, then resumed it
+    # regardless), or it was full before the session took it (its transport never says
+    # pause again): the upstream went on being read into memory without bound.
+    loop = asyncio.get_running_loop()
+    client_gw, client_far = socket.socketpair()
+    client_gw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    up_gw, up_far = socket.socketpair()
+    up_far.setblocking(False)
+    client, _ = await loop.connect_accepted_socket(asyncio.Protocol, client_gw)
+    handshake = _Handshake(loop)
+    upstream, _ = await loop.connect_accepted_socket(lambda: handshake, up_gw)
+    upstream.pause_reading()  # as the handshake leaves it
+    if full_before:
+        client.write(b"h" * 300_000)  # answers the client has not taken, and the 101
+    tail = b"" if full_before else binary_frame(300_000)
+    policy = WsPolicy(None, False, 1 << 30, 60.0, None, True, 1011)
+    session = Session(
+        Metrics(), set(), service="city", policy=policy, request_id="r", client=client,
+        upstream=Upgraded(upstream, None, None, CIMultiDict(), tail, handshake),
+    )  # fmt: skip
+    session.start(b"", client_full=client.get_write_buffer_size() > 65536)
+    try:
+        held = await upstream_writes(up_far, 1.0)
+        assert held < 8 << 20, f"{held} bytes read from the upstream for a client taking none"
+        # Once the client takes what it was sent, the upstream is read again.
+        client_far.setblocking(False)
+
+        async def drain() -> None:
+            while True:
+                await loop.sock_recv(client_far, 1 << 20)
+
+        reading = asyncio.ensure_future(drain())
+        assert await upstream_writes(up_far, 1.0) > 16 << 20
+        reading.cancel()
+    finally:
+        for sock in (client_far, up_far):
+            sock.close()
+        client.abort()
+        upstream.abort()

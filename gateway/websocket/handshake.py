@@ -63,7 +63,7 @@ def is_upgrade(request: Request) -> bool:
 class Detachable(Protocol):
     """The client connection's protocol (``server.Connection``), which can let go of it."""
 
-    def detach(self) -> tuple[asyncio.Transport, bytes] | None: ...
+    def detach(self) -> tuple[asyncio.Transport, bytes, bool] | None: ...
 
 
 class Detached(web.StreamResponse):
@@ -115,12 +115,12 @@ async def open_session(
         upstream.transport.abort()
         raise ClientGone
     ex.status = 101
-    transport, tail = detached
+    transport, tail, client_full = detached
     session = Session(
         shared.metrics, shared.sessions, service=route.service, policy=policy,
         request_id=ex.request_id, client=transport, upstream=upstream,
     )  # fmt: skip
-    session.start(tail)
+    session.start(tail, client_full=client_full)
     ex.session = session
     return Detached()
 

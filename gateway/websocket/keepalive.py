@@ -6,7 +6,9 @@ A leg that sent nothing for ``ws_ping_interval`` gets a ping (with the gateway's
 whose pong is not passed on); a leg that then stays silent for half an interval is dead: its
 connection is dropped, and the other leg gets 1001 (the client died) or
 ``ws_upstream_gone_code`` (the upstream did: 1011 by default). Sweeps run every quarter
-interval (at most every second), so a dead peer is found within two intervals. A session
+interval (at most every second), so a dead peer is found within two intervals; so is one
+that takes none of what it is sent for two intervals (its leg cannot be pinged while a frame
+to it is half written, and the other leg is not read meanwhile). A session
 whose close handshake has not finished ``CLOSE_TIMEOUT`` after it began is cut. One task and
 a few numbers per session, instead of timers per leg.
 """
@@ -64,6 +66,15 @@ def _check(session: Session, now: float) -> None:
     for leg in session.legs:
         if leg.paused:  # not read (the other side is slow to take its data): not silent
             leg.pinged = 0.0
+            peer = leg.peer
+            if now - leg.paused_at >= 2 * interval:
+                # The other side took none of what it was sent for two intervals: dead, or
+                # frozen (and it cannot be pinged while a frame to it is half written).
+                gone = GOING_AWAY if peer.is_client else session.policy.upstream_gone_code
+                session.ending(f"dead {peer.name}", gone)
+                if peer.transport is not None:
+                    peer.transport.abort()
+                return
             continue
         pinged = leg.pinged
         if pinged and leg.seen >= pinged:
@@ -76,7 +87,9 @@ def _check(session: Session, now: float) -> None:
             return
         if not pinged and now - leg.seen >= interval and leg.ping():
             leg.pinged = now
-    relayed = sum(leg.reader.messages + leg.reader.payload_bytes for leg in session.legs)
+    # Messages and payload bytes that went through, a frame's as they stream (not as its
+    # header announces them): a session moving one long frame is not idle.
+    relayed = sum(sum(leg.reader.passed()) for leg in session.legs)
     if relayed != session.relayed:
         session.relayed, session.activity = relayed, now
         return

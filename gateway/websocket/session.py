@@ -79,6 +79,7 @@ class Leg(asyncio.Protocol):
         "name",
         "owed",
         "paused",
+        "paused_at",
         "peer",
         "pinged",
         "reader",
@@ -109,6 +110,7 @@ class Leg(asyncio.Protocol):
         self.close_code: int | None = None  # the code in it
         self.close_sent = False  # a close frame went out to it
         self.paused = False  # not read while the other leg's send buffer is full
+        self.paused_at = 0.0  # since when (the keepalive sweep ends a peer that takes nothing)
 
     def data_received(self, data: bytes) -> None:
         self.seen = time.monotonic()
@@ -169,6 +171,8 @@ class Leg(asyncio.Protocol):
 
     def pause(self, paused: bool) -> None:
         """Stop or start reading this leg (backpressure from the other one)."""
+        if paused and not self.paused:
+            self.paused_at = time.monotonic()
         self.paused = paused
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -245,8 +249,12 @@ class Session:
     def legs(self) -> tuple[Leg, Leg]:
         return self.client, self.upstream
 
-    def start(self, client_tail: bytes) -> None:
-        """Relay from now on: the legs take over both connections."""
+    def start(self, client_tail: bytes, *, client_full: bool = False) -> None:
+        """Relay from now on: the legs take over both connections. ``client_full``: the
+        client's transport was past its high-water mark already (the 101, or answers before
+        it, that the client has not taken): the upstream is not read until it drains, as if
+        this leg had been told ``pause_writing`` (the transport tells it ``resume_writing``
+        when it drains, and would never say pause first)."""
         client, upstream = self._handover
         client.set_protocol(self.client)
         upstream.transport.set_protocol(self.upstream)
@@ -254,11 +262,15 @@ class Session:
             gauge.inc()
         self.metrics.ws_opened.labels(self.service).inc()
         self.open.add(self)
+        if client_full:
+            self.upstream.pause(True)
         if upstream.tail:
+            # Frames that came with the 101: writing them may fill the client's buffer,
+            # which pauses the upstream leg (pause_writing) before it was read at all.
             self.upstream.data_received(upstream.tail)
         if upstream.lost:  # it closed after its 101, before its leg was there to see it
             self.upstream.connection_lost(None)
-        else:
+        elif not self.upstream.paused:  # else resume_writing resumes it
             upstream.transport.resume_reading()
         if client_tail:
             self.client.data_received(client_tail)
