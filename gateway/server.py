@@ -595,10 +595,11 @@ class Connection(ParsingProtocol):
             keep_alive = not message.should_close
             if message.upgrade and not self.upgraded:
                 # An upgrade the parser does not switch to (h2c, TLS/1.0: not WebSocket, not
-                # CONNECT): it dropped what followed this request in the read, so the
-                # connection ends with this answer, and later bytes are not parsed.
+                # CONNECT): it drops what follows this request in its read, so the connection
+                # ends with this answer, and no request parsed after it is served. (Its own
+                # body, arriving later, is still read.)
                 keep_alive = False
-                self._over = self._closing = True
+                self._closing = True
             request = Request(
                 message.method, message.path, message.headers, message.version,
                 keep_alive, message.upgrade, payload,
