@@ -89,9 +89,10 @@ def parse_config(
         # unseen (and `origins: ["${ORIGIN}"]` with ORIGIN=* let any site read credentialed
         # answers).
         seen = {(p.path, p.message) for p in problems}
+        plain = _plain(config)
         problems += [
             Problem(path, message, conv.path_lines.get(path))
-            for path, message in [*_auth_problems(_plain(config)), *_cors_problems(_plain(config))]
+            for path, message in [*_auth_problems(plain), *_cors_problems(plain)]
             if (path, message) not in seen
         ]
     if config is None or problems:
