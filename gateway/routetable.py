@@ -84,6 +84,16 @@ class RouteTable(Generic[T]):
             if entry is not None:
                 return Found(entry, "")
         prefixes = self._prefix
+        # nginx's order: a prefix route asked for without its slash ("/api/city/admin" for
+        # "/api/city/admin/") is a 301 to it, before a shorter route ("/api/city/") can take
+        # the path around the longer one's policy; unless a route has the path itself.
+        if (
+            not path.endswith("/")
+            and _hosted(prefixes.get(path + "/"), host)
+            and not _hosted(exact, host)
+            and not _hosted(prefixes.get(path), host)
+        ):
+            return Elsewhere(path + "/")
         for candidate in _prefixes(path):
             entries = prefixes.get(candidate)
             if entries is not None:
@@ -92,9 +102,6 @@ class RouteTable(Generic[T]):
                     return Found(entry, path[len(candidate) :])
         if wrong:
             return WrongMethod(frozenset(wrong))
-        slashed = prefixes.get(path + "/") if not path.endswith("/") else None
-        if slashed is not None and any(e.hosts is None or host in e.hosts for e in slashed):
-            return Elsewhere(path + "/")
         return None
 
     def _pick(
@@ -108,6 +115,11 @@ class RouteTable(Generic[T]):
             if entry.methods is not None:
                 wrong |= entry.methods
         return None
+
+
+def _hosted(entries: list[Entry[T]] | None, host: str) -> bool:
+    """Whether one of ``entries`` takes ``host`` (whatever the method)."""
+    return entries is not None and any(e.hosts is None or host in e.hosts for e in entries)
 
 
 def _prefixes(path: str) -> Iterator[str]:

@@ -95,6 +95,16 @@ async def test_path_attacks_get_400_and_reach_no_upstream(upstream, gateway, tar
     assert "traceback" not in lines[0]
 
 
+async def _guarded(upstream, gateway):
+    """An upstream, and a gateway with a guarded /api/city/admin/ beside /api/city/."""
+    up = await upstream(NODA1)
+    written = "[{path: /api/city/admin/, to: /guarded/}, {path: /api/city/, to: /city/}]"
+    gw = await gateway(
+        routes({"city": f"{{port: {up.port}, nodes: [noda1], routes: {written}}}"}, noda1=NODA1)
+    )
+    return up, gw
+
+
 @pytest.mark.parametrize(
     "target",
     [
@@ -110,16 +120,27 @@ async def test_a_route_sees_the_path_its_upstream_will(upstream, gateway, target
     # What guards /api/city/admin/ (its auth, its rate limit) cannot be walked around by
     # spelling the path another way: an upstream decodes %61 to "a" (and many merge "//"),
     # so the route is picked on the path so normalized, and that path is what is sent.
-    up = await upstream(NODA1)
-    written = "[{path: /api/city/admin/, to: /guarded/}, {path: /api/city/, to: /city/}]"
-    gw = await gateway(
-        routes({"city": f"{{port: {up.port}, nodes: [noda1], routes: {written}}}"}, noda1=NODA1)
-    )
+    up, gw = await _guarded(upstream, gateway)
     response = await raw_exchange(
         gw.port, f"GET {target}?q=%61 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
     )
     assert response.status == 200, response.raw[:200]
     assert [s.raw_path for s in up.seen] == ["/guarded/x?q=%61"]  # the query as it came
+
+
+@pytest.mark.parametrize("target", ["/api/city/admin", "/api/city/%61dmin", "/api//city/admin"])
+async def test_a_guarded_prefix_without_its_slash_is_a_redirect_not_the_shorter_route(
+    upstream, gateway, target
+):
+    # nginx's order: "/api/city/admin" is a 301 to "/api/city/admin/" (whose auth and limits
+    # then apply), not the "/api/city/" route's (an upstream with a "/city/admin" handler
+    # would have answered it with no token).
+    up, gw = await _guarded(upstream, gateway)
+    response = await raw_exchange(
+        gw.port, f"GET {target}?q=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert (response.status, response.header("Location")) == (301, "/api/city/admin/?q=1")
+    assert up.seen == []
 
 
 async def test_random_paths_never_leave_the_prefix(upstream, gateway):

@@ -58,7 +58,6 @@ CITY = RouteTable(
         ("/api/city/snapshotx", "city", "snapshotx"),  # a segment boundary, not a prefix
         ("/api/city/rooms", "city", "rooms"),
         ("/api/city/admin/users", "admin", "users"),
-        ("/api/city/admin", "city", "admin"),  # /api/city/admin/ needs its slash
         ("/public/map", "public", "map"),
         ("/publicity", "frontend", "publicity"),
         ("/ws/events", "events", ""),
@@ -103,6 +102,28 @@ def test_a_prefix_without_its_slash_is_sent_to_it() -> None:
     assert table.match("/public", "GET") == Elsewhere("/public/")
     assert table.match("/publicx", "GET") is None
     assert table.match("/other", "GET") is None
+
+
+def test_the_redirect_to_a_slashed_prefix_comes_before_a_shorter_route() -> None:
+    # As nginx: the shorter "/api/city/" does not take "/api/city/admin" around the policy of
+    # "/api/city/admin/" (CITY's "/" would take "/public" the same way).
+    assert CITY.match("/api/city/admin", "GET") == Elsewhere("/api/city/admin/")
+    assert CITY.match("/public", "POST") == Elsewhere("/public/")
+    assert name_of(CITY.match("/api/city/adminx", "GET")) == "city"
+    # A route of the path itself wins (exact, or a prefix without the slash), whatever its
+    # methods; a slashed route for another host is no reason to redirect.
+    table = RouteTable(
+        [
+            route("slashed", "/a/"),
+            route("bare", "/a", exact=True, methods={"GET"}),
+            route("b", "/b/", hosts={"b.example"}),
+            route("root", "/"),
+        ]
+    )
+    assert name_of(table.match("/a", "GET")) == "bare"
+    assert name_of(table.match("/a", "POST")) == "root"
+    assert table.match("/b", "GET", "b.example") == Elsewhere("/b/")
+    assert name_of(table.match("/b", "GET", "other.example")) == "root"
 
 
 def test_match_order_is_longest_first_and_exact_before_prefix() -> None:
