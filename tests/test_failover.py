@@ -272,6 +272,30 @@ async def test_probes_take_a_target_out_and_bring_it_back(upstream, gateway, cli
     assert {s.raw_path for s in noda2.seen} >= {"/healthz", "/search/q"}
 
 
+async def test_a_reload_that_turns_probes_off_brings_back_what_they_took_out(
+    upstream, gateway, client
+):
+    # The operator's way around a broken health endpoint: with no probe to pass any more,
+    # a target the probes had taken down used to stay down (503s) until a restart.
+    async def broken_health(request: web.Request) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return web.json_response({"status": "unhealthy"}, status=500)
+        return web.json_response({"node": "noda2"})
+
+    noda2 = await upstream(NODA2, broken_health)
+    noda1 = await upstream(NODA1, named("noda1"))
+    extra = "health: {path: /healthz, interval: 0.1, timeout: 0.5, rise: 2, fall: 2}"
+    gw = await gateway(search(noda2.port, noda1.port, extra))
+    await asyncio.sleep(0.5)
+    assert target_state(await upstreams(client, gw), "search", "noda2") == "down"
+    assert (await served_by(client, gw.url + "/api/search/q"))[1] == "noda1"
+    gw.gateway.apply(parse_config(search(noda2.port, noda1.port, "health: {enabled: false}")))
+    report = await upstreams(client, gw)
+    assert target_state(report, "search", "noda2") == "failing"  # in use; its last probe failed
+    assert report["services"]["search"]["targets"][0]["reason"] == "probes turned off"
+    assert (await served_by(client, gw.url + "/api/search/q"))[1] == "noda2"
+
+
 async def test_real_traffic_5xx_ejects_but_4xx_and_limits_do_not(upstream, gateway, client):
     async def picky(request: web.Request) -> web.StreamResponse:
         if request.method == "POST":

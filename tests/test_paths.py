@@ -7,6 +7,7 @@ import posixpath
 import random
 import re
 import string
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote
 
 import pytest
@@ -17,7 +18,7 @@ from gateway import routing
 from gateway.errors import GatewayError
 from gateway.routetable import Entry, Found, RouteTable
 
-from .helpers import NODA1, raw_exchange, routes
+from .helpers import NODA1, RunningGateway, Upstream, raw_exchange, routes
 
 ATTACKS = [
     b"/api/city/../etc/passwd",
@@ -95,7 +96,10 @@ async def test_path_attacks_get_400_and_reach_no_upstream(upstream, gateway, tar
     assert "traceback" not in lines[0]
 
 
-async def _guarded(upstream, gateway):
+async def _guarded(
+    upstream: Callable[..., Awaitable[Upstream]],
+    gateway: Callable[..., Awaitable[RunningGateway]],
+) -> tuple[Upstream, RunningGateway]:
     """An upstream, and a gateway with a guarded /api/city/admin/ beside /api/city/."""
     up = await upstream(NODA1)
     written = "[{path: /api/city/admin/, to: /guarded/}, {path: /api/city/, to: /city/}]"

@@ -11,6 +11,7 @@ from ..snapshot import Route, Target
 class Balancer:
     def __init__(self) -> None:
         self._turns: dict[str, int] = {}  # per service; outlives snapshots
+        self._retry_turns: dict[str, int] = {}  # the same, for the choices of retries
 
     def choose(
         self, route: Route, usable: Callable[[Target], bool], tried: Collection[Target] = ()
@@ -20,8 +21,12 @@ class Balancer:
             if len(candidates) == 1:
                 return candidates[0]
             if candidates:
-                turn = self._turns.get(route.service, 0)
-                self._turns[route.service] = turn + 1
+                # Retries take their turns apart: from the same counter, a retry's pick among
+                # fewer candidates skewed the next requests' share (3:1 with one of three
+                # targets refusing).
+                turns = self._retry_turns if tried else self._turns
+                turn = turns.get(route.service, 0)
+                turns[route.service] = turn + 1
                 return candidates[turn % len(candidates)]
         return None
 

@@ -10,9 +10,9 @@ Retry rules (Pingora's and Envoy's, made strict), decided by ``next_target`` alo
 - never after a response timeout (the upstream may still be working on it), and never after
   any byte of the response went to the client (the loop ends before that);
 - at most ``retries`` extra attempts, each on a target not yet tried (or, after the connection
-  closed without an answer and with no other target left, the same one: that is how a stale
-  keep-alive connection is recovered), after a short jittered back-off. A POST that reached
-  an upstream is never sent to a second one.
+  closed without an answer and with no other target left, the same one once more if it is
+  still usable: that is how a stale keep-alive connection is recovered), after a short
+  jittered back-off. A POST that reached an upstream is never sent to a second one.
 
 Every outcome is also a passive health check of its target (``HealthBook.passed``/``failed``),
 every retry counts in ``gateway_retries_total{kind}``, and an answer from a later tier in
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ..context import Exchange, Shared
     from ..snapshot import Route, Target
     from .balancer import Balancer
+    from .health import HealthBook
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 REPLAY_LIMIT: Final = 64 * 1024  # bodies up to this size are buffered so that they can be retried
@@ -102,7 +103,9 @@ def next_target(
         return None
     target = balancer.choose(route, usable, tried)
     if target is None and kind in SAME_TARGET_AGAIN:
-        return tried[-1]  # no other target: the same one again (a stale keep-alive)
+        # No other target: the same one once more (a stale keep-alive), if still usable.
+        last = tried[-1]
+        return last if tried.count(last) == 1 and usable(last) else None
     return target
 
 
@@ -117,7 +120,7 @@ def first_target(shared: Shared, route: Route) -> tuple[Target, Callable[[Target
 
     first = shared.balancer.choose(route, usable)
     if first is None:
-        raise all_down(shared, route)
+        raise all_down(health, route)
     return first, usable
 
 
@@ -174,12 +177,14 @@ async def attempt(
     return answer, target
 
 
-def all_down(shared: Shared, route: Route) -> GatewayError:
-    """503 with Retry-After: the seconds until an ejection ends or the next probe."""
-    health = shared.health
+def all_down(health: HealthBook, route: Route) -> GatewayError:
+    """503 with Retry-After: the seconds until an ejection ends, or until probes (every
+    ``unhealthy_interval`` while none is usable) can have passed ``rise`` times."""
     now = health.monotonic()
+    probe = route.probe  # while none is usable, probes run every unhealthy_interval
     waits = [
-        max(health.get(t).ejected_until - now, 0) or route.probe.interval for t in route.targets
+        max(health.get(t).ejected_until - now, 0) or probe.unhealthy_interval * probe.rise
+        for t in route.targets
     ]
     return GatewayError(
         503,

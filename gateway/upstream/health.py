@@ -75,10 +75,11 @@ class HealthBook:
         self.wall = wall
 
     def get(self, target: Target) -> TargetHealth:
+        """``target``'s record; a target the config does not have (a request or probe of the
+        snapshot before a reload asking) gets a fresh one that is not kept: records are made
+        and dropped by ``sync`` only, so such a target cannot come back as a node's."""
         health = self._targets.get(target.key)
-        if health is None:
-            health = self._targets[target.key] = TargetHealth(since=self.wall())
-        return health
+        return TargetHealth(since=self.wall()) if health is None else health
 
     def usable(self, target: Target, now: float) -> bool:
         health = self._targets.get(target.key)
@@ -91,7 +92,16 @@ class HealthBook:
         keep = {t.key for r in routes for t in r.targets}
         for route in routes:
             for target in route.targets:
-                self.get(target)
+                health = self._targets.get(target.key)
+                if health is None:
+                    self._targets[target.key] = TargetHealth(since=self.wall())
+                elif not route.probe.enabled:
+                    # No probe will run again: what the last ones said is void (a target
+                    # they had marked down would never come back).
+                    was_usable, was_up = health.usable(self.monotonic()), health.up
+                    health.up, health.probe_passes, health.probe_failures = True, 0, 0
+                    if not was_up:
+                        self._changed(target, health, was_usable, "probes turned off")
         for key in [k for k in self._targets if k not in keep]:
             del self._targets[key]
         targets = {k[:2] for k in keep}
@@ -107,7 +117,9 @@ class HealthBook:
 
     def passed(self, target: Target) -> None:
         """Real traffic got an answer from ``target`` (the hot path: kept small)."""
-        health = self._targets.get(target.key) or self.get(target)
+        health = self._targets.get(target.key)
+        if health is None:
+            return  # removed by a reload while its request ran
         if health.last_ok is not True:  # rare: its first answer, or one after a failure
             self._still_usable(health, "request answered")
         health.last_ok = True
@@ -116,7 +128,9 @@ class HealthBook:
     def failed(self, target: Target, reason: str, policy: ProbePolicy,
                ejection: EjectionPolicy) -> None:  # fmt: skip
         """Real traffic failed with ``target``: count it, and eject after ``fall`` in a row."""
-        health = self.get(target)
+        health = self._targets.get(target.key)
+        if health is None:
+            return  # removed by a reload while its request ran
         health.last_ok = False
         now = self.monotonic()
         if now < health.ejected_until:
@@ -142,7 +156,9 @@ class HealthBook:
 
     def probed(self, target: Target, ok: bool, reason: str, policy: ProbePolicy) -> None:
         """Record one active probe of ``target``."""
-        health = self.get(target)
+        health = self._targets.get(target.key)
+        if health is None:
+            return  # removed by a reload while the probe ran
         now = self.monotonic()
         was_usable = health.usable(now)
         previous, health.last_ok = health.last_ok, ok

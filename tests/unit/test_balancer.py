@@ -123,3 +123,26 @@ def test_has_other_takes_no_turn() -> None:
     for _ in range(3):
         assert balancer.has_other(route, everything, [])
     assert picks(balancer, route, 1, everything) == ["b"]
+
+
+@pytest.mark.parametrize("tier", ["a, b, c", "a, b, c, d"])
+def test_retries_do_not_skew_the_share_of_the_others(tier: str) -> None:
+    # One target of a tier refuses every connection (not ejected yet): its requests are
+    # retried on the others, and every other target ends up with the same share.
+    route = compiled_routes(f"""\
+nodes: {{a: {{host: 10.0.0.1}}, b: {{host: 10.0.0.2}},
+        c: {{host: 10.0.0.3}}, d: {{host: 10.0.0.4}}}}
+services:
+  flat: {{port: 80, nodes: [[{tier}]]}}
+""")["flat"]
+    balancer = Balancer()
+    served: dict[str, int] = {}
+    for _ in range(1200):
+        target = balancer.choose(route, everything)
+        assert target is not None
+        if target.node == "a":
+            target = balancer.choose(route, everything, [target])
+            assert target is not None
+        served[target.node] = served.get(target.node, 0) + 1
+    others = len(route.targets) - 1
+    assert served == {t.node: 1200 // others for t in route.targets if t.node != "a"}

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.metrics import Metrics
 from gateway.snapshot import Route, Target
+from gateway.upstream.failover import all_down
 from gateway.upstream.health import HealthBook
 
 from ..helpers import FakeClock, compiled_routes
@@ -361,3 +362,55 @@ def test_sync_forgets_removed_targets_and_their_series(
     hb.probe(B, False, False, False)
     hb.probe(SOLO_B, False, False, False)
     assert node_events(caplog) == [("node is offline", "b")] * 2
+
+
+def test_turning_probes_off_brings_back_what_probes_had_marked_down(
+    hb: Book, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No probe runs any more, and traffic never reaches a down target: left down, it would
+    # answer 503 until a restart.
+    caplog.set_level(logging.INFO, logger="gateway.health")
+    hb.probe(A, False, False, False)
+    hb.probe(B, True)  # one pass of rise 2: void once probes are off
+    assert not hb.usable(A)
+    off = compiled_routes(CONFIG.replace("interval: 5}", "interval: 5, enabled: false}"))
+    hb.book.sync(off.values())
+    assert hb.usable(A)
+    assert hb.book.describe(A)["reason"] == "probes turned off"
+    assert hb.book.get(B).probe_passes == 0
+    assert [r.getMessage() for r in caplog.records][-2:] == [
+        "upstream target is failing", "node is online",
+    ]  # fmt: skip
+    hb.book.sync(off.values())  # nothing to undo a second time
+    assert [r.getMessage() for r in caplog.records][-1] == "node is online"
+
+
+def test_a_late_result_for_a_removed_target_brings_no_record_back(hb: Book) -> None:
+    # A probe or request of the config before a reload ends after it: the target it
+    # checked must not come back (a node of no service shown online, or offline, for good).
+    hb.book.sync([SVC])
+    route = ROUTES["solo"]
+    hb.book.probed(SOLO_B, True, "ok", route.probe)
+    hb.book.passed(SOLO_B)
+    hb.book.failed(SOLO_B, "connect refused", route.probe, route.ejection)
+    hb.book.sync([compiled_routes(CONFIG.replace("[a, b]", "[a]"))["svc"]])
+    hb.book.probed(B, False, "status 500", SVC.probe)
+    _, nodes = hb.book.export([ROUTES["svc"]])
+    assert nodes == {"a": "online"}
+    assert hb.book.describe(SOLO_B)["reason"] == "not checked yet"  # a view keeps nothing
+    _, nodes = hb.book.export([])
+    assert nodes == {"a": "online"}
+
+
+def test_the_503_of_a_service_with_no_usable_target_says_when_to_retry(hb: Book) -> None:
+    # Down targets are probed every unhealthy_interval (1 s), and need rise (2) passes.
+    hb.probe(SOLO_B, False, False, False)
+    assert all_down(hb.book, SOLO).headers == {"Retry-After": "2"}
+    hb.fail(A, 3)  # ejected for 5 s, then usable again: the sooner of the two
+    hb.probe(B, False, False, False)
+    assert all_down(hb.book, SVC).headers == {"Retry-After": "2"}
+    hb.probe(B, True, True)
+    hb.fail(B, 3)
+    hb.fail(A, 3)  # already out: no second ejection
+    hb.tick(4.5)
+    assert all_down(hb.book, SVC).headers == {"Retry-After": "1"}  # 0.5 s of both left

@@ -109,8 +109,8 @@ CASES: list[tuple[str, int, str, str, bool, str, str, str | None]] = [
     ("three", 2, "connect", "GET", True, "abc", "abc", None),
     ("three", 5, "connect", "GET", True, "abc", "abc", None),  # every target tried
     ("solo", 1, "disconnect", "GET", True, "aa", "a", None),  # the same one, once
-    ("solo", 2, "disconnect", "GET", True, "aa", "a", "a"),
-    ("solo", 2, "disconnect", "GET", True, "aaa", "a", None),
+    ("solo", 2, "disconnect", "GET", True, "aa", "a", None),  # once, whatever ``retries``
+    ("solo", 5, "disconnect", "GET", True, "a", "", None),  # not once its failure ejected it
 ]
 
 
