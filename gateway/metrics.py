@@ -205,7 +205,7 @@ class Metrics:
         self.rate_limit_decisions = self._tally(
             "gateway_rate_limit_decisions",
             "Rate-limit decisions by zone and result (allowed, delayed, rejected, "
-            "dry_run_rejected).",
+            "dry_run_rejected, dry_run_delayed).",
             ("zone", "result"),
         )
         self.rate_limit_degraded = Gauge(

@@ -120,7 +120,7 @@ async def test_keys_expire_once_drained(limiter, shared_redis_url, redis_prefix)
     inspector = redis.asyncio.from_url(shared_redis_url)
     ttl = await inspector.pttl(f"{redis_prefix}{{k}}")
     await inspector.aclose()
-    assert 0 < ttl <= zone.ttl_ms == 1200
+    assert 0 < ttl <= zone.ttl_ms == 1300
 
 
 async def test_delay_spreads_the_burst_beyond_delay_instead_of_refusing(limiter):
@@ -328,6 +328,34 @@ async def test_dry_run_counts_and_logs_but_refuses_nothing(
     assert 'gateway_rate_limit_decisions_total{result="allowed",zone="z"} 21.0' in text
     logged = [line for line in gw.log_lines() if line.get("rate_limit") == "dry_run"]
     assert len(logged) == 9
+
+
+async def test_dry_run_delays_nothing_either(
+    upstream, gateway, client, shared_redis_url, redis_prefix
+):
+    # nginx's DELAYED_DRY_RUN: what delay= would hold back passes at once, counted.
+    up = await upstream(NODA1)
+    zone = "{rate: 1r/s, burst: 5, delay: 0, dry_run: true}"
+    gw = await gateway(limited(up.port, shared_redis_url, redis_prefix, zone))
+    started = time.monotonic()
+    assert statuses(await burst(gw.url + "/api/city/x", 7)) == {200: 7}
+    assert time.monotonic() - started < 0.9  # the 6th alone would have waited 5 s
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    for result, count in (("allowed", 1), ("dry_run_delayed", 5), ("dry_run_rejected", 1)):
+        assert f'decisions_total{{result="{result}",zone="z"}} {count}.0' in text
+    logged = [line.get("rate_limit") for line in gw.log_lines() if line.get("route") == "city"]
+    assert sorted(map(str, logged)) == ["None", "dry_run", *["dry_run_delayed"] * 5]
+
+
+async def test_a_slow_zones_key_outlives_its_drained_burst(limiter):
+    # 1r/m, no burst: a second request 1.1 s after the first is refused, as nginx refuses
+    # it; a key that expired once its (empty) burst drained let it through.
+    redis_limiter = await limiter()
+    zone = compile_zone("slow", RateLimit(rate="1r/m", burst=0))
+    assert (await redis_limiter.decide(zone, "k")).allowed
+    await asyncio.sleep(1.1)
+    assert not (await redis_limiter.decide(zone, "k")).allowed
 
 
 async def test_header_keys_and_empty_keys(upstream, gateway, shared_redis_url, redis_prefix):

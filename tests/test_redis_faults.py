@@ -4,8 +4,10 @@ start; and Sentinel and Cluster URLs. Every test here runs its own redis-server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -122,6 +124,74 @@ async def test_paused_redis_adds_at_most_its_timeout_and_keeps_the_pool_small(be
         server.resume()
     await recovered(gw)
     assert (await health(client, gw))["dependencies"]["redis"] == "connected"
+
+
+@contextlib.asynccontextmanager
+async def started(server: RedisServer, **settings: Any) -> AsyncIterator[RedisLimiter]:
+    """A RedisLimiter on ``server``, started, closed at the end (Redis resumed first)."""
+    limiter = RedisLimiter(RedisSettings(url=server.url, **settings))
+    await limiter.start()
+    try:
+        yield limiter
+    finally:
+        server.resume()
+        await limiter.close()
+
+
+async def test_decisions_queued_behind_a_failed_call_wait_no_second_timeout(own_redis):
+    # More decisions in one tick than MAX_IN_FLIGHT batches hold (512 each): after the calls
+    # in flight time out, the queued rest is the fallback's at once, not one more timeout.
+    server = own_redis()
+    async with started(server, timeout=0.1, on_error="local") as limiter:
+        server.pause()
+        begun = time.monotonic()
+        waits: list[float] = []
+
+        async def decide(key: str) -> None:
+            await limiter.decide(ZONE, key)
+            waits.append(time.monotonic() - begun)
+
+        await asyncio.gather(*(decide(f"k{i % 600}") for i in range(600 * MAX_IN_FLIGHT)))
+        assert limiter.state == "disconnected"
+        assert max(waits) < 0.18, max(waits)  # one timeout (0.1 s), not two
+
+
+async def test_a_redis_that_answers_ping_but_refuses_the_script_stays_the_fallback(own_redis):
+    # Out of memory under noeviction (likewise a read-only replica, MISCONF): PING passes,
+    # every write fails. The probe runs the script, so the limiter does not flap between
+    # Redis and fallback, each time with empty local buckets (a fresh burst every 250 ms).
+    server = own_redis("--maxmemory", "1", "--maxmemory-policy", "noeviction")
+    assert server.command("PING").startswith(b"+PONG")
+    async with started(server, timeout=0.05, on_error="local") as limiter:
+        allowed = 0
+        begun = time.monotonic()
+        while time.monotonic() - begun < 1.2:  # 10r/s burst 20: 21 at once, then ~12
+            allowed += (await limiter.decide(ZONE, "one-client")).allowed
+            await asyncio.sleep(0.005)
+        assert allowed <= 21 + 13, allowed
+        assert limiter.state == "disconnected"
+        server.command("CONFIG", "SET", "maxmemory", "0")
+        await wait_until(lambda: limiter.state == "connected", what="recovery")
+
+
+async def test_closing_the_limiter_answers_every_decision_still_waiting(own_redis):
+    # A reload that changes ``redis`` closes the old limiter: its requests in flight and
+    # queued are answered from the fallback, not left waiting forever.
+    server = own_redis()
+    limiter = RedisLimiter(RedisSettings(url=server.url, timeout=5.0, on_error="allow"))
+    await limiter.start()
+    try:
+        server.pause()
+        waiting = []
+        for i in range(MAX_IN_FLIGHT + 1):  # a call per tick: MAX_IN_FLIGHT of them, one queued
+            waiting.append(asyncio.ensure_future(limiter.decide(ZONE, f"k{i}")))
+            await asyncio.sleep(0.01)
+        await limiter.close()
+        decisions = await asyncio.wait_for(asyncio.gather(*waiting), 1.0)
+        assert all(d.allowed for d in decisions)
+        assert (await limiter.decide(ZONE, "later")).allowed  # closed: the fallback's
+    finally:
+        server.resume()
 
 
 # A script that keeps Redis busy for ARGV[1] microseconds (its TIME, polled).

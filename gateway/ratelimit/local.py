@@ -56,7 +56,7 @@ class LocalLimiter:
         buckets = self._buckets
         current = buckets.get(key)
         if current is not None and now_ms - current[1] > zone.ttl_ms:
-            current = None  # idle past its drain time: as if expired in Redis
+            current = None  # idle past its time: as if expired in Redis
         decision, new = step(zone, current, now_ms)
         if new is not None:
             buckets.pop(key, None)  # re-insert: dict order is least recently updated first

@@ -37,9 +37,13 @@ async def limit(shared: Shared, ex: Exchange, route: Route) -> dict[str, str] | 
         metrics.count_limit(zone.name, "dry_run_rejected")
         ex.rate_limit = "dry_run"
     elif delay := decision.delay_seconds(zone):
-        metrics.count_limit(zone.name, "delayed")
-        ex.rate_limit = "delayed"
-        await asyncio.sleep(delay)
+        if zone.dry_run:  # nginx's DELAYED_DRY_RUN: counted, passed at once
+            metrics.count_limit(zone.name, "dry_run_delayed")
+            ex.rate_limit = "dry_run_delayed"
+        else:
+            metrics.count_limit(zone.name, "delayed")
+            ex.rate_limit = "delayed"
+            await asyncio.sleep(delay)
     else:
         metrics.count_limit(zone.name, "allowed")
     if not zone.headers:

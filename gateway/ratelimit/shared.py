@@ -8,9 +8,13 @@ gateways on machines with skewed clocks share one clock. At most
 batches grow with load instead of connections.
 
 Every call is bounded by ``redis.timeout``. The first failure switches to the fallback
-(``on_error``: the same zones per process, allow, or deny) without waiting on Redis again;
-a probe pings every ``PROBE_INTERVAL`` and switches back when Redis answers. One log line per
+(``on_error``: the same zones per process, allow, or deny) without waiting on Redis again
+(decisions queued behind the failed calls are the fallback's too); a probe runs the script
+on a key of its own every ``PROBE_INTERVAL`` and switches back when it passes (a PING alone
+passes on a Redis that refuses writes: out of memory, a read-only replica). One log line per
 transition. A flushed script or a restarted Redis is reloaded transparently (NOSCRIPT).
+Closing the limiter (a reload that changes ``redis``) answers every decision still waiting
+from the fallback.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ MAX_IN_FLIGHT: Final = 4
 MAX_BATCH: Final = 512
 PROBE_INTERVAL: Final = 0.25
 PROBE_TIMEOUT: Final = 0.5
+PROBE_KEY: Final = "gateway:probe"  # the bucket the probe decides on (1r/s, gone in 1 s)
 
 # KEYS: bucket keys. ARGV: (rate, burst, ttl) per key, in milli-requests/s, milli-requests, ms.
 # Returns, per key: 1/0 (allowed) and the excess with that request counted. A key asked for
@@ -111,13 +116,14 @@ class RedisLimiter:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def state(self) -> str:
         return "connected" if self._connected else "disconnected"
 
     async def decide(self, zone: Zone, key: str) -> Decision:
-        if not self._connected:
+        if not self._connected or self._closed:
             return self._fallback(zone, key)
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self._pending.append((zone, key, future))
@@ -134,6 +140,10 @@ class RedisLimiter:
 
     def _flush(self) -> None:
         self._scheduled = False
+        if not self._connected or self._closed:
+            self._answer_from_fallback(self._pending)
+            self._pending = []
+            return
         while self._pending and self._in_flight < MAX_IN_FLIGHT:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             self._in_flight += 1
@@ -148,9 +158,10 @@ class RedisLimiter:
                 results = await self._call(batch)
         except Exception as exc:  # noqa: BLE001 - any failure of Redis means: fall back
             self._disconnected(exc)
-            for zone, key, future in batch:
-                if not future.done():
-                    future.set_result(self._fallback(zone, key))
+            self._answer_from_fallback(batch)
+        except asyncio.CancelledError:  # closed: its requests are answered all the same
+            self._answer_from_fallback(batch)
+            raise
         else:
             for (_, _, future), (allowed, excess) in zip(batch, results, strict=True):
                 if not future.done():
@@ -160,6 +171,11 @@ class RedisLimiter:
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+
+    def _answer_from_fallback(self, batch: list[Pending]) -> None:
+        for zone, key, future in batch:
+            if not future.done():
+                future.set_result(self._fallback(zone, key))
 
     async def _call(self, batch: list[Pending]) -> list[tuple[int, int]]:
         if not self._runner.cluster:
@@ -202,7 +218,7 @@ class RedisLimiter:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 async with asyncio.timeout(max(self.settings.timeout * 4, PROBE_TIMEOUT)):
-                    await self._runner.ping()
+                    await self._check()
             except Exception as exc:  # noqa: BLE001 - still down: try again next interval
                 log.debug("redis probe failed", extra={"fields": {"reason": _reason(exc)}})
                 continue
@@ -215,11 +231,18 @@ class RedisLimiter:
         """Check Redis once; if it does not answer, start in the fallback and probe."""
         try:
             async with asyncio.timeout(max(self.settings.timeout, 1.0)):
-                await self._runner.ping()
+                await self._runner.ping()  # reachable; a refused write is a first call's failure
         except Exception as exc:  # noqa: BLE001 - unreachable at start: fall back and probe
             self._disconnected(exc)
 
+    async def _check(self) -> None:
+        """The script on the probe's own key, as a decision would run it (writes included)."""
+        await self._runner.run([self._redis_key(PROBE_KEY)], [1000, 0, 1000])
+
     async def close(self) -> None:
+        self._closed = True
+        self._answer_from_fallback(self._pending)
+        self._pending = []
         tasks = [*self._tasks, *([self._probe] if self._probe else [])]
         for task in tasks:
             task.cancel()

@@ -30,7 +30,7 @@ class Zone:
     dry_run: bool
     status: int
     headers: bool
-    ttl_ms: int  # idle keys expire once their excess has drained (+1 s)
+    ttl_ms: int  # idle keys expire once a new request would find them at 0 (+1 s)
     policy: str  # the RateLimit-Policy header value
 
 
@@ -39,7 +39,11 @@ def compile_zone(name: str, spec: RateLimit) -> Zone:
     rate = int(count) * 1000 // (60 if unit == "m" else 1)  # nginx: rate * 1000 / scale
     burst = spec.burst * 1000
     delay = burst if spec.delay is None else spec.delay * 1000
-    drain_ms = math.ceil(burst * 1000 / rate) if rate else 0
+    # A key may go once nginx's arithmetic would give its next request what a new key gets
+    # (excess 0): after (excess + 1000) / rate, the excess at most the burst. Draining the
+    # burst alone is too soon below 1r/s: at 1r/m a key gone after a second let every request
+    # through.
+    idle_ms = math.ceil((burst + 1000) * 1000 / rate) if rate else 0
     window = max(1, math.ceil((spec.burst + 1) * 1000 / rate)) if rate else 1
     return Zone(
         name=name,
@@ -50,7 +54,7 @@ def compile_zone(name: str, spec: RateLimit) -> Zone:
         dry_run=spec.dry_run,
         status=spec.status,
         headers=spec.headers,
-        ttl_ms=drain_ms + 1000,
+        ttl_ms=idle_ms + 1000,
         policy=f'"{name}";q={spec.burst + 1};w={window}',
     )
 

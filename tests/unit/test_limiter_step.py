@@ -3,6 +3,8 @@ decision's headers, zone compilation, and the in-memory limiter with a fake cloc
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from gateway.config import RateLimit
@@ -131,11 +133,13 @@ def test_the_ratelimit_header() -> None:
 @pytest.mark.parametrize(
     ("rate", "burst", "policy", "ttl_ms"),
     [
-        ("10r/s", 20, '"z";q=21;w=3', 3_000),  # 21 requests, drained in 2.1 s
-        ("30r/m", 4, '"z";q=5;w=10', 9_000),
-        ("1r/m", 20, '"z";q=21;w=1313', 1_251_000),
-        ("100r/s", 0, '"z";q=1;w=1', 1_000),
-        ("5r/s", 0, '"z";q=1;w=1', 1_000),
+        # (burst + 1 request) / rate, then a second more
+        ("10r/s", 20, '"z";q=21;w=3', 3_100),  # 21 requests, drained in 2.1 s
+        ("30r/m", 4, '"z";q=5;w=10', 11_000),
+        ("1r/m", 20, '"z";q=21;w=1313', 1_313_500),  # nginx's 1r/m: 16 milli-requests/s
+        ("1r/m", 0, '"z";q=1;w=63', 63_500),
+        ("100r/s", 0, '"z";q=1;w=1', 1_010),
+        ("5r/s", 0, '"z";q=1;w=1', 1_200),
     ],
 )
 def test_compile_zone_policy_and_ttl(rate: str, burst: int, policy: str, ttl_ms: int) -> None:
@@ -195,12 +199,12 @@ def test_an_idle_key_expires_after_its_zones_ttl() -> None:
     limiter = LocalLimiter(clock=clock)
     wide = compile_zone("z", RateLimit(rate="10r/s", burst=100))
     narrow = compile_zone("z", RateLimit(rate="10r/s", burst=2))
-    assert narrow.ttl_ms == 1_200
+    assert narrow.ttl_ms == 1_300
     for _ in range(51):
         limiter.decide_now(wide, "k")
-    clock.advance(1.2)  # idle for exactly the ttl: kept, and far over the new burst
-    assert limiter.decide_now(narrow, "k") == Decision(False, 50_000 - 12_000 + 1_000)
-    clock.advance(0.002)  # over 1200 ms since the bucket was last updated: expired
+    clock.advance(1.3)  # idle for exactly the ttl: kept, and far over the new burst
+    assert limiter.decide_now(narrow, "k") == Decision(False, 50_000 - 13_000 + 1_000)
+    clock.advance(0.002)  # over 1300 ms since the bucket was last updated: expired
     assert limiter.decide_now(narrow, "k") == Decision(True, 0)
     assert limiter.decide_now(narrow, "k") == Decision(True, 1_000)
 
@@ -216,3 +220,22 @@ async def test_clear_and_close_forget_every_bucket() -> None:
     assert (await limiter.decide(API, "k")).excess == 0
     await limiter.close()
     assert (await limiter.decide(API, "k")).excess == 0
+
+
+@pytest.mark.parametrize("rate", ["1r/m", "7r/m", "59r/m", "1r/s", "3r/s", "10r/s", "250r/s"])
+@pytest.mark.parametrize("burst", [0, 1, 5])
+def test_expiry_never_changes_a_decision(rate: str, burst: int) -> None:
+    # Dropping an idle key (Redis's PEXPIRE, the local limiter's ttl) must give what nginx's
+    # arithmetic on the kept key gives: step over buckets that never expire is the oracle.
+    # (Below 1r/s, a key dropped once its burst drained let every request through.)
+    zone = compile_zone("z", RateLimit(rate=rate, burst=burst))
+    rng = random.Random(f"{rate}/{burst}")
+    clock = FakeClock(100.0)
+    limiter = LocalLimiter(clock=clock)
+    kept: tuple[int, int] | None = None
+    mean = 1 / max(zone.rate / 1000, 0.01)  # about one request per rate's interval
+    for _ in range(400):
+        clock.advance(rng.expovariate(1 / mean) * rng.choice((0.2, 1, 3)))
+        expected, new = step(zone, kept, int(clock() * 1000))
+        kept = new if new is not None else kept
+        assert limiter.decide_now(zone, "k") == expected
