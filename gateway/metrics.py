@@ -235,7 +235,7 @@ class Metrics:
         self.auth = self._tally(
             "gateway_auth",
             "Token checks on routes with auth, by service and result (ok, anonymous, "
-            "missing_token, invalid_token, token_expired, insufficient_scope).",
+            "missing_token, invalid_token, token_expired, insufficient_scope, invalid_request).",
             ("service", "result"),
         )
         self.upstream_tls_failures = self._labelled(

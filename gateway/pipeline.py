@@ -203,6 +203,7 @@ def _preflight(
     ex.service, ex.route = found.entry.policy.service, found.entry.id
     answer = policy.preflight(headers["Origin"], headers)
     if isinstance(answer, cors.Refused):
+        ex.added = policy.refused  # its Vary: Origin too, as every answer of a CORS route
         raise GatewayError(403, "cors_refused", answer.message)
     return Whole(status=204, headers={**own_headers(ex.request_id), **answer})
 

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .helpers import NODA1, routes, sample
+from .helpers import NODA1, raw_exchange, routes, sample
 from .jwtkit import ISSUER, SECRET, claims, mint
 
 AUTH = (
@@ -240,3 +240,41 @@ async def test_a_role_with_a_comma_never_reaches_the_service_as_two(upstream, ga
     assert status == 200
     assert up.seen[-1].header("X-User-Roles") == "citizen"
     assert up.seen[-1].header("X-User-Email") == "olena@daarion.city"  # no lone surrogate
+    # A string is one role to the route's check ("user,admin" is not admin): the same here.
+    status, _, _ = await answer(client, f"{gw.url}/api/city/x", bearer(token(roles="user,admin")))
+    assert status == 200
+    assert up.seen[-1].header("X-User-Roles") == ""
+
+
+async def test_a_second_authorization_header_is_refused(upstream, gateway, client):
+    # Only the first would be checked; a service reading the last one (or all, joined)
+    # would trust a token nobody verified.
+    up = await upstream(NODA1)
+    gw = await gateway(config(up.port, "optional"))
+    good = token()
+    for second in ("Bearer forged.unsigned.token", f"Bearer {good}"):
+        raw = (
+            f"GET /api/city/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {good}\r\n"
+            f"Authorization: {second}\r\nConnection: close\r\n\r\n"
+        )
+        response = await raw_exchange(gw.port, raw.encode())
+        assert response.status == 400
+        assert response.json()["error"] == "invalid_request"
+        assert response.json()["request_id"] == response.header("X-Request-ID")
+        assert response.header("WWW-Authenticate") == (
+            'Bearer realm="daarion", error="invalid_request"'
+        )
+    assert up.seen == []
+    async with client.get(f"{gw.url}/metrics") as r:
+        text = await r.text()
+    assert sample(text, 'gateway_auth_total{result="invalid_request",service="city"}') == 2
+
+
+async def test_every_bearer_subprotocol_is_taken_out_of_the_offer(upstream, gateway, client):
+    up = await upstream(NODA1, handler=echo_ws)
+    gw = await gateway(config(up.port, "required"))
+    ws_url = f"ws://127.0.0.1:{gw.port}/ws/city/rooms/1"
+    offer = ("chat", f"bearer.{token()}", "Bearer.unchecked.second.token")
+    async with client.ws_connect(ws_url, protocols=offer) as ws:
+        assert ws.protocol == "chat"
+    assert up.seen[-1].header("Sec-WebSocket-Protocol") == "chat"

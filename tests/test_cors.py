@@ -125,6 +125,7 @@ async def test_a_preflight_not_allowed_is_refused_403_without_cors_headers(
         assert body["error"] == "cors_refused"
         assert body["request_id"] == r.headers["X-Request-ID"]
         assert cors_headers(r) == {}
+        assert r.headers["Vary"] == "Origin"  # as every answer of a CORS route
     assert up.seen == []
 
 

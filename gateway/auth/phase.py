@@ -36,8 +36,13 @@ def authenticate(
     authenticator = shared.authenticator
     if auth is None or authenticator is None:  # load_config refuses auth without providers
         raise GatewayError(500, "internal_error", "authentication is not configured")
-    token, query = _token(ex, auth, query, websocket)
     count = shared.metrics.count_auth
+    if len(ex.request.headers.getall("Authorization", ())) > 1:
+        # RFC 9110 11.6.2: one field, not a list. Only the first would be checked, and a
+        # service reading the last (or all of them, joined) would trust an unchecked one.
+        count(ex.service, "invalid_request")
+        raise _challenged(400, "invalid_request", "more than one Authorization header", auth.realm)
+    token, query = _token(ex, auth, query, websocket)
     if token is None:
         if not policy.required:
             count(ex.service, "anonymous")
@@ -51,12 +56,8 @@ def authenticate(
         raise _unauthorized(auth.realm, failed.code, failed.message, "invalid_token") from None
     if policy.roles is not None and policy.roles.isdisjoint(identity.roles):
         count(ex.service, "insufficient_scope")
-        raise GatewayError(
-            403,
-            "insufficient_scope",
-            "the token has none of the roles this route needs",
-            headers={"WWW-Authenticate": _challenge(auth.realm, "insufficient_scope")},
-        )
+        message = "the token has none of the roles this route needs"
+        raise _challenged(403, "insufficient_scope", message, auth.realm)
     count(ex.service, "ok")
     ex.user = identity.subject
     ex.identity_headers = _identity_headers(identity, auth.identity_headers)
@@ -74,7 +75,9 @@ def _identity_headers(identity: Identity, names: Mapping[str, str]) -> tuple[tup
     if built is not None and built[0] is identity and built[1] is names:
         return built[2]
     headers = tuple(
-        (header, _header_value(identity.claims[claim]))
+        # roles as the route's check read them: a string is one role, so "admin,root" is
+        # left out like a list item holding a comma (a service would split it in two)
+        (header, _header_value(identity.roles if claim == "roles" else identity.claims[claim]))
         for claim, header in names.items()
         if identity.claims.get(claim) is not None
     )
@@ -103,8 +106,9 @@ def _token(ex: Exchange, auth: Auth, query: str, websocket: bool) -> tuple[str |
 
 
 def _subprotocol_token(ex: Exchange) -> str | None:
-    """A ``bearer.<token>`` subprotocol offered with the real one; the handshake leaves it
-    out of the offer it sends upstream (``ex.token_subprotocol``)."""
+    """A ``bearer.<token>`` subprotocol offered with the real one; the handshake leaves it,
+    and any other ``bearer.`` offer, out of the offer it sends upstream
+    (``ex.token_subprotocol``)."""
     for value in ex.request.headers.getall("Sec-WebSocket-Protocol", ()):
         for item in value.split(","):
             offered = item.strip()
@@ -141,6 +145,13 @@ def _header_value(value: object) -> str:
 
 def _challenge(realm: str, error: str | None) -> str:
     return f'Bearer realm="{realm}"' + (f', error="{error}"' if error else "")
+
+
+def _challenged(status: int, code: str, message: str, realm: str) -> GatewayError:
+    """A refusal whose challenge names its code (RFC 6750 3.1)."""
+    return GatewayError(
+        status, code, message, headers={"WWW-Authenticate": _challenge(realm, code)}
+    )
 
 
 def _unauthorized(realm: str, code: str, message: str, error: str | None) -> GatewayError:

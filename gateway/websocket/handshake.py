@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from aiohttp import web
 
+from ..auth.phase import SUBPROTOCOL
 from ..edge.cors import same_origin
 from ..errors import ClientGone, GatewayError, tls_reason, upstream_failure
 from ..upstream.failover import RETRY_STATUS, Failed, attempt, first_target
@@ -198,7 +199,7 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
         p.strip()
         for value in request.headers.getall("Sec-WebSocket-Protocol", ())
         for p in value.split(",")
-        if p.strip() and p.strip() != ex.token_subprotocol  # a token is not a subprotocol
+        if p.strip() and not (ex.token_subprotocol and _is_token(p))  # a token is no protocol
     ]
     # The client's offer as it came (ws_extensions: false strips it): the frames are relayed
     # untouched, so the client and the upstream agree on them as on a direct connection.
@@ -257,3 +258,9 @@ def _connect_error(exc: TimeoutError | OSError) -> GatewayError:
     if isinstance(exc, ConnectionRefusedError) or not isinstance(exc, ConnectionError):
         return upstream_failure("connect")
     return upstream_failure("disconnect")
+
+
+def _is_token(offered: str) -> bool:
+    """A ``bearer.<token>`` offer (every one goes, not only the token checked: a second one
+    would reach the service unchecked)."""
+    return offered.strip().lower().startswith(SUBPROTOCOL)
