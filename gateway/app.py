@@ -411,6 +411,7 @@ class Gateway:
             "admin.listen",
             "tls.listen",
             "tls.acme",
+            "tls.handshake_timeout",
             "lifecycle.shutdown_timeout",
             "tracing",
         )

@@ -123,7 +123,13 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
     target = routing.check_target(request.raw_path)
     exposure = ex.snapshot.exposure
     listener = ex.listener
-    if exposure.acme and listener is not ADMIN and endpoints.is_challenge(target.path):
+    # The running ACME client's challenges (a reload that turns ACME off or on changes that
+    # at the restart it needs, with the client: not before, or its renewals would fail).
+    if (
+        shared.challenge is not None
+        and listener is not ADMIN
+        and endpoints.is_challenge(target.path)
+    ):
         ex.service = ex.route = GATEWAY
         return endpoints.challenge(shared, target.path, ex.request_id)
     own = endpoints.own(target.path)

@@ -117,12 +117,12 @@ class EdgePolicy:
 @dataclass(frozen=True, slots=True)
 class Exposure:
     """What the listeners serve beyond the routes: HSTS on HTTPS answers, the plain
-    listener's redirect to HTTPS, ACME's challenges, and who reaches the admin endpoints."""
+    listener's redirect to HTTPS, and who reaches the admin endpoints (ACME's challenges are
+    the running ACME client's: ``Shared.challenge``)."""
 
     hsts: str | None  # the Strict-Transport-Security value; None: not sent
     redirect: bool  # the plain listener answers 308 to https://
     redirect_port: int | None  # the port in those redirects (None: the bound one)
-    acme: bool  # /.well-known/acme-challenge/ is answered by the gateway
     admin: Networks  # client addresses that may reach /metrics and /gateway/*
     admin_apart: bool  # those are served on the admin listener only
     added: Added | None  # the security headers of every answer; None: none
@@ -250,7 +250,6 @@ def _exposure(config: Config, added: Added | None) -> Exposure:
         hsts=hsts,
         redirect=tls is not None and tls.redirect_http,
         redirect_port=tls.public_port if tls is not None else None,
-        acme=tls is not None and tls.acme is not None and tls.acme.enabled,
         admin=Networks(config.admin.allow),
         admin_apart=config.admin.listen is not None,
         added=added,

@@ -20,6 +20,7 @@ from .helpers import (
     NODA1,
     NODA2,
     CertFiles,
+    free_port,
     routes,
     sample,
     tls_handshake,
@@ -441,3 +442,130 @@ def test_a_tls_section_needs_certificates_or_acme_and_a_disabled_one_needs_neith
     config = parse_config(base + "tls: {enabled: false}\n")  # GATEWAY_TLS=false: nothing asked
     assert config.tls is not None
     assert not config.tls.enabled
+
+
+async def test_a_valid_wildcard_beats_acmes_placeholder_for_its_domain(ca, tmp_path):
+    # While ACME's order for gw.daarion.test is pending, its self-signed stand-in is served;
+    # a valid *.daarion.test from files covers that name and is what clients get.
+    from gateway.edge.tls import Certificates, Source  # noqa: PLC0415
+    from gateway.metrics import Metrics  # noqa: PLC0415
+
+    wildcard = write_cert(ca, tmp_path / "w", "*.daarion.test")
+    acme = tmp_path / "acme"  # nothing stored yet: the placeholder
+    certificates = Certificates(Metrics())
+    certificates.configure(
+        (
+            Source(str(wildcard.cert), str(wildcard.key)),
+            Source(str(acme / "c.pem"), str(acme / "k.pem"), acme=("gw.daarion.test",)),
+        ),
+        "1.2",
+    )
+    assert [s.placeholder for s in certificates.served] == [False, True]
+    server = await asyncio.start_server(
+        lambda r, w: w.close(), "127.0.0.1", 0, ssl=certificates.context
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        shook = await tls_handshake(port, "gw.daarion.test", trusting(ca))
+        assert shook.names == ("*.daarion.test",)
+        # A name only the placeholder has: the placeholder (no real one covers it).
+        assert (await tls_handshake(port, "other.test", no_sni(ca))).names == ("*.daarion.test",)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("when", ["expired", "not_yet_valid"])
+async def test_a_renewed_file_that_is_not_valid_now_never_replaces_a_valid_one(
+    gateway, ca, tmp_path, when
+):
+    files = write_cert(ca, tmp_path, "gateway.test")
+    gw = await gateway(tls_config(1, files))
+    port = gw.https_port
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    dates = (now - 30 * day, now - day) if when == "expired" else (now + day, now + 90 * day)
+    leaf = ca.issue_cert(
+        "gateway.test", "new.gateway.test", not_before=dates[0], not_after=dates[1]
+    )
+    files.cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    files.key.write_bytes(leaf.private_key_pem.bytes())
+    gw.gateway.reload_certificates()
+    assert (await tls_handshake(port, "gateway.test", trusting(ca))).names == ("gateway.test",)
+    (refused,) = [x for x in gw.log_lines() if x["message"].startswith("certificate not")]
+    reason = "expired on" if when == "expired" else "not valid before"
+    assert f"{files.cert}: {reason} " in refused["reason"]
+
+
+async def test_a_reload_leaves_acmes_challenges_to_the_running_acme_client(gateway, ca, tmp_path):
+    # The ACME client runs until the restart a changed tls.acme needs: its challenges must
+    # be answered until then (with acme turned off by a reload they got a 308 to https://,
+    # and every renewal of the running client failed).
+    from gateway.config import parse_config  # noqa: PLC0415
+    from gateway.edge.acme import ChallengeStore  # noqa: PLC0415
+
+    storage = tmp_path / "acme"
+    dead = free_port()
+    files = write_cert(ca, tmp_path, "gateway.test")
+    base = tls_config(1, files)
+    with_acme = base + (
+        f"  acme: {{domains: [acme.test], directory: 'https://127.0.0.1:{dead}/dir',"
+        f" storage: '{storage}'}}\n"
+    )
+    gw = await gateway(with_acme)
+    ChallengeStore(str(storage)).put("tok123", b"tok123.thumb")
+    challenge = "/.well-known/acme-challenge/tok123"
+    assert (await raw_get(gw.port, challenge, "acme.test"))[0] == 200
+    gw.gateway.apply(parse_config(base))
+    assert (await raw_get(gw.port, challenge, "acme.test"))[0] == 200
+
+
+async def test_a_reload_of_min_version_keeps_what_is_served(gateway, ca, tmp_path):
+    # The listener's context decides the version; the certificates stay as served, even
+    # one whose files no longer load (they used to be dropped and loaded anew).
+    files = write_cert(ca, tmp_path, "gateway.test")
+    text = tls_config(1, files)
+    gw = await gateway(text)
+    port = gw.https_port
+    gw.gateway.shared.certificates.watch_interval = 3600  # only this test's reloads look
+    from gateway.config import parse_config  # noqa: PLC0415
+
+    # (Both checked while the files are good.)
+    newer = parse_config(text + '  min_version: "1.3"\n')
+    slower = parse_config(text + '  min_version: "1.3"\n  handshake_timeout: 3\n')
+    files.cert.write_text("half written")
+    gw.gateway.apply(newer)
+    shook = await tls_handshake(port, "gateway.test", trusting(ca))
+    assert (shook.names, shook.version) == (("gateway.test",), "TLSv1.3")
+    old = trusting(ca)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await tls_handshake(port, "gateway.test", old)
+    warned = [x for x in gw.log_lines() if "handshake_timeout" in x["message"]]
+    assert warned == []
+    gw.gateway.apply(slower)
+    warned = [x["message"] for x in gw.log_lines() if "handshake_timeout" in x["message"]]
+    assert warned == ["a changed tls.handshake_timeout takes effect only after a restart"]
+
+
+def test_a_pair_half_written_since_the_last_check_is_looked_at_again(ca, tmp_path, caplog):
+    # The watch looks every watch_interval (2 s): a write it first sees 1.5 s late is still
+    # perhaps half done (the key not yet replaced), not refused with an ERROR at once.
+    from gateway.edge.tls import Certificates, Source  # noqa: PLC0415
+    from gateway.metrics import Metrics  # noqa: PLC0415
+
+    files = write_cert(ca, tmp_path, "gateway.test")
+    certificates = Certificates(Metrics())
+    assert certificates.watch_interval == 2.0
+    certificates.configure((Source(str(files.cert), str(files.key)),), "1.2")
+    renewed = write_cert(ca, tmp_path / "new", "gateway.test", "www.gateway.test")
+    os.replace(renewed.cert, files.cert)  # the certificate first: it does not match the key
+    written = time.time() - 1.5
+    for path in (files.cert, files.key):
+        os.utime(path, (written, written))
+    certificates.refresh(settle=True)
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    assert list(certificates.served[0].names) == ["gateway.test"]
+    os.replace(renewed.key, files.key)
+    certificates.refresh(settle=True)
+    assert list(certificates.served[0].names) == ["gateway.test", "www.gateway.test"]

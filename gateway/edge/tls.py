@@ -34,6 +34,7 @@ log = logging.getLogger("gateway.tls")
 WATCH_INTERVAL: Final = 2.0  # seconds between checks of the certificate files
 SETTLE: Final = 1.0  # seconds a pair that does not load may be in the middle of a write
 EXPIRING_DAYS: Final = 7  # /health says degraded with a certificate closer to its end
+CLOCK_SKEW: Final = 300.0  # seconds a new certificate may start in the future (clocks differ)
 # Mozilla's "intermediate" TLS 1.2 suites (ssl-config.mozilla.org, v5.7), forward-secret and
 # AEAD only, without the DHE ones (no DH parameters are configured). TLS 1.3's suites are
 # OpenSSL's defaults, which are the same list.
@@ -101,6 +102,7 @@ class Certificates:
         self._metrics = metrics
         self._min_version = min_version
         self._served: list[Served] = []
+        self._groups: tuple[list[Served], list[Served]] = ([], [])  # real, placeholders
         self._sources: tuple[Source, ...] = ()
         self._refused: dict[Source, Stamp] = {}  # the files of a refused pair, as refused
         self.context = server_context(min_version)
@@ -115,17 +117,18 @@ class Certificates:
         """Serve these sources (at start and after each config load). A source already
         served from unchanged files is kept as it is."""
         if min_version != self._min_version:
+            # The listener's context decides the version (the one SNI hands over does not):
+            # what is served stays, even a pair whose files no longer load.
             self._min_version = min_version
             self.context.minimum_version = VERSIONS[min_version]
-            self._served = []  # every context anew, with the new oldest version
         self._sources = sources
         self._update()
 
     def refresh(self, *, settle: bool = False) -> None:
         """Reload the sources whose files changed since they were loaded. ``settle``: a pair
-        that does not load but was written within the last ``SETTLE`` seconds is looked at
-        again at the next check before it is refused (a certificate and its key are two
-        files, never replaced at the same instant)."""
+        that does not load but was written within the last check interval and ``SETTLE``
+        seconds is looked at again at the next check before it is refused (a certificate
+        and its key are two files, never replaced at the same instant)."""
         self._update(settle=settle)
 
     async def watch(self) -> None:
@@ -176,6 +179,10 @@ class Certificates:
                     served.append(loaded)
         if served != self._served:
             self._served = served
+            self._groups = (
+                [s for s in served if not s.placeholder],
+                [s for s in served if s.placeholder],
+            )
             self._export()
 
     def _load(
@@ -189,13 +196,15 @@ class Certificates:
         replacing = old is not None and not old.placeholder
         try:
             pair = read_pair(source.cert, source.key)
+            if replacing and old is not None:
+                _no_worse(pair.not_before, pair.not_after, old.not_after, source.cert)
             context = server_context(self._min_version)
             context.load_cert_chain(source.cert, source.key)
         except (CertError, ssl.SSLError, OSError) as exc:
             if (
                 settle
                 and stamp is not None
-                and time.time() - max(stamp[0], stamp[2]) / 1e9 < SETTLE
+                and time.time() - max(stamp[0], stamp[2]) / 1e9 < self.watch_interval + SETTLE
             ):
                 return old  # perhaps half written: again at the next check
             self._refused[source] = stamp
@@ -249,14 +258,36 @@ class Certificates:
         served = self._served
         if not served:
             return  # nothing to serve: the handshake fails
-        chosen = served[0]
         if server_name:
             name = server_name.lower().rstrip(".")
-            chosen = next(
-                (s for s in served if name in s.names),
-                next((s for s in served if any(matches(p, name) for p in s.names)), chosen),
-            )
-        connection.context = chosen.context
+            # Real certificates first (exact, then wildcard), then placeholders: a valid
+            # *.example beats ACME's stand-in for a.example while its order is pending.
+            for group in self._groups:
+                for candidate in group:
+                    if name in candidate.names:
+                        connection.context = candidate.context
+                        return
+                for candidate in group:
+                    if any(matches(pattern, name) for pattern in candidate.names):
+                        connection.context = candidate.context
+                        return
+        connection.context = served[0].context
+
+
+def _no_worse(not_before: float, not_after: float, serving_until: float, path: str) -> None:
+    """Refuse a renewed pair that is not valid now while the one it would replace is: an old
+    backup restored, a certificate dated for later (every client would fail)."""
+    now = time.time()
+    if serving_until <= now:
+        return  # the served one is over anyway
+    if not_after <= now:
+        raise CertError(f"{path}: expired on {_date(not_after)}")
+    if not_before > now + CLOCK_SKEW:
+        raise CertError(f"{path}: not valid before {_date(not_before)}")
+
+
+def _date(stamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
 
 def _kind(served: Served) -> str:
