@@ -142,18 +142,18 @@ async def test_decisions_queued_behind_a_failed_call_wait_no_second_timeout(own_
     # More decisions in one tick than MAX_IN_FLIGHT batches hold (512 each): after the calls
     # in flight time out, the queued rest is the fallback's at once, not one more timeout.
     server = own_redis()
-    async with started(server, timeout=0.1, on_error="local") as limiter:
+    async with started(server, timeout=1.0, on_error="local") as limiter:
         server.pause()
-        begun = time.monotonic()
-        waits: list[float] = []
+        answered: list[float] = []
 
         async def decide(key: str) -> None:
             await limiter.decide(ZONE, key)
-            waits.append(time.monotonic() - begun)
+            answered.append(time.monotonic())
 
         await asyncio.gather(*(decide(f"k{i % 600}") for i in range(600 * MAX_IN_FLIGHT)))
         assert limiter.state == "disconnected"
-        assert max(waits) < 0.18, max(waits)  # one timeout (0.1 s), not two
+        # All within one timeout's end (a second one would put a second between them).
+        assert max(answered) - min(answered) < 0.8, max(answered) - min(answered)
 
 
 async def test_a_redis_that_answers_ping_but_refuses_the_script_stays_the_fallback(own_redis):
