@@ -280,3 +280,29 @@ async def test_a_chunked_body_whose_framing_breaks_is_400_at_once(upstream, gate
     assert 'kind="' not in "".join(line for line in text.splitlines() if "upstream_errors" in line)
     lines = [line for line in gw.log_lines() if line.get("status") == 400]
     assert [line["error"] for line in lines] == ["bad_request"]
+
+
+async def test_an_upstream_that_answers_a_streamed_upload_early_keeps_the_client_served(
+    raw_upstream, gateway
+):
+    # The upstream answers while the gateway is still streaming the client's body to it (a
+    # 413 or 401 of its own, say). The rest of the body is drained, not read by two readers
+    # at once (a RuntimeError dropped the connection), and the next request is answered.
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nearl")
+        await writer.drain()
+        await asyncio.sleep(3)
+
+    port = await raw_upstream(early)
+    gw = await gateway(city(port, ", health: {enabled: false}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /api/city/x HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n")
+    writer.write(b"x" * 70_000)  # over the 64 KiB kept for retries: streamed
+    first = await asyncio.wait_for(reader.readuntil(b"earl"), 5)
+    assert first.startswith(b"HTTP/1.1 200")
+    writer.write(b"x" * 130_000 + b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
+    assert b'"status"' in rest
+    assert [x for x in gw.log_lines() if x["message"] == "client connection failed"] == []

@@ -131,8 +131,11 @@ class Response:
             finally:
                 self._waiter = None
 
-    def release(self) -> None:
-        self._connection.finish(self)
+    def release(self) -> asyncio.Task[None] | None:
+        """The exchange is over (see ``Connection.finish``); the request body's task, if it
+        was still sending and is now cancelled: await it before anything else reads the
+        client's body."""
+        return self._connection.finish(self)
 
     def close(self) -> None:
         self._connection.abort()
@@ -471,17 +474,20 @@ class Connection(asyncio.Protocol):
             self._progress = self._loop.time()
             self._transport.resume_reading()
 
-    def finish(self, response: Response) -> None:
+    def finish(self, response: Response) -> asyncio.Task[None] | None:
         """The exchange of ``response`` is over: pool the connection if it can take another
-        request, else close it."""
+        request, else close it. Returns the request body's task if it had to be cancelled
+        (an answer came before the whole body was sent)."""
         if response is not self._response:
-            return
+            return None
         self._response = None
         task = self._body_task
+        cancelled = None
         if task is not None:
             self._body_task = None
             if not task.done():
                 task.cancel()
+                cancelled = task
                 self._reusable = False
         if (
             self._state == _DONE
@@ -495,6 +501,7 @@ class Connection(asyncio.Protocol):
             self._pool.put(self)
         else:
             self.abort()
+        return cancelled
 
     def abort(self) -> None:
         """Close the connection at once, dropping whatever is still buffered to be sent."""

@@ -14,6 +14,7 @@ connection, so a truncated body never looks complete.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
@@ -212,7 +213,11 @@ async def relay(
         by_client = streamed is not None and streamed.fault is not None
         raise UpstreamAborted(response, by_client=by_client) from exc
     finally:
-        upstream.release()
+        sending = upstream.release()
+        if sending is not None:
+            # Answered before the body was all sent: the task reading it must be gone before
+            # the connection drains the rest (one reader at a time).
+            await asyncio.wait((sending,))
     return response
 
 
