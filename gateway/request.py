@@ -100,6 +100,14 @@ class Request:
         """aiohttp's responses call it while they prepare (``on_response_prepare``): none."""
 
 
+def expects_continue(request: Request) -> bool:
+    """Whether the client waits for ``100 Continue`` before it sends its body (HTTP/1.1)."""
+    return (
+        request.version == HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+    )
+
+
 def answer_in_http11(request: Request) -> None:
     """Make the response to ``request`` start ``HTTP/1.1`` (and follow HTTP/1.1's rules for
     ``Connection``) whatever version the request line named (a 505 to ``HTTP/2.0``: aiohttp's

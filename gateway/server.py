@@ -16,7 +16,8 @@ What aiohttp's server did that the gateway relies on is kept, each in one place 
   holds from each connection's next answer on);
 - an answer's keep-alive decision (its ``keep_alive``: the request's version and
   ``Connection``, the response's ``force_close()``), and an unread body drained for up to
-  ``lingering_time`` before the next request, the connection closed if it does not end;
+  ``drain_time`` before the next request; a connection that closes with its client perhaps
+  still sending (a body unread, a refused head) closes lingering (``Lingering``);
 - a client that goes away cancels its request's task (aiohttp's ``handler_cancellation``),
   and a body being read raises ``ConnectionResetError``;
 - a WebSocket handshake the relay takes over (``detach``), and one it refuses: what came
@@ -48,6 +49,7 @@ nor what follows a WebSocket handshake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections import deque
@@ -70,7 +72,7 @@ from .edge.trusted import canonical
 from .errors import GatewayError, error_response
 from .logs import REQUEST_ID, new_request_id
 from .metrics import UNMATCHED, Metrics
-from .request import Request, answer_in_http11, for_aiohttp
+from .request import Request, answer_in_http11, expects_continue, for_aiohttp
 
 log = logging.getLogger("gateway")
 
@@ -79,7 +81,12 @@ log = logging.getLogger("gateway")
 MAX_REQUEST_LINE: Final = 8190
 MAX_HEADER_FIELD: Final = 8192
 MAX_HEADERS: Final = 100
-LINGERING_TIME: Final = 2.0  # how long an unread request body is drained after an answer
+DRAIN_TIME: Final = 2.0  # how long an unread body is drained to keep the connection alive
+# A connection closed with its client perhaps still sending (an answer before its body, a head
+# too large): nginx's lingering_close, with its defaults. What arrives is read and dropped
+# while it keeps coming (a pause over LINGERING_TIMEOUT ends it), for LINGERING_TIME at most.
+LINGERING_TIME: Final = 30.0
+LINGERING_TIMEOUT: Final = 5.0
 MAX_QUEUED: Final = 32  # pipelined requests parsed ahead (aiohttp's MAX_MSG_QUEUE_SIZE)
 READ_BUFSIZE: Final = 2**16  # a body's buffer before reading pauses; what follows a handshake
 STOP_CANCEL_GRACE: Final = 1.0  # a request cancelled at a stop gets this long to unwind
@@ -107,7 +114,8 @@ class Server(web.Server):
         *,
         hsts: Callable[[], str | None] | None = None,
         keepalive_timeout: Callable[[], float] = lambda: 75.0,
-        lingering_time: float = LINGERING_TIME,
+        drain_time: float = DRAIN_TIME,
+        lingering: tuple[float, float] = (LINGERING_TIME, LINGERING_TIMEOUT),
     ) -> None:
         super().__init__(_never_called)
         self.handler = handler
@@ -115,7 +123,8 @@ class Server(web.Server):
         self.table = connections
         self.hsts = hsts  # the HTTPS listener's: its unparsable requests' answers get HSTS too
         self.keepalive_timeout = keepalive_timeout  # the snapshot's: a reload changes it
-        self.lingering_time = lingering_time
+        self.drain_time = drain_time
+        self.lingering = lingering  # (at most, without data)
         self.live: dict[Connection, None] = {}  # open, or with a request still running
         self._outgoing: list[Connection] = []  # answers to write at the end of this turn
 
@@ -192,6 +201,7 @@ class Connection(ParsingProtocol):
         "_held",
         "_keepalive",
         "_limit",
+        "_lingering",
         "_out",
         "_over",
         "_queue",
@@ -225,6 +235,7 @@ class Connection(ParsingProtocol):
         self._body: StreamReader | None = None  # a body arriving: its bytes are no head's
         self._upgrade_tail = b""  # what came after a WebSocket handshake, for the relay
         self._over = False  # answered early (431, 408) or refused: what comes is dropped
+        self._lingering: Lingering | None = None  # its transport, once closing lingering
         self._closing = False  # no request after the one running: close after its answer
         self._detached = False  # a WebSocket relay took the transport
         self._out: bytes | None = None  # an answer written at the end of the turn (write_soon)
@@ -263,6 +274,8 @@ class Connection(ParsingProtocol):
             return
         self._over = True
         self._out = None
+        if self._lingering is not None:
+            self._lingering.lost()
         super().connection_lost(exc)
         self._server.metrics.client_connections.dec()
         self._table.release(self)
@@ -392,11 +405,15 @@ class Connection(ParsingProtocol):
                 task.cancel()
                 await asyncio.wait({task}, timeout=STOP_CANCEL_GRACE)
         self.force_close()
+        if self._lingering is not None:  # its answer went out: the client may still be reading
+            await self._lingering.ended(max(0.0, deadline - self.loop.time()))
 
     # -- bytes in ----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._over:
+            if self._lingering is not None:
+                self._lingering.arrived()
             return
         body = self._body
         if body is not None:
@@ -546,9 +563,8 @@ class Connection(ParsingProtocol):
         ):
             # Duck-typed: the connection only calls the transport's methods, which Lingering
             # passes on.
-            self.transport = cast(
-                asyncio.Transport, Lingering(transport, self._server.lingering_time)
-            )
+            lingering = self._lingering = Lingering(transport, *self._server.lingering)
+            self.transport = cast(asyncio.Transport, lingering)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -611,8 +627,14 @@ class Connection(ParsingProtocol):
             keep = await self._answer(request, message)
         finally:
             self.request = None
-        if keep and not payload.is_eof():
-            keep = await self._linger(payload)
+        if not payload.is_eof():
+            if keep:
+                keep = await self._linger(payload)
+            if not keep and not self._detached:
+                # Its client may be sending the body still: closed at once, the connection
+                # would be reset, and the answer it has not read yet lost with it.
+                self._over = True
+                self._close_lingering()
         if payload is not EMPTY_PAYLOAD:
             payload.set_exception(_GONE)
         return keep and not self._detached
@@ -658,6 +680,11 @@ class Connection(ParsingProtocol):
                     response = self.handle_error(request, 504)
                 except Exception as exc:  # noqa: BLE001 - every error is answered, and logged
                     response = self.handle_error(request, 500, exc)
+                payload = request.content
+                if not payload.is_eof() and not payload.total_bytes and expects_continue(request):
+                    # Refused before its 100 Continue: the client sends no body, and would
+                    # send its next request where the body was due (read as the body).
+                    response.force_close()
             await response.prepare(for_aiohttp(request))
             await response.write_eof()
         except ConnectionError:  # the client left, or an error came after the answer began
@@ -665,9 +692,9 @@ class Connection(ParsingProtocol):
         return bool(response.keep_alive)
 
     async def _linger(self, payload: StreamReader) -> bool:
-        """An answer went out before its body was read: drain it for up to
-        ``lingering_time`` (the client may be sending it still); whether it ended."""
-        seconds = self._server.lingering_time
+        """An answer went out before its body was read: drain it for up to ``drain_time``
+        (the client may be sending it still); whether it ended."""
+        seconds = self._server.drain_time
         if seconds <= 0:
             return False
         try:
@@ -773,19 +800,24 @@ async def _never_called(request: web.BaseRequest) -> web.StreamResponse:
 
 
 class Lingering:
-    """A client connection answered early (431, 408) while its client may still be sending:
-    closing it at once would reset it (the kernel answers bytes that arrive for a closed
-    socket with RST, and the client's kernel then drops the answer it has not read yet). Its
-    ``close()`` ends the answer with a FIN instead and lets the client finish for up to
-    ``seconds`` (what it sends is dropped), then closes: nginx's ``lingering_close``.
+    """A client connection answered early (an answer before its body was read, a 431, a 408)
+    while its client may still be sending: closing it at once would reset it (the kernel
+    answers bytes that arrive for a closed socket with RST, and the client's kernel then drops
+    the answer it has not read yet). Its ``close()`` ends the answer with a FIN instead and
+    reads what the client still sends (dropped: the connection is ``_over``) while it keeps
+    coming, up to ``idle`` seconds between reads and ``total`` seconds in all, then closes:
+    nginx's ``lingering_close`` (``lingering_time`` 30 s, ``lingering_timeout`` 5 s).
     Everything else is the transport's."""
 
-    __slots__ = ("_ended", "_seconds", "_transport")
+    __slots__ = ("_ended", "_gone", "_idle", "_seen", "_total", "_transport", "_until")
 
-    def __init__(self, transport: asyncio.Transport, seconds: float) -> None:
+    def __init__(self, transport: asyncio.Transport, total: float, idle: float) -> None:
         self._transport = transport
-        self._seconds = seconds
+        self._total = total
+        self._idle = idle
         self._ended = False
+        self._seen = self._until = 0.0
+        self._gone: asyncio.Future[None] | None = None  # once closing lingering: its end
 
     def close(self) -> None:
         transport = self._transport
@@ -793,7 +825,41 @@ class Lingering:
             return
         self._ended = True
         transport.write_eof()  # after the answer: the client reads all of it, then EOF
-        asyncio.get_running_loop().call_later(self._seconds, transport.close)
+        # Read on, also what flow control had paused (a body nobody consumed any more).
+        with contextlib.suppress(RuntimeError, NotImplementedError, AttributeError):
+            transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._gone = loop.create_future()
+        self._seen = now = loop.time()
+        self._until = now + self._total
+        loop.call_at(min(now + self._idle, self._until), self._check)
+
+    def arrived(self) -> None:
+        """The client sent more (dropped): it is still sending."""
+        if self._ended:
+            self._seen = asyncio.get_running_loop().time()
+
+    def lost(self) -> None:
+        """The connection is closed (by the client, or at the end of the lingering)."""
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+
+    async def ended(self, seconds: float) -> None:
+        """A stop's wait: the lingering gets ``seconds`` (the stop's time left) to end."""
+        if self._gone is not None:
+            await asyncio.wait((self._gone,), timeout=seconds)
+        self._transport.close()
+
+    def _check(self) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._until or now - self._seen >= self._idle:
+            transport.close()
+            return
+        loop.call_at(min(self._seen + self._idle, self._until), self._check)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

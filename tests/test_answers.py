@@ -378,3 +378,54 @@ async def test_an_answer_of_unknown_length_is_chunked_or_ended_by_the_close(
     assert relayed.header("Transfer-Encoding") is None
     assert relayed.header("Content-Length") is None
     assert (await client.body(relayed)).body == body  # read up to the close
+
+
+async def test_a_lingering_close_reads_while_the_client_sends_and_ends_when_it_stops(gateway):
+    # nginx's lingering_close: after an answer given before its body was read, the body is
+    # read and dropped while it keeps coming (each pause under lingering_timeout), for
+    # lingering_time at most; the answer (and its FIN) readable the whole time.
+    async def refused(request: Request) -> web.StreamResponse:
+        answer = Whole(status=413, headers={"Server": "test"}, body=b"too large")
+        answer.force_close()
+        return answer
+
+    shared = (await gateway(city(1))).gateway.shared
+    server = Server(refused, shared.metrics, shared.connections, lingering=(2.0, 0.4))
+    runner = web.ServerRunner(server, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    loop = asyncio.get_running_loop()
+
+    def open_connections() -> float:
+        return shared.metrics.registry.get_sample_value("gateway_client_connections") or 0.0
+
+    async def sending(every: float, seconds: float) -> tuple[bytes, float, float]:
+        """Send a body piece ``every`` seconds for ``seconds``: (the answer, when the
+        pieces stopped, when the gateway's connection ended), from the first byte."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        begun = loop.time()
+        writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 2)  # the answer, then the FIN
+        while loop.time() - begun < seconds and open_connections():
+            writer.write(b"x" * 1000)
+            await asyncio.sleep(every)
+        stopped = loop.time() - begun
+        for _ in range(500):  # 10 s at most
+            if not open_connections():
+                break
+            await asyncio.sleep(0.02)
+        writer.close()
+        return answer, stopped, loop.time() - begun
+
+    try:
+        answer, stopped, closed = await sending(0.1, 1.0)
+        assert answer.startswith(b"HTTP/1.1 413")
+        assert answer.endswith(b"too large")
+        assert stopped >= 1.0  # pieces for a second, over twice the 0.4 s allowed without one
+        assert closed - stopped < 0.8  # and the connection ended about 0.4 s after the last
+        _, stopped, closed = await sending(0.1, 3.0)
+        assert 1.9 < closed < 2.6  # lingering_time bounds it, however long the client sends
+    finally:
+        await runner.cleanup()

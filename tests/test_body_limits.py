@@ -4,6 +4,7 @@ a client's stall or excess never counted against a healthy upstream."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import aiohttp
 import orjson
@@ -306,3 +307,70 @@ async def test_an_upstream_that_answers_a_streamed_upload_early_keeps_the_client
     assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
     assert b'"status"' in rest
     assert [x for x in gw.log_lines() if x["message"] == "client connection failed"] == []
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+async def test_a_client_still_sending_when_refused_gets_its_answer_not_a_reset(
+    upstream, gateway, framing
+):
+    # As urllib or http.client do: the whole body is sent before the answer is read. The
+    # connection the 413 (or a 401 to a Connection: close upload) ends is closed lingering,
+    # the rest of the body read and dropped, so the client reads the answer; closed at once,
+    # the kernel reset it and the client saw EPIPE or ECONNRESET instead.
+    up = await upstream(NODA1)
+    limit = ", limits: {client_max_body_size: 1k}" if framing != "close" else ""
+    auth = ", auth: required" if framing == "close" else ""
+    text = city(up.port, limit + auth) + (
+        "auth: {providers: {daarion: {algorithms: [HS256], secret: '" + "s" * 32 + "'}}}\n"
+    )
+    gw = await gateway(text)
+    body = b"x" * (8 << 20)
+    if framing == "chunked":
+        head = b"Transfer-Encoding: chunked\r\n\r\n"
+        body = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    else:
+        head = b"Content-Length: %d\r\n" % len(body)
+        head += b"Connection: close\r\n\r\n" if framing == "close" else b"\r\n"
+    request = b"POST /api/city/up HTTP/1.1\r\nHost: a\r\n" + head + body
+
+    def send_then_read() -> bytes:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    answer = await asyncio.to_thread(send_then_read)
+    expected = b"HTTP/1.1 401" if framing == "close" else b"HTTP/1.1 413"
+    assert answer.startswith(expected), answer[:100]
+    assert up.seen == []
+
+
+async def test_a_refusal_before_100_continue_closes_the_connection(upstream, gateway):
+    # The client was sent no 100 Continue, so it sends no body, and would send its next
+    # request where the body was due: that was read as the body (its 5 bytes), and the rest
+    # answered 400. The refusal says Connection: close and ends the connection.
+    up = await upstream(NODA1)
+    gw = await gateway(city(up.port, ", limits: {client_max_body_size: 1k}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"POST /api/nothere/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 404")
+    assert b"\r\nConnection: close\r\n" in head
+    writer.write(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")  # as curl would, on a 1.1 answer
+    writer.write_eof()
+    rest = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    assert b"HTTP/1.1 400" not in rest
+    # Forwarded, it gets its 100 Continue and then its answer.
+    ok = await raw_exchange(
+        gw.port, b"POST /api/city/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\nhello"
+    )  # fmt: skip
+    assert ok.status == 100
+    assert ok.body.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert [s.body for s in up.seen] == [b"hello"]

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..errors import ClientGone, GatewayError
+from ..request import expects_continue
 from ..snapshot import BodyPolicy
 
 if TYPE_CHECKING:
@@ -129,9 +130,7 @@ async def read_body(
     length = request.content_length
     if policy.max_size and length is not None and length > policy.max_size:
         raise too_large(policy.max_size)  # before 100 Continue: the client sends nothing
-    if request.version == aiohttp.HttpVersion11 and (
-        request.headers.get("Expect", "").lower() == "100-continue"
-    ):
+    if expects_continue(request):
         # The client waits for this before sending its body; the gateway answers it itself
         # (and drops Expect upstream) once it has decided to forward the request.
         await request.writer.write(_CONTINUE)
