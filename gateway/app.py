@@ -148,7 +148,8 @@ class Gateway:
         tls = config.tls
         if tls is not None and tls.enabled:
             certificates = shared.certificates = Certificates(shared.metrics, tls.min_version)
-            certificates.configure(tls_sources(config), tls.min_version)
+            acme = tls.acme if tls.acme is not None and tls.acme.enabled else None
+            certificates.configure(tls_sources(config, acme), tls.min_version)
             self._in_background(certificates.watch())
             if tls.acme is not None and tls.acme.enabled:
                 # In every worker: the one holding the storage's lock orders, the others
@@ -413,6 +414,7 @@ class Gateway:
             "tls.acme",
             "tls.handshake_timeout",
             "lifecycle.shutdown_timeout",
+            "lifecycle.pid_file",
             "tracing",
         )
         for key in restart:
@@ -425,7 +427,9 @@ class Gateway:
             # ACME's certificate stays the one the running AcmeManager keeps (a changed
             # tls.acme needs a restart, as warned above).
             running = shared.acme.settings if shared.acme is not None else None
-            shared.certificates.configure(tls_sources(config, running), tls.min_version)
+            # Files swapped for ACME (which starts at the restart): the files until then.
+            sources = tls_sources(config, running) or tls_sources(old.config, running)
+            shared.certificates.configure(sources, tls.min_version)
         shared.snapshot = new
         if _verifying(config) != _verifying(old.config):
             # Other providers: the new authenticator fetches its keys before it takes over
@@ -435,7 +439,7 @@ class Gateway:
         if config.redis != old.config.redis:
             previous = shared.limiter
             shared.limiter = _make_limiter(config, shared.metrics)
-            self._in_background(self._swap_limiter(previous))
+            self._in_background(self._swap_limiter(previous, shared.limiter))
         shared.slots.sync(new.routes)
         for name in old.routes.keys() - new.routes.keys():
             shared.metrics.forget_service(name)
@@ -452,9 +456,9 @@ class Gateway:
             if previous is not None:
                 await previous.close()
 
-    async def _swap_limiter(self, previous: Limiter) -> None:
+    async def _swap_limiter(self, previous: Limiter, new: Limiter) -> None:
         await previous.close()
-        await self.shared.limiter.start()
+        await new.start()  # this one (a later reload may have made another already)
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -489,15 +493,14 @@ def _setting(config: Config, key: str) -> object:
     return value
 
 
-def tls_sources(config: Config, acme: Acme | None = None) -> tuple[Source, ...]:
-    """The certificates the HTTPS listener serves, in order: the files, then ACME's (the
-    running manager's ``acme`` when given, else the config's)."""
+def tls_sources(config: Config, acme: Acme | None) -> tuple[Source, ...]:
+    """The certificates the HTTPS listener serves, in order: the files, then, with ``acme``
+    (the running ACME client's settings: a changed ``tls.acme`` waits for a restart),
+    ACME's."""
     tls = config.tls
     if tls is None:
         return ()
     sources = [Source(files.cert, files.key) for files in tls.certificates]
-    if acme is None and tls.acme is not None and tls.acme.enabled:
-        acme = tls.acme
     if acme is not None:
         sources.append(acme_source(acme))
     return tuple(sources)
@@ -507,7 +510,9 @@ def _make_limiter(config: Config, metrics: Metrics) -> Limiter:
     """The shared limiter for a ``redis`` section (its state in ``service_health``), else the
     in-memory one."""
     settings = config.redis
+    metrics.rate_limit_degraded.set(0)  # a new limiter: what the last one said is over
     if settings is None or settings.url.startswith("memory://"):
+        metrics.remove_series(metrics.health, lambda labels: labels == (GATEWAY, "redis"))
         return LocalLimiter()
     metrics.health.labels(GATEWAY, "redis").set(1)
 

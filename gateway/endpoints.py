@@ -83,8 +83,10 @@ async def not_found(shared: Shared, ex: Exchange) -> web.StreamResponse:
 
 
 def admits(shared: Shared, exposure: Exposure, listener: Listener, client: str) -> bool:
-    """Whether a client on this listener may reach /metrics and /gateway/*."""
-    if exposure.admin_apart and shared.admin_listening and listener is not ADMIN:
+    """Whether a client on this listener may reach /metrics and /gateway/*: while the admin
+    listener runs (from start to stop: a reload that removes ``admin.listen`` needs the
+    restart it warns of, not before), only there."""
+    if shared.admin_listening and listener is not ADMIN:
         return False
     return exposure.admin.holds(client)
 

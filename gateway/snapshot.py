@@ -124,7 +124,6 @@ class Exposure:
     redirect: bool  # the plain listener answers 308 to https://
     redirect_port: int | None  # the port in those redirects (None: the bound one)
     admin: Networks  # client addresses that may reach /metrics and /gateway/*
-    admin_apart: bool  # those are served on the admin listener only
     added: Added | None  # the security headers of every answer; None: none
 
 
@@ -251,7 +250,6 @@ def _exposure(config: Config, added: Added | None) -> Exposure:
         redirect=tls is not None and tls.redirect_http,
         redirect_port=tls.public_port if tls is not None else None,
         admin=Networks(config.admin.allow),
-        admin_apart=config.admin.listen is not None,
         added=added,
     )
 

@@ -68,6 +68,22 @@ async def test_with_an_admin_listener_they_are_served_there_and_on_no_public_one
     assert b'"not_found"' in body
 
 
+async def test_a_reload_that_removes_the_admin_listener_opens_nothing_before_the_restart(
+    gateway, client
+):
+    # The admin listener serves on until the restart the reload warns of: the public
+    # listeners must not start serving /metrics and /gateway/* meanwhile.
+    from gateway.config import parse_config  # noqa: PLC0415
+
+    gw = await gateway(config("admin: {listen: {host: 127.0.0.1, port: 9101}}\n"))
+    gw.gateway.apply(parse_config(config("")))
+    assert (await get(client, f"{gw.url}/metrics"))[0] == 404
+    assert (await get(client, f"{gw.url}/gateway/upstreams"))[0] == 404
+    assert (await get(client, f"{gw.admin_url}/metrics"))[0] == 200
+    warned = [x["message"] for x in gw.log_lines() if "admin.listen" in x["message"]]
+    assert warned == ["a changed admin.listen takes effect only after a restart"]
+
+
 async def test_the_admin_listener_keeps_its_allow_list(gateway, client):
     gw = await gateway(
         config("admin: {listen: {host: 127.0.0.1, port: 9101}, allow: [10.0.0.0/8]}\n")

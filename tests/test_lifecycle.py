@@ -492,3 +492,27 @@ async def test_workers_run_the_installed_gateway_whatever_the_current_directory(
         assert await asyncio.wait_for(proc.wait(), 20) == 0
         stderr = await proc.stderr.read() if proc.stderr is not None else b""
         assert b"the decoy ran" not in stderr
+
+
+def test_a_reload_to_a_shorter_shutdown_timeout_does_not_shorten_the_kill_grace(tmp_path):
+    # A worker keeps the shutdown_timeout it started with (a change needs a restart): the
+    # supervisor's kill timer for a stopping worker must not follow a reload down to the
+    # new value, or it kills requests the worker is still allowed to finish.
+    from gateway.config import parse_config  # noqa: PLC0415
+    from gateway.lifecycle.supervisor import KILL_MARGIN, Options, Supervisor  # noqa: PLC0415
+
+    def text(seconds: int) -> str:
+        return (
+            f"nodes: {{noda1: {{host: {NODA1}}}}}\n"
+            "services: {city: {port: 1, nodes: [noda1]}}\n"
+            f"lifecycle: {{drain_delay: 1, ws_drain: 2, shutdown_timeout: {seconds}}}\n"
+        )
+
+    options = Options(str(tmp_path / "routes.yaml"), 1, None, None, "INFO", None)
+    supervisor = Supervisor(options, text(25), parse_config(text(25)))
+    assert supervisor.grace() == 1 + 2 + 25 + KILL_MARGIN
+    supervisor.config = parse_config(text(0))
+    assert supervisor.grace() == 1 + 2 + 25 + KILL_MARGIN
+    supervisor.config = parse_config(text(40))
+    assert supervisor.grace() == 1 + 2 + 40 + KILL_MARGIN
+    shutil.rmtree(supervisor.run_dir)

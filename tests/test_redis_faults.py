@@ -24,6 +24,7 @@ from .helpers import (
     burst,
     free_port,
     limited,
+    sample,
     statuses,
     tcp_sockets,
 )
@@ -192,6 +193,59 @@ async def test_closing_the_limiter_answers_every_decision_still_waiting(own_redi
         assert (await limiter.decide(ZONE, "later")).allowed  # closed: the fallback's
     finally:
         server.resume()
+
+
+async def test_a_reload_away_from_a_failed_redis_clears_what_it_reported(
+    own_redis, upstream, gateway, client
+):
+    # gateway_rate_limit_degraded stayed 1 (its alert firing) after a reload to a working
+    # Redis or to none, and service_health{dependency="redis"} stayed 0 with no Redis at all.
+    from gateway.config import parse_config  # noqa: PLC0415
+
+    dead, alive = own_redis(), own_redis()
+    dead.kill()
+    up = await upstream(NODA1)
+    fresh = "metrics_cache: 0\n"  # every scrape rendered anew
+    gw = await gateway(limited(up.port, dead.url, "t:", redis_timeout=0.05) + fresh)
+
+    async def reported() -> tuple[float, float | None]:
+        async with client.get(gw.url + "/metrics") as response:
+            text = await response.text()
+        health = 'service_health{dependency="redis",service="gateway"}'
+        present = any(line.startswith(health + " ") for line in text.splitlines())
+        return (
+            sample(text, "gateway_rate_limit_degraded"),
+            sample(text, health) if present else None,
+        )
+
+    assert await reported() == (1.0, 0.0)
+    gw.gateway.apply(parse_config(limited(up.port, alive.url, "t:", redis_timeout=0.05) + fresh))
+    await recovered(gw)
+    assert await reported() == (0.0, 1.0)
+    alive.kill()
+    await burst(gw.url + "/api/city/x", 3)
+    await wait_until(lambda: gw.gateway.shared.limiter.state == "disconnected")
+    text = limited(up.port, alive.url, "t:")
+    without = "\n".join(line for line in text.splitlines() if not line.startswith("redis:"))
+    gw.gateway.apply(parse_config(without + "\n" + fresh))
+    assert await reported() == (0.0, None)
+
+
+async def test_a_limiter_closed_while_it_starts_reports_nothing_after(own_redis):
+    # Two quick reloads: the first one's limiter is closed while its start still waits on
+    # Redis. Its start's failure used to mark it down and leave a probe running for good.
+    server = own_redis()
+    server.pause()
+    said: list[bool] = []
+    limiter = RedisLimiter(RedisSettings(url=server.url, timeout=0.05), on_transition=said.append)
+    starting = asyncio.ensure_future(limiter.start())
+    await asyncio.sleep(0.05)
+    await limiter.close()
+    await asyncio.wait_for(starting, 3)
+    server.resume()
+    await asyncio.sleep(0.3)  # a probe would have run by now
+    assert said == []
+    assert limiter.state == "connected"  # never marked down: it was closed first
 
 
 # A script that keeps Redis busy for ARGV[1] microseconds (its TIME, polled).

@@ -569,3 +569,24 @@ def test_a_pair_half_written_since_the_last_check_is_looked_at_again(ca, tmp_pat
     os.replace(renewed.key, files.key)
     certificates.refresh(settle=True)
     assert list(certificates.served[0].names) == ["gateway.test", "www.gateway.test"]
+
+
+async def test_a_reload_from_files_to_acme_serves_the_files_until_the_restart(
+    gateway, ca, tmp_path
+):
+    # ACME starts at the restart a changed tls.acme needs; until then the files serve on
+    # (not an empty set, nor a placeholder no ACME client will ever replace).
+    from gateway.config import parse_config  # noqa: PLC0415
+
+    files = write_cert(ca, tmp_path, "gateway.test")
+    text = tls_config(1, files)
+    gw = await gateway(text)
+    acme_only = text.replace(f"  certificates: [{files.yaml()}]\n", "") + (
+        f"  acme: {{domains: [gateway.test], directory: 'https://127.0.0.1:{free_port()}/d',"
+        f" storage: '{tmp_path / 'acme'}'}}\n"
+    )
+    gw.gateway.apply(parse_config(acme_only))
+    shook = await tls_handshake(gw.https_port, "gateway.test", trusting(ca))
+    assert shook.names == ("gateway.test",)  # verified by the CA: the file's, no placeholder
+    warned = [x["message"] for x in gw.log_lines() if "tls.acme" in x["message"]]
+    assert warned == ["a changed tls.acme takes effect only after a restart"]

@@ -140,6 +140,7 @@ class Supervisor:
         previous program served)."""
         self.options = options
         self.text = text  # the config every worker serves (a respawn gets it too)
+        self._longest_shutdown = 0.0  # see grace
         self.config = config
         self.generation = 1
         self.reload_ok = True  # how the last reload ended (a respawned worker says it too)
@@ -225,7 +226,7 @@ class Supervisor:
                 os.kill(child.pid, signal.SIGTERM)
         waiting = [child.exited for child in self.children]
         if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self._grace())
+            _, late = await asyncio.wait(waiting, timeout=self.grace())
             for child in list(self.children):
                 self._kill_if_running(child)
             if late:
@@ -240,7 +241,7 @@ class Supervisor:
 
     def _kill_after_grace(self, child: Child) -> None:
         """SIGKILL a worker told to stop that is still there after its grace."""
-        asyncio.get_running_loop().call_later(self._grace(), self._kill_if_running, child)
+        asyncio.get_running_loop().call_later(self.grace(), self._kill_if_running, child)
 
     def _kill_if_running(self, child: Child) -> None:
         if not child.exited.done():
@@ -251,9 +252,21 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signal.SIGKILL)
 
-    def _grace(self) -> float:
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self._longest_shutdown = max(self._longest_shutdown, config.lifecycle.shutdown_timeout)
+
+    def grace(self) -> float:
+        """How long a stopping worker may take before it is killed. A worker keeps the
+        shutdown_timeout it started with (a change needs a restart), so the longest this
+        program has served bounds it: a reload to a shorter one killed requests in flight."""
         lifecycle = self.config.lifecycle
-        return lifecycle.drain_delay + lifecycle.ws_drain + lifecycle.shutdown_timeout + KILL_MARGIN
+        return lifecycle.drain_delay + lifecycle.ws_drain + self._longest_shutdown + KILL_MARGIN
 
     def _who(self, error: str | None = None) -> dict[str, Any]:
         fields: dict[str, Any] = {

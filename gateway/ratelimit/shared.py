@@ -202,8 +202,8 @@ class RedisLimiter:
         return list(zip(flat[::2], flat[1::2], strict=True))
 
     def _disconnected(self, exc: BaseException) -> None:
-        if not self._connected:
-            return
+        if not self._connected or self._closed:
+            return  # (closed: a late failure of its start or calls says nothing any more)
         self._connected = False
         log.warning(
             "redis unavailable: rate limits fall back",
