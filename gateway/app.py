@@ -449,10 +449,11 @@ class Gateway:
         async with self._auth_swap:  # one at a time: the last config wins
             if _verifying(config) != _verifying(self.shared.snapshot.config):
                 return  # a later reload changed it again; its own swap follows
-            new = Authenticator(config.auth) if config.auth is not None else None
+            previous = self.shared.authenticator
+            new = Authenticator(config.auth, previous=previous) if config.auth is not None else None
             if new is not None:
                 await new.start()  # keys first (a failure is logged; refreshes go on)
-            previous, self.shared.authenticator = self.shared.authenticator, new
+            self.shared.authenticator = new
             if previous is not None:
                 await previous.close()
 

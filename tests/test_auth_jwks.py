@@ -121,12 +121,21 @@ def _passes(auth: Authenticator, text: str) -> bool:
     return True
 
 
-async def test_an_outage_keeps_the_last_good_keys(upstream, authenticators) -> None:
+async def started(
+    upstream: Start, made: list[Authenticator]
+) -> tuple[JwksServer, Upstream, str, Authenticator]:
+    """A JWKS server, and an authenticator that has its keys: (server, its upstream, URL,
+    authenticator)."""
     server = JwksServer()
     up = await upstream(LOCAL, server.handle)
     url = f"http://{LOCAL}:{up.port}/jwks"
-    auth = authenticator(authenticators, jwks_url=url)
+    auth = authenticator(made, jwks_url=url)
     await auth.start()
+    return server, up, url, auth
+
+
+async def test_an_outage_keeps_the_last_good_keys(upstream, authenticators) -> None:
+    server, up, _, auth = await started(upstream, authenticators)
     server.status = 503
     await auth.refresh()
     assert auth.state() == {"idp": "stale"}
@@ -254,3 +263,54 @@ async def test_an_outage_is_logged_once_and_its_end_too(upstream, authenticators
         "jwks": f"http://{LOCAL}:{up.port}/jwks",
         "reason": "HTTP 503",
     }
+
+
+async def test_a_reloads_authenticator_keeps_the_keys_of_an_unchanged_jwks(
+    upstream, authenticators
+) -> None:
+    # Any change to auth (here the cache's size) makes a new authenticator: with the IdP
+    # down at that moment, it used to take over with no keys, and every token was a 401.
+    server, _, url, old = await started(upstream, authenticators)
+    server.status = 503
+    idp = AuthProvider(algorithms=("ES256",), jwks_url=url)
+    new = Authenticator(Auth(providers=MappingProxyType({"idp": idp}), cache_size=10), previous=old)
+    authenticators.append(new)
+    await new.start()
+    assert new.state() == {"idp": "stale"}
+    assert new.verify(token("k1")).subject == "user-1"
+    # Another JWKS (a new URL) is another source: nothing is carried over to it.
+    other = AuthProvider(algorithms=("ES256",), jwks_url=url + "?v=2")
+    moved = Authenticator(Auth(providers=MappingProxyType({"idp": other})), previous=old)
+    authenticators.append(moved)
+    await moved.start()
+    assert moved.state() == {"idp": "disconnected"}
+
+
+async def test_auth_turned_on_by_a_reload_is_a_503_until_its_keys_are_in(
+    upstream, gateway, client
+) -> None:
+    # The snapshot with auth is served at once; its authenticator starts meanwhile. Those
+    # requests get a 503 to retry (they were a 500 internal_error), then the checks apply.
+    from gateway.config import parse_config  # noqa: PLC0415
+
+    from .helpers import NODA1, routes  # noqa: PLC0415
+
+    server = JwksServer(delay=1.0)
+    idp = await upstream(LOCAL, server.handle)
+    up = await upstream(NODA1)
+    text = routes({"city": f"{{port: {up.port}, nodes: [noda1], auth: required}}"}, noda1=NODA1)
+    plain = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1)
+    gw = await gateway(plain)
+    gw.gateway.apply(
+        parse_config(
+            text + "auth: {providers: {idp: {algorithms: [ES256], "
+            f"jwks_url: 'http://{LOCAL}:{idp.port}/jwks'}}}}}}\n"
+        )
+    )
+    good = {"Authorization": f"Bearer {token('k1')}"}
+    async with client.get(f"{gw.url}/api/city/x", headers=good) as r:
+        assert (r.status, (await r.json())["error"]) == (503, "auth_starting")
+        assert r.headers["Retry-After"] == "1"
+    await eventually(lambda: gw.gateway.shared.authenticator is not None, within=5)
+    async with client.get(f"{gw.url}/api/city/x", headers=good) as r:
+        assert r.status == 200

@@ -27,7 +27,15 @@ class Authenticator:
     ``signature_checks`` counts the tokens verified in full (not answered from the cache).
     """
 
-    def __init__(self, auth: Auth, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        auth: Auth,
+        *,
+        clock: Callable[[], float] = time.time,
+        previous: Authenticator | None = None,
+    ) -> None:
+        """``previous``: the authenticator a reload replaces; a provider fetching the same
+        JWKS starts with its keys."""
         self._clock = clock
         self._rules = {name: Rules(name, p) for name, p in auth.providers.items()}
         self._sources = {
@@ -35,6 +43,10 @@ class Authenticator:
             for name, p in auth.providers.items()
             if p.jwks_url is not None or p.jwks_file is not None
         }
+        for name, source in self._sources.items():
+            old = previous._sources.get(name) if previous is not None else None
+            if old is not None:
+                source.inherit(old)
         self._cache = TokenCache(auth.cache_size)
         self._http: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -160,6 +160,16 @@ class KeySource:
         self._last_wanted = -REFETCH_EVERY
         self._failing: str | None = None  # why the last fetch failed, if it did
 
+    def inherit(self, previous: KeySource) -> None:
+        """Start from what ``previous`` (the same JWKS, a config ago) holds: a reload whose
+        first fetch fails keeps the last good keys, as a running source does."""
+        if previous.where == self.where and previous._accepted == self._accepted:
+            self.keyset, self.state, self.generation = (
+                previous.keyset,
+                previous.state,
+                previous.generation,
+            )
+
     def want(self) -> bool:
         """Ask the background loop for a fetch now (a token named an unknown kid), unless one
         was asked for within the last 30 s; never waits."""

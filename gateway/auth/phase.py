@@ -34,8 +34,12 @@ def authenticate(
     carried in it taken out). Raises the 401 or 403 answer."""
     auth = ex.snapshot.config.auth
     authenticator = shared.authenticator
-    if auth is None or authenticator is None:  # load_config refuses auth without providers
-        raise GatewayError(500, "internal_error", "authentication is not configured")
+    if auth is None or authenticator is None:
+        # Turned on by a reload: its authenticator is fetching its keys (load_config refuses
+        # auth without providers, so nothing else gets here).
+        raise GatewayError(
+            503, "auth_starting", "authentication is starting", headers={"Retry-After": "1"}
+        )
     count = shared.metrics.count_auth
     if len(ex.request.headers.getall("Authorization", ())) > 1:
         # RFC 9110 11.6.2: one field, not a list. Only the first would be checked, and a
