@@ -128,6 +128,16 @@ async def test_the_limiters_user_key_is_the_tokens_subject(upstream, gateway, cl
     assert (await answer(client, url, alice))[0] == 200
     assert (await answer(client, url, alice))[0] == 429
     assert (await answer(client, url, bob))[0] == 200  # same address, another user
+    # A subject spelled as the anonymous key of an address has a bucket of its own.
+    up2 = await upstream(NODA1)
+    text = config(up2.port, "optional", ", rate_limit: per_user") + (
+        "rate_limits: {per_user: {rate: 1r/m, burst: 0, key: [user]}}\n"
+    )
+    gw2 = await gateway(text)
+    url = f"{gw2.url}/api/city/x"
+    assert (await answer(client, url))[0] == 200  # anonymous: ip:127.0.0.1's bucket
+    assert (await answer(client, url, bearer(token(sub="ip:127.0.0.1"))))[0] == 200
+    assert (await answer(client, url))[0] == 429
 
 
 async def echo_ws(request: web.Request) -> web.StreamResponse:

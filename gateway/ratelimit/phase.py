@@ -57,5 +57,7 @@ def _key_part(part: str, ex: Exchange, route: Route) -> str:
     if part == "service":
         return route.service
     if part == "user":
-        return ex.user or f"ip:{ex.client}"  # anonymous requests: limited per address
+        # Anonymous requests: limited per address. Apart: a subject "ip:203.0.113.7" (an IdP
+        # may let users pick theirs) must not share that address's bucket.
+        return f"user:{ex.user}" if ex.user else f"ip:{ex.client}"
     return ex.request.headers.get(part.removeprefix("header:"), "")
