@@ -66,19 +66,27 @@ class Redirects:
         origins = (
             (origin, origin.removesuffix(f":{default}")) if target.port == default else (origin,)
         )
-        lowered = value.lower()
+        # A scheme-relative URL (//host:port/x) names the upstream as well as a whole one.
+        relative = value.startswith("//")
+        lowered = (origin.partition("//")[0] + value if relative else value).lower()
+        skipped = len(lowered) - len(value)
         for origin in origins:
-            if lowered.startswith(origin) and value[len(origin) : len(origin) + 1] in ("", "/"):
-                path = value[len(origin) :] or "/"
+            end = len(origin) - skipped
+            if lowered.startswith(origin) and value[end : end + 1] in ("", "/", "?"):
+                path = value[end:]
+                path = path if path.startswith("/") else "/" + path  # "" or "?q": the root's
                 break
         else:
             return value  # relative, or another host's
-        public = self.path(path)
+        public = self.path(path.partition("?")[0])
         if public is None:
             return value  # not under the route: no public URL reaches it
+        public += path[len(path.partition("?")[0]) :]  # the query, as it was
         host = self._host
         # Without a usable Host, a rewritten URL is a path: relative to what the client asked.
-        return (f"{self._proto}://{host}" if host and _HOST.fullmatch(host) else "") + public
+        if not (host and _HOST.fullmatch(host)):
+            return public
+        return (f"//{host}" if relative else f"{self._proto}://{host}") + public
 
     def path(self, upstream: str) -> str | None:
         """The public path of an upstream path under the route's ``to``, else None."""

@@ -33,6 +33,10 @@ def redirects(
         ("HTTP://127.0.0.3:7001/city/rooms?x=1", "https://gw.example:8443/api/city/rooms?x=1"),
         ("http://127.0.0.3:7001/city", "https://gw.example:8443/api/city"),
         ("http://127.0.0.3:7001/city?next=/", "https://gw.example:8443/api/city?next=/"),
+        # Scheme-relative: the upstream's address all the same (it stays scheme-relative).
+        ("//127.0.0.3:7001/city/rooms", "//gw.example:8443/api/city/rooms"),
+        ("//127.0.0.3:7002/city/rooms", "//127.0.0.3:7002/city/rooms"),
+        ("//app.daarion.space/city", "//app.daarion.space/city"),
         # Not the upstream's own address, or not a URL under the route: unchanged.
         ("/city/rooms/", "/city/rooms/"),
         ("rooms/", "rooms/"),
@@ -51,6 +55,9 @@ def test_an_empty_upstream_prefix_maps_every_path() -> None:
     r = redirects(prefix="")
     assert r.url("http://127.0.0.3:7001/rooms/") == "https://gw.example:8443/api/city/rooms/"
     assert r.url("http://127.0.0.3:7001") == "https://gw.example:8443/api/city/"
+    # A query straight after the address is the root's (it leaked the address before).
+    assert r.url("http://127.0.0.3:7001?x=1") == "https://gw.example:8443/api/city/?x=1"
+    assert r.url("//127.0.0.3:7001?x=1") == "//gw.example:8443/api/city/?x=1"
 
 
 @pytest.mark.parametrize("host", [None, "", "evil.example/x", "a b", "gw.example:8443\r\nX: y"])
