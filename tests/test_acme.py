@@ -327,6 +327,7 @@ async def test_a_failed_renewal_is_counted_logged_and_retried_with_backoff(
     await until(lambda: acme.certificate != old)
     assert acme.last_error is None
     assert orders(metrics, "success") == 2
+    assert not (storage / "backoff.json").exists()  # a success ends the stored backoff
     assert acme.certificate is not None
     verify(acme.certificate, pebble.root())
     assert pebble.accounts() == 2  # the manager registered again with the new CA
@@ -419,6 +420,41 @@ async def test_cancelling_an_order_frees_the_lock_and_its_thread_gives_up(storag
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_the_backoff_outlives_a_restart(storage, running, logs):
+    """A gateway restarted in a loop (a crash, a container's restart policy) must not order at
+    every start: a failed order's backoff is stored, and a new process keeps to it (and goes
+    on doubling it), then orders when it ends."""
+    from .helpers import free_port  # noqa: PLC0415
+
+    settings = Acme(
+        domains=DOMAINS, directory=f"https://127.0.0.1:{free_port()}/dir", storage=str(storage)
+    )
+    clock = Clock()
+
+    def process() -> tuple[AcmeManager, Metrics]:
+        metrics = Metrics()
+        acme = AcmeManager(
+            settings, metrics, ChallengeStore(str(storage)), now=clock.now, sleep=clock.sleep,
+            retry_first=60, jitter=lambda: 0.5,
+        )  # fmt: skip
+        return acme, metrics
+
+    first, metrics = process()
+    task = running(first)
+    await until(lambda: orders(metrics, "failure") == 1)
+    task.cancel()
+    assert (storage / "backoff.json").stat().st_mode & 0o777 == 0o600
+    second, metrics = process()  # the restart
+    running(second)
+    await asyncio.sleep(0.3)
+    assert orders(metrics, "failure") == 0  # 60 s of backoff left: no order
+    assert second.state == "failed"  # and it says why
+    clock.advance(61)
+    await until(lambda: orders(metrics, "failure") == 1)
+    failed = [line for line in logs() if line["message"] == "acme order failed"]
+    assert [line["retry_in"] for line in failed] == [60, 120]  # the second doubles
 
 
 def test_the_challenge_store_serves_only_tokens(storage):

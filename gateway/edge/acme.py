@@ -14,6 +14,7 @@ reader never sees part of one)::
     certificates/<first domain>/privkey.pem   the certificate's key, replaced first
     certificates/<first domain>/fullchain.pem the certificate and its chain, replaced last
     challenges/<token>                        key authorizations while an order is open
+    backoff.json                              after a failed order: when the next may start
     ca-bundle.pem                             certifi's CAs and ca_bundle (when it is set)
     .lock                                     flock'd by the process that orders
 
@@ -198,6 +199,7 @@ class AcmeManager:
         """Order when the certificate is missing or due, wait, repeat; until cancelled, when
         the lock is released at once and an order in flight stops at its next step."""
         self._stopping = stopping = threading.Event()
+        self._resume_backoff()
         try:
             while True:
                 await self._sleep(await self._step())
@@ -237,6 +239,8 @@ class AcmeManager:
             self._last_error = None
             self._failures = 0
             self._next_order = self._now() + self._retry_first
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._backoff_path)
             self._metrics.acme_orders.labels("success").inc()
             log.info(
                 "acme certificate stored",
@@ -244,12 +248,43 @@ class AcmeManager:
                                   "not_after": _iso(pair.not_after)}},
             )  # fmt: skip
 
+    @property
+    def _backoff_path(self) -> str:
+        return os.path.join(self._storage, "backoff.json")
+
+    def _keep_backoff(self) -> None:
+        """The backoff outlives this process: a gateway restarted in a loop (a crash, a
+        container's restart policy) must not order at every start, into the CA's limits on
+        failed validations (Let's Encrypt: 5 per hour per name)."""
+        state = {"failures": self._failures, "next_order": self._next_order,
+                 "error": self._last_error}  # fmt: skip
+        try:
+            _make_directory(self._storage)
+            write_atomically(self._backoff_path, json.dumps(state).encode())
+        except OSError as exc:  # the backoff still holds in this process
+            log.warning("acme backoff not stored", extra={"fields": {"reason": str(exc)}})
+
+    def _resume_backoff(self) -> None:
+        """A stored backoff still running (and within this process's own bound: a clock
+        moved back does not stop orders for long) is kept."""
+        try:
+            state = json.loads(Path(self._backoff_path).read_bytes())
+            failures, next_order = int(state["failures"]), float(state["next_order"])
+            error = state.get("error")
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # none, or not ours to read: orders go by this process's own backoff
+        now = self._now()
+        if failures > 0 and now < next_order <= now + self._retry_most * 1.25:
+            self._failures, self._next_order = failures, next_order
+            self._last_error = error if isinstance(error, str) else None
+
     def _failed(self, exc: Exception) -> None:
         """Count and log a failed order, and back off."""
         self._failures += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
         delay = retry_delay(self._failures, self._retry_first, self._retry_most, self._jitter())
         self._next_order = self._now() + delay
+        self._keep_backoff()
         self._metrics.acme_orders.labels("failure").inc()
         fields = {**self._fields(), "error": self._last_error, "failures": self._failures,
                   "retry_in": round(delay, 1)}  # fmt: skip
