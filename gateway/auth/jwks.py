@@ -153,7 +153,7 @@ class KeySource:
         self.state: State = "disconnected"
         self.generation = 0  # bumped when a key is revoked: cached tokens of it are dropped
         self.fetches = 0
-        self._accepted = frozenset(provider.algorithms)
+        self.accepted = frozenset(provider.algorithms)  # what its keys may verify
         self._clock = clock
         self._session = session
         self._wanted = asyncio.Event()
@@ -163,7 +163,7 @@ class KeySource:
     def inherit(self, previous: KeySource) -> None:
         """Start from what ``previous`` (the same JWKS, a config ago) holds: a reload whose
         first fetch fails keeps the last good keys, as a running source does."""
-        if previous.where == self.where and previous._accepted == self._accepted:
+        if previous.where == self.where and previous.accepted == self.accepted:
             self.keyset, self.state, self.generation = (
                 previous.keyset,
                 previous.state,
@@ -191,7 +191,7 @@ class KeySource:
             else:
                 async with asyncio.timeout(timeout):
                     body = await asyncio.to_thread(_read_file, self.where)
-            keyset = parse_jwks(body, self._accepted)
+            keyset = parse_jwks(body, self.accepted)
         except (JwksError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             self.state = "stale" if self.keyset.keys else "disconnected"
