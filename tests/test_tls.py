@@ -590,3 +590,29 @@ async def test_a_reload_from_files_to_acme_serves_the_files_until_the_restart(
     assert shook.names == ("gateway.test",)  # verified by the CA: the file's, no placeholder
     warned = [x["message"] for x in gw.log_lines() if "tls.acme" in x["message"]]
     assert warned == ["a changed tls.acme takes effect only after a restart"]
+
+
+def test_a_pair_refused_for_its_dates_is_taken_once_they_come_right(ca, tmp_path, monkeypatch):
+    # A renewal dated 12 h ahead (or a clock behind) is refused while the served one is
+    # valid; when that one ends, the same files (unchanged) must be looked at again, not
+    # the expired one served on because the refusal was remembered for good.
+    import types  # noqa: PLC0415
+
+    from gateway.edge import tls as module  # noqa: PLC0415
+    from gateway.edge.tls import Certificates, Source  # noqa: PLC0415
+    from gateway.metrics import Metrics  # noqa: PLC0415
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    files = write_cert(ca, tmp_path, "gateway.test", not_after=now + 2 * day)
+    certificates = Certificates(Metrics())
+    certificates.configure((Source(str(files.cert), str(files.key)),), "1.2")
+    leaf = ca.issue_cert("gateway.test", not_before=now + day / 2, not_after=now + 90 * day)
+    files.cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    files.key.write_bytes(leaf.private_key_pem.bytes())
+    certificates.refresh()
+    assert certificates.served[0].not_after == (now + 2 * day).replace(microsecond=0).timestamp()
+    later = now.timestamp() + 3 * 86400  # the first has ended, the second has begun
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(time=lambda: later))
+    certificates.refresh()
+    assert certificates.served[0].not_after > later + 80 * 86400

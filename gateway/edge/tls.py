@@ -62,7 +62,6 @@ class Source:
 
 
 Stamp = tuple[int, int, int, int] | None  # both files' (mtime_ns, size); None: missing
-_NEVER: Final = (-1, -1, -1, -1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +103,9 @@ class Certificates:
         self._served: list[Served] = []
         self._groups: tuple[list[Served], list[Served]] = ([], [])  # real, placeholders
         self._sources: tuple[Source, ...] = ()
-        self._refused: dict[Source, Stamp] = {}  # the files of a refused pair, as refused
+        # The files of a refused pair, as refused, and until when that stands (a pair refused
+        # for its dates is looked at again once they may have come right).
+        self._refused: dict[Source, tuple[Stamp, float]] = {}
         self.context = server_context(min_version)
         self.context.sni_callback = self._pick
         self.watch_interval = WATCH_INTERVAL
@@ -170,7 +171,7 @@ class Certificates:
             stamp = _stamp(source)
             if old is not None and old.stamp == stamp:
                 served.append(old)
-            elif self._refused.get(source, _NEVER) == stamp:  # said once already
+            elif self._still_refused(source, stamp):  # said once already
                 if old is not None:
                     served.append(old)
             else:
@@ -207,7 +208,8 @@ class Certificates:
                 and time.time() - max(stamp[0], stamp[2]) / 1e9 < self.watch_interval + SETTLE
             ):
                 return old  # perhaps half written: again at the next check
-            self._refused[source] = stamp
+            again = exc.again if isinstance(exc, NotNow) else float("inf")
+            self._refused[source] = (stamp, again)
             reason = str(exc) if isinstance(exc, CertError) else f"{source.cert}: {exc}"
             log.error(  # noqa: TRY400 - a bad file is not a bug: one line, no traceback
                 "certificate not loaded"
@@ -228,6 +230,10 @@ class Certificates:
                 extra={"fields": {"cert": source.cert, "names": list(pair.names)}},
             )
         return Served(source, context, pair.names, pair.not_after, stamp)
+
+    def _still_refused(self, source: Source, stamp: Stamp) -> bool:
+        refused = self._refused.get(source)
+        return refused is not None and refused[0] == stamp and time.time() < refused[1]
 
     def _placeholder(self, source: Source) -> Served:
         names = source.acme or ()
@@ -281,9 +287,19 @@ def _no_worse(not_before: float, not_after: float, serving_until: float, path: s
     if serving_until <= now:
         return  # the served one is over anyway
     if not_after <= now:
-        raise CertError(f"{path}: expired on {_date(not_after)}")
+        raise NotNow(f"{path}: expired on {_date(not_after)}", again=serving_until)
     if not_before > now + CLOCK_SKEW:
-        raise CertError(f"{path}: not valid before {_date(not_before)}")
+        again = min(not_before - CLOCK_SKEW, serving_until)
+        raise NotNow(f"{path}: not valid before {_date(not_before)}", again=again)
+
+
+class NotNow(CertError):
+    """A pair refused for its dates: ``again``, it may do (it starts, or the one it would
+    replace ends)."""
+
+    def __init__(self, message: str, *, again: float) -> None:
+        super().__init__(message)
+        self.again = again
 
 
 def _date(stamp: float) -> str:
