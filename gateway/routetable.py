@@ -89,7 +89,7 @@ class RouteTable(Generic[T]):
         # the path around the longer one's policy; unless a route has the path itself.
         if (
             not path.endswith("/")
-            and _hosted(prefixes.get(path + "/"), host)
+            and _hosted(prefixes.get(path + "/"), host, method)
             and not _hosted(exact, host)
             and not _hosted(prefixes.get(path), host)
         ):
@@ -117,9 +117,14 @@ class RouteTable(Generic[T]):
         return None
 
 
-def _hosted(entries: list[Entry[T]] | None, host: str) -> bool:
-    """Whether one of ``entries`` takes ``host`` (whatever the method)."""
-    return entries is not None and any(e.hosts is None or host in e.hosts for e in entries)
+def _hosted(entries: list[Entry[T]] | None, host: str, method: str | None = None) -> bool:
+    """Whether one of ``entries`` takes ``host`` (and ``method``, if given). A slashed route
+    that would not take the method is no reason to redirect: after the hop, the shorter
+    route would serve it all the same."""
+    return entries is not None and any(
+        (e.hosts is None or host in e.hosts) and (method is None or e.allows(method))
+        for e in entries
+    )
 
 
 def _prefixes(path: str) -> Iterator[str]:

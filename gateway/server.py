@@ -406,7 +406,10 @@ class Connection(ParsingProtocol):
                 await asyncio.wait({task}, timeout=STOP_CANCEL_GRACE)
         self.force_close()
         if self._lingering is not None:  # its answer went out: the client may still be reading
-            await self._lingering.ended(max(0.0, deadline - self.loop.time()))
+            # Bounded by one pause of a lingering close too: a client trickling its body
+            # (or sending nothing) does not hold the stop for all of shutdown_timeout.
+            left = max(0.0, deadline - self.loop.time())
+            await self._lingering.ended(min(left, self._server.lingering[1]))
 
     # -- bytes in ----------------------------------------------------------------------------
 

@@ -380,22 +380,28 @@ async def test_an_answer_of_unknown_length_is_chunked_or_ended_by_the_close(
     assert (await client.body(relayed)).body == body  # read up to the close
 
 
-async def test_a_lingering_close_reads_while_the_client_sends_and_ends_when_it_stops(gateway):
-    # nginx's lingering_close: after an answer given before its body was read, the body is
-    # read and dropped while it keeps coming (each pause under lingering_timeout), for
-    # lingering_time at most; the answer (and its FIN) readable the whole time.
+async def refusing(shared: Any, lingering: tuple[float, float]) -> tuple[web.ServerRunner, int]:
+    """The gateway's Server answering every request 413 before its body, closing lingering
+    as ``lingering`` says (at most, without data); its runner (a stop: 10 s) and port."""
+
     async def refused(request: Request) -> web.StreamResponse:
         answer = Whole(status=413, headers={"Server": "test"}, body=b"too large")
         answer.force_close()
         return answer
 
-    shared = (await gateway(city(1))).gateway.shared
-    server = Server(refused, shared.metrics, shared.connections, lingering=(2.0, 0.4))
-    runner = web.ServerRunner(server, handle_signals=False)
+    server = Server(refused, shared.metrics, shared.connections, lingering=lingering)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=10)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = int(runner.addresses[0][1])
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, int(runner.addresses[0][1])
+
+
+async def test_a_lingering_close_reads_while_the_client_sends_and_ends_when_it_stops(gateway):
+    # nginx's lingering_close: after an answer given before its body was read, the body is
+    # read and dropped while it keeps coming (each pause under lingering_timeout), for
+    # lingering_time at most; the answer (and its FIN) readable the whole time.
+    shared = (await gateway(city(1))).gateway.shared
+    runner, port = await refusing(shared, (4.0, 1.0))
     loop = asyncio.get_running_loop()
 
     def open_connections() -> float:
@@ -408,6 +414,7 @@ async def test_a_lingering_close_reads_while_the_client_sends_and_ends_when_it_s
         begun = loop.time()
         writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 2)  # the answer, then the FIN
+        begun = loop.time()  # the lingering starts about here
         while loop.time() - begun < seconds and open_connections():
             writer.write(b"x" * 1000)
             await asyncio.sleep(every)
@@ -420,12 +427,37 @@ async def test_a_lingering_close_reads_while_the_client_sends_and_ends_when_it_s
         return answer, stopped, loop.time() - begun
 
     try:
-        answer, stopped, closed = await sending(0.1, 1.0)
+        answer, stopped, closed = await sending(0.1, 1.5)
         assert answer.startswith(b"HTTP/1.1 413")
         assert answer.endswith(b"too large")
-        assert stopped >= 1.0  # pieces for a second, over twice the 0.4 s allowed without one
-        assert closed - stopped < 0.8  # and the connection ended about 0.4 s after the last
-        _, stopped, closed = await sending(0.1, 3.0)
-        assert 1.9 < closed < 2.6  # lingering_time bounds it, however long the client sends
+        assert stopped >= 1.5  # pieces for 1.5 s, over the 1 s allowed without one
+        assert closed - stopped < 1.8  # and the connection ended about 1 s after the last,
+        assert closed < 3.6  # well before lingering_time (4 s)
+        _, stopped, closed = await sending(0.1, 6.0)
+        assert 3.6 < closed < 5.5  # lingering_time bounds it, however long the client sends
     finally:
         await runner.cleanup()
+
+
+async def test_a_stop_waits_for_a_trickling_lingering_client_one_pause_at_most(gateway):
+    # A client that got its answer and trickles its body on (or sends nothing) does not hold
+    # a stop for all of shutdown_timeout: one lingering pause at most.
+    runner, port = await refusing((await gateway(city(1))).gateway.shared, (30.0, 0.5))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 2)).startswith(b"HTTP/1.1 413")
+
+    async def trickle() -> None:
+        while True:
+            writer.write(b"x")
+            await asyncio.sleep(0.1)
+
+    trickling = asyncio.create_task(trickle())
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    try:
+        await runner.cleanup()
+        assert loop.time() - begun < 2.0  # 0.5 s, give or take; not the 10 s
+    finally:
+        trickling.cancel()
+        writer.close()

@@ -339,7 +339,7 @@ async def test_dry_run_delays_nothing_either(
     gw = await gateway(limited(up.port, shared_redis_url, redis_prefix, zone))
     started = time.monotonic()
     assert statuses(await burst(gw.url + "/api/city/x", 7)) == {200: 7}
-    assert time.monotonic() - started < 0.9  # the 6th alone would have waited 5 s
+    assert time.monotonic() - started < 2.5  # the 6th alone would have waited 5 s
     async with client.get(gw.url + "/metrics") as response:
         text = await response.text()
     for result, count in (("allowed", 1), ("dry_run_delayed", 5), ("dry_run_rejected", 1)):

@@ -124,6 +124,10 @@ def test_the_redirect_to_a_slashed_prefix_comes_before_a_shorter_route() -> None
     assert name_of(table.match("/a", "POST")) == "root"
     assert table.match("/b", "GET", "b.example") == Elsewhere("/b/")
     assert name_of(table.match("/b", "GET", "other.example")) == "root"
+    # Nor is one that does not take the method: after the hop the shorter route would serve.
+    posts = RouteTable([route("city", "/api/city/"), route("p", "/api/p/", methods={"POST"})])
+    assert posts.match("/api/p", "POST") == Elsewhere("/api/p/")
+    assert name_of(posts.match("/api/p", "GET")) is None  # nothing takes GET /api/p
 
 
 def test_match_order_is_longest_first_and_exact_before_prefix() -> None:
