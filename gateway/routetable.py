@@ -71,6 +71,8 @@ class RouteTable(Generic[T]):
         for entry in self.entries:
             (self._exact if entry.exact else self._prefix).setdefault(entry.path, []).append(entry)
         self.by_host = any(entry.hosts is not None for entry in self.entries)
+        # Prefix paths that end with "/", without it: a request for one may be a redirect.
+        self._slashless = frozenset(p[:-1] for p in self._prefix if len(p) > 1 and p[-1] == "/")
 
     def match(
         self, path: str, method: str, host: str = ""
@@ -88,7 +90,7 @@ class RouteTable(Generic[T]):
         # "/api/city/admin/") is a 301 to it, before a shorter route ("/api/city/") can take
         # the path around the longer one's policy; unless a route has the path itself.
         if (
-            not path.endswith("/")
+            path in self._slashless  # (no string made per request: the path's hash is kept)
             and _hosted(prefixes.get(path + "/"), host, method)
             and not _hosted(exact, host)
             and not _hosted(prefixes.get(path), host)

@@ -684,7 +684,12 @@ class Connection(ParsingProtocol):
                 except Exception as exc:  # noqa: BLE001 - every error is answered, and logged
                     response = self.handle_error(request, 500, exc)
                 payload = request.content
-                if not payload.is_eof() and not payload.total_bytes and expects_continue(request):
+                if (
+                    payload is not EMPTY_PAYLOAD
+                    and not payload.total_bytes
+                    and not payload.is_eof()
+                    and expects_continue(request)
+                ):
                     # Refused before its 100 Continue: the client sends no body, and would
                     # send its next request where the body was due (read as the body).
                     response.force_close()
@@ -848,7 +853,8 @@ class Lingering:
             self._gone.set_result(None)
 
     async def ended(self, seconds: float) -> None:
-        """A stop's wait: the lingering gets ``seconds`` (the stop's time left) to end."""
+        """A stop's wait: the lingering gets ``seconds`` (the stop's time left, one pause at
+        most) to end, then the connection closes."""
         if self._gone is not None:
             await asyncio.wait((self._gone,), timeout=seconds)
         self._transport.close()
