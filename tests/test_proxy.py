@@ -709,3 +709,27 @@ async def test_a_redirect_to_the_upstreams_own_address_gets_the_public_url(
         assert response.headers["Location"] == "http://gw.example:8443/api/city/rooms/"
         assert response.headers["Content-Location"] == "http://gw.example:8443/api/city/rooms/"
     assert up.seen[0].header("Host") == f"{NODA1}:{up.port}"  # what the upstream built it from
+
+
+async def test_behind_a_trusted_proxy_the_host_it_was_asked_for_is_kept_and_used_in_redirects(
+    upstream, gateway, client
+):
+    async def slash(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMovedPermanently(f"http://{request.host}{request.path}/")
+
+    up = await upstream(NODA1, slash)
+    config = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1)
+    gw = await gateway(config + "trusted_proxies: [127.0.0.0/8]\n")
+    forwarded = {
+        "Host": "inner.lan:8080",
+        "X-Forwarded-Host": "public.example",
+        "X-Forwarded-Proto": "https",
+    }
+    async with client.get(
+        gw.url + "/api/city/rooms", allow_redirects=False, headers=forwarded
+    ) as response:
+        assert response.status == 301
+        # The client used https://public.example: the proxy in front said so, both halves.
+        assert response.headers["Location"] == "https://public.example/api/city/rooms/"
+    assert up.seen[0].header("X-Forwarded-Host") == "public.example"
+    assert up.seen[0].header("X-Forwarded-Proto") == "https"

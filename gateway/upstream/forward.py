@@ -11,7 +11,7 @@ from ..errors import GatewayError, UpstreamAborted
 from .body import read_body
 from .client import Response
 from .failover import REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
-from .headers import Forwarding
+from .headers import Forwarding, public_host
 from .http import relay
 from .redirects import Redirects
 
@@ -72,9 +72,8 @@ async def forward(
 
         replayable = streamed is None
         upstream, target = await attempt(shared, ex, route, first, send, replayable=replayable)
-        redirects = Redirects(
-            target, entry, ex.proto, request.headers.get("Host"), cookie_path=route.cookie_path
-        )
+        host = public_host(request.headers, ex.peer_trusted)
+        redirects = Redirects(target, entry, ex.proto, host, cookie_path=route.cookie_path)
         try:
             return await relay(
                 request, upstream, ex.request_id, extra_headers=extra_headers,

@@ -105,6 +105,18 @@ def only_end_to_end(headers: CIMultiDict[str], drop: frozenset[str]) -> CIMultiD
     return headers
 
 
+def public_host(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str], trusted_peer: bool
+) -> str | None:
+    """The host the client asked for: a trusted proxy's ``X-Forwarded-Host`` (the client's
+    Host reached the proxy, not the gateway), else the request's own ``Host``."""
+    if trusted_peer:
+        forwarded = incoming.get("X-Forwarded-Host")
+        if forwarded:
+            return forwarded
+    return incoming.get("Host")
+
+
 def request_headers(
     request: Request,
     target: Target,
@@ -131,8 +143,9 @@ def request_headers(
     headers["Host"] = target.authority  # an IPv6 node's address in brackets (RFC 3986)
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     headers["X-Forwarded-Proto"] = forwarding.proto
-    if "Host" in incoming:
-        headers["X-Forwarded-Host"] = incoming["Host"]
+    host = public_host(incoming, forwarding.trusted_peer)
+    if host is not None:
+        headers["X-Forwarded-Host"] = host
     headers["X-Real-IP"] = forwarding.client
     headers["X-Request-ID"] = forwarding.request_id
     if forwarding.traceparent is not None:
