@@ -103,7 +103,27 @@ class JsonFormatter(logging.Formatter):
             exc = record.exc_info[1]
             line["error"] = f"{type(exc).__name__}: {exc}"
             line["traceback"] = "".join(traceback.format_exception(exc))
+        return _dumps(line)
+
+
+def _dumps(line: dict[str, object]) -> str:
+    """One JSON line. Text a client chose (a token's ``sub``, a path) may hold what is not
+    UTF-8 (a lone surrogate, which JSON parsers accept in ``\\udc80`` escapes): it is
+    written as the escape's text, so that the line is never lost to it."""
+    try:
         return orjson.dumps(line, default=str).decode()
+    except TypeError:
+        return orjson.dumps(_encodable(line), default=str).decode()
+
+
+def _encodable(value: object) -> object:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {str(_encodable(str(k))): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    return value
 
 
 _ATOMIC_WRITE: Final = 4000  # characters: under PIPE_BUF bytes for ASCII lines
@@ -194,7 +214,7 @@ def access(message: str, fields: dict[str, object]) -> None:
         return
     line = _line(_Access.clock, time.time(), "INFO", message)
     line.update(fields)
-    writer.write(orjson.dumps(line, default=str).decode())
+    writer.write(_dumps(line))
 
 
 def flush() -> None:

@@ -20,6 +20,7 @@ Each phase either returns, or raises ``GatewayError``, which becomes the JSON an
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from .request import Request
     from .snapshot import Route
     from .tracing.export import Tracer
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED: Final = 499  # nginx's code for "client closed the request"
 _MAX_LOGGED_PATH: Final = 512
@@ -114,7 +117,10 @@ async def handle(shared: Shared, listener: Listener, request: Request) -> web.St
         ex.status = response.status
         return _secured(ex, response, shared.draining)
     finally:
-        _finish(shared, ex)
+        try:
+            _finish(shared, ex)
+        except Exception:  # a fault in the line or the metrics: logged, the answer kept
+            log.exception("the request's log line or metrics failed")
 
 
 async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
@@ -240,7 +246,7 @@ def _finish(shared: Shared, ex: Exchange) -> None:
         return
     fields: dict[str, object] = {
         "method": request.method,
-        "path": request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH],
+        "path": _logged_path(request.raw_path),
         "status": status,
         "duration_ms": round(seconds * 1000, 2),
         "client": ex.client,
@@ -263,6 +269,17 @@ def _finish(shared: Shared, ex: Exchange) -> None:
         logs.access("request", fields)
 
 
+def _logged_path(target: str) -> str:
+    """The target as logged: no query, and for the absolute form (``http://user:pw@host/x``,
+    refused) no credentials."""
+    path = target.partition("?")[0]
+    if "@" in path and "://" in path:
+        scheme, _, rest = path.partition("://")
+        authority, slash, tail = rest.partition("/")
+        path = f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
+    return path[:_MAX_LOGGED_PATH]
+
+
 def _end_span(tracer: Tracer, ex: Exchange, status: int) -> None:
     """A sampled request's span: named by method and route, as OpenTelemetry's HTTP server
     spans are (never by the raw path, which would make every span name unique)."""
@@ -273,7 +290,7 @@ def _end_span(tracer: Tracer, ex: Exchange, status: int) -> None:
     method = "_OTHER" if method == "OTHER" else method
     attributes: dict[str, str | int] = {
         "http.request.method": method,
-        "url.path": request.raw_path.partition("?")[0][:_MAX_LOGGED_PATH],
+        "url.path": _logged_path(request.raw_path),
         "http.response.status_code": status,
         "client.address": ex.client,
         "daarion.service": ex.service,

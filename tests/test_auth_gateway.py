@@ -288,3 +288,33 @@ async def test_every_bearer_subprotocol_is_taken_out_of_the_offer(upstream, gate
     async with client.ws_connect(ws_url, protocols=offer) as ws:
         assert ws.protocol == "chat"
     assert up.seen[-1].header("Sec-WebSocket-Protocol") == "chat"
+
+
+async def test_a_subject_that_is_not_utf8_keeps_the_answer_and_its_one_log_line(
+    upstream, gateway, client
+):
+    # JSON may escape a lone surrogate ("\udc80": JavaScript's JSON.stringify writes such),
+    # and the JSON encoder of the log line refuses it: the line, not the answer, adapts.
+    up = await upstream(NODA1)
+    services = {
+        "city": f"{{port: {up.port}, nodes: [noda1], auth: required}}",
+        "dead": "{port: 1, nodes: [noda1], auth: required}",  # nothing listens: a 502
+    }
+    gw = await gateway(routes(services, noda1=NODA1) + AUTH)
+    odd = bearer(token(sub="olena\udc80"))
+    status, _, _ = await answer(client, f"{gw.url}/api/city/x", odd)
+    assert status == 200
+    status, _, body = await answer(client, f"{gw.url}/api/dead/x", odd)
+    assert status == 502
+    assert body is not None
+    assert body["error"] == "upstream_unavailable"
+    lines = [line for line in gw.log_lines() if line["message"] == "request"]
+    assert [(line["status"], line["user"]) for line in lines] == [
+        (200, "olena\\udc80"),
+        (502, "olena\\udc80"),
+    ]
+    assert not [line for line in gw.log_lines() if line["level"] == "ERROR"]
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    assert sample(text, 'http_requests_total{method="GET",service="dead",status="502"}') == 1
+    assert 'service="unmatched"' not in text  # counted once, as what it was

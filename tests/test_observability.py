@@ -197,10 +197,17 @@ async def test_one_json_log_line_per_request(upstream, gateway, client):
         gw.port, b"GET /api/city/%2e%2e HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
     await raw_exchange(gw.port, b"GET /x\x00 HTTP/1.1\r\nHost: a\r\n\r\n")
+    await raw_exchange(
+        gw.port,
+        b"GET http://alice:S3cret@gw.example/api/city/x?token=t HTTP/1.1\r\n"
+        b"Host: gw.example\r\nConnection: close\r\n\r\n",
+    )
     lines = gw.log_lines()
     requests = [line for line in lines if line["message"] in ("request", "bad request")]
-    assert len(requests) == 3
-    ok, bad_path, bad_http = requests
+    assert len(requests) == 4
+    ok, bad_path, bad_http, absolute = requests
+    assert absolute["status"] == 400
+    assert absolute["path"] == "http://gw.example/api/city/x"  # no password, no query
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ok["timestamp"])
     assert ok["level"] == "INFO"
     assert ok["service"] == "gateway"

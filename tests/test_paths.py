@@ -55,6 +55,8 @@ ATTACKS = [
     b"/api/city/a\x7fb",
     b"/api/city/a\tb",
     b"/api/city/caf\xc3\xa9",
+    b"/api/city/caf\xe9",  # not UTF-8: the line logged must not be lost to it
+    b"/api/city/\xed\xb2\x80",  # a lone surrogate, encoded
     b"http://evil.example/api/city/x",
     b"https://127.0.0.3/api/city/x",
     b"//evil.example/api/city/x",
