@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.config import RateLimit, RedisSettings
+from gateway.ratelimit import shared
 from gateway.ratelimit.shared import MAX_IN_FLIGHT, RedisLimiter
 from gateway.ratelimit.zones import compile_zone
 
@@ -100,6 +101,9 @@ async def test_killed_redis_falls_back_to_local_limits_then_recovers(behind_redi
     assert await recovered(gw) < 1.0
     assert (await health(client, gw))["status"] == "healthy"
     assert len(messages(gw, BACK)) == 1
+    # Lines of no request's: not under the id of the request that saw Redis fail.
+    assert "request_id" not in messages(gw, DOWN)[0]
+    assert "request_id" not in messages(gw, BACK)[0]
     other = await gateway(gw.config_text)
     a, b = await asyncio.gather(burst(url, 15), burst(other.url + "/api/city/x", 15))
     assert sum(r.status == 200 for r in a + b) == 21  # shared again, in the restarted Redis
@@ -422,3 +426,24 @@ async def test_a_wrong_password_means_the_fallback(own_redis):
         assert sum(d.allowed for d in decisions) == 21  # local limits, same zone
     finally:
         await limiter.close()
+
+
+async def test_a_redis_gone_while_no_request_needs_it_is_reported(
+    behind_redis, client, monkeypatch
+):
+    # No traffic at night (or only routes with no rate limit): /health and the degraded
+    # gauge, which the alert reads, still find out, from the limiter's own check.
+    monkeypatch.setattr(shared, "WATCH_INTERVAL", 0.1)
+    server, gw, url = await behind_redis()
+    assert statuses(await burst(url, 2)) == {200: 2}
+    server.kill()
+    await wait_until(lambda: gw.gateway.shared.limiter.state == "disconnected", what="found")
+    body = await health(client, gw)
+    assert (body["status"], body["dependencies"]["redis"]) == ("degraded", "disconnected")
+    async with client.get(gw.url + "/metrics") as response:
+        assert "gateway_rate_limit_degraded 1.0" in await response.text()
+    assert len(messages(gw, DOWN)) == 1
+    assert "request_id" not in messages(gw, DOWN)[0]
+    server.start()
+    await recovered(gw)
+    assert len(messages(gw, BACK)) == 1

@@ -12,7 +12,9 @@ Every call is bounded by ``redis.timeout``. The first failure switches to the fa
 (decisions queued behind the failed calls are the fallback's too); a probe runs the script
 on a key of its own every ``PROBE_INTERVAL`` and switches back when it passes (a PING alone
 passes on a Redis that refuses writes: out of memory, a read-only replica). One log line per
-transition. A flushed script or a restarted Redis is reloaded transparently (NOSCRIPT).
+transition. While connected and idle (no decision answered for ``WATCH_INTERVAL``), the same
+check runs, so that a Redis gone while nothing needed it is reported before the next request
+meets it. A flushed script or a restarted Redis is reloaded transparently (NOSCRIPT).
 Closing the limiter (a reload that changes ``redis``) answers every decision still waiting
 from the fallback.
 """
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from contextvars import Context
 from typing import Final
 
 from redis.crc import key_slot
@@ -39,6 +42,10 @@ MAX_IN_FLIGHT: Final = 4
 MAX_BATCH: Final = 512
 PROBE_INTERVAL: Final = 0.25
 PROBE_TIMEOUT: Final = 0.5
+# While connected with no decision answered for this long, the script is run on the probe's key:
+# a Redis that died while no request needed it is found (in /health, the metrics, the alert)
+# within two of these, not at the next request.
+WATCH_INTERVAL = 5.0
 PROBE_KEY: Final = "gateway:probe"  # the bucket the probe decides on (1r/s, gone in 1 s)
 
 # KEYS: bucket keys. ARGV: (rate, burst, ttl) per key, in milli-requests/s, milli-requests, ms.
@@ -116,6 +123,8 @@ class RedisLimiter:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._heard = False  # a decision was answered since the watch last looked
         self._closed = False
 
     @property
@@ -147,7 +156,9 @@ class RedisLimiter:
         while self._pending and self._in_flight < MAX_IN_FLIGHT:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            # Not in the context of the request that scheduled the flush: the batch's lines
+            # (Redis unavailable) are nobody's request's.
+            task = asyncio.get_running_loop().create_task(self._run(batch), context=Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -163,6 +174,7 @@ class RedisLimiter:
             self._answer_from_fallback(batch)
             raise
         else:
+            self._heard = True
             for (_, _, future), (allowed, excess) in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(Decision(bool(allowed), int(excess)))
@@ -211,7 +223,8 @@ class RedisLimiter:
         )
         self._on_transition(False)
         if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._recover())
+            # Its "redis is back", maybe minutes later, is not the failed request's line.
+            self._probe = asyncio.get_running_loop().create_task(self._recover(), context=Context())
 
     async def _recover(self) -> None:
         while not self._connected:
@@ -227,6 +240,18 @@ class RedisLimiter:
             log.info("redis is back: shared rate limits again")
             self._on_transition(True)
 
+    async def _watching(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self._heard or not self._connected:
+                self._heard = False  # (disconnected: the recovery probe is looking)
+                continue
+            try:
+                async with asyncio.timeout(max(self.settings.timeout * 4, PROBE_TIMEOUT)):
+                    await self._check()
+            except Exception as exc:  # noqa: BLE001 - any failure of Redis means: fall back
+                self._disconnected(exc)
+
     async def start(self) -> None:
         """Check Redis once; if it does not answer, start in the fallback and probe."""
         try:
@@ -234,6 +259,10 @@ class RedisLimiter:
                 await self._runner.ping()  # reachable; a refused write is a first call's failure
         except Exception as exc:  # noqa: BLE001 - unreachable at start: fall back and probe
             self._disconnected(exc)
+        if self._watch is None and not self._closed:
+            self._watch = asyncio.get_running_loop().create_task(
+                self._watching(), context=Context()
+            )
 
     async def _check(self) -> None:
         """The script on the probe's own key, as a decision would run it (writes included)."""
@@ -243,7 +272,7 @@ class RedisLimiter:
         self._closed = True
         self._answer_from_fallback(self._pending)
         self._pending = []
-        tasks = [*self._tasks, *([self._probe] if self._probe else [])]
+        tasks = [*self._tasks, *(t for t in (self._probe, self._watch) if t is not None)]
         for task in tasks:
             task.cancel()
         for task in tasks:
