@@ -20,6 +20,7 @@ from aiohttp import web
 from . import __version__, workers
 from .context import ADMIN, Listener
 from .errors import GatewayError, own_headers
+from .metrics import GATEWAY
 from .websocket.keepalive import report
 
 if TYPE_CHECKING:
@@ -154,6 +155,24 @@ def refresh_metrics(shared: Shared) -> None:
     """Bring the metrics computed at scrape time up to date (health, session counters)."""
     shared.health.export(shared.snapshot.routes.values())
     report(shared.sessions)
+    _export_jwks(shared)
+
+
+def _export_jwks(shared: Shared) -> None:
+    """``service_health{service="gateway",dependency="jwks:<provider>"}``: 1 while the
+    provider's keys are fresh, 0 while its fetches fail (stale: its last keys still in use;
+    disconnected: none yet, its tokens refused), as /health says; the series of providers
+    no longer configured go."""
+    metrics = shared.metrics
+    states = shared.authenticator.state() if shared.authenticator is not None else {}
+    wanted = {(GATEWAY, f"jwks:{name}") for name in states}
+    metrics.remove_series(
+        metrics.health,
+        lambda labels: labels[0] == GATEWAY and labels[1].startswith("jwks:")
+        and labels not in wanted,
+    )  # fmt: skip
+    for name, state in states.items():
+        metrics.health.labels(GATEWAY, f"jwks:{name}").set(1 if state == "connected" else 0)
 
 
 def health_report(shared: Shared, *, admin: bool = False) -> dict[str, object]:

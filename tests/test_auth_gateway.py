@@ -194,17 +194,21 @@ async def test_a_browser_can_read_a_401_and_its_preflight_needs_no_token(upstrea
     assert up.seen == []
 
 
-async def test_health_reports_a_jwks_that_cannot_be_fetched(upstream, gateway, client):
+async def test_health_and_metrics_report_a_jwks_that_cannot_be_fetched(
+    upstream, gateway, client, tmp_path
+):
     from .helpers import free_port  # noqa: PLC0415 - only this test needs a dead port
 
     up = await upstream(NODA1)
     dead = free_port()
-    text = routes({"city": f"{{port: {up.port}, nodes: [noda1], auth: required}}"}, noda1=NODA1)
-    text += (
+    plain = routes({"city": f"{{port: {up.port}, nodes: [noda1], auth: required}}"}, noda1=NODA1)
+    text = plain + (
         "auth:\n  providers:\n    sso:\n      algorithms: [ES256]\n"
         f"      jwks_url: http://127.0.0.1:{dead}/jwks.json\n      jwks_timeout: 0.5\n"
     )
-    gw = await gateway(text)
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    gw = await gateway(text, str(path))
     async with client.get(f"{gw.url}/health") as r:
         body = await r.json()
     assert r.status == 200
@@ -212,6 +216,14 @@ async def test_health_reports_a_jwks_that_cannot_be_fetched(upstream, gateway, c
     assert body["status"] == "degraded"
     status, _, body = await answer(client, f"{gw.url}/api/city/x", bearer("a.b.c"))
     assert (status, body["error"]) == (401, "invalid_token")  # no keys: nothing verifies
+    series = 'service_health{dependency="jwks:sso",service="gateway"}'
+    async with client.get(f"{gw.url}/metrics") as r:
+        assert sample(await r.text(), series) == 0  # for the alert: 401s are no 5xx
+    path.write_text("metrics_cache: 0\n" + plain + AUTH)  # the provider goes: its series too
+    assert gw.gateway.reload()
+    async with client.get(f"{gw.url}/metrics") as r:
+        text = await r.text()
+    assert 'dependency="jwks:' not in text  # a secret's provider has no keys to fetch
 
 
 def test_a_jwks_url_over_plain_http_is_refused_but_to_loopback():

@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.config import parse_config
 from gateway.upstream.probe import judge
 
-from .helpers import NODA1, NODA2, Seen, routes, unanswered_port
+from .helpers import NODA1, NODA2, Seen, routes, sample, unanswered_port
 
 FAST = "health: {interval: 0.2, timeout: 0.5, rise: 2, fall: 3}"
 
@@ -397,3 +397,30 @@ async def test_a_service_that_returns_is_served_again_within_unhealthy_interval_
         assert time.monotonic() - back < 2.0, "not served again within 2 s of returning"
         await asyncio.sleep(0.02)
     assert time.monotonic() - back < 1.0
+
+
+async def test_two_targets_on_one_node_never_hide_each_other_in_service_health(
+    upstream, gateway, client
+):
+    # As Swapper's 8890 and 8891 on one node: one gauge for the node, 0 while either is down
+    # (the service itself stays up, in its own series and in /health).
+    dead = socket.socket()
+    dead.bind((NODA1, 0))  # bound, never listening: connections are refused
+    live = await upstream(NODA1, named("noda1"))
+    nodes = f"[{{node: noda1, port: {dead.getsockname()[1]}}}, {{node: noda1, port: {live.port}}}]"
+    body = f"{{port: {live.port}, nodes: {nodes}, {FAST}}}"
+    gw = await gateway(routes({"swapper": body}, probes=True, noda1=NODA1))
+    deadline = time.monotonic() + 10
+    while [t["state"] for t in (await upstreams(client, gw))["services"]["swapper"]["targets"]] != [
+        "down",
+        "up",
+    ]:
+        assert time.monotonic() < deadline, "the probes did not take the dead target down"
+        await asyncio.sleep(0.1)
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    assert sample(text, 'service_health{dependency="noda1",service="swapper"}') == 0
+    assert sample(text, 'service_health{dependency="swapper",service="gateway"}') == 1
+    async with client.get(gw.url + "/health") as response:
+        assert (await response.json())["dependencies"]["swapper"] == "connected"
+    dead.close()

@@ -49,7 +49,7 @@ def test_prometheus_config_is_valid_and_scrapes_the_admin_listener():
 def test_alert_rules_are_valid():
     result = promtool("check", "rules", ALERTS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def _alerts() -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def test_every_alert_is_unit_tested_firing_and_silent():
         "GatewayDown", "GatewayNodeOffline", "GatewayRedisDegraded", "GatewayHigh5xxRatio",
         "GatewayHighLatencyP99", "GatewayRateLimitBurst", "GatewayConfigReloadFailed",
         "GatewayCertificateExpiringSoon", "GatewayCertificateExpiryCritical",
-        "GatewayWorkersMissing",
+        "GatewayWorkersMissing", "GatewayJwksUnavailable",
     }  # fmt: skip
     result = promtool("test", "rules", *RULE_TESTS)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -244,9 +244,14 @@ class HealthBook:
             self._metrics.health.labels(GATEWAY, route.service).set(
                 0 if state == "disconnected" else 1
             )
+            # One series per node: with several targets of the service there (two ports), 1
+            # only when every one of them is usable, so that none is hidden by another.
+            by_node: dict[str, int] = {}
             for target in route.targets:
-                usable = self.get(target).usable(now)
-                self._metrics.health.labels(target.service, target.node).set(1 if usable else 0)
+                up = int(self.get(target).usable(now))
+                by_node[target.node] = by_node.get(target.node, 1) & up
+            for node, up in by_node.items():
+                self._metrics.health.labels(route.service, node).set(up)
         nodes = {}
         for node, ok in sorted(self._check_nodes(now).items()):
             nodes[node] = "online" if ok else "offline"
