@@ -378,3 +378,50 @@ def test_cross_checks_see_the_values_after_substitution(text, env, path, said):
         parse_config(CROSS_BASE + text, "routes.yaml", env=env)
     found = [p for p in caught.value.problems if p.path == path and said in p.message]
     assert len(found) == 1, caught.value.problems  # reported, and once
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "path", "said"),
+    [
+        ('redis: {url: "redis://127.0.0.1:notaport/0"}\n', {}, "redis.url", "Port could not"),
+        ('redis: {url: "redis://127.0.0.1:99999"}\n', {}, "redis.url", "out of range"),
+        ('redis: {url: "redis://127.0.0.1:6379/abc"}\n', {}, "redis.url", "must be a number"),
+        ('redis: {url: "${REDIS_URL}"}\n', {"REDIS_URL": "127.0.0.1:6379"}, "redis.url",
+         "unknown scheme"),
+        ('redis: {url: "redis+sentinel://h:26379/"}\n', {}, "redis.url", "names the master"),
+        ('services: {city: {port: 1, nodes: [noda1], routes: [{path: "${P:-/x/}", to: /a}]}}\n',
+         {}, "services.city.routes[0].to", "must end with / exactly when path does"),
+        ("security_headers: {frame_options: \"DENY\\nX-Evil: 1\"}\n", {},
+         "security_headers.frame_options", "is not a header value"),
+        ('auth: {providers: {sso: {algorithms: [ES256], jwks_url: "http://[x/keys"}}}\n', {},
+         "auth.providers.sso.jwks_url", "not a URL"),
+        ("rate_limits: {1: {rate: 1r/s}, api: {rate: 1r/s}}\n", {}, "rate_limits.1", ""),
+    ],
+    ids=["port", "port-range", "db", "no-scheme-from-env", "sentinel-master", "path-from-env",
+         "header-line-break", "jwks-url", "number-key"],
+)  # fmt: skip
+def test_what_start_or_a_request_would_fail_on_is_refused_with_its_path(text, env, path, said):
+    # Each of these passed `check` and then crashed the start (or, reloaded, every worker
+    # that tried it), failed every answer, or crashed the check itself with a traceback.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_cross(text), "routes.yaml", env=env)
+    found = [p for p in caught.value.problems if p.path == path and said in p.message]
+    assert len(found) == 1, caught.value.problems
+
+
+def _cross(text: str) -> str:
+    """``CROSS_BASE`` and ``text``, whose services (when it has some) replace the base's."""
+    return (CROSS_BASE.partition("services:")[0] if "services:" in text else CROSS_BASE) + text
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        ("services: {city: {port: 1, nodes: [\"${PRIMARY:-noda1}\"]}}\n", {}),
+        ("default_rate_limit: \"${ZONE:-api}\"\nrate_limits: {api: {rate: 1r/s}}\n", {}),
+        ('redis: {url: "${REDIS_URL}"}\n', {"REDIS_URL": "redis+sentinel://a:26379,b/m/1"}),
+    ],
+    ids=["node-from-env", "zone-from-env", "redis-from-env"],
+)  # fmt: skip
+def test_names_and_urls_from_the_environment_are_checked_as_written_out(text, env):
+    parse_config(_cross(text), "routes.yaml", env=env)

@@ -32,7 +32,7 @@ from .types import (
     Tls,
 )
 from .validate import Problem, validate
-from .yamlsource import LineLoader, explain_yaml_error, load_yaml
+from .yamlsource import LineLoader, explain_yaml_error, load_yaml, substitute_env
 
 
 class ConfigError(Exception):
@@ -70,8 +70,11 @@ def parse_config(
     if data is None:
         raise ConfigError(source, [Problem("", "the file is empty")])
     config, conv = validate(Config, data, env, loader)
+    # The cross-references on the text as served: ${VAR} substituted (a node, zone, path or
+    # URL from the environment is checked as the one written out).
     problems = list(conv.problems) + [
-        Problem(path, message, conv.path_lines.get(path)) for path, message in _semantic(data)
+        Problem(path, message, conv.path_lines.get(path))
+        for path, message in _semantic(_substituted(data, env))
     ]
     # What needs the values themselves (after ${VAR}): files, ports. From the sections that
     # are valid when the whole is not, so that these are reported with the rest.
@@ -149,7 +152,12 @@ def _usable(
                 problems.append((f"{where}.port", f"{bound.port} is also {other}'s port"))
                 break
     for name, provider in auth.providers.items() if auth is not None else ():
-        if provider.jwks_url is not None and not _trusted_transport(provider.jwks_url):
+        try:
+            trusted = provider.jwks_url is None or _trusted_transport(provider.jwks_url)
+        except ValueError as exc:  # "http://[x/keys"
+            problems.append((f"auth.providers.{name}.jwks_url", f"not a URL: {exc}"))
+            trusted = True
+        if not trusted:
             problems.append((
                 f"auth.providers.{name}.jwks_url",
                 "must be https:// (plain http only to loopback): whoever sits on the path "
@@ -205,6 +213,21 @@ def _same_address(a: str, b: str) -> bool:
     return a == b or a in _WILDCARDS or b in _WILDCARDS
 
 
+def _substituted(data: Any, env: Mapping[str, str]) -> Any:
+    """The raw data with ``${VAR}`` substituted in its strings (one naming a variable that is
+    not set is left as written: the conversion reports it)."""
+    if isinstance(data, str):
+        if "${" not in data:
+            return data
+        text, missing = substitute_env(data, env)
+        return data if missing else text
+    if isinstance(data, dict):
+        return {key: _substituted(value, env) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_substituted(value, env) for value in data]
+    return data
+
+
 def _semantic(data: Any) -> list[tuple[str, str]]:
     """Cross-references the types cannot express, as (path, message) pairs.
 
@@ -228,8 +251,8 @@ def _service_refs(data: dict[str, Any]) -> list[tuple[str, str]]:
     services = data.get("services")
     nodes = data.get("nodes")
     zones = data.get("rate_limits")
-    known = sorted(nodes) if isinstance(nodes, dict) else []
-    zone_names = sorted(zones) if isinstance(zones, dict) else []
+    known = _names(nodes)
+    zone_names = _names(zones)
     default = data.get("default_rate_limit")
     if isinstance(default, str) and default != NONE and default not in zone_names:
         problems.append(("default_rate_limit", _unknown("rate limit", default, zone_names)))
@@ -263,7 +286,7 @@ def _route_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     whose trailing slash differs from its path's; unknown zones; a name used twice."""
     services = data.get("services")
     zones = data.get("rate_limits")
-    zone_names = sorted(zones) if isinstance(zones, dict) else []
+    zone_names = _names(zones)
     problems: list[tuple[str, str]] = []
     claims: dict[tuple[str, bool], list[tuple[str, Any, Any]]] = {}
     names: dict[str, str] = {}
@@ -331,6 +354,12 @@ def _node_refs(base: str, refs: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _names(section: Any) -> list[str]:
+    """A mapping's names, in order (YAML may make a key a number, a boolean or a date: the
+    types report it; here it is only a name, and never compared with a string's order)."""
+    return sorted(map(str, section)) if isinstance(section, dict) else []
+
+
 def _unknown(what: str, name: str, known: list[str]) -> str:
     return f"unknown {what} '{name}' (known: {', '.join(known) or 'none'})"
 
@@ -351,10 +380,45 @@ def _zone_problems(zones: Any) -> list[tuple[str, str]]:
 def _redis_problems(redis: Any) -> list[tuple[str, str]]:
     url = redis.get("url") if isinstance(redis, dict) else None
     if isinstance(url, str) and "${" not in url:
-        scheme = url.partition("://")[0]
-        if scheme not in REDIS_SCHEMES:
-            return [("redis.url", f"unknown scheme '{scheme}' (use {', '.join(REDIS_SCHEMES)})")]
+        problem = redis_url_problem(url)
+        if problem is not None:
+            return [("redis.url", problem)]
     return []
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What keeps the limiter's clients from using ``url``, read as they read it (None:
+    nothing): a scheme, ports, a database number, a master's name."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in REDIS_SCHEMES:
+        known = ", ".join(f"{name}://" for name in REDIS_SCHEMES)
+        return f"unknown scheme '{scheme if sep else url}' (use {known})"
+    if scheme == "memory":
+        return None
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        if scheme == "unix":
+            if not parsed.path:
+                return "a unix:// URL names the socket's path: unix:///run/redis.sock"
+            db = (urllib.parse.parse_qs(parsed.query).get("db") or ["0"])[0]
+        elif scheme in ("redis+sentinel", "redis+cluster"):
+            hosts = parsed.netloc.rpartition("@")[2]
+            for host in hosts.split(","):
+                _, sep, port = host.rpartition(":")
+                if sep and not (port.isdigit() and 0 < int(port) < 65536):
+                    return f"'{host}' is not host[:port]"
+            master, _, db = parsed.path.strip("/").partition("/")
+            if scheme == "redis+sentinel" and not master:
+                return "a redis+sentinel:// URL names the master: redis+sentinel://h:26379/mymaster"
+            db = db or "0"
+        else:
+            parsed.port  # noqa: B018 - raises ValueError for a port that is not one
+            db = parsed.path.strip("/") or "0"
+    except ValueError as exc:
+        return f"not a URL the client can use: {exc}"
+    if not db.isdigit():
+        return f"the database must be a number, not '{db}'"
+    return None
 
 
 def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -362,7 +426,7 @@ def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     auth = data.get("auth")
     providers = auth.get("providers") if isinstance(auth, dict) else None
-    known = sorted(providers) if isinstance(providers, dict) else []
+    known = _names(providers)
     for name, provider in providers.items() if isinstance(providers, dict) else ():
         if not isinstance(provider, dict):
             continue

@@ -84,6 +84,11 @@ HostName = Annotated[
     Pattern(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", "a lowercase host name like app.daarion.space"),
 ]
 FilePath = Annotated[str, Pattern(r"[^\x00]+", "a file path")]
+# What a header's value may hold (RFC 9110 5.5, visible ASCII and spaces): a line break or
+# another control character would make every answer that carries it fail to be written.
+HeaderValue = Annotated[
+    str, Pattern(r"[!-~]([\t !-~]*[!-~])?", "a header value (visible ASCII, inner spaces)")
+]
 
 
 @dataclass(frozen=True)
@@ -457,9 +462,9 @@ class Cors:
 class SecurityHeaders:
     """Headers added to answers that do not already carry them; null leaves one out."""
 
-    content_type_options: str | None = doc("X-Content-Type-Options.", "nosniff")
-    frame_options: str | None = doc("X-Frame-Options.", "DENY")
-    referrer_policy: str | None = doc("Referrer-Policy.", "no-referrer")
+    content_type_options: HeaderValue | None = doc("X-Content-Type-Options.", "nosniff")
+    frame_options: HeaderValue | None = doc("X-Frame-Options.", "DENY")
+    referrer_policy: HeaderValue | None = doc("Referrer-Policy.", "no-referrer")
 
 
 @dataclass(frozen=True)
