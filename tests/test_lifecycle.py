@@ -20,6 +20,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from gateway.lifecycle.channel import Channel
+
 from .helpers import NODA1, QUICK_STOP, free_port, routes
 from .processes import GATEWAY, Load, Process, health
 
@@ -516,3 +518,63 @@ def test_a_reload_to_a_shorter_shutdown_timeout_does_not_shorten_the_kill_grace(
     supervisor.config = parse_config(text(40))
     assert supervisor.grace() == 1 + 2 + 40 + KILL_MARGIN
     shutil.rmtree(supervisor.run_dir)
+
+
+async def _channel_pair() -> tuple[Channel, Channel, socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair()
+    for end in (ours, theirs):
+        end.setblocking(False)
+    return await Channel.over(ours), await Channel.over(theirs), ours, theirs
+
+
+async def test_a_late_answer_to_one_reload_is_never_taken_for_the_next_ones(tmp_path):
+    # A worker that answered a prepare after ANSWER_TIMEOUT (its loop held up) left that
+    # answer in the channel: the next reload read it as its own and committed a config the
+    # worker had refused.
+    from gateway.config import parse_config  # noqa: PLC0415
+    from gateway.lifecycle.supervisor import Child, Options, Supervisor  # noqa: PLC0415
+
+    text = f"nodes: {{noda1: {{host: {NODA1}}}}}\nservices: {{city: {{port: 1, nodes: [noda1]}}}}\n"
+    options = Options(str(tmp_path / "routes.yaml"), 1, None, None, "INFO", None)
+    supervisor = Supervisor(options, text, parse_config(text))
+    supervisor_end, worker_end, *sockets = await _channel_pair()
+    child = Child(os.getpid(), 0, supervisor.generation, supervisor_end, sockets[0], 0.0)
+    supervisor.children.add(child)
+    await worker_end.send("prepared", seq=0, ok=True, problems=[])  # the late one
+
+    async def worker() -> None:
+        message = await worker_end.receive()
+        assert message["op"] == "prepare"
+        await worker_end.send("prepared", seq=message["seq"], ok=False, problems=["refused"])
+
+    answering = asyncio.ensure_future(worker())
+    assert await supervisor._prepare(text) == ["refused"]
+    await answering
+    for end in (supervisor_end, worker_end):
+        end.close()
+    shutil.rmtree(supervisor.run_dir)
+
+
+async def test_a_worker_never_dies_of_a_commit_it_did_not_prepare(upstream, gateway, client):
+    from gateway.lifecycle.worker import _orders  # noqa: PLC0415
+
+    up = await upstream(NODA1)
+    before = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1)
+    gw = await gateway(before)
+    supervisor_end, worker_end, *_ = await _channel_pair()
+    orders = asyncio.ensure_future(_orders(worker_end, gw.gateway, [], 0, []))
+    await supervisor_end.send("commit", seq=7)  # nothing prepared under 7
+    after = routes({"agents": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1)
+    await supervisor_end.send("prepare", text=after, seq=8)
+    answer = await asyncio.wait_for(supervisor_end.receive(), 5)
+    assert (answer["op"], answer["seq"], answer["ok"]) == ("prepared", 8, True)
+    async with client.get(gw.url + "/api/city/x") as response:
+        assert response.status == 200  # still the first config: the stray commit did nothing
+    await supervisor_end.send("commit", seq=8)
+    await supervisor_end.send("handover")
+    assert await asyncio.wait_for(orders, 5) is True  # alive to the end
+    async with client.get(gw.url + "/api/agents/x") as response:
+        assert response.status == 200  # the config it prepared, committed
+    assert any("has not prepared" in line["message"] for line in gw.log_lines())
+    for end in (supervisor_end, worker_end):
+        end.close()

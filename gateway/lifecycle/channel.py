@@ -6,14 +6,16 @@ supervisor to worker
     ``setup``     the config text and its hash, the worker's index, generation and peers, its
                   listening sockets' descriptors: the first message
     ``serve``     start accepting (a worker starts everything else first, then waits for this)
-    ``prepare``   a reload's config text: parse and compile it, answer ``prepared``
-    ``commit``    swap in the prepared config (every worker prepared it)
+    ``prepare``   a reload's config text and its number (``seq``): parse and compile it,
+                  answer ``prepared`` with the same number
+    ``commit``    swap in the config prepared under ``seq`` (every worker prepared it)
     ``abort``     drop it (a worker could not): say the reload failed
     ``handover``  a newer generation serves the sockets: stop accepting, drain, exit
 worker to supervisor
     ``ready``     started, not accepting yet; or ``failed`` with the error
     ``serving``   accepting
-    ``prepared``  ``ok`` and, when not, ``problems``
+    ``prepared``  ``seq``, ``ok`` and, when not, ``problems`` (an answer that came too late
+                  for its reload has an older ``seq``: never taken for the next one's)
 
 The end of the stream means the other side is gone: a worker whose supervisor is gone stops.
 """
@@ -27,6 +29,10 @@ from typing import Any, Final
 import orjson
 
 LIMIT: Final = 16 * 1024 * 1024  # a line holds a config file's text
+# How long a send waits for the other side to take its bytes before going on with them still
+# buffered: a worker that does not read (stopped, its loop blocked) must not hold up the
+# supervisor, which then finds it silent (no answer in time) rather than waiting forever.
+DRAIN_TIMEOUT: Final = 5.0
 
 
 class Closed(Exception):
@@ -48,7 +54,10 @@ class Channel:
             raise Closed(op)
         self._writer.write(orjson.dumps({"op": op, **fields}) + b"\n")
         try:
-            await self._writer.drain()
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await self._writer.drain()
+        except TimeoutError:
+            pass  # buffered: it goes when the other side reads again
         except OSError as exc:
             raise Closed(op) from exc
 

@@ -144,6 +144,7 @@ class Supervisor:
         self.config = config
         self.generation = 1
         self.reload_ok = True  # how the last reload ended (a respawned worker says it too)
+        self._reloads = 0  # numbers each reload's messages (channel.py: seq)
         self.restarts = 0  # restarts asked for, and how the last one ended (the state file)
         self.last_restart: dict[str, Any] | None = None
         self.children: set[Child] = set()
@@ -472,7 +473,7 @@ class Supervisor:
             verdict = "abort" if problems else "commit"
             for child in serving:
                 with contextlib.suppress(Closed):
-                    await child.channel.send(verdict)
+                    await child.channel.send(verdict, seq=self._reloads)
             self.reload_ok = not problems
             if problems:
                 log.error(
@@ -496,12 +497,16 @@ class Supervisor:
             parse_config(text, self.options.path)
         except ConfigError as exc:  # said once here rather than once per worker
             return [str(p) for p in exc.problems]
+        self._reloads += 1
+        seq = self._reloads
         problems: list[str] = []
         for child in self._serving():
             try:
-                await child.channel.send("prepare", text=text)
                 async with asyncio.timeout(ANSWER_TIMEOUT):
+                    await child.channel.send("prepare", text=text, seq=seq)
                     answer = await _expect(child, "prepared")
+                    while answer.get("seq") != seq:  # a late answer to an earlier reload
+                        answer = await _expect(child, "prepared")
             except (Closed, TimeoutError, StartFailed) as exc:
                 problems.append(f"worker {child.index} did not answer: {exc!r}")
                 continue

@@ -111,6 +111,7 @@ async def _orders(
     channel: Channel, gateway: Gateway, addresses: list[Any], open_files: int, serving: list[bool]
 ) -> bool:
     """Do what the supervisor says until a handover (True) or its end (False)."""
+    prepared: int | None = None  # the reload whose config is prepared (its seq)
     while True:
         try:
             message = await channel.receive()
@@ -125,10 +126,31 @@ async def _orders(
             await channel.send("serving")
         elif op == "prepare":
             problems = gateway.prepare(message["text"])
-            await channel.send("prepared", ok=not problems, problems=problems)
+            prepared = None if problems else message.get("seq")
+            await channel.send(
+                "prepared", seq=message.get("seq"), ok=not problems, problems=problems
+            )
         elif op == "commit":
-            gateway.commit()
+            if prepared is None or message.get("seq") != prepared:
+                # Never a crash over it: the config served stays, and the supervisor's
+                # next reload says so (never expected: it commits what every worker
+                # answered it had prepared).
+                log.error(
+                    "a reload's commit for a config this worker has not prepared: ignored",
+                    extra={"fields": {**gateway.who(), "seq": message.get("seq")}},
+                )
+                gateway.abort()
+            else:
+                try:
+                    gateway.commit()
+                except Exception:  # a file it needs changed since the prepare
+                    log.exception(
+                        "the prepared config could not be applied; the previous one serves",
+                        extra={"fields": gateway.who()},
+                    )
+            prepared = None
         elif op == "abort":
+            prepared = None
             gateway.abort()
         elif op == "handover":
             return True
