@@ -542,6 +542,10 @@ class Connection(ParsingProtocol):
             self._head, self._tail = rest, data[-3:]
             self._table.head_started(self)
 
+    def _bodiless(self) -> bool:
+        """No request waiting in the queue has a body."""
+        return all(payload is EMPTY_PAYLOAD for _, payload in self._queue)
+
     def _answer_early(self, error: GatewayError, detail: str, *, linger: bool = False) -> None:
         """Answer ``error`` (after any request parsed before) and close; ``linger``: the
         client is still sending (a head too large), so let it finish first (``Lingering``).
@@ -576,7 +580,10 @@ class Connection(ParsingProtocol):
             self._start(message, payload)
             return
         self._queue.append((message, payload))
-        if len(self._queue) >= _FULL and not self.reading_held:
+        # A queued request with a body: nothing more is read until it starts (its body, and
+        # what follows, wait in the kernel, as nginx's do), or every request pipelined
+        # behind a slow one would hold its body in memory (31 of them, 4 MB a connection).
+        if (len(self._queue) >= _FULL or payload is not EMPTY_PAYLOAD) and not self.reading_held:
             self.hold_reading()
 
     def _start(self, message: Any, payload: StreamReader) -> None:
@@ -657,12 +664,14 @@ class Connection(ParsingProtocol):
         if self._queue:
             message, payload = self._queue.popleft()
             self._start(message, payload)
-            if self.reading_held and len(self._queue) <= MAX_QUEUED // 2:
+            if self.reading_held and len(self._queue) <= MAX_QUEUED // 2 and self._bodiless():
                 # What the parser held back while the queue was full first; the socket is
                 # read again only if that left room (else more would arrive that the paused
-                # parser cannot take, and count as one endless head).
+                # parser cannot take, and count as one endless head) and no request waiting
+                # has a body. (Only the last one parsed can still need bytes of its body, and
+                # it is the last to start: none is left waiting for bytes never read.)
                 self.data_received(b"")
-                if len(self._queue) < _FULL:
+                if len(self._queue) < _FULL and self._bodiless():
                     self.release_reading()
             return
         if not self._head and self._body is None and not self._over:

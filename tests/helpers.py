@@ -651,6 +651,27 @@ def tcp_sockets(
     return count
 
 
+def socket_queues(local_port: int, remote_port: int) -> tuple[int, int]:
+    """What the kernel holds for the socket from ``local_port`` to ``remote_port``: bytes
+    not yet sent (or not acknowledged), and bytes its process has not read (from
+    /proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local = int(fields[1].split(":")[1], 16)
+            remote = int(fields[2].split(":")[1], 16)
+            if (local, remote) == (local_port, remote_port):
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    raise LookupError(f"no socket {local_port} -> {remote_port}")
+
+
+def untaken_bytes(server_port: int, client_port: int) -> int:
+    """What a client sent a server, on one loopback connection, that the server's process
+    has not read: in the server's receive queue, and still in the client's send queue."""
+    return socket_queues(server_port, client_port)[1] + socket_queues(client_port, server_port)[0]
+
+
 # -- TLS ---------------------------------------------------------------------------------------
 
 
