@@ -20,6 +20,7 @@ fallback. Here a deadline asks the kernel instead:
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import socket
@@ -77,6 +78,15 @@ async def dial(host: str, port: int, deadline: float) -> socket.socket:
     return await connect_first(infos, deadline)
 
 
+# What a connect fails with when this machine, not the upstream, is short of something: the
+# process's or the system's descriptors, buffers, memory. Never the target's fault.
+LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class OutOfResources(OSError):
+    """A connection could not be made for want of this machine's resources (``LOCAL_ERRNOS``)."""
+
+
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[object, ...]]
 
 
@@ -87,7 +97,12 @@ async def connect_first(infos: Sequence[AddrInfo], deadline: float) -> socket.so
     loop = asyncio.get_running_loop()
     errors: list[OSError] = []
     for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:
+                raise OutOfResources(exc.errno, exc.strerror) from exc
+            raise
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -97,6 +112,8 @@ async def connect_first(infos: Sequence[AddrInfo], deadline: float) -> socket.so
             raise
         except OSError as exc:
             sock.close()
+            if exc.errno in LOCAL_ERRNOS:
+                raise OutOfResources(exc.errno, exc.strerror) from exc
             errors.append(exc)
             continue
         except BaseException:

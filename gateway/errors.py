@@ -95,6 +95,13 @@ _UPSTREAM_FAILURES: Final = {
         "the upstream closed the connection without answering",
     ),
     "io": (502, "upstream_error", "the upstream connection failed"),
+    # The gateway's own machine had no descriptor, buffer or memory for the connection: its
+    # fault, not the target's (never counted against it, nor retried elsewhere).
+    "local": (
+        503,
+        "gateway_overloaded",
+        "the gateway has no room for another upstream connection now; try again",
+    ),
     # A kept-alive connection the upstream closed as the request was written on it: retried
     # where safe, and not counted against the target.
     "stale": (

@@ -4,6 +4,7 @@ preferred node of the multimodal services) and NODA1 (127.0.0.3, the fallback)."
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from typing import Any
@@ -16,7 +17,7 @@ from aiohttp import web
 from gateway.config import parse_config
 from gateway.upstream.probe import judge
 
-from .helpers import NODA1, NODA2, Seen, routes, sample, unanswered_port
+from .helpers import NODA1, NODA2, RawClient, Seen, routes, sample, unanswered_port
 
 FAST = "health: {interval: 0.2, timeout: 0.5, rise: 2, fall: 3}"
 
@@ -424,3 +425,32 @@ async def test_two_targets_on_one_node_never_hide_each_other_in_service_health(
     async with client.get(gw.url + "/health") as response:
         assert (await response.json())["dependencies"]["swapper"] == "connected"
     dead.close()
+
+
+async def test_a_gateway_out_of_descriptors_says_so_and_never_blames_the_target(
+    node_process, gateway, client
+):
+    # Out of file descriptors (one address's WebSocket sessions can fill the table), the
+    # connect to a healthy upstream failed as if the target were down: it was ejected, and
+    # every client got 503 no_healthy_upstream through the ejection.
+    import resource  # noqa: PLC0415 - only this test lowers the limit
+
+    up = node_process(NODA1, "noda1")  # a process of its own: not out of descriptors
+    config = routes({"city": f"{{port: {up.port}, nodes: [noda1]}}"}, noda1=NODA1)
+    gw = await gateway(config + "upstream_keepalive_timeout: 0.1\n")
+    assert await served_by(client, gw.url + "/api/city/x") == (200, "noda1")
+    raws = [await RawClient.connect(gw.port) for _ in range(3)]  # fall: 3
+    await asyncio.sleep(1.3)  # accepted; and the kept-alive upstream connection closed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.open(os.devnull, os.O_RDONLY)  # the number the next descriptor gets
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))  # none more may open
+    try:
+        answers = [await raw.ask(b"GET /api/city/x HTTP/1.1\r\nHost: a\r\n\r\n") for raw in raws]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert {(a.status, a.json()["error"]) for a in answers} == {(503, "gateway_overloaded")}
+    assert target_state(await upstreams(client, gw), "city", "noda1") == "up"
+    assert await served_by(client, gw.url + "/api/city/x") == (200, "noda1")
+    for raw in raws:
+        raw.writer.close()

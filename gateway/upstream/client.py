@@ -35,7 +35,7 @@ import httptools
 from multidict import CIMultiDict
 
 from ..aiohttp_private import serialize_head
-from ..dial import open_connection
+from ..dial import OutOfResources, open_connection
 from ..errors import GatewayError, tls_reason, upstream_failure
 
 if TYPE_CHECKING:
@@ -574,6 +574,8 @@ class Pool:
             )  # fmt: skip
         except TimeoutError:
             raise upstream_failure("connect_timeout") from None
+        except OutOfResources:
+            raise upstream_failure("local") from None
         except OSError as exc:  # a TLS failure too (ssl's errors are OSErrors)
             raise upstream_failure("connect", tls_reason(exc)) from exc
         loop = asyncio.get_running_loop()

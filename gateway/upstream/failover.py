@@ -47,7 +47,7 @@ SENT_RETRYABLE: Final = frozenset({"disconnect", "io", "protocol", "status", "st
 # closed looks like, so with no other target left the same one may be tried again.
 SAME_TARGET_AGAIN: Final = frozenset({"disconnect", "io", "stale"})
 # A kept-alive connection closed under the request: the pool's timing, not a failing target.
-NOT_A_TARGET_FAILURE: Final = frozenset({"stale"})
+NOT_A_TARGET_FAILURE: Final = frozenset({"stale", "local"})
 BACKOFF: Final = 0.025  # seconds, jittered ±50 %
 
 T = TypeVar("T")

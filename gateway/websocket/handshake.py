@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 from aiohttp import web
 
 from ..auth.phase import SUBPROTOCOL
+from ..dial import OutOfResources
 from ..edge.cors import same_origin
 from ..errors import ClientGone, GatewayError, tls_reason, upstream_failure
 from ..upstream.failover import RETRY_STATUS, Failed, attempt, first_target
@@ -251,6 +252,8 @@ def _connect_error(exc: TimeoutError | OSError) -> GatewayError:
     tls = tls_reason(exc)
     if tls is not None:  # the node's certificate, or the TLS handshake: never sent
         return upstream_failure("connect", tls)
+    if isinstance(exc, OutOfResources):
+        return upstream_failure("local")
     if isinstance(exc, ConnectTimeout):
         return upstream_failure("connect_timeout")
     if isinstance(exc, TimeoutError):
