@@ -1,5 +1,5 @@
 """``python -m gateway`` is the ``daarion-gateway`` command."""
 
-from .cli import main
+from .start import main
 
 raise SystemExit(main())

@@ -18,19 +18,19 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
+from .commands import COMMANDS, serves
 from .config import Config, ConfigError, config_json_schema, load_config, parse_config
+from .config.types import Listen
 
 if TYPE_CHECKING:
     from .routetable import Entry
     from .snapshot import Route
 
 log = logging.getLogger("gateway")
-
-COMMANDS = ("serve", "check", "schema", "healthcheck", "restart", "demo", "worker", "preflight")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[config], help="run the gateway (the default)")
     serve.add_argument("--host", help="listen address (overrides listen.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    # Defaults from the environment are text, which argparse converts (and refuses with a
+    # usage message) as it does a value given; an empty one (VAR= in an env file) is unset.
     serve.add_argument(
         "--workers",
         type=_positive,
-        default=_positive(os.environ.get("GATEWAY_WORKERS", "1")),
+        default=os.environ.get("GATEWAY_WORKERS") or "1",
         help="worker processes sharing the port (default: $GATEWAY_WORKERS, else 1)",
     )
     serve.add_argument(
@@ -62,9 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level",
-        default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"),
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        default=os.environ.get("GATEWAY_LOG_LEVEL") or "INFO",
+        type=_level,
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: $GATEWAY_LOG_LEVEL, else INFO)",
     )
     sub.add_parser("check", parents=[config], help="validate the config and summarise it")
     sub.add_parser("schema", help="print the JSON Schema of routes.yaml")
@@ -96,10 +98,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _level(text: str) -> str:
+    if text.upper() not in LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LEVELS)}")
+    return text.upper()
 
 
 def config_path(given: str | None) -> str:
@@ -108,7 +122,7 @@ def config_path(given: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
+    if serves(args_list) and (not args_list or args_list[0] != "serve"):
         args_list.insert(0, "serve")
     args = _parser().parse_args(args_list)
     if args.command == "schema":
@@ -141,6 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
+        if args.command == "healthcheck":
+            # The file may be mid-edit, or wrong and not reloaded: the gateway serves what it
+            # loaded before. Its port is then --port, $GATEWAY_PORT (the shipped
+            # routes.yaml's), or the default.
+            given = os.environ.get("GATEWAY_PORT", "")
+            port = args.port or (int(given) if given.isdigit() else Listen().port)
+            sys.stderr.write(f"{path}: not valid now ({len(exc.problems)} problem(s)); "
+                             f"probing port {port}\n")  # fmt: skip
+            return probe_health(f"http://127.0.0.1:{port}/health", args.timeout)
         sys.stderr.write(f"{exc}\n")
         return 2
     if args.command == "check":
@@ -308,9 +331,13 @@ def healthcheck(config: Config, port: int | None, timeout: float) -> int:
     host = config.listen.host
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard listen is probed on loopback
         host = "127.0.0.1"
-    url = f"http://{host}:{port or config.listen.port}/health"
+    return probe_health(f"http://{host}:{port or config.listen.port}/health", timeout)
+
+
+def probe_health(url: str, timeout: float) -> int:
+    """0 when ``url`` answers 200, else 1 (what it said goes to stdout or stderr)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http:// built by the callers
             status = response.status
     except urllib.error.HTTPError as exc:
         status = exc.code

@@ -216,6 +216,40 @@ async def test_healthcheck_command_follows_the_health_status(gateway, tmp_path):
     gw.gateway.shared.draining = True  # /health answers 503
     draining = await asyncio.to_thread(run, *args)
     assert (draining.returncode, draining.stdout.split()[-1]) == (1, "503")
+    gw.gateway.shared.draining = False
+    # The file mid-edit (or wrong, not reloaded): the gateway serves on, and so says the
+    # check, on the port it is given (Docker's HEALTHCHECK used to fail the container).
+    config.write_text(gw.config_text + "listen: {port: 170010}\n")
+    editing = await asyncio.to_thread(run, *args)
+    assert (editing.returncode, editing.stdout.split()[-1]) == (0, "200")
+    assert "not valid now" in editing.stderr
+    from_env = await asyncio.to_thread(
+        run, "healthcheck", "--config", str(config), env={"GATEWAY_PORT": str(gw.port)}
+    )
+    assert (from_env.returncode, from_env.stdout.split()[-1]) == (0, "200")
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"GATEWAY_WORKERS": "two"}, "argument --workers: 'two' is not a whole number"),
+        ({"GATEWAY_WORKERS": "0"}, "argument --workers: must be at least 1"),
+        ({"GATEWAY_LOG_LEVEL": "verbose"}, "argument --log-level: 'verbose' is not one of"),
+    ],
+)
+def test_a_wrong_setting_from_the_environment_gets_a_usage_line_not_a_traceback(env, said):
+    result = run("serve", "--config", str(SHIPPED), env=env)
+    assert result.returncode == 2
+    assert said in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_empty_setting_from_an_env_file_is_its_default():
+    # `docker run --env-file` passes VAR= as an empty string: .env.example says that means
+    # the default. `check` builds the same parser: it failed with a traceback.
+    empty = {"GATEWAY_WORKERS": "", "GATEWAY_LOG_LEVEL": ""}
+    result = run("check", "--config", str(SHIPPED), env={**empty, "JWT_SECRET": "s" * 40})
+    assert result.returncode == 0, result.stderr
 
 
 async def test_workers_share_one_port_and_any_scrape_counts_them_all(serve, upstream, client):

@@ -578,3 +578,27 @@ async def test_a_worker_never_dies_of_a_commit_it_did_not_prepare(upstream, gate
     assert any("has not prepared" in line["message"] for line in gw.log_lines())
     for end in (supervisor_end, worker_end):
         end.close()
+
+
+def _blocked(pid: int) -> int:
+    """The signals a process blocks (its SigBlk mask, from /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+async def test_a_signal_during_the_start_waits_for_it_instead_of_killing_it(serve):
+    # Before the supervisor's handlers are in, a SIGHUP (a `systemctl reload` right after a
+    # start) took its default action: the gateway died. The command blocks it first thing.
+    proc, _ = await serve(routes({"city": "{port: 1, nodes: [noda1]}"}, noda1=NODA1))
+    pid = proc.proc.pid
+    deadline = asyncio.get_running_loop().time() + 10
+    while not _blocked(pid) & (1 << (signal.SIGHUP - 1)):
+        assert asyncio.get_running_loop().time() < deadline, "SIGHUP was never blocked"
+        await asyncio.sleep(0.001)
+    os.kill(pid, signal.SIGHUP)
+    await proc.wait_for("workers started")
+    await proc.wait_for("config reloaded by every worker")  # done once it could be
+    assert proc.proc.returncode is None

@@ -41,6 +41,7 @@ from typing import Any, Final
 import orjson
 
 from .. import logs
+from ..commands import SIGNALS  # blocked from the command's start (start.py) until run()
 from ..config import Config, ConfigError, digest, parse_config
 from .channel import Channel, Closed
 from .listeners import address, bind
@@ -52,7 +53,6 @@ STATE_ENV: Final = "GATEWAY_SUPERVISOR_STATE"  # what a supervisor hands to its 
 # path): without it "-m" puts the current directory first on sys.path, so a "gateway" folder
 # there (a checkout, another release) would be what the workers run, not what is installed.
 INSTALLED: Final = (sys.executable, "-P", "-m", "gateway")
-SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 RESPAWN_DELAY: Final = 1.0  # before a worker that lived less than a second starts again
 START_TIMEOUT: Final = 60.0  # for a worker to say ready (config, Redis, first probes)
 ANSWER_TIMEOUT: Final = 30.0  # for a worker to answer a prepare, or to start accepting
