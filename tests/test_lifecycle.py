@@ -517,6 +517,9 @@ def test_a_reload_to_a_shorter_shutdown_timeout_does_not_shorten_the_kill_grace(
     assert supervisor.grace() == 1 + 2 + 25 + KILL_MARGIN
     supervisor.config = parse_config(text(40))
     assert supervisor.grace() == 1 + 2 + 40 + KILL_MARGIN
+    # A restart to a shorter ws_drain: the old generation, handing over, drains with its own.
+    supervisor.config = parse_config(text(40).replace("ws_drain: 2", "ws_drain: 0"))
+    assert supervisor.grace() == 1 + 2 + 40 + KILL_MARGIN
     shutil.rmtree(supervisor.run_dir)
 
 
@@ -602,3 +605,41 @@ async def test_a_signal_during_the_start_waits_for_it_instead_of_killing_it(serv
     await proc.wait_for("workers started")
     await proc.wait_for("config reloaded by every worker")  # done once it could be
     assert proc.proc.returncode is None
+
+
+async def test_a_generation_that_fails_after_accepting_leaves_every_socket_taking_connections(
+    serve: Serve, upstream, tmp_path: Path
+) -> None:
+    # The new code's last worker dies just as it starts accepting; the one before it had
+    # accepted, and was stopped the ordinary way: its SYN filter went on the listening
+    # socket its slot shares with the running generation, whose new connections there then
+    # hung (9 of 20 in a review) while the log said the old generation kept serving.
+    up = await upstream(NODA1)
+    old = release(tmp_path / "release-1", "1.0.0")
+    new = release(tmp_path / "release-2", "2.0.0")
+    worker = new / "gateway" / "lifecycle" / "worker.py"
+    accept = "            await gateway.accept()\n"
+    dies = "            if gateway.shared.worker.index == 1:\n                os._exit(3)\n"
+    assert accept in worker.read_text()
+    worker.write_text(worker.read_text().replace(accept, accept + dies))
+    current = tmp_path / "current"
+    current.symlink_to(old)
+    proc, _ = await serve(
+        city(up.port), "--workers", "2", env={"PYTHONPATH": str(current)}, cwd=tmp_path
+    )
+    await proc.wait_for_all("gateway started", 2)
+    port = await proc.port()
+    swap = tmp_path / "current.next"
+    swap.symlink_to(new)
+    os.replace(swap, current)
+    code, _, _ = await restart(proc)
+    assert code != 0
+    await proc.wait_for("restart failed; the running generation keeps serving")
+    await asyncio.sleep(1.0)  # the failed worker has stopped by now
+    answered = 0
+    for _ in range(20):  # fresh connections: the kernel spreads them over both slots
+        with contextlib.suppress(TimeoutError, OSError):
+            answered += (await asyncio.wait_for(health(port), 2))["version"] == "1.0.0"
+    assert answered == 20
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0

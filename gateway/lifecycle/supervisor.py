@@ -140,7 +140,7 @@ class Supervisor:
         previous program served)."""
         self.options = options
         self.text = text  # the config every worker serves (a respawn gets it too)
-        self._longest_shutdown = 0.0  # see grace
+        self._longest_stop = 0.0  # see grace
         self.config = config
         self.generation = 1
         self.reload_ok = True  # how the last reload ended (a respawned worker says it too)
@@ -166,7 +166,10 @@ class Supervisor:
             loop.add_signal_handler(signum, self._signalled, signum)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # blocked across an exec
         if resumed is not None:
-            await self._resume(resumed)
+            # A SIGHUP delivered as the signals are unblocked waits until every worker is
+            # attached again: it prepared only those attached and committed to all.
+            async with self.busy:
+                await self._resume(resumed)
             self._later(self._restart_after_exec())
         else:
             try:
@@ -260,14 +263,18 @@ class Supervisor:
     @config.setter
     def config(self, config: Config) -> None:
         self._config = config
-        self._longest_shutdown = max(self._longest_shutdown, config.lifecycle.shutdown_timeout)
+        lifecycle = config.lifecycle
+        stop = lifecycle.drain_delay + lifecycle.ws_drain + lifecycle.shutdown_timeout
+        self._longest_stop = max(self._longest_stop, stop)
 
     def grace(self) -> float:
         """How long a stopping worker may take before it is killed. A worker keeps the
-        shutdown_timeout it started with (a change needs a restart), so the longest this
-        program has served bounds it: a reload to a shorter one killed requests in flight."""
-        lifecycle = self.config.lifecycle
-        return lifecycle.drain_delay + lifecycle.ws_drain + self._longest_shutdown + KILL_MARGIN
+        shutdown_timeout it started with (a change needs a restart), and one of an older
+        generation, handing over, drains with its own config's drain_delay and ws_drain: so
+        the longest whole stop of the configs this program (and, across a restart's exec,
+        the one before it) has served bounds it. A reload or restart to a shorter one killed
+        requests and WebSocket sessions still allowed to finish."""
+        return self._longest_stop + KILL_MARGIN
 
     def _who(self, error: str | None = None) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -430,6 +437,7 @@ class Supervisor:
         """Workers that have started and accept (StartFailed: one did not; those started are
         stopped, none of them having accepted)."""
         started: list[Child] = []
+        accepting: list[Child] = []  # told to serve: they may have taken connections
         try:
             for index in indexes:
                 started.append(await self._spawn(index, generation, text))
@@ -437,6 +445,7 @@ class Supervisor:
                 for child in started:
                     await _expect(child, "ready")
             for child in started:
+                accepting.append(child)
                 await child.channel.send("serve")
             async with asyncio.timeout(ANSWER_TIMEOUT):
                 for child in started:
@@ -444,6 +453,14 @@ class Supervisor:
         except (StartFailed, Closed, TimeoutError, OSError) as exc:  # OSError: no spawn
             for child in started:
                 child.retired = True
+                if child in accepting:
+                    # A handover's stop: it serves what it took, and puts no SYN filter on
+                    # the listening sockets, which the running generation serves too (an
+                    # ordinary stop's filter stayed there, dropping their new connections).
+                    with contextlib.suppress(Closed):
+                        await child.channel.send("handover")
+                    self._kill_after_grace(child)
+                    continue
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGTERM)
             if isinstance(exc, StartFailed):
@@ -575,6 +592,7 @@ class Supervisor:
             "listening": [_listening_state(held) for held in self.listening.values()],
             "children": [_child_state(child) for child in self.children],
             "queued": self.queued,  # signals whose work waited for this restart
+            "longest_stop": self._longest_stop,  # the grace of the workers handed on
         }
         handed = [sock.fileno() for held in self.listening.values() for slot in held.slots
                   for sock in slot] + [child.end.fileno() for child in self.children]  # fmt: skip
@@ -603,6 +621,7 @@ class Supervisor:
         self.restarts = state["restarts"]
         self.reload_ok = state["reload_ok"]
         self.carried = state.get("queued", {})  # asked for during the restart: done after it
+        self._longest_stop = max(self._longest_stop, state.get("longest_stop", 0.0))
         shutil.rmtree(self.run_dir, ignore_errors=True)  # the one made in __init__
         self.run_dir = state["run_dir"]
         self.pid_file = state["pid_file"]
@@ -623,6 +642,8 @@ class Supervisor:
                 await Channel.over(end), end, item["started"], retired=item["retired"],
             )  # fmt: skip
             self._watch(child)
+            if child.retired:  # its kill timer was the previous program's
+                self._kill_after_grace(child)
 
     async def _restart_after_exec(self) -> None:
         """The new program's half of a restart: a new generation, then the old one's
