@@ -425,3 +425,40 @@ def _cross(text: str) -> str:
 )  # fmt: skip
 def test_names_and_urls_from_the_environment_are_checked_as_written_out(text, env):
     parse_config(_cross(text), "routes.yaml", env=env)
+
+
+def test_the_readmes_config_reference_example_is_a_valid_config():
+    # A newcomer copies it first: it named a node (noda2b) it did not define.
+    from .helpers import ROOT  # noqa: PLC0415 - only this test reads the README
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Config reference") :]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(example, "README.md", env={})
+    assert {"agents", "search", "vector", "city"} <= set(config.services)
+
+
+def test_a_key_with_a_bad_name_still_has_its_values_checked():
+    # The name's problem hid those of everything under it until the name was fixed.
+    text = (
+        "nodes: {noda1: {host: 127.0.0.3}, Noda2: {host: 'http://10.0.0.1:80'}}\n"
+        "services: {city: {port: 7001, nodes: [noda1]}, City: {port: 0, nodes: [noda1]}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env={})
+    paths = {p.path for p in caught.value.problems}
+    assert {"nodes.Noda2", "nodes.Noda2.host", "services.City", "services.City.port"} <= paths
+
+
+def test_a_merged_key_may_be_overridden_but_a_written_one_not_repeated():
+    base = "nodes: {noda1: {host: 127.0.0.3}}\n"
+    services = parse_config(
+        base
+        + "services:\n  city: &d {port: 7001, nodes: [noda1]}\n  agents: {<<: *d, port: 7002}\n",
+        env={},
+    ).services
+    assert (services["city"].port, services["agents"].port) == (7001, 7002)
+    with pytest.raises(ConfigError, match=r"services.agents.port \(line 4\): duplicate key"):
+        parse_config(
+            base + "services:\n  agents: {port: 7002, nodes: [noda1],\n    port: 7003}\n", env={}
+        )

@@ -247,6 +247,9 @@ class Converter:
                 continue
             if self.convert(key_hint, key, (*path, key), key_line) is INVALID:
                 ok = False
+                # Its value's own problems too, with the rest (else fixing the name shows
+                # them only then).
+                self.convert(item, v, (*path, key), key_line)
                 continue
             out[key] = self.convert(item, v, (*path, key), key_line)
             ok = ok and out[key] is not INVALID

@@ -50,9 +50,13 @@ class LineLoader(yaml.SafeLoader):
         self.duplicates: list[tuple[int, Any, int]] = []  # (container id, key, line)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Keys written in this mapping, not brought in by a merge (<<: *defaults): one of
+        # those written again is a duplicate; a merged one written here is an override.
+        written = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
         self.flatten_mapping(node)
         result: dict[Any, Any] = {}
         where: dict[Any, int] = {}
+        seen: set[Any] = set()  # the written keys so far
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, typing.Hashable):
@@ -60,8 +64,10 @@ class LineLoader(yaml.SafeLoader):
                     None, None, "unhashable key", key_node.start_mark
                 )
             line = key_node.start_mark.line + 1
-            if key in where:
-                self.duplicates.append((id(result), key, line))
+            if id(key_node) in written:
+                if key in seen:
+                    self.duplicates.append((id(result), key, line))
+                seen.add(key)
             result[key] = self.construct_object(value_node, deep=True)
             where[key] = line
         self.lines[id(result)] = where
