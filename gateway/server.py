@@ -766,8 +766,8 @@ class Connection(ParsingProtocol):
         the client sent after its handshake, and whether the transport holds more than its
         high-water mark for the client (it then calls its new protocol's ``resume_writing``
         when that drains, never ``pause_writing`` first). None when the client has gone
-        already. (The relay's session decrements ``gateway_client_connections`` when it ends;
-        the table forgets the connection now.)"""
+        already. (The relay's session decrements ``gateway_client_connections`` when it ends,
+        and calls ``relay_ended``: until then the connection counts against the caps.)"""
         self.flush()
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -779,11 +779,15 @@ class Connection(ParsingProtocol):
             self._keepalive.cancel()
             self._keepalive = None
         self._stop_send_timer()
-        self._table.release(self)
+        self._table.relayed(self)  # counted until the session ends (relay_ended)
         self._server.forget(self)
         if self.reading_held:
             transport.resume_reading()
         return transport, tail, self.writing_paused
+
+    def relay_ended(self) -> None:
+        """The WebSocket session this connection was detached for has ended."""
+        self._table.release(self)
 
     def handle_error(
         self, request: Request, status: int = 500, exc: BaseException | None = None

@@ -119,8 +119,16 @@ class ConnectionTable:
         self._fresh.add(conn)
         return True
 
+    def relayed(self, conn: Held) -> None:
+        """A connection taken over by a WebSocket relay: no more heads, idle times or
+        evictions for it, but it goes on counting against both caps (one address's sessions
+        held the process's every descriptor) until ``release`` when its session ends."""
+        self._idle.pop(conn, None)
+        self._heads.pop(conn, None)
+        self._fresh.discard(conn)
+
     def release(self, conn: Held) -> None:
-        """Forget a connection (closed, or taken over by a WebSocket relay); once only."""
+        """Forget a connection (closed, or its WebSocket session ended); once only."""
         address = self._address.pop(conn, None)
         if address is None:
             return

@@ -67,6 +67,8 @@ class Detachable(Protocol):
 
     def detach(self) -> tuple[asyncio.Transport, bytes, bool] | None: ...
 
+    def relay_ended(self) -> None: ...
+
 
 class Detached(web.StreamResponse):
     """What the handler returns once the connection belongs to a relay: aiohttp has written
@@ -121,6 +123,7 @@ async def open_session(
     session = Session(
         shared.metrics, shared.sessions, service=route.service, policy=policy,
         request_id=ex.request_id, client=transport, upstream=upstream,
+        ended=client.relay_ended,
     )  # fmt: skip
     session.start(tail, client_full=client_full)
     ex.session = session

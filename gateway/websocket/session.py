@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from .. import logs
@@ -194,6 +195,7 @@ class Session:
     """One relayed session: both legs, what went through, and how it ended."""
 
     __slots__ = (
+        "_ended",
         "_handover",
         "activity",
         "client",
@@ -223,8 +225,10 @@ class Session:
         request_id: str,
         client: asyncio.Transport,
         upstream: Upgraded,
+        ended: Callable[[], None] = lambda: None,
     ) -> None:
         self.metrics = metrics
+        self._ended = ended  # the client connection's: it stops counting against the caps
         self.open = open_sessions  # every open session of the gateway; this one while open
         self.request_id = request_id
         self.service = service
@@ -370,6 +374,7 @@ class Session:
         self.open.discard(self)
         self.ending("gateway", GOING_AWAY)
         metrics.client_connections.dec()  # the client's connection, counted by server.Connection
+        self._ended()
         for gauge in self.gauges:
             gauge.dec()
         metrics.ws_closed.labels(self.service, code_label(self.close_code)).inc()
