@@ -26,7 +26,7 @@ from . import endpoints, logs, pipeline
 from .aiohttp_private import HeldSite, keep_raw_header_bytes, site_server
 from .auth import Authenticator
 from .config import Config, ConfigError, digest, parse_config
-from .config.types import Acme
+from .config.types import Acme, Tls
 from .context import ADMIN, HTTP, HTTPS, Listener, Shared
 from .edge.accept import Acceptor, handshakes_done
 from .edge.acme import AcmeManager, ChallengeStore
@@ -115,10 +115,11 @@ class Gateway:
         ports = ports or {}
         held = sockets or {}
         reuse = worker is not None and len(worker.sockets) > 1
+        supervised = worker is not None
 
-        def sockets_of(listener: Listener, where: str, at: int) -> Sequence[socket.socket]:
+        def sockets_of(listener: Listener, where: str, at: int) -> Sequence[socket.socket] | None:
             found = held.get(listener.name)
-            return found if found else bind(where, at, reuse_port=reuse)
+            return self._sockets(found, listener, where, at, reuse=reuse, supervised=supervised)
 
         keep_raw_header_bytes()  # obs-text in an upstream's header reaches the client as it came
         shared.upstream.open(config.upstream_keepalive_timeout)
@@ -137,39 +138,26 @@ class Gateway:
         self._in_background(Keepalive(shared).run())
         self._in_background(shared.connections.run())
         listen = config.listen
-        plain = await self._listen(
-            HTTP,
-            sockets_of(
-                HTTP,
-                host if host is not None else listen.host,
-                port if port is not None else listen.port,
-            ),
-        )
+        where = host if host is not None else listen.host
+        at = port if port is not None else listen.port
+        plain = await self._listen(HTTP, sockets_of(HTTP, where, at) or bind(where, at))
         tls = config.tls
         if tls is not None and tls.enabled:
-            certificates = shared.certificates = Certificates(shared.metrics, tls.min_version)
-            acme = tls.acme if tls.acme is not None and tls.acme.enabled else None
-            certificates.configure(tls_sources(config, acme), tls.min_version)
-            self._in_background(certificates.watch())
-            if tls.acme is not None and tls.acme.enabled:
-                # In every worker: the one holding the storage's lock orders, the others
-                # answer challenges from the same files and load what it stores.
-                challenges = ChallengeStore(tls.acme.storage)
-                shared.challenge = challenges.get
-                shared.acme = AcmeManager(tls.acme, shared.metrics, challenges)
-                self._in_background(shared.acme.run())
-            https = await self._listen(
-                HTTPS,
-                sockets_of(HTTPS, tls.listen.host, ports.get(HTTPS.name, tls.listen.port)),
-                tls=(certificates.context, tls.handshake_timeout),
+            certificates = self._certificates(config, tls)
+            https_sockets = sockets_of(
+                HTTPS, tls.listen.host, ports.get(HTTPS.name, tls.listen.port)
             )
-            shared.https_port = https[0][1]
-        if config.admin.listen is not None:
-            admin = config.admin.listen
-            await self._listen(
-                ADMIN, sockets_of(ADMIN, admin.host, ports.get(ADMIN.name, admin.port))
-            )
-            shared.admin_listening = True
+            if https_sockets is not None:
+                https = await self._listen(
+                    HTTPS, https_sockets, tls=(certificates.context, tls.handshake_timeout)
+                )
+                shared.https_port = https[0][1]
+        admin = config.admin.listen
+        if admin is not None:
+            admin_sockets = sockets_of(ADMIN, admin.host, ports.get(ADMIN.name, admin.port))
+            if admin_sockets is not None:
+                await self._listen(ADMIN, admin_sockets)
+                shared.admin_listening = True
         if worker is not None:
             shared.worker = worker
             self._samples = web.ServerRunner(web.Server(self._own_samples), handle_signals=False)
@@ -178,6 +166,40 @@ class Gateway:
         if accept:
             await self.accept()
         return plain
+
+    def _certificates(self, config: Config, tls: Tls) -> Certificates:
+        """The HTTPS listener's certificates, kept up to date, and ACME when it is on."""
+        shared = self.shared
+        certificates = shared.certificates = Certificates(shared.metrics, tls.min_version)
+        acme = tls.acme if tls.acme is not None and tls.acme.enabled else None
+        certificates.configure(tls_sources(config, acme), tls.min_version)
+        self._in_background(certificates.watch())
+        if acme is not None:
+            # In every worker: the one holding the storage's lock orders, the others answer
+            # challenges from the same files and load what it stores.
+            challenges = ChallengeStore(acme.storage)
+            shared.challenge = challenges.get
+            shared.acme = AcmeManager(acme, shared.metrics, challenges)
+            self._in_background(shared.acme.run())
+        return certificates
+
+    def _sockets(
+        self, held: Sequence[socket.socket] | None, listener: Listener, where: str, at: int,
+        *, reuse: bool, supervised: bool,
+    ) -> Sequence[socket.socket] | None:  # fmt: skip
+        """A listener's sockets: those the supervisor made (``held``), else bound here; under
+        a supervisor, None: it binds every listener, at a start or a restart, and one that
+        a reload added waits for that (a worker started again since used to bind it itself:
+        on a taken port it failed and was retried forever, else it alone served it)."""
+        if held:
+            return held
+        if supervised:
+            log.warning(
+                "%s is not served until the next restart: the supervisor binds it then",
+                listener.name, extra={"fields": self.who()},
+            )  # fmt: skip
+            return None
+        return bind(where, at, reuse_port=reuse)
 
     async def accept(self) -> None:
         """Start accepting on every listener."""

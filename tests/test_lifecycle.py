@@ -643,3 +643,36 @@ async def test_a_generation_that_fails_after_accepting_leaves_every_socket_takin
     assert answered == 20
     proc.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+
+
+async def test_a_worker_started_again_after_a_reload_binds_no_listener_of_its_own(
+    serve: Serve, upstream
+) -> None:
+    # A reload that adds a listener (it needs a restart) became the text a worker started
+    # again runs: that worker bound the new port itself, and with the port taken it failed
+    # and was started again forever, its slot's connections hanging.
+    up = await upstream(NODA1)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    proc, config = await serve(city(up.port))
+    first = await proc.wait_for("gateway started")
+    port = await proc.port()
+    taken = blocker.getsockname()[1]
+    config.write_text(
+        config.read_text() + f"admin: {{listen: {{host: 127.0.0.1, port: {taken}}}}}\n"
+    )
+    proc.proc.send_signal(signal.SIGHUP)
+    await proc.wait_for("config reloaded by every worker")
+    os.kill(first["pid"], signal.SIGKILL)
+    second = (await proc.wait_for_all("gateway started", 2))[1]
+    assert second["pid"] != first["pid"]
+    warned = await proc.wait_for(
+        "admin is not served until the next restart: the supervisor binds it then"
+    )
+    assert warned["pid"] == second["pid"]
+    assert (await health(port))["status"] in ("healthy", "degraded")
+    assert not [line for line in proc.lines if "did not start" in line["message"]]
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
+    blocker.close()
