@@ -157,13 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         if args.command == "healthcheck":
             # The file may be mid-edit, or wrong and not reloaded: the gateway serves what it
-            # loaded before. Its port is then --port, $GATEWAY_PORT (the shipped
-            # routes.yaml's), or the default.
+            # loaded before. Its address is then $GATEWAY_HOST and --port or $GATEWAY_PORT
+            # (the shipped routes.yaml's), or the defaults.
             given = os.environ.get("GATEWAY_PORT", "")
             port = args.port or (int(given) if given.isdigit() else Listen().port)
+            host = os.environ.get("GATEWAY_HOST") or Listen().host
             sys.stderr.write(f"{path}: not valid now ({len(exc.problems)} problem(s)); "
-                             f"probing port {port}\n")  # fmt: skip
-            return probe_health(f"http://127.0.0.1:{port}/health", args.timeout)
+                             f"probing {host}:{port} from the environment\n")  # fmt: skip
+            return probe_listener(host, port, args.timeout)
         sys.stderr.write(f"{exc}\n")
         return 2
     if args.command == "check":
@@ -328,10 +329,15 @@ def _redact(url: str) -> str:
 
 def healthcheck(config: Config, port: int | None, timeout: float) -> int:
     """GET /health on this machine: 0 when it answers 200 (healthy or degraded), else 1."""
-    host = config.listen.host
+    return probe_listener(config.listen.host, port or config.listen.port, timeout)
+
+
+def probe_listener(host: str, port: int, timeout: float) -> int:
+    """``probe_health`` of the listener on ``host:port`` (a wildcard: on loopback)."""
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard listen is probed on loopback
         host = "127.0.0.1"
-    return probe_health(f"http://{host}:{port or config.listen.port}/health", timeout)
+    authority = f"[{host}]" if ":" in host else host  # an IPv6 address, in brackets
+    return probe_health(f"http://{authority}:{port}/health", timeout)
 
 
 def probe_health(url: str, timeout: float) -> int:

@@ -206,7 +206,7 @@ async def test_sigterm_drains_keep_alive_clients_without_losing_a_request(serve,
     assert await asyncio.wait_for(proc.proc.wait(), 15) == 0
 
 
-async def test_healthcheck_command_follows_the_health_status(gateway, tmp_path):
+async def test_healthcheck_command_follows_the_health_status(gateway, upstream, tmp_path):
     gw = await gateway(routes({"city": "{port: 9, nodes: [noda1]}"}, noda1=NODA1))
     config = tmp_path / "routes.yaml"
     config.write_text(gw.config_text)
@@ -227,6 +227,12 @@ async def test_healthcheck_command_follows_the_health_status(gateway, tmp_path):
         run, "healthcheck", "--config", str(config), env={"GATEWAY_PORT": str(gw.port)}
     )
     assert (from_env.returncode, from_env.stdout.split()[-1]) == (0, "200")
+    # A gateway on an address of its own ($GATEWAY_HOST, as the shipped routes.yaml takes
+    # it): probed there, not on 127.0.0.1.
+    elsewhere = await upstream(NODA1)  # answers /health 200 too
+    there = {"GATEWAY_HOST": NODA1, "GATEWAY_PORT": str(elsewhere.port)}
+    probed = await asyncio.to_thread(run, "healthcheck", "--config", str(config), env=there)
+    assert (probed.returncode, probed.stdout.split()[-1]) == (0, "200"), probed.stderr
 
 
 @pytest.mark.parametrize(

@@ -458,6 +458,10 @@ def test_a_merged_key_may_be_overridden_but_a_written_one_not_repeated():
         env={},
     ).services
     assert (services["city"].port, services["agents"].port) == (7001, 7002)
+    nested = base + (  # an anchor defined inside a merge, used later
+        "services:\n  city: {<<: &d {<<: {port: 7001, nodes: [noda1]}, port: 7003}}\n  agents: *d\n"
+    )
+    assert parse_config(nested, env={}).services["agents"].port == 7003
     with pytest.raises(ConfigError, match=r"services.agents.port \(line 4\): duplicate key"):
         parse_config(
             base + "services:\n  agents: {port: 7002, nodes: [noda1],\n    port: 7003}\n", env={}

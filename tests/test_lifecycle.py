@@ -553,6 +553,14 @@ async def test_a_late_answer_to_one_reload_is_never_taken_for_the_next_ones(tmp_
     answering = asyncio.ensure_future(worker())
     assert await supervisor._prepare(text) == ["refused"]
     await answering
+
+    async def worker_of_older_code() -> None:  # after a failed upgrade: it says no number
+        assert (await worker_end.receive())["op"] == "prepare"
+        await worker_end.send("prepared", ok=False, problems=["old code refused"])
+
+    answering = asyncio.ensure_future(worker_of_older_code())
+    assert await supervisor._prepare(text) == ["old code refused"]  # taken, not waited out
+    await answering
     for end in (supervisor_end, worker_end):
         end.close()
     shutil.rmtree(supervisor.run_dir)
@@ -574,10 +582,18 @@ async def test_a_worker_never_dies_of_a_commit_it_did_not_prepare(upstream, gate
     async with client.get(gw.url + "/api/city/x") as response:
         assert response.status == 200  # still the first config: the stray commit did nothing
     await supervisor_end.send("commit", seq=8)
-    await supervisor_end.send("handover")
-    assert await asyncio.wait_for(orders, 5) is True  # alive to the end
     async with client.get(gw.url + "/api/agents/x") as response:
         assert response.status == 200  # the config it prepared, committed
+    # A supervisor of code before numbers (the workers it starts after an upgrade, until
+    # it restarts): its prepare and commit carry none, and are done.
+    await supervisor_end.send("prepare", text=before)
+    answer = await asyncio.wait_for(supervisor_end.receive(), 5)
+    assert (answer["op"], answer["ok"]) == ("prepared", True)
+    await supervisor_end.send("commit")
+    await supervisor_end.send("handover")
+    assert await asyncio.wait_for(orders, 5) is True  # alive to the end
+    async with client.get(gw.url + "/api/city/x") as response:
+        assert response.status == 200
     assert any("has not prepared" in line["message"] for line in gw.log_lines())
     for end in (supervisor_end, worker_end):
         end.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -36,6 +36,9 @@ def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
     return ENV.sub(repl, text), missing
 
 
+MERGE: Final = "tag:yaml.org,2002:merge"
+
+
 class LineLoader(yaml.SafeLoader):
     """A safe YAML loader that rejects duplicate keys and remembers line numbers.
 
@@ -48,12 +51,21 @@ class LineLoader(yaml.SafeLoader):
         self.lines: dict[int, dict[Any, int]] = {}
         self.keep: list[Any] = []  # keeps containers alive so that their ids stay unique
         self.duplicates: list[tuple[int, Any, int]] = []  # (container id, key, line)
+        self._written: dict[int, set[int]] = {}  # see flatten_mapping
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # The keys written in each mapping, noted before a merge (<<: *defaults) puts the
+        # merged ones beside them: a mapping inside a merge is flattened in place, before
+        # it is constructed (an anchor defined there and aliased later).
+        if id(node) not in self._written:
+            self._written[id(node)] = {id(k) for k, _ in node.value if k.tag != MERGE}
+        super().flatten_mapping(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # Keys written in this mapping, not brought in by a merge (<<: *defaults): one of
-        # those written again is a duplicate; a merged one written here is an override.
-        written = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
+        # One of the keys written in this mapping written again is a duplicate; a merged
+        # one written here is an override.
         self.flatten_mapping(node)
+        written = self._written[id(node)]
         result: dict[Any, Any] = {}
         where: dict[Any, int] = {}
         seen: set[Any] = set()  # the written keys so far

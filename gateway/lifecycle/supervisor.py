@@ -522,7 +522,9 @@ class Supervisor:
                 async with asyncio.timeout(ANSWER_TIMEOUT):
                     await child.channel.send("prepare", text=text, seq=seq)
                     answer = await _expect(child, "prepared")
-                    while answer.get("seq") != seq:  # a late answer to an earlier reload
+                    # A late answer to an earlier reload is skipped (one with no number is
+                    # from a worker of code before numbers, after a failed upgrade: taken).
+                    while answer.get("seq", seq) != seq:
                         answer = await _expect(child, "prepared")
             except (Closed, TimeoutError, StartFailed) as exc:
                 problems.append(f"worker {child.index} did not answer: {exc!r}")
@@ -593,6 +595,7 @@ class Supervisor:
             "children": [_child_state(child) for child in self.children],
             "queued": self.queued,  # signals whose work waited for this restart
             "longest_stop": self._longest_stop,  # the grace of the workers handed on
+            "reloads": self._reloads,  # a late answer to one before is still told apart
         }
         handed = [sock.fileno() for held in self.listening.values() for slot in held.slots
                   for sock in slot] + [child.end.fileno() for child in self.children]  # fmt: skip
@@ -622,6 +625,7 @@ class Supervisor:
         self.reload_ok = state["reload_ok"]
         self.carried = state.get("queued", {})  # asked for during the restart: done after it
         self._longest_stop = max(self._longest_stop, state.get("longest_stop", 0.0))
+        self._reloads = state.get("reloads", 0)
         shutil.rmtree(self.run_dir, ignore_errors=True)  # the one made in __init__
         self.run_dir = state["run_dir"]
         self.pid_file = state["pid_file"]

@@ -23,6 +23,7 @@ from ..workers import Worker, end_with_parent
 from .channel import Channel, Closed
 
 log = logging.getLogger("gateway")
+NOTHING: Final = object()  # no reload's config prepared
 
 # The cyclic garbage collector's thresholds while serving (Python's are 700, 10, 10). Every
 # collection of the oldest generation walks every object of every open connection: with
@@ -111,7 +112,9 @@ async def _orders(
     channel: Channel, gateway: Gateway, addresses: list[Any], open_files: int, serving: list[bool]
 ) -> bool:
     """Do what the supervisor says until a handover (True) or its end (False)."""
-    prepared: int | None = None  # the reload whose config is prepared (its seq)
+    # The reload whose config is prepared: its seq (None from a supervisor of code before
+    # numbers, as after an upgrade that has not restarted it yet), or NOTHING.
+    prepared: object = NOTHING
     while True:
         try:
             message = await channel.receive()
@@ -126,12 +129,12 @@ async def _orders(
             await channel.send("serving")
         elif op == "prepare":
             problems = gateway.prepare(message["text"])
-            prepared = None if problems else message.get("seq")
+            prepared = NOTHING if problems else message.get("seq")
             await channel.send(
                 "prepared", seq=message.get("seq"), ok=not problems, problems=problems
             )
         elif op == "commit":
-            if prepared is None or message.get("seq") != prepared:
+            if prepared is NOTHING or message.get("seq") != prepared:
                 # Never a crash over it: the config served stays, and the supervisor's
                 # next reload says so (never expected: it commits what every worker
                 # answered it had prepared).
@@ -148,9 +151,9 @@ async def _orders(
                         "the prepared config could not be applied; the previous one serves",
                         extra={"fields": gateway.who()},
                     )
-            prepared = None
+            prepared = NOTHING
         elif op == "abort":
-            prepared = None
+            prepared = NOTHING
             gateway.abort()
         elif op == "handover":
             return True

@@ -120,12 +120,16 @@ async def open_session(
         raise ClientGone
     ex.status = 101
     transport, tail, client_full = detached
-    session = Session(
-        shared.metrics, shared.sessions, service=route.service, policy=policy,
-        request_id=ex.request_id, client=transport, upstream=upstream,
-        ended=client.relay_ended,
-    )  # fmt: skip
-    session.start(tail, client_full=client_full)
+    try:
+        session = Session(
+            shared.metrics, shared.sessions, service=route.service, policy=policy,
+            request_id=ex.request_id, client=transport, upstream=upstream,
+            ended=client.relay_ended,
+        )  # fmt: skip
+        session.start(tail, client_full=client_full)
+    except BaseException:  # no session to end it: the connection stops counting now
+        client.relay_ended()
+        raise
     ex.session = session
     return Detached()
 
