@@ -122,7 +122,7 @@ def config_path(given: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if serves(args_list) and (not args_list or args_list[0] != "serve"):
+    if serves(args_list) and args_list[:1] != ["serve"]:
         args_list.insert(0, "serve")
     args = _parser().parse_args(args_list)
     if args.command == "schema":

@@ -118,12 +118,16 @@ def _dumps(line: dict[str, object]) -> str:
 
 def _encodable(value: object) -> object:
     if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return _text(value)
     if isinstance(value, dict):
-        return {str(_encodable(str(k))): _encodable(v) for k, v in value.items()}
+        return {_text(str(k)): _encodable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_encodable(v) for v in value]
     return value
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _ATOMIC_WRITE: Final = 4000  # characters: under PIPE_BUF bytes for ASCII lines

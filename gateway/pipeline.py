@@ -270,13 +270,16 @@ def _finish(shared: Shared, ex: Exchange) -> None:
 
 
 def _logged_path(target: str) -> str:
-    """The target as logged: no query, and for the absolute form (``http://user:pw@host/x``,
-    refused) no credentials."""
+    """The target as logged: no query, and for the absolute and authority forms (refused:
+    ``http://user:pw@host/x``, ``user:pw@host:443``) no credentials. A path (``/u/@me``)
+    is as it came."""
     path = target.partition("?")[0]
-    if "@" in path and "://" in path:
-        scheme, _, rest = path.partition("://")
+    if "@" in path and not path.startswith("/"):
+        scheme, sep, rest = path.partition("://")
+        if not sep:  # the authority form
+            scheme, rest = "", path
         authority, slash, tail = rest.partition("/")
-        path = f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
+        path = f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{tail}"
     return path[:_MAX_LOGGED_PATH]
 
 

@@ -202,12 +202,15 @@ async def test_one_json_log_line_per_request(upstream, gateway, client):
         b"GET http://alice:S3cret@gw.example/api/city/x?token=t HTTP/1.1\r\n"
         b"Host: gw.example\r\nConnection: close\r\n\r\n",
     )
+    async with client.get(gw.url + "/api/city/u/@me/http://a:b@c/d") as r:
+        await r.read()  # a path that holds "@" and "://": logged as it came
     lines = gw.log_lines()
     requests = [line for line in lines if line["message"] in ("request", "bad request")]
-    assert len(requests) == 4
-    ok, bad_path, bad_http, absolute = requests
+    assert len(requests) == 5
+    ok, bad_path, bad_http, absolute, at = requests
     assert absolute["status"] == 400
     assert absolute["path"] == "http://gw.example/api/city/x"  # no password, no query
+    assert at["path"] == "/api/city/u/@me/http://a:b@c/d"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ok["timestamp"])
     assert ok["level"] == "INFO"
     assert ok["service"] == "gateway"

@@ -402,11 +402,7 @@ def redis_url_problem(url: str) -> str | None:
                 return "a unix:// URL names the socket's path: unix:///run/redis.sock"
             db = (urllib.parse.parse_qs(parsed.query).get("db") or ["0"])[0]
         elif scheme in ("redis+sentinel", "redis+cluster"):
-            hosts = parsed.netloc.rpartition("@")[2]
-            for host in hosts.split(","):
-                _, sep, port = host.rpartition(":")
-                if sep and not (port.isdigit() and 0 < int(port) < 65536):
-                    return f"'{host}' is not host[:port]"
+            redis_hosts(parsed.netloc)  # as the client reads them
             master, _, db = parsed.path.strip("/").partition("/")
             if scheme == "redis+sentinel" and not master:
                 return "a redis+sentinel:// URL names the master: redis+sentinel://h:26379/mymaster"
@@ -419,6 +415,22 @@ def redis_url_problem(url: str) -> str | None:
     if not db.isdigit():
         return f"the database must be a number, not '{db}'"
     return None
+
+
+def redis_hosts(netloc: str) -> list[tuple[str, int]]:
+    """A Sentinel or Cluster URL's hosts, ``[user:pass@]host:port,host:port`` → [(host,
+    port), ...] (Sentinel's port by default); ValueError for a port that is not one. The
+    limiter's client reads them with this, and ``check`` with it too."""
+    hosts = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            hosts.append((item, 26379))
+        elif port.isdigit() and 0 < int(port) < 65536:
+            hosts.append((host.strip("[]"), int(port)))
+        else:
+            raise ValueError(f"'{item}' is not host[:port]")
+    return hosts
 
 
 def _auth_problems(data: dict[str, Any]) -> list[tuple[str, str]]:

@@ -15,7 +15,8 @@ worker to supervisor
     ``ready``     started, not accepting yet; or ``failed`` with the error
     ``serving``   accepting
     ``prepared``  ``seq``, ``ok`` and, when not, ``problems`` (an answer that came too late
-                  for its reload has an older ``seq``: never taken for the next one's)
+                  for its reload has an older ``seq``: never taken for the next one's; one
+                  with none is from a worker of code before numbers, and taken)
 
 The end of the stream means the other side is gone: a worker whose supervisor is gone stops.
 """

@@ -435,7 +435,7 @@ class Supervisor:
 
     async def _start_workers(self, indexes: list[int], generation: int, text: str) -> list[Child]:
         """Workers that have started and accept (StartFailed: one did not; those started are
-        stopped, none of them having accepted)."""
+        stopped: at once those that never accepted, as a handover those that did)."""
         started: list[Child] = []
         accepting: list[Child] = []  # told to serve: they may have taken connections
         try:

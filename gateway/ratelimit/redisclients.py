@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
+from ..config.load import redis_hosts
 from .resp import RespClient, ResponseError
 
 CONNECT_TIMEOUT: Final = 1.0
@@ -93,7 +94,7 @@ def connect(url: str, timeout: float, max_connections: int) -> tuple[Any, list[A
     """
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "redis+cluster":
-        nodes = [ClusterNode(host, port) for host, port in _hosts(parsed.netloc)]
+        nodes = [ClusterNode(host, port) for host, port in redis_hosts(parsed.netloc)]
         cluster = RedisCluster(
             startup_nodes=nodes,
             username=parsed.username,
@@ -105,7 +106,7 @@ def connect(url: str, timeout: float, max_connections: int) -> tuple[Any, list[A
     if parsed.scheme == "redis+sentinel":
         master, _, db = parsed.path.strip("/").partition("/")
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-            _hosts(parsed.netloc),
+            redis_hosts(parsed.netloc),
             sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": CONNECT_TIMEOUT},
             username=parsed.username,
             password=parsed.password,
@@ -120,12 +121,3 @@ def connect(url: str, timeout: float, max_connections: int) -> tuple[Any, list[A
         retry=None,
     )
     return aioredis.Redis.from_pool(pool), []  # the client owns (and closes) its pool
-
-
-def _hosts(netloc: str) -> list[tuple[str, int]]:
-    """``[user:pass@]host:port,host:port`` → [(host, port), ...] (sentinel's port by default)."""
-    hosts = []
-    for item in netloc.rpartition("@")[2].split(","):
-        host, sep, port = item.rpartition(":")
-        hosts.append((host.strip("[]"), int(port)) if sep else (item, 26379))
-    return hosts
