@@ -12,9 +12,10 @@ fallback. Here a deadline asks the kernel instead:
   then has the rest of the time as a ``read_timeout``: a flight of the peer's that came in
   time is read. The upstream pool, the WebSocket relay and the Redis client connect
   through it.
-- ``read_timeout``: at the deadline, while the socket holds bytes the loop has not read yet
-  (``unread``), the loop gets ``READ_GRACE`` more to read them, a few times at most; only a
-  wait with nothing come in is a timeout. The limiter's Redis calls wait this way.
+- ``read_timeout`` (``ReadDeadline`` for a wait made of callbacks): at the deadline, while the
+  socket holds bytes the loop has not read yet (``unread``), the loop gets ``READ_GRACE``
+  more to read them, a few times at most; only a wait with nothing come in is a timeout.
+  The limiter's Redis calls wait this way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import select
 import socket
 import ssl as tls
 from collections.abc import Callable, Sequence
+from contextvars import Context
 from types import TracebackType
 from typing import Final, TypeVar
 
@@ -167,26 +169,59 @@ def _connected(sock: socket.socket) -> bool:
     return True
 
 
+class ReadDeadline:
+    """Calls ``expire`` once ``seconds`` have passed, judged by the kernel: when the time
+    comes while ``unread()`` says the socket holds bytes the loop has not read yet, the
+    answer came in time and the loop was late. It then gets ``READ_GRACE`` more (a timer
+    fires only after the loop has polled its sockets again), at most ``MAX_GRACES`` times,
+    before ``expire`` is called. For a wait made of callbacks, without a task to cancel (the
+    limiter's Redis calls); ``read_timeout`` is the same for a coroutine."""
+
+    __slots__ = ("_expire", "_graces", "_loop", "_timer", "_unread")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        seconds: float,
+        unread: Callable[[], bool],
+        expire: Callable[[], object],
+        context: Context | None = None,
+    ) -> None:
+        self._loop = loop
+        self._unread = unread
+        self._expire = expire
+        self._graces = 0
+        self._timer = loop.call_later(seconds, self._due, context=context)
+
+    def _due(self) -> None:
+        if self._graces < MAX_GRACES and self._unread():
+            self._graces += 1
+            self._timer = self._loop.call_later(READ_GRACE, self._due)  # (in this context)
+        else:
+            self._expire()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class read_timeout:  # lowercase: used as asyncio.timeout is, async with read_timeout(...)
     """``asyncio.timeout(seconds)`` around a wait for an answer on a socket, judged by the
-    kernel: when the deadline comes while ``unread()`` says the socket holds bytes the loop
-    has not read yet, the answer came in time and the loop was late. It then gets
-    ``READ_GRACE`` more (a timer fires only after the loop has polled its sockets again),
-    at most ``MAX_GRACES`` times, before the timeout is judged again. (A class rather than
-    a generator-based context manager: it runs once per Redis call.)"""
+    kernel as ``ReadDeadline`` judges it. (A class rather than a generator-based context
+    manager: it runs once per Redis call.)"""
 
-    __slots__ = ("_graces", "_loop", "_seconds", "_timeout", "_timer", "_unread")
+    __slots__ = ("_deadline", "_seconds", "_timeout", "_unread")
 
     def __init__(self, seconds: float, unread: Callable[[], bool]) -> None:
         self._seconds = seconds
         self._unread = unread
-        self._graces = 0
 
     async def __aenter__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._timeout = asyncio.timeout(None)
-        await self._timeout.__aenter__()
-        self._timer = self._loop.call_later(self._seconds, self._expire)
+        loop = asyncio.get_running_loop()
+        self._timeout = timeout = asyncio.timeout(None)
+        await timeout.__aenter__()
+        self._deadline = ReadDeadline(
+            loop, self._seconds, self._unread, lambda: timeout.reschedule(loop.time())
+        )  # (expires now: the wait is cancelled)
 
     async def __aexit__(
         self,
@@ -194,15 +229,8 @@ class read_timeout:  # lowercase: used as asyncio.timeout is, async with read_ti
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._timer.cancel()
+        self._deadline.cancel()
         await self._timeout.__aexit__(kind, exc, traceback)  # raises TimeoutError if it expired
-
-    def _expire(self) -> None:
-        if self._graces < MAX_GRACES and self._unread():
-            self._graces += 1
-            self._timer = self._loop.call_later(READ_GRACE, self._expire)
-        else:
-            self._timeout.reschedule(self._loop.time())  # expires now: the wait is cancelled
 
 
 def unread(transport: asyncio.BaseTransport | None) -> bool:

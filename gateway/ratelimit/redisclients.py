@@ -8,6 +8,7 @@ slots and speak TLS. Both are behind one small interface: ``run`` the script, ``
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import urllib.parse
 from typing import Any, Final
@@ -43,6 +44,15 @@ class LeanRunner:
         await self._client.execute("SCRIPT", "LOAD", self._script)
         return await self._client.execute("EVALSHA", self._sha, len(keys), *keys, *args)
 
+    def start(self, keys: list[str], args: list[int]) -> asyncio.Future[Any] | None:
+        """The script's call written now, without a task, on the connection that is up (None
+        when none is: ``run`` connects). A NOSCRIPT reply is the caller's to take to ``run``,
+        which loads the script; a caller that stops waiting must ``abort``."""
+        return self._client.start("EVALSHA", self._sha, len(keys), *keys, *args)
+
+    def abort(self) -> None:
+        self._client.abort()
+
     async def ping(self) -> None:
         await self._client.execute("PING")
 
@@ -62,6 +72,13 @@ class RedisPyRunner:
 
     async def run(self, keys: list[str], args: list[int]) -> Any:
         return await self._script(keys=keys, args=args)
+
+    def start(self, keys: list[str], args: list[int]) -> None:
+        """Never: redis-py's calls are coroutines (``run``)."""
+        return None
+
+    def abort(self) -> None:
+        """Nothing to do: ``start`` never started a call."""
 
     def unread(self) -> bool:
         """Not known: redis-py's connections are its own (its timeouts go by the timer)."""

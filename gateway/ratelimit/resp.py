@@ -69,6 +69,7 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     def close(self) -> None:
+        self.closed = True  # no call is written on it from now on: the next one connects
         if self.transport is not None:
             self.transport.abort()  # pending calls fail in connection_lost
 
@@ -92,6 +93,20 @@ class RespClient:
         """Whether its connection's socket holds bytes the loop has not read yet."""
         connection = self._connection
         return connection is not None and unread(connection.transport)
+
+    def start(self, *args: Any) -> asyncio.Future[Any] | None:
+        """The call written at once on the connection that is up, its reply the future's
+        (a ``ResponseError``, a ``ConnectionError``); None when there is none up (``execute``
+        connects). A caller that stops waiting for the reply must ``abort``."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            return None
+        return connection.call(args)
+
+    def abort(self) -> None:
+        """Closes the connection: a reply still to come can never be taken for another call's."""
+        if self._connection is not None:
+            self._connection.close()
 
     async def execute(self, *args: Any) -> Any:
         connection = await self._connected()

@@ -5,7 +5,10 @@ that decides every key in turn (atomic per key, and the script as a whole; a key
 more than once is read and written once), reading the clock with Redis ``TIME`` so that
 gateways on machines with skewed clocks share one clock. At most
 ``MAX_IN_FLIGHT`` calls run at once; decisions arriving meanwhile wait for the next call, so
-batches grow with load instead of connections.
+batches grow with load instead of connections. On the lean client's connection, once it is up,
+a call is written at once and answered by callbacks (``_send``: its reply's, its deadline's),
+with no task or coroutine per call; the first call, and one after a NOSCRIPT, run as a task
+(``_run``), which connects and loads the script.
 
 Every call is bounded by ``redis.timeout``. The first failure switches to the fallback
 (``on_error``: the same zones per process, allow, or deny) without waiting on Redis again
@@ -31,9 +34,10 @@ from typing import Final
 from redis.crc import key_slot
 
 from ..config import RedisSettings
-from ..dial import read_timeout
+from ..dial import ReadDeadline, read_timeout
 from .local import LocalLimiter
 from .redisclients import runner_for
+from .resp import ResponseError
 from .zones import Decision, Zone
 
 log = logging.getLogger("gateway.ratelimit")
@@ -105,6 +109,18 @@ return out
 Pending = tuple[Zone, str, "asyncio.Future[Decision]"]
 
 
+class _Flight:
+    """A batch's call on the lean connection, answered by callbacks (``RedisLimiter._send``)."""
+
+    __slots__ = ("batch", "call", "deadline", "settled")
+
+    def __init__(self, batch: list[Pending], call: asyncio.Future[list[int]]) -> None:
+        self.batch = batch
+        self.call = call
+        self.deadline: ReadDeadline
+        self.settled = False  # its decisions are answered (from Redis or the fallback)
+
+
 class RedisLimiter:
     """The shared limiter with its fallback; see the module docstring."""
 
@@ -122,6 +138,7 @@ class RedisLimiter:
         self._scheduled = False
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flights: set[_Flight] = set()  # calls answered by callbacks (``_send``)
         self._probe: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._heard = False  # a decision was answered since the watch last looked
@@ -154,19 +171,89 @@ class RedisLimiter:
             self._pending = []
             return
         while self._pending and self._in_flight < MAX_IN_FLIGHT:
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            if len(self._pending) <= MAX_BATCH:
+                batch, self._pending = self._pending, []
+            else:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             self._in_flight += 1
-            # Not in the context of the request that scheduled the flush: the batch's lines
-            # (Redis unavailable) are nobody's request's.
-            task = asyncio.get_running_loop().create_task(self._run(batch), context=Context())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if not self._send(batch):
+                self._start_run(batch)
+
+    def _start_run(self, batch: list[Pending]) -> None:
+        # Not in the context of the request that scheduled the flush: the batch's lines
+        # (Redis unavailable) are nobody's request's.
+        task = asyncio.get_running_loop().create_task(self._run(batch), context=Context())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send(self, batch: list[Pending]) -> bool:
+        """The batch's call written now on the connection that is up and answered by callbacks
+        (``_answered``, ``_late``): no task, no coroutine. False when there is no connection
+        up or the client has only coroutines (``_run`` then makes the call)."""
+        keys, args = self._arguments(batch)
+        call = self._runner.start(keys, args)
+        if call is None:
+            return False
+        context = Context()  # (as ``_start_run``'s: nobody's request's)
+        flight = _Flight(batch, call)
+        flight.deadline = ReadDeadline(
+            call.get_loop(),
+            self.settings.timeout,
+            self._runner.unread,
+            lambda: self._late(flight),
+            context,
+        )
+        self._flights.add(flight)
+        call.add_done_callback(lambda _: self._answered(flight), context=context)
+        return True
+
+    def _answered(self, flight: _Flight) -> None:
+        call = flight.call
+        error = None if call.cancelled() else call.exception()  # (retrieved, whatever follows)
+        if flight.settled:  # answered from the fallback already (late, or closed)
+            return
+        flight.deadline.cancel()
+        self._flights.discard(flight)
+        if isinstance(error, ResponseError) and str(error).startswith("NOSCRIPT"):
+            self._start_run(flight.batch)  # loads the script and calls again; still in flight
+            return
+        flight.settled = True
+        try:
+            decisions = _decisions(flight.batch, call.result())  # (raises what it failed with)
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - any failure: fall back
+            self._disconnected(exc)
+            self._answer_from_fallback(flight.batch)
+        else:
+            self._settle(flight.batch, decisions)
+        self._landed()
+
+    def _late(self, flight: _Flight) -> None:
+        if flight.call.done():
+            return  # answered in time: ``_answered`` is on its way
+        flight.settled = True
+        self._flights.discard(flight)
+        self._runner.abort()  # its reply may still come: never let the next call take it
+        self._disconnected(TimeoutError())
+        self._answer_from_fallback(flight.batch)
+        self._landed()
+
+    def _landed(self) -> None:
+        self._in_flight -= 1
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _settle(self, batch: list[Pending], decisions: list[Decision]) -> None:
+        self._heard = True
+        for (_, _, future), decision in zip(batch, decisions, strict=True):
+            if not future.done():
+                future.set_result(decision)
 
     async def _run(self, batch: list[Pending]) -> None:
         try:
             # A late loop does not turn an answer that came in time into a fallback.
             async with read_timeout(self.settings.timeout, self._runner.unread):
-                results = await self._call(batch)
+                decisions = _decisions(batch, await self._call(batch))
         except Exception as exc:  # noqa: BLE001 - any failure of Redis means: fall back
             self._disconnected(exc)
             self._answer_from_fallback(batch)
@@ -174,22 +261,17 @@ class RedisLimiter:
             self._answer_from_fallback(batch)
             raise
         else:
-            self._heard = True
-            for (_, _, future), (allowed, excess) in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(Decision(bool(allowed), int(excess)))
+            self._settle(batch, decisions)
         finally:
-            self._in_flight -= 1
-            if self._pending and not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+            self._landed()
 
     def _answer_from_fallback(self, batch: list[Pending]) -> None:
         for zone, key, future in batch:
             if not future.done():
                 future.set_result(self._fallback(zone, key))
 
-    async def _call(self, batch: list[Pending]) -> list[tuple[int, int]]:
+    async def _call(self, batch: list[Pending]) -> list[int]:
+        """The flat answer, (allowed, excess) per decision in the batch's order."""
         if not self._runner.cluster:
             return await self._eval(batch)
         # A cluster runs a script only on keys of one slot: one call per slot, concurrently.
@@ -197,21 +279,25 @@ class RedisLimiter:
         for item in batch:
             groups.setdefault(key_slot(self._redis_key(item[1]).encode()), []).append(item)
         parts = await asyncio.gather(*(self._eval(group) for group in groups.values()))
-        by_key = {id(item): result for group, part in zip(groups.values(), parts, strict=True)
-                  for item, result in zip(group, part, strict=True)}  # fmt: skip
-        return [by_key[id(item)] for item in batch]
+        by_key = {id(item): part[i * 2 : i * 2 + 2]
+                  for group, part in zip(groups.values(), parts, strict=True)
+                  for i, item in enumerate(group)}  # fmt: skip
+        return [value for item in batch for value in by_key[id(item)]]
 
     def _redis_key(self, key: str) -> str:
         # Hash-tagged: the whole bucket name picks the cluster slot.
         return f"{self.settings.prefix}{{{key}}}"
 
-    async def _eval(self, batch: list[Pending]) -> list[tuple[int, int]]:
+    def _arguments(self, batch: list[Pending]) -> tuple[list[str], list[int]]:
         keys = [self._redis_key(key) for _, key, _ in batch]
         args: list[int] = []
         for zone, _, _ in batch:
             args += (zone.rate, zone.burst, zone.ttl_ms)
-        flat = await self._runner.run(keys, args)
-        return list(zip(flat[::2], flat[1::2], strict=True))
+        return keys, args
+
+    async def _eval(self, batch: list[Pending]) -> list[int]:
+        flat: list[int] = await self._runner.run(*self._arguments(batch))
+        return flat
 
     def _disconnected(self, exc: BaseException) -> None:
         if not self._connected or self._closed:
@@ -272,6 +358,11 @@ class RedisLimiter:
         self._closed = True
         self._answer_from_fallback(self._pending)
         self._pending = []
+        for flight in self._flights:  # their replies, if any come, are nobody's now
+            flight.settled = True
+            flight.deadline.cancel()
+            self._answer_from_fallback(flight.batch)
+        self._flights.clear()
         tasks = [*self._tasks, *(t for t in (self._probe, self._watch) if t is not None)]
         for task in tasks:
             task.cancel()
@@ -279,6 +370,19 @@ class RedisLimiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._runner.aclose()
+
+
+def _decisions(batch: list[Pending], flat: object) -> list[Decision]:
+    """The script's answer (allowed, excess per key) as the batch's decisions, or
+    ``ResponseError`` when it is not that (a script of another version under the same name)."""
+    if isinstance(flat, list) and len(flat) == 2 * len(batch):
+        try:
+            return [
+                Decision(bool(int(a)), int(e)) for a, e in zip(flat[::2], flat[1::2], strict=True)
+            ]
+        except (TypeError, ValueError):
+            pass
+    raise ResponseError(f"the script answered {flat!r:.80} for {len(batch)} keys")
 
 
 def _reason(exc: BaseException) -> str:
