@@ -163,6 +163,8 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
         if preflight is not None:
             return preflight
     found = table.match(target.path, request.method, host)
+    if ";" in target.path and _rerouted(table, target.path, request.method, host, found):
+        raise routing.bad_path("the path's ;parameters would take it to another route")
     if not isinstance(found, routetable.Found):
         raise _unrouted(found, target.query)
     entry = found.entry
@@ -218,6 +220,24 @@ def _preflight(
         ex.added = policy.refused  # its Vary: Origin too, as every answer of a CORS route
         raise GatewayError(403, "cors_refused", answer.message)
     return Whole(status=204, headers={**own_headers(ex.request_id), **answer})
+
+
+def _rerouted(
+    table: routetable.RouteTable[Route],
+    path: str,
+    method: str,
+    host: str,
+    found: routetable.Found[Route] | routetable.Elsewhere | routetable.WrongMethod | None,
+) -> bool:
+    """Whether ``path``, routed to ``found``, would take another route without its
+    ``;parameters``: a server that strips them (Tomcat, Jetty, Spring read ``/admin;x/y`` as
+    ``/admin/y``) would serve what the other route guards (its auth, its limits)."""
+    if not isinstance(found, routetable.Found):
+        return False  # (nothing is forwarded)
+    other = table.match(routing.without_parameters(path), method, host)
+    if isinstance(other, routetable.Found):
+        return other.entry is not found.entry
+    return isinstance(other, routetable.Elsewhere)  # a guarded prefix without its slash
 
 
 def _unrouted(

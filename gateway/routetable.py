@@ -5,7 +5,8 @@ imports of the gateway's own (``snapshot`` builds tables from configs).
 A route's ``path`` is a prefix that matches on a segment boundary (``/public/`` matches
 ``/public/x``; ``/api/city`` matches ``/api/city`` and ``/api/city/x``, not ``/api/cityx``), or
 the whole path when ``exact``; ``methods`` and ``hosts`` narrow it. Looking a path up costs a
-few dict lookups per segment of the request path, however many routes there are.
+few dict lookups per segment of the request path (of its part no longer than the longest
+route), however many routes there are.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class RouteTable(Generic[T]):
         self.by_host = any(entry.hosts is not None for entry in self.entries)
         # Prefix paths that end with "/", without it: a request for one may be a redirect.
         self._slashless = frozenset(p[:-1] for p in self._prefix if len(p) > 1 and p[-1] == "/")
+        # No prefix longer than this can match: the walk up a long path starts here, so that
+        # a path of many segments costs its length, not its length times its segments.
+        self._longest = max(map(len, self._prefix), default=0)
 
     def match(
         self, path: str, method: str, host: str = ""
@@ -88,15 +92,16 @@ class RouteTable(Generic[T]):
         prefixes = self._prefix
         # nginx's order: a prefix route asked for without its slash ("/api/city/admin" for
         # "/api/city/admin/") is a 301 to it, before a shorter route ("/api/city/") can take
-        # the path around the longer one's policy; unless a route has the path itself.
+        # the path around the longer one's policy; unless a route has the path itself and
+        # takes the request (one for other methods would leave it to the shorter route).
         if (
             path in self._slashless  # (no string made per request: the path's hash is kept)
             and _hosted(prefixes.get(path + "/"), host, method)
-            and not _hosted(exact, host)
-            and not _hosted(prefixes.get(path), host)
+            and not _hosted(exact, host, method)
+            and not _hosted(prefixes.get(path), host, method)
         ):
             return Elsewhere(path + "/")
-        for candidate in _prefixes(path):
+        for candidate in _prefixes(path, self._longest):
             entries = prefixes.get(candidate)
             if entries is not None:
                 entry = self._pick(entries, method, host, wrong)
@@ -129,14 +134,18 @@ def _hosted(entries: list[Entry[T]] | None, host: str, method: str | None = None
     )
 
 
-def _prefixes(path: str) -> Iterator[str]:
+def _prefixes(path: str, longest: int) -> Iterator[str]:
     """The prefixes of ``path`` a route may match, longest first: the path itself, then at
     each "/" the prefix with it and the one without it (``/a/b`` → ``/a/b``, ``/a/``, ``/a``,
-    ``/``)."""
-    yield path
-    i = path.rfind("/", 0, len(path) - 1 if path.endswith("/") else len(path))
-    if path.endswith("/") and len(path) > 1:
+    ``/``); none longer than ``longest`` but for one at most (a prefix with its "/" whose
+    prefix without it is as long)."""
+    size = len(path)
+    end = size - 1 if path.endswith("/") else size
+    if size <= longest:
+        yield path
+    if end < size and size > 1 and end <= longest:
         yield path[:-1]
+    i = path.rfind("/", 0, min(end, longest + 1))
     while i >= 0:
         yield path[: i + 1]
         if i:

@@ -7,8 +7,9 @@ what the upstream receives. Two normalizations make that path the one an upstrea
 escapes of unreserved characters are decoded (``%61dmin`` is ``admin``, RFC 3986 6.2.2.2; an
 upstream decodes them, so a route for ``/api/city/admin/`` must see them decoded too), and
 runs of slashes are merged (nginx's ``merge_slashes``: ``/api/city//admin`` is
-``/api/city/admin``). Nothing else is decoded or re-encoded: other escapes (``%20``, ``%3B``)
-pass as sent, and so does the query.
+``/api/city/admin``). Escapes of the other characters a route path may hold (the sub-delims but
+``;``, ``:`` and ``@``: ``%40me`` is ``@me``) are decoded likewise. Nothing else is decoded or
+re-encoded: other escapes (``%20``, ``%3B``) pass as sent, and so does the query.
 
 Refused with 400 (nothing is forwarded):
 - a target that is not origin-form (absolute-form ``http://...``, ``*``, or starting ``//``);
@@ -36,11 +37,15 @@ _FORBIDDEN_RAW: Final = re.compile(r"[\x00-\x20\\\x7f-\U0010ffff]")
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _FORBIDDEN_DECODED: Final = re.compile(rb"[\x00-\x1f\x7f/\\]")
 _DOUBLE_ENCODED: Final = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
-# An escape of an unreserved character (ALPHA, DIGIT, "-", ".", "_", "~"): the same URI as the
-# character itself (RFC 3986 6.2.2.2), so decoded before routing.
-_UNRESERVED_ESCAPE: Final = re.compile(
-    r"%(?:3[0-9]|4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|2[DdEe]|5[Ff]|7[Ee])"
+# An escape of a character a route path may hold: unreserved (ALPHA, DIGIT, "-", ".", "_",
+# "~"; the same URI as the character itself, RFC 3986 6.2.2.2), the sub-delims but ";"
+# ("!$&'()*+,="), ":" and "@". Upstreams decode them all in a path, so a route for
+# "/api/users/@me/" must see "%40me" decoded too. Not "%3B": decoded, it would make a path
+# parameter of what was a segment's data.
+_ROUTABLE_ESCAPE: Final = re.compile(
+    r"%(?:2[146789A-Ea-e]|3[0-9AaDd]|4[0-9A-Fa-f]|5[0-9AaFf]|6[1-9A-Fa-f]|7[0-9AaEe])"
 )
+_PARAMETERS: Final = re.compile(r";[^/]*")
 _SLASHES: Final = re.compile(r"//+")
 
 
@@ -71,7 +76,7 @@ def check_target(raw: str) -> RequestTarget:
     if not (_PLAIN_PATH.fullmatch(path) and "/." not in path):
         _check_segments(path)
         if "%" in path:
-            path = _UNRESERVED_ESCAPE.sub(_unescape, path)
+            path = _ROUTABLE_ESCAPE.sub(_unescape, path)
     if "//" in path:
         path = _SLASHES.sub("/", path)
     return RequestTarget(path, sep + query)
@@ -93,6 +98,12 @@ def _check_segments(path: str) -> None:
             decoded = segment.encode()
         if decoded.partition(b";")[0] in (b".", b".."):
             raise bad_path("the path holds a dot segment")
+
+
+def without_parameters(path: str) -> str:
+    """``path`` with each segment's ``;parameters`` removed: the path that servers which
+    strip them (Tomcat, Jetty, Spring) route on (``/admin;x/y`` is their ``/admin/y``)."""
+    return _PARAMETERS.sub("", path)
 
 
 def upstream_path(prefix: str, rest: str) -> str:
