@@ -27,7 +27,7 @@ from .config import Config, ConfigError, config_json_schema, load_config, parse_
 from .config.types import Listen
 
 if TYPE_CHECKING:
-    from .routetable import Entry
+    from .routetable import Entry, RouteTable
     from .snapshot import Route
 
 log = logging.getLogger("gateway")
@@ -194,7 +194,8 @@ def summary(path: str, config: Config) -> str:
         notes = _route_notes(entry, snapshot.routes[route.service])
         lines.append(f"  {_route_path(entry):<{width}} -> {urls}{notes}")
     lines += _entry_lines(config)
-    lines += [f"warning: {warning}" for warning in never_matched(config) + any_origin(config)]
+    warnings = never_matched(config) + unguarded_methods(snapshot.table) + any_origin(config)
+    lines += [f"warning: {warning}" for warning in warnings]
     if config.rate_limits:
         where = "in each process's memory"
         if config.redis is not None and not config.redis.url.startswith("memory://"):
@@ -299,6 +300,50 @@ def never_matched(config: Config) -> list[str]:
                     f"services.{name}.routes[{i}] ({rule.path}) can never match: "
                     "/health, /metrics and /gateway/ are the gateway's own"
                 )
+    return warnings
+
+
+# Methods tried on a route's path to find where the ones it does not take go.
+_PROBED_METHODS: Final = ("POST", "PUT", "PATCH", "DELETE", "GET", "OPTIONS")
+
+
+def unguarded_methods(table: RouteTable[Route]) -> list[str]:
+    """Routes with ``methods`` and a guard (auth, a rate limit) whose path's other methods
+    go to a route without that guard: ``methods`` routes, it does not refuse (nginx's
+    ``limit_except ... deny`` does), so a POST of a GET-only admin path is the shorter
+    route's."""
+    from .routetable import Found  # noqa: PLC0415 - check only
+
+    warnings = []
+    for entry in table.entries:
+        if entry.methods is None:
+            continue
+        other = next((m for m in _PROBED_METHODS if not entry.allows(m)), None)
+        hosts = sorted(entry.hosts or ())
+        found = None if other is None else table.match(entry.path, other, hosts[0] if hosts else "")
+        if not isinstance(found, Found) or found.entry is entry:
+            continue
+        mine, theirs = entry.policy, found.entry.policy
+        lost = []
+        if (
+            mine.auth is not None
+            and mine.auth.required
+            and (  # (optional guards nothing)
+                theirs.auth is None
+                or (mine.auth.required and not theirs.auth.required)
+                or (mine.auth.roles or frozenset()) - (theirs.auth.roles or frozenset())
+            )
+        ):
+            lost.append("its auth")
+        if mine.zone is not None and (theirs.zone is None or theirs.zone.name != mine.zone.name):
+            lost.append(f"its rate limit ({mine.zone.name})")
+        if lost:
+            warnings.append(
+                f"route {entry.id} ({_route_path(entry)}) takes only those methods: its path's "
+                f"others ({other}...) go to route {found.entry.id} ({_route_path(found.entry)}) "
+                f"without {' and '.join(lost)}; leave methods off, or give them a route of "
+                "the same path and guard"
+            )
     return warnings
 
 

@@ -262,6 +262,41 @@ def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def test_check_warns_of_a_guarded_route_whose_other_methods_go_unguarded(tmp_path, monkeypatch):
+    # methods: routes, it does not refuse: a POST of a GET-only admin path is /api/city/'s,
+    # without the admin route's auth and limit. Said by check; a guard for every method of
+    # the path (a route of the same path for the others) silences it.
+    monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    auth = "auth: {providers: {daarion: {algorithms: [HS256], secret: \"${JWT_SECRET}\"}}}\n"
+    admin = "{path: /api/city/admin/, to: /city/admin/, auth: required, rate_limit: strict"
+    city = "{path: /api/city/, to: /city/}"
+    result = check(
+        tmp_path,
+        auth
+        + node_config(
+            city=f"{{port: 7001, nodes: [noda1], routes: [{admin}, methods: [GET]}}, {city}]}}"
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: route city#0 (/api/city/admin/ GET) takes only those methods: its path's "
+        "others (POST...) go to route city#1 (/api/city/) without its auth and its rate limit "
+        "(strict); leave methods off, or give them a route of the same path and guard"
+    ]
+    guarded = check(
+        tmp_path,
+        auth
+        + node_config(
+            city=f"{{port: 7001, nodes: [noda1], routes: [{admin}, "
+            f"methods: [GET]}}, {admin}, methods: [POST, PUT, PATCH, DELETE, "
+            f"OPTIONS]}}, {city}]}}"
+        ),
+    )
+    assert guarded.returncode == 0, guarded.stderr
+    assert [line for line in guarded.stdout.splitlines() if line.startswith("warning:")] == []
+
+
 def test_check_names_both_places_of_a_conflict_and_warns_of_dead_routes(tmp_path):
     conflict = check(
         tmp_path,
