@@ -8,8 +8,10 @@
     → on the plain listener with TLS on: 308 to https:// (endpoints.to_https)
     → the route (routetable.RouteTable, compiled per snapshot: the longest matching path);
       a CORS preflight is answered here, for the route its request would take (edge/cors.py)
-    → authentication, when the route has auth (auth/phase.py)
-    → rate limit (ratelimit/phase.py)
+    → rate limit (ratelimit/phase.py) and authentication, when the route has auth
+      (auth/phase.py): the limit first, as nginx's limit_req comes before its access checks,
+      unless the route's zone is keyed by user (the token's subject); a refused token then
+      counts in its address's bucket
     → a WebSocket handshake (websocket/handshake.py) or an HTTP exchange (upstream/forward.py),
       both choosing and failing over targets with upstream/failover.py
     and always, in ``finally``: metrics and the request's log line.
@@ -174,13 +176,24 @@ async def _phases(shared: Shared, ex: Exchange) -> web.StreamResponse:
         route.added if route.cors is None else route.cors.added(request.headers.get("Origin"))
     )
     query = target.query
-    if route.auth is not None:  # its 401 and 403 carry the CORS headers (ex.added)
+    if route.auth is None:
+        limit_headers = await limit(shared, ex, route)
+    elif route.zone is not None and "user" not in route.zone.key:
+        # nginx's order (limit_req before access checks): a client over its limit is refused
+        # before its token's signature is checked, and a bad token counts like any request.
+        limit_headers = await limit(shared, ex, route)
         query = authenticate(shared, ex, route.auth, query, entry.websocket)
+    else:  # a zone per user needs the user; a refused token counts as anonymous (its address)
+        try:
+            query = authenticate(shared, ex, route.auth, query, entry.websocket)
+        except GatewayError:
+            await limit(shared, ex, route)  # its 429, when over; else the auth's refusal
+            raise
+        limit_headers = await limit(shared, ex, route)
+    # (401 and 403 carry the CORS headers: ex.added)
     path_qs = routing.upstream_path(entry.to, found.rest) + query
-    if entry.websocket:
-        await limit(shared, ex, route)  # a handshake counts toward the rate limit
+    if entry.websocket:  # a handshake counts toward the rate limit (above)
         return await open_session(shared, ex, route, path_qs)
-    limit_headers = await limit(shared, ex, route)
     if listener.tls and exposure.hsts is not None:  # the relay sends the head itself
         limit_headers = {**(limit_headers or {}), STS: exposure.hsts}
     return await forward(shared, ex, entry, path_qs, limit_headers)

@@ -140,6 +140,33 @@ async def test_the_limiters_user_key_is_the_tokens_subject(upstream, gateway, cl
     assert (await answer(client, url))[0] == 429
 
 
+async def test_refused_tokens_count_toward_the_rate_limit(upstream, gateway, client):
+    # A client sending bad tokens was never limited, and each cost a signature check. As in
+    # nginx (limit_req before the access checks), a zone by address decides first: once
+    # over, the client gets 429 without its token being looked at.
+    up = await upstream(NODA1)
+    zone = "rate_limits: {per_ip: {rate: 1r/m, burst: 2}}\n"
+    gw = await gateway(config(up.port, "required", ", rate_limit: per_ip") + zone)
+    url = f"{gw.url}/api/city/x"
+    forged = bearer(mint(claims(now=time.time()), key="another secret of at least 32 bytes"))
+    assert [(await answer(client, url, forged))[0] for _ in range(4)] == [401, 401, 401, 429]
+    assert (await answer(client, url, bearer(token())))[0] == 429  # the address's bucket
+    assert up.seen == []
+    async with client.get(f"{gw.url}/metrics") as r:
+        text = await r.text()
+    assert sample(text, 'gateway_rate_limit_decisions_total{result="rejected",zone="per_ip"}') == 2
+    assert sample(text, 'gateway_rate_limit_decisions_total{result="allowed",zone="per_ip"}') == 3
+    # A zone by user needs the token's subject: a refused token counts as anonymous, in its
+    # address's bucket; a valid token's user keeps a bucket of its own.
+    up2 = await upstream(NODA1)
+    zone = "rate_limits: {per_user: {rate: 1r/m, burst: 1, key: [user]}}\n"
+    gw2 = await gateway(config(up2.port, "required", ", rate_limit: per_user") + zone)
+    url = f"{gw2.url}/api/city/x"
+    assert [(await answer(client, url, forged))[0] for _ in range(3)] == [401, 401, 429]
+    assert (await answer(client, url))[0] == 429  # no token: anonymous, the same bucket
+    assert (await answer(client, url, bearer(token(sub="alice"))))[0] == 200
+
+
 async def echo_ws(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(protocols=("chat",))
     await ws.prepare(request)

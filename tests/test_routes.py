@@ -267,7 +267,7 @@ def test_check_warns_of_a_guarded_route_whose_other_methods_go_unguarded(tmp_pat
     # without the admin route's auth and limit. Said by check; a guard for every method of
     # the path (a route of the same path for the others) silences it.
     monkeypatch.setenv("JWT_SECRET", "s" * 32)
-    auth = "auth: {providers: {daarion: {algorithms: [HS256], secret: \"${JWT_SECRET}\"}}}\n"
+    auth = 'auth: {providers: {daarion: {algorithms: [HS256], secret: "${JWT_SECRET}"}}}\n'
     admin = "{path: /api/city/admin/, to: /city/admin/, auth: required, rate_limit: strict"
     city = "{path: /api/city/, to: /city/}"
     result = check(
