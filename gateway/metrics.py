@@ -1,8 +1,9 @@
 """Every metric the gateway exports, defined once.
 
 Label values come only from config names (service, node) and fixed sets (methods, status
-codes, error kinds), so the scrape cannot grow with what clients send: a request for an
-unknown service counts as ``unmatched``, an unusual method as ``OTHER``.
+codes, error kinds), so the scrape cannot grow with what clients or upstreams send: a request
+for an unknown service counts as ``unmatched``, an unusual method as ``OTHER``, a status code
+outside ``STATUSES`` as its class (``2xx``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ UNMATCHED: Final = "unmatched"
 GATEWAY: Final = "gateway"
 METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+# The status codes labelled as themselves: IANA's registered ones (not those it lists as
+# unused, 306 and 418), and nginx's 499, the gateway's own for a client that went away. An
+# upstream may answer any code from 100 to 599 (an httpbin-like /status/<code>, a proxy's
+# proxy): the others are labelled by their class, so a service has at most
+# len(STATUSES) + 5 status values. "5xx" still matches the dashboards' status=~"5..".
+STATUSES: Final = frozenset({
+    *range(100, 104), *range(200, 209), 226, *range(300, 306), 307, 308, *range(400, 418),
+    *range(421, 427), 428, 429, 431, 451, 499, *range(500, 509), 510, 511,
+})  # fmt: skip
+OTHER_STATUS: Final = "other"  # outside 100-599: the gateway answers none (it makes 600+ 502)
+# Every code's label by the code, 0 to 999 (all aiohttp sends), indexed once per request.
+_STATUS_LABELS: Final = tuple(
+    (str(code) if code in STATUSES else f"{code // 100}xx") if 100 <= code < 600 else OTHER_STATUS
+    for code in range(1000)
 )
 
 
@@ -284,8 +300,9 @@ class Metrics:
     def observe_request(
         self, service: str, route: str, method: str, status: int, seconds: float
     ) -> None:
-        self.requests.add((service, method_label(method), status))
-        self.route_requests.add((service, route, status))
+        label = _STATUS_LABELS[status]  # (the gateway's statuses are 100-599)
+        self.requests.add((service, method_label(method), label))
+        self.route_requests.add((service, route, label))
         if status != 101:  # a WebSocket session's length is not a request latency
             self.duration.observe(service, seconds)
 
@@ -395,13 +412,13 @@ _BOUNDS: Final = (*(str(bound) for bound in BUCKETS), "+Inf")  # as prometheus_c
 
 
 class Tally:
-    """A counter family: a count per tuple of label values (written with ``str``)."""
+    """A counter family: a count per tuple of label values."""
 
     def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
         self._name, self._documentation, self._labels = name, documentation, labels
-        self._counts: dict[tuple[str | int, ...], list[float]] = {}  # [count, created]
+        self._counts: dict[tuple[str, ...], list[float]] = {}  # [count, created]
 
-    def add(self, key: tuple[str | int, ...]) -> None:
+    def add(self, key: tuple[str, ...]) -> None:
         counted = self._counts.get(key)
         if counted is None:
             counted = self._counts[key] = [0, time.time()]
@@ -413,7 +430,7 @@ class Tally:
     def collect(self) -> list[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
         for key, (count, created) in self._counts.items():
-            family.add_metric([str(v) for v in key], count, created)
+            family.add_metric(list(key), count, created)
         return [family]
 
 

@@ -7,6 +7,8 @@ import random
 import re
 import string
 
+from aiohttp import web
+
 from .helpers import NODA1, NODA2, raw_exchange, routes
 
 
@@ -112,6 +114,40 @@ async def test_metrics_have_the_standard_names_and_counts(upstream, gateway, cli
     assert samples['service_health{dependency="city",service="gateway"}'] == 1
     assert samples["gateway_client_connections"] >= 1
     assert "# TYPE gateway_upstream_errors_total counter" in text
+
+
+async def test_status_labels_are_a_fixed_set_whatever_the_upstream_answers(
+    upstream, gateway, client
+):
+    async def echo_status(request):  # an httpbin-like /status/<code>
+        return web.Response(status=int(request.path.rsplit("/", 1)[1]))
+
+    up = await upstream(NODA1, echo_status)
+    config = routes({"city": f"{{port: {up.port}, nodes: [noda1], retries: 0}}"}, noda1=NODA1)
+    gw = await gateway(config + "metrics_cache: 0\n")
+    # Registered codes keep their number; any other one from 100 to 599 is its class. (5xx
+    # answers, one of each: health.fall of them in a row would eject the only target.)
+    answers = [200, 299, 250, 418, 429, 452, 499, 302, 399, 503, 599, 204, 226]
+    for code in answers:
+        async with client.get(gw.url + f"/api/city/status/{code}") as r:
+            assert r.status == code
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    by_status = {
+        found.group(1): float(found.group(2))
+        for found in re.finditer(
+            r'^http_requests_total\{method="GET",service="city",status="([^"]*)"\} (\S+)$',
+            text,
+            re.MULTILINE,
+        )
+    }
+    assert by_status == {
+        "200": 1, "2xx": 2, "4xx": 2, "429": 1, "499": 1, "302": 1, "3xx": 1, "503": 1,
+        "5xx": 1, "204": 1, "226": 1,
+    }  # fmt: skip
+    routed = re.findall(r'^gateway_route_requests_total\{route="city",service="city",'
+                        r'status="([^"]*)"\}', text, re.MULTILINE)  # fmt: skip
+    assert sorted(routed) == sorted(by_status)
 
 
 async def test_upstream_errors_are_counted_by_kind(gateway, client):
