@@ -82,7 +82,8 @@ class Metrics:
         self._label_names: dict[int, tuple[str, ...]] = {}
         # The series every request updates are plain numbers, made into families only when
         # scraped (``Tally``, ``Latencies``, ``Levels``): prometheus_client's children take a
-        # lock and several calls per update, about 5 us of every request's CPU for these.
+        # lock and several calls per update, about 5 us of every request's CPU for these. So
+        # are all the others labelled by a service or a node, which a reload may remove.
         self.requests = self._tally(
             "http_requests",
             "Requests answered, by service, method and status.",
@@ -112,12 +113,11 @@ class Metrics:
             "gateway's own dependencies; service=<name>,dependency=<node> each upstream target.",
             ["service", "dependency"],
         )
-        self.upstream_errors = self._labelled(
-            Counter,
+        self.upstream_errors = self._tally(
             "gateway_upstream_errors",
             "Upstream failures by service and kind (connect, connect_timeout, timeout, "
             "disconnect, protocol, io, busy, aborted).",
-            ["service", "kind"],
+            ("service", "kind"),
         )
         self.client_connections = Gauge(
             "gateway_client_connections", "Open client TCP connections.", registry=r
@@ -163,60 +163,51 @@ class Metrics:
             "1 while some target on the node is usable, 0 when the node is offline.",
             ["node"],
         )
-        self.failovers = self._labelled(
-            Counter,
+        self.failovers = self._tally(
             "gateway_failovers",
             "Requests answered by a node other than the service's preferred ones.",
-            ["service", "node"],
+            ("service", "node"),
         )
-        self.retries = self._labelled(
-            Counter,
+        self.retries = self._tally(
             "gateway_retries",
             "Extra attempts on another target, by service and the failure that caused it.",
-            ["service", "kind"],
+            ("service", "kind"),
         )
-        self.ejections = self._labelled(
-            Counter,
+        self.ejections = self._tally(
             "gateway_ejections",
             "Targets taken out after consecutive failures of real traffic.",
-            ["service", "node"],
+            ("service", "node"),
         )
-        self.probes = self._labelled(
-            Counter,
+        self.probes = self._tally(
             "gateway_health_checks",
             "Active health probes by service, node and result (pass, fail).",
-            ["service", "node", "result"],
+            ("service", "node", "result"),
         )
-        self.ws_sessions = self._labelled(
-            Gauge,
+        self.ws_sessions = Levels(
             "gateway_websocket_sessions",
             "Open WebSocket sessions (also counted in active_connections).",
-            ["service"],
         )
-        self.ws_opened = self._labelled(
-            Counter,
+        r.register(self.ws_sessions)
+        self.ws_opened = self._tally(
             "gateway_websocket_sessions_opened",
             "WebSocket sessions relayed, by service.",
-            ["service"],
+            ("service",),
         )
-        self.ws_closed = self._labelled(
-            Counter,
+        self.ws_closed = self._tally(
             "gateway_websocket_sessions_closed",
             "WebSocket sessions ended, by service and the client leg's close code "
             "(1000-1015 as such, 3xxx, 4xxx, other, none).",
-            ["service", "code"],
+            ("service", "code"),
         )
-        self.ws_messages = self._labelled(
-            Counter,
+        self.ws_messages = self._tally(
             "gateway_websocket_messages",
             "WebSocket data messages relayed, by direction (up: to the service).",
-            ["service", "direction"],
+            ("service", "direction"),
         )
-        self.ws_bytes = self._labelled(
-            Counter,
+        self.ws_bytes = self._tally(
             "gateway_websocket_bytes",
             "WebSocket payload bytes relayed, by direction (up: to the service).",
-            ["service", "direction"],
+            ("service", "direction"),
         )
         self.rate_limit_decisions = self._tally(
             "gateway_rate_limit_decisions",
@@ -254,12 +245,11 @@ class Metrics:
             "missing_token, invalid_token, token_expired, insufficient_scope, invalid_request).",
             ("service", "result"),
         )
-        self.upstream_tls_failures = self._labelled(
-            Counter,
+        self.upstream_tls_failures = self._tally(
             "gateway_upstream_tls_failures",
             "Connections to a node (by requests, handshakes and probes) that failed in TLS: its "
             "certificate failed verification, or the handshake failed; by node.",
-            ["node"],
+            ("node",),
         )
         self.trace_spans = Counter(
             "gateway_trace_spans_exported",
@@ -276,8 +266,6 @@ class Metrics:
         )
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
-        # Cached label children: labels() costs a lock and a dict lookup we can skip.
-        self._ws_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.scrapes = ScrapeCache()
 
     def _labelled(
@@ -311,17 +299,6 @@ class Metrics:
         decrement (a reload may have dropped the service's series meanwhile)."""
         return self.active.of(service)
 
-    def ws_counters(self, service: str, direction: str) -> tuple[Counter, Counter]:
-        """(messages, bytes) children for one direction of a service's sessions."""
-        key = (service, direction)
-        pair = self._ws_children.get(key)
-        if pair is None:
-            pair = self._ws_children[key] = (
-                self.ws_messages.labels(service, direction),
-                self.ws_bytes.labels(service, direction),
-            )
-        return pair
-
     def count_auth(self, service: str, result: str) -> None:
         self.auth.add((service, result))
 
@@ -330,27 +307,27 @@ class Metrics:
 
     def forget_service(self, service: str) -> None:
         """Drop the series of a service that a config reload removed."""
-        for per_request in (self.requests, self.route_requests, self.auth):
-            per_request.forget(service)
-        self.duration.forget(service)
-        self.active.forget(service)
-        for metric in (
+        for tally in (
+            self.requests,
+            self.route_requests,
+            self.auth,
             self.upstream_errors,
-            self.health,
             self.failovers,
             self.retries,
             self.ejections,
             self.probes,
-            self.ws_sessions,
             self.ws_opened,
             self.ws_closed,
             self.ws_messages,
             self.ws_bytes,
         ):
-            self.remove_series(
-                metric, lambda labels: labels[0] == service or labels[:2] == (GATEWAY, service)
-            )
-        self._ws_children = {k: v for k, v in self._ws_children.items() if k[0] != service}
+            tally.forget(service)
+        self.duration.forget(service)
+        self.active.forget(service)
+        self.ws_sessions.forget(service)
+        self.remove_series(
+            self.health, lambda labels: labels[0] == service or labels[:2] == (GATEWAY, service)
+        )
 
     def remove_series(
         self, metric: MetricWrapperBase, drop: Callable[[tuple[str, ...]], bool]
@@ -418,11 +395,11 @@ class Tally:
         self._name, self._documentation, self._labels = name, documentation, labels
         self._counts: dict[tuple[str, ...], list[float]] = {}  # [count, created]
 
-    def add(self, key: tuple[str, ...]) -> None:
+    def add(self, key: tuple[str, ...], amount: float = 1) -> None:
         counted = self._counts.get(key)
         if counted is None:
             counted = self._counts[key] = [0, time.time()]
-        counted[0] += 1
+        counted[0] += amount
 
     def forget(self, first: str) -> None:
         self._counts = {k: v for k, v in self._counts.items() if k[0] != first}

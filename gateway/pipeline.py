@@ -84,7 +84,7 @@ async def handle(shared: Shared, listener: Listener, request: Request) -> web.St
     except GatewayError as err:
         ex.status, ex.error = err.status, err.code
         if err.kind and ex.service != UNMATCHED:
-            shared.metrics.upstream_errors.labels(ex.service, err.kind).inc()
+            shared.metrics.upstream_errors.add((ex.service, err.kind))
         response = error_response(err, ex.request_id)
         if err.close or is_upgrade(request):
             # An unread body, or whatever a client sent after a refused handshake, is not
@@ -113,7 +113,7 @@ async def handle(shared: Shared, listener: Listener, request: Request) -> web.St
             ex.status, ex.error = aborted.response.status, "client_aborted"
         else:
             ex.status, ex.error = aborted.response.status, "upstream_aborted"
-            shared.metrics.upstream_errors.labels(ex.service, "aborted").inc()
+            shared.metrics.upstream_errors.add((ex.service, "aborted"))
         return aborted.response
     else:
         ex.status = response.status

@@ -146,7 +146,7 @@ async def attempt(
             answer = await send(target)
         except Failed as failed:
             if failed.error.tls is not None:
-                shared.metrics.upstream_tls_failures.labels(target.node).inc()
+                shared.metrics.upstream_tls_failures.add((target.node,))
                 tls_failures.append(f"{target.label}: {failed.error.tls}")
                 ex.log_fields["upstream_tls_failures"] = tls_failures
             if failed.kind not in NOT_A_TARGET_FAILURE:
@@ -162,7 +162,7 @@ async def attempt(
                 break
             if failed.answer is not None and failed.discard is not None:
                 failed.discard(failed.answer)
-            shared.metrics.retries.labels(route.service, failed.kind).inc()
+            shared.metrics.retries.add((route.service, failed.kind))
             ex.trace.event(
                 "retry", {"failure": failed.kind, "from": target.label, "to": following.label}
             )
@@ -172,7 +172,7 @@ async def attempt(
             shared.health.passed(target)
             break
     if target.tier > 0:
-        shared.metrics.failovers.labels(route.service, target.node).inc()
+        shared.metrics.failovers.add((route.service, target.node))
         ex.trace.event("failover", {"node": target.node, "tier": target.tier})
     return answer, target
 

@@ -148,7 +148,7 @@ class HealthBook:
         health.last_ejection = now
         health.traffic_failures = 0
         health.probe_passes = 0
-        self._metrics.ejections.labels(target.service, target.node).inc()
+        self._metrics.ejections.add((target.service, target.node))
         reason = f"ejected for {seconds:g} s after {policy.fall} failures ({reason})"
         self._changed(target, health, was_usable, reason)
 

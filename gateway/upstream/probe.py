@@ -124,7 +124,7 @@ class Prober:
                 ok, reason = await self._fetch(target, route.probe.path, route.probe.timeout)
         finally:
             self._probing.discard(target.key)
-        self._metrics.probes.labels(target.service, target.node, "pass" if ok else "fail").inc()
+        self._metrics.probes.add((target.service, target.node, "pass" if ok else "fail"))
         self._health.probed(target, ok, reason, route.probe)
 
     async def _fetch(self, target: Target, path: str, timeout: float) -> tuple[bool, str]:
@@ -146,5 +146,5 @@ class Prober:
             reason = tls_reason(exc)
             if reason is None:
                 return False, type(exc).__name__
-            self._metrics.upstream_tls_failures.labels(target.node).inc()
+            self._metrics.upstream_tls_failures.add((target.node,))
             return False, reason

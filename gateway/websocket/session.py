@@ -247,7 +247,7 @@ class Session:
         self.log_fields: dict[str, object] | None = None  # the request line, at the end
         # active_connections and gateway_websocket_sessions of the service, held so that the
         # session decrements the very series it incremented (a reload may drop the service).
-        self.gauges = (metrics.active_for(service), metrics.ws_sessions.labels(service))
+        self.gauges = (metrics.active_for(service), metrics.ws_sessions.of(service))
 
     @property
     def legs(self) -> tuple[Leg, Leg]:
@@ -264,7 +264,7 @@ class Session:
         upstream.transport.set_protocol(self.upstream)
         for gauge in self.gauges:
             gauge.inc()
-        self.metrics.ws_opened.labels(self.service).inc()
+        self.metrics.ws_opened.add((self.service,))
         self.open.add(self)
         if client_full:
             self.upstream.pause(True)
@@ -377,7 +377,7 @@ class Session:
         self._ended()
         for gauge in self.gauges:
             gauge.dec()
-        metrics.ws_closed.labels(self.service, code_label(self.close_code)).inc()
+        metrics.ws_closed.add((self.service, code_label(self.close_code)))
         self.report()
         if self.log_fields is not None:
             self._log()
@@ -417,11 +417,12 @@ class Session:
         """Add what was relayed since the last report to the counters (at scrapes and at the
         end: cheaper than two counter updates per message)."""
         # A direction is named by the leg it reads: "up" is what the client sent.
+        metrics = self.metrics
         for leg, direction in ((self.client, "up"), (self.upstream, "down")):
-            messages, sizes = self.metrics.ws_counters(self.service, direction)
+            key = (self.service, direction)
             (now_messages, now_bytes), (sent_messages, sent_bytes) = leg.delivered(), leg.reported
-            messages.inc(now_messages - sent_messages)
-            sizes.inc(now_bytes - sent_bytes)
+            metrics.ws_messages.add(key, now_messages - sent_messages)
+            metrics.ws_bytes.add(key, now_bytes - sent_bytes)
             leg.reported = (now_messages, now_bytes)
 
 

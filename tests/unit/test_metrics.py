@@ -20,6 +20,8 @@ FAMILIES = (
     "active_connections",
     "gateway_rate_limit_decisions",
     "gateway_auth",
+    "gateway_websocket_sessions",
+    "gateway_websocket_bytes",
 )
 
 
@@ -56,6 +58,18 @@ class Oracle:
             registry=r,
         )
         self.auth = Counter("gateway_auth", docs["gateway_auth"], ["service", "result"], registry=r)
+        self.ws_sessions = Gauge(
+            "gateway_websocket_sessions",
+            docs["gateway_websocket_sessions"],
+            ["service"],
+            registry=r,
+        )
+        self.ws_bytes = Counter(
+            "gateway_websocket_bytes",
+            docs["gateway_websocket_bytes"],
+            ["service", "direction"],
+            registry=r,
+        )
 
     def observe(self, service: str, route: str, method: str, status: int, seconds: float) -> None:
         method = method_label(method)
@@ -65,7 +79,15 @@ class Oracle:
             self.duration.labels(service).observe(seconds)
 
     def forget(self, service: str) -> None:
-        for metric in (self.requests, self.routes, self.duration, self.active, self.auth):
+        for metric in (
+            self.requests,
+            self.routes,
+            self.duration,
+            self.active,
+            self.auth,
+            self.ws_sessions,
+            self.ws_bytes,
+        ):
             for family in metric.collect():
                 # A sample's labels are the metric's in order, then a histogram's le.
                 for labels in {
@@ -125,6 +147,9 @@ def test_the_per_request_series_scrape_as_prometheus_clients_own() -> None:
         result = rng.choice(["ok", "missing_token"])
         metrics.count_auth(service, result)
         oracle.auth.labels(service, result).inc()
+        direction, size = rng.choice(["up", "down"]), rng.choice([0, 1, 125, 65536])
+        metrics.ws_bytes.add((service, direction), size)
+        oracle.ws_bytes.labels(service, direction).inc(size)
     held = metrics.active_for("city")
     for service, n in (("city", 3), ("agents", 2)):
         for _ in range(n):
@@ -132,6 +157,8 @@ def test_the_per_request_series_scrape_as_prometheus_clients_own() -> None:
             oracle.active.labels(service).inc()
     metrics.active_for("agents").dec()
     oracle.active.labels("agents").dec()
+    metrics.ws_sessions.of("city").inc()
+    oracle.ws_sessions.labels("city").inc()
     for accept in ("", "application/openmetrics-text; version=1.0.0"):
         got = scrape(metrics.registry, accept)
         assert 'http_request_duration_seconds_bucket{le="0.005",service="city"}' in got
