@@ -88,6 +88,7 @@ class Gateway:
         self._samples: web.ServerRunner | None = None  # a worker's own metrics, for the others
         self._background: set[asyncio.Task[None]] = set()
         self._auth_swap = asyncio.Lock()
+        _configure_metrics(metrics, snapshot)
         self.shared.health.sync(snapshot.routes.values())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -463,8 +464,7 @@ class Gateway:
             shared.limiter = _make_limiter(config, shared.metrics)
             self._in_background(self._swap_limiter(previous, shared.limiter))
         shared.slots.sync(new.routes)
-        for name in old.routes.keys() - new.routes.keys():
-            shared.metrics.forget_service(name)
+        _configure_metrics(shared.metrics, new)
         shared.health.sync(new.routes.values())
 
     async def _swap_authenticator(self, config: Config) -> None:
@@ -500,6 +500,25 @@ async def _stop_site(site: web.BaseSite) -> None:
         server.close(take_queue=True)
         await server.wait_closed()
     await site.stop()
+
+
+def _configure_metrics(metrics: Metrics, snapshot: Snapshot) -> None:
+    """Tell the metrics what ``snapshot`` names: the series of anything else go."""
+    metrics.configure(
+        services=snapshot.routes.keys(),
+        # An unnamed route is <service>#<index> (a name has no "#"): it is its path and what
+        # it matches, which a reload may give to another index.
+        routes={
+            (entry.policy.service, entry.id): (
+                (entry.path, entry.exact, entry.methods, entry.hosts, entry.websocket)
+                if "#" in entry.id
+                else None
+            )
+            for entry in snapshot.table.entries
+        },
+        targets={(t.service, t.node) for route in snapshot.routes.values() for t in route.targets},
+        zones=snapshot.config.rate_limits.keys(),
+    )
 
 
 def _verifying(config: Config) -> object:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, TypedDict, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any, Final, Generic, TypedDict, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -80,6 +80,11 @@ class Metrics:
         # Each labelled metric's label names, in order: to find its series through the public
         # collect() (``remove_series``).
         self._label_names: dict[int, tuple[str, ...]] = {}
+        # What the served config names (``configure``): the series of other names go.
+        services, routes, targets = Scope(1), Scope(2), Scope(2)  # targets: (service, node)
+        nodes, zones = Scope(1), Scope(1)
+        self._scopes = (services, routes, targets, nodes, zones)
+        self._route_kinds: Mapping[tuple[str, str], Hashable] = {}
         # The series every request updates are plain numbers, made into families only when
         # scraped (``Tally``, ``Latencies``, ``Levels``): prometheus_client's children take a
         # lock and several calls per update, about 5 us of every request's CPU for these. So
@@ -88,22 +93,26 @@ class Metrics:
             "http_requests",
             "Requests answered, by service, method and status.",
             ("service", "method", "status"),
+            services,
         )
         self.route_requests = self._tally(
             "gateway_route_requests",
             "Requests answered, by service, route (its name, or the service's for a service's "
             "own two rules) and status.",
             ("service", "route", "status"),
+            routes,
         )
         self.duration = Latencies(
             "http_request_duration_seconds",
             "Time from request start to the end of the response, by service "
             "(WebSocket sessions are not observed here).",
+            services,
         )
         r.register(self.duration)
         self.active = Levels(
             "active_connections",
             "Requests in flight (and, for WebSockets, open sessions), by service.",
+            services,
         )
         r.register(self.active)
         self.health = self._labelled(
@@ -118,6 +127,7 @@ class Metrics:
             "Upstream failures by service and kind (connect, connect_timeout, timeout, "
             "disconnect, protocol, io, busy, aborted).",
             ("service", "kind"),
+            services,
         )
         self.client_connections = Gauge(
             "gateway_client_connections", "Open client TCP connections.", registry=r
@@ -167,53 +177,63 @@ class Metrics:
             "gateway_failovers",
             "Requests answered by a node other than the service's preferred ones.",
             ("service", "node"),
+            targets,
         )
         self.retries = self._tally(
             "gateway_retries",
             "Extra attempts on another target, by service and the failure that caused it.",
             ("service", "kind"),
+            services,
         )
         self.ejections = self._tally(
             "gateway_ejections",
             "Targets taken out after consecutive failures of real traffic.",
             ("service", "node"),
+            targets,
         )
         self.probes = self._tally(
             "gateway_health_checks",
             "Active health probes by service, node and result (pass, fail).",
             ("service", "node", "result"),
+            targets,
         )
         self.ws_sessions = Levels(
             "gateway_websocket_sessions",
             "Open WebSocket sessions (also counted in active_connections).",
+            services,
         )
         r.register(self.ws_sessions)
         self.ws_opened = self._tally(
             "gateway_websocket_sessions_opened",
             "WebSocket sessions relayed, by service.",
             ("service",),
+            services,
         )
         self.ws_closed = self._tally(
             "gateway_websocket_sessions_closed",
             "WebSocket sessions ended, by service and the client leg's close code "
             "(1000-1015 as such, 3xxx, 4xxx, other, none).",
             ("service", "code"),
+            services,
         )
         self.ws_messages = self._tally(
             "gateway_websocket_messages",
             "WebSocket data messages relayed, by direction (up: to the service).",
             ("service", "direction"),
+            services,
         )
         self.ws_bytes = self._tally(
             "gateway_websocket_bytes",
             "WebSocket payload bytes relayed, by direction (up: to the service).",
             ("service", "direction"),
+            services,
         )
         self.rate_limit_decisions = self._tally(
             "gateway_rate_limit_decisions",
             "Rate-limit decisions by zone and result (allowed, delayed, rejected, "
             "dry_run_rejected, dry_run_delayed).",
             ("zone", "result"),
+            zones,
         )
         self.rate_limit_degraded = Gauge(
             "gateway_rate_limit_degraded",
@@ -244,12 +264,14 @@ class Metrics:
             "Token checks on routes with auth, by service and result (ok, anonymous, "
             "missing_token, invalid_token, token_expired, insufficient_scope, invalid_request).",
             ("service", "result"),
+            services,
         )
         self.upstream_tls_failures = self._tally(
             "gateway_upstream_tls_failures",
             "Connections to a node (by requests, handshakes and probes) that failed in TLS: its "
             "certificate failed verification, or the handshake failed; by node.",
             ("node",),
+            nodes,
         )
         self.trace_spans = Counter(
             "gateway_trace_spans_exported",
@@ -267,6 +289,9 @@ class Metrics:
         build = Gauge("gateway_build_info", "Gateway version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self.scrapes = ScrapeCache()
+        self._scoped: tuple[_Scoped[Any, Any], ...] = tuple(
+            family for family in vars(self).values() if isinstance(family, _Scoped)
+        )
 
     def _labelled(
         self, kind: type[M], name: str, documentation: str, labels: list[str], **options: Any
@@ -275,8 +300,8 @@ class Metrics:
         self._label_names[id(metric)] = tuple(labels)
         return metric
 
-    def _tally(self, name: str, documentation: str, labels: tuple[str, ...]) -> Tally:
-        tally = Tally(name, documentation, labels)
+    def _tally(self, name: str, documentation: str, labels: tuple[str, ...], scope: Scope) -> Tally:
+        tally = Tally(name, documentation, labels, scope)
         self.registry.register(tally)
         return tally
 
@@ -305,29 +330,39 @@ class Metrics:
     def count_limit(self, zone: str, result: str) -> None:
         self.rate_limit_decisions.add((zone, result))
 
-    def forget_service(self, service: str) -> None:
-        """Drop the series of a service that a config reload removed."""
-        for tally in (
-            self.requests,
-            self.route_requests,
-            self.auth,
-            self.upstream_errors,
-            self.failovers,
-            self.retries,
-            self.ejections,
-            self.probes,
-            self.ws_opened,
-            self.ws_closed,
-            self.ws_messages,
-            self.ws_bytes,
-        ):
-            tally.forget(service)
-        self.duration.forget(service)
-        self.active.forget(service)
-        self.ws_sessions.forget(service)
-        self.remove_series(
-            self.health, lambda labels: labels[0] == service or labels[:2] == (GATEWAY, service)
-        )
+    def configure(
+        self,
+        services: Iterable[str],
+        routes: Mapping[tuple[str, str], Hashable],
+        targets: Iterable[tuple[str, str]],
+        zones: Iterable[str],
+    ) -> None:
+        """The names the served config has, at the start and after each reload: the series of
+        every other service, route, target (service, node), node and rate-limit zone go, now
+        and at every scrape (when work begun under an earlier config counted one again).
+        ``routes``: each route's (service, name), and what it is where its name says nothing
+        of that (an unnamed route's ``<service>#<index>``, which a reload may give to another
+        route: its series then start again)."""
+        services_, routes_, targets_, nodes_, zones_ = self._scopes
+        previous = services_.live
+        services = {*services, GATEWAY, UNMATCHED}
+        targets = set(targets)
+        for route, kind in routes.items():
+            if self._route_kinds.get(route, kind) != kind:
+                self.route_requests.drop(route)
+        self._route_kinds = dict(routes)
+        services_.set((name,) for name in services)
+        routes_.set({*routes, (GATEWAY, GATEWAY), (UNMATCHED, UNMATCHED)})
+        targets_.set(targets)
+        nodes_.set({(node,) for _, node in targets})
+        zones_.set((zone,) for zone in zones)
+        for family in self._scoped:
+            family.sweep()
+        if previous is not None:  # service_health{service="gateway",dependency=<service>}
+            gone = {name for (name,) in previous} - services
+            self.remove_series(
+                self.health, lambda labels: labels[0] == GATEWAY and labels[1] in gone
+            )
 
     def remove_series(
         self, metric: MetricWrapperBase, drop: Callable[[tuple[str, ...]], bool]
@@ -383,30 +418,88 @@ _BOUNDS: Final = (*(str(bound) for bound in BUCKETS), "+Inf")  # as prometheus_c
 # The families below are counted as plain numbers and made into metric families when the
 # registry is collected (a scrape, ``Metrics.families``), with the names, labels, buckets and
 # _created series prometheus_client's own would have (always: the gateway never turns them
-# off). Only the event loop's thread updates or reads them: no lock. The first label of each
-# is what ``forget`` drops. No ``describe``: the registry (auto_describe) collects them once
-# for their names, while they are empty.
+# off). Only the event loop's thread updates or reads them: no lock. No ``describe``: the
+# registry (auto_describe) collects them once for their names, while they are empty.
 
 
-class Tally:
+class Scope:
+    """The config names a family's series may carry in their first ``width`` labels: the
+    services (or routes, targets, nodes, zones) of the config being served, set by
+    ``Metrics.configure`` at the start and at each reload. The families drop every other
+    series when collected: work begun under an earlier config (a request, a WebSocket
+    session, a probe in flight at the reload) may still count for a name the reload
+    removed, and nothing is checked per count."""
+
+    __slots__ = ("live", "version", "width")
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.live: frozenset[tuple[str, ...]] | None = None  # None: none set yet, all kept
+        self.version = 0  # one more at each change of ``live``
+
+    def set(self, live: Iterable[tuple[str, ...]]) -> None:
+        self.live = frozenset(live)
+        self.version += 1
+
+
+K = TypeVar("K", tuple[str, ...], str)
+V = TypeVar("V")
+
+
+class _Scoped(Generic[K, V]):
+    """A family's series by their label values (a tuple, or one service's name), limited to
+    a ``Scope``."""
+
+    def __init__(self, scope: Scope | None) -> None:
+        self._scope = scope
+        self._series: dict[K, V] = {}
+        # (the scope's version, how many series) after the last sweep: series are only
+        # added between sweeps, so the same two numbers mean there is nothing new to check.
+        self._swept = (0, 0)
+
+    def sweep(self) -> None:
+        """Drop the series outside the scope."""
+        scope = self._scope
+        if scope is None or scope.live is None or self._swept == (scope.version, len(self)):
+            return
+        live, width = scope.live, scope.width
+        for key in [k for k in self._series if _leading(k, width) not in live]:
+            del self._series[key]
+        self._swept = (scope.version, len(self))
+
+    def drop(self, leading: tuple[str, ...]) -> None:
+        """Drop the series whose first labels are ``leading``."""
+        width = len(leading)
+        self._series = {k: v for k, v in self._series.items() if _leading(k, width) != leading}
+        self._swept = (0, 0)  # fewer series: the next sweep cannot tell by their number
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+
+def _leading(key: tuple[str, ...] | str, width: int) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else key[:width]
+
+
+class Tally(_Scoped[tuple[str, ...], list[float]]):
     """A counter family: a count per tuple of label values."""
 
-    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], scope: Scope | None = None
+    ) -> None:
+        super().__init__(scope)
         self._name, self._documentation, self._labels = name, documentation, labels
-        self._counts: dict[tuple[str, ...], list[float]] = {}  # [count, created]
 
     def add(self, key: tuple[str, ...], amount: float = 1) -> None:
-        counted = self._counts.get(key)
+        counted = self._series.get(key)
         if counted is None:
-            counted = self._counts[key] = [0, time.time()]
+            counted = self._series[key] = [0, time.time()]  # [count, created]
         counted[0] += amount
 
-    def forget(self, first: str) -> None:
-        self._counts = {k: v for k, v in self._counts.items() if k[0] != first}
-
     def collect(self) -> list[Metric]:
+        self.sweep()
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-        for key, (count, created) in self._counts.items():
+        for key, (count, created) in self._series.items():
             family.add_metric(list(key), count, created)
         return [family]
 
@@ -423,26 +516,24 @@ class _Buckets:
         self.created = time.time()
 
 
-class Latencies:
+class Latencies(_Scoped[str, _Buckets]):
     """A histogram family of ``BUCKETS``, by service."""
 
-    def __init__(self, name: str, documentation: str) -> None:
+    def __init__(self, name: str, documentation: str, scope: Scope | None = None) -> None:
+        super().__init__(scope)
         self._name, self._documentation = name, documentation
-        self._services: dict[str, _Buckets] = {}
 
     def observe(self, service: str, seconds: float) -> None:
-        buckets = self._services.get(service)
+        buckets = self._series.get(service)
         if buckets is None:
-            buckets = self._services[service] = _Buckets()
+            buckets = self._series[service] = _Buckets()
         buckets.counts[bisect_left(BUCKETS, seconds)] += 1  # as prometheus_client: le is <=
         buckets.total += seconds
 
-    def forget(self, service: str) -> None:
-        self._services.pop(service, None)
-
     def collect(self) -> list[Metric]:
+        self.sweep()
         family = HistogramMetricFamily(self._name, self._documentation, labels=["service"])
-        for service, buckets in self._services.items():
+        for service, buckets in self._series.items():
             cumulative = itertools.accumulate(buckets.counts)
             family.add_metric([service], list(zip(_BOUNDS, cumulative, strict=True)), buckets.total)
             family.samples.append(
@@ -466,25 +557,25 @@ class Level:
         self.value -= 1
 
 
-class Levels:
-    """A gauge family of ``Level``s, by service."""
+class Levels(_Scoped[str, Level]):
+    """A gauge family of ``Level``s, by service. Whoever increments one keeps it to decrement:
+    a sweep may have dropped it meanwhile (its service removed), and the service's new one, if
+    it comes back, starts from 0."""
 
-    def __init__(self, name: str, documentation: str) -> None:
+    def __init__(self, name: str, documentation: str, scope: Scope | None = None) -> None:
+        super().__init__(scope)
         self._name, self._documentation = name, documentation
-        self._services: dict[str, Level] = {}
 
     def of(self, service: str) -> Level:
-        level = self._services.get(service)
+        level = self._series.get(service)
         if level is None:
-            level = self._services[service] = Level()
+            level = self._series[service] = Level()
         return level
 
-    def forget(self, service: str) -> None:
-        self._services.pop(service, None)
-
     def collect(self) -> list[Metric]:
+        self.sweep()
         family = GaugeMetricFamily(self._name, self._documentation, labels=["service"])
-        for service, level in self._services.items():
+        for service, level in self._series.items():
             family.add_metric([service], level.value)
         return [family]
 

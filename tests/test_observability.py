@@ -9,6 +9,8 @@ import string
 
 from aiohttp import web
 
+from gateway.config import parse_config
+
 from .helpers import NODA1, NODA2, raw_exchange, routes
 
 
@@ -148,6 +150,128 @@ async def test_status_labels_are_a_fixed_set_whatever_the_upstream_answers(
     routed = re.findall(r'^gateway_route_requests_total\{route="city",service="city",'
                         r'status="([^"]*)"\}', text, re.MULTILINE)  # fmt: skip
     assert sorted(routed) == sorted(by_status)
+
+
+async def test_a_removed_service_leaves_no_series_though_its_work_outlives_the_reload(
+    upstream, gateway, client
+):
+    release = asyncio.Event()
+
+    async def chat(request):
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str("echo " + message.data)
+            return ws
+        if request.path.endswith("/slow"):
+            await release.wait()
+            return web.Response(status=503)  # in flight at the reload, and it fails
+        return web.Response(text="ok")
+
+    up = await upstream(NODA1, chat)
+    city = f"{{port: {up.port}, nodes: [noda1]}}"
+    both = routes({"city": city, "chat": f"{{port: {up.port}, nodes: [noda1], websocket: true}}"},
+                  noda1=NODA1) + "metrics_cache: 0\n"  # fmt: skip
+    gw = await gateway(both)
+
+    async def chat_series() -> list[str]:
+        async with client.get(gw.url + "/metrics") as response:
+            text = await response.text()
+        assert 'http_requests_total{method="GET",service="city",status="200"}' in text
+        return [line for line in text.splitlines() if 'service="chat"' in line]
+
+    async with client.get(gw.url + "/api/city/x") as r:
+        assert r.status == 200
+    ws = await client.ws_connect(gw.url.replace("http", "ws") + "/ws/chat/room")
+    await ws.send_str("hi")
+    assert (await ws.receive(timeout=5)).data == "echo hi"
+    slow = asyncio.create_task(client.get(gw.url + "/api/chat/slow"))
+    while not any(seen.raw_path.endswith("/slow") for seen in up.seen):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert await chat_series()  # counted while chat is served
+    gw.gateway.apply(parse_config(routes({"city": city}, noda1=NODA1) + "metrics_cache: 0\n"))
+    # The open session reports what it relayed at each scrape; the request ends, with a 503;
+    # the session relays more and ends.
+    assert await chat_series() == []
+    release.set()
+    async with await slow as r:
+        assert r.status == 503
+    await ws.send_str("again")
+    assert (await ws.receive(timeout=5)).data == "echo again"
+    await ws.close()
+    while gw.gateway.shared.sessions:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert await chat_series() == []
+    gw.gateway.apply(parse_config(both))  # back: its series start again, from 0
+    async with client.get(gw.url + "/api/chat/x") as r:
+        assert r.status == 200
+    assert 'http_requests_total{method="GET",service="chat",status="200"} 1.0' in (
+        await chat_series()
+    )
+
+
+async def test_a_reload_drops_the_series_of_routes_nodes_and_zones_it_removed(
+    upstream, gateway, client
+):
+    up = await upstream(NODA1)
+    dead = await _free_port(NODA2)
+
+    def config(routes_: str, nodes: str, zone: str) -> str:
+        service = f"{{port: {up.port}, nodes: {nodes}, retries: 1, routes: [{routes_}]}}"
+        return (
+            routes(
+                {"city": service, "search": f"{{port: {dead}, nodes: [noda2]}}"},
+                noda1=NODA1,
+                noda2=NODA2,
+            )
+            + f"metrics_cache: 0\nrate_limits: {{{zone}: {{rate: 1000r/s, burst: 1000}}}}\n"
+            + (f"default_rate_limit: {zone}\n")
+        )
+
+    a, b = "{path: /api/city/a/, to: /a/}", "{path: /api/city/b/, to: /b/}"
+    named = "{path: /api/city/rooms/, to: /rooms/, name: rooms}"
+    # noda2 first: its refused connections fail over to noda1, and eject it.
+    gw = await gateway(config(f"{a}, {b}, {named}", "[noda2, noda1]", "zone_a"))
+    for path in ("b/x", "b/x", "b/x", "rooms/x", "a/x"):
+        async with client.get(gw.url + f"/api/city/{path}") as r:
+            assert r.status == 200
+
+    async def scrape() -> dict[str, float]:
+        async with client.get(gw.url + "/metrics") as response:
+            return _samples(await response.text())
+
+    def route(name: str) -> str:
+        return f'gateway_route_requests_total{{route="{name}",service="city",status="200"}}'
+
+    before = await scrape()
+    assert before[route("city#1")] == 3
+    assert before[route("rooms")] == 1
+    assert before['gateway_ejections_total{node="noda2",service="city"}'] == 1
+    assert before['gateway_rate_limit_decisions_total{result="allowed",zone="zone_a"}'] == 5
+    assert before['gateway_failovers_total{node="noda1",service="city"}'] == 5
+    assert before['gateway_retries_total{kind="connect",service="city"}'] == 3
+
+    # A route put first: the unnamed ones' indexes move (a is city#1 now, b city#2); the
+    # named one moves to another path, and keeps its name and its count. noda2 and zone_a go.
+    new = "{path: /api/city/new/, to: /new/}"
+    moved = "{path: /api/city/halls/, to: /rooms/, name: rooms}"
+    gw.gateway.apply(parse_config(config(f"{new}, {a}, {b}, {moved}", "[noda1]", "zone_b")))
+    async with client.get(gw.url + "/api/city/b/x") as r:
+        assert r.status == 200
+    after = await scrape()
+    city = {k: v for k, v in after.items() if 'service="city"' in k or "zone=" in k}
+    assert {k: v for k, v in city.items() if "_total" in k and "route_requests" in k} == {
+        route("city#2"): 1,  # b, counted afresh under its new index
+        route("rooms"): 1,
+    }
+    assert not [k for k in after if "noda2" in k and 'service="city"' in k]  # search's stay
+    assert not [k for k in after if "zone_a" in k]
+    assert after['gateway_rate_limit_decisions_total{result="allowed",zone="zone_b"}'] == 1
+    # What the reload kept keeps its counts.
+    assert after['gateway_retries_total{kind="connect",service="city"}'] == 3
+    assert after['gateway_failovers_total{node="noda1",service="city"}'] == 5
+    assert after['http_requests_total{method="GET",service="city",status="200"}'] == 6
 
 
 async def test_upstream_errors_are_counted_by_kind(gateway, client):

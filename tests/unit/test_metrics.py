@@ -168,15 +168,35 @@ def test_the_per_request_series_scrape_as_prometheus_clients_own() -> None:
     ours, theirs = created(metrics.registry), created(oracle.registry)
     assert ours.keys() == theirs.keys()
     assert all(started <= ours[k] <= theirs[k] for k in ours)
-    metrics.forget_service("city")
+    routes = {(s, r): None for s in services for r in (s, f"{s}#1", f"{s}#2")}
+
+    def configure(*served: str) -> None:
+        metrics.configure(
+            services=served,
+            routes={route: kind for route, kind in routes.items() if route[0] != "city"}
+            if "city" not in served
+            else routes,
+            targets=[],
+            zones=["per_ip", "burst"],
+        )
+
+    configure("agents")  # a reload that removed city
     oracle.forget("city")
-    held.dec()  # a request in flight across the reload ends: the forgotten series stays gone
+    # Work in flight across the reload ends: it counts for city, which no scrape shows, and
+    # the gauge it holds goes back down.
+    held.dec()
+    metrics.observe_request("city", "city", "GET", 200, 0.1)
+    metrics.ws_bytes.add(("city", "up"), 5)
     got = scrape(metrics.registry, "")
     assert 'service="city"' not in got
     assert 'service="agents"' in got
     assert got == scrape(oracle.registry, "")
-    metrics.active_for("city").inc()  # the service is back: its series starts again
-    assert 'active_connections{service="city"} 1.0' in scrape(metrics.registry, "")
+    configure("agents", "city")  # the service is back: its series start again
+    metrics.active_for("city").inc()
+    metrics.observe_request("city", "city", "GET", 200, 0.1)
+    got = scrape(metrics.registry, "")
+    assert 'active_connections{service="city"} 1.0' in got
+    assert 'http_requests_total{method="GET",service="city",status="200"} 1.0' in got
 
 
 def test_the_per_request_series_are_in_each_workers_families() -> None:
