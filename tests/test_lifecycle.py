@@ -266,6 +266,31 @@ async def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(
     assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
 
 
+async def test_a_second_gateway_with_workers_on_the_same_port_refuses_to_start(
+    serve: Serve, upstream, tmp_path: Path
+) -> None:
+    # Workers share a port through SO_REUSEPORT, which lets another process of the same user
+    # bind it too: a second `serve --workers 2` started by mistake took half the connections
+    # of the first (and its pid file). It now fails as a single socket's bind would.
+    up = await upstream(NODA1)
+    proc, config = await serve(city(up.port), "--workers", "2")
+    await proc.wait_for_all("gateway started", 2)
+    port = await proc.port()
+    pid_file = proc.pid_file.read_text()
+    second = await asyncio.create_subprocess_exec(
+        *GATEWAY, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "2", "--pid-file", str(tmp_path / "second.pid"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(second.communicate(), 30)
+    assert second.returncode == 1, (out, err)
+    assert b"cannot listen" in out + err
+    assert b"in use" in out + err
+    assert not (tmp_path / "second.pid").exists()
+    assert proc.pid_file.read_text() == pid_file
+    assert (await health(port))["status"] == "healthy"  # the first serves on
+
+
 @contextlib.contextmanager
 def socket_on(port: int) -> Iterator[None]:
     """A listening socket on 127.0.0.1:port for the block's length."""

@@ -44,6 +44,15 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socke
     return bound
 
 
+def unclaimed(host: str, port: int) -> None:
+    """Raises ``OSError`` (EADDRINUSE) when another socket listens on ``host:port``. Sockets
+    bound with ``SO_REUSEPORT`` bind beside another process's that set it too (of the same
+    user: a second gateway started by mistake) and share its connections, where one socket's
+    bind would fail: a bind without it, closed at once, finds such a listener first."""
+    for sock in bind(host, port):
+        sock.close()
+
+
 def address(sock: socket.socket) -> tuple[str, int]:
     """Where a listening socket listens: (host, port)."""
     name = sock.getsockname()

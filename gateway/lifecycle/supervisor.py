@@ -44,7 +44,7 @@ from .. import logs
 from ..commands import SIGNALS  # blocked from the command's start (start.py) until run()
 from ..config import Config, ConfigError, digest, parse_config
 from .channel import Channel, Closed
-from .listeners import address, bind
+from .listeners import address, bind, unclaimed
 
 log = logging.getLogger("gateway")
 
@@ -317,6 +317,8 @@ class Supervisor:
                 if same is not None and (same.host, same.port) == (host, port):
                     made[name] = same
                     continue
+                if count > 1 and port != 0:
+                    unclaimed(host, port)  # (a single socket's bind finds it taken)
                 first = bind(host, port, reuse_port=count > 1)
                 slots = [first]
                 actual = address(first[0])[1]
