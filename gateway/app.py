@@ -324,8 +324,8 @@ class Gateway:
         if shared.authenticator is not None:
             await shared.authenticator.close()
         if shared.tracer is not None:
-            # Exports what is queued (each export bounded by tracing.export_timeout), in a
-            # thread: the loop goes on meanwhile.
+            # Exports what is queued (each export bounded by tracing.export_timeout, the
+            # whole within about twice that), in a thread: the loop goes on meanwhile.
             await asyncio.to_thread(shared.tracer.shutdown)
         logs.flush()
 

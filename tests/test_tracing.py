@@ -391,6 +391,93 @@ async def test_a_slow_collector_never_makes_a_request_wait(upstream, gateway, cl
     assert full == 40 - failed > 0  # every other span found the queue full: dropped at once
 
 
+async def trickling(raw_upstream) -> tuple[str, list[float]]:
+    """A collector (or a stuck proxy in front of it) that answers each export a byte of a
+    header line at a time, one every 0.1 s, for as long as the connection stays open: each
+    read is quick, the answer never ends. Its URL, and when each export reached it."""
+    posts: list[float] = []
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        posts.append(time.monotonic())
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        while not reader.at_eof():
+            await asyncio.sleep(0.1)
+            writer.write(b"X")
+            await writer.drain()
+
+    port = await raw_upstream(respond, "127.0.0.1")
+    return f"http://127.0.0.1:{port}/v1/traces", posts
+
+
+def spans_counted(metrics: str) -> tuple[float, float, float]:
+    """(exported, export_failed, queue_full) in a scrape."""
+    return (
+        sample(metrics, "gateway_trace_spans_exported_total"),
+        sample(metrics, 'gateway_trace_spans_dropped_total{reason="export_failed"}'),
+        sample(metrics, 'gateway_trace_spans_dropped_total{reason="queue_full"}'),
+    )
+
+
+async def test_export_timeout_bounds_an_export_whose_answer_trickles(
+    upstream, raw_upstream, gateway, client
+):
+    """A socket timeout bounds each read only: an answer trickling in never times out. The
+    export gives up export_timeout after it began, and its spans are counted as failed."""
+    url, posts = await trickling(raw_upstream)
+    up = await upstream(NODA1)
+    gw = await gateway(
+        tracing(url, ", sample_ratio: 1, export_timeout: 0.5")
+        + "metrics_cache: 0\n"
+        + city(up.port)
+    )
+    for _ in range(5):
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200
+    give_up = time.monotonic() + 4  # the first export starts within a second (its schedule)
+    while True:
+        metrics = await (await client.get(gw.url + "/metrics")).text()
+        if spans_counted(metrics)[1] >= 5:  # (the scrapes are traced too)
+            break
+        assert time.monotonic() < give_up, f"the export is still under way: {posts}"
+        await asyncio.sleep(0.05)
+    failed_after = time.monotonic() - posts[0]
+    assert failed_after < 0.5 + 0.4  # export_timeout, and the scrapes' 0.05 s steps
+    assert spans_counted(metrics)[0::2] == (0, 0)  # none exported, none found the queue full
+    assert [line for line in gw.log_lines() if line["level"] == "WARNING"] == []
+
+
+async def test_a_stop_with_a_trickling_collector_ends_within_twice_export_timeout(
+    upstream, raw_upstream, gateway, client
+):
+    """The stop exports what is queued within about twice export_timeout in all (the SDK's
+    own shutdown would wait 30 s), and every span is counted: exported, export_failed or
+    queue_full, none lost without a count."""
+    url, posts = await trickling(raw_upstream)
+    up = await upstream(NODA1)
+    gw = await gateway(
+        tracing(url, ", sample_ratio: 1, export_timeout: 0.5, queue_size: 8") + city(up.port)
+    )
+    for _ in range(3):
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200
+    give_up = time.monotonic() + 3
+    while not posts:  # the first export is under way
+        assert time.monotonic() < give_up, "no export reached the collector"
+        await asyncio.sleep(0.02)
+    for _ in range(20):  # 8 queued behind it, the rest find the queue full
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200
+    started = time.monotonic()
+    await gw.gateway.stop()
+    took = time.monotonic() - started
+    assert took < 2 * 0.5 + 0.3, took
+    metrics = gw.gateway.shared.metrics.render(None)[0].decode()
+    exported, failed, full = spans_counted(metrics)
+    assert exported == 0
+    assert failed + full == 23
+    assert failed >= 3 + 8  # the first export's, and the queue's at the stop
+
+
 async def test_tracing_settings_are_checked():
     with pytest.raises(ConfigError) as caught:
         parse_config(

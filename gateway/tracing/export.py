@@ -13,17 +13,25 @@ own; the event loop only appends to its queue. The queue is bounded: a span that
 full is dropped and counted (``gateway_trace_spans_dropped_total{reason="queue_full"}``), as
 is every span of a batch the collector refused or did not take within ``export_timeout``
 (``reason="export_failed"``). A slow or dead collector never makes a request wait.
+
+``export_timeout`` bounds one export in all, the collector's whole answer included (``_Watch``:
+a socket timeout alone bounds each read, so an answer trickling in a byte at a time would
+never end), and a stop waits at most twice ``export_timeout`` for the queue to drain.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
 
+import requests
 from opentelemetry import context as otel_context
 from opentelemetry import trace as api
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -31,6 +39,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.ssltransport import SSLTransport
 
 from .. import __version__
 from .context import Parent, Trace
@@ -41,8 +53,168 @@ if TYPE_CHECKING:
     from ..config.types import Tracing
     from ..metrics import Metrics
 
+log = logging.getLogger("gateway.tracing")
+
 _SCHEDULE_DELAY_MS: Final = 1000  # a batch at least each second (the SDK's default is 5)
 _MAX_BATCH: Final = 512
+
+
+class _Exporting(threading.local):
+    """What the thread making an export knows of it: the deadline of its request under way
+    (``_Watch``). The SDK exports from its worker thread, and from the caller's in
+    ``force_flush``: each thread has its own."""
+
+    watch: _Watch | None = None
+
+
+_exporting = _Exporting()
+
+
+class _Watch:
+    """The deadline of one request, its whole answer included: when it passes, the sockets
+    of the connections the request used are shut down, which ends a read under way in the
+    exporting thread (shutdown, not close: the descriptor stays the reading thread's)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._connections: list[HTTPConnection] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watch:
+        _exporting.watch = self
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        _exporting.watch = None
+
+    def add(self, connection: HTTPConnection) -> None:
+        with self._lock:
+            self._connections.append(connection)
+            expired = self.expired
+        if expired:  # connected after the deadline: its socket did not exist when it passed
+            _abort(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            connections = list(self._connections)
+        for connection in connections:
+            _abort(connection)
+
+
+def _not_after_the_deadline(record: logging.LogRecord) -> bool:
+    """A filter for urllib3's log: nothing from a request whose deadline has passed (its
+    answer cut short by ``_Watch`` makes urllib3 warn of a malformed header, with a
+    traceback; the SDK's error line says the export timed out)."""
+    watch = _exporting.watch
+    return watch is None or not watch.expired
+
+
+def _watched(connection: HTTPConnection) -> None:
+    if (watch := _exporting.watch) is not None:
+        watch.add(connection)
+
+
+def _abort(connection: HTTPConnection) -> None:
+    sock = connection.sock
+    if isinstance(sock, SSLTransport):  # TLS inside a proxy's TLS tunnel
+        sock = sock.socket
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):  # closed meanwhile: nothing left to end
+            # The plain socket's shutdown: an SSLSocket's own drops its TLS state under the
+            # thread reading from it.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """Put under the current request's deadline when it connects and when it sends a request
+    (a pooled connection does not connect again)."""
+
+    def connect(self) -> None:
+        super().connect()
+        _watched(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    """``_WatchedHTTPConnection`` for https:// (the TLS handshake is within ``connect``)."""
+
+    def connect(self) -> None:
+        super().connect()
+        _watched(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS: Final[dict[str, type[HTTPConnectionPool]]] = {
+    "http": _WatchedPool,
+    "https": _WatchedHTTPSPool,
+}
+
+
+class _Collector(HTTPAdapter):
+    """How the exporter's ``requests`` session talks to the collector: each request (the SDK
+    gives it what is left of ``export_timeout``) bounded in all by a ``_Watch``. Proxies
+    from the environment work as before (their managers get the watched pools too; a SOCKS
+    proxy's keep their own, and a timeout per read)."""
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+    def send(  # noqa: PLR0917 - requests' own signature, which its callers use positionally
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: dict[str, str] | None = None,
+    ) -> requests.Response:
+        if not isinstance(timeout, int | float):  # the SDK always gives seconds
+            return super().send(request, stream, timeout, verify, cert, proxies)
+        try:
+            with _Watch(timeout) as watch:
+                response = super().send(request, stream, timeout, verify, cert, proxies)
+                response.content  # noqa: B018 - the body read too, within the deadline
+        except requests.RequestException as error:
+            if watch.expired:
+                raise requests.Timeout(f"no whole answer within {timeout:.3g}s") from error
+            raise
+        if watch.expired:  # an answer cut short may parse all the same: not one to believe
+            response.close()
+            raise requests.Timeout(f"no whole answer within {timeout:.3g}s")
+        return response
 
 
 class _Counting(SpanExporter):
@@ -54,9 +226,12 @@ class _Counting(SpanExporter):
         self._exported = metrics.trace_spans
         self._failed = metrics.trace_spans_dropped.labels("export_failed")
         self._bounded = bounded
+        self._shut = False
+        self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._bounded.taken(len(spans))
+        if not self._bounded.taken(len(spans)):
+            return SpanExportResult.FAILURE  # after the stop's deadline: counted already
         try:
             result = self._inner.export(spans)
         except Exception:  # noqa: BLE001 - any failure of the exporter loses this batch only
@@ -65,7 +240,11 @@ class _Counting(SpanExporter):
         return result
 
     def shutdown(self) -> None:
-        self._inner.shutdown()
+        """Once (``Tracer.shutdown``'s deadline and the SDK's own shutdown both call it)."""
+        with self._lock:
+            shut, self._shut = self._shut, True
+        if not shut:
+            self._inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
@@ -74,28 +253,45 @@ class _Counting(SpanExporter):
 class _Bounded(SpanProcessor):
     """In front of the batch processor: keeps its own count of the spans queued (added at
     ``on_end``, taken when the exporter is handed them), and drops and counts a span that
-    would find the queue full, rather than letting the SDK drop one with a log line each."""
+    would find the queue full, rather than letting the SDK drop one with a log line each.
+    ``close`` (a stop's deadline) counts what is still queued as ``export_failed``."""
 
     def __init__(self, queue_size: int, metrics: Metrics) -> None:
         self._queue_size = queue_size
         self._queued = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._dropped = metrics.trace_spans_dropped.labels("queue_full")
+        self._failed = metrics.trace_spans_dropped.labels("export_failed")
         self.batch: BatchSpanProcessor | None = None
 
-    def taken(self, count: int) -> None:
+    def taken(self, count: int) -> bool:
+        """The exporter has ``count`` spans to export; False once closed (they were counted
+        as ``export_failed`` then: not to be exported, nor counted again)."""
         with self._lock:
             self._queued = max(self._queued - count, 0)
+            return not self._closed
+
+    def close(self) -> int:
+        """Count the spans still queued as ``export_failed`` (how many): the stop waits no
+        longer for them."""
+        with self._lock:
+            left, self._queued, self._closed = self._queued, 0, True
+        self._failed.inc(left)
+        return left
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
         with self._lock:
+            closed = self._closed
             full = self._queued >= self._queue_size
-            if not full:
+            if not (full or closed):
                 self._queued += 1
-        if full:
+        if closed:  # a span that ends after the stop (none should)
+            self._failed.inc()
+        elif full:
             self._dropped.inc()
         elif self.batch is not None:
             self.batch.on_end(span)
@@ -116,10 +312,16 @@ class Tracer:
         self._anyone = settings.sampled_from == "anyone"
         self._random = random.random
         bounded = _Bounded(settings.queue_size, metrics)
+        session = requests.Session()
+        collector = _Collector()
+        session.mount("http://", collector)
+        session.mount("https://", collector)
         self._otlp = OTLPSpanExporter(
-            endpoint=settings.otlp_endpoint, timeout=settings.export_timeout
+            endpoint=settings.otlp_endpoint, timeout=settings.export_timeout, session=session
         )
         exporter = _Counting(self._otlp, metrics, bounded)
+        self._exporter = exporter
+        self._bounded = bounded
         bounded.batch = BatchSpanProcessor(
             exporter,
             max_queue_size=settings.queue_size,
@@ -139,7 +341,10 @@ class Tracer:
         # (its span then has none; the upstream gets the header as it came): not a line each.
         for name in ("opentelemetry.exporter", "opentelemetry.trace"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        for name in ("urllib3.connection", "urllib3.connectionpool"):  # (not inherited)
+            logging.getLogger(name).addFilter(_not_after_the_deadline)  # once: the same one
         self._timeout = settings.export_timeout
+        self._stopped = False
 
     def start(self, parent: Parent | None, trusted: bool, tracestate: Sequence[str]) -> Trace:
         """The request's trace; a recording span when it is sampled."""
@@ -193,16 +398,35 @@ class Tracer:
         return self._provider.force_flush(int(self._timeout * 1000))
 
     def shutdown(self) -> None:
-        """Export what is queued, within about twice ``export_timeout`` in all (the export
-        under way when the time is up still gets its own); blocking: run it in a thread. The
-        SDK exports batch after batch, each with its own timeout: once the time is up the
-        exporter is shut, so that the batches left fail at once (counted as
-        ``export_failed``) instead of each waiting on a slow or unreachable collector (2,048
-        spans queued for a collector that never answers: 25 s before, 10 s now)."""
-        deadline = threading.Timer(self._timeout, self._otlp.shutdown)
+        """Export what is queued, within about twice ``export_timeout`` in all; blocking: run
+        it in a thread. The SDK exports batch after batch, each bounded by ``export_timeout``
+        (``_Collector``): once the time is up the exporter is shut, so that the batches left
+        fail at once (counted as ``export_failed``) instead of each waiting on a slow or
+        unreachable collector, while the export under way gets the rest of its own time.
+        The SDK's shutdown runs in a daemon thread, waited for up to twice ``export_timeout``
+        (its own would wait 30 s); whatever is still queued then is counted as
+        ``export_failed``, and the process may exit without it."""
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = threading.Timer(self._timeout, self._exporter.shutdown)
         deadline.daemon = True
         deadline.start()
-        try:
-            self._provider.shutdown()
-        finally:
-            deadline.cancel()
+        sdk = threading.Thread(target=self._provider.shutdown, name="trace-export-stop")
+        sdk.daemon = True
+        sdk.start()
+        sdk.join(2 * self._timeout)
+        deadline.cancel()
+        left = self._bounded.close()
+        if left or sdk.is_alive():
+            log.warning(
+                "the stop waited no longer for the collector: spans still queued are counted "
+                "as export_failed",
+                extra={
+                    "fields": {
+                        "spans": left,
+                        "export_under_way": sdk.is_alive(),
+                        "seconds": 2 * self._timeout,
+                    }
+                },
+            )
