@@ -41,13 +41,18 @@ class Collector:
     resources: list[dict[str, Any]] = field(default_factory=list)
     delay: float = 0.0  # seconds before it answers: a slow collector
     posts: int = 0
+    # Its answer to an export of so many spans (default: an ExportTraceServiceResponse
+    # without partial_success, a full success).
+    answer: Callable[[int], web.Response] | None = None
 
 
 @pytest.fixture
 async def collector() -> AsyncIterator[Callable[..., Awaitable[Collector]]]:
     runners: list[web.AppRunner] = []
 
-    async def start(delay: float = 0.0) -> Collector:
+    async def start(
+        delay: float = 0.0, answer: Callable[[int], web.Response] | None = None
+    ) -> Collector:
         holder: list[Collector] = []
 
         async def traces(request: web.Request) -> web.StreamResponse:
@@ -57,10 +62,14 @@ async def collector() -> AsyncIterator[Callable[..., Awaitable[Collector]]]:
             export = ExportTraceServiceRequest.FromString(await request.read())
             if got.delay:
                 await asyncio.sleep(got.delay)
+            count = 0
             for resource_spans in export.resource_spans:
                 got.resources.append(attributes(resource_spans.resource.attributes))
                 for scope_spans in resource_spans.scope_spans:
                     got.spans.extend(scope_spans.spans)
+                    count += len(scope_spans.spans)
+            if got.answer is not None:
+                return got.answer(count)
             return web.Response(
                 body=ExportTraceServiceResponse().SerializeToString(),
                 content_type="application/x-protobuf",
@@ -74,7 +83,7 @@ async def collector() -> AsyncIterator[Callable[..., Awaitable[Collector]]]:
         await site.start()
         runners.append(runner)
         port = runner.addresses[0][1]
-        holder.append(Collector(f"http://127.0.0.1:{port}/v1/traces", delay=delay))
+        holder.append(Collector(f"http://127.0.0.1:{port}/v1/traces", delay=delay, answer=answer))
         return holder[0]
 
     yield start
@@ -476,6 +485,67 @@ async def test_a_stop_with_a_trickling_collector_ends_within_twice_export_timeou
     assert exported == 0
     assert failed + full == 23
     assert failed >= 3 + 8  # the first export's, and the queue's at the stop
+
+
+def redirect(count: int) -> web.Response:
+    return web.Response(status=308, headers={"Location": "https://tempo.example/v1/traces"})
+
+
+def login_page(count: int) -> web.Response:
+    return web.Response(text="<html>sign in</html>", content_type="text/html")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (redirect, "answered 308 Permanent Redirect (Location: https://tempo.example/v1/traces)"),
+        (login_page, "answered with text/html, not an OTLP answer"),
+    ],
+    ids=["redirect", "web page"],
+)
+async def test_an_answer_that_takes_no_spans_counts_them_as_failed(
+    upstream, collector, gateway, client, case
+):
+    """The SDK calls any status up to 399 a success, and never reads the body: spans a
+    redirect (not followed) or a web page took are not exported, and an error line says why."""
+    answer, logged = case
+    otlp = await collector(answer=answer)
+    up = await upstream(NODA1)
+    gw = await gateway(tracing(otlp.url, ", sample_ratio: 1") + city(up.port))
+    for _ in range(4):
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200
+    await flushed(gw)
+    assert len(otlp.spans) == 4  # they were sent
+    metrics = await (await client.get(gw.url + "/metrics")).text()
+    assert spans_counted(metrics) == (0, 4, 0)
+    errors = [line["message"] for line in gw.log_lines() if line["level"] == "ERROR"]
+    assert len(errors) == 1
+    assert logged in errors[0]
+
+
+async def test_spans_a_partial_success_rejects_count_as_failed(
+    upstream, collector, gateway, client
+):
+    def reject_two(count: int) -> web.Response:
+        answer = ExportTraceServiceResponse()
+        answer.partial_success.rejected_spans = 2
+        answer.partial_success.error_message = "2 spans over the tenant's limit"
+        return web.Response(body=answer.SerializeToString(), content_type="application/x-protobuf")
+
+    otlp = await collector(answer=reject_two)
+    up = await upstream(NODA1)
+    gw = await gateway(tracing(otlp.url, ", sample_ratio: 1") + city(up.port))
+    for _ in range(5):
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200
+    await flushed(gw)
+    assert otlp.posts == 1
+    metrics = await (await client.get(gw.url + "/metrics")).text()
+    assert spans_counted(metrics) == (3, 2, 0)
+    [warned] = [line for line in gw.log_lines() if line["level"] == "WARNING"]
+    assert warned["message"] == "the collector rejected spans"
+    assert (warned["rejected"], warned["reason"]) == (2, "2 spans over the tenant's limit")
 
 
 async def test_tracing_settings_are_checked():

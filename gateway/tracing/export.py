@@ -35,6 +35,7 @@ import requests
 from opentelemetry import context as otel_context
 from opentelemetry import trace as api
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -57,17 +58,25 @@ log = logging.getLogger("gateway.tracing")
 
 _SCHEDULE_DELAY_MS: Final = 1000  # a batch at least each second (the SDK's default is 5)
 _MAX_BATCH: Final = 512
+_SHOWN: Final = 200  # characters of a collector's message or Location in a log line, at most
 
 
 class _Exporting(threading.local):
     """What the thread making an export knows of it: the deadline of its request under way
-    (``_Watch``). The SDK exports from its worker thread, and from the caller's in
+    (``_Watch``), and how many of its spans the collector's answer rejected (``_Collector``,
+    read by ``_Counting``). The SDK exports from its worker thread, and from the caller's in
     ``force_flush``: each thread has its own."""
 
     watch: _Watch | None = None
+    rejected: int = 0
 
 
 _exporting = _Exporting()
+
+
+class NotTakenError(Exception):
+    """The collector answered, but not that it took the spans (a redirect, a body that is no
+    OTLP answer). Not a connection error: the SDK fails the batch without a retry."""
 
 
 class _Watch:
@@ -176,9 +185,13 @@ _WATCHED_POOLS: Final[dict[str, type[HTTPConnectionPool]]] = {
 
 class _Collector(HTTPAdapter):
     """How the exporter's ``requests`` session talks to the collector: each request (the SDK
-    gives it what is left of ``export_timeout``) bounded in all by a ``_Watch``. Proxies
-    from the environment work as before (their managers get the watched pools too; a SOCKS
-    proxy's keep their own, and a timeout per read)."""
+    gives it what is left of ``export_timeout``) bounded in all by a ``_Watch``, and its
+    answer read for what the SDK does not check. The SDK takes any status up to 399 for a
+    success and never reads the body; here a 1xx or 3xx answer (redirects are not followed:
+    an http->https ingress, a path without its slash, a login page) and a 2xx body that is no
+    OTLP answer fail the batch, and a ``partial_success`` that rejects spans is noted for
+    ``_Counting``. Proxies from the environment work as before (their managers get the
+    watched pools too; a SOCKS proxy's keep their own, and a timeout per read)."""
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
@@ -206,7 +219,7 @@ class _Collector(HTTPAdapter):
         try:
             with _Watch(timeout) as watch:
                 response = super().send(request, stream, timeout, verify, cert, proxies)
-                response.content  # noqa: B018 - the body read too, within the deadline
+                body = response.content  # the body too, within the deadline
         except requests.RequestException as error:
             if watch.expired:
                 raise requests.Timeout(f"no whole answer within {timeout:.3g}s") from error
@@ -214,12 +227,49 @@ class _Collector(HTTPAdapter):
         if watch.expired:  # an answer cut short may parse all the same: not one to believe
             response.close()
             raise requests.Timeout(f"no whole answer within {timeout:.3g}s")
+        status = response.status_code
+        if status < 200 or 300 <= status < 400:
+            where = response.headers.get("Location")
+            raise NotTakenError(
+                f"the collector answered {status} {response.reason}"
+                + (f" (Location: {where[:_SHOWN]})" if where else "")
+                + ": redirects are not followed; tracing.otlp_endpoint must be the collector's"
+                " own URL"
+            )
+        if status < 300:
+            _exporting.rejected = _rejected(body, response.headers.get("Content-Type", ""))
         return response
+
+
+def _rejected(body: bytes, content_type: str) -> int:
+    """How many spans a collector's 2xx answer says it rejected (OTLP ``partial_success``);
+    a body that is no ``ExportTraceServiceResponse`` raises ``NotTakenError``."""
+    kind = content_type.partition(";")[0].strip().lower()
+    if not body:
+        return 0  # an empty message: a full success
+    if kind not in ("", "application/x-protobuf", "application/protobuf"):
+        raise NotTakenError(
+            f"the collector answered with {kind or 'a body'}, not an OTLP answer: "
+            "tracing.otlp_endpoint must be the collector's OTLP/HTTP traces URL"
+        )
+    try:
+        answer = ExportTraceServiceResponse.FromString(body)
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError, in an untyped module
+        raise NotTakenError(f"the collector's answer is not OTLP protobuf: {error}") from None
+    partial = answer.partial_success
+    rejected = int(partial.rejected_spans)
+    if rejected or partial.error_message:
+        log.warning(
+            "the collector rejected spans" if rejected else "the collector warned",
+            extra={"fields": {"rejected": rejected, "reason": partial.error_message[:_SHOWN]}},
+        )
+    return max(rejected, 0)
 
 
 class _Counting(SpanExporter):
     """The OTLP exporter, its outcomes counted, and the spans it was handed given back to
-    the queue's account (``_Bounded.taken``)."""
+    the queue's account (``_Bounded.taken``): a success less the spans the collector's
+    ``partial_success`` rejected is exported, the rest ``export_failed``."""
 
     def __init__(self, inner: SpanExporter, metrics: Metrics, bounded: _Bounded) -> None:
         self._inner = inner
@@ -232,11 +282,16 @@ class _Counting(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if not self._bounded.taken(len(spans)):
             return SpanExportResult.FAILURE  # after the stop's deadline: counted already
+        _exporting.rejected = 0
         try:
             result = self._inner.export(spans)
         except Exception:  # noqa: BLE001 - any failure of the exporter loses this batch only
             result = SpanExportResult.FAILURE
-        (self._exported if result is SpanExportResult.SUCCESS else self._failed).inc(len(spans))
+        failed = len(spans)
+        if result is SpanExportResult.SUCCESS:
+            failed = min(_exporting.rejected, len(spans))
+            self._exported.inc(len(spans) - failed)
+        self._failed.inc(failed)
         return result
 
     def shutdown(self) -> None:
