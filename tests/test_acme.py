@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import io
+import json
 import logging
 import os
 import stat
@@ -455,6 +457,44 @@ async def test_the_backoff_outlives_a_restart(storage, running, logs):
     await until(lambda: orders(metrics, "failure") == 1)
     failed = [line for line in logs() if line["message"] == "acme order failed"]
     assert [line["retry_in"] for line in failed] == [60, 120]  # the second doubles
+
+
+@pytest.mark.parametrize("changed", ["directory", "domains"])
+async def test_a_backoff_stored_for_another_order_does_not_hold_back_a_fixed_config(
+    pebble, storage, running, changed
+):
+    """The operator fixes what made the orders fail (a wrong directory URL, a misspelt
+    domain) and restarts: the fixed config orders at once, not after the old one's backoff."""
+    from .helpers import free_port  # noqa: PLC0415
+
+    fixed = settings(pebble, storage)
+    if changed == "directory":
+        wrong = dataclasses.replace(fixed, directory=f"https://127.0.0.1:{free_port()}/dir")
+    else:
+        wrong = dataclasses.replace(fixed, domains=("typo.gateway.test",))
+        pebble.stop()  # its orders fail: the CA does not answer
+    clock = Clock()
+    metrics = Metrics()
+    first = AcmeManager(
+        wrong, metrics, ChallengeStore(str(storage)), now=clock.now, sleep=clock.sleep,
+        jitter=lambda: 0.5,
+    )  # fmt: skip
+    task = running(first)
+    await until(lambda: orders(metrics, "failure") == 1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    stored = json.loads((storage / "backoff.json").read_bytes())
+    assert stored["next_order"] - clock.now() > 30  # about a minute to wait, for that config
+    if changed == "domains":
+        await asyncio.to_thread(pebble.start)
+
+    second, metrics = manager(pebble, storage, clock)  # the clock stands still
+    running(second)
+    await until(lambda: second.state == "valid")
+    assert (orders(metrics, "success"), orders(metrics, "failure")) == (1, 0)
+    assert pebble.issued() == 1
+    assert not (storage / "backoff.json").exists()
 
 
 def test_the_challenge_store_serves_only_tokens(storage):

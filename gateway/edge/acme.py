@@ -15,6 +15,7 @@ reader never sees part of one)::
     certificates/<first domain>/fullchain.pem the certificate and its chain, replaced last
     challenges/<token>                        key authorizations while an order is open
     backoff.json                              after a failed order: when the next may start
+                                              (and for which directory and domains)
     ca-bundle.pem                             certifi's CAs and ca_bundle (when it is set)
     .lock                                     flock'd by the process that orders
 
@@ -255,24 +256,35 @@ class AcmeManager:
     def _keep_backoff(self) -> None:
         """The backoff outlives this process: a gateway restarted in a loop (a crash, a
         container's restart policy) must not order at every start, into the CA's limits on
-        failed validations (Let's Encrypt: 5 per hour per name)."""
-        state = {"failures": self._failures, "next_order": self._next_order,
-                 "error": self._last_error}  # fmt: skip
+        failed validations (Let's Encrypt: 5 per hour per name). It names the order it is
+        for, so that a changed config is not held back by the old one's failures."""
+        state = {**self._order_settings(), "failures": self._failures,
+                 "next_order": self._next_order, "error": self._last_error}  # fmt: skip
         try:
             _make_directory(self._storage)
             write_atomically(self._backoff_path, json.dumps(state).encode())
         except OSError as exc:  # the backoff still holds in this process
             log.warning("acme backoff not stored", extra={"fields": {"reason": str(exc)}})
 
+    def _order_settings(self) -> dict[str, object]:
+        """What a stored backoff is for: an order from this directory, for these domains (in
+        any order), with this contact and CA file; one that says otherwise is not kept to."""
+        settings = self._settings
+        return {"directory": settings.directory, "domains": sorted(settings.domains),
+                "email": settings.email, "ca_bundle": settings.ca_bundle}  # fmt: skip
+
     def _resume_backoff(self) -> None:
         """A stored backoff still running (and within this process's own bound: a clock
-        moved back does not stop orders for long) is kept."""
+        moved back does not stop orders for long) is kept, if it is for this order."""
         try:
             state = json.loads(Path(self._backoff_path).read_bytes())
             failures, next_order = int(state["failures"]), float(state["next_order"])
             error = state.get("error")
+            order = {name: state.get(name) for name in self._order_settings()}
         except (OSError, ValueError, KeyError, TypeError):
             return  # none, or not ours to read: orders go by this process's own backoff
+        if order != self._order_settings():
+            return  # another directory or other domains (a config since fixed): not theirs
         now = self._now()
         if failures > 0 and now < next_order <= now + self._retry_most * 1.25:
             self._failures, self._next_order = failures, next_order
