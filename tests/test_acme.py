@@ -459,6 +459,59 @@ async def test_the_backoff_outlives_a_restart(storage, running, logs):
     assert [line["retry_in"] for line in failed] == [60, 120]  # the second doubles
 
 
+async def test_a_worker_that_takes_the_lock_over_keeps_to_the_stored_backoff(
+    storage, running, logs
+):
+    """serve --workers: the worker that orders fails again and again, then dies; the one that
+    takes its lock over (started before those failures) goes on with the stored backoff: no
+    order at once, and the delay goes on doubling."""
+    from .helpers import free_port  # noqa: PLC0415
+
+    settings = Acme(
+        domains=DOMAINS, directory=f"https://127.0.0.1:{free_port()}/dir", storage=str(storage)
+    )
+    clock = Clock()
+
+    def worker() -> tuple[AcmeManager, Metrics]:
+        metrics = Metrics()
+        acme = AcmeManager(
+            settings, metrics, ChallengeStore(str(storage)), now=clock.now, sleep=clock.sleep,
+            jitter=lambda: 0.5, check_interval=0.1,
+        )  # fmt: skip
+        return acme, metrics
+
+    def holders() -> int:
+        return sum(line["message"] == "acme orders in this process" for line in logs())
+
+    first, first_metrics = worker()
+    first_task = running(first)
+    await until(lambda: orders(first_metrics, "failure") == 1)
+    second, metrics = worker()
+    running(second)
+    await asyncio.sleep(0.3)  # it has looked: the lock is taken
+    clock.advance(61)
+    await until(lambda: orders(first_metrics, "failure") == 2)
+    clock.advance(121)
+    await until(lambda: orders(first_metrics, "failure") == 3)
+    stored = json.loads((storage / "backoff.json").read_bytes())
+    assert stored["failures"] == 3
+    assert stored["next_order"] - clock.now() == pytest.approx(240, abs=5)
+
+    first_task.cancel()  # its lock with it
+    with contextlib.suppress(asyncio.CancelledError):
+        await first_task
+    await until(lambda: holders() == 2)
+    await asyncio.sleep(0.3)  # the clock stands still: 240 s of backoff left
+    assert orders(metrics, "failure") == 0
+    assert json.loads((storage / "backoff.json").read_bytes()) == stored
+    assert second.state == "failed"
+    clock.advance(241)
+    await until(lambda: orders(metrics, "failure") == 1)
+    failed = [line for line in logs() if line["message"] == "acme order failed"]
+    assert [line["retry_in"] for line in failed] == [60, 120, 240, 480]  # the 4th in a row
+    assert json.loads((storage / "backoff.json").read_bytes())["failures"] == 4
+
+
 @pytest.mark.parametrize("changed", ["directory", "domains"])
 async def test_a_backoff_stored_for_another_order_does_not_hold_back_a_fixed_config(
     pebble, storage, running, changed

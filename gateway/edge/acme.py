@@ -114,6 +114,15 @@ class ChallengeStore:
                 os.unlink(os.path.join(self.directory, token))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Backoff:
+    """What ``backoff.json`` says about this manager's order."""
+
+    failures: int  # failed orders in a row
+    next_order: float  # not before this (the wall clock)
+    error: str | None  # the last one's
+
+
 class _Stopped(Exception):
     """``run`` was cancelled: the order in its thread ends at the next step."""
 
@@ -200,7 +209,6 @@ class AcmeManager:
         """Order when the certificate is missing or due, wait, repeat; until cancelled, when
         the lock is released at once and an order in flight stops at its next step."""
         self._stopping = stopping = threading.Event()
-        self._resume_backoff()
         try:
             while True:
                 await self._sleep(await self._step())
@@ -217,11 +225,17 @@ class AcmeManager:
         if wait > 0:
             return min(wait, self._check_interval)  # backing off (or just ordered)
         try:
+            taken = self._lock is None
             if not self._holds_lock():
                 return self._check_interval
         except OSError as exc:  # the storage will not do: no order can be placed
             self._failed(exc)
             return self._next_order - now
+        if taken:  # this process orders from now on: the backoff its last holder stored holds
+            self._resume_backoff()
+            wait = self._next_order - now
+            if wait > 0:
+                return min(wait, self._check_interval)
         if certificate is not None:
             days = self._settings.renew_before_days
             wait = renewal_delay(certificate.not_before, certificate.not_after, days, now)
@@ -273,22 +287,32 @@ class AcmeManager:
         return {"directory": settings.directory, "domains": sorted(settings.domains),
                 "email": settings.email, "ca_bundle": settings.ca_bundle}  # fmt: skip
 
-    def _resume_backoff(self) -> None:
-        """A stored backoff still running (and within this process's own bound: a clock
-        moved back does not stop orders for long) is kept, if it is for this order."""
+    def _read_backoff(self) -> _Backoff | None:
+        """The stored backoff, if there is one for this order (running or over)."""
         try:
             state = json.loads(Path(self._backoff_path).read_bytes())
             failures, next_order = int(state["failures"]), float(state["next_order"])
             error = state.get("error")
             order = {name: state.get(name) for name in self._order_settings()}
         except (OSError, ValueError, KeyError, TypeError):
-            return  # none, or not ours to read: orders go by this process's own backoff
-        if order != self._order_settings():
-            return  # another directory or other domains (a config since fixed): not theirs
+            return None  # none, or not ours to read
+        if order != self._order_settings() or failures < 1:
+            return None  # another directory or other domains (a config since fixed)
+        return _Backoff(failures, next_order, error if isinstance(error, str) else None)
+
+    def _resume_backoff(self) -> None:
+        """Once this process holds the lock, the backoff stored by its previous holder (this
+        process before a restart, or another worker that died) goes on: its failures in a row
+        (when more than this process's own) and the wait still running (within this process's
+        own bound: a clock moved back does not stop orders for long)."""
+        stored = self._read_backoff()
+        if stored is None or stored.failures < self._failures:
+            return  # orders go by this process's own backoff
+        self._failures = stored.failures
+        self._last_error = stored.error
         now = self._now()
-        if failures > 0 and now < next_order <= now + self._retry_most * 1.25:
-            self._failures, self._next_order = failures, next_order
-            self._last_error = error if isinstance(error, str) else None
+        if now < stored.next_order <= now + self._retry_most * 1.25:
+            self._next_order = max(self._next_order, stored.next_order)
 
     def _failed(self, exc: Exception) -> None:
         """Count and log a failed order, and back off."""
