@@ -512,6 +512,32 @@ async def test_a_worker_that_takes_the_lock_over_keeps_to_the_stored_backoff(
     assert json.loads((storage / "backoff.json").read_bytes())["failures"] == 4
 
 
+async def test_every_worker_reports_the_failure_of_the_one_that_orders(pebble, storage, running):
+    """serve --workers: /health's ``acme`` part is the same whichever worker answers: the one
+    that does not order says ``failed`` with the error the other stored, and ``valid``, with no
+    error, once the other's next order succeeds."""
+    pebble.stop()  # the orders fail: the CA does not answer
+    clock = Clock()
+    first, first_metrics = manager(pebble, storage, clock, check_interval=0.1, jitter=lambda: 0.5)
+    second, second_metrics = manager(pebble, storage, clock, check_interval=0.1)
+    running(first)  # takes the lock, and orders
+    running(second)  # looks before the first order has failed
+    await until(lambda: orders(first_metrics, "failure") == 1)
+    assert first.state == "failed"
+    await until(lambda: second.state == "failed")
+    assert second.last_error == first.last_error
+    assert second.last_error is not None
+    assert "ConnectionError" in second.last_error
+    assert orders(second_metrics, "failure") == 0  # it only reports the other's
+
+    await asyncio.to_thread(pebble.start)
+    clock.advance(61)  # the backoff is over: the first orders again
+    await until(lambda: first.state == "valid")
+    await until(lambda: second.state == "valid" and second.last_error is None)
+    assert (orders(first_metrics, "success"), orders(second_metrics, "success")) == (1, 0)
+    assert first.certificate == second.certificate
+
+
 @pytest.mark.parametrize("changed", ["directory", "domains"])
 async def test_a_backoff_stored_for_another_order_does_not_hold_back_a_fixed_config(
     pebble, storage, running, changed

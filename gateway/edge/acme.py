@@ -175,7 +175,8 @@ class AcmeManager:
         self._lock: int | None = None  # the fd of storage/.lock while this process holds it
         self._stopping = threading.Event()  # set when run() ends: its order thread stops
         self._certificate: Pair | None = None
-        self._last_error: str | None = None
+        self._last_error: str | None = None  # this process's last order's (or storage's)
+        self._stored_error: str | None = None  # without the lock: the last order's, as stored
         self._failures = 0
         self._next_order = 0.0  # not before this (now's clock): the backoff
 
@@ -187,18 +188,19 @@ class AcmeManager:
     @property
     def state(self) -> State:
         """valid: a certificate for every domain, not expired, is in ``cert_paths``; failed:
-        none is, and this process's last order failed (``last_error``); pending: none is yet
-        (being ordered, or waiting for the process that orders)."""
+        none is, and the last order failed (``last_error``); pending: none is yet (being
+        ordered, or waiting for the process that orders)."""
         certificate = self._certificate
         if certificate is not None and certificate.not_after > self._now():
             return "valid"
-        return "pending" if self._last_error is None else "failed"
+        return "pending" if self.last_error is None else "failed"
 
     @property
     def last_error(self) -> str | None:
         """Why the last order failed (also while an older certificate is still served); None
-        after a success."""
-        return self._last_error
+        after a success. In a process that does not order, the error its orderer stored in
+        ``backoff.json`` (read at every look, so at most ``check_interval`` old)."""
+        return self._last_error if self._last_error is not None else self._stored_error
 
     @property
     def certificate(self) -> Pair | None:
@@ -221,17 +223,23 @@ class AcmeManager:
         is missing or due); returns the seconds to wait before the next look."""
         now = self._now()
         self._certificate = certificate = self._stored()
+        if self._lock is None:  # what the process that orders says of its last order
+            stored = self._read_backoff()
+            self._stored_error = None if stored is None else stored.error
         wait = self._next_order - now
         if wait > 0:
             return min(wait, self._check_interval)  # backing off (or just ordered)
         try:
             taken = self._lock is None
             if not self._holds_lock():
+                self._last_error = None  # the storage does (again): another process orders
+                self._failures = 0
                 return self._check_interval
         except OSError as exc:  # the storage will not do: no order can be placed
             self._failed(exc)
             return self._next_order - now
         if taken:  # this process orders from now on: the backoff its last holder stored holds
+            self._stored_error = None
             self._resume_backoff()
             wait = self._next_order - now
             if wait > 0:
