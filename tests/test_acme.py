@@ -71,10 +71,14 @@ class Clock:
 
 @dataclass
 class ChallengeServer:
-    """The plain listener's stand-in: answers the CA from the store, and notes each answer."""
+    """The plain listener's stand-in: answers the CA from the store, and notes each answer.
+    A test that clears ``release`` holds the answers (the CA's validation waits) until it is
+    set again; ``asked`` notes each request as it comes."""
 
     port: int
     answered: list[str] = field(default_factory=list)
+    asked: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -117,6 +121,8 @@ async def challenge_server(storage: Path) -> AsyncIterator[ChallengeServer]:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
+        holder[0].asked.append(token)
+        await holder[0].release.wait()
         body = store.get(token)
         if body is None:
             raise web.HTTPNotFound
@@ -129,7 +135,9 @@ async def challenge_server(storage: Path) -> AsyncIterator[ChallengeServer]:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     holder.append(ChallengeServer(runner.addresses[0][1]))
+    holder[0].release.set()
     yield holder[0]
+    holder[0].release.set()
     await runner.cleanup()
 
 
@@ -573,6 +581,84 @@ async def test_a_backoff_stored_for_another_order_does_not_hold_back_a_fixed_con
     await until(lambda: second.state == "valid")
     assert (orders(metrics, "success"), orders(metrics, "failure")) == (1, 0)
     assert pebble.issued() == 1
+    assert not (storage / "backoff.json").exists()
+
+
+async def test_a_stop_while_the_ca_validates_ends_the_order_at_once(
+    pebble, storage, challenge_server, running
+):
+    """SIGTERM while the CA validates (its request to the challenge is held here): the order's
+    thread gives up within a second, so the process can exit (asyncio.run waits for it), and
+    nothing has been issued."""
+    challenge_server.release.clear()
+    acme, metrics = manager(pebble, storage, Clock())
+    task = running(acme)
+    try:
+        await until(lambda: len(challenge_server.asked) > 0)  # the CA is validating
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        started = time.monotonic()
+        # What asyncio.run and uvloop.run do before the process exits.
+        await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 10)
+        assert time.monotonic() - started < 2.5
+    finally:
+        challenge_server.release.set()
+    assert os.listdir(storage / "challenges") == []
+    assert pebble.issued() == 0
+    assert not (storage / "certificates").exists()  # nothing to store
+    assert orders(metrics, "failure") == 0  # stopped, not failed
+
+
+async def test_a_stop_once_the_ca_issues_still_stores_the_certificate(pebble, storage, running):
+    """SIGTERM after the order is finalized: the CA issues the certificate whatever happens, so
+    it is stored (another order would count against the CA's duplicate-certificate limit), and
+    the next start serves it and orders nothing."""
+    acme, _ = manager(pebble, storage, Clock())
+    task = running(acme)
+    await until(lambda: pebble.issued() == 1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 30)
+    pair = read_pair(*acme.cert_paths)
+    verify(pair, pebble.root())
+
+    clock = Clock()
+    again, metrics = manager(pebble, storage, clock)
+    running(again)
+    await until(lambda: len(clock.sleeps) > 0)
+    assert again.state == "valid"
+    assert again.certificate == pair
+    assert pebble.issued() == 1
+    assert (orders(metrics, "success"), orders(metrics, "failure")) == (0, 0)
+
+
+async def test_a_certificate_issued_but_not_stored_is_stored_by_the_next_attempt(
+    pebble, storage, running
+):
+    """The storage fails after the CA issued the certificate (a disk almost full; here a file
+    where the certificate's folder goes): the next attempt stores that certificate instead of
+    ordering another one."""
+    blocker = storage / "certificates" / DOMAINS[0]
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"not a folder")
+    clock = Clock()
+    acme, metrics = manager(pebble, storage, clock, jitter=lambda: 0.5)
+    running(acme)
+    await until(lambda: orders(metrics, "failure") == 1)
+    assert acme.last_error is not None
+    assert "NotADirectoryError" in acme.last_error
+    assert pebble.issued() == 1
+
+    blocker.unlink()  # the storage will do again
+    clock.advance(61)
+    await until(lambda: acme.state == "valid")
+    pair = read_pair(*acme.cert_paths)
+    verify(pair, pebble.root())
+    assert acme.certificate == pair
+    assert pebble.issued() == 1  # the one issued before
+    assert (orders(metrics, "success"), orders(metrics, "failure")) == (1, 1)
     assert not (storage / "backoff.json").exists()
 
 

@@ -21,8 +21,9 @@ reader never sees part of one)::
 
 The acme library (certbot's) speaks the protocol. It is synchronous (requests): an order runs
 in a thread, and every network call in it is bounded by a timeout, so a cancelled ``run``
-never leaves a thread waiting forever. It is imported when the first order starts, so a
-gateway whose certificate is stored and valid does not load it.
+never leaves a thread waiting forever (while the CA validates, it gives up within a second;
+once the order is finalized, it stores the certificate first). It is imported when the first
+order starts, so a gateway whose certificate is stored and valid does not load it.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class _Backoff:
 
 
 class _Stopped(Exception):
-    """``run`` was cancelled: the order in its thread ends at the next step."""
+    """``run`` was cancelled: the order in its thread ends at the next step (before it is
+    finalized: nothing has been issued)."""
 
 
 def certificate_paths(settings: Acme) -> tuple[str, str]:
@@ -179,6 +181,7 @@ class AcmeManager:
         self._stored_error: str | None = None  # without the lock: the last order's, as stored
         self._failures = 0
         self._next_order = 0.0  # not before this (now's clock): the backoff
+        self._issued: tuple[bytes, bytes] | None = None  # (chain, key) issued, not yet stored
 
     @property
     def settings(self) -> Acme:
@@ -209,7 +212,8 @@ class AcmeManager:
 
     async def run(self) -> None:
         """Order when the certificate is missing or due, wait, repeat; until cancelled, when
-        the lock is released at once and an order in flight stops at its next step."""
+        the lock is released at once and an order in flight stops at its next step (or, once
+        finalized, when its certificate is stored)."""
         self._stopping = stopping = threading.Event()
         try:
             while True:
@@ -262,14 +266,7 @@ class AcmeManager:
             self._last_error = None
             self._failures = 0
             self._next_order = self._now() + self._retry_first
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._backoff_path)
             self._metrics.acme_orders.labels("success").inc()
-            log.info(
-                "acme certificate stored",
-                extra={"fields": {**self._fields(), "fingerprint": pair.fingerprint,
-                                  "not_after": _iso(pair.not_after)}},
-            )  # fmt: skip
 
     @property
     def _backoff_path(self) -> str:
@@ -375,9 +372,16 @@ class AcmeManager:
 
     def _order(self, stopping: threading.Event) -> Pair:
         """Order, answer the http-01 challenges, finalize, store: the whole order, blocking
-        (in a thread), given up at the next step once ``stopping`` is set."""
+        (in a thread). Once ``stopping`` is set it is given up at its next step (within a
+        second while the CA validates) until it is finalized; from then on the CA issues the
+        certificate, and it is stored all the same (one more order would count against the
+        CA's limit on duplicate certificates). A certificate issued but not stored (a full
+        disk) is stored by the next attempt instead of ordering again."""
         from acme import challenges, crypto_util, messages  # noqa: PLC0415 - when ordering
 
+        issued, self._issued = self._issued, None
+        if issued is not None and _not_after(issued[0]) > self._now():
+            return self._store_issued(*issued)
         acme, account_key = self._client()
         try:
             key = _new_key()
@@ -402,14 +406,32 @@ class AcmeManager:
                     _check(stopping)
                     acme.answer_challenge(challenge, chall.response(account_key))
                 deadline = datetime.datetime.now() + datetime.timedelta(seconds=self._order_timeout)
-                order = acme.poll_and_finalize(order, deadline)
+                order = _validated(acme, order, deadline, stopping)
+                _check(stopping)  # the last moment at which nothing has been issued
+                order = acme.finalize_order(order, deadline)
             finally:
                 for token in tokens:
                     self._challenges.remove(token)
-            _check(stopping)
-            return self._store(order.fullchain_pem.encode(), key)
+            return self._store_issued(order.fullchain_pem.encode(), key)
         finally:
             acme.net.session.close()
+
+    def _store_issued(self, fullchain: bytes, key: bytes) -> Pair:
+        """Store a certificate the CA issued; kept in memory when the storage fails, for the
+        next attempt to store instead of ordering again."""
+        try:
+            pair = self._store(fullchain, key)
+        except OSError:
+            self._issued = (fullchain, key)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._backoff_path)  # a stored certificate ends the stored backoff
+        log.info(
+            "acme certificate stored",
+            extra={"fields": {**self._fields(), "fingerprint": pair.fingerprint,
+                              "not_after": _iso(pair.not_after)}},
+        )  # fmt: skip
+        return pair
 
     def _client(self) -> tuple[client.ClientV2, JWK]:
         """A client for the directory, signed in as the stored account (registered anew when
@@ -525,6 +547,40 @@ class AcmeManager:
 def _check(stopping: threading.Event) -> None:
     if stopping.is_set():
         raise _Stopped
+
+
+def _validated(
+    acme: client.ClientV2,
+    order: messages.OrderResource,
+    deadline: datetime.datetime,
+    stopping: threading.Event,
+) -> messages.OrderResource:
+    """``acme.poll_authorizations``, given up (``_Stopped``) within a second of ``stopping``
+    being set: while the CA validates, nothing has been issued, and nothing is lost."""
+    from acme import errors, messages  # noqa: PLC0415 - when ordering
+
+    polled: list[messages.AuthorizationResource] = []
+    for pending in order.authorizations:
+        authorization, _ = acme.poll(pending)
+        while authorization.body.status == messages.STATUS_PENDING:
+            if datetime.datetime.now() >= deadline:
+                raise errors.TimeoutError
+            if stopping.wait(1.0):
+                raise _Stopped
+            authorization, _ = acme.poll(authorization)
+        polled.append(authorization)
+    failed = [a for a in polled if a.body.status != messages.STATUS_VALID]
+    if failed:
+        raise errors.ValidationError(failed)
+    validated: messages.OrderResource = order.update(authorizations=polled)
+    return validated
+
+
+def _not_after(fullchain: bytes) -> float:
+    """When the first certificate of a PEM chain expires (seconds since the epoch)."""
+    from cryptography import x509  # noqa: PLC0415 - when ordering
+
+    return x509.load_pem_x509_certificates(fullchain)[0].not_valid_after_utc.timestamp()
 
 
 def _expected(exc: Exception) -> bool:
