@@ -109,6 +109,10 @@ def mode(path: str | Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def contents(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> Path:
     return tmp_path / "acme"
@@ -660,6 +664,28 @@ async def test_a_certificate_issued_but_not_stored_is_stored_by_the_next_attempt
     assert pebble.issued() == 1  # the one issued before
     assert (orders(metrics, "success"), orders(metrics, "failure")) == (1, 1)
     assert not (storage / "backoff.json").exists()
+
+
+async def test_the_directory_is_trusted_through_the_systems_cas_without_ca_bundle(
+    pebble, storage, running, monkeypatch
+):
+    """A private CA installed in the OS trust store (here: the file OpenSSL takes as the
+    system's, which SSL_CERT_FILE names) is trusted without ``ca_bundle``, as are certifi's."""
+    import certifi  # noqa: PLC0415
+
+    monkeypatch.setenv("SSL_CERT_FILE", pebble.ca_file)
+    metrics = Metrics()
+    acme = AcmeManager(
+        dataclasses.replace(settings(pebble, storage), ca_bundle=None),
+        metrics, ChallengeStore(str(storage)), retry_first=0.2,
+    )  # fmt: skip
+    running(acme)
+    await until(lambda: acme.state == "valid" or orders(metrics, "failure") > 0)
+    assert (acme.state, acme.last_error) == ("valid", None)
+    bundle = (storage / "ca-bundle.pem").read_bytes()
+    assert contents(pebble.ca_file) in bundle
+    assert contents(certifi.where()).strip() in bundle
+    assert mode(storage / "ca-bundle.pem") == 0o600
 
 
 def test_the_challenge_store_serves_only_tokens(storage):

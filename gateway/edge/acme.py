@@ -16,7 +16,7 @@ reader never sees part of one)::
     challenges/<token>                        key authorizations while an order is open
     backoff.json                              after a failed order: when the next may start
                                               (and for which directory and domains)
-    ca-bundle.pem                             certifi's CAs and ca_bundle (when it is set)
+    ca-bundle.pem                             the system's CAs, certifi's, and ca_bundle
     .lock                                     flock'd by the process that orders
 
 The acme library (certbot's) speaks the protocol. It is synchronous (requests): an order runs
@@ -38,6 +38,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import tempfile
 import threading
 import time
@@ -448,12 +449,10 @@ class AcmeManager:
             user_agent=f"daarion-gateway/{__version__}",
             timeout=self._network_timeout,
         )
-        if settings.ca_bundle is not None:
+        try:
             # acme annotates verify_ssl as a bool, but hands it on to requests' verify=, which
             # also takes the path of a CA file.
-            bundle = self._ca_bundle(settings.ca_bundle)
-            net.verify_ssl = bundle  # type: ignore[assignment]  # a CA file: see above
-        try:
+            net.verify_ssl = self._ca_bundle()  # type: ignore[assignment]  # a CA file: see above
             acme = client.ClientV2(client.ClientV2.get_directory(settings.directory, net), net)
             if stored is not None:
                 try:
@@ -511,13 +510,27 @@ class AcmeManager:
             os.path.join(self._storage, "account.json"), json.dumps(stored, indent=2).encode()
         )
 
-    def _ca_bundle(self, extra: str) -> str:
-        """A CA file of certifi's CAs (what requests trusts by default) and ``extra``."""
+    def _ca_bundle(self) -> str:
+        """A CA file of the system's CAs (OpenSSL's default file, which ``SSL_CERT_FILE``
+        names instead: the OS trust store, with a private CA ``update-ca-certificates``
+        added), certifi's (requests' own) and ``ca_bundle`` (when it is set)."""
         import certifi  # noqa: PLC0415 - requests' own CA bundle, when ordering
 
+        parts: list[bytes] = []
+        system: str | None = ssl.get_default_verify_paths().cafile  # None: no such file
+        if system is not None:
+            try:
+                parts.append(Path(system).read_bytes())
+            except OSError as exc:  # certifi's and ca_bundle are still trusted
+                log.warning(
+                    "acme system CA file not read",
+                    extra={"fields": {"path": system, "reason": str(exc)}},
+                )
+        parts.append(Path(certifi.where()).read_bytes())
+        if self._settings.ca_bundle is not None:
+            parts.append(Path(self._settings.ca_bundle).read_bytes())
         path = os.path.join(self._storage, "ca-bundle.pem")
-        default = Path(certifi.where()).read_bytes()
-        write_atomically(path, default.rstrip(b"\n") + b"\n" + Path(extra).read_bytes())
+        write_atomically(path, b"".join(part.rstrip(b"\n") + b"\n" for part in parts))
         return path
 
     def _store(self, fullchain: bytes, key: bytes) -> Pair:
