@@ -688,6 +688,53 @@ async def test_the_directory_is_trusted_through_the_systems_cas_without_ca_bundl
     assert mode(storage / "ca-bundle.pem") == 0o600
 
 
+@pytest.mark.parametrize("crash", ["after the key", "before the key"])
+async def test_a_store_cut_short_by_a_crash_is_finished_at_the_next_start(
+    pebble, storage, running, crash
+):
+    """A renewal's certificate and key are two files, never replaced at the same instant. A
+    crash (SIGKILL, a power loss) in between leaves what a renewal writes before its first or
+    second rename: the next start puts together a pair that loads, and orders nothing."""
+    clock = Clock()
+    acme, _ = manager(pebble, storage, clock, renew_before_days=1)
+    task = running(acme)
+    await until(lambda: acme.state == "valid")
+    old = acme.certificate
+    assert old is not None
+    folder = Path(old.cert_path).parent
+    old_files = {name: (folder / name).read_bytes() for name in ("fullchain.pem", "privkey.pem")}
+    clock.advance(due(old, clock, 1))
+    await until(lambda: acme.certificate not in (None, old))
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    new = acme.certificate
+    assert new is not None
+    new_chain = (folder / "fullchain.pem").read_bytes()
+    # What the renewal's _store leaves when it is killed: the old pair, its new chain beside
+    # it (and a temporary file of an earlier write, killed earlier still) ...
+    (folder / "fullchain.pem").write_bytes(old_files["fullchain.pem"])
+    (folder / "fullchain.pem.new").write_bytes(new_chain)
+    (folder / ".k2j4_x1.tmp").write_bytes(b"-----BEGIN PRIV")
+    if crash == "after the key":  # ... and the new key in place of the old one
+        expected = new
+    else:
+        (folder / "privkey.pem").write_bytes(old_files["privkey.pem"])
+        expected = old
+
+    clock = Clock()  # the next start, at the real time: neither certificate is due
+    again, metrics = manager(pebble, storage, clock)
+    running(again)
+    await until(lambda: len(clock.sleeps) > 0)  # it has looked, and decided to wait
+    pair = read_pair(*again.cert_paths)
+    assert pair.fingerprint == expected.fingerprint
+    assert again.state == "valid"
+    assert again.certificate == pair
+    assert sorted(os.listdir(folder)) == ["fullchain.pem", "privkey.pem"]
+    assert (orders(metrics, "success"), orders(metrics, "failure")) == (0, 0)
+    assert pebble.issued() == 2
+
+
 def test_the_challenge_store_serves_only_tokens(storage):
     store = ChallengeStore(str(storage))
     token = "Zm9vYmFy_-0123456789abcdefghijklmnopqrstuvw"  # noqa: S105 - an ACME token, not a secret

@@ -13,6 +13,7 @@ reader never sees part of one)::
     account.json                              the account key and URL, for one directory URL
     certificates/<first domain>/privkey.pem   the certificate's key, replaced first
     certificates/<first domain>/fullchain.pem the certificate and its chain, replaced last
+                                              (written beside it first, as fullchain.pem.new)
     challenges/<token>                        key authorizations while an order is open
     backoff.json                              after a failed order: when the next may start
                                               (and for which directory and domains)
@@ -62,6 +63,8 @@ State = Literal["pending", "valid", "failed"]
 DAY: Final = 86400.0
 # An ACME token is base64url (RFC 8555 8.3); nothing else may name a file in challenges/.
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,255}")
+# Beside fullchain.pem while a new chain is put in place (see AcmeManager._store).
+_STAGED: Final = ".new"
 
 
 def renewal_delay(not_before: float, not_after: float, renew_before_days: int, now: float) -> float:
@@ -246,6 +249,11 @@ class AcmeManager:
         if taken:  # this process orders from now on: the backoff its last holder stored holds
             self._stored_error = None
             self._resume_backoff()
+            try:
+                self._finish_store()
+            except OSError as exc:  # the order (or the next look) meets it too
+                log.warning("acme storage not tidied", extra={"fields": {"reason": str(exc)}})
+            self._certificate = certificate = self._stored()
             wait = self._next_order - now
             if wait > 0:
                 return min(wait, self._check_interval)
@@ -535,8 +543,11 @@ class AcmeManager:
 
     def _store(self, fullchain: bytes, key: bytes) -> Pair:
         """Check the CA's certificate against its key and the domains, then put both in
-        place: the key first, the chain last (a reader that sees the new chain sees its key)."""
+        place: the chain beside its place first (``fullchain.pem.new``), then the key, then
+        the chain (a reader that sees the new chain sees its key). A crash between the two
+        leaves the new key with the new chain beside it: ``_finish_store`` puts it in place."""
         cert_path, key_path = self.cert_paths
+        staged = cert_path + _STAGED
         folder = os.path.dirname(cert_path)
         _make_directory(folder)
         temp_key = _temp_file(folder, key)
@@ -546,8 +557,11 @@ class AcmeManager:
                 pair = read_pair(temp_cert, temp_key)
                 if not covers(pair, self._settings.domains):
                     raise CertError(f"the CA's certificate is for {', '.join(pair.names)} only")
+                os.replace(temp_cert, staged)
+                _sync_directory(folder)  # the staged chain is on disk before its key is in place
                 os.replace(temp_key, key_path)
-                os.replace(temp_cert, cert_path)
+                os.replace(staged, cert_path)
+                _sync_directory(folder)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp_cert)
@@ -555,6 +569,37 @@ class AcmeManager:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_key)
         return dataclasses.replace(pair, cert_path=cert_path, key_path=key_path)
+
+    def _finish_store(self) -> None:
+        """What a ``_store`` cut short (a crash, a power loss) left, once this process holds
+        the lock (no other stores): a staged chain that matches the key in place goes in
+        place (the crash came between the key and the chain), any other is removed (it came
+        before the key: the pair in place is the previous one, whole); so are temporary files."""
+        cert_path, key_path = self.cert_paths
+        staged = cert_path + _STAGED
+        folder = os.path.dirname(cert_path)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+        if os.path.basename(staged) not in names:
+            return
+        try:
+            read_pair(staged, key_path)
+        except CertError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+            return
+        os.replace(staged, cert_path)
+        _sync_directory(folder)
+        log.warning(
+            "acme certificate put in place after an interrupted store",
+            extra={"fields": {**self._fields(), "path": cert_path}},
+        )
 
 
 def _check(stopping: threading.Event) -> None:
@@ -640,6 +685,15 @@ def _create(path: str) -> None:
             _create(parent)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
+
+
+def _sync_directory(folder: str) -> None:
+    """Flush ``folder``'s entries to disk: renames in it survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _temp_file(folder: str, data: bytes) -> str:
