@@ -127,6 +127,11 @@ class Demo:
         return self.url
 
     async def stop(self) -> None:
+        # A drill under way ends first (a stand-in's stop takes at most its 0.5 s shutdown),
+        # so that what it did is in the log: its node reads offline as soon as it stops
+        # listening, before its line is written.
+        if self._toggles:
+            await asyncio.wait(list(self._toggles), timeout=2)
         for task in list(self._toggles):
             task.cancel()
         if self.gateway is not None:
