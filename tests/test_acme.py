@@ -638,6 +638,36 @@ async def test_a_stop_once_the_ca_issues_still_stores_the_certificate(pebble, st
     assert (orders(metrics, "success"), orders(metrics, "failure")) == (0, 0)
 
 
+async def test_a_stop_keeps_the_lock_until_what_the_ca_issued_is_stored(
+    pebble, storage, running, monkeypatch
+):
+    """The lock was released at once while the order thread went on storing: a process that
+    took it over meanwhile tidied the storage under the store (its staged files) and ordered
+    again. The stop now ends once the store did: here each rename takes 0.2 s longer."""
+    renames: list[str] = []
+
+    def slow_replace(source: str, target: str) -> None:
+        time.sleep(0.2)
+        replace(source, target)
+        renames.append(os.path.basename(target))
+
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", slow_replace)
+    acme, _ = manager(pebble, storage, Clock())
+    task = running(acme)
+    await until(lambda: pebble.issued() == 1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert renames[-1] == "fullchain.pem"  # the whole store, before the lock went
+    verify(read_pair(*acme.cert_paths), pebble.root())
+    fd = os.open(storage / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the stop returned
+    finally:
+        os.close(fd)
+
+
 async def test_a_certificate_issued_but_not_stored_is_stored_by_the_next_attempt(
     pebble, storage, running
 ):

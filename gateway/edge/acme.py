@@ -61,6 +61,9 @@ log = logging.getLogger("gateway.acme")
 
 State = Literal["pending", "valid", "failed"]
 DAY: Final = 86400.0
+# How long a stop waits for an order thread to end (it stops at its next step, within about
+# a second; or stores what the CA issued) before releasing the lock all the same.
+STOP_WAIT: Final = 5.0
 # An ACME token is base64url (RFC 8555 8.3); nothing else may name a file in challenges/.
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,255}")
 # Beside fullchain.pem while a new chain is put in place (see AcmeManager._store).
@@ -180,6 +183,7 @@ class AcmeManager:
         self.cert_paths: Final = certificate_paths(settings)
         self._lock: int | None = None  # the fd of storage/.lock while this process holds it
         self._stopping = threading.Event()  # set when run() ends: its order thread stops
+        self._ordering: asyncio.Future[Pair] | None = None  # the order thread's, while it runs
         self._certificate: Pair | None = None
         self._last_error: str | None = None  # this process's last order's (or storage's)
         self._stored_error: str | None = None  # without the lock: the last order's, as stored
@@ -216,14 +220,22 @@ class AcmeManager:
 
     async def run(self) -> None:
         """Order when the certificate is missing or due, wait, repeat; until cancelled, when
-        the lock is released at once and an order in flight stops at its next step (or, once
-        finalized, when its certificate is stored)."""
+        an order in flight stops at its next step (or, once finalized, when its certificate
+        is stored), and then the lock is released: a process that took it over sooner would
+        tidy the storage under the store and order again."""
         self._stopping = stopping = threading.Event()
         try:
             while True:
                 await self._sleep(await self._step())
         finally:
             stopping.set()
+            ordering = self._ordering
+            if ordering is not None and not ordering.done():
+                await asyncio.wait([ordering], timeout=STOP_WAIT)
+                if not ordering.done():
+                    log.warning("acme order still running at the stop; the lock is released")
+            if ordering is not None and ordering.done() and not ordering.cancelled():
+                ordering.exception()  # (its failure was the stop's: retrieved, not reported)
             self._unlock()
 
     async def _step(self) -> float:
@@ -267,7 +279,11 @@ class AcmeManager:
 
     async def _attempt(self) -> None:
         try:
-            pair = await asyncio.to_thread(self._order, self._stopping)
+            # Shielded: a stop does not forget the thread, which run() waits for.
+            self._ordering = asyncio.get_running_loop().run_in_executor(
+                None, self._order, self._stopping
+            )
+            pair = await asyncio.shield(self._ordering)
         except Exception as exc:  # noqa: BLE001 - the loop outlives any failure of an order
             self._failed(exc)
         else:
