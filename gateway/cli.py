@@ -303,48 +303,65 @@ def never_matched(config: Config) -> list[str]:
     return warnings
 
 
-# Methods tried on a route's path to find where the ones it does not take go.
-_PROBED_METHODS: Final = ("POST", "PUT", "PATCH", "DELETE", "GET", "OPTIONS")
+# Methods tried on a route's path to find where the ones it does not take go; ANY_OTHER
+# stands for every method no route lists (a WebDAV PROPFIND, a made-up one).
+_PROBED_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+_ANY_OTHER: Final = "ANY-OTHER-METHOD"
 
 
 def unguarded_methods(table: RouteTable[Route]) -> list[str]:
-    """Routes with ``methods`` and a guard (auth, a rate limit) whose path's other methods
-    go to a route without that guard: ``methods`` routes, it does not refuse (nginx's
+    """Routes with ``methods`` and a guard (required auth, a rate limit) whose path's other
+    methods go to a route without that guard: ``methods`` routes, it does not refuse (nginx's
     ``limit_except ... deny`` does), so a POST of a GET-only admin path is the shorter
-    route's."""
+    route's. Every method the route does not take is tried, and every host it names."""
     from .routetable import Found  # noqa: PLC0415 - check only
 
     warnings = []
     for entry in table.entries:
         if entry.methods is None:
             continue
-        other = next((m for m in _PROBED_METHODS if not entry.allows(m)), None)
-        hosts = sorted(entry.hosts or ())
-        found = None if other is None else table.match(entry.path, other, hosts[0] if hosts else "")
-        if not isinstance(found, Found) or found.entry is entry:
-            continue
-        mine, theirs = entry.policy, found.entry.policy
-        lost = []
-        if (
-            mine.auth is not None
-            and mine.auth.required
-            and (  # (optional guards nothing)
-                theirs.auth is None
-                or (mine.auth.required and not theirs.auth.required)
-                or (mine.auth.roles or frozenset()) - (theirs.auth.roles or frozenset())
-            )
-        ):
-            lost.append("its auth")
-        if mine.zone is not None and (theirs.zone is None or theirs.zone.name != mine.zone.name):
-            lost.append(f"its rate limit ({mine.zone.name})")
-        if lost:
+        leaks: dict[tuple[str, str], list[str]] = {}  # (other route, what is lost): methods
+        others: dict[str, Entry[Route]] = {}
+        for method in (*_PROBED_METHODS, _ANY_OTHER):
+            if entry.allows(method):
+                continue
+            for host in sorted(entry.hosts or ("",)):
+                found = table.match(entry.path, method, host)
+                if not isinstance(found, Found) or found.entry is entry:
+                    continue
+                lost = _lost_guard(entry.policy, found.entry.policy)
+                if lost:
+                    others[found.entry.id] = found.entry
+                    named = "any other method" if method == _ANY_OTHER else method
+                    methods = leaks.setdefault((found.entry.id, lost), [])
+                    if named not in methods:
+                        methods.append(named)
+        for (other_id, lost), methods in leaks.items():
+            other = others[other_id]
             warnings.append(
-                f"route {entry.id} ({_route_path(entry)}) takes only those methods: its path's "
-                f"others ({other}...) go to route {found.entry.id} ({_route_path(found.entry)}) "
-                f"without {' and '.join(lost)}; leave methods off, or give them a route of "
-                "the same path and guard"
+                f"route {entry.id} ({_route_path(entry)}) takes only those methods: "
+                f"{', '.join(methods)} of its path go to route {other_id} "
+                f"({_route_path(other)}) without {lost}; leave methods off the guarded route"
             )
     return warnings
+
+
+def _lost_guard(mine: Route, theirs: Route) -> str:
+    """What of ``mine``'s guard a request loses on ``theirs``: "" when nothing."""
+    lost = []
+    if (
+        mine.auth is not None
+        and mine.auth.required
+        and (  # (optional guards nothing)
+            theirs.auth is None
+            or not theirs.auth.required
+            or (mine.auth.roles or frozenset()) - (theirs.auth.roles or frozenset())
+        )
+    ):
+        lost.append("its auth")
+    if mine.zone is not None and (theirs.zone is None or theirs.zone.name != mine.zone.name):
+        lost.append(f"its rate limit ({mine.zone.name})")
+    return " and ".join(lost)
 
 
 def any_origin(config: Config) -> list[str]:

@@ -280,18 +280,25 @@ def test_check_warns_of_a_guarded_route_whose_other_methods_go_unguarded(tmp_pat
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert warnings == [
-        "warning: route city#0 (/api/city/admin/ GET) takes only those methods: its path's "
-        "others (POST...) go to route city#1 (/api/city/) without its auth and its rate limit "
-        "(strict); leave methods off, or give them a route of the same path and guard"
+        "warning: route city#0 (/api/city/admin/ GET) takes only those methods: POST, PUT, "
+        "PATCH, DELETE, OPTIONS, TRACE, CONNECT, any other method of its path go to route "
+        "city#1 (/api/city/) without its auth and its rate limit (strict); leave methods off "
+        "the guarded route"
     ]
-    guarded = check(
+    # Methods listed on a second route of the path still leave the others (TRACE, WebDAV's,
+    # made-up ones) to /api/city/; only a guard without methods covers them all.
+    partly = check(
         tmp_path,
         auth
         + node_config(
-            city=f"{{port: 7001, nodes: [noda1], routes: [{admin}, "
-            f"methods: [GET]}}, {admin}, methods: [POST, PUT, PATCH, DELETE, "
-            f"OPTIONS]}}, {city}]}}"
+            city=f"{{port: 7001, nodes: [noda1], routes: [{admin}, methods: [GET]}}, {admin}, "
+            f"methods: [POST, PUT, PATCH, DELETE, OPTIONS]}}, {city}]}}"
         ),
+    )
+    assert [line for line in partly.stdout.splitlines() if "any other method" in line] != []
+    guarded = check(
+        tmp_path,
+        auth + node_config(city=f"{{port: 7001, nodes: [noda1], routes: [{admin}}}, {city}]}}"),
     )
     assert guarded.returncode == 0, guarded.stderr
     assert [line for line in guarded.stdout.splitlines() if line.startswith("warning:")] == []
