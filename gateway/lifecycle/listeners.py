@@ -11,11 +11,14 @@ from typing import Final
 BACKLOG: Final = 1024
 
 
-def bind(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+def bind(
+    host: str, port: int, *, reuse_port: bool = False, listen: bool = True
+) -> list[socket.socket]:
     """Listening sockets on ``host:port``, as asyncio's ``create_server`` makes them: one per
     address the name resolves to (IPv6 ones IPv6-only), ``SO_REUSEADDR`` set. Port 0 takes a
     free port, the same for every address. ``reuse_port``: other sockets may bind the same
-    port (each worker's slot has its own; the kernel spreads connections over them)."""
+    port (each worker's slot has its own; the kernel spreads connections over them).
+    ``listen``: False for a bind that only checks the address is free."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     bound: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
@@ -35,7 +38,8 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socke
             if port == 0 and len(bound) > 1:  # the port the first address got
                 where = (resolved[0], bound[0].getsockname()[1], *resolved[2:])
             sock.bind(where)
-            sock.listen(BACKLOG)
+            if listen:
+                sock.listen(BACKLOG)
             sock.setblocking(False)
     except OSError:
         for sock in bound:
@@ -48,8 +52,9 @@ def unclaimed(host: str, port: int) -> None:
     """Raises ``OSError`` (EADDRINUSE) when another socket listens on ``host:port``. Sockets
     bound with ``SO_REUSEPORT`` bind beside another process's that set it too (of the same
     user: a second gateway started by mistake) and share its connections, where one socket's
-    bind would fail: a bind without it, closed at once, finds such a listener first."""
-    for sock in bind(host, port):
+    bind would fail: a bind without it (not listening: no connection is queued to it),
+    closed at once, finds such a listener first."""
+    for sock in bind(host, port, listen=False):
         sock.close()
 
 
