@@ -140,6 +140,30 @@ async def test_the_limiters_user_key_is_the_tokens_subject(upstream, gateway, cl
     assert (await answer(client, url))[0] == 429
 
 
+async def test_a_bearer_header_is_read_as_services_read_it(upstream, gateway, client):
+    # Only "Bearer " with one space was a token: "Bearer<TAB><forged>" passed an optional
+    # route as anonymous, and reached a service that splits on any whitespace and would
+    # read a user nothing checked. The scheme in any case, then spaces or tabs, is a token;
+    # a bearer scheme glued to what follows is refused; another scheme passes as it came.
+    up = await upstream(NODA1)
+    gw = await gateway(config(up.port, "optional"))
+    url = f"{gw.url}/api/city/x"
+    forged = mint(claims(now=time.time()), key="another secret of at least 32 bytes")
+    for value in (f"Bearer\t{forged}", f"bearer  {forged}", f"BEARER {forged} "):
+        status, _, body = await answer(client, url, {"Authorization": value})
+        assert (status, body["error"]) == (401, "invalid_token"), value
+    for value in (f"Bearer:{forged}", f"Bearer,{forged}", f"bearer.{forged}"):
+        status, _, body = await answer(client, url, {"Authorization": value})
+        assert (status, body["error"]) == (400, "invalid_request"), value
+    assert up.seen == []
+    status, _, _ = await answer(client, url, {"Authorization": f"bEaReR\t{token(sub='alice')}"})
+    assert status == 200
+    assert up.seen[-1].header("X-User-Id") == "alice"
+    assert (await answer(client, url, {"Authorization": "Basic YTpi"}))[0] == 200  # the service's
+    assert up.seen[-1].header("Authorization") == "Basic YTpi"
+    assert up.seen[-1].header("X-User-Id") is None
+
+
 async def test_refused_tokens_count_toward_the_rate_limit(upstream, gateway, client):
     # A client sending bad tokens was never limited, and each cost a signature check. As in
     # nginx (limit_req before the access checks), a zone by address decides first: once

@@ -363,6 +363,9 @@ CROSS_BASE = "nodes: {noda1: {host: 127.0.0.3}}\nservices: {city: {port: 7001, n
     [
         # The literal forms the raw-text checks always saw...
         ('cors: {origins: ["*"], credentials: true}\n', {}, "cors.origins", "'*' cannot go"),
+        # Any site can send Origin: null (a sandboxed iframe): with credentials, as '*'.
+        ('cors: {origins: ["https://a.example", "null"], credentials: true}\n', {},
+         "cors.origins", "'null' cannot go"),
         # ...and the same values through ${VAR}, which they did not (each passed `check`).
         ('cors: {origins: ["${ORIGIN}"], credentials: true}\n', {"ORIGIN": "*"},
          "cors.origins", "'*' cannot go"),
@@ -371,7 +374,8 @@ CROSS_BASE = "nodes: {noda1: {host: 127.0.0.3}}\nservices: {city: {port: 7001, n
         ('auth: {providers: {daarion: {algorithms: ["${JWT_ALG:-HS256}"], '
          'jwks_file: keys.json}}}\n', {}, "auth.providers.daarion", "HS* tokens need a secret"),
     ],
-    ids=["literal-star", "star-from-env", "credentials-from-env", "algorithm-from-env"],
+    ids=["literal-star", "literal-null", "star-from-env", "credentials-from-env",
+         "algorithm-from-env"],
 )  # fmt: skip
 def test_cross_checks_see_the_values_after_substitution(text, env, path, said):
     with pytest.raises(ConfigError) as caught:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..context import Exchange, Shared
     from ..snapshot import AuthPolicy
 
-BEARER: Final = "bearer "
+BEARER: Final = "bearer"  # the scheme, in any case (RFC 9110 11.1)
 SUBPROTOCOL: Final = "bearer."
 
 
@@ -46,7 +46,12 @@ def authenticate(
         # service reading the last (or all of them, joined) would trust an unchecked one.
         count(ex.service, "invalid_request")
         raise _challenged(400, "invalid_request", "more than one Authorization header", auth.realm)
-    token, query = _token(ex, auth, query, websocket)
+    try:
+        token, query = _token(ex, auth, query, websocket)
+    except _Malformed:
+        count(ex.service, "invalid_request")
+        message = "the Authorization header is not 'Bearer <token>'"
+        raise _challenged(400, "invalid_request", message, auth.realm) from None
     if token is None:
         if not policy.required:
             count(ex.service, "anonymous")
@@ -91,12 +96,30 @@ def _identity_headers(identity: Identity, names: Mapping[str, str]) -> tuple[tup
     return headers
 
 
+class _Malformed(Exception):
+    """An Authorization header that names the bearer scheme in a way the gateway cannot read
+    (``Bearer:<token>``): a service might read a token from it that nothing checked."""
+
+
+def _bearer(value: str | None) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (the scheme in any case, then spaces or
+    tabs, RFC 9110 11.4); None without one, or for another scheme (Basic, a service's own,
+    which passes as it came). ``_Malformed`` for a bearer scheme glued to what follows."""
+    parts = value.split(None, 1) if value is not None else ()
+    if not parts:
+        return None
+    scheme = parts[0].lower()
+    if scheme == BEARER:
+        token = parts[1].strip() if len(parts) > 1 else ""
+        return token or None
+    if scheme.startswith(BEARER):
+        raise _Malformed
+    return None
+
+
 def _token(ex: Exchange, auth: Auth, query: str, websocket: bool) -> tuple[str | None, str]:
     """The request's token, and the query without it."""
-    value = ex.request.headers.get("Authorization")
-    token = None
-    if value is not None and value[:7].lower() == BEARER:
-        token = value[7:].strip() or None
+    token = _bearer(ex.request.headers.get("Authorization"))
     if not websocket:
         return token, query
     for place in auth.websocket_token:

@@ -533,7 +533,8 @@ def _auth_rules(data: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _cors_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
     """``*`` with credentials: browsers refuse it, and echoing any origin instead would let
-    every site read a user's answers."""
+    every site read a user's answers. ``null`` likewise: any site can send it (from a
+    sandboxed iframe, a data: URL), so with credentials it reads a user's answers too."""
     sections = [("cors", data.get("cors"))]
     services = data.get("services")
     for name, service in services.items() if isinstance(services, dict) else ():
@@ -544,12 +545,13 @@ def _cors_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
                 if isinstance(rule, dict):
                     sections.append((f"services.{name}.routes[{i}].cors", rule.get("cors")))
     return [
-        (f"{where}.origins", "'*' cannot go with credentials: true (list the origins)")
+        (f"{where}.origins", f"'{origin}' cannot go with credentials: true ({why})")
         for where, cors in sections
         if isinstance(cors, dict)
         and cors.get("credentials") is True
         and isinstance(cors.get("origins"), list)
-        and "*" in cors["origins"]
+        for origin, why in (("*", "list the origins"), ("null", "any site can send it"))
+        if origin in cors["origins"]
     ]
 
 
