@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def summary(path: str, config: Config) -> str:
     """``check``'s report: the route table in match order, and routes that can never match."""
+    from .logs import redacted  # noqa: PLC0415 - not needed by healthcheck/schema
     from .snapshot import compile_snapshot  # noqa: PLC0415 - not needed by healthcheck/schema
 
     snapshot = compile_snapshot(config)
@@ -199,12 +200,12 @@ def summary(path: str, config: Config) -> str:
     if config.rate_limits:
         where = "in each process's memory"
         if config.redis is not None and not config.redis.url.startswith("memory://"):
-            where = f"through {_redact(config.redis.url)} (on_error: {config.redis.on_error})"
+            where = f"through {redacted(config.redis.url)} (on_error: {config.redis.on_error})"
         lines.append(f"rate limits {', '.join(config.rate_limits)} are kept {where}")
     if config.tracing is not None:
         t = config.tracing
         lines.append(
-            f"tracing: spans to {_redact(t.otlp_endpoint)} as {t.service_name}, sample_ratio "
+            f"tracing: spans to {redacted(t.otlp_endpoint)} as {t.service_name}, sample_ratio "
             f"{t.sample_ratio:g}, a parent's sampled flag followed from {t.sampled_from}"
         )
     return "\n".join(lines) + "\n"
@@ -380,13 +381,6 @@ def any_origin(config: Config) -> list[str]:
             if origins == "any"
         ]
     return found
-
-
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    _, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{'***@' if at else ''}{host}"
 
 
 def healthcheck(config: Config, port: int | None, timeout: float) -> int:

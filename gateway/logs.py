@@ -239,3 +239,16 @@ def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     _Access.writer = writer
     _Access.enabled = logging.getLogger("gateway.access").isEnabledFor(logging.INFO)
+
+
+def redacted(url: str) -> str:
+    """A URL as a log line or ``check`` shows it: its password and query (either may hold a
+    secret: ``https://user:key@idp/jwks``, ``?api_key=``) replaced by ``***``. A path (a file)
+    is shown as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    _, at, host = authority.rpartition("@")
+    path, question, _ = tail.partition("?")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}{slash}{path}{'?***' if question else ''}"

@@ -245,7 +245,9 @@ async def test_a_jwks_file_is_read_at_start_and_on_refresh(tmp_path, authenticat
 async def test_an_outage_is_logged_once_and_its_end_too(upstream, authenticators, caplog) -> None:
     server = JwksServer(status=503)
     up = await upstream(LOCAL, server.handle)
-    auth = authenticator(authenticators, jwks_url=f"http://{LOCAL}:{up.port}/jwks")
+    # A password or a key in the URL is never logged.
+    url = f"http://svc:sekrit@{LOCAL}:{up.port}/jwks?api_key=k1"
+    auth = authenticator(authenticators, jwks_url=url)
     caplog.set_level("INFO", "gateway.auth")
     await auth.start()
     await auth.refresh()
@@ -260,7 +262,7 @@ async def test_an_outage_is_logged_once_and_its_end_too(upstream, authenticators
     fields = caplog.records[0].__dict__["fields"]
     assert fields == {
         "provider": "idp",
-        "jwks": f"http://{LOCAL}:{up.port}/jwks",
+        "jwks": f"http://***@{LOCAL}:{up.port}/jwks?***",
         "reason": "HTTP 503",
     }
 

@@ -22,6 +22,7 @@ import jwt
 import orjson
 
 from ..config.types import AuthProvider
+from ..logs import redacted
 from .tokens import Keys
 
 log = logging.getLogger("gateway.auth")
@@ -199,7 +200,8 @@ class KeySource:
                 log.warning(
                     "JWKS fetch failed: %s",
                     "the last good keys stay in use" if self.keyset.keys else "no keys yet",
-                    extra={"fields": {"provider": self.name, "jwks": self.where, "reason": reason}},
+                    extra={"fields": {"provider": self.name, "jwks": redacted(self.where),
+                                      "reason": reason}},
                 )  # fmt: skip
             self._failing = reason
             return False
@@ -208,7 +210,7 @@ class KeySource:
         if keyset.prints != self.keyset.prints or self._failing is not None:
             log.info(
                 "JWKS loaded",
-                extra={"fields": {"provider": self.name, "jwks": self.where,
+                extra={"fields": {"provider": self.name, "jwks": redacted(self.where),
                                   "kids": sorted(str(k) for k in keyset.keys)}},
             )  # fmt: skip
         self.keyset, self.state, self._failing = keyset, "connected", None
