@@ -317,6 +317,12 @@ async def test_a_role_with_a_comma_never_reaches_the_service_as_two(upstream, ga
     status, _, _ = await answer(client, f"{gw.url}/api/city/x", bearer(token(roles="user,admin")))
     assert status == 200
     assert up.seen[-1].header("X-User-Roles") == ""
+    # Nor one with spaces around it: " admin" is not admin to the route's check, and would
+    # be to a service trimming "viewer, admin".
+    spaced = token(roles=["viewer", " admin", "ops "])
+    status, _, _ = await answer(client, f"{gw.url}/api/city/x", bearer(spaced))
+    assert status == 200
+    assert up.seen[-1].header("X-User-Roles") == "viewer"
 
 
 async def test_a_second_authorization_header_is_refused(upstream, gateway, client):

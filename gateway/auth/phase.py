@@ -160,10 +160,14 @@ def _take_param(query: str, name: str) -> tuple[str | None, str]:
 
 def _header_value(value: object) -> str:
     """A claim as a header value: a list's items joined by commas (an item holding a comma is
-    left out: a service splitting the list would read it as two), no control characters,
-    nothing that cannot be written as UTF-8 (a lone surrogate in a signed claim)."""
+    left out: a service splitting the list would read it as two; so is one with spaces
+    around it, " admin", which the route's check did not read as "admin" and a service
+    trimming the items would), no control characters, nothing that cannot be written as
+    UTF-8 (a lone surrogate in a signed claim)."""
     if isinstance(value, (list, tuple)):
-        text = ",".join(item for item in map(str, value) if "," not in item)
+        text = ",".join(
+            item for item in map(str, value) if "," not in item and item == item.strip()
+        )
     else:
         text = str(value)
     text = text.encode("utf-8", "ignore").decode("utf-8")
