@@ -297,10 +297,15 @@ async def test_a_reload_that_turns_probes_off_brings_back_what_they_took_out(
     assert (await served_by(client, gw.url + "/api/search/q"))[1] == "noda2"
 
 
-async def test_real_traffic_5xx_ejects_but_4xx_and_limits_do_not(upstream, gateway, client):
+async def test_real_traffic_502_and_504_eject_but_other_answers_do_not(upstream, gateway, client):
+    # As nginx's max_fails: what the target answered itself is no failure of it. A 500 (a
+    # request any client can make fail) ejected the target, for every client; a 503 (load
+    # being shed) put its load on the others. A 502 or 504 (the upstream's own gateway
+    # failed) still counts, as connection failures and timeouts do.
     async def picky(request: web.Request) -> web.StreamResponse:
-        if request.method == "POST":
-            return web.json_response({"error": "boom"}, status=500)
+        status = {"/search/boom": 500, "/search/busy": 503, "/search/gateway": 502}
+        if request.path in status:
+            return web.json_response({"error": "x"}, status=status[request.path])
         return web.json_response({"error": "no such thing"}, status=404)
 
     noda2 = await upstream(NODA2, picky)
@@ -309,15 +314,42 @@ async def test_real_traffic_5xx_ejects_but_4xx_and_limits_do_not(upstream, gatew
     for _ in range(10):
         async with client.get(gw.url + "/api/search/missing") as response:
             assert response.status == 404  # the upstream's answer, passed on
+    for _ in range(6):
+        async with client.post(gw.url + "/api/search/boom", data=b"d") as response:
+            assert response.status == 500  # a POST's 5xx is passed on, never retried
+        async with client.post(gw.url + "/api/search/busy", data=b"d") as response:
+            assert response.status == 503
     assert target_state(await upstreams(client, gw), "search", "noda2") == "up"
     for _ in range(3):
-        async with client.post(gw.url + "/api/search/index", data=b"d") as response:
-            assert response.status == 500  # a POST's 5xx is passed on, never retried
+        async with client.post(gw.url + "/api/search/gateway", data=b"d") as response:
+            assert response.status == 502
     report = await upstreams(client, gw)
     assert target_state(report, "search", "noda2") == "ejected"
     assert report["services"]["search"]["targets"][0]["ejected_for_s"] > 0
     async with client.post(gw.url + "/api/search/index", data=b"d") as response:
         assert (await response.json())["node"] == "noda1"  # while ejected
+
+
+async def test_ejections_never_take_a_services_last_targets_out(upstream, gateway, client):
+    # Envoy's panic mode: with every target ejected by real traffic (here 502s from one
+    # path), a client of the paths that work got 503 no_healthy_upstream from both nodes,
+    # which answered all along. The targets the probes hold up are tried all the same.
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        if request.path == "/search/gateway":
+            return web.json_response({"error": "x"}, status=502)
+        return web.json_response({"node": request.host})
+
+    noda2 = await upstream(NODA2, flaky)
+    noda1 = await upstream(NODA1, flaky)
+    gw = await gateway(search(noda2.port, noda1.port, "health: {enabled: false}"))
+    for _ in range(6):  # 3 for each target (a POST is not retried: one target each time)
+        async with client.post(gw.url + "/api/search/gateway", data=b"d") as response:
+            assert response.status == 502
+    report = await upstreams(client, gw)
+    assert {t["state"] for t in report["services"]["search"]["targets"]} == {"ejected"}
+    for _ in range(5):
+        async with client.get(gw.url + "/api/search/q") as response:
+            assert response.status == 200, await response.text()
 
 
 async def test_a_503_from_the_preferred_node_is_retried_for_a_get(upstream, gateway, client):

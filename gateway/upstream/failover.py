@@ -6,7 +6,7 @@ Retry rules (Pingora's and Envoy's, made strict), decided by ``next_target`` alo
   target, whatever its method;
 - a request that was sent is retried only when its method is idempotent and its body can be
   sent again (none, or at most ``REPLAY_LIMIT`` bytes, buffered), and only when the upstream
-  closed without answering, sent an invalid answer, or answered 502/503/504;
+  closed without answering, sent an invalid answer, or answered 502/503/504 (``status_kind``);
 - never after a response timeout (the upstream may still be working on it), and never after
   any byte of the response went to the client (the loop ends before that);
 - at most ``retries`` extra attempts, each on a target not yet tried (or, after the connection
@@ -14,8 +14,10 @@ Retry rules (Pingora's and Envoy's, made strict), decided by ``next_target`` alo
   still usable: that is how a stale keep-alive connection is recovered), after a short
   jittered back-off. A POST that reached an upstream is never sent to a second one.
 
-Every outcome is also a passive health check of its target (``HealthBook.passed``/``failed``),
-every retry counts in ``gateway_retries_total{kind}``, and an answer from a later tier in
+Every outcome is also a passive health check of its target (``HealthBook.passed``/``failed``;
+an answer ``NOT_A_TARGET_FAILURE`` names passes), and its ejections never take a service's
+last targets out (with none usable, ``first_target`` tries those the probes hold up); every
+retry counts in ``gateway_retries_total{kind}``, and an answer from a later tier in
 ``gateway_failovers_total``. A connection that failed in TLS (the node's certificate did not
 verify, or the handshake failed) is a connect failure like any other, and also counts in
 ``gateway_upstream_tls_failures_total{node}``, with its target and reason in the request's log
@@ -36,18 +38,31 @@ if TYPE_CHECKING:
     from ..context import Exchange, Shared
     from ..snapshot import Route, Target
     from .balancer import Balancer
-    from .health import HealthBook
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 REPLAY_LIMIT: Final = 64 * 1024  # bodies up to this size are buffered so that they can be retried
-RETRY_STATUS: Final = frozenset({502, 503, 504})
 NEVER_SENT: Final = frozenset({"connect", "connect_timeout"})
-SENT_RETRYABLE: Final = frozenset({"disconnect", "io", "protocol", "status", "stale"})
+SENT_RETRYABLE: Final = frozenset({"disconnect", "io", "protocol", "status", "status_503", "stale"})
 # Closed before any answer: also what reusing a keep-alive connection the upstream had just
 # closed looks like, so with no other target left the same one may be tried again.
 SAME_TARGET_AGAIN: Final = frozenset({"disconnect", "io", "stale"})
-# A kept-alive connection closed under the request: the pool's timing, not a failing target.
-NOT_A_TARGET_FAILURE: Final = frozenset({"stale", "local"})
+# Not the target failing: a kept-alive connection closed under the request (the pool's
+# timing), this machine short of descriptors (local), and answers the target made itself,
+# as nginx's max_fails does not count them: a 503 (shedding load: ejecting it would put its
+# load on the others) and any other 5xx but 502 and 504 (a request a client can make fail
+# would take the target out for every client).
+NOT_A_TARGET_FAILURE: Final = frozenset({"stale", "local", "status_503", "server_error"})
+
+
+def status_kind(status: int) -> str:
+    """A 5xx answer's kind: ``status`` for 502 and 504 (the upstream's own gateway failed:
+    a failure of the target, retried), ``status_503`` (retried, not the target's failure),
+    ``server_error`` for the others (neither)."""
+    if status in (502, 504):
+        return "status"
+    return "status_503" if status == 503 else "server_error"
+
+
 BACKOFF: Final = 0.025  # seconds, jittered ±50 %
 
 T = TypeVar("T")
@@ -120,7 +135,15 @@ def first_target(shared: Shared, route: Route) -> tuple[Target, Callable[[Target
 
     first = shared.balancer.choose(route, usable)
     if first is None:
-        raise all_down(health, route)
+        # Real traffic's ejections never take a service's last targets out (Envoy's panic
+        # mode): with none usable, those the probes hold up are tried all the same.
+        def up(target: Target) -> bool:
+            return health.get(target).up
+
+        first = shared.balancer.choose(route, up)
+        if first is None:
+            raise all_down(route)
+        return first, up
     return first, usable
 
 
@@ -151,6 +174,8 @@ async def attempt(
                 ex.log_fields["upstream_tls_failures"] = tls_failures
             if failed.kind not in NOT_A_TARGET_FAILURE:
                 shared.health.failed(target, failed.reason, route.probe, route.ejection)
+            elif failed.answer is not None:  # it answered (a 503, a 500): the target works
+                shared.health.passed(target)
             following = next_target(
                 shared.balancer, route, usable, kind=failed.kind, method=ex.request.method,
                 replayable=replayable, tried=tried,
@@ -177,19 +202,15 @@ async def attempt(
     return answer, target
 
 
-def all_down(health: HealthBook, route: Route) -> GatewayError:
-    """503 with Retry-After: the seconds until an ejection ends, or until probes (every
-    ``unhealthy_interval`` while none is usable) can have passed ``rise`` times."""
-    now = health.monotonic()
-    probe = route.probe  # while none is usable, probes run every unhealthy_interval
-    waits = [
-        max(health.get(t).ejected_until - now, 0) or probe.unhealthy_interval * probe.rise
-        for t in route.targets
-    ]
+def all_down(route: Route) -> GatewayError:
+    """503 with Retry-After: every target is down by its probes (ejections alone never empty
+    a service), so the seconds until the probes (every ``unhealthy_interval`` while none is
+    usable) can have passed ``rise`` times."""
+    probe = route.probe
     return GatewayError(
         503,
         "no_healthy_upstream",
         "no target of this service is up",
         kind="unavailable",
-        headers={"Retry-After": str(max(1, math.ceil(min(waits))))},
+        headers={"Retry-After": str(max(1, math.ceil(probe.unhealthy_interval * probe.rise)))},
     )

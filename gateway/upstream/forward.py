@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import GatewayError, UpstreamAborted
 from .body import read_body
 from .client import Response
-from .failover import REPLAY_LIMIT, RETRY_STATUS, Failed, attempt, first_target
+from .failover import REPLAY_LIMIT, Failed, attempt, first_target, status_kind
 from .headers import Forwarding, public_host
 from .http import relay
 from .redirects import Redirects
@@ -60,7 +60,7 @@ async def forward(
                 raise Failed.of(err) from None
             if upstream.status >= 500:
                 raise Failed(
-                    "status" if upstream.status in RETRY_STATUS else "server_error",
+                    status_kind(upstream.status),
                     f"status {upstream.status}",
                     GatewayError(
                         502, "upstream_status", f"the upstream answered {upstream.status}"

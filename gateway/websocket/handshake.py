@@ -23,7 +23,7 @@ from ..auth.phase import SUBPROTOCOL
 from ..dial import OutOfResources
 from ..edge.cors import same_origin
 from ..errors import ClientGone, GatewayError, tls_reason, upstream_failure
-from ..upstream.failover import RETRY_STATUS, Failed, attempt, first_target
+from ..upstream.failover import Failed, attempt, first_target, status_kind
 from ..upstream.headers import HOP_BY_HOP, Forwarding, end_to_end, request_headers
 from .session import Session
 from .upstream import (
@@ -228,7 +228,7 @@ async def _connect(shared: Shared, ex: Exchange, route: Route, path_qs: str) -> 
             if refused.status < 500:
                 return refused  # an answer, passed on to the client as it is
             raise Failed(
-                "status" if refused.status in RETRY_STATUS else "server_error",
+                status_kind(refused.status),
                 f"status {refused.status}",
                 _refusal(refused.status),
                 answer=refused,

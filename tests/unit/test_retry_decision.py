@@ -35,12 +35,14 @@ services:
 
 ALL_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE", "POST", "PATCH", "CONNECT")
 KINDS = ("connect", "connect_timeout", "disconnect", "io", "stale", "protocol", "status",
-         "timeout", "busy", "aborted", "unknown")  # fmt: skip
+         "status_503", "server_error", "timeout", "busy", "aborted", "unknown")  # fmt: skip
 
 
 def test_the_vocabulary() -> None:
     assert frozenset({"connect", "connect_timeout"}) == NEVER_SENT
-    assert frozenset({"disconnect", "io", "protocol", "status", "stale"}) == SENT_RETRYABLE
+    assert frozenset({"disconnect", "io", "protocol", "status", "status_503", "stale"}) == (
+        SENT_RETRYABLE
+    )
     assert frozenset({"disconnect", "io", "stale"}) == SAME_TARGET_AGAIN
     assert frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"}) == IDEMPOTENT
 
@@ -48,7 +50,7 @@ def test_the_vocabulary() -> None:
 def expected_may_retry(kind: str, method: str, replayable: bool) -> bool:
     if kind in ("connect", "connect_timeout"):
         return True  # never sent: any method, any body
-    if kind in ("disconnect", "io", "protocol", "status", "stale"):
+    if kind in ("disconnect", "io", "protocol", "status", "status_503", "stale"):
         return method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE") and replayable
     return False  # timeout (it may still be working on it) and everything else
 
