@@ -352,6 +352,85 @@ async def test_ejections_never_take_a_services_last_targets_out(upstream, gatewa
             assert response.status == 200, await response.text()
 
 
+class Rebooting:
+    """A keep-alive HTTP/1.1 upstream on NODA1 whose ``reboot()`` makes every connection made
+    before it answer its next request with a reset (SO_LINGER 0), with no FIN before: what a
+    rebooted node, or a NAT that forgot its connections, does to kept-alive ones."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.reset = 0
+        self._serving: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, NODA1, 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        self.server.close()
+        for task in self._serving:
+            task.cancel()
+        await asyncio.gather(*self._serving, return_exceptions=True)
+        await self.server.wait_closed()
+
+    def reboot(self) -> None:
+        self.epoch += 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        epoch = self.epoch
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                if self.epoch != epoch:
+                    self.reset += 1
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    writer.transport.abort()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.transport.abort()
+            self._serving.discard(task)
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+async def test_pooled_connections_a_rebooted_node_forgot_cost_no_request(gateway, client, retries):
+    # Each GET's one retry took the next pooled connection, as dead as the first: 5 of 10
+    # GETs got 502, and with retries: 0 each dead connection cost one (nginx: 10 x 200). A
+    # reset kept-alive connection is the pool's timing: its idle siblings are closed, and
+    # the same target is tried again on a new connection, retries or not.
+    up = Rebooting()
+    port = await up.start()
+    try:
+        gw = await gateway(
+            routes({"city": f"{{port: {port}, nodes: [noda1], retries: {retries}}}"}, noda1=NODA1)
+        )
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as many:
+
+            async def get() -> int:
+                async with many.get(gw.url + "/api/city/x") as response:
+                    await response.read()
+                    return response.status
+
+            assert await asyncio.gather(*(get() for _ in range(10))) == [200] * 10
+        up.reboot()
+        statuses = []
+        for _ in range(10):
+            async with client.get(gw.url + "/api/city/x") as response:
+                statuses.append(response.status)
+        assert statuses == [200] * 10
+        assert up.reset == 1  # the others were closed, never sent to
+    finally:
+        await up.stop()
+
+
 async def test_a_503_from_the_preferred_node_is_retried_for_a_get(upstream, gateway, client):
     async def starting(request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "starting"}, status=503)

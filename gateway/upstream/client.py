@@ -594,6 +594,11 @@ class Pool:
         connection.idle_since = connection.now()
         idle.append(connection)
 
+    def drop_idle(self, target: Target) -> None:
+        """Close every idle connection to ``target``."""
+        for connection in self._idle.pop(self.key(target), ()):
+            connection.close_idle()
+
     def forget(self, connection: Connection) -> None:
         idle = self._idle.get(connection.key)
         if idle and connection in idle:

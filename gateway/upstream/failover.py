@@ -114,12 +114,21 @@ def next_target(
 ) -> Target | None:
     """After an attempt that failed with ``kind``: the target to try next, or None to stop.
     No I/O; ``tried`` is every target tried so far, in order."""
-    if len(tried) > route.retries or not may_retry(kind, method, replayable):
+    if not may_retry(kind, method, replayable):
+        return None
+    last = tried[-1]
+    if kind == "stale" and tried.count(last) == 1 and usable(last):
+        # A kept-alive connection the upstream had closed (it restarted, a NAT forgot it):
+        # the pool's timing, not the target's, so the same target once more, on a new
+        # connection (http.py drops its idle ones), whatever ``retries`` says (nginx's
+        # cached connections do not count against its tries either).
+        return last
+    if len({target.key for target in tried}) > route.retries:  # (a stale one's again not counted)
         return None
     target = balancer.choose(route, usable, tried)
     if target is None and kind in SAME_TARGET_AGAIN:
-        # No other target: the same one once more (a stale keep-alive), if still usable.
-        last = tried[-1]
+        # No other target: the same one once more (an upstream that closed as it was sent
+        # to), if still usable.
         return last if tried.count(last) == 1 and usable(last) else None
     return target
 

@@ -126,6 +126,10 @@ class UpstreamClient:
                 raise client_fault(streamed.fault) from failure
             if _client_gone(request):
                 raise ClientGone from failure
+            if failure.kind == "stale":
+                # Its idle siblings most likely share its fate (the upstream restarted, a
+                # NAT forgot them): the retry gets a new connection, not another of them.
+                pool.drop_idle(target)
             raise
 
 

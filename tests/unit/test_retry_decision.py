@@ -78,7 +78,12 @@ CASES: list[tuple[str, int, str, str, bool, str, str, str | None]] = [
     # sent: only idempotent methods with a body that can be sent again
     ("three", 1, "disconnect", "GET", True, "a", "abc", "b"),
     ("three", 1, "io", "PUT", True, "a", "abc", "b"),
-    ("three", 1, "stale", "GET", True, "a", "abc", "b"),  # a kept-alive connection closed
+    # a kept-alive connection closed: the same target again (on a new connection), whatever
+    # ``retries`` says, and that attempt not counted against it
+    ("three", 1, "stale", "GET", True, "a", "abc", "a"),
+    ("three", 0, "stale", "GET", True, "a", "abc", "a"),
+    ("three", 1, "connect", "GET", True, "aa", "abc", "b"),
+    ("three", 1, "stale", "GET", True, "a", "bc", "b"),  # ejected meanwhile: another one
     ("three", 1, "stale", "POST", True, "a", "abc", None),
     ("three", 1, "protocol", "DELETE", True, "a", "abc", "b"),
     ("three", 1, "status", "HEAD", True, "a", "abc", "b"),
@@ -96,6 +101,8 @@ CASES: list[tuple[str, int, str, str, bool, str, str, str | None]] = [
     ("solo", 1, "disconnect", "GET", True, "a", "a", "a"),
     ("solo", 1, "io", "GET", True, "a", "a", "a"),
     ("solo", 1, "stale", "GET", True, "a", "a", "a"),
+    ("solo", 0, "stale", "GET", True, "a", "a", "a"),
+    ("solo", 1, "stale", "GET", True, "aa", "a", None),  # once
     ("solo", 1, "stale", "PATCH", True, "a", "a", None),
     ("three", 1, "disconnect", "GET", True, "a", "a", "a"),  # the others are unusable
     ("three", 2, "io", "GET", True, "ab", "ab", "b"),  # the last one tried, again
