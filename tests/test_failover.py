@@ -565,3 +565,35 @@ async def test_a_gateway_out_of_descriptors_says_so_and_never_blames_the_target(
     assert await served_by(client, gw.url + "/api/city/x") == (200, "noda1")
     for raw in raws:
         raw.writer.close()
+
+
+async def test_probes_out_of_descriptors_never_take_a_target_down(node_process, gateway, client):
+    # The probes failed with EMFILE as if the target were down: after fall of them every
+    # target of every service was, and clients got 503 no_healthy_upstream until rise probes
+    # passed again, well after the descriptors were back. Such a probe says nothing now.
+    import resource  # noqa: PLC0415 - only these tests lower the limit
+
+    up = node_process(NODA1, "noda1")
+    health = "health: {interval: 0.1, timeout: 0.5, rise: 2, fall: 2}"
+    service = f"{{port: {up.port}, nodes: [noda1], {health}}}"
+    # Kept-alive probe connections close between probes: each probe connects anew.
+    keepalive = "upstream_keepalive_timeout: 0.05\n"
+    gw = await gateway(routes({"city": service}, probes=True, noda1=NODA1) + keepalive)
+    raw = await RawClient.connect(gw.port)  # open before the limit: asks the report below
+    await asyncio.sleep(0.3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.open(os.devnull, os.O_RDONLY)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+    try:
+        await asyncio.sleep(0.6)  # 5 rounds of probes, none able to connect
+        report = await raw.ask(b"GET /gateway/upstreams HTTP/1.1\r\nHost: a\r\n\r\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    targets = report.json()["services"]["city"]["targets"]
+    assert [t["state"] for t in targets] == ["up"]
+    assert await served_by(client, gw.url + "/api/city/x") == (200, "noda1")
+    async with client.get(gw.url + "/metrics") as response:
+        text = await response.text()
+    assert 'gateway_health_checks_total{node="noda1",result="fail",service="city"}' not in text
+    raw.writer.close()

@@ -12,6 +12,7 @@ probe that fails in TLS gives that reason (``certificate verify failed: ...``) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from typing import Final
 import aiohttp
 import orjson
 
+from ..dial import LOCAL_ERRNOS
 from ..errors import tls_reason
 from ..metrics import Metrics
 from ..snapshot import Route, Snapshot, Target
@@ -65,6 +67,7 @@ class Prober:
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
         self._first: set[asyncio.Task[None]] = set()  # the first round's probes
         self._first_started = asyncio.Event()
+        self._ended = asyncio.Event()  # a probe ended: what waited for it may be due
 
     async def run(self) -> None:
         try:
@@ -72,8 +75,12 @@ class Prober:
             self._first = set(self._running)
             self._first_started.set()
             await asyncio.sleep(first)
-            while True:  # noqa: ASYNC110 - a scheduler: it sleeps until the next probe is due
-                await asyncio.sleep(self._round())
+            while True:  # a scheduler: it sleeps until the next probe is due, or one ended
+                delay = self._round()
+                self._ended.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._ended.wait()
         finally:
             for task in self._running:
                 task.cancel()
@@ -101,7 +108,9 @@ class Prober:
                 configured.add(key)
                 last = self._last.get(key)
                 due = now if last is None else last[0] + every * last[1]  # the first at once
-                if due <= now and key not in self._probing:
+                if due <= now and key in self._probing:
+                    continue  # due while its last probe runs: looked at again once it ends
+                if due <= now:
                     # A little jitter keeps probes of many targets from marching in step.
                     jitter = random.uniform(0.95, 1.05)  # noqa: S311 - scheduling, not secrets
                     self._last[key] = (now, jitter)
@@ -121,13 +130,20 @@ class Prober:
         self._probing.add(target.key)
         try:
             async with self._limit:
-                ok, reason = await self._fetch(target, route.probe.path, route.probe.timeout)
+                judged = await self._fetch(target, route.probe.path, route.probe.timeout)
         finally:
             self._probing.discard(target.key)
+            self._ended.set()
+        if judged is None:
+            return  # this machine was short of descriptors: nothing said of the target
+        ok, reason = judged
         self._metrics.probes.add((target.service, target.node, "pass" if ok else "fail"))
         self._health.probed(target, ok, reason, route.probe)
 
-    async def _fetch(self, target: Target, path: str, timeout: float) -> tuple[bool, str]:
+    async def _fetch(self, target: Target, path: str, timeout: float) -> tuple[bool, str] | None:
+        """(passed, why); None when the probe could not be made for want of this machine's
+        resources (descriptors, buffers: ``dial.LOCAL_ERRNOS``), which is no failure of the
+        target's, as requests do not count it either."""
         tls = target.tls
         try:
             async with asyncio.timeout(timeout):
@@ -143,6 +159,9 @@ class Prober:
         except TimeoutError:
             return False, "timeout"
         except (aiohttp.ClientError, OSError) as exc:
+            cause = getattr(exc, "os_error", exc)
+            if isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS:
+                return None
             reason = tls_reason(exc)
             if reason is None:
                 return False, type(exc).__name__
