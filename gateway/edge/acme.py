@@ -184,6 +184,10 @@ class AcmeManager:
         self._lock: int | None = None  # the fd of storage/.lock while this process holds it
         self._stopping = threading.Event()  # set when run() ends: its order thread stops
         self._ordering: asyncio.Future[Pair] | None = None  # the order thread's, while it runs
+        # Set by the order thread (under _phase, with its last look at _stopping) once the CA
+        # will issue: from then on a stop waits for the store before releasing the lock.
+        self._storing = False
+        self._phase = threading.Lock()
         self._certificate: Pair | None = None
         self._last_error: str | None = None  # this process's last order's (or storage's)
         self._stored_error: str | None = None  # without the lock: the last order's, as stored
@@ -220,17 +224,20 @@ class AcmeManager:
 
     async def run(self) -> None:
         """Order when the certificate is missing or due, wait, repeat; until cancelled, when
-        an order in flight stops at its next step (or, once finalized, when its certificate
-        is stored), and then the lock is released: a process that took it over sooner would
+        the lock is released at once and an order in flight stops at its next step; but once
+        the order is finalized, the stop waits for its certificate to be stored (up to
+        ``STOP_WAIT``) before releasing the lock: a process that took it over sooner would
         tidy the storage under the store and order again."""
         self._stopping = stopping = threading.Event()
         try:
             while True:
                 await self._sleep(await self._step())
         finally:
-            stopping.set()
+            with self._phase:
+                stopping.set()
+                storing = self._storing
             ordering = self._ordering
-            if ordering is not None and not ordering.done():
+            if storing and ordering is not None and not ordering.done():
                 await asyncio.wait([ordering], timeout=STOP_WAIT)
                 if not ordering.done():
                     log.warning("acme order still running at the stop; the lock is released")
@@ -405,6 +412,8 @@ class AcmeManager:
         from acme import challenges, crypto_util, messages  # noqa: PLC0415 - when ordering
 
         issued, self._issued = self._issued, None
+        with self._phase:
+            self._storing = issued is not None
         if issued is not None and _not_after(issued[0]) > self._now():
             return self._store_issued(*issued)
         acme, account_key = self._client()
@@ -432,7 +441,9 @@ class AcmeManager:
                     acme.answer_challenge(challenge, chall.response(account_key))
                 deadline = datetime.datetime.now() + datetime.timedelta(seconds=self._order_timeout)
                 order = _validated(acme, order, deadline, stopping)
-                _check(stopping)  # the last moment at which nothing has been issued
+                with self._phase:  # the last moment at which nothing has been issued
+                    _check(stopping)
+                    self._storing = True  # (a stop now waits for the store)
                 order = acme.finalize_order(order, deadline)
             finally:
                 for token in tokens:
