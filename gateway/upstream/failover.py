@@ -14,14 +14,15 @@ Retry rules (Pingora's and Envoy's, made strict), decided by ``next_target`` alo
   still usable: that is how a stale keep-alive connection is recovered), after a short
   jittered back-off. A POST that reached an upstream is never sent to a second one.
 
-Every outcome is also a passive health check of its target (``HealthBook.passed``/``failed``;
-an answer ``NOT_A_TARGET_FAILURE`` names passes), and its ejections never take a service's
-last targets out (with none usable, ``first_target`` tries those the probes hold up); every
-retry counts in ``gateway_retries_total{kind}``, and an answer from a later tier in
+Every outcome is also a passive health check of its target
+(``HealthBook.passed``/``failed``; an answer ``NOT_A_TARGET_FAILURE`` names passes), and
+ejections for answers never take a service's last targets out (with none usable,
+``first_target`` tries those, if the probes hold them up); every retry counts in
+``gateway_retries_total{kind}``, and an answer from a later tier in
 ``gateway_failovers_total``. A connection that failed in TLS (the node's certificate did not
 verify, or the handshake failed) is a connect failure like any other, and also counts in
-``gateway_upstream_tls_failures_total{node}``, with its target and reason in the request's log
-line (``upstream_tls_failures``).
+``gateway_upstream_tls_failures_total{node}``, with its target and reason in the request's
+log line (``upstream_tls_failures``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ..context import Exchange, Shared
     from ..snapshot import Route, Target
     from .balancer import Balancer
+    from .health import HealthBook
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 REPLAY_LIMIT: Final = 64 * 1024  # bodies up to this size are buffered so that they can be retried
@@ -145,14 +147,16 @@ def first_target(shared: Shared, route: Route) -> tuple[Target, Callable[[Target
     first = shared.balancer.choose(route, usable)
     if first is None:
         # Real traffic's ejections never take a service's last targets out (Envoy's panic
-        # mode): with none usable, those the probes hold up are tried all the same.
-        def up(target: Target) -> bool:
-            return health.get(target).up
+        # mode): with none usable, those ejected for their answers (502s, timeouts: what a
+        # client may cause) and up by the probes are tried all the same. Not those that
+        # refused connections or never made one: they are known to be out.
+        def in_panic(target: Target) -> bool:
+            return health.usable_in_panic(target, now)
 
-        first = shared.balancer.choose(route, up)
+        first = shared.balancer.choose(route, in_panic)
         if first is None:
-            raise all_down(route)
-        return first, up
+            raise all_down(health, route)
+        return first, in_panic
     return first, usable
 
 
@@ -182,7 +186,10 @@ async def attempt(
                 tls_failures.append(f"{target.label}: {failed.error.tls}")
                 ex.log_fields["upstream_tls_failures"] = tls_failures
             if failed.kind not in NOT_A_TARGET_FAILURE:
-                shared.health.failed(target, failed.reason, route.probe, route.ejection)
+                shared.health.failed(
+                    target, failed.reason, route.probe, route.ejection,
+                    answering=failed.kind not in NEVER_SENT,
+                )  # fmt: skip
             elif failed.answer is not None:  # it answered (a 503, a 500): the target works
                 shared.health.passed(target)
             following = next_target(
@@ -211,15 +218,19 @@ async def attempt(
     return answer, target
 
 
-def all_down(route: Route) -> GatewayError:
-    """503 with Retry-After: every target is down by its probes (ejections alone never empty
-    a service), so the seconds until the probes (every ``unhealthy_interval`` while none is
-    usable) can have passed ``rise`` times."""
-    probe = route.probe
+def all_down(health: HealthBook, route: Route) -> GatewayError:
+    """503 with Retry-After: the seconds until an ejection ends, or until probes (every
+    ``unhealthy_interval`` while none is usable) can have passed ``rise`` times."""
+    now = health.monotonic()
+    probe = route.probe  # while none is usable, probes run every unhealthy_interval
+    waits = [
+        max(health.get(t).ejected_until - now, 0) or probe.unhealthy_interval * probe.rise
+        for t in route.targets
+    ]
     return GatewayError(
         503,
         "no_healthy_upstream",
         "no target of this service is up",
         kind="unavailable",
-        headers={"Retry-After": str(max(1, math.ceil(probe.unhealthy_interval * probe.rise)))},
+        headers={"Retry-After": str(max(1, math.ceil(min(waits))))},
     )

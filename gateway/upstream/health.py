@@ -42,12 +42,21 @@ class TargetHealth:
     probe_failures: int = 0  # consecutive
     traffic_failures: int = 0  # consecutive
     ejected_until: float = 0.0  # monotonic
+    # The ejection came of answers (502s, timeouts, resets: the target took the connections),
+    # not of connections refused or never made: with every target out, such an ejection is
+    # overridden (``usable_in_panic``), since a client may have caused it.
+    ejected_answering: bool = False
     ejections: int = 0  # in a row, for the growing ejection time
     last_ejection: float = float("-inf")  # monotonic
     last_ok: bool | None = None  # the last probe or exchange; None before any
 
     def usable(self, now: float) -> bool:
         return self.up and now >= self.ejected_until
+
+    def usable_in_panic(self, now: float) -> bool:
+        """Usable when a service has no usable target: ejections that came of answers
+        are ignored (Envoy's panic mode)."""
+        return self.up and (self.ejected_answering or now >= self.ejected_until)
 
     def state(self, now: float) -> str:
         if not self.up:
@@ -84,6 +93,10 @@ class HealthBook:
     def usable(self, target: Target, now: float) -> bool:
         health = self._targets.get(target.key)
         return health is None or health.usable(now)
+
+    def usable_in_panic(self, target: Target, now: float) -> bool:
+        health = self._targets.get(target.key)
+        return health is None or health.usable_in_panic(now)
 
     def sync(self, routes: Iterable[Route]) -> None:
         """Know exactly the configured targets: new ones start optimistic, removed ones are
@@ -126,8 +139,9 @@ class HealthBook:
         health.traffic_failures = 0
 
     def failed(self, target: Target, reason: str, policy: ProbePolicy,
-               ejection: EjectionPolicy) -> None:  # fmt: skip
-        """Real traffic failed with ``target``: count it, and eject after ``fall`` in a row."""
+               ejection: EjectionPolicy, *, answering: bool = True) -> None:  # fmt: skip
+        """Real traffic failed with ``target``: count it, and eject after ``fall`` in a row.
+        ``answering``: the target took the connection (False: refused, or never made)."""
         health = self._targets.get(target.key)
         if health is None:
             return  # removed by a reload while its request ran
@@ -145,6 +159,7 @@ class HealthBook:
         seconds = min(ejection.base * health.ejections, ejection.max)
         was_usable = health.usable(now)
         health.ejected_until = now + seconds
+        health.ejected_answering = answering
         health.last_ejection = now
         health.traffic_failures = 0
         health.probe_passes = 0

@@ -403,7 +403,14 @@ def test_a_late_result_for_a_removed_target_brings_no_record_back(hb: Book) -> N
 
 
 def test_the_503_of_a_service_with_no_usable_target_says_when_to_retry(hb: Book) -> None:
-    # Only targets the probes took down empty a service (ejections never do): they are
-    # probed every unhealthy_interval (1 s), and need rise (2) passes.
+    # Down targets are probed every unhealthy_interval (1 s), and need rise (2) passes.
     hb.probe(SOLO_B, False, False, False)
-    assert all_down(SOLO).headers == {"Retry-After": "2"}
+    assert all_down(hb.book, SOLO).headers == {"Retry-After": "2"}
+    hb.fail(A, 3)  # ejected for 5 s, then usable again: the sooner of the two
+    hb.probe(B, False, False, False)
+    assert all_down(hb.book, SVC).headers == {"Retry-After": "2"}
+    hb.probe(B, True, True)
+    hb.fail(B, 3)
+    hb.fail(A, 3)  # already out: no second ejection
+    hb.tick(4.5)
+    assert all_down(hb.book, SVC).headers == {"Retry-After": "1"}  # 0.5 s of both left
