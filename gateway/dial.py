@@ -198,10 +198,20 @@ class ReadDeadline:
             self._graces += 1
             self._timer = self._loop.call_later(READ_GRACE, self._due)  # (in this context)
         else:
-            self._expire()
+            expire = self._expire
+            self.cancel()
+            expire()
 
     def cancel(self) -> None:
+        """No ``expire`` from now on. Its callables are let go: a wait that holds its deadline
+        (and whose ``expire`` refers to the wait) would otherwise be a reference cycle,
+        garbage only the cyclic collector finds, once per call."""
         self._timer.cancel()
+        self._expire = self._unread = _nothing
+
+
+def _nothing() -> bool:
+    return False
 
 
 class read_timeout:  # lowercase: used as asyncio.timeout is, async with read_timeout(...)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -141,6 +142,25 @@ async def started(server: RedisServer, **settings: Any) -> AsyncIterator[RedisLi
     finally:
         server.resume()
         await limiter.close()
+
+
+async def test_decisions_leave_no_garbage_for_the_cyclic_collector(own_redis):
+    # Each call answered by callbacks left a reference cycle (its flight, its deadline, the
+    # deadline's callback): 15 objects a decision that only the cyclic collector frees, and
+    # more collections (p99 up from 21 to 36 ms in bench/run.py). Reference counting frees
+    # everything a decision makes.
+    wide = compile_zone("wide", RateLimit(rate="1000000r/s", burst=1000000))
+    async with started(own_redis(), timeout=1.0) as limiter:
+        for _ in range(20):
+            await limiter.decide(wide, "k")  # connected, the script loaded
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(500):
+                assert (await limiter.decide(wide, "k")).allowed
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
 
 
 async def test_decisions_queued_behind_a_failed_call_wait_no_second_timeout(own_redis):
