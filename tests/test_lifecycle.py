@@ -291,13 +291,6 @@ async def test_a_second_gateway_with_workers_on_the_same_port_refuses_to_start(
     assert (await health(port))["status"] == "healthy"  # the first serves on
 
 
-def since(proc: Process, message: str) -> list[tuple[str, int | None]]:
-    """(message, pid) of the lines since the first with ``message``."""
-    lines = proc.lines
-    first = next(i for i, line in enumerate(lines) if line["message"] == message)
-    return [(line["message"], line.get("pid")) for line in lines[first:]]
-
-
 @contextlib.contextmanager
 def socket_on(port: int) -> Iterator[None]:
     """A listening socket on 127.0.0.1:port for the block's length."""
@@ -426,11 +419,9 @@ async def test_a_respawned_worker_keeps_what_waits_for_a_restart_as_the_others_d
         by_worker = {line["worker"]: line for line in started}
         os.kill(by_worker[1]["pid"], signal.SIGKILL)
         respawned = (await proc.wait_for_all("gateway started", 3))[2]
-        # Said by the new one as it took the reload (before it said it started), as by each
-        # worker at the reload (the killed one's lines may have died with it, unwritten).
-        said = since(proc, "worker exited; starting another")
-        assert ("config reloaded", respawned["pid"]) in said
-        assert ("a changed tracing takes effect only after a restart", None) in said
+        assert (await proc.wait_for_all("config reloaded", 3))[2]["pid"] == respawned["pid"]
+        # Said by each worker at the reload, and by the new one as it took it.
+        await proc.wait_for_all("a changed tracing takes effect only after a restart", 3)
         for _ in range(40):  # a connection each: the kernel spreads them over both workers
             async with (
                 aiohttp.ClientSession() as session,
@@ -768,11 +759,10 @@ async def test_a_worker_started_again_after_a_reload_binds_no_listener_of_its_ow
     second = (await proc.wait_for_all("gateway started", 2))[1]
     assert second["pid"] != first["pid"]
     # It starts as its generation did, without the listener, and takes the reload as the
-    # first worker took it: the listener waits for the restart (said by the new worker as
-    # it takes the reload, before it said it started).
-    said = since(proc, "worker exited; starting another")
-    assert ("a changed admin.listen takes effect only after a restart", None) in said
-    assert ("config reloaded", second["pid"]) in said
+    # first worker took it: the listener waits for the restart (said at the reload, and
+    # by the new worker as it takes it).
+    await proc.wait_for_all("a changed admin.listen takes effect only after a restart", 2)
+    assert (await proc.wait_for_all("config reloaded", 2))[1]["pid"] == second["pid"]
     assert (await health(port))["status"] in ("healthy", "degraded")
     assert not [line for line in proc.lines if "did not start" in line["message"]]
     proc.proc.send_signal(signal.SIGTERM)
