@@ -140,10 +140,6 @@ class Supervisor:
         previous program served)."""
         self.options = options
         self.text = text  # the config every worker serves (a respawn gets it too)
-        # The config the generation's workers started with: a respawn starts with it too and
-        # then takes self.text as they took it (a reload), so that what waits for a restart
-        # (tracing, the keep-alive timeouts...) is the same in every worker of a generation.
-        self.start_text = text
         self._longest_stop = 0.0  # see grace
         self.config = config
         self.generation = 1
@@ -367,11 +363,9 @@ class Supervisor:
         self._watch(child)
         peers = [self._socket_path(generation, i) for i in range(self.options.workers)]
         with contextlib.suppress(Closed):  # it died at once: its exit says so
-            started_as = self.start_text if generation == self.generation else text
             await child.channel.send(
                 "setup",
                 text=text,
-                started_as=started_as if started_as != text else None,
                 path=self.options.path,
                 index=index,
                 generation=generation,
@@ -595,7 +589,6 @@ class Supervisor:
                 "pid_file": self.options.pid_file,
             },
             "text": self.text,
-            "start_text": self.start_text,
             "generation": self.generation,
             "restarts": self.restarts,
             "reload_ok": self.reload_ok,
@@ -630,7 +623,6 @@ class Supervisor:
     async def _resume(self, state: dict[str, Any]) -> None:
         """The state an exec handed over: sockets, workers, the config they serve."""
         self.text = state["text"]
-        self.start_text = state.get("start_text", self.text)  # (from code before it)
         self.generation = state["generation"]
         self.restarts = state["restarts"]
         self.reload_ok = state["reload_ok"]
@@ -703,7 +695,6 @@ class Supervisor:
                 await self._failed_after_exec(str(exc), [])
                 return
             self.generation, self.text, self.config = generation, text, config
-            self.start_text = text
             for child in old:
                 child.retired = True
                 with contextlib.suppress(Closed):

@@ -18,7 +18,7 @@ import socket
 from typing import Any, Final
 
 from ..app import Gateway
-from ..config import Config, ConfigError, parse_config
+from ..config import ConfigError, parse_config
 from ..workers import Worker, end_with_parent
 from .channel import Channel, Closed
 
@@ -48,37 +48,6 @@ def main(control: int) -> int:
     return runner(_work(socket.socket(fileno=control)))
 
 
-def _configs(setup: dict[str, Any]) -> tuple[Config, str, str | None]:
-    """(the config to start with, its text, the reloaded text to take once started). A
-    worker started again after a reload starts as its generation's others did, then takes
-    the reloaded config as they took it, so that a setting that waits for a restart
-    (tracing, say) is the same in all of them; that is, if the text they started with still
-    loads (a file it names may have gone since)."""
-    config = parse_config(setup["text"], setup["path"])
-    if setup.get("started_as") is not None:
-        with contextlib.suppress(ConfigError):
-            started = parse_config(setup["started_as"], setup["path"])
-            return started, setup["started_as"], setup["text"]
-    return config, setup["text"], None
-
-
-def _catch_up(gateway: Gateway, reloaded: str | None) -> None:
-    """Take the reloaded config (``_configs``) as the generation's other workers took it."""
-    if reloaded is None:
-        return
-    problems = gateway.prepare(reloaded)
-    if problems:  # never expected: the supervisor and every other worker took it
-        raise RuntimeError("the reloaded config does not load: " + "; ".join(problems))
-    gateway.commit()
-
-
-def _handle_signals(stop: asyncio.Event, supervisor: int) -> None:
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _not_here, supervisor)
-
-
 async def _work(control: socket.socket) -> int:
     channel = await Channel.over(control)
     try:
@@ -88,23 +57,27 @@ async def _work(control: socket.socket) -> int:
     index, generation = setup["index"], setup["generation"]
     end_with_parent(setup["supervisor"])
     try:
-        config, text, reloaded = _configs(setup)
+        config = parse_config(setup["text"], setup["path"])
     except ConfigError as exc:  # the supervisor checked it: a newer version may not agree
         await _failed(channel, "config invalid", [str(p) for p in exc.problems])
         return 2
     _, open_files = raise_open_files_limit()
     gc.set_threshold(*GC_THRESHOLDS)
-    gateway = Gateway(config, config_path=setup["path"], config_text=text, generation=generation)
+    gateway = Gateway(
+        config, config_path=setup["path"], config_text=setup["text"], generation=generation
+    )
     gateway.shared.metrics.config_ok.set(1 if setup["reload_ok"] else 0)
     worker = Worker(index, tuple(setup["peers"]))
     sockets = {
         name: [socket.socket(fileno=fd) for fd in fds] for name, fds in setup["listeners"].items()
     }
     stop = asyncio.Event()
-    _handle_signals(stop, setup["supervisor"])
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _not_here, setup["supervisor"])
     try:
         addresses = await gateway.start(worker=worker, sockets=sockets, accept=False)
-        _catch_up(gateway, reloaded)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(PROBES_WAIT):
                 await gateway.prober.first_round()
