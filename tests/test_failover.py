@@ -431,6 +431,44 @@ async def test_pooled_connections_a_rebooted_node_forgot_cost_no_request(gateway
         await up.stop()
 
 
+async def test_a_reused_connection_lost_while_the_upstream_works_is_not_stale(gateway, client):
+    # Any reused connection lost before the answer counted as stale, and a stale failure is
+    # retried on the same target whatever retries says: a DELETE whose worker died after a
+    # second of work (OOM, a worker timeout) ran twice. Only a connection lost right after
+    # the write is stale; later, it is a disconnect, under the retry rules as any other.
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head.split(b" ", 1)[0])
+                if head.startswith(b"DELETE"):
+                    await asyncio.sleep(0.5)  # at work, then its worker dies
+                    writer.transport.abort()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    server = await asyncio.start_server(serve, NODA1, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        text = routes({"city": f"{{port: {port}, nodes: [noda1], retries: 0}}"}, noda1=NODA1)
+        gw = await gateway(text)
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200  # a connection in the pool
+        async with client.delete(gw.url + "/api/city/x") as response:
+            assert response.status == 502
+        assert seen == [b"GET", b"DELETE"]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_503_from_the_preferred_node_is_retried_for_a_get(upstream, gateway, client):
     async def starting(request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "starting"}, status=503)

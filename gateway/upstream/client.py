@@ -47,6 +47,11 @@ MAX_HEAD: Final = 64 * 1024  # bytes of a response head (status line and headers
 MAX_HEADERS: Final = 256  # header lines in a response head
 MAX_IDLE: Final = 512  # idle connections kept per target (more are closed)
 SWEEP_EVERY: Final = 1.0  # seconds between closings of idle connections past their time
+# A reused connection lost this soon after its request was written, with no answer begun,
+# was closed or reset under the request (the upstream closed it idle, rebooted, a NAT forgot
+# it): "stale", the pool's timing. Lost later, the upstream was working on the request (its
+# worker died): a "disconnect", which counts against it and is retried only under ``retries``.
+STALE_WINDOW: Final = 0.25
 _BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _VERSIONS: Final = frozenset({"1.1", "1.0"})
@@ -199,6 +204,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._progress = 0.0  # loop time of the last progress (bytes in, or writes resumed)
+        self._sent_at = 0.0  # loop time the request's last byte was written
 
     # -- asyncio's side --
 
@@ -216,7 +222,8 @@ class Connection(asyncio.Protocol):
         if drained is not None and not drained.done():
             drained.set_exception(ConnectionResetError("the upstream closed the connection"))
         if state == _HEAD:
-            kind = "stale" if self.served and not self._received else "disconnect"
+            soon = not self._sent or self._loop.time() - self._sent_at <= STALE_WINDOW
+            kind = "stale" if self.served and not self._received and soon else "disconnect"
             self._fail_head(upstream_failure(kind))
         elif state == _BODY:
             response = self._response
@@ -383,7 +390,7 @@ class Connection(asyncio.Protocol):
             self._arm(now + timeout)
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)
-            self._sent = True
+            self._sent, self._sent_at = True, now
         else:
             self._sent = False
             transport.write(head)  # at once: an upstream never waits on a silent client
@@ -408,7 +415,7 @@ class Connection(asyncio.Protocol):
                     await self._drain()
             if chunked:
                 transport.write(_LAST_CHUNK)
-            self._progress = self._loop.time()
+            self._progress = self._sent_at = self._loop.time()
             self._sent = True
         except asyncio.CancelledError:
             raise
