@@ -317,7 +317,7 @@ class Supervisor:
                 if same is not None and (same.host, same.port) == (host, port):
                     made[name] = same
                     continue
-                ours = any(h.port == port for h in (held or {}).values())  # (a host change)
+                ours = same is not None and same.port == port  # its own, on another host
                 if count > 1 and port != 0 and not ours:
                     unclaimed(host, port)  # (a single socket's bind finds it taken)
                 first = bind(host, port, reuse_port=count > 1)
