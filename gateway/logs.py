@@ -248,7 +248,7 @@ def redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, tail = rest.partition("/")
+    rest, question, _ = rest.partition("?")
+    authority, slash, path = rest.partition("/")
     _, at, host = authority.rpartition("@")
-    path, question, _ = tail.partition("?")
     return f"{scheme}{sep}{'***@' if at else ''}{host}{slash}{path}{'?***' if question else ''}"
