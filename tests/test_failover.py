@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -357,9 +358,11 @@ class Rebooting:
     before it answer its next request with a reset (SO_LINGER 0), with no FIN before: what a
     rebooted node, or a NAT that forgot its connections, does to kept-alive ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, work: Callable[[bytes], Awaitable[bool]] | None = None) -> None:
         self.epoch = 0
         self.reset = 0
+        self.seen: list[bytes] = []  # each request's method
+        self._work = work  # before each answer: False, and the connection is dropped instead
         self._serving: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> int:
@@ -383,7 +386,10 @@ class Rebooting:
         self._serving.add(task)
         try:
             while True:
-                await reader.readuntil(b"\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.seen.append(head.split(b" ", 1)[0])
+                if self._work is not None and not await self._work(head):
+                    return
                 if self.epoch != epoch:
                     self.reset += 1
                     sock = writer.get_extra_info("socket")
@@ -436,26 +442,14 @@ async def test_a_reused_connection_lost_while_the_upstream_works_is_not_stale(ga
     # retried on the same target whatever retries says: a DELETE whose worker died after a
     # second of work (OOM, a worker timeout) ran twice. Only a connection lost right after
     # the write is stale; later, it is a disconnect, under the retry rules as any other.
-    seen: list[bytes] = []
+    async def work(head: bytes) -> bool:
+        if head.startswith(b"DELETE"):
+            await asyncio.sleep(0.5)  # at work, then its worker dies
+            return False
+        return True
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                seen.append(head.split(b" ", 1)[0])
-                if head.startswith(b"DELETE"):
-                    await asyncio.sleep(0.5)  # at work, then its worker dies
-                    writer.transport.abort()
-                    return
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.transport.abort()
-
-    server = await asyncio.start_server(serve, NODA1, 0)
-    port = server.sockets[0].getsockname()[1]
+    up = Rebooting(work)
+    port = await up.start()
     try:
         text = routes({"city": f"{{port: {port}, nodes: [noda1], retries: 0}}"}, noda1=NODA1)
         gw = await gateway(text)
@@ -463,10 +457,9 @@ async def test_a_reused_connection_lost_while_the_upstream_works_is_not_stale(ga
             assert response.status == 200  # a connection in the pool
         async with client.delete(gw.url + "/api/city/x") as response:
             assert response.status == 502
-        assert seen == [b"GET", b"DELETE"]
+        assert up.seen == [b"GET", b"DELETE"]
     finally:
-        server.close()
-        await server.wait_closed()
+        await up.stop()
 
 
 async def test_a_503_from_the_preferred_node_is_retried_for_a_get(upstream, gateway, client):
