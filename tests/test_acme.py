@@ -209,6 +209,28 @@ def manager(
     return acme, metrics
 
 
+def unreachable_ca(
+    storage: Path, clock: Clock, **options: Any
+) -> Callable[[], tuple[AcmeManager, Metrics]]:
+    """A maker of processes (or workers) sharing ``storage`` and ``clock``, each ordering from
+    a directory nothing listens on: every order fails."""
+    from .helpers import free_port  # noqa: PLC0415
+
+    settings = Acme(
+        domains=DOMAINS, directory=f"https://127.0.0.1:{free_port()}/dir", storage=str(storage)
+    )
+
+    def process() -> tuple[AcmeManager, Metrics]:
+        metrics = Metrics()
+        acme = AcmeManager(
+            settings, metrics, ChallengeStore(str(storage)), now=clock.now, sleep=clock.sleep,
+            jitter=lambda: 0.5, **options,
+        )  # fmt: skip
+        return acme, metrics
+
+    return process
+
+
 def due(pair: Pair, clock: Clock, renew_before_days: int) -> float:
     """Seconds the clock must move on for ``pair`` to be due, and one more."""
     return renewal_delay(pair.not_before, pair.not_after, renew_before_days, clock.now()) + 1
@@ -440,21 +462,8 @@ async def test_the_backoff_outlives_a_restart(storage, running, logs):
     """A gateway restarted in a loop (a crash, a container's restart policy) must not order at
     every start: a failed order's backoff is stored, and a new process keeps to it (and goes
     on doubling it), then orders when it ends."""
-    from .helpers import free_port  # noqa: PLC0415
-
-    settings = Acme(
-        domains=DOMAINS, directory=f"https://127.0.0.1:{free_port()}/dir", storage=str(storage)
-    )
     clock = Clock()
-
-    def process() -> tuple[AcmeManager, Metrics]:
-        metrics = Metrics()
-        acme = AcmeManager(
-            settings, metrics, ChallengeStore(str(storage)), now=clock.now, sleep=clock.sleep,
-            retry_first=60, jitter=lambda: 0.5,
-        )  # fmt: skip
-        return acme, metrics
-
+    process = unreachable_ca(storage, clock, retry_first=60)
     first, metrics = process()
     task = running(first)
     await until(lambda: orders(metrics, "failure") == 1)
@@ -477,20 +486,8 @@ async def test_a_worker_that_takes_the_lock_over_keeps_to_the_stored_backoff(
     """serve --workers: the worker that orders fails again and again, then dies; the one that
     takes its lock over (started before those failures) goes on with the stored backoff: no
     order at once, and the delay goes on doubling."""
-    from .helpers import free_port  # noqa: PLC0415
-
-    settings = Acme(
-        domains=DOMAINS, directory=f"https://127.0.0.1:{free_port()}/dir", storage=str(storage)
-    )
     clock = Clock()
-
-    def worker() -> tuple[AcmeManager, Metrics]:
-        metrics = Metrics()
-        acme = AcmeManager(
-            settings, metrics, ChallengeStore(str(storage)), now=clock.now, sleep=clock.sleep,
-            jitter=lambda: 0.5, check_interval=0.1,
-        )  # fmt: skip
-        return acme, metrics
+    worker = unreachable_ca(storage, clock, check_interval=0.1)
 
     def holders() -> int:
         return sum(line["message"] == "acme orders in this process" for line in logs())

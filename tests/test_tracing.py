@@ -24,7 +24,7 @@ from gateway.cli import main
 from gateway.config import ConfigError, config_json_schema, parse_config
 from gateway.tracing.context import parse_traceparent
 
-from .helpers import NODA1, NODA2, free_port, routes, sample
+from .helpers import NODA1, NODA2, RunningGateway, free_port, routes, sample
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -495,6 +495,15 @@ def login_page(count: int) -> web.Response:
     return web.Response(text="<html>sign in</html>", content_type="text/html")
 
 
+async def traced(client: aiohttp.ClientSession, gw: RunningGateway, count: int) -> str:
+    """``count`` requests answered, their spans' export over: the scrape then."""
+    for _ in range(count):
+        async with client.get(gw.url + "/api/city/x") as response:
+            assert response.status == 200
+    await flushed(gw)
+    return await (await client.get(gw.url + "/metrics")).text()
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -512,12 +521,8 @@ async def test_an_answer_that_takes_no_spans_counts_them_as_failed(
     otlp = await collector(answer=answer)
     up = await upstream(NODA1)
     gw = await gateway(tracing(otlp.url, ", sample_ratio: 1") + city(up.port))
-    for _ in range(4):
-        async with client.get(gw.url + "/api/city/x") as response:
-            assert response.status == 200
-    await flushed(gw)
+    metrics = await traced(client, gw, 4)
     assert len(otlp.spans) == 4  # they were sent
-    metrics = await (await client.get(gw.url + "/metrics")).text()
     assert spans_counted(metrics) == (0, 4, 0)
     errors = [line["message"] for line in gw.log_lines() if line["level"] == "ERROR"]
     assert len(errors) == 1
@@ -536,12 +541,8 @@ async def test_spans_a_partial_success_rejects_count_as_failed(
     otlp = await collector(answer=reject_two)
     up = await upstream(NODA1)
     gw = await gateway(tracing(otlp.url, ", sample_ratio: 1") + city(up.port))
-    for _ in range(5):
-        async with client.get(gw.url + "/api/city/x") as response:
-            assert response.status == 200
-    await flushed(gw)
+    metrics = await traced(client, gw, 5)
     assert otlp.posts == 1
-    metrics = await (await client.get(gw.url + "/metrics")).text()
     assert spans_counted(metrics) == (3, 2, 0)
     [warned] = [line for line in gw.log_lines() if line["level"] == "WARNING"]
     assert warned["message"] == "the collector rejected spans"

@@ -157,16 +157,8 @@ class _WatchedHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
     """``_WatchedHTTPConnection`` for https:// (the TLS handshake is within ``connect``)."""
-
-    def connect(self) -> None:
-        super().connect()
-        _watched(self)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _watched(self)
-        super().request(*args, **kwargs)
 
 
 class _WatchedPool(HTTPConnectionPool):
