@@ -181,7 +181,8 @@ class Metrics:
         )
         self.retries = self._tally(
             "gateway_retries",
-            "Extra attempts on another target, by service and the failure that caused it.",
+            "Extra attempts (on another target, or on a new connection after a stale one), by "
+            "service and the failure that caused it.",
             ("service", "kind"),
             services,
         )
